@@ -1,0 +1,120 @@
+#include "plan.h"
+
+#include <algorithm>
+#include <fmt/format.h>
+
+namespace moejit::compiler {
+
+const char* to_string(KernelRole role) {
+  switch (role) {
+    case KernelRole::Route: return "route";
+    case KernelRole::Dispatch: return "dispatch";
+    case KernelRole::Gemm1: return "gemm1";
+    case KernelRole::Gemm2: return "gemm2";
+    case KernelRole::Finalize: return "finalize";
+  }
+  return "?";
+}
+
+const std::vector<std::pair<int, int>>& bucket_ranges() {
+  static const std::vector<std::pair<int, int>> ranges = {{1, 16}, {17, 64}, {65, 512}, {513, 0}};
+  return ranges;
+}
+
+int Plan::bucket_for(int tokens) const {
+  for (size_t i = 0; i < buckets.size(); ++i)
+    if (buckets[i].contains(tokens)) return static_cast<int>(i);
+  throw Error(ErrorKind::InvalidArgument,
+              fmt::format("num_tokens = {} is outside every compiled token bucket (the layer was "
+                          "compiled for at most {} tokens)",
+                          tokens, buckets.empty() ? 0 : buckets.back().max_tokens));
+}
+
+long long Plan::max_tiles(int tokens, int top_k, int local_experts, int tile_rows) {
+  // Each non-empty expert adds at most tile_rows - 1 padding rows; every tile holds >= 1 slot.
+  long long slots = static_cast<long long>(tokens) * top_k;
+  long long nonempty = std::min<long long>(local_experts, slots);
+  return std::min(slots, (slots + nonempty * (tile_rows - 1)) / tile_rows);
+}
+
+namespace {
+
+constexpr int kSmemBudget = 32 * 1024;  // bytes of staged activations per block
+
+int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Shape of one GEMM for a given tile: N output features, K reduction length (both % 32 == 0).
+GemmConfig pick_gemm(int n, int k, int tile_rows) {
+  GemmConfig c;
+  const int k_groups = k / 32;
+  const int k_blocks = (k_groups + 3) / 4;  // a warp consumes 4 groups (128 k) per step
+  const int max_chunk = kSmemBudget / (tile_rows * 32 * 2);  // groups that fit in shared memory
+  if (tile_rows <= 16) {
+    // Few rows per expert: weight streaming dominates. One warp of features per block, split K
+    // across warps so each block has enough loads in flight.
+    c.warps_n = 1;
+    c.warps_k = std::clamp(k_blocks, 1, std::min(8, max_chunk / 4));
+  } else {
+    // Many rows: reuse each weight fragment across more rows, split features across warps.
+    c.warps_n = (n % 64 == 0) ? 4 : 2;
+    c.warps_k = 1;
+  }
+  const int step = 4 * c.warps_k;
+  c.k_chunk_groups = std::min(max_chunk / step * step, round_up(k_groups, step));
+  return c;
+}
+
+}  // namespace
+
+Plan make_plan(const MoeSpec& spec, int max_tokens) {
+  spec.validate();
+  Plan plan;
+  plan.spec = spec;
+  const int local = spec.local_experts();
+  for (auto [lo, hi] : bucket_ranges()) {
+    if (max_tokens > 0 && lo > max_tokens) break;
+    Bucket b;
+    b.min_tokens = lo;
+    b.max_tokens = hi;
+    const long long top = hi == 0 ? 4096 : hi;
+    const long long rows_per_expert = (top * spec.top_k + local - 1) / local;
+    b.tile_rows = 8;
+    while (b.tile_rows < 64 && b.tile_rows < rows_per_expert) b.tile_rows *= 2;
+    b.gemm1 = pick_gemm(spec.intermediate, spec.hidden, b.tile_rows);
+    b.gemm2 = pick_gemm(spec.hidden, spec.intermediate, b.tile_rows);
+    plan.buckets.push_back(b);
+  }
+
+  plan.kernels.push_back({"route", KernelRole::Route, {"route"}, -1});
+  plan.kernels.push_back({"dispatch", KernelRole::Dispatch, {"dispatch"}, -1});
+  for (size_t i = 0; i < plan.buckets.size(); ++i) {
+    const int bi = static_cast<int>(i);
+    plan.kernels.push_back({fmt::format("gemm1_b{}", i), KernelRole::Gemm1, {"gemm1"}, bi});
+    plan.kernels.push_back({fmt::format("gemm2_b{}", i), KernelRole::Gemm2, {"gemm2"}, bi});
+  }
+  // The finalize kernel is also what moejit::finalize() launches for an unfinalized layer.
+  plan.kernels.push_back({"finalize", KernelRole::Finalize, {"finalize"}, -1});
+  return plan;
+}
+
+std::string describe(const Plan& plan) {
+  std::string out;
+  for (size_t i = 0; i < plan.buckets.size(); ++i) {
+    const Bucket& b = plan.buckets[i];
+    out += fmt::format(
+        "bucket {} tokens=[{},{}] tile_rows={} gemm1(warps_n={} warps_k={} k_chunk={}) "
+        "gemm2(warps_n={} warps_k={} k_chunk={})\n",
+        i, b.min_tokens, b.max_tokens == 0 ? std::string("inf") : std::to_string(b.max_tokens),
+        b.tile_rows, b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups, b.gemm2.warps_n,
+        b.gemm2.warps_k, b.gemm2.k_chunk_groups);
+  }
+  for (const KernelPlan& k : plan.kernels) {
+    std::string stages;
+    for (const auto& s : k.stages) stages += (stages.empty() ? "" : "+") + s;
+    out += fmt::format("kernel {} role={} stages={} bucket={}\n", k.name, to_string(k.role),
+                       stages, k.bucket);
+  }
+  return out;
+}
+
+}  // namespace moejit::compiler

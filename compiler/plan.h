@@ -1,0 +1,68 @@
+// Planning: which stages fuse into which kernels, and one GEMM configuration per token bucket.
+// The token count is a run-time argument; a bucket covers a range of it.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "moejit/moejit.h"
+
+namespace moejit::compiler {
+
+// One grouped-GEMM kernel shape (templates/gemm.cuh). A block computes warps_n * 16 output
+// features for one row tile of tile_rows permuted rows; warps_k warps split K inside the block;
+// K is staged through shared memory k_chunk_groups * 32 elements at a time.
+struct GemmConfig {
+  int warps_n = 1;
+  int warps_k = 1;
+  int k_chunk_groups = 4;  // a multiple of 4 * warps_k
+
+  int threads() const { return 32 * warps_n * warps_k; }
+  bool operator==(const GemmConfig& o) const {
+    return warps_n == o.warps_n && warps_k == o.warps_k && k_chunk_groups == o.k_chunk_groups;
+  }
+};
+
+struct Bucket {
+  int min_tokens = 1;
+  int max_tokens = 0;  // inclusive; 0 = no upper bound
+  int tile_rows = 8;   // rows per tile (multiple of 8) = dispatch padding
+  GemmConfig gemm1;    // N = I (SwiGLU features), K = H
+  GemmConfig gemm2;    // N = H, K = I
+
+  bool contains(int tokens) const {
+    return tokens >= min_tokens && (max_tokens == 0 || tokens <= max_tokens);
+  }
+};
+
+enum class KernelRole { Route, Dispatch, Gemm1, Gemm2, Finalize };
+const char* to_string(KernelRole role);
+
+// One kernel of the plan: the stages it implements and, for GEMMs, its bucket.
+struct KernelPlan {
+  std::string name;   // unique in the plan, e.g. "gemm1_b0"; also the CUDA entry symbol suffix
+  KernelRole role;
+  std::vector<std::string> stages;  // IR stage names fused into this kernel
+  int bucket = -1;    // index into Plan::buckets, -1 for bucket-independent kernels
+};
+
+struct Plan {
+  MoeSpec spec;
+  std::vector<Bucket> buckets;
+  std::vector<KernelPlan> kernels;
+
+  int bucket_for(int tokens) const;  // throws InvalidArgument if no bucket covers it
+  // Upper bound of row tiles (and of permuted rows = tiles * tile_rows) for T tokens.
+  static long long max_tiles(int tokens, int top_k, int local_experts, int tile_rows);
+};
+
+// Bucket boundaries used by every plan: [1,16], [17,64], [65,512], [513, inf).
+const std::vector<std::pair<int, int>>& bucket_ranges();
+
+// Picks the tile and GEMM shapes for each bucket; max_tokens > 0 drops buckets above it.
+Plan make_plan(const MoeSpec& spec, int max_tokens = 0);
+
+// A one-line-per-kernel description (used by `moejit dump --emit plan` and tests).
+std::string describe(const Plan& plan);
+
+}  // namespace moejit::compiler

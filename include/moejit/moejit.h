@@ -1,0 +1,242 @@
+// moejit: JIT-compiled fused MXINT4 Mixture-of-Experts layers for NVIDIA GPUs.
+//
+// One header is the whole public API. A caller describes a layer with a MoeSpec, asks for a
+// compiled layer (compile_finalized / compile_unfinalized), and launches it on its own stream
+// with its own workspace. launch() never allocates and never synchronises the host, so it can be
+// captured in a CUDA graph.
+//
+// Tensor formats (row-major, device memory; see DESIGN.md):
+//   hidden_states  [T, H]        bf16
+//   routing_logits [T, E]        fp32 or bf16 (spec.logits_dtype)
+//   routing_bias   [E]           fp32 or bf16 (spec.bias_dtype), optional
+//   w13            [E, 2I, H/2]  uint8, two signed int4 per byte, low nibble = even k
+//   w13_scale      [E, 2I, H/32] bf16
+//   w2             [E, H, I/2]   uint8
+//   w2_scale       [E, H, I/32]  bf16
+//   output         [T, H]        bf16
+// Weights are indexed by global expert id; with expert parallelism only the rows of experts in
+// [local_expert_offset, local_expert_offset + local_num_experts) are read.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+// CUstream and cudaStream_t are the same opaque pointer type.
+struct CUstream_st;
+
+namespace moejit {
+
+using Stream = CUstream_st*;
+
+// ---------------------------------------------------------------------------------------------
+// Errors: one exception type with a kind.
+enum class ErrorKind { InvalidSpec, InvalidArgument, Compile, Cuda, Cache, Internal };
+
+const char* to_string(ErrorKind kind);
+
+class Error : public std::runtime_error {
+ public:
+  Error(ErrorKind kind, const std::string& message);
+  ErrorKind kind() const noexcept { return kind_; }
+
+ private:
+  ErrorKind kind_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// The layer description.
+enum class WeightFormat { MxInt4G32 };  // signed int4, one bf16 scale per 32 consecutive k
+enum class DType { BF16, FP32 };
+enum class GateUpOrder { GateUp, UpGate };  // GateUp: rows [0, I) of w13 are gate (HF/vLLM)
+
+// Exact formulas in DESIGN.md, "Routing methods". Ties go to the lower expert index; NaN ranks
+// above every number (as torch.topk does).
+enum class RoutingMethod {
+  Default,           // softmax over all experts, top-k, no renormalisation
+  Renormalize,       // top-k on raw logits, softmax over the k
+  DeepSeekV3,        // sigmoid, biased grouped selection, weights renormalised x scale
+  Llama4,            // top-1 on logits, weight = sigmoid(logit)
+  RenormalizeNaive,  // softmax, top-k, divide by their sum
+  TopK,              // top-k on raw logits, weights are the raw logits
+  SigmoidRenorm,     // sigmoid, top-k, divide by (sum + 1e-20)
+  Sigmoid,           // sigmoid, top-k
+  TopKSigmoid,       // top-k on logits, then sigmoid
+  Precomputed,       // caller supplies topk_ids [T, k] int32 and topk_weights [T, k] fp32
+};
+
+const char* to_string(WeightFormat v);
+const char* to_string(DType v);
+const char* to_string(GateUpOrder v);
+const char* to_string(RoutingMethod v);
+
+struct MoeSpec {
+  int hidden = 0;        // H, multiple of 32
+  int intermediate = 0;  // I, multiple of 32
+  int num_experts = 0;   // E, global expert count
+  int top_k = 0;         // k <= E
+  WeightFormat weight_format = WeightFormat::MxInt4G32;
+  DType activation_dtype = DType::BF16;
+  GateUpOrder gate_up_order = GateUpOrder::GateUp;
+
+  RoutingMethod routing = RoutingMethod::Renormalize;
+  DType logits_dtype = DType::FP32;
+  int n_group = 1;                      // DeepSeekV3 only
+  int topk_group = 1;                   // DeepSeekV3 only
+  double routed_scaling_factor = 1.0;   // DeepSeekV3 only
+  bool has_routing_bias = false;        // DeepSeekV3 only
+  DType bias_dtype = DType::FP32;
+
+  // SwiGLU: gate * sigmoid(alpha * gate) * (up + beta), gate <= limit, |up| <= limit.
+  // Each enabled flag makes launch() read a per-local-expert fp32 array.
+  bool swiglu_alpha = false;
+  bool swiglu_beta = false;
+  bool swiglu_limit = false;
+
+  // Expert parallelism: this GPU holds experts [offset, offset + local_num_experts).
+  // local_num_experts = 0 means all experts.
+  int local_expert_offset = 0;
+  int local_num_experts = 0;
+
+  bool finalize = true;
+
+  int local_experts() const { return local_num_experts == 0 ? num_experts : local_num_experts; }
+  // Throws Error(InvalidSpec) naming the field, the value and the rule.
+  void validate() const;
+  bool operator==(const MoeSpec& other) const;
+  bool operator!=(const MoeSpec& other) const { return !(*this == other); }
+};
+
+// Named presets (kimi-k2, kimi-k2-tp4, kimi-k2-tp8, qwen3-30b-a3b, deepseek-v3, seed-test).
+std::vector<std::string> preset_names();
+MoeSpec preset(std::string_view name);  // throws InvalidArgument for an unknown name
+
+// The IR text form of a spec's module (round-trips through parse_spec_text).
+std::string spec_to_ir_text(const MoeSpec& spec);
+MoeSpec parse_spec_text(std::string_view text);  // throws InvalidSpec with line:column
+
+// ---------------------------------------------------------------------------------------------
+// Launch arguments. All pointers are device pointers.
+struct MoeInputs {
+  const void* hidden_states = nullptr;   // [T, H] bf16
+  const void* routing_logits = nullptr;  // [T, E], not read for Precomputed
+  const void* routing_bias = nullptr;    // [E], required iff spec.has_routing_bias
+  const int32_t* topk_ids = nullptr;     // [T, k] global expert ids, Precomputed only
+  const float* topk_weights = nullptr;   // [T, k], Precomputed only
+  const uint8_t* w13 = nullptr;          // [E, 2I, H/2]
+  const void* w13_scale = nullptr;       // [E, 2I, H/32] bf16
+  const uint8_t* w2 = nullptr;           // [E, H, I/2]
+  const void* w2_scale = nullptr;        // [E, H, I/32] bf16
+  const float* swiglu_alpha = nullptr;   // [local experts], iff spec.swiglu_alpha
+  const float* swiglu_beta = nullptr;    // [local experts], iff spec.swiglu_beta
+  const float* swiglu_limit = nullptr;   // [local experts], iff spec.swiglu_limit
+};
+
+// out[t] = sum_j w[t, j] * y[t, j]; this rank's partial sum under expert parallelism.
+struct FinalizedOutput {
+  void* output = nullptr;  // [T, H] bf16
+};
+
+// The layer's result before the weighted sum: rows grouped by local expert, each expert's rows
+// padded to the kernel's tile. Padding rows are written with zeros; rows past
+// expert_offsets[local experts] are not written.
+struct UnfinalizedOutput {
+  void* gemm2_out = nullptr;                // [unfinalized_rows(T), H] bf16
+  float* expert_weights = nullptr;          // [T, k] routing weights
+  int32_t* expanded_to_permuted = nullptr;  // [T * k], index t*k + j; -1 for non-local experts
+  int32_t* expert_offsets = nullptr;        // [local experts + 1] first row of each expert
+};
+
+struct Workspace {
+  void* ptr = nullptr;  // device memory, 256-byte aligned
+  size_t bytes = 0;
+};
+
+struct CompileOptions {
+  std::string arch;     // "sm_90a", "sm_80", ...; empty = the current device's exact arch
+  int max_tokens = 0;   // compile token buckets up to this count; 0 = every bucket
+};
+
+class LayerImpl;
+
+// Shared by both layer kinds.
+class Layer {
+ public:
+  const MoeSpec& spec() const;
+  const std::string& arch() const;
+  size_t workspace_bytes(int num_tokens) const;
+  // Kernel launches one launch() makes for this token count.
+  int launches_per_call(int num_tokens) const;
+  // Largest token count this layer was compiled for (max_tokens), or 0 for no limit.
+  int max_tokens() const;
+
+ protected:
+  explicit Layer(std::shared_ptr<const LayerImpl> impl) : impl_(std::move(impl)) {}
+  std::shared_ptr<const LayerImpl> impl_;
+  friend void finalize(const class UnfinalizedLayer&, const UnfinalizedOutput&, int,
+                       const FinalizedOutput&, Stream);
+};
+
+class FinalizedLayer : public Layer {
+ public:
+  void launch(const MoeInputs& in, int num_tokens, const FinalizedOutput& out, Workspace ws,
+              Stream stream) const;
+
+ private:
+  using Layer::Layer;
+  friend FinalizedLayer compile_finalized(const MoeSpec&, const CompileOptions&);
+};
+
+class UnfinalizedLayer : public Layer {
+ public:
+  // Rows the caller must allocate for UnfinalizedOutput::gemm2_out.
+  size_t unfinalized_rows(int num_tokens) const;
+  void launch(const MoeInputs& in, int num_tokens, const UnfinalizedOutput& out, Workspace ws,
+              Stream stream) const;
+
+ private:
+  using Layer::Layer;
+  friend UnfinalizedLayer compile_unfinalized(const MoeSpec&, const CompileOptions&);
+};
+
+// Returns a compiled layer; a second request for an equal spec and options compiles nothing.
+// compile_finalized needs spec.finalize == true, compile_unfinalized spec.finalize == false.
+FinalizedLayer compile_finalized(const MoeSpec& spec, const CompileOptions& options = {});
+UnfinalizedLayer compile_unfinalized(const MoeSpec& spec, const CompileOptions& options = {});
+
+// Completes an unfinalized result: out[t] = sum_j expert_weights[t, j] * gemm2_out[perm[t*k+j]].
+void finalize(const UnfinalizedLayer& layer, const UnfinalizedOutput& in, int num_tokens,
+              const FinalizedOutput& out, Stream stream);
+
+// ---------------------------------------------------------------------------------------------
+// Inspection (no GPU needed): what the JIT generates for a spec.
+enum class DumpKind { Ir, Plan, Cuda, Ptx };
+// tokens > 0 keeps only the kernels a launch with that many tokens uses. The arch defaults to
+// the current device's, else sm_90a.
+std::string dump(const MoeSpec& spec, DumpKind kind, const std::string& arch = "", int tokens = 0);
+
+// Compiles every kernel of the spec's plan to CUBIN (through the cache) and reports resources.
+struct KernelReport {
+  std::string name;       // plan kernel name, e.g. "gemm1_b0"
+  std::string arch;
+  size_t cubin_bytes = 0;
+  int registers = 0;
+  int spill_store_bytes = 0;
+  int spill_load_bytes = 0;
+  int stack_bytes = 0;
+  double compile_ms = 0;  // 0 when served from a cache
+};
+std::vector<KernelReport> compile_report(const MoeSpec& spec, const CompileOptions& options);
+
+// Device queries through the lazily opened driver (no GPU: has_gpu() is false, with a reason).
+bool has_gpu(std::string* why_not = nullptr);
+std::string device_arch();  // exact arch of the current device, e.g. "sm_90a"
+std::string device_name();
+
+const char* version();
+
+}  // namespace moejit

@@ -1,0 +1,70 @@
+// Kernel parameter blocks, shared by the host launcher (runtime/) and the device templates.
+// Plain C structs of fixed-width fields so host and device agree on the layout; each kernel
+// takes one of them by value. Compile-time shape constants are template arguments, not fields.
+#pragma once
+
+#ifdef __CUDACC_RTC__
+typedef int int32_t;
+typedef unsigned int uint32_t;
+typedef unsigned char uint8_t;
+#else
+#include <stdint.h>
+#endif
+
+namespace moejit_dev {
+
+// Route: logits [T, E] (+ bias [E]) -> topk_ids [T, k] global ids, topk_weights [T, k] fp32.
+// Precomputed routing copies (and range-checks) pre_ids / pre_weights instead.
+struct RouteParams {
+  const void* logits;         // [T, E] fp32 or bf16
+  const void* bias;           // [E] fp32 or bf16, or null
+  const int32_t* pre_ids;     // [T, k], Precomputed only
+  const float* pre_weights;   // [T, k], Precomputed only
+  int32_t* topk_ids;          // [T, k] out
+  float* topk_weights;        // [T, k] out
+  int32_t num_tokens;
+};
+
+// Dispatch: groups the T*k slots by local expert (stable: ascending slot index inside an
+// expert), each expert's rows padded to `tile` rows.
+struct DispatchParams {
+  const int32_t* topk_ids;         // [T*k]
+  int32_t* expert_counts;          // [L] routed slots per local expert
+  int32_t* expert_offsets;         // [L+1] first permuted row of each expert (padded)
+  int32_t* tile_expert;            // [max_tiles] local expert of each row tile, -1 if unused
+  int32_t* expanded_to_permuted;   // [T*k] permuted row of slot t*k+j, -1 if not local
+  int32_t* permuted_to_slot;       // [max_tiles*tile] slot of each permuted row (padding: -1)
+  int32_t num_tokens;
+  int32_t tile;
+  int32_t max_tiles;
+};
+
+// One grouped GEMM over row tiles: out[r, :] = f(x[r, :] @ W[expert(r)]^T).
+// Gemm1 gathers x rows from hidden_states through permuted_to_slot (token = slot / k) and
+// applies SwiGLU; Gemm2 reads x rows (the activation) in permuted order.
+struct GemmParams {
+  const void* x;                   // gemm1: hidden [T, H]; gemm2: act [P, I]; bf16
+  const int32_t* permuted_to_slot;
+  const uint8_t* w;                // [E, N_rows, K/2]
+  const void* w_scale;             // [E, N_rows, K/32] bf16
+  const int32_t* expert_counts;
+  const int32_t* expert_offsets;
+  const int32_t* tile_expert;
+  const float* alpha;              // [L] or null
+  const float* beta;               // [L] or null
+  const float* limit;              // [L] or null
+  void* out;                       // gemm1: act [P, I]; gemm2: y [P, H]; bf16
+  int32_t num_tokens;
+  int32_t max_tiles;
+};
+
+// Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.
+struct FinalizeParams {
+  const void* y;                          // [P, H] bf16
+  const float* weights;                   // [T*k]
+  const int32_t* expanded_to_permuted;    // [T*k], -1 = contributes nothing
+  void* out;                              // [T, H] bf16
+  int32_t num_tokens;
+};
+
+}  // namespace moejit_dev
