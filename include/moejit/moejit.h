@@ -173,6 +173,8 @@ class Layer {
   int launches_per_call(int num_tokens) const;
   // Largest token count this layer was compiled for (max_tokens), or 0 for no limit.
   int max_tokens() const;
+  // Rows each expert's group is padded to for this token count (the planner's tile).
+  int tile_rows(int num_tokens) const;
 
  protected:
   explicit Layer(std::shared_ptr<const LayerImpl> impl) : impl_(std::move(impl)) {}
