@@ -20,6 +20,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -159,6 +160,9 @@ struct Workspace {
 struct CompileOptions {
   std::string arch;     // "sm_90a", "sm_80", ...; empty = the current device's exact arch
   int max_tokens = 0;   // compile token buckets up to this count; 0 = every bucket
+  int jobs = 0;         // parallel NVRTC compiles; 0 = one per hardware thread
+  // Called after each kernel is ready (compiled or found in a cache), from any thread.
+  std::function<void(int done, int total, const std::string& kernel)> progress;
 };
 
 class LayerImpl;
