@@ -139,7 +139,9 @@ struct MoeInputs {
 
 // out[t] = sum_j w[t, j] * y[t, j]; this rank's partial sum under expert parallelism.
 struct FinalizedOutput {
-  void* output = nullptr;  // [T, H] bf16
+  void* output = nullptr;          // [T, H] bf16
+  int32_t* topk_ids = nullptr;     // optional [T, k]: the routing's global expert ids
+  float* topk_weights = nullptr;   // optional [T, k]: their weights
 };
 
 // The layer's result before the weighted sum: rows grouped by local expert, each expert's rows
@@ -149,7 +151,8 @@ struct UnfinalizedOutput {
   void* gemm2_out = nullptr;                // [unfinalized_rows(T), H] bf16
   float* expert_weights = nullptr;          // [T, k] routing weights
   int32_t* expanded_to_permuted = nullptr;  // [T * k], index t*k + j; -1 for non-local experts
-  int32_t* expert_offsets = nullptr;        // [local experts + 1] first row of each expert
+  int32_t* expert_offsets = nullptr;        // optional [local experts + 1] first row of each expert
+  int32_t* topk_ids = nullptr;              // optional [T, k]: the routing's global expert ids
 };
 
 struct Workspace {

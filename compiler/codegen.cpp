@@ -1,0 +1,154 @@
+#include "compiler/codegen.h"
+
+#include <fmt/format.h>
+
+#include <cstddef>
+
+namespace moejit::compiler {
+
+struct EmbeddedFile {
+  const char* name;
+  const char* text;
+};
+extern const EmbeddedFile kEmbeddedFiles[];
+extern const std::size_t kNumEmbeddedFiles;
+
+std::vector<TemplateFile> embedded_templates() {
+  std::vector<TemplateFile> out;
+  for (std::size_t i = 0; i < kNumEmbeddedFiles; ++i)
+    out.push_back({kEmbeddedFiles[i].name, kEmbeddedFiles[i].text});
+  return out;
+}
+
+namespace {
+
+const char* b(bool v) { return v ? "true" : "false"; }
+
+// A float constant that the CUDA compiler reads back to the same value.
+std::string float_literal(double v) { return fmt::format("{:.9g}f", static_cast<float>(v)); }
+
+// The translation unit: Cfg constants, then an entry taking the parameter block by value that
+// calls the template `function`<Cfg>.
+std::string unit(const KernelPlan& k, const MoeSpec& s, const std::string& include,
+                 const std::string& cfg_body, const std::string& params,
+                 const std::string& function, int threads) {
+  return fmt::format(
+      "// moejit generated kernel '{name}' ({stages}); H={h} I={i} E={e} top_k={k}\n"
+      "#include \"{include}\"\n\n"
+      "namespace {{\n"
+      "struct Cfg {{\n"
+      "{cfg}"
+      "}};\n"
+      "}}  // namespace\n\n"
+      "extern \"C\" __global__ void __launch_bounds__({threads})\n"
+      "moejit_{name}(const __grid_constant__ moejit_dev::{params} p) {{\n"
+      "  moejit_dev::{function}<Cfg>(p);\n"
+      "}}\n",
+      fmt::arg("name", k.name), fmt::arg("stages", fmt::join(k.stages, "+")),
+      fmt::arg("h", s.hidden), fmt::arg("i", s.intermediate), fmt::arg("e", s.num_experts),
+      fmt::arg("k", s.top_k), fmt::arg("include", include), fmt::arg("cfg", cfg_body),
+      fmt::arg("threads", threads), fmt::arg("params", params), fmt::arg("function", function));
+}
+
+KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
+  const MoeSpec& s = plan.spec;
+  const std::string cfg = fmt::format(
+      "  static constexpr int kExperts = {};\n"
+      "  static constexpr int kTopK = {};\n"
+      "  static constexpr int kMethod = {};  // moejit_dev::{}\n"
+      "  static constexpr int kNGroup = {};\n"
+      "  static constexpr int kTopkGroup = {};\n"
+      "  static constexpr float kScale = {};\n"
+      "  static constexpr bool kHasBias = {};\n"
+      "  static constexpr bool kLogitsBF16 = {};\n"
+      "  static constexpr bool kBiasBF16 = {};\n"
+      "  static constexpr int kWarpsPerBlock = {};\n",
+      s.num_experts, s.top_k, static_cast<int>(s.routing), moejit::to_string(s.routing),
+      s.n_group, s.topk_group, float_literal(s.routed_scaling_factor), b(s.has_routing_bias),
+      b(s.logits_dtype == DType::BF16), b(s.bias_dtype == DType::BF16), kRouteWarpsPerBlock);
+  const int threads = 32 * kRouteWarpsPerBlock;
+  return {k.name, "moejit_" + k.name,
+          unit(k, s, "moejit_route.cuh", cfg,
+               "RouteParams", "route_kernel", threads),
+          threads};
+}
+
+KernelSource dispatch_unit(const Plan& plan, const KernelPlan& k) {
+  const MoeSpec& s = plan.spec;
+  const std::string cfg = fmt::format(
+      "  static constexpr int kTopK = {};\n"
+      "  static constexpr int kLocalOffset = {};\n"
+      "  static constexpr int kLocalExperts = {};\n"
+      "  static constexpr int kThreads = {};\n",
+      s.top_k, s.local_expert_offset, s.local_experts(), kDispatchThreads);
+  return {k.name, "moejit_" + k.name,
+          unit(k, s, "moejit_dispatch.cuh", cfg,
+               "DispatchParams", "dispatch_kernel",
+               kDispatchThreads),
+          kDispatchThreads};
+}
+
+KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
+  const MoeSpec& s = plan.spec;
+  const Bucket& bk = plan.buckets.at(k.bucket);
+  const bool g1 = k.role == KernelRole::Gemm1;
+  const GemmConfig& c = g1 ? bk.gemm1 : bk.gemm2;
+  const std::string cfg = fmt::format(
+      "  static constexpr bool kGemm1 = {};\n"
+      "  static constexpr int kN = {};  // output features\n"
+      "  static constexpr int kK = {};  // reduction length\n"
+      "  static constexpr int kTopK = {};\n"
+      "  static constexpr int kLocalOffset = {};\n"
+      "  static constexpr int kTile = {};  // rows per tile, tokens [{}, {}]\n"
+      "  static constexpr int kWarpsN = {};\n"
+      "  static constexpr int kWarpsK = {};\n"
+      "  static constexpr int kChunkGroups = {};\n"
+      "  static constexpr bool kGateFirst = {};\n"
+      "  static constexpr bool kHasAlpha = {};\n"
+      "  static constexpr bool kHasBeta = {};\n"
+      "  static constexpr bool kHasLimit = {};\n",
+      b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
+      s.local_expert_offset, bk.tile_rows, bk.min_tokens,
+      bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.warps_n,
+      c.warps_k, c.k_chunk_groups, b(s.gate_up_order == GateUpOrder::GateUp),
+      b(g1 && s.swiglu_alpha), b(g1 && s.swiglu_beta), b(g1 && s.swiglu_limit));
+  return {k.name, "moejit_" + k.name,
+          unit(k, s, "moejit_gemm.cuh", cfg,
+               "GemmParams", "grouped_gemm", c.threads()),
+          c.threads()};
+}
+
+KernelSource finalize_unit(const Plan& plan, const KernelPlan& k) {
+  const MoeSpec& s = plan.spec;
+  const std::string cfg = fmt::format(
+      "  static constexpr int kHidden = {};\n"
+      "  static constexpr int kTopK = {};\n"
+      "  static constexpr int kThreads = {};\n",
+      s.hidden, s.top_k, kFinalizeThreads);
+  return {k.name, "moejit_" + k.name,
+          unit(k, s, "moejit_finalize.cuh", cfg,
+               "FinalizeParams", "finalize_kernel",
+               kFinalizeThreads),
+          kFinalizeThreads};
+}
+
+}  // namespace
+
+KernelSource generate(const Plan& plan, const KernelPlan& kernel) {
+  switch (kernel.role) {
+    case KernelRole::Route: return route_unit(plan, kernel);
+    case KernelRole::Dispatch: return dispatch_unit(plan, kernel);
+    case KernelRole::Gemm1:
+    case KernelRole::Gemm2: return gemm_unit(plan, kernel);
+    case KernelRole::Finalize: return finalize_unit(plan, kernel);
+  }
+  throw Error(ErrorKind::Internal, "generate: unknown kernel role");
+}
+
+std::vector<KernelSource> generate_all(const Plan& plan) {
+  std::vector<KernelSource> out;
+  for (const KernelPlan& k : plan.kernels) out.push_back(generate(plan, k));
+  return out;
+}
+
+}  // namespace moejit::compiler

@@ -1,0 +1,46 @@
+// The CUDA driver API, opened lazily with dlopen so that the library, the CLI and the CPU tests
+// run on machines without a GPU driver. Every call goes through MOEJIT_CU_CHECK.
+#pragma once
+
+#include <cuda.h>
+
+#include <string>
+
+namespace moejit::runtime {
+
+struct Driver {
+  CUresult (*cuInit)(unsigned);
+  CUresult (*cuDeviceGetCount)(int*);
+  CUresult (*cuDeviceGet)(CUdevice*, int);
+  CUresult (*cuDeviceGetAttribute)(int*, CUdevice_attribute, CUdevice);
+  CUresult (*cuDeviceGetName)(char*, int, CUdevice);
+  CUresult (*cuDevicePrimaryCtxRetain)(CUcontext*, CUdevice);
+  CUresult (*cuCtxGetCurrent)(CUcontext*);
+  CUresult (*cuCtxSetCurrent)(CUcontext);
+  CUresult (*cuCtxGetDevice)(CUdevice*);
+  CUresult (*cuModuleLoadData)(CUmodule*, const void*);
+  CUresult (*cuModuleUnload)(CUmodule);
+  CUresult (*cuModuleGetFunction)(CUfunction*, CUmodule, const char*);
+  CUresult (*cuLaunchKernel)(CUfunction, unsigned, unsigned, unsigned, unsigned, unsigned,
+                             unsigned, unsigned, CUstream, void**, void**);
+  CUresult (*cuGetErrorName)(CUresult, const char**);
+  CUresult (*cuGetErrorString)(CUresult, const char**);
+};
+
+// The loaded driver, or nullptr with *why_not set (no libcuda, no device, init failure).
+const Driver* driver_or_null(std::string* why_not);
+// The loaded driver; throws Error(Cuda) saying why there is none.
+const Driver& driver();
+
+// Throws Error(Cuda) naming the call, the error and what to check.
+void check_cu(CUresult r, const char* call, const char* file, int line);
+#define MOEJIT_CU_CHECK(expr) ::moejit::runtime::check_cu((expr), #expr, __FILE__, __LINE__)
+
+// Makes sure a context is current (the runtime's primary context of device 0 if none is) and
+// returns it with its device.
+CUcontext ensure_context(CUdevice* device = nullptr);
+
+// "sm_90a" for compute capability 9.0, "sm_80" for 8.0, "sm_100a" for 10.0, ...
+std::string arch_of(CUdevice device);
+
+}  // namespace moejit::runtime

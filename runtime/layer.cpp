@@ -1,0 +1,454 @@
+// Compiled layers: plan -> codegen -> (cache | NVRTC) -> driver modules, and the launcher.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "compiler/codegen.h"
+#include "compiler/nvrtc.h"
+#include "compiler/plan.h"
+#include "moejit/moejit.h"
+#include "moejit_params.h"
+#include "runtime/driver.h"
+#include "runtime/kernel_cache.h"
+
+namespace moejit {
+
+using compiler::KernelRole;
+using compiler::Plan;
+
+namespace {
+
+constexpr size_t kAlign = 256;
+size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+// Everything that selects a compiled layer: the spec, the arch, the buckets and the context.
+std::string layer_key(const MoeSpec& s, const std::string& arch, int max_tokens, const void* ctx) {
+  return fmt::format("{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{:a}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+                     s.hidden, s.intermediate, s.num_experts, s.top_k,
+                     static_cast<int>(s.weight_format), static_cast<int>(s.activation_dtype),
+                     static_cast<int>(s.gate_up_order), static_cast<int>(s.routing),
+                     static_cast<int>(s.logits_dtype), s.n_group, s.topk_group,
+                     s.has_routing_bias, s.routed_scaling_factor, static_cast<int>(s.bias_dtype),
+                     s.swiglu_alpha, s.swiglu_beta, s.swiglu_limit, s.local_expert_offset,
+                     s.local_experts(), s.finalize, arch, max_tokens, ctx, 0);
+}
+
+std::string default_arch(const std::string& requested) {
+  if (!requested.empty()) {
+    compiler::check_arch(requested);
+    return requested;
+  }
+  if (has_gpu()) return device_arch();
+  return "sm_90a";
+}
+
+runtime::KernelRequest request_for(const compiler::KernelSource& src, const std::string& arch) {
+  return {src.name, src.entry, src.source, arch, compiler::nvrtc_options(arch, false)};
+}
+
+runtime::KernelBinary compile_request(const runtime::KernelRequest& req) {
+  compiler::CompileOutput out = compiler::nvrtc_compile(req.name, req.source, req.arch);
+  return {std::move(out.binary), std::move(out.log), out.ms};
+}
+
+// Compiles (or fetches) every kernel source on `jobs` threads, in plan order.
+std::vector<std::shared_ptr<const runtime::KernelBinary>> build_all(
+    const std::vector<compiler::KernelSource>& sources, const CompileOptions& opt,
+    const std::string& arch) {
+  std::vector<std::shared_ptr<const runtime::KernelBinary>> bins(sources.size());
+  std::vector<std::exception_ptr> errors(sources.size());
+  std::atomic<size_t> next{0};
+  std::atomic<int> done{0};
+  std::mutex progress_mu;
+  auto work = [&] {
+    for (size_t i; (i = next++) < sources.size();) {
+      try {
+        bins[i] = runtime::KernelCache::global().get(request_for(sources[i], arch), compile_request);
+      } catch (...) {
+        errors[i] = std::current_exception();
+      }
+      const int d = ++done;
+      if (opt.progress) {
+        std::lock_guard<std::mutex> lock(progress_mu);
+        opt.progress(d, static_cast<int>(sources.size()), sources[i].name);
+      }
+    }
+  };
+  unsigned jobs = opt.jobs > 0 ? static_cast<unsigned>(opt.jobs)
+                               : std::max(1u, std::thread::hardware_concurrency());
+  jobs = std::min<unsigned>(jobs, static_cast<unsigned>(sources.size()));
+  std::vector<std::thread> pool;
+  for (unsigned j = 1; j < jobs; ++j) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  return bins;
+}
+
+}  // namespace
+
+class LayerImpl {
+ public:
+  struct Kernel {
+    CUmodule module = nullptr;
+    CUfunction fn = nullptr;
+    int threads = 0;
+  };
+
+  LayerImpl(const MoeSpec& spec, const CompileOptions& opt)
+      : plan_(compiler::make_plan(spec, opt.max_tokens)), max_tokens_(opt.max_tokens) {
+    const runtime::Driver& d = runtime::driver();
+    CUdevice dev;
+    ctx_ = runtime::ensure_context(&dev);
+    arch_ = opt.arch.empty() ? runtime::arch_of(dev) : opt.arch;
+    compiler::check_arch(arch_);
+    const auto sources = compiler::generate_all(plan_);
+    const auto bins = build_all(sources, opt, arch_);
+    kernels_.resize(sources.size());
+    for (size_t i = 0; i < sources.size(); ++i) {
+      MOEJIT_CU_CHECK(d.cuModuleLoadData(&kernels_[i].module, bins[i]->cubin.data()));
+      MOEJIT_CU_CHECK(d.cuModuleGetFunction(&kernels_[i].fn, kernels_[i].module,
+                                            sources[i].entry.c_str()));
+      kernels_[i].threads = sources[i].threads;
+    }
+    for (size_t i = 0; i < plan_.kernels.size(); ++i) {
+      const auto& k = plan_.kernels[i];
+      switch (k.role) {
+        case KernelRole::Route: route_ = i; break;
+        case KernelRole::Dispatch: dispatch_ = i; break;
+        case KernelRole::Finalize: finalize_ = i; break;
+        case KernelRole::Gemm1: gemm1_.resize(plan_.buckets.size()); gemm1_[k.bucket] = i; break;
+        case KernelRole::Gemm2: gemm2_.resize(plan_.buckets.size()); gemm2_[k.bucket] = i; break;
+      }
+    }
+  }
+
+  ~LayerImpl() {
+    const runtime::Driver* d = runtime::driver_or_null(nullptr);
+    if (!d) return;
+    for (auto& k : kernels_)
+      if (k.module) d->cuModuleUnload(k.module);
+  }
+
+  // Workspace carve-up for T tokens (offsets in bytes from the workspace start).
+  struct Layout {
+    int tile = 8;
+    long long max_tiles = 0;
+    long long rows = 0;  // max_tiles * tile
+    size_t topk_ids = 0, topk_weights = 0, counts = 0, offsets = 0, tile_expert = 0, e2p = 0,
+           p2s = 0, act = 0, y = 0, total = 0;
+  };
+
+  Layout layout(int T) const {
+    check_tokens(T);
+    Layout l;
+    const MoeSpec& s = plan_.spec;
+    const int L = s.local_experts();
+    if (T > 0) l.tile = plan_.buckets[plan_.bucket_for(T)].tile_rows;
+    l.max_tiles = Plan::max_tiles(T, s.top_k, L, l.tile);
+    l.rows = l.max_tiles * l.tile;
+    const size_t slots = static_cast<size_t>(T) * s.top_k;
+    size_t at = 0;
+    auto take = [&](size_t bytes) {
+      const size_t off = at;
+      at = align_up(at + bytes);
+      return off;
+    };
+    l.topk_ids = take(slots * 4);
+    l.topk_weights = take(slots * 4);
+    l.counts = take(static_cast<size_t>(L) * 4);
+    l.offsets = take(static_cast<size_t>(L + 1) * 4);
+    l.tile_expert = take(static_cast<size_t>(l.max_tiles) * 4);
+    l.e2p = take(slots * 4);
+    l.p2s = take(static_cast<size_t>(l.rows) * 4);
+    l.act = take(static_cast<size_t>(l.rows) * s.intermediate * 2);
+    l.y = take(static_cast<size_t>(l.rows) * s.hidden * 2);
+    l.total = at;
+    return l;
+  }
+
+  void check_tokens(int T) const {
+    if (T < 0) throw Error(ErrorKind::InvalidArgument, fmt::format("num_tokens = {} is negative", T));
+    const long long slots = static_cast<long long>(T) * plan_.spec.top_k;
+    if (slots * std::max(plan_.spec.hidden, plan_.spec.intermediate) > (1ll << 40) ||
+        slots > (1ll << 28))
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("num_tokens = {} is too large for one launch (num_tokens * top_k "
+                              "must stay below 2^28)", T));
+    if (T > 0) plan_.bucket_for(T);
+  }
+
+  struct Outs {
+    int32_t* ids;       // [T*k] or null (workspace)
+    void* y;            // [rows, H] bf16
+    float* weights;     // [T*k]
+    int32_t* e2p;       // [T*k]
+    int32_t* offsets;   // [L+1]
+    void* final_out;    // [T, H] or null
+  };
+
+  void run(const MoeInputs& in, int T, const Workspace& ws, Stream stream, Outs outs) const {
+    const MoeSpec& s = plan_.spec;
+    check_inputs(in);
+    const Layout l = layout(T);
+    if (ws.bytes < l.total)
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("workspace.bytes = {} is smaller than workspace_bytes({}) = {}",
+                              ws.bytes, T, l.total));
+    if (!ws.ptr || reinterpret_cast<uintptr_t>(ws.ptr) % kAlign != 0)
+      throw Error(ErrorKind::InvalidArgument,
+                  "workspace.ptr must be a non-null device pointer aligned to 256 bytes");
+    if (T == 0) return;
+    char* base = static_cast<char*>(ws.ptr);
+    auto at = [&](size_t off) { return base + off; };
+    int32_t* topk_ids = outs.ids ? outs.ids : reinterpret_cast<int32_t*>(at(l.topk_ids));
+    float* weights = outs.weights ? outs.weights : reinterpret_cast<float*>(at(l.topk_weights));
+    int32_t* counts = reinterpret_cast<int32_t*>(at(l.counts));
+    int32_t* offsets = outs.offsets ? outs.offsets : reinterpret_cast<int32_t*>(at(l.offsets));
+    int32_t* tile_expert = reinterpret_cast<int32_t*>(at(l.tile_expert));
+    int32_t* e2p = outs.e2p ? outs.e2p : reinterpret_cast<int32_t*>(at(l.e2p));
+    int32_t* p2s = reinterpret_cast<int32_t*>(at(l.p2s));
+    void* act = at(l.act);
+    void* y = outs.y ? outs.y : at(l.y);
+    const int bucket = plan_.bucket_for(T);
+    const compiler::Bucket& b = plan_.buckets[bucket];
+
+    moejit_dev::RouteParams rp{in.routing_logits, in.routing_bias, in.topk_ids, in.topk_weights,
+                               topk_ids, weights, T};
+    launch(route_, (T + compiler::kRouteWarpsPerBlock - 1) / compiler::kRouteWarpsPerBlock, 1,
+           &rp, stream);
+    moejit_dev::DispatchParams dp{topk_ids, counts, offsets, tile_expert, e2p, p2s, T,
+                                  l.tile, static_cast<int32_t>(l.max_tiles)};
+    launch(dispatch_, 1, 1, &dp, stream);
+    moejit_dev::GemmParams g1{in.hidden_states, p2s, in.w13, in.w13_scale, counts, offsets,
+                              tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
+                              act, T, static_cast<int32_t>(l.max_tiles)};
+    launch(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
+           s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
+    moejit_dev::GemmParams g2{act, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
+                              nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles)};
+    launch(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), s.hidden / (16 * b.gemm2.warps_n),
+           &g2, stream);
+    if (outs.final_out) run_finalize(y, weights, e2p, outs.final_out, T, stream);
+  }
+
+  void run_finalize(const void* y, const float* weights, const int32_t* e2p, void* out, int T,
+                    Stream stream) const {
+    if (T == 0) return;
+    moejit_dev::FinalizeParams fp{y, weights, e2p, out, T};
+    const int per_block = compiler::kFinalizeThreads * 8;
+    launch(finalize_, static_cast<unsigned>(T), (plan_.spec.hidden + per_block - 1) / per_block,
+           &fp, stream);
+  }
+
+  int launches(int T) const { return T == 0 ? 0 : (plan_.spec.finalize ? 5 : 4); }
+
+  const Plan& plan() const { return plan_; }
+  const std::string& arch() const { return arch_; }
+  int max_tokens() const { return max_tokens_; }
+
+ private:
+  template <class P>
+  void launch(size_t k, unsigned gx, unsigned gy, P* params, Stream stream) const {
+    void* args[] = {params};
+    MOEJIT_CU_CHECK(runtime::driver().cuLaunchKernel(
+        kernels_[k].fn, gx, gy, 1, static_cast<unsigned>(kernels_[k].threads), 1, 1, 0,
+        reinterpret_cast<CUstream>(stream), args, nullptr));
+  }
+
+  void check_inputs(const MoeInputs& in) const {
+    const MoeSpec& s = plan_.spec;
+    auto need = [](const void* p, bool required, const char* name, const char* why) {
+      if (required && !p)
+        throw Error(ErrorKind::InvalidArgument, fmt::format("inputs.{} is null but {}", name, why));
+      if (!required && p)
+        throw Error(ErrorKind::InvalidArgument,
+                    fmt::format("inputs.{} is set but {}", name, why));
+    };
+    auto aligned = [](const void* p, const char* name) {
+      if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+        throw Error(ErrorKind::InvalidArgument,
+                    fmt::format("inputs.{} = {} is not 16-byte aligned", name, p));
+    };
+    const bool pre = s.routing == RoutingMethod::Precomputed;
+    need(in.hidden_states, true, "hidden_states", "it is always required");
+    need(in.w13, true, "w13", "it is always required");
+    need(in.w13_scale, true, "w13_scale", "it is always required");
+    need(in.w2, true, "w2", "it is always required");
+    need(in.w2_scale, true, "w2_scale", "it is always required");
+    if (pre) {
+      need(in.topk_ids, true, "topk_ids", "routing = Precomputed needs it");
+      need(in.topk_weights, true, "topk_weights", "routing = Precomputed needs it");
+    } else {
+      need(in.routing_logits, true, "routing_logits", "the routing method reads it");
+      need(in.topk_ids, false, "topk_ids", "only routing = Precomputed reads it");
+      need(in.topk_weights, false, "topk_weights", "only routing = Precomputed reads it");
+    }
+    need(in.routing_bias, s.has_routing_bias, "routing_bias",
+         s.has_routing_bias ? "spec.has_routing_bias = true" : "spec.has_routing_bias = false");
+    need(in.swiglu_alpha, s.swiglu_alpha, "swiglu_alpha", "it must match spec.swiglu_alpha");
+    need(in.swiglu_beta, s.swiglu_beta, "swiglu_beta", "it must match spec.swiglu_beta");
+    need(in.swiglu_limit, s.swiglu_limit, "swiglu_limit", "it must match spec.swiglu_limit");
+    aligned(in.hidden_states, "hidden_states");
+    aligned(in.w13, "w13");
+    aligned(in.w2, "w2");
+  }
+
+  Plan plan_;
+  int max_tokens_ = 0;
+  std::string arch_;
+  CUcontext ctx_ = nullptr;
+  std::vector<Kernel> kernels_;
+  size_t route_ = 0, dispatch_ = 0, finalize_ = 0;
+  std::vector<size_t> gemm1_, gemm2_;
+};
+
+// ---- Layer -----------------------------------------------------------------------------------
+
+const MoeSpec& Layer::spec() const { return impl_->plan().spec; }
+const std::string& Layer::arch() const { return impl_->arch(); }
+size_t Layer::workspace_bytes(int num_tokens) const { return impl_->layout(num_tokens).total; }
+int Layer::launches_per_call(int num_tokens) const { return impl_->launches(num_tokens); }
+int Layer::max_tokens() const { return impl_->max_tokens(); }
+int Layer::tile_rows(int num_tokens) const { return impl_->layout(num_tokens).tile; }
+
+size_t UnfinalizedLayer::unfinalized_rows(int num_tokens) const {
+  return static_cast<size_t>(impl_->layout(num_tokens).rows);
+}
+
+void FinalizedLayer::launch(const MoeInputs& in, int num_tokens, const FinalizedOutput& out,
+                            Workspace ws, Stream stream) const {
+  if (!out.output && num_tokens > 0)
+    throw Error(ErrorKind::InvalidArgument, "output.output is null");
+  if (reinterpret_cast<uintptr_t>(out.output) % 16 != 0)
+    throw Error(ErrorKind::InvalidArgument, "output.output is not 16-byte aligned");
+  impl_->run(in, num_tokens, ws, stream,
+             {out.topk_ids, nullptr, out.topk_weights, nullptr, nullptr, out.output});
+}
+
+void UnfinalizedLayer::launch(const MoeInputs& in, int num_tokens, const UnfinalizedOutput& out,
+                              Workspace ws, Stream stream) const {
+  if (num_tokens > 0 && (!out.gemm2_out || !out.expert_weights || !out.expanded_to_permuted))
+    throw Error(ErrorKind::InvalidArgument,
+                "UnfinalizedOutput needs gemm2_out, expert_weights and expanded_to_permuted");
+  impl_->run(in, num_tokens, ws, stream,
+             {out.topk_ids, out.gemm2_out, out.expert_weights, out.expanded_to_permuted,
+              out.expert_offsets, nullptr});
+}
+
+void finalize(const UnfinalizedLayer& layer, const UnfinalizedOutput& in, int num_tokens,
+              const FinalizedOutput& out, Stream stream) {
+  if (num_tokens < 0)
+    throw Error(ErrorKind::InvalidArgument, fmt::format("num_tokens = {} is negative", num_tokens));
+  if (num_tokens > 0 && (!in.gemm2_out || !in.expert_weights || !in.expanded_to_permuted || !out.output))
+    throw Error(ErrorKind::InvalidArgument,
+                "finalize needs gemm2_out, expert_weights, expanded_to_permuted and output");
+  layer.impl_->run_finalize(in.gemm2_out, in.expert_weights, in.expanded_to_permuted, out.output,
+                            num_tokens, stream);
+}
+
+namespace {
+
+std::shared_ptr<const LayerImpl> get_layer(const MoeSpec& spec, const CompileOptions& opt) {
+  spec.validate();
+  CUdevice dev;
+  const CUcontext ctx = runtime::ensure_context(&dev);
+  const std::string arch = opt.arch.empty() ? runtime::arch_of(dev) : opt.arch;
+  static std::mutex mu;
+  static std::map<std::string, std::shared_ptr<const LayerImpl>> layers;
+  const std::string key = layer_key(spec, arch, opt.max_tokens, ctx);
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = layers.find(key);
+  if (it != layers.end()) return it->second;
+  CompileOptions o = opt;
+  o.arch = arch;
+  auto impl = std::make_shared<const LayerImpl>(spec, o);
+  layers.emplace(key, impl);
+  return impl;
+}
+
+}  // namespace
+
+FinalizedLayer compile_finalized(const MoeSpec& spec, const CompileOptions& options) {
+  if (!spec.finalize)
+    throw Error(ErrorKind::InvalidSpec,
+                "finalize = false: compile_finalized needs finalize = true (use "
+                "compile_unfinalized for the unfinalized result)");
+  return FinalizedLayer(get_layer(spec, options));
+}
+
+UnfinalizedLayer compile_unfinalized(const MoeSpec& spec, const CompileOptions& options) {
+  if (spec.finalize)
+    throw Error(ErrorKind::InvalidSpec,
+                "finalize = true: compile_unfinalized needs finalize = false (use "
+                "compile_finalized for the finalized result)");
+  return UnfinalizedLayer(get_layer(spec, options));
+}
+
+// ---- inspection --------------------------------------------------------------------------------
+
+std::string dump(const MoeSpec& spec, DumpKind kind, const std::string& arch_in, int tokens) {
+  spec.validate();
+  if (kind == DumpKind::Ir) return spec_to_ir_text(spec);
+  const Plan plan = compiler::make_plan(spec);
+  if (kind == DumpKind::Plan) return compiler::describe(plan);
+  const int bucket = tokens > 0 ? plan.bucket_for(tokens) : -1;
+  const std::string arch = default_arch(arch_in);
+  std::string out;
+  for (const auto& k : plan.kernels) {
+    if (bucket >= 0 && k.bucket >= 0 && k.bucket != bucket) continue;
+    const compiler::KernelSource src = compiler::generate(plan, k);
+    if (kind == DumpKind::Cuda) {
+      out += fmt::format("// ---- kernel {} (entry {}, {} threads) ----\n{}\n", src.name,
+                         src.entry, src.threads, src.source);
+    } else {
+      const auto ptx = compiler::nvrtc_compile(src.name, src.source, arch, /*ptx=*/true);
+      out += fmt::format("// ---- kernel {} (entry {}, {}) ----\n", src.name, src.entry, arch);
+      out.append(ptx.binary.begin(), ptx.binary.end());
+      out += "\n";
+    }
+  }
+  return out;
+}
+
+std::vector<KernelReport> compile_report(const MoeSpec& spec, const CompileOptions& options) {
+  spec.validate();
+  const Plan plan = compiler::make_plan(spec, options.max_tokens);
+  const std::string arch = default_arch(options.arch);
+  const auto sources = compiler::generate_all(plan);
+  const auto bins = build_all(sources, options, arch);
+  std::vector<KernelReport> out;
+  for (size_t i = 0; i < sources.size(); ++i) {
+    const auto usage = compiler::parse_ptxas_log(bins[i]->compile_log);
+    out.push_back({sources[i].name, arch, bins[i]->cubin.size(), usage.registers,
+                   usage.spill_store_bytes, usage.spill_load_bytes, usage.stack_bytes,
+                   bins[i]->compile_ms});
+  }
+  return out;
+}
+
+// ---- device queries ------------------------------------------------------------------------
+
+bool has_gpu(std::string* why_not) { return runtime::driver_or_null(why_not) != nullptr; }
+
+std::string device_arch() {
+  CUdevice dev;
+  runtime::ensure_context(&dev);
+  return runtime::arch_of(dev);
+}
+
+std::string device_name() {
+  CUdevice dev;
+  runtime::ensure_context(&dev);
+  char name[256] = {};
+  MOEJIT_CU_CHECK(runtime::driver().cuDeviceGetName(name, sizeof(name), dev));
+  return name;
+}
+
+}  // namespace moejit

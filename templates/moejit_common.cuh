@@ -1,0 +1,83 @@
+// Shared device helpers for the moejit templates: ranking keys, warp reductions, bf16 packing.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include "moejit_params.h"
+
+namespace moejit_dev {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// Routing method codes; codegen writes these as Cfg::kMethod (same order as moejit::RoutingMethod).
+enum Method : int {
+  kDefault = 0,
+  kRenormalize = 1,
+  kDeepSeekV3 = 2,
+  kLlama4 = 3,
+  kRenormalizeNaive = 4,
+  kTopK = 5,
+  kSigmoidRenorm = 6,
+  kSigmoid = 7,
+  kTopKSigmoid = 8,
+  kPrecomputed = 9,
+};
+
+// Order-preserving map of a float to uint32 for "largest first" ranking. NaN ranks above every
+// number; -0 and +0 rank equal. 0 is never produced, so it marks "not selectable".
+__device__ __forceinline__ uint32_t rank_key(float x) {
+  if (x != x) return 0xffffffffu;
+  if (x == 0.0f) x = 0.0f;
+  uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// A ranking key with the index folded in so that max() prefers the lower index on ties.
+__device__ __forceinline__ unsigned long long rank_key_index(uint32_t key, int index) {
+  return (static_cast<unsigned long long>(key) << 32) | (0xffffffffu - static_cast<uint32_t>(index));
+}
+__device__ __forceinline__ int index_of(unsigned long long k) {
+  return static_cast<int>(0xffffffffu - static_cast<uint32_t>(k & 0xffffffffu));
+}
+
+__device__ __forceinline__ unsigned long long warp_max_u64(unsigned long long v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    unsigned long long other = __shfl_xor_sync(kFullMask, v, o);
+    v = other > v ? other : v;
+  }
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;
+}
+
+// Max that propagates NaN (fmaxf would drop it).
+__device__ __forceinline__ float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+
+__device__ __forceinline__ float warp_max_nan(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(kFullMask, v, o));
+  return v;
+}
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+template <bool kBF16>
+__device__ __forceinline__ float load_as_float(const void* p, long long i) {
+  if constexpr (kBF16) {
+    return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  } else {
+    return static_cast<const float*>(p)[i];
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+
+}  // namespace moejit_dev

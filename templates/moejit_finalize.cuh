@@ -1,0 +1,44 @@
+// Finalize: out[t, :] = sum_j w[t, j] * y[perm[t*k + j], :], ascending j, fp32 accumulation,
+// no atomics (deterministic). Slots of other ranks' experts (perm = -1) contribute nothing.
+// Grid: x = token, y = blocks of kThreads * 8 features; each thread owns 8 features (16 bytes).
+//
+// Cfg provides: kHidden, kTopK, kThreads.
+#pragma once
+
+#include "moejit_common.cuh"
+
+namespace moejit_dev {
+
+template <class Cfg>
+__device__ void finalize_kernel(const FinalizeParams& p) {
+  constexpr int H = Cfg::kHidden;
+  constexpr int K = Cfg::kTopK;
+  const int t = blockIdx.x;
+  const int h = (blockIdx.y * Cfg::kThreads + threadIdx.x) * 8;
+  if (t >= p.num_tokens || h >= H) return;
+  const __nv_bfloat16* y = static_cast<const __nv_bfloat16*>(p.y);
+  float acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+  for (int j = 0; j < K; ++j) {
+    const int row = p.expanded_to_permuted[t * K + j];
+    if (row < 0) continue;
+    const float w = p.weights[t * K + j];
+    const uint4 v = *reinterpret_cast<const uint4*>(y + static_cast<long long>(row) * H + h);
+    const __nv_bfloat162* pv = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(pv[i]);
+      acc[2 * i] += w * f.x;
+      acc[2 * i + 1] += w * f.y;
+    }
+  }
+  uint4 o;
+  o.x = pack_bf16x2(acc[0], acc[1]);
+  o.y = pack_bf16x2(acc[2], acc[3]);
+  o.z = pack_bf16x2(acc[4], acc[5]);
+  o.w = pack_bf16x2(acc[6], acc[7]);
+  *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + static_cast<long long>(t) * H + h) = o;
+}
+
+}  // namespace moejit_dev

@@ -1,0 +1,274 @@
+// Grouped MXINT4 GEMM over row tiles of the dispatched (expert-grouped) rows.
+//
+//   out[r, f] = epilogue( sum_k x[r, k] * dequant(W[expert(r), f, k]) )
+//
+// Gemm1: x rows are gathered from hidden_states (token = slot / top_k), W = w13, and the epilogue
+// is SwiGLU over the (gate, up) feature pair. Gemm2: x rows are the activation in permuted order,
+// W = w2, no epilogue. Padding rows of a tile read zeros; Gemm2 writes zeros there.
+//
+// Tensor cores: mma.sync m16n8k16 bf16 with weights as the A operand (16 features) and rows as
+// B (8 rows per n-tile), fp32 accumulation. Because the MMA sums over k, both operands may use
+// any common permutation of k: thread t of a quad owns one whole MXINT4 group (32 k = 16 bytes
+// of a weight row, one 16-byte load, one scale) and feeds it over the 8 k-steps of a 4-group
+// block. A weight nibble becomes a bf16 with one prmt and one lop3 (magic exponent 0x43,
+// 136 + v), then (r - 136) * scale in bf16x2.
+//
+// Grid: x = row tile, y = feature block of kWarpsN * 16 features. Block: kWarpsN * kWarpsK
+// warps; the kWarpsK warps of one feature slice split each K chunk and are summed in a fixed
+// order at the end (deterministic).
+//
+// Cfg provides: kGemm1, kN (output features), kK (reduction length), kTopK, kLocalOffset,
+// kTile, kWarpsN, kWarpsK, kChunkGroups, kGateFirst, kHasAlpha, kHasBeta, kHasLimit.
+#pragma once
+
+#include "moejit_common.cuh"
+
+namespace moejit_dev {
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], const uint32_t (&a)[4],
+                                               uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Streaming 16-byte load: weights are read once, keep them out of L1.
+__device__ __forceinline__ uint4 load_stream(const void* ptr) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(ptr));
+  return v;
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// Pair j (k = 2j, 2j+1 of a 32-k group held as 16 bytes) as bf16x2 of v * scale.
+template <int J>
+__device__ __forceinline__ uint32_t dequant_pair(const uint4& q16, uint32_t scale2) {
+  const uint32_t q = word_of(q16, J / 4);
+  constexpr uint32_t b = J % 4;
+  constexpr uint32_t sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12);
+  // Low nibble of byte b to bits 0-3, high nibble to bits 16-19; flipping bit 3 maps the
+  // two's-complement nibble v to v + 8, and 0x4300 makes the bf16 128 + (v + 8).
+  const uint32_t x = (__byte_perm(q, q >> 4, sel) & 0x000f000fu) ^ 0x43084308u;
+  __nv_bfloat162 r = *reinterpret_cast<const __nv_bfloat162*>(&x);
+  const uint32_t k136 = 0x43084308u;  // bf16x2 (136, 136)
+  r = __hsub2(r, *reinterpret_cast<const __nv_bfloat162*>(&k136));
+  r = __hmul2(r, *reinterpret_cast<const __nv_bfloat162*>(&scale2));
+  return *reinterpret_cast<uint32_t*>(&r);
+}
+
+template <class Cfg>
+__device__ void grouped_gemm(const GemmParams& p) {
+  constexpr int N = Cfg::kN;
+  constexpr int K = Cfg::kK;
+  constexpr int KG = K / 32;               // MXINT4 groups along K
+  constexpr int kTile = Cfg::kTile;
+  constexpr int NT = kTile / 8;            // mma n-tiles (8 rows each)
+  constexpr int WN = Cfg::kWarpsN;
+  constexpr int WK = Cfg::kWarpsK;
+  constexpr int CG = Cfg::kChunkGroups;    // groups per shared-memory chunk
+  constexpr int CK = CG * 32;
+  constexpr int kStride = CK + 8;          // bf16 per shared row: 16 bytes of padding
+  constexpr int kIters = CG / (4 * WK);    // 4-group blocks per warp per chunk
+  constexpr bool kGemm1 = Cfg::kGemm1;
+  constexpr int AT = kGemm1 ? 2 : 1;       // A tiles per warp: (gate, up) or (down)
+  constexpr int kThreads = 32 * WN * WK;
+  constexpr int kRowBytes = K / 2;
+  constexpr int kWRows = kGemm1 ? 2 * N : N;
+  constexpr int kXBytes = kTile * kStride * 2;
+  constexpr int kRedBytes = WK > 1 ? WK * WN * 32 * AT * NT * 4 * 4 : 0;
+  constexpr int kSmemBytes = kXBytes > kRedBytes ? kXBytes : kRedBytes;
+  static_assert(CG % (4 * WK) == 0, "chunk must split evenly across the K warps");
+  static_assert(N % (16 * WN) == 0, "features must split into 16-row warp tiles");
+  static_assert(K % 32 == 0 && kTile % 8 == 0, "shape");
+
+  __shared__ __align__(16) unsigned char s_raw[kSmemBytes];
+  __shared__ int s_src[kTile];
+  __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(s_raw);
+
+  const int tile = blockIdx.x;
+  if (tile >= p.max_tiles) return;
+  const int e = p.tile_expert[tile];
+  if (e < 0) return;
+  const int row0 = tile * kTile;
+  const int rows_valid = min(kTile, p.expert_offsets[e] + p.expert_counts[e] - row0);
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int wn = warp % WN;
+  const int wk = warp / WN;
+  const int f0 = blockIdx.y * (WN * 16) + wn * 16;
+
+  for (int r = tid; r < kTile; r += kThreads) {
+    int src = -1;
+    if (r < rows_valid) src = kGemm1 ? p.permuted_to_slot[row0 + r] / Cfg::kTopK : row0 + r;
+    s_src[r] = src;
+  }
+
+  const long long eg = e + Cfg::kLocalOffset;
+  const uint8_t* wexp = p.w + eg * kWRows * kRowBytes;
+  const __nv_bfloat16* sexp = static_cast<const __nv_bfloat16*>(p.w_scale) + eg * kWRows * KG;
+  int arow[AT];
+  if constexpr (kGemm1) {
+    arow[0] = (Cfg::kGateFirst ? 0 : N) + f0;  // gate
+    arow[1] = (Cfg::kGateFirst ? N : 0) + f0;  // up
+  } else {
+    arow[0] = f0;
+  }
+
+  float acc[AT][NT][4];
+#pragma unroll
+  for (int a = 0; a < AT; ++a)
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[a][n][i] = 0.0f;
+
+  const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
+  __syncthreads();
+
+  for (int c0 = 0; c0 < KG; c0 += CG) {
+    // 1. This warp's weights for the chunk: all loads issued before any use.
+    uint4 wq[kIters][AT][2];
+    uint32_t sc[kIters][AT][2];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int grp = c0 + (wk + it * WK) * 4 + t;
+#pragma unroll
+      for (int a = 0; a < AT; ++a)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const long long row = arow[a] + g + 8 * h;
+          if (grp < KG) {
+            wq[it][a][h] = load_stream(wexp + row * kRowBytes + grp * 16);
+            const unsigned short s = __bfloat16_as_ushort(sexp[row * KG + grp]);
+            sc[it][a][h] = static_cast<uint32_t>(s) | (static_cast<uint32_t>(s) << 16);
+          } else {
+            wq[it][a][h] = make_uint4(0, 0, 0, 0);
+            sc[it][a][h] = 0;
+          }
+        }
+    }
+    // 2. The tile's rows of x for the chunk into shared memory (zeros for padding / past K).
+    constexpr int kUnitsPerRow = CK / 8;
+    for (int u = tid; u < kTile * kUnitsPerRow; u += kThreads) {
+      const int r = u / kUnitsPerRow;
+      const int cu = u % kUnitsPerRow;
+      const int kk = c0 * 32 + cu * 8;
+      const int src = s_src[r];
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (src >= 0 && kk < K) v = *reinterpret_cast<const uint4*>(x + static_cast<long long>(src) * K + kk);
+      *reinterpret_cast<uint4*>(xs + r * kStride + cu * 8) = v;
+    }
+    __syncthreads();
+    // 3. MMAs: 8 k-steps per 4-group block.
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int gi = (wk + it * WK) * 4 + t;  // chunk-relative group of this thread
+#pragma unroll
+      for (int s = 0; s < 8; ++s) {
+        uint32_t b[NT][2];
+#pragma unroll
+        for (int n = 0; n < NT; ++n) {
+          const uint2 v = *reinterpret_cast<const uint2*>(xs + (n * 8 + g) * kStride + gi * 32 + 4 * s);
+          b[n][0] = v.x;
+          b[n][1] = v.y;
+        }
+#pragma unroll
+        for (int a = 0; a < AT; ++a) {
+          uint32_t af[4];
+          // Unrolled s makes the pair index a compile-time constant.
+          switch (s) {
+#define MOEJIT_DEQ_CASE(S)                                        \
+  case S:                                                         \
+    af[0] = dequant_pair<2 * S>(wq[it][a][0], sc[it][a][0]);      \
+    af[1] = dequant_pair<2 * S>(wq[it][a][1], sc[it][a][1]);      \
+    af[2] = dequant_pair<2 * S + 1>(wq[it][a][0], sc[it][a][0]);  \
+    af[3] = dequant_pair<2 * S + 1>(wq[it][a][1], sc[it][a][1]);  \
+    break;
+            MOEJIT_DEQ_CASE(0)
+            MOEJIT_DEQ_CASE(1)
+            MOEJIT_DEQ_CASE(2)
+            MOEJIT_DEQ_CASE(3)
+            MOEJIT_DEQ_CASE(4)
+            MOEJIT_DEQ_CASE(5)
+            MOEJIT_DEQ_CASE(6)
+            MOEJIT_DEQ_CASE(7)
+#undef MOEJIT_DEQ_CASE
+          }
+#pragma unroll
+          for (int n = 0; n < NT; ++n) mma_bf16_16816(acc[a][n], af, b[n][0], b[n][1]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  // Sum the K-split warps in a fixed order (the x buffer is free now).
+  if constexpr (WK > 1) {
+    float* red = reinterpret_cast<float*>(s_raw);
+    constexpr int kVals = AT * NT * 4;
+    if (wk > 0) {
+#pragma unroll
+      for (int a = 0; a < AT; ++a)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            red[(((wk * WN + wn) * kVals) + (a * NT + n) * 4 + i) * 32 + lane] = acc[a][n][i];
+    }
+    __syncthreads();
+    if (wk > 0) return;
+    for (int w = 1; w < WK; ++w)
+#pragma unroll
+      for (int a = 0; a < AT; ++a)
+#pragma unroll
+        for (int n = 0; n < NT; ++n)
+#pragma unroll
+          for (int i = 0; i < 4; ++i)
+            acc[a][n][i] += red[(((w * WN + wn) * kVals) + (a * NT + n) * 4 + i) * 32 + lane];
+  }
+
+  // Epilogue. Accumulator i of n-tile n: feature f0 + g + 8*(i/2), row n*8 + 2t + (i%2).
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+  float alpha = 1.0f, beta = 0.0f, limit = 0.0f;
+  if constexpr (kGemm1) {
+    if constexpr (Cfg::kHasAlpha) alpha = p.alpha[e];
+    if constexpr (Cfg::kHasBeta) beta = p.beta[e];
+    if constexpr (Cfg::kHasLimit) limit = p.limit[e];
+  }
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int r = n * 8 + 2 * t + (i & 1);
+      const int f = f0 + g + 8 * (i >> 1);
+      const long long o = static_cast<long long>(row0 + r) * N + f;
+      if constexpr (kGemm1) {
+        if (r >= rows_valid) continue;
+        float gate = acc[0][n][i];
+        float up = acc[1][n][i];
+        if constexpr (Cfg::kHasLimit) {
+          gate = gate > limit ? limit : gate;
+          up = up > limit ? limit : (up < -limit ? -limit : up);
+        }
+        out[o] = __float2bfloat16_rn(gate * sigmoidf_(alpha * gate) * (up + beta));
+      } else {
+        out[o] = __float2bfloat16_rn(r < rows_valid ? acc[0][n][i] : 0.0f);
+      }
+    }
+  (void)alpha;
+  (void)beta;
+  (void)limit;
+}
+
+}  // namespace moejit_dev

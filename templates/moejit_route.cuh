@@ -1,0 +1,178 @@
+// Route: per token, select top-k experts and their weights (DESIGN.md, Routing methods).
+// One warp per token; lane i holds experts i, i+32, i+64, ... in registers.
+//
+// Cfg provides: kExperts, kTopK, kMethod, kNGroup, kTopkGroup, kScale (float), kHasBias,
+// kLogitsBF16, kBiasBF16, kWarpsPerBlock.
+#pragma once
+
+#include "moejit_common.cuh"
+
+namespace moejit_dev {
+
+template <class Cfg>
+__device__ void route_token(const RouteParams& p, int t) {
+  constexpr int E = Cfg::kExperts;
+  constexpr int K = Cfg::kTopK;
+  constexpr int kPer = (E + 31) / 32;
+  const int lane = threadIdx.x & 31;
+
+  if constexpr (Cfg::kMethod == kPrecomputed) {
+    for (int j = lane; j < K; j += 32) {
+      p.topk_ids[t * K + j] = p.pre_ids[t * K + j];
+      p.topk_weights[t * K + j] = p.pre_weights[t * K + j];
+    }
+    return;
+  }
+
+  // Raw logits and the selection score of each expert this lane holds.
+  float logit[kPer];
+  float score[kPer];
+  uint32_t key[kPer];
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = lane + 32 * i;
+    logit[i] = 0.0f;
+    score[i] = 0.0f;
+    key[i] = 0;
+    if (e < E) {
+      logit[i] = load_as_float<Cfg::kLogitsBF16>(p.logits, static_cast<long long>(t) * E + e);
+      if constexpr (Cfg::kMethod == kDeepSeekV3) {
+        float bias = 0.0f;
+        if constexpr (Cfg::kHasBias) bias = load_as_float<Cfg::kBiasBF16>(p.bias, e);
+        score[i] = sigmoidf_(logit[i]) + bias;
+      } else {
+        score[i] = logit[i];
+      }
+      key[i] = rank_key(score[i]);
+    }
+  }
+
+  if constexpr (Cfg::kMethod == kDeepSeekV3 && Cfg::kNGroup > 1) {
+    // Group score = sum of the group's top-2 biased scores; keep the best kTopkGroup groups.
+    constexpr int G = E / Cfg::kNGroup;
+    __shared__ float s_score[Cfg::kWarpsPerBlock][E];
+    __shared__ float s_group[Cfg::kWarpsPerBlock][Cfg::kNGroup];
+    const int w = threadIdx.x >> 5;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < E) s_score[w][lane + 32 * i] = score[i];
+    __syncwarp();
+    for (int g = lane; g < Cfg::kNGroup; g += 32) {
+      unsigned long long b1 = 0, b2 = 0;
+      for (int e = g * G; e < (g + 1) * G; ++e) {
+        const unsigned long long k = rank_key_index(rank_key(s_score[w][e]), e);
+        if (k > b1) {
+          b2 = b1;
+          b1 = k;
+        } else if (k > b2) {
+          b2 = k;
+        }
+      }
+      s_group[w][g] = s_score[w][index_of(b1)] + s_score[w][index_of(b2)];
+    }
+    __syncwarp();
+    __shared__ unsigned char s_keep[Cfg::kWarpsPerBlock][Cfg::kNGroup];
+    for (int g = lane; g < Cfg::kNGroup; g += 32) s_keep[w][g] = 0;
+    __syncwarp();
+    for (int r = 0; r < Cfg::kTopkGroup; ++r) {
+      unsigned long long best = 0;
+      for (int g = lane; g < Cfg::kNGroup; g += 32)
+        if (!s_keep[w][g]) {
+          const unsigned long long k = rank_key_index(rank_key(s_group[w][g]), g);
+          best = k > best ? k : best;
+        }
+      best = warp_max_u64(best);
+      if (lane == 0) s_keep[w][index_of(best)] = 1;
+      __syncwarp();
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int e = lane + 32 * i;
+      if (e < E && !s_keep[w][e / G]) key[i] = 0;
+    }
+  }
+
+  // Top-k by repeated warp argmax; selected entries are cleared from the candidate keys.
+  int sel_id = -1;      // lane j < K keeps selection j
+  float sel_logit = 0;  // its raw logit
+  float sel_score = 0;  // its selection score
+#pragma unroll 1
+  for (int j = 0; j < K; ++j) {
+    unsigned long long best = 0;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const unsigned long long k = key[i] ? rank_key_index(key[i], lane + 32 * i) : 0ull;
+      best = k > best ? k : best;
+    }
+    best = warp_max_u64(best);
+    const int id = index_of(best);
+    // The owner lane clears it; every lane learns the logit/score through a shuffle.
+    float l = 0.0f, s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i == id) {
+        key[i] = 0;
+        l = logit[i];
+        s = score[i];
+      }
+    l = __shfl_sync(kFullMask, l, id & 31);
+    s = __shfl_sync(kFullMask, s, id & 31);
+    if (lane == j) {
+      sel_id = id;
+      sel_logit = l;
+      sel_score = s;
+    }
+  }
+  const bool mine = lane < K;
+
+  float weight = 0.0f;
+  if constexpr (Cfg::kMethod == kDefault || Cfg::kMethod == kRenormalizeNaive) {
+    float m = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < E) m = max_nan(m, logit[i]);
+    m = warp_max_nan(m);
+    float sum = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kPer; ++i)
+      if (lane + 32 * i < E) sum += expf(logit[i] - m);
+    sum = warp_sum(sum);
+    const float prob = mine ? expf(sel_logit - m) / sum : 0.0f;
+    if constexpr (Cfg::kMethod == kDefault) {
+      weight = prob;
+    } else {
+      const float psum = warp_sum(prob);
+      weight = prob / psum;
+    }
+  } else if constexpr (Cfg::kMethod == kRenormalize) {
+    float m = warp_max_nan(mine ? sel_logit : -INFINITY);
+    const float ex = mine ? expf(sel_logit - m) : 0.0f;
+    weight = ex / warp_sum(ex);
+  } else if constexpr (Cfg::kMethod == kDeepSeekV3) {
+    const float s = mine ? sigmoidf_(sel_logit) : 0.0f;
+    weight = s / (warp_sum(s) + 1e-20f) * Cfg::kScale;
+  } else if constexpr (Cfg::kMethod == kLlama4 || Cfg::kMethod == kSigmoid ||
+                       Cfg::kMethod == kTopKSigmoid) {
+    weight = sigmoidf_(sel_logit);
+  } else if constexpr (Cfg::kMethod == kTopK) {
+    weight = sel_logit;
+  } else if constexpr (Cfg::kMethod == kSigmoidRenorm) {
+    const float s = mine ? sigmoidf_(sel_logit) : 0.0f;
+    weight = s / (warp_sum(s) + 1e-20f);
+  }
+  (void)sel_score;
+  if (mine) {
+    p.topk_ids[t * K + lane] = sel_id;
+    p.topk_weights[t * K + lane] = weight;
+  }
+}
+
+template <class Cfg>
+__device__ void route_kernel(const RouteParams& p) {
+  const int t = blockIdx.x * Cfg::kWarpsPerBlock + (threadIdx.x >> 5);
+  // Whole warps leave together, so the warp-synchronous code below sees full warps.
+  if (t >= p.num_tokens) return;
+  route_token<Cfg>(p, t);
+}
+
+}  // namespace moejit_dev

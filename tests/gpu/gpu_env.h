@@ -1,0 +1,16 @@
+// GPU test helpers: skip with a printed reason where no GPU is present.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "moejit/moejit.h"
+#include "reference/device_buffer.h"
+
+#define MOEJIT_REQUIRE_GPU()                                                       \
+  do {                                                                             \
+    std::string why_;                                                              \
+    if (!moejit::has_gpu(&why_)) GTEST_SKIP() << "no GPU, skipping: " << why_;     \
+  } while (0)
+
