@@ -90,16 +90,16 @@ const RuleCase kRuleCases[] = {
      [](MoeSpec& s) { s.num_experts = 1025; },
      {"num_experts = 1025 is outside [1, 1024]"}},
     {"TopKAtLeastOne", [](MoeSpec& s) { s.top_k = 0; }, {"top_k = 0 must be >= 1"}},
-    {"TopKAtMostExperts",
-     [](MoeSpec& s) { s.top_k = 9; },
-     {"top_k = 9 exceeds num_experts = 8"}},
+    {"TopKAtMostExperts", [](MoeSpec& s) { s.top_k = 9; }, {"top_k = 9 exceeds num_experts = 8"}},
     {"TopKAtMost32",
      [](MoeSpec& s) {
        s.num_experts = 64;
        s.top_k = 33;
      },
      {"top_k = 33 exceeds the maximum of 32"}},
-    {"NGroupAtLeastOne", [](MoeSpec& s) { s = deepseek(8, 0, 1, 2); }, {"n_group = 0 must be >= 1"}},
+    {"NGroupAtLeastOne",
+     [](MoeSpec& s) { s = deepseek(8, 0, 1, 2); },
+     {"n_group = 0 must be >= 1"}},
     {"NGroupDividesExperts",
      [](MoeSpec& s) { s = deepseek(8, 3, 1, 2); },
      {"n_group = 3 does not divide num_experts = 8"}},
@@ -209,9 +209,9 @@ TEST(SpecValidate, EveryRoutingMethodWithItsDefaults) {
 }
 
 TEST(Presets, NamesInOrder) {
-  EXPECT_EQ(preset_names(), (std::vector<std::string>{"kimi-k2", "kimi-k2-tp4", "kimi-k2-tp8",
-                                                      "qwen3-30b-a3b", "deepseek-v3",
-                                                      "seed-test"}));
+  EXPECT_EQ(preset_names(),
+            (std::vector<std::string>{"kimi-k2", "kimi-k2-tp4", "kimi-k2-tp8", "qwen3-30b-a3b",
+                                      "deepseek-v3", "seed-test"}));
 }
 
 TEST(Presets, EveryPresetValidatesWithCommonDefaults) {

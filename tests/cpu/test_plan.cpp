@@ -1,0 +1,328 @@
+// Planner (compiler/plan.h): token buckets, tile choice, GEMM configuration constraints, the
+// kernel list, max_tokens, Plan::max_tiles laws and bucket_for.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <functional>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "compiler/plan.h"
+#include "moejit/moejit.h"
+
+namespace moejit::compiler {
+namespace {
+
+using ::testing::HasSubstr;
+
+std::vector<int> tile_rows_of(const Plan& plan) {
+  std::vector<int> out;
+  for (const Bucket& b : plan.buckets) out.push_back(b.tile_rows);
+  return out;
+}
+
+// Presets plus shapes that stress the configuration rules (small and odd multiples of 32, EP).
+std::vector<MoeSpec> specs_under_test() {
+  std::vector<MoeSpec> specs;
+  for (const std::string& name : preset_names()) specs.push_back(preset(name));
+  const int dims[][2] = {{32, 32}, {96, 160}, {4096, 1408}, {65536, 32}, {160, 65536}};
+  for (const auto& d : dims) {
+    for (int experts : {1, 8, 64}) {
+      MoeSpec s = preset("qwen3-30b-a3b");
+      s.hidden = d[0];
+      s.intermediate = d[1];
+      s.num_experts = experts;
+      s.top_k = std::min(experts, 4);
+      specs.push_back(s);
+    }
+  }
+  MoeSpec ep = preset("kimi-k2");
+  ep.local_expert_offset = 48;
+  ep.local_num_experts = 48;
+  specs.push_back(ep);
+  return specs;
+}
+
+TEST(PlanBuckets, Ranges) {
+  const std::vector<std::pair<int, int>> expected = {{1, 16}, {17, 64}, {65, 512}, {513, 0}};
+  EXPECT_EQ(bucket_ranges(), expected);
+  const Plan plan = make_plan(preset("kimi-k2"));
+  ASSERT_EQ(plan.buckets.size(), expected.size());
+  for (size_t i = 0; i < expected.size(); ++i) {
+    EXPECT_EQ(plan.buckets[i].min_tokens, expected[i].first);
+    EXPECT_EQ(plan.buckets[i].max_tokens, expected[i].second);
+  }
+}
+
+// rows per expert = ceil(top * k / local experts), top = the bucket's max (4096 when open);
+// tile_rows = the smallest of 8, 16, 32, 64 that holds them, else 64.
+TEST(PlanTiles, ChosenFromRowsPerExpert) {
+  // kimi-k2, 384 experts, k = 8: rows 1, 2, 11, 86.
+  EXPECT_EQ(tile_rows_of(make_plan(preset("kimi-k2"))), (std::vector<int>{8, 8, 16, 64}));
+  // qwen3, 128 experts, k = 8: rows 1, 4, 32, 256.
+  EXPECT_EQ(tile_rows_of(make_plan(preset("qwen3-30b-a3b"))), (std::vector<int>{8, 8, 32, 64}));
+  // kimi-k2 with 48 local experts: rows 3, 11, 86, 683.
+  MoeSpec ep = preset("kimi-k2");
+  ep.local_num_experts = 48;
+  EXPECT_EQ(tile_rows_of(make_plan(ep)), (std::vector<int>{8, 16, 64, 64}));
+  // 1 expert, k = 1: rows 16, 64, 512, 4096.
+  MoeSpec one = preset("qwen3-30b-a3b");
+  one.num_experts = 1;
+  one.top_k = 1;
+  EXPECT_EQ(tile_rows_of(make_plan(one)), (std::vector<int>{16, 64, 64, 64}));
+}
+
+TEST(PlanTiles, SmallestPowerOfTwoThatHoldsTheRows) {
+  for (const MoeSpec& spec : specs_under_test()) {
+    const Plan plan = make_plan(spec);
+    int previous = 0;
+    for (const Bucket& b : plan.buckets) {
+      const long long top = b.max_tokens == 0 ? 4096 : b.max_tokens;
+      const long long rows = (top * spec.top_k + spec.local_experts() - 1) / spec.local_experts();
+      EXPECT_TRUE(b.tile_rows == 8 || b.tile_rows == 16 || b.tile_rows == 32 || b.tile_rows == 64);
+      EXPECT_TRUE(b.tile_rows >= rows || b.tile_rows == 64) << b.tile_rows << " " << rows;
+      EXPECT_TRUE(b.tile_rows == 8 || b.tile_rows / 2 < rows) << b.tile_rows << " " << rows;
+      EXPECT_GE(b.tile_rows, previous);
+      previous = b.tile_rows;
+    }
+  }
+}
+
+// The contract of templates/gemm.cuh for one GEMM of N output features and K reduction.
+void expect_valid_gemm(const GemmConfig& c, int n, int k, int tile_rows) {
+  SCOPED_TRACE(::testing::Message()
+               << "n=" << n << " k=" << k << " tile_rows=" << tile_rows << " warps_n=" << c.warps_n
+               << " warps_k=" << c.warps_k << " k_chunk_groups=" << c.k_chunk_groups);
+  EXPECT_GE(c.warps_n, 1);
+  EXPECT_GE(c.warps_k, 1);
+  EXPECT_LE(c.threads(), 1024);
+  EXPECT_GT(c.k_chunk_groups, 0);
+  EXPECT_EQ(c.k_chunk_groups % (4 * c.warps_k), 0);
+  // Staged activations: tile_rows x k_chunk_groups x 32 bf16 (64 bytes a group per row).
+  EXPECT_LE(static_cast<long long>(tile_rows) * c.k_chunk_groups * 64, 32 * 1024);
+  EXPECT_EQ(n % (16 * c.warps_n), 0);
+  // No chunk longer than K rounded up to one step of the split.
+  const int step = 4 * c.warps_k;
+  EXPECT_LE(c.k_chunk_groups, (k / 32 + step - 1) / step * step);
+}
+
+TEST(PlanGemm, ConfigsObeyTheKernelContract) {
+  for (const MoeSpec& spec : specs_under_test()) {
+    for (const Bucket& b : make_plan(spec).buckets) {
+      EXPECT_EQ(b.tile_rows % 8, 0);
+      expect_valid_gemm(b.gemm1, spec.intermediate, spec.hidden, b.tile_rows);
+      expect_valid_gemm(b.gemm2, spec.hidden, spec.intermediate, b.tile_rows);
+    }
+  }
+}
+
+// Hand-computed for kimi-k2 (H 7168 = 224 groups, I 2048 = 64 groups).
+TEST(PlanGemm, KimiK2Configs) {
+  const Plan plan = make_plan(preset("kimi-k2"));
+  // Tile 8: one warp of features, K split over 8 warps, 64 groups (8 x 64 x 64 B = 32 KiB).
+  EXPECT_EQ(plan.buckets[0].gemm1, (GemmConfig{1, 8, 64}));
+  EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{1, 8, 64}));
+  // Tile 16: 32 groups fit; the split is capped at 32 / 4 = 8 warps.
+  EXPECT_EQ(plan.buckets[2].gemm1, (GemmConfig{1, 8, 32}));
+  // Tile 64: 4 warps of features (N % 64 == 0), no K split, 8 groups (64 x 8 x 64 B = 32 KiB).
+  EXPECT_EQ(plan.buckets[3].gemm1, (GemmConfig{4, 1, 8}));
+  EXPECT_EQ(plan.buckets[3].gemm2, (GemmConfig{4, 1, 8}));
+}
+
+TEST(PlanGemm, NarrowOutputUsesTwoWarps) {
+  MoeSpec s = preset("qwen3-30b-a3b");
+  s.intermediate = 96;  // 96 % 64 != 0
+  const Plan plan = make_plan(s);
+  EXPECT_EQ(plan.buckets[3].tile_rows, 64);
+  EXPECT_EQ(plan.buckets[3].gemm1.warps_n, 2);
+  EXPECT_EQ(plan.buckets[3].gemm2.warps_n, 4);  // N = 2048
+}
+
+TEST(PlanGemm, ShortKSplitsLess) {
+  MoeSpec s = preset("qwen3-30b-a3b");
+  s.intermediate = 256;  // 8 groups = 2 warp steps of 4 groups
+  const Plan plan = make_plan(s);
+  EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{1, 2, 8}));
+}
+
+TEST(PlanKernels, FullList) {
+  const Plan plan = make_plan(preset("kimi-k2"));
+  struct Expected {
+    const char* name;
+    KernelRole role;
+    const char* stage;
+    int bucket;
+  };
+  const Expected expected[] = {
+      {"route", KernelRole::Route, "route", -1},
+      {"dispatch", KernelRole::Dispatch, "dispatch", -1},
+      {"gemm1_b0", KernelRole::Gemm1, "gemm1", 0},
+      {"gemm2_b0", KernelRole::Gemm2, "gemm2", 0},
+      {"gemm1_b1", KernelRole::Gemm1, "gemm1", 1},
+      {"gemm2_b1", KernelRole::Gemm2, "gemm2", 1},
+      {"gemm1_b2", KernelRole::Gemm1, "gemm1", 2},
+      {"gemm2_b2", KernelRole::Gemm2, "gemm2", 2},
+      {"gemm1_b3", KernelRole::Gemm1, "gemm1", 3},
+      {"gemm2_b3", KernelRole::Gemm2, "gemm2", 3},
+      {"finalize", KernelRole::Finalize, "finalize", -1},
+  };
+  ASSERT_EQ(plan.kernels.size(), std::size(expected));
+  for (size_t i = 0; i < plan.kernels.size(); ++i) {
+    const KernelPlan& k = plan.kernels[i];
+    EXPECT_EQ(k.name, expected[i].name);
+    EXPECT_EQ(k.role, expected[i].role);
+    EXPECT_EQ(k.stages, std::vector<std::string>{expected[i].stage});
+    EXPECT_EQ(k.bucket, expected[i].bucket);
+  }
+}
+
+TEST(PlanKernels, UnfinalizedLayerKeepsTheFinalizeKernel) {
+  MoeSpec s = preset("kimi-k2");
+  s.finalize = false;
+  const Plan plan = make_plan(s);
+  EXPECT_EQ(plan.kernels.back().name, "finalize");
+  EXPECT_EQ(plan.spec, s);
+}
+
+TEST(PlanKernels, NamesUniqueAndRolesNamed) {
+  for (const MoeSpec& spec : specs_under_test()) {
+    const Plan plan = make_plan(spec);
+    std::vector<std::string> names;
+    for (const KernelPlan& k : plan.kernels) {
+      names.push_back(k.name);
+      EXPECT_THAT(k.name, ::testing::StartsWith(to_string(k.role)));
+      EXPECT_LT(k.bucket, static_cast<int>(plan.buckets.size()));
+    }
+    std::sort(names.begin(), names.end());
+    EXPECT_EQ(std::unique(names.begin(), names.end()), names.end());
+  }
+}
+
+TEST(PlanMaxTokens, DropsBucketsAbove) {
+  const MoeSpec s = preset("qwen3-30b-a3b");
+  const std::pair<int, size_t> cases[] = {{0, 4},  {1, 1},   {16, 1},  {17, 2},  {64, 2},
+                                          {65, 3}, {100, 3}, {512, 3}, {513, 4}, {100000, 4}};
+  for (auto [max_tokens, buckets] : cases) {
+    const Plan plan = make_plan(s, max_tokens);
+    EXPECT_EQ(plan.buckets.size(), buckets) << max_tokens;
+    // Two kernels per bucket plus route, dispatch and finalize.
+    EXPECT_EQ(plan.kernels.size(), 2 * buckets + 3) << max_tokens;
+    EXPECT_TRUE(max_tokens == 0 || plan.buckets.back().contains(max_tokens)) << max_tokens;
+  }
+}
+
+TEST(PlanMaxTokens, TokensAboveTheLastBucketAreRejected) {
+  const Plan plan = make_plan(preset("qwen3-30b-a3b"), 100);
+  EXPECT_EQ(plan.bucket_for(512), 2);
+  try {
+    plan.bucket_for(513);
+    FAIL() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr("num_tokens = 513"));
+    EXPECT_THAT(e.what(), HasSubstr("at most 512 tokens"));
+  }
+}
+
+TEST(PlanBucketFor, Boundaries) {
+  const Plan plan = make_plan(preset("kimi-k2"));
+  const std::pair<int, int> cases[] = {{1, 0},  {16, 0},  {17, 1},  {64, 1},
+                                       {65, 2}, {512, 2}, {513, 3}, {1 << 20, 3}};
+  for (auto [tokens, bucket] : cases) EXPECT_EQ(plan.bucket_for(tokens), bucket) << tokens;
+}
+
+TEST(PlanBucketFor, NonPositiveTokensAreRejected) {
+  const Plan plan = make_plan(preset("kimi-k2"));
+  for (int tokens : {0, -1}) {
+    try {
+      plan.bucket_for(tokens);
+      ADD_FAILURE() << tokens;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+      EXPECT_THAT(e.what(), HasSubstr("num_tokens = " + std::to_string(tokens)));
+    }
+  }
+}
+
+TEST(PlanMake, RejectsAnInvalidSpec) {
+  MoeSpec s = preset("kimi-k2");
+  s.hidden = 100;
+  EXPECT_THROW(make_plan(s), Error);
+}
+
+TEST(PlanDescribe, OneLinePerBucketAndKernel) {
+  const std::string text = describe(make_plan(preset("kimi-k2"), 16));
+  EXPECT_EQ(text,
+            "bucket 0 tokens=[1,16] tile_rows=8 gemm1(warps_n=1 warps_k=8 k_chunk=64) "
+            "gemm2(warps_n=1 warps_k=8 k_chunk=64)\n"
+            "kernel route role=route stages=route bucket=-1\n"
+            "kernel dispatch role=dispatch stages=dispatch bucket=-1\n"
+            "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
+            "kernel gemm2_b0 role=gemm2 stages=gemm2 bucket=0\n"
+            "kernel finalize role=finalize stages=finalize bucket=-1\n");
+}
+
+// ---- Plan::max_tiles -------------------------------------------------------------------------
+// Calls f(counts) for every vector of `parts` non-negative counts, each <= cap, summing <= total.
+void for_each_distribution(int parts, int cap, int total,
+                           const std::function<void(const std::vector<int>&)>& f) {
+  std::vector<int> c(parts, 0);
+  std::function<void(int, int)> rec = [&](int i, int left) {
+    if (i == parts) return f(c);
+    for (c[i] = 0; c[i] <= std::min(cap, left); ++c[i]) rec(i + 1, left - c[i]);
+    c[i] = 0;
+  };
+  rec(0, total);
+}
+
+long long tiles_used(const std::vector<int>& counts, int tile) {
+  long long tiles = 0;
+  for (int c : counts) tiles += (c + tile - 1) / tile;
+  return tiles;
+}
+
+// Tokens, k, local experts and tile over a small domain; every distribution of the T*k slots to
+// the local experts (slots routed elsewhere drop out) needs at most max_tiles tiles, and some
+// distribution needs exactly that many.
+TEST(PlanMaxTiles, TightUpperBoundOverEveryDistribution) {
+  for (int tokens = 1; tokens <= 4; ++tokens)
+    for (int k = 1; k <= 3; ++k)
+      for (int local = 1; local <= 4; ++local)
+        for (int tile : {1, 2, 3, 4, 8}) {
+          const int slots = tokens * k;
+          const long long bound = Plan::max_tiles(tokens, k, local, tile);
+          long long most = 0;
+          for_each_distribution(local, slots, slots, [&](const std::vector<int>& c) {
+            most = std::max(most, tiles_used(c, tile));
+          });
+          EXPECT_EQ(most, bound) << tokens << " " << k << " " << local << " " << tile;
+        }
+}
+
+// With each token's k experts distinct, an expert receives at most T slots. The bound still
+// holds; it is not always reached then (T = 2, k = 2, L = 2, tile 2: bound 3, at most 2 used).
+TEST(PlanMaxTiles, UpperBoundWithDistinctExpertsPerToken) {
+  for (int tokens = 1; tokens <= 4; ++tokens)
+    for (int k = 1; k <= 3; ++k)
+      for (int local = 1; local <= 4; ++local)
+        for (int tile : {1, 2, 8}) {
+          const long long bound = Plan::max_tiles(tokens, k, local, tile);
+          for_each_distribution(local, tokens, tokens * k, [&](const std::vector<int>& c) {
+            EXPECT_LE(tiles_used(c, tile), bound);
+          });
+        }
+  EXPECT_EQ(Plan::max_tiles(2, 2, 2, 2), 3);
+}
+
+TEST(PlanMaxTiles, Values) {
+  EXPECT_EQ(Plan::max_tiles(1, 8, 384, 8), 8);        // each slot its own tile
+  EXPECT_EQ(Plan::max_tiles(16, 8, 384, 8), 128);     // 128 slots, all on distinct experts
+  EXPECT_EQ(Plan::max_tiles(4096, 8, 384, 64), 890);  // (32768 + 384 * 63) / 64
+  EXPECT_EQ(Plan::max_tiles(100, 1, 1, 16), 7);       // ceil(100 / 16)
+  EXPECT_EQ(Plan::max_tiles(0, 8, 384, 8), 0);
+}
+
+}  // namespace
+}  // namespace moejit::compiler
