@@ -25,7 +25,11 @@ namespace {
 const char* b(bool v) { return v ? "true" : "false"; }
 
 // A float constant that the CUDA compiler reads back to the same value.
-std::string float_literal(double v) { return fmt::format("{:.9g}f", static_cast<float>(v)); }
+std::string float_literal(double v) {
+  std::string s = fmt::format("{:.9g}", static_cast<float>(v));
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s + "f";
+}
 
 // The translation unit: Cfg constants, then an entry taking the parameter block by value that
 // calls the template `function`<Cfg>.
@@ -55,7 +59,7 @@ KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
   const std::string cfg = fmt::format(
       "  static constexpr int kExperts = {};\n"
       "  static constexpr int kTopK = {};\n"
-      "  static constexpr int kMethod = {};  // moejit_dev::{}\n"
+      "  static constexpr int kMethod = {};  // moejit_dev::k{}\n"
       "  static constexpr int kNGroup = {};\n"
       "  static constexpr int kTopkGroup = {};\n"
       "  static constexpr float kScale = {};\n"

@@ -62,7 +62,9 @@ std::vector<std::string> nvrtc_options(const std::string& arch, bool ptx) {
   check_arch(arch);
   std::vector<std::string> opts = {
       (ptx ? "--gpu-architecture=compute_" : "--gpu-architecture=sm_") + arch.substr(3),
-      "-std=c++17", "-DNDEBUG"};
+      "-std=c++17", "-DNDEBUG",
+      // 177: a Cfg constant the instantiated template does not use.
+      "--diag-suppress=177"};
   if (!ptx) opts.push_back("-Xptxas=-v");
   return opts;
 }

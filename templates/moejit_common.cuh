@@ -9,6 +9,8 @@ namespace moejit_dev {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
 // Routing method codes; codegen writes these as Cfg::kMethod (same order as moejit::RoutingMethod).
 enum Method : int {
   kDefault = 0,

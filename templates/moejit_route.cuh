@@ -127,7 +127,7 @@ __device__ void route_token(const RouteParams& p, int t) {
 
   float weight = 0.0f;
   if constexpr (Cfg::kMethod == kDefault || Cfg::kMethod == kRenormalizeNaive) {
-    float m = -INFINITY;
+    float m = neg_inf();
 #pragma unroll
     for (int i = 0; i < kPer; ++i)
       if (lane + 32 * i < E) m = max_nan(m, logit[i]);
@@ -145,7 +145,7 @@ __device__ void route_token(const RouteParams& p, int t) {
       weight = prob / psum;
     }
   } else if constexpr (Cfg::kMethod == kRenormalize) {
-    float m = warp_max_nan(mine ? sel_logit : -INFINITY);
+    float m = warp_max_nan(mine ? sel_logit : neg_inf());
     const float ex = mine ? expf(sel_logit - m) : 0.0f;
     weight = ex / warp_sum(ex);
   } else if constexpr (Cfg::kMethod == kDeepSeekV3) {
