@@ -6,6 +6,10 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <unistd.h>
 #include <limits>
 #include <numeric>
 #include <set>
@@ -16,6 +20,7 @@
 #include "reference/cpu_reference.h"
 #include "reference/layer_data.h"
 #include "reference/mxint4.h"
+#include "reference/npy.h"
 
 namespace moejit::ref {
 namespace {
@@ -603,6 +608,65 @@ TEST(RefCompare, RoutingAcceptsNearTiesOnly) {
   EXPECT_TRUE(weight_close(1.0, 1.0 + 5e-6));
   EXPECT_TRUE(weight_close(kNaN, kNaN));
   EXPECT_FALSE(weight_close(kInf, 1e38));
+}
+
+// ---- npy / manifest ------------------------------------------------------------------------------
+
+std::string read_all(const std::filesystem::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>());
+}
+
+TEST(RefNpy, HeaderIsVersion1AlignedAndDescribesTheArray) {
+  const std::string h = npy_header(NpyType::F32, {3, 4});
+  ASSERT_EQ(h.substr(0, 8), std::string("\x93NUMPY\x01\x00", 8));
+  EXPECT_EQ(h.size() % 64, 0u);
+  EXPECT_EQ(static_cast<size_t>(static_cast<unsigned char>(h[8]) | (static_cast<unsigned char>(h[9]) << 8)),
+            h.size() - 10);
+  EXPECT_EQ(h.back(), '\n');
+  EXPECT_NE(h.find("{'descr': '<f4', 'fortran_order': False, 'shape': (3, 4), }"), std::string::npos);
+  EXPECT_NE(npy_header(NpyType::I32, {5}).find("'shape': (5,)"), std::string::npos);
+  EXPECT_NE(npy_header(NpyType::U8, {}).find("'descr': '|u1'"), std::string::npos);
+  EXPECT_NE(npy_header(NpyType::BF16, {2}).find("'descr': '<u2'"), std::string::npos);
+  EXPECT_NE(npy_header(NpyType::F64, {0, 2}).find("'shape': (0, 2)"), std::string::npos);
+}
+
+TEST(RefNpy, DirWritesArraysAndManifest) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("moejit_npy_test_" + std::to_string(hash64(static_cast<uint64_t>(getpid()), 0, 0)));
+  {
+    NpyDir d((dir / "sub").string());
+    const std::vector<int32_t> ids = {1, -2, 3};
+    const std::vector<uint16_t> out = {float_to_bf16(1.5f), float_to_bf16(-2.0f)};
+    d.save("ids", NpyType::I32, ids, {3});
+    d.save("out", NpyType::BF16, out, {1, 2});
+    d.meta("spec", "kimi-k2 \"tp\"\n");
+    d.meta("tokens", 64);
+    d.meta("rel_l2", 1.5e-3);
+    d.meta("nan", kNaN);
+    d.meta("pass", true);
+    d.write_manifest();
+    const std::string f = read_all(dir / "sub" / "ids.npy");
+    const std::string h = npy_header(NpyType::I32, {3});
+    ASSERT_EQ(f.size(), h.size() + 12);
+    EXPECT_EQ(f.substr(0, h.size()), h);
+    int32_t back[3];
+    std::memcpy(back, f.data() + h.size(), 12);
+    EXPECT_EQ(back[1], -2);
+    const std::string m = read_all(dir / "sub" / "manifest.json");
+    EXPECT_EQ(m, d.manifest_json());
+    EXPECT_NE(m.find("\"spec\": \"kimi-k2 \\\"tp\\\"\\n\""), std::string::npos) << m;
+    EXPECT_NE(m.find("\"tokens\": 64"), std::string::npos);
+    EXPECT_NE(m.find("\"nan\": \"NaN\""), std::string::npos);
+    EXPECT_NE(m.find("\"pass\": true"), std::string::npos);
+    EXPECT_NE(m.find("{\"name\": \"out\", \"file\": \"out.npy\", \"dtype\": \"bfloat16\", "
+                     "\"npy_dtype\": \"<u2\", \"shape\": [1, 2]"),
+              std::string::npos)
+        << m;
+  }
+  std::filesystem::remove_all(dir);
+  EXPECT_THROW(write_npy("/nonexistent-dir/x.npy", NpyType::U8, "", {0}), std::runtime_error);
+  EXPECT_EQ(json_quote(std::string("a\x01" "b", 3)), "\"a\\u0001b\"");
 }
 
 }  // namespace
