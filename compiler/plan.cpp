@@ -1,7 +1,10 @@
 #include "plan.h"
 
-#include <algorithm>
 #include <fmt/format.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <regex>
 
 namespace moejit::compiler {
 
@@ -58,13 +61,42 @@ GemmConfig pick_gemm(int n, int k, int tile_rows) {
     // Many rows: reuse each weight fragment across more rows, split features across warps.
     c.warps_n = (n % 64 == 0) ? 4 : 2;
     c.warps_k = 1;
+    c.double_buffer = false;
   }
+  c.direct_x = tile_rows == 8;
   const int step = 4 * c.warps_k;
   c.k_chunk_groups = std::min(max_chunk / step * step, round_up(k_groups, step));
   return c;
 }
 
+// Applies "g1=WNxWKxCG,g2=WNxWKxCG" (either part optional) to a GEMM of n features, k length.
+void apply_override(const std::string& text, const char* which, int n, int k, int tile,
+                    GemmConfig& c) {
+  const std::regex re(std::string(which) + "=([0-9]+)x([0-9]+)x([0-9]+)");
+  std::smatch m;
+  if (!std::regex_search(text, m, re)) return;
+  GemmConfig o = c;
+  o.warps_n = std::stoi(m[1]);
+  o.warps_k = std::stoi(m[2]);
+  o.k_chunk_groups = std::stoi(m[3]);
+  const bool ok = o.warps_n >= 1 && o.warps_k >= 1 && o.warps_n * o.warps_k <= 32 &&
+                  n % (16 * o.warps_n) == 0 && o.k_chunk_groups % (4 * o.warps_k) == 0 &&
+                  tile * (o.k_chunk_groups * 32 + 8) * 2 <= 48 * 1024 && k >= 32;
+  if (!ok)
+    throw Error(ErrorKind::InvalidArgument,
+                fmt::format("MOEJIT_PLAN_OVERRIDE: {}={}x{}x{} breaks a GEMM rule (features {} "
+                            "divisible by 16*warps_n, k_chunk_groups a multiple of 4*warps_k, "
+                            "tile x chunk within 48 KiB of shared memory)",
+                            which, o.warps_n, o.warps_k, o.k_chunk_groups, n));
+  c = o;
+}
+
 }  // namespace
+
+std::string plan_override() {
+  const char* v = std::getenv("MOEJIT_PLAN_OVERRIDE");
+  return v ? v : "";
+}
 
 Plan make_plan(const MoeSpec& spec, int max_tokens) {
   spec.validate();
@@ -82,6 +114,10 @@ Plan make_plan(const MoeSpec& spec, int max_tokens) {
     while (b.tile_rows < 64 && b.tile_rows < rows_per_expert) b.tile_rows *= 2;
     b.gemm1 = pick_gemm(spec.intermediate, spec.hidden, b.tile_rows);
     b.gemm2 = pick_gemm(spec.hidden, spec.intermediate, b.tile_rows);
+    if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
+      apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);
+      apply_override(o, "g2", spec.hidden, spec.intermediate, b.tile_rows, b.gemm2);
+    }
     plan.buckets.push_back(b);
   }
 
@@ -102,11 +138,13 @@ std::string describe(const Plan& plan) {
   for (size_t i = 0; i < plan.buckets.size(); ++i) {
     const Bucket& b = plan.buckets[i];
     out += fmt::format(
-        "bucket {} tokens=[{},{}] tile_rows={} gemm1(warps_n={} warps_k={} k_chunk={}) "
-        "gemm2(warps_n={} warps_k={} k_chunk={})\n",
+        "bucket {} tokens=[{},{}] tile_rows={} gemm1(warps_n={} warps_k={} k_chunk={} "
+        "double_buffer={} direct_x={}) gemm2(warps_n={} warps_k={} k_chunk={} double_buffer={} "
+        "direct_x={})\n",
         i, b.min_tokens, b.max_tokens == 0 ? std::string("inf") : std::to_string(b.max_tokens),
-        b.tile_rows, b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups, b.gemm2.warps_n,
-        b.gemm2.warps_k, b.gemm2.k_chunk_groups);
+        b.tile_rows, b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
+        b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,
+        b.gemm2.k_chunk_groups, b.gemm2.double_buffer ? 1 : 0, b.gemm2.direct_x ? 1 : 0);
   }
   for (const KernelPlan& k : plan.kernels) {
     std::string stages;

@@ -35,7 +35,8 @@ std::string layer_key(const MoeSpec& s, const std::string& arch, int max_tokens,
                      static_cast<int>(s.logits_dtype), s.n_group, s.topk_group,
                      s.has_routing_bias, s.routed_scaling_factor, static_cast<int>(s.bias_dtype),
                      s.swiglu_alpha, s.swiglu_beta, s.swiglu_limit, s.local_expert_offset,
-                     s.local_experts(), s.finalize, arch, max_tokens, ctx, 0);
+                     s.local_experts(), s.finalize, arch, max_tokens, ctx,
+                     compiler::plan_override());
 }
 
 std::string default_arch(const std::string& requested) {

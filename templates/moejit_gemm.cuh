@@ -13,12 +13,16 @@
 // block. A weight nibble becomes a bf16 with one prmt and one lop3 (magic exponent 0x43,
 // 136 + v), then (r - 136) * scale in bf16x2.
 //
+// Weights for chunk c+1 are loaded into a second register set while chunk c is multiplied, so
+// every thread keeps kIters * AT * 2 16-byte loads in flight.
+//
 // Grid: x = row tile, y = feature block of kWarpsN * 16 features. Block: kWarpsN * kWarpsK
 // warps; the kWarpsK warps of one feature slice split each K chunk and are summed in a fixed
 // order at the end (deterministic).
 //
 // Cfg provides: kGemm1, kN (output features), kK (reduction length), kTopK, kLocalOffset,
-// kTile, kWarpsN, kWarpsK, kChunkGroups, kGateFirst, kHasAlpha, kHasBeta, kHasLimit.
+// kTile, kWarpsN, kWarpsK, kChunkGroups, kDoubleBuffer, kDirectX, kGateFirst, kHasAlpha, kHasBeta,
+// kHasLimit.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -81,7 +85,10 @@ __device__ void grouped_gemm(const GemmParams& p) {
   constexpr int kThreads = 32 * WN * WK;
   constexpr int kRowBytes = K / 2;
   constexpr int kWRows = kGemm1 ? 2 * N : N;
-  constexpr int kXBytes = kTile * kStride * 2;
+  // 8-row tiles read x straight from global memory (L1) into registers: no staging, no barriers.
+  constexpr bool kDirectX = Cfg::kDirectX;
+  static_assert(!kDirectX || (kTile == 8 && Cfg::kDoubleBuffer), "direct x needs 8-row tiles");
+  constexpr int kXBytes = kDirectX ? 16 : kTile * kStride * 2;
   constexpr int kRedBytes = WK > 1 ? WK * WN * 32 * AT * NT * 4 * 4 : 0;
   constexpr int kSmemBytes = kXBytes > kRedBytes ? kXBytes : kRedBytes;
   static_assert(CG % (4 * WK) == 0, "chunk must split evenly across the K warps");
@@ -114,6 +121,8 @@ __device__ void grouped_gemm(const GemmParams& p) {
     s_src[r] = src;
   }
 
+  __syncthreads();
+  const int x_row = kDirectX && g < rows_valid ? s_src[g] : 0;
   const long long eg = e + Cfg::kLocalOffset;
   const uint8_t* wexp = p.w + eg * kWRows * kRowBytes;
   const __nv_bfloat16* sexp = static_cast<const __nv_bfloat16*>(p.w_scale) + eg * kWRows * KG;
@@ -134,12 +143,13 @@ __device__ void grouped_gemm(const GemmParams& p) {
       for (int i = 0; i < 4; ++i) acc[a][n][i] = 0.0f;
 
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
-  __syncthreads();
 
-  for (int c0 = 0; c0 < KG; c0 += CG) {
-    // 1. This warp's weights for the chunk: all loads issued before any use.
-    uint4 wq[kIters][AT][2];
-    uint32_t sc[kIters][AT][2];
+  // This warp's weights for the chunk starting at group c0 (16-byte streaming loads, zeros
+  // past K). Issued one chunk ahead of their use so the loads overlap the previous chunk's MMAs.
+  using WRegs = uint4[kIters][AT][2];
+  using SRegs = uint32_t[kIters][AT][2];
+  const bool x_row_valid = g < rows_valid;
+  auto load_weights = [&](int c0, WRegs& wq, SRegs& sc) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int grp = c0 + (wk + it * WK) * 4 + t;
@@ -150,38 +160,55 @@ __device__ void grouped_gemm(const GemmParams& p) {
           const long long row = arow[a] + g + 8 * h;
           if (grp < KG) {
             wq[it][a][h] = load_stream(wexp + row * kRowBytes + grp * 16);
-            const unsigned short s = __bfloat16_as_ushort(sexp[row * KG + grp]);
-            sc[it][a][h] = static_cast<uint32_t>(s) | (static_cast<uint32_t>(s) << 16);
+            const unsigned short sv = __bfloat16_as_ushort(sexp[row * KG + grp]);
+            sc[it][a][h] = static_cast<uint32_t>(sv) | (static_cast<uint32_t>(sv) << 16);
           } else {
             wq[it][a][h] = make_uint4(0, 0, 0, 0);
             sc[it][a][h] = 0;
           }
         }
     }
-    // 2. The tile's rows of x for the chunk into shared memory (zeros for padding / past K).
+  };
+  // The tile's valid rows of x for the chunk into shared memory (zeros past K). Padding rows
+  // are never stored or read: their B fragments are zero registers.
+  auto fill_x = [&](int c0) {
     constexpr int kUnitsPerRow = CK / 8;
-    for (int u = tid; u < kTile * kUnitsPerRow; u += kThreads) {
+    for (int u = tid; u < rows_valid * kUnitsPerRow; u += kThreads) {
       const int r = u / kUnitsPerRow;
       const int cu = u % kUnitsPerRow;
       const int kk = c0 * 32 + cu * 8;
-      const int src = s_src[r];
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (src >= 0 && kk < K) v = *reinterpret_cast<const uint4*>(x + static_cast<long long>(src) * K + kk);
+      if (kk < K) v = *reinterpret_cast<const uint4*>(x + static_cast<long long>(s_src[r]) * K + kk);
       *reinterpret_cast<uint4*>(xs + r * kStride + cu * 8) = v;
     }
-    __syncthreads();
-    // 3. MMAs: 8 k-steps per 4-group block.
+  };
+  // MMAs of one chunk: 8 k-steps per 4-group block.
+  auto compute = [&](int c0, const WRegs& wq, const SRegs& sc) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int gi = (wk + it * WK) * 4 + t;  // chunk-relative group of this thread
+      // Direct x: row g of the tile, this group's 32 values, 8 bytes per k-step (L1 hits after
+      // the first warp; only lanes of valid rows load).
+      const uint2* xr = reinterpret_cast<const uint2*>(
+          x + static_cast<long long>(x_row) * K + static_cast<long long>(c0 + gi) * 32);
+      const bool x_ok = kDirectX && x_row_valid && c0 + gi < KG;
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         uint32_t b[NT][2];
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          const uint2 v = *reinterpret_cast<const uint2*>(xs + (n * 8 + g) * kStride + gi * 32 + 4 * s);
-          b[n][0] = v.x;
-          b[n][1] = v.y;
+          b[n][0] = b[n][1] = 0;
+          if constexpr (kDirectX) {
+            if (x_ok) {
+              const uint2 v = __ldg(xr + s);
+              b[n][0] = v.x;
+              b[n][1] = v.y;
+            }
+          } else if (n * 8 + g < rows_valid) {
+            const uint2 v = *reinterpret_cast<const uint2*>(xs + (n * 8 + g) * kStride + gi * 32 + 4 * s);
+            b[n][0] = v.x;
+            b[n][1] = v.y;
+          }
         }
 #pragma unroll
         for (int a = 0; a < AT; ++a) {
@@ -206,11 +233,56 @@ __device__ void grouped_gemm(const GemmParams& p) {
 #undef MOEJIT_DEQ_CASE
           }
 #pragma unroll
-          for (int n = 0; n < NT; ++n) mma_bf16_16816(acc[a][n], af, b[n][0], b[n][1]);
+          for (int n = 0; n < NT; ++n)
+            if (n * 8 < rows_valid) mma_bf16_16816(acc[a][n], af, b[n][0], b[n][1]);
         }
       }
     }
+  };
+
+  constexpr int kChunks = (KG + CG - 1) / CG;
+  WRegs wa, wb;
+  SRegs sa, sb;
+    if constexpr (kDirectX) {
+    // No shared-memory staging and no barrier inside the K loop: x comes through L1.
+    load_weights(0, wa, sa);
+#pragma unroll 1
+    for (int c = 0; c < kChunks; c += 2) {
+      if (c + 1 < kChunks) load_weights((c + 1) * CG, wb, sb);
+      compute(c * CG, wa, sa);
+      if (c + 1 < kChunks) {
+        if (c + 2 < kChunks) load_weights((c + 2) * CG, wa, sa);
+        compute((c + 1) * CG, wb, sb);
+      }
+    }
+  } else if constexpr (!Cfg::kDoubleBuffer) {
+    // Large tiles reuse each weight fragment NT times: MMA-bound, one register set.
+#pragma unroll 1
+    for (int c = 0; c < kChunks; ++c) {
+      load_weights(c * CG, wa, sa);
+      fill_x(c * CG);
+      __syncthreads();
+      compute(c * CG, wa, sa);
+      __syncthreads();
+    }
+  } else {
+  // Two register sets alternate between "in flight" and "being consumed".
+  load_weights(0, wa, sa);
+#pragma unroll 1
+  for (int c = 0; c < kChunks; c += 2) {
+    fill_x(c * CG);
     __syncthreads();
+    if (c + 1 < kChunks) load_weights((c + 1) * CG, wb, sb);
+    compute(c * CG, wa, sa);
+    __syncthreads();
+    if (c + 1 < kChunks) {
+      fill_x((c + 1) * CG);
+      __syncthreads();
+      if (c + 2 < kChunks) load_weights((c + 2) * CG, wa, sa);
+      compute((c + 1) * CG, wb, sb);
+      __syncthreads();
+    }
+  }
   }
 
   // Sum the K-split warps in a fixed order (the x buffer is free now).

@@ -6,6 +6,8 @@
 namespace moejit_cli {
 
 void add_gpu_commands(CLI::App& app);
+void add_bench(CLI::App& app);
+void add_check(CLI::App& app);
 // Non-zero after a subcommand reported a failed check.
 int exit_code();
 void set_failed();

@@ -83,6 +83,10 @@ void add_run(CLI::App& app) {
 void set_failed() { g_exit_code = 1; }
 int exit_code() { return g_exit_code; }
 
-void add_gpu_commands(CLI::App& app) { add_run(app); }
+void add_gpu_commands(CLI::App& app) {
+  add_run(app);
+  add_check(app);
+  add_bench(app);
+}
 
 }  // namespace moejit_cli

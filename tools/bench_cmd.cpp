@@ -1,0 +1,344 @@
+// moejit bench: whole-layer time with CUDA events over CUDA-graph replays, weights rotated so
+// they are not served from L2, against baselines measured in the same run: device-to-device
+// copy bandwidth (bytes read + written) and cuBLAS bf16 (rate at 8192^3, and a bf16 layer of the
+// same shape). cuBLAS is opened with dlopen here only; the library never links it.
+#include <cublas_v2.h>
+#include <dlfcn.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <sstream>
+
+#include "cli_common.h"
+#include "commands.h"
+#include "layer_runner.h"
+#include "reference/cpu_reference.h"
+
+namespace moejit_cli {
+
+namespace {
+
+using moejit::ref::DeviceBuffer;
+
+struct Cublas {
+  cublasStatus_t (*create)(cublasHandle_t*);
+  cublasStatus_t (*destroy)(cublasHandle_t);
+  cublasStatus_t (*set_stream)(cublasHandle_t, cudaStream_t);
+  cublasStatus_t (*gemm_ex)(cublasHandle_t, cublasOperation_t, cublasOperation_t, int, int, int,
+                            const void*, const void*, cudaDataType, int, const void*,
+                            cudaDataType, int, const void*, void*, cudaDataType, int,
+                            cublasComputeType_t, cublasGemmAlgo_t);
+  cublasHandle_t handle = nullptr;
+
+  Cublas() {
+    void* lib = dlopen("libcublas.so.13", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) lib = dlopen("libcublas.so", RTLD_NOW | RTLD_LOCAL);
+    if (!lib) throw std::runtime_error("bench needs cuBLAS (libcublas.so.13) for its baseline");
+    auto sym = [&](auto& fn, const char* name) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(dlsym(lib, name));
+      if (!fn) throw std::runtime_error(std::string("cuBLAS has no ") + name);
+    };
+    sym(create, "cublasCreate_v2");
+    sym(destroy, "cublasDestroy_v2");
+    sym(set_stream, "cublasSetStream_v2");
+    sym(gemm_ex, "cublasGemmEx");
+    check(create(&handle), "cublasCreate");
+  }
+  ~Cublas() { destroy(handle); }
+  static void check(cublasStatus_t s, const char* what) {
+    if (s != CUBLAS_STATUS_SUCCESS)
+      throw std::runtime_error(fmt::format("{} failed with cuBLAS status {}", what, static_cast<int>(s)));
+  }
+  // C[m, n] = A[m, k] x B[k, n], all row-major bf16, fp32 accumulation.
+  void gemm(int m, int n, int k, const void* a, const void* b, void* c) const {
+    const float one = 1.0f, zero = 0.0f;
+    // Row-major C = A B is column-major C^T = B^T A^T.
+    check(gemm_ex(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, &one, b, CUDA_R_16BF, n, a,
+                  CUDA_R_16BF, k, &zero, c, CUDA_R_16BF, n, CUBLAS_COMPUTE_32F,
+                  CUBLAS_GEMM_DEFAULT),
+          "cublasGemmEx");
+  }
+};
+
+// Random bf16 bits in [-1, 1) (never zeros: zeros run faster than real data). A block of at
+// most 64 MB is generated on the host and tiled over the buffer with device copies.
+void fill_random_bf16(DeviceBuffer& b, uint64_t seed) {
+  std::vector<uint16_t> h(std::min<size_t>(b.bytes(), size_t(64) << 20) / 2);
+  uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+  for (auto& v : h) {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    const float f = static_cast<float>((x >> 40) & 0xffffff) / 8388608.0f - 1.0f;
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    v = static_cast<uint16_t>(u >> 16);
+  }
+  const size_t block = h.size() * 2;
+  CUDA_OK(cudaMemcpy(b.get(), h.data(), block, cudaMemcpyHostToDevice));
+  for (size_t off = block; off < b.bytes(); off += block)
+    CUDA_OK(cudaMemcpy(b.get<char>() + off, b.get(), std::min(block, b.bytes() - off),
+                       cudaMemcpyDeviceToDevice));
+}
+
+// Median milliseconds of `runs` launches of fn(i), each timed with its own event pair.
+template <class F>
+double median_ms(int runs, cudaStream_t s, F&& fn) {
+  for (int i = 0; i < 3; ++i) fn(i);
+  std::vector<cudaEvent_t> ev(2 * runs);
+  for (auto& e : ev) CUDA_OK(cudaEventCreate(&e));
+  for (int i = 0; i < runs; ++i) {
+    CUDA_OK(cudaEventRecord(ev[2 * i], s));
+    fn(i);
+    CUDA_OK(cudaEventRecord(ev[2 * i + 1], s));
+  }
+  CUDA_OK(cudaStreamSynchronize(s));
+  std::vector<float> ms(runs);
+  for (int i = 0; i < runs; ++i) CUDA_OK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
+  for (auto& e : ev) CUDA_OK(cudaEventDestroy(e));
+  std::sort(ms.begin(), ms.end());
+  return ms[runs / 2];
+}
+
+struct Graph {
+  cudaGraphExec_t exec = nullptr;
+  template <class F>
+  Graph(cudaStream_t s, F&& body) {
+    cudaGraph_t g;
+    CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+    body();
+    CUDA_OK(cudaStreamEndCapture(s, &g));
+    CUDA_OK(cudaGraphInstantiate(&exec, g, 0));
+    CUDA_OK(cudaGraphDestroy(g));
+  }
+  Graph(Graph&& o) noexcept : exec(o.exec) { o.exec = nullptr; }
+  ~Graph() {
+    if (exec) cudaGraphExecDestroy(exec);
+  }
+  void launch(cudaStream_t s) const { CUDA_OK(cudaGraphLaunch(exec, s)); }
+};
+
+double l2_bytes() {
+  int dev = 0, l2 = 0;
+  CUDA_OK(cudaGetDevice(&dev));
+  CUDA_OK(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
+  return l2;
+}
+
+struct Row {
+  std::string preset, plan;
+  int tokens = 0, launches = 0, experts = 0, copies = 0;
+  double us = 0, weight_mb = 0, gbs = 0, frac_copy = 0, tflops = 0, cublas_us = 0;
+  bool verified = false;
+};
+
+void add_bench_cmd(CLI::App& app) {
+  auto* cmd = app.add_subcommand("bench", "time the whole layer against copy and cuBLAS baselines");
+  static SpecArgs spec_args;
+  static std::string tokens = "1,8,33,64", json, overrides;
+  static int runs = 100;
+  static uint64_t seed = 1;
+  static bool no_cublas_layer = false;
+  spec_args.add(*cmd);
+  cmd->add_option("--tokens", tokens, "token counts, comma-separated");
+  cmd->add_option("--json", json, "also write the rows as JSON to this file");
+  cmd->add_option("--runs", runs, "timed runs per configuration (median; at least 50)");
+  cmd->add_option("--seed", seed, "random seed");
+  cmd->add_option("--plans", overrides,
+                  "';'-separated MOEJIT_PLAN_OVERRIDE values to compare (tuning)");
+  cmd->add_flag("--no-cublas-layer", no_cublas_layer, "skip the bf16 cuBLAS layer baseline");
+  cmd->callback([] {
+    runs = std::max(runs, 50);
+    moejit::MoeSpec spec = spec_args.load();
+    const std::vector<int> counts = parse_int_list(tokens, "--tokens");
+    std::string why;
+    if (!moejit::has_gpu(&why)) {
+      fmt::print("no GPU: {}\n", why);
+      set_failed();
+      return;
+    }
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    const std::string card = moejit::device_name();
+    fmt::print("card: {} ({}), L2 {:.0f} MB\n", card, moejit::device_arch(), l2_bytes() / 1e6);
+
+    // Baseline 1: device-to-device copy bandwidth, bytes read + written.
+    double copy_gbs = 0;
+    {
+      const size_t bytes = size_t(2) << 30;
+      DeviceBuffer a(bytes), b(bytes);
+      CUDA_OK(cudaMemset(a.get(), 1, bytes));
+      const double ms = median_ms(20, stream, [&](int) {
+        CUDA_OK(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, stream));
+      });
+      copy_gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;
+    }
+    // Baseline 2: cuBLAS bf16 GEMM rate on random data.
+    Cublas blas;
+    CUDA_OK(cudaStreamSynchronize(stream));
+    Cublas::check(blas.set_stream(blas.handle, stream), "cublasSetStream");
+    double cublas_tflops = 0;
+    {
+      const int n = 8192;
+      DeviceBuffer a(size_t(n) * n * 2), b(size_t(n) * n * 2), c(size_t(n) * n * 2);
+      fill_random_bf16(a, 1);
+      fill_random_bf16(b, 2);
+      const double ms = median_ms(10, stream, [&](int) { blas.gemm(n, n, n, a.get(), b.get(), c.get()); });
+      cublas_tflops = 2.0 * n * n * double(n) / (ms * 1e-3) / 1e12;
+    }
+    fmt::print("baseline: copy {:.0f} GB/s (read + write), cuBLAS bf16 8192^3 {:.0f} TFLOP/s\n",
+               copy_gbs, cublas_tflops);
+
+    // Weights, rotated over enough copies that one run's weights are evicted before reuse.
+    moejit::ref::HostLayer host = moejit::ref::make_weights(spec, seed);
+    const int H = spec.hidden, I = spec.intermediate, K = spec.top_k;
+    const double expert_bytes =
+        double(2 * I) * H / 2 + double(2 * I) * (H / 32) * 2 + double(H) * I / 2 + double(H) * (I / 32) * 2;
+    std::vector<moejit::ref::DeviceLayer> copies(1);
+    copies[0].upload_weights(host);
+
+    std::vector<std::string> plans = {""};
+    if (!overrides.empty()) {
+      std::stringstream ss(overrides);
+      std::string p;
+      plans.clear();
+      while (std::getline(ss, p, ';')) plans.push_back(p);
+    }
+    std::vector<Row> rows;
+    for (int T : counts) {
+      moejit::ref::make_inputs(host, T, seed * 7919 + T);
+      const auto routing = moejit::ref::route_all(spec, host, T);
+      std::map<int, int> per_expert;  // local expert -> slots
+      for (int32_t id : routing.ids) {
+        const int l = id - spec.local_expert_offset;
+        if (l >= 0 && l < spec.local_experts()) ++per_expert[id];
+      }
+      const double touched = per_expert.size() * expert_bytes;
+      const int want = std::max(2, static_cast<int>(std::ceil(3.0 * l2_bytes() / std::max(touched, 1.0))));
+      const double total_w = spec.num_experts * expert_bytes;
+      const int ncopies = std::max(1, std::min(want, static_cast<int>(40e9 / total_w)));
+      while (static_cast<int>(copies.size()) < ncopies) {
+        copies.emplace_back();
+        auto& c = copies.back();
+        for (auto [dst, src] : {std::pair{&c.w13, &copies[0].w13}, {&c.w13_scale, &copies[0].w13_scale},
+                                {&c.w2, &copies[0].w2}, {&c.w2_scale, &copies[0].w2_scale},
+                                {&c.alpha, &copies[0].alpha}, {&c.beta, &copies[0].beta},
+                                {&c.limit, &copies[0].limit}}) {
+          *dst = DeviceBuffer(src->bytes());
+          if (src->bytes())
+            CUDA_OK(cudaMemcpy(dst->get(), src->get(), src->bytes(), cudaMemcpyDeviceToDevice));
+        }
+      }
+      for (const std::string& plan : plans) {
+        if (plan.empty()) unsetenv("MOEJIT_PLAN_OVERRIDE");
+        else setenv("MOEJIT_PLAN_OVERRIDE", plan.c_str(), 1);
+        // Verify this configuration before timing it (copy 0, fresh inputs of this T).
+        CaseOptions vo;
+        vo.timing_runs = 0;
+        vo.max_checked_tokens = 16;
+        const CaseResult check = run_case(spec, host, copies[0], T, seed * 7919 + T, vo);
+        if (!check.pass) {
+          fmt::print("VERIFY FAILED tokens={} plan='{}': {}\n", T, plan, check.line());
+          set_failed();
+          continue;
+        }
+        const auto layer = moejit::compile_finalized(spec);
+        DeviceBuffer ws(std::max<size_t>(256, layer.workspace_bytes(T)));
+        DeviceBuffer out(std::max<size_t>(16, size_t(T) * H * 2));
+        std::vector<Graph> graphs;
+        for (int c = 0; c < ncopies; ++c) {
+          moejit::MoeInputs in = copies[0].inputs(spec);
+          in.w13 = copies[c].w13.get<uint8_t>();
+          in.w13_scale = copies[c].w13_scale.get();
+          in.w2 = copies[c].w2.get<uint8_t>();
+          in.w2_scale = copies[c].w2_scale.get();
+          graphs.emplace_back(stream, [&] {
+            layer.launch(in, T, {out.get()}, {ws.get(), ws.bytes()}, stream);
+          });
+        }
+        const double ms = median_ms(runs, stream, [&](int i) { graphs[i % ncopies].launch(stream); });
+        Row r;
+        r.preset = spec_args.preset.empty() ? spec_args.spec_file : spec_args.preset;
+        r.plan = plan;
+        r.tokens = T;
+        r.launches = layer.launches_per_call(T);
+        r.experts = static_cast<int>(per_expert.size());
+        r.copies = ncopies;
+        r.us = ms * 1e3;
+        r.weight_mb = touched / 1e6;
+        r.gbs = touched / (ms * 1e-3) / 1e9;
+        r.frac_copy = r.gbs / copy_gbs;
+        double slots = 0;
+        for (auto& kv : per_expert) slots += kv.second;
+        r.tflops = 2.0 * slots * (2.0 * I * H + double(I) * H) / (ms * 1e-3) / 1e12;
+        r.verified = true;
+        rows.push_back(r);
+      }
+      unsetenv("MOEJIT_PLAN_OVERRIDE");
+      // The bf16 cuBLAS layer of the same shape: per touched expert, [n_e, H] x [H, 2I] and
+      // [n_e, I] x [I, H] with bf16 weights (rotated the same way). Routing, SwiGLU and finalize
+      // are left out, which favours the baseline.
+      if (!no_cublas_layer && !per_expert.empty()) {
+        const size_t w1 = size_t(H) * 2 * I * 2, w2 = size_t(I) * H * 2;
+        const int bcopies = std::max(1, std::min(want, static_cast<int>(30e9 / (per_expert.size() * (w1 + w2)))));
+        std::vector<DeviceBuffer> wb;
+        for (int c = 0; c < bcopies; ++c) {
+          wb.emplace_back(per_expert.size() * (w1 + w2));
+          fill_random_bf16(wb.back(), 10 + c);
+        }
+        DeviceBuffer xa(size_t(T) * K * std::max(H, 2 * I) * 2), xb(xa.bytes());
+        fill_random_bf16(xa, 99);
+        std::vector<Graph> graphs;
+        for (int c = 0; c < bcopies; ++c)
+          graphs.emplace_back(stream, [&] {
+            size_t e = 0;
+            for (auto& kv : per_expert) {
+              const char* base = wb[c].get<char>() + e++ * (w1 + w2);
+              blas.gemm(kv.second, 2 * I, H, xa.get(), base, xb.get());
+              blas.gemm(kv.second, H, I, xb.get(), base + w1, xa.get());
+            }
+          });
+        const double ms = median_ms(runs, stream, [&](int i) { graphs[i % bcopies].launch(stream); });
+        for (auto& r : rows)
+          if (r.tokens == T) r.cublas_us = ms * 1e3;
+      }
+    }
+    fmt::print("\n{:<14} {:>6} {:>9} {:>8} {:>7} {:>9} {:>8} {:>7} {:>8} {:>10} {:>7} {}\n", "preset",
+               "tokens", "time_us", "launches", "experts", "weight_MB", "GB/s", "%copy",
+               "TFLOP/s", "cublas_us", "x_blas", "plan");
+    for (const auto& r : rows)
+      fmt::print("{:<14} {:>6} {:>9.1f} {:>8} {:>7} {:>9.1f} {:>8.0f} {:>6.1f}% {:>8.2f} {:>10.1f} {:>7.2f} {}\n",
+                 r.preset, r.tokens, r.us, r.launches, r.experts, r.weight_mb, r.gbs,
+                 100 * r.frac_copy, r.tflops, r.cublas_us, r.cublas_us > 0 ? r.cublas_us / r.us : 0.0,
+                 r.plan.empty() ? "default" : r.plan);
+    fmt::print("card: {}; copy {:.0f} GB/s; cuBLAS bf16 {:.0f} TFLOP/s; runs {} (median), CUDA graphs, "
+               "weights rotated over >= 3x L2\n", card, copy_gbs, cublas_tflops, runs);
+    if (!json.empty()) {
+      std::ofstream f(json);
+      f << "{\n  \"card\": \"" << card << "\",\n  \"copy_gbs\": " << copy_gbs
+        << ",\n  \"cublas_bf16_tflops\": " << cublas_tflops << ",\n  \"rows\": [\n";
+      for (size_t i = 0; i < rows.size(); ++i) {
+        const auto& r = rows[i];
+        f << fmt::format("    {{\"preset\": \"{}\", \"plan\": \"{}\", \"tokens\": {}, \"time_us\": {:.2f}, "
+                         "\"launches\": {}, \"experts\": {}, \"weight_mb\": {:.2f}, \"gbs\": {:.1f}, "
+                         "\"frac_copy\": {:.4f}, \"tflops\": {:.3f}, \"cublas_layer_us\": {:.2f}, "
+                         "\"weight_copies\": {}}}{}\n",
+                         r.preset, r.plan, r.tokens, r.us, r.launches, r.experts, r.weight_mb, r.gbs,
+                         r.frac_copy, r.tflops, r.cublas_us, r.copies, i + 1 < rows.size() ? "," : "");
+      }
+      f << "  ]\n}\n";
+    }
+    CUDA_OK(cudaStreamDestroy(stream));
+  });
+}
+
+}  // namespace
+
+void add_bench(CLI::App& app) { add_bench_cmd(app); }
+
+}  // namespace moejit_cli
