@@ -944,6 +944,42 @@ TEST(CacheDisk, ExportImportVerifiesEveryEntry) {
   EXPECT_THROW(DiskCache(e.path(), 0, 10).import_from(archive), Error);
 }
 
+TEST(CachePublicApi, AdministersTheDirectorySetForTheProcess) {
+  TempDir tmp;
+  const std::string dir = tmp / "cache";
+  cache::set_directory(dir);
+  EXPECT_EQ(cache::directory(), dir);
+  CountingCompile cc;
+  ASSERT_TRUE(KernelCache::global().get(tiny_request(90), cc.fn()));
+  ASSERT_TRUE(KernelCache::global().get(tiny_request(90), cc.fn()));
+  EXPECT_EQ(cc.calls.load(), 1);
+  const auto entries = cache::list();
+  ASSERT_EQ(entries.size(), 1u);
+  EXPECT_EQ(entries[0].kernel, "tiny90");
+  EXPECT_EQ(entries[0].arch, "sm_90a");
+  EXPECT_EQ(entries[0].moejit_version, version());
+  EXPECT_TRUE(entries[0].problem.empty());
+  const cache::Stats st = cache::stats();
+  EXPECT_EQ(st.directory, dir);
+  EXPECT_EQ(st.mode, "read-write");
+  EXPECT_EQ(st.entries, 1u);
+  EXPECT_EQ(st.bytes, entries[0].bytes);
+  EXPECT_GE(st.this_process.compiles, 1u);
+  EXPECT_GE(st.this_process.memory_hits, 1u);
+  EXPECT_GE(st.all_processes.compiles, 1u) << "compiles reach DIR/stats at once";
+  EXPECT_TRUE(cache::verify().empty());
+  const std::string archive = tmp / "a.moejit";
+  EXPECT_EQ(cache::export_to(archive), 1u);
+  EXPECT_EQ(cache::clear().removed, 1u);
+  EXPECT_TRUE(cache::list().empty());
+  EXPECT_EQ(cache::import_from(archive).imported, 1u);
+  EXPECT_EQ(cache::list().size(), 1u);
+  EXPECT_EQ(cache::prune(0).removed, 1u);
+  EXPECT_EQ(cache::parse_bytes("2K"), 2048u);
+  cache::clear_memory();
+  cache::set_directory("");  // memory only for the rest of this process
+}
+
 // ---- read-only directory and full disk (children: privileges, limits and mounts) ----------------
 
 // In a child: loads `present`, compiles `missing`, and checks nothing new was written.
@@ -984,14 +1020,20 @@ TEST(CacheDisk, ReadOnlyDirectoryIsMemoryOnlyWithOneWarning) {
     const int rc = run_child(
         [&] {
           if (::setgid(kOtherUid) != 0 || ::setuid(kOtherUid) != 0) return 20;
+          if (::access(dir.c_str(), X_OK) != 0) return 78;  // TMPDIR not reachable by nobody
           return use_cache_without_writing(dir, present, missing);
         },
         err_file);
-    EXPECT_EQ(rc, 0) << read_text(err_file);
-    const std::string err = read_text(err_file);
-    EXPECT_EQ(count_substr(err, "warning"), 1) << err;
-    EXPECT_THAT(err, HasSubstr("cannot store new kernels"));
-    ran = true;
+    if (rc == 78) {
+      std::printf("[ setuid variant skipped: %s is not reachable by uid %d ]\n", dir.c_str(),
+                  kOtherUid);
+    } else {
+      EXPECT_EQ(rc, 0) << read_text(err_file);
+      const std::string err = read_text(err_file);
+      EXPECT_EQ(count_substr(err, "warning"), 1) << err;
+      EXPECT_THAT(err, HasSubstr("cannot store new kernels"));
+      ran = true;
+    }
     for (const char* sub : {"", "/entries", "/locks", "/quarantine"})
       ::chmod((dir + sub).c_str(), 0700);
     for (const auto& e : fs::recursive_directory_iterator(dir)) ::lchown(e.path().c_str(), 0, 0);
