@@ -2,11 +2,10 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
-
-#include <fmt/format.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -171,12 +170,12 @@ class FileLock {
         }
         const auto now = Clock::now();
         if (now >= deadline) return Result::TimedOut;
-        std::this_thread::sleep_for(
-            std::min<Clock::duration>(sleep, deadline - now));
+        std::this_thread::sleep_for(std::min<Clock::duration>(sleep, deadline - now));
         sleep = std::min(sleep * 2, std::chrono::microseconds(50000));
       }
       // prune() unlinks lock files while holding them; a lock on an unlinked file locks nothing.
-      struct stat held {}, now_at_path {};
+      struct stat held {
+      }, now_at_path{};
       if (::fstat(fd.get(), &held) == 0 && ::stat(path.c_str(), &now_at_path) == 0 &&
           held.st_ino == now_at_path.st_ino && held.st_dev == now_at_path.st_dev) {
         fd_ = std::move(fd);
@@ -226,7 +225,8 @@ bool parse_ms(std::string_view s, double* out) {
 std::string clean_name(const std::string& name) {
   std::string out;
   for (char c : name.substr(0, 120))
-    out += (std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.') ? c : '_';
+    out +=
+        (std::isalnum(static_cast<unsigned char>(c)) || c == '_' || c == '-' || c == '.') ? c : '_';
   return out.empty() ? "unnamed" : out;
 }
 
@@ -249,9 +249,10 @@ bool private_dir_ok(const std::string& path, bool follow, std::string* why) {
     return false;
   }
   if (st.st_uid != ::geteuid()) {
-    *why = fmt::format("{} is owned by uid {}, not by you ({}); a cache another user can write "
-                       "could hand you any binary",
-                       path, st.st_uid, current_user());
+    *why = fmt::format(
+        "{} is owned by uid {}, not by you ({}); a cache another user can write "
+        "could hand you any binary",
+        path, st.st_uid, current_user());
     return false;
   }
   if (st.st_mode & (S_IWGRP | S_IWOTH)) {
@@ -325,16 +326,26 @@ cache::Counters decode_counters(const std::string& text) {
     const std::string name = line.substr(0, sp), value = line.substr(sp + 1);
     uint64_t u = 0;
     double d = 0;
-    if (name == "compile_ms" && parse_ms(value, &d)) c.compile_ms = d;
-    else if (name == "disk_load_ms" && parse_ms(value, &d)) c.disk_load_ms = d;
-    else if (!parse_uint(value, &u)) continue;
-    else if (name == "memory_hits") c.memory_hits = u;
-    else if (name == "disk_hits") c.disk_hits = u;
-    else if (name == "misses") c.misses = u;
-    else if (name == "compiles") c.compiles = u;
-    else if (name == "failed_compiles") c.failed_compiles = u;
-    else if (name == "quarantined") c.quarantined = u;
-    else if (name == "lock_timeouts") c.lock_timeouts = u;
+    if (name == "compile_ms" && parse_ms(value, &d))
+      c.compile_ms = d;
+    else if (name == "disk_load_ms" && parse_ms(value, &d))
+      c.disk_load_ms = d;
+    else if (!parse_uint(value, &u))
+      continue;
+    else if (name == "memory_hits")
+      c.memory_hits = u;
+    else if (name == "disk_hits")
+      c.disk_hits = u;
+    else if (name == "misses")
+      c.misses = u;
+    else if (name == "compiles")
+      c.compiles = u;
+    else if (name == "failed_compiles")
+      c.failed_compiles = u;
+    else if (name == "quarantined")
+      c.quarantined = u;
+    else if (name == "lock_timeouts")
+      c.lock_timeouts = u;
   }
   return c;
 }
@@ -383,12 +394,13 @@ bool decode_entry(std::string_view b, std::string_view expected_key, EntryConten
   if (b.empty()) return fail("is empty");
   const size_t header_end = b.substr(0, kMaxHeaderBytes).find("\n\n");
   if (header_end == std::string_view::npos)
-    return fail(fmt::format("has no complete manifest ({} bytes; truncated, or not a moejit "
-                            "cache entry)",
-                            b.size()));
-  static const char* const kFields[] = {kEntryMagic,      "key",          "kernel",
-                                        "compile-ms",     "preimage-bytes", "cubin-bytes",
-                                        "log-bytes",      "cubin-sha256", "manifest-sha256"};
+    return fail(
+        fmt::format("has no complete manifest ({} bytes; truncated, or not a moejit "
+                    "cache entry)",
+                    b.size()));
+  static const char* const kFields[] = {
+      kEntryMagic,   "key",       "kernel",       "compile-ms",     "preimage-bytes",
+      "cubin-bytes", "log-bytes", "cubin-sha256", "manifest-sha256"};
   constexpr size_t kNumFields = sizeof kFields / sizeof kFields[0];
   std::string_view values[kNumFields];
   size_t manifest_line_start = 0;
@@ -400,8 +412,8 @@ bool decode_entry(std::string_view b, std::string_view expected_key, EntryConten
     const std::string_view line = b.substr(pos, end - pos);
     const size_t sp = line.find(' ');
     if (sp == std::string_view::npos || line.substr(0, sp) != kFields[i])
-      return fail(fmt::format("has a malformed manifest (line {} should be '{} ...')", i + 1,
-                              kFields[i]));
+      return fail(
+          fmt::format("has a malformed manifest (line {} should be '{} ...')", i + 1, kFields[i]));
     values[i] = line.substr(sp + 1);
     if (i == kNumFields - 1) manifest_line_start = pos;
     pos = end + 1;
@@ -437,7 +449,8 @@ bool decode_entry(std::string_view b, std::string_view expected_key, EntryConten
   if (manifest.finish_hex() != values[8])
     return fail("fails its manifest checksum (manifest, preimage or log damaged)");
   if (sha256_hex(cubin) != values[7]) return fail("fails its CUBIN checksum (CUBIN damaged)");
-  if (sha256_hex(preimage) != values[1]) return fail("holds a preimage that does not hash to its key");
+  if (sha256_hex(preimage) != values[1])
+    return fail("holds a preimage that does not hash to its key");
   if (out != nullptr) {
     out->key = std::string(values[1]);
     out->kernel = std::string(values[2]);
@@ -489,7 +502,9 @@ struct DiskCache::Pending {
 void DiskCache::set_fault_hook_for_testing(void (*hook)(const char*)) { g_fault_hook = hook; }
 
 DiskCache::DiskCache(const std::string& dir, uint64_t max_bytes, double lock_timeout_s)
-    : max_bytes_(max_bytes), lock_timeout_s_(lock_timeout_s), pending_(std::make_unique<Pending>()) {
+    : max_bytes_(max_bytes),
+      lock_timeout_s_(lock_timeout_s),
+      pending_(std::make_unique<Pending>()) {
   if (dir.empty()) {
     off_reason_ = "no cache directory (memory only)";
     return;
@@ -502,10 +517,11 @@ DiskCache::DiskCache(const std::string& dir, uint64_t max_bytes, double lock_tim
 
   const auto turn_off = [&](const std::string& why) {
     off_reason_ = why;
-    warn_once(fmt::format("the kernel cache is off for this process: {}. Kernels are compiled "
-                          "and kept in memory only; set MOEJIT_CACHE_DIR (or --cache-dir) to a "
-                          "private directory of yours to keep them across runs.",
-                          why));
+    warn_once(
+        fmt::format("the kernel cache is off for this process: {}. Kernels are compiled "
+                    "and kept in memory only; set MOEJIT_CACHE_DIR (or --cache-dir) to a "
+                    "private directory of yours to keep them across runs.",
+                    why));
   };
   std::string why;
   if (!make_dirs(dir_, &why)) {
@@ -552,12 +568,14 @@ DiskCache::~DiskCache() {
 
 std::string DiskCache::mode_text() const {
   switch (mode_.load()) {
-    case Mode::ReadWrite: return "read-write";
+    case Mode::ReadWrite:
+      return "read-write";
     case Mode::ReadOnly: {
       std::lock_guard<std::mutex> lock(mu_);
       return "read-only (" + pending_->read_only_reason + "): new kernels stay in memory";
     }
-    case Mode::Off: return "off (" + off_reason_ + ")";
+    case Mode::Off:
+      return "off (" + off_reason_ + ")";
   }
   return "";
 }
@@ -584,10 +602,11 @@ void DiskCache::degrade(const std::string& why) {
   }
   Mode expected = Mode::ReadWrite;
   mode_.compare_exchange_strong(expected, Mode::ReadOnly);
-  warn_once(fmt::format("the kernel cache at {} cannot store new kernels ({}); they stay in "
-                        "memory for this process. Free space, or set MOEJIT_CACHE_DIR (or "
-                        "--cache-dir) to a writable directory, to keep them across runs.",
-                        dir_, why));
+  warn_once(
+      fmt::format("the kernel cache at {} cannot store new kernels ({}); they stay in "
+                  "memory for this process. Free space, or set MOEJIT_CACHE_DIR (or "
+                  "--cache-dir) to a writable directory, to keep them across runs.",
+                  dir_, why));
 }
 
 DiskCache::Read DiskCache::read_entry(const std::string& key, EntryContents* out,
@@ -614,15 +633,17 @@ DiskCache::Read DiskCache::read_entry(const std::string& key, EntryContents* out
     return Read::Refused;
   }
   if (st.st_uid != ::geteuid()) {
-    *problem = fmt::format("is owned by uid {}, not by you ({}); an entry someone else wrote is "
-                           "never loaded",
-                           st.st_uid, current_user());
+    *problem = fmt::format(
+        "is owned by uid {}, not by you ({}); an entry someone else wrote is "
+        "never loaded",
+        st.st_uid, current_user());
     return Read::Refused;
   }
   if (st.st_mode & (S_IWGRP | S_IWOTH)) {
-    *problem = fmt::format("is group- or world-writable (mode {}); an entry others could have "
-                           "changed is never loaded",
-                           mode_octal(st.st_mode));
+    *problem = fmt::format(
+        "is group- or world-writable (mode {}); an entry others could have "
+        "changed is never loaded",
+        mode_octal(st.st_mode));
     return Read::Refused;
   }
   if (static_cast<uint64_t>(st.st_size) > kMaxEntryBytes) {
@@ -645,8 +666,8 @@ DiskCache::Read DiskCache::read_entry(const std::string& key, EntryContents* out
 int DiskCache::publish(const EntryContents& e, std::string* error) {
   const std::string bytes = encode_entry(e);
   const std::string final_path = entry_path(e.key);
-  const std::string tmp = fmt::format("{}/entries/.tmp.{}.{}.{}", dir_, e.key, ::getpid(),
-                                      g_sequence++);
+  const std::string tmp =
+      fmt::format("{}/entries/.tmp.{}.{}.{}", dir_, e.key, ::getpid(), g_sequence++);
   const auto fail = [&](const char* what) {
     const int err = errno;
     *error = fmt::format("{} {}: {}", what, tmp, errno_text(err));
@@ -690,9 +711,9 @@ int DiskCache::publish(const EntryContents& e, std::string* error) {
 void DiskCache::quarantine(const std::string& key, const std::string& problem,
                            CacheCounters* counters) {
   const std::string src = entry_path(key);
-  const std::string dst = fmt::format("{}/quarantine/{}.{}.{}.{}", dir_, key,
-                                      static_cast<long long>(std::time(nullptr)), ::getpid(),
-                                      g_sequence++);
+  const std::string dst =
+      fmt::format("{}/quarantine/{}.{}.{}.{}", dir_, key,
+                  static_cast<long long>(std::time(nullptr)), ::getpid(), g_sequence++);
   std::string message;
   if (::rename(src.c_str(), dst.c_str()) == 0) {
     message = fmt::format("moejit: cache: {} {}; moved it to {} (it will be recompiled)", src,
@@ -702,9 +723,10 @@ void DiskCache::quarantine(const std::string& key, const std::string& problem,
   } else {
     const int err = errno;
     ::unlink(src.c_str());
-    message = fmt::format("moejit: cache: {} {}; could not move it to quarantine ({}), removed it "
-                          "(it will be recompiled)",
-                          src, problem, errno_text(err));
+    message = fmt::format(
+        "moejit: cache: {} {}; could not move it to quarantine ({}), removed it "
+        "(it will be recompiled)",
+        src, problem, errno_text(err));
   }
   std::fprintf(stderr, "%s\n", message.c_str());
   if (counters) counters->quarantined++;
@@ -757,9 +779,9 @@ std::shared_ptr<void> DiskCache::pin(const std::string& key) {
   auto p = std::make_shared<FileLock>();
   if (mode_.load() != Mode::Off)
     p->acquire(lock_path(key), false,
-                    Clock::now() + std::chrono::duration_cast<Clock::duration>(
-                                       std::chrono::duration<double>(lock_timeout_s_)),
-                    mode_.load() == Mode::ReadWrite, nullptr);
+               Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                  std::chrono::duration<double>(lock_timeout_s_)),
+               mode_.load() == Mode::ReadWrite, nullptr);
   return p;
 }
 
@@ -868,8 +890,9 @@ KernelBinary DiskCache::get(const Request& req, const std::function<KernelBinary
     if (r != Read::Missing) {
       std::lock_guard<std::mutex> lock(mu_);
       if (logged_.insert(req.key).second)
-        std::fprintf(stderr, "moejit: cache: ignoring %s: it %s (the cache is read-only, so it "
-                             "stays where it is)\n",
+        std::fprintf(stderr,
+                     "moejit: cache: ignoring %s: it %s (the cache is read-only, so it "
+                     "stays where it is)\n",
                      entry_path(req.key).c_str(), problem.c_str());
     }
     return compile_and_publish(req, compile, counters);
@@ -1054,7 +1077,7 @@ cache::PruneResult DiskCache::remove_until(uint64_t max_bytes, bool everything) 
     if (::lstat(entry_path(key).c_str(), &st) == 0) continue;
     FileLock lock;
     if (lock.acquire(lock_path(key), true, Clock::now(), false, nullptr) ==
-        FileLock::Result::Acquired &&
+            FileLock::Result::Acquired &&
         ::lstat(entry_path(key).c_str(), &st) != 0)
       lock.unlink_and_release(lock_path(key));
   }
@@ -1071,8 +1094,7 @@ uint64_t DiskCache::quarantined_files(uint64_t* bytes) {
   if (mode_.load() == Mode::Off) return 0;
   for (const std::string& name : list_dir(dir_ + "/quarantine")) {
     struct stat st {};
-    if (::lstat((dir_ + "/quarantine/" + name).c_str(), &st) != 0 || !S_ISREG(st.st_mode))
-      continue;
+    if (::lstat((dir_ + "/quarantine/" + name).c_str(), &st) != 0 || !S_ISREG(st.st_mode)) continue;
     ++n;
     *bytes += static_cast<uint64_t>(st.st_size);
   }
@@ -1114,7 +1136,8 @@ uint64_t DiskCache::export_to(const std::string& file) {
   }
   const std::string tail = fmt::format("end {}\n", count);
   write_or_throw(tail.data(), tail.size());
-  if (::fsync(fd.get()) != 0 || fd.close_checked() != 0 || ::rename(tmp.c_str(), file.c_str()) != 0) {
+  if (::fsync(fd.get()) != 0 || fd.close_checked() != 0 ||
+      ::rename(tmp.c_str(), file.c_str()) != 0) {
     const int err = errno;
     ::unlink(tmp.c_str());
     throw Error(ErrorKind::Cache, fmt::format("cannot write {}: {}", file, errno_text(err)));
@@ -1124,9 +1147,8 @@ uint64_t DiskCache::export_to(const std::string& file) {
 
 cache::ImportResult DiskCache::import_from(const std::string& file) {
   if (mode_.load() != Mode::ReadWrite)
-    throw Error(ErrorKind::Cache,
-                fmt::format("cannot import into the kernel cache at {}: it is {}", dir_,
-                            mode_text()));
+    throw Error(ErrorKind::Cache, fmt::format("cannot import into the kernel cache at {}: it is {}",
+                                              dir_, mode_text()));
   Fd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd)
     throw Error(ErrorKind::Cache, fmt::format("cannot open {}: {}", file, errno_text(errno)));
@@ -1174,15 +1196,16 @@ cache::ImportResult DiskCache::import_from(const std::string& file) {
   for (;;) {
     const std::string where = fmt::format("{} (entry #{})", file, seen + 1);
     if (!read_line(&line)) {
-      res.rejected.push_back({file, "ends without its 'end' line (truncated); the entries "
-                                    "before were imported"});
+      res.rejected.push_back({file,
+                              "ends without its 'end' line (truncated); the entries "
+                              "before were imported"});
       break;
     }
     uint64_t count = 0;
     if (line.rfind("end ", 0) == 0 && parse_uint(line.substr(4), &count)) {
       if (count != seen)
-        res.rejected.push_back({file, fmt::format("says it holds {} entries but holds {}", count,
-                                                  seen)});
+        res.rejected.push_back(
+            {file, fmt::format("says it holds {} entries but holds {}", count, seen)});
       break;
     }
     const size_t sp = line.find(' ', 6);

@@ -32,9 +32,9 @@ constexpr uint64_t kMaxEntryBytes = uint64_t(1) << 30;  // refuse to read anythi
 
 // One entry's content.
 struct EntryContents {
-  std::string key;        // SHA-256 of preimage, hex
-  std::string kernel;     // plan kernel name (informational; not in the key)
-  std::string preimage;   // key_preimage()
+  std::string key;       // SHA-256 of preimage, hex
+  std::string kernel;    // plan kernel name (informational; not in the key)
+  std::string preimage;  // key_preimage()
   std::vector<char> cubin;
   std::string log;
   double compile_ms = 0;
@@ -63,8 +63,8 @@ std::string preimage_field(std::string_view preimage, std::string_view field);
 
 // Counters of one KernelCache (the disk level adds its events to them).
 struct CacheCounters {
-  std::atomic<uint64_t> memory_hits{0}, disk_hits{0}, misses{0}, compiles{0},
-      failed_compiles{0}, quarantined{0}, lock_timeouts{0};
+  std::atomic<uint64_t> memory_hits{0}, disk_hits{0}, misses{0}, compiles{0}, failed_compiles{0},
+      quarantined{0}, lock_timeouts{0};
   std::atomic<uint64_t> compile_us{0}, disk_load_us{0};
   cache::Counters snapshot() const;
 };
@@ -87,11 +87,11 @@ class DiskCache {
   const std::string& dir() const { return dir_; }
 
   struct Request {
-    std::string key;        // cache_key()
-    std::string preimage;   // key_preimage()
-    std::string kernel;     // for messages and the manifest
-    std::string describe;   // "kernel 'gemm1_b0' (moejit_gemm1_b0, sm_90a)", for errors
-    bool jit = true;        // false: a miss throws Error(Cache)
+    std::string key;       // cache_key()
+    std::string preimage;  // key_preimage()
+    std::string kernel;    // for messages and the manifest
+    std::string describe;  // "kernel 'gemm1_b0' (moejit_gemm1_b0, sm_90a)", for errors
+    bool jit = true;       // false: a miss throws Error(Cache)
   };
   // Loads req.key or compiles and publishes it (protocol above). compile's exceptions propagate
   // and nothing is published.
@@ -142,9 +142,9 @@ class DiskCache {
   std::atomic<Mode> mode_{Mode::Off};
   std::string off_reason_;
   std::atomic<bool> warned_{false};
-  mutable std::mutex mu_;          // pending_, logged_
+  mutable std::mutex mu_;  // pending_, logged_
   std::unique_ptr<Pending> pending_;
-  std::set<std::string> logged_;   // messages already printed by this process
+  std::set<std::string> logged_;  // messages already printed by this process
 };
 
 }  // namespace moejit::runtime

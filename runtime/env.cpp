@@ -42,12 +42,18 @@ uint64_t parse_byte_count(const std::string& text, const char* what) {
   std::string suffix = lower(text.substr(digits));
   if (suffix.size() == 2 && suffix[1] == 'b') suffix.pop_back();  // "4GB" = "4G"
   int shift = 0;
-  if (suffix.empty() || suffix == "b") shift = 0;
-  else if (suffix == "k") shift = 10;
-  else if (suffix == "m") shift = 20;
-  else if (suffix == "g") shift = 30;
-  else if (suffix == "t") shift = 40;
-  else throw fail();
+  if (suffix.empty() || suffix == "b")
+    shift = 0;
+  else if (suffix == "k")
+    shift = 10;
+  else if (suffix == "m")
+    shift = 20;
+  else if (suffix == "g")
+    shift = 30;
+  else if (suffix == "t")
+    shift = 40;
+  else
+    throw fail();
   if (shift > 0 && value > (UINT64_MAX >> shift)) throw fail();
   return value << shift;
 }

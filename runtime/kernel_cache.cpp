@@ -2,12 +2,11 @@
 
 #include <dlfcn.h>
 #include <elf.h>
+#include <fmt/format.h>
 #include <link.h>
 #include <nvrtc.h>
 #include <pwd.h>
 #include <unistd.h>
-
-#include <fmt/format.h>
 
 #include <cstddef>
 #include <future>
@@ -191,11 +190,11 @@ std::string key_preimage(const KernelRequest& req, const KeyContext& ctx) {
     throw Error(ErrorKind::Internal,
                 fmt::format("kernel '{}' has entry symbol '{}', which is not a C identifier",
                             req.name, req.entry));
-  std::string p = fmt::format("moejit-kernel-key {}\nmoejit {}\nnvrtc {}.{} {}\ntemplates {}\n"
-                              "arch {}\nentry {}\n",
-                              kKeyFormatVersion, ctx.moejit_version, ctx.nvrtc_major,
-                              ctx.nvrtc_minor, ctx.nvrtc_build, ctx.templates_sha256, req.arch,
-                              req.entry);
+  std::string p = fmt::format(
+      "moejit-kernel-key {}\nmoejit {}\nnvrtc {}.{} {}\ntemplates {}\n"
+      "arch {}\nentry {}\n",
+      kKeyFormatVersion, ctx.moejit_version, ctx.nvrtc_major, ctx.nvrtc_minor, ctx.nvrtc_build,
+      ctx.templates_sha256, req.arch, req.entry);
   for (const auto& o : req.options) {
     if (!is_clean_option(o))
       throw Error(ErrorKind::Internal,
@@ -205,8 +204,8 @@ std::string key_preimage(const KernelRequest& req, const KeyContext& ctx) {
                               o, req.name));
     p += "option " + o + "\n";
   }
-  p += fmt::format("source-bytes {}\nsource-sha256 {}\n", req.source.size(),
-                   sha256_hex(req.source));
+  p +=
+      fmt::format("source-bytes {}\nsource-sha256 {}\n", req.source.size(), sha256_hex(req.source));
   return p;
 }
 
@@ -320,7 +319,8 @@ std::shared_ptr<const KernelBinary> KernelCache::fill(const KernelRequest& req,
   dr.kernel = req.name;
   dr.describe = describe(req);
   dr.jit = settings().jit;
-  auto bin = disk()->get(dr, [&] { return compile(req); }, *counters_);
+  auto bin = disk()->get(
+      dr, [&] { return compile(req); }, *counters_);
   return std::make_shared<const KernelBinary>(std::move(bin));
 }
 

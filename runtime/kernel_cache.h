@@ -39,8 +39,8 @@ using CompileFn = std::function<KernelBinary(const KernelRequest&)>;
 
 // What the key hashes besides the request: constant for a process.
 struct KeyContext {
-  std::string moejit_version;    // moejit::version()
-  int nvrtc_major = 0;           // nvrtcVersion()
+  std::string moejit_version;  // moejit::version()
+  int nvrtc_major = 0;         // nvrtcVersion()
   int nvrtc_minor = 0;
   std::string nvrtc_build;       // GNU build id of the loaded libnvrtc ("gnu-build-id:65be0d...")
   std::string templates_sha256;  // over the name and text of every embedded template

@@ -75,10 +75,11 @@ void compress_portable(uint32_t* state, const uint8_t* blocks, size_t count) {
 // The state is held as ABEF and CDGH; W is kept as four vectors of four words (w[g % 4] holds
 // W[4g .. 4g+3] during round group g).
 __attribute__((target("sha,sse4.1"))) void compress_sha_ni(uint32_t* state, const uint8_t* blocks,
-                                                            size_t count) {
+                                                           size_t count) {
   const __m128i byte_swap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
   __m128i tmp = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(state)), 0xB1);
-  __m128i cdgh = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(state + 4)), 0x1B);
+  __m128i cdgh =
+      _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(state + 4)), 0x1B);
   __m128i abef = _mm_alignr_epi8(tmp, cdgh, 8);
   cdgh = _mm_blend_epi16(cdgh, tmp, 0xF0);
 
@@ -89,15 +90,16 @@ __attribute__((target("sha,sse4.1"))) void compress_sha_ni(uint32_t* state, cons
 #pragma GCC unroll 16
     for (int g = 0; g < 16; ++g) {
       if (g < 4) {
-        w[g] = _mm_shuffle_epi8(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)), byte_swap);
+        w[g] = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blocks + 16 * g)),
+                                byte_swap);
       }
       __m128i msg = _mm_add_epi32(
           w[g % 4], _mm_loadu_si128(reinterpret_cast<const __m128i*>(kRound + 4 * g)));
       cdgh = _mm_sha256rnds2_epu32(cdgh, abef, msg);
       if (g >= 3 && g <= 14) {
         // W[4g+4 .. 4g+7] = sigma1 part (msg2) + W[4g-3 ..] (alignr) + sigma0 part (msg1, earlier).
-        const __m128i next = _mm_add_epi32(w[(g + 1) % 4], _mm_alignr_epi8(w[g % 4], w[(g + 3) % 4], 4));
+        const __m128i next =
+            _mm_add_epi32(w[(g + 1) % 4], _mm_alignr_epi8(w[g % 4], w[(g + 3) % 4], 4));
         w[(g + 1) % 4] = _mm_sha256msg2_epu32(next, w[g % 4]);
       }
       msg = _mm_shuffle_epi32(msg, 0x0E);

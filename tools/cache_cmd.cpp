@@ -120,9 +120,12 @@ void add_verify(CLI::App& cache) {
     const auto problems = moejit::cache::verify(fix);
     const auto entries = moejit::cache::list();
     for (const auto& p : problems) fmt::print("{}: {}\n", p.path, p.what);
-    fmt::print("{} entries checked in {}: {} problem{}{}\n", entries.size() + (fix ? problems.size() : 0),
-               moejit::cache::directory(), problems.size(), problems.size() == 1 ? "" : "s",
-               problems.empty() ? "" : fix ? " (quarantined)" : " (run with --fix to quarantine)");
+    fmt::print("{} entries checked in {}: {} problem{}{}\n",
+               entries.size() + (fix ? problems.size() : 0), moejit::cache::directory(),
+               problems.size(), problems.size() == 1 ? "" : "s",
+               problems.empty() ? ""
+               : fix            ? " (quarantined)"
+                                : " (run with --fix to quarantine)");
     if (!problems.empty()) fail_quietly();
   });
 }
@@ -203,8 +206,8 @@ void add_import(CLI::App& cache) {
 std::function<void(int, int, const std::string&)> progress_printer() {
   const bool tty = ::isatty(STDERR_FILENO);
   return [tty](int done, int total, const std::string& kernel) {
-    std::fprintf(stderr, "%swarmup: [%d/%d] %-20s%s", tty ? "\r" : "", done, total,
-                 kernel.c_str(), tty ? (done == total ? "\n" : "") : "\n");
+    std::fprintf(stderr, "%swarmup: [%d/%d] %-20s%s", tty ? "\r" : "", done, total, kernel.c_str(),
+                 tty ? (done == total ? "\n" : "") : "\n");
     std::fflush(stderr);
   };
 }
@@ -233,11 +236,12 @@ void add_warmup(CLI::App& app) {
     const double wall = seconds_since(t);
     const auto compiled = std::count_if(reports.begin(), reports.end(),
                                         [](const auto& r) { return r.compile_ms > 0; });
-    fmt::print("warmed {} kernels for {} on {}: {} compiled, {} from the cache, in {:.2f} s "
-               "(cache: {})\n",
-               reports.size(), spec.preset.empty() ? spec.spec_file : spec.preset,
-               reports.empty() ? arch : reports[0].arch, compiled,
-               static_cast<long>(reports.size()) - compiled, wall, moejit::cache::directory());
+    fmt::print(
+        "warmed {} kernels for {} on {}: {} compiled, {} from the cache, in {:.2f} s "
+        "(cache: {})\n",
+        reports.size(), spec.preset.empty() ? spec.spec_file : spec.preset,
+        reports.empty() ? arch : reports[0].arch, compiled,
+        static_cast<long>(reports.size()) - compiled, wall, moejit::cache::directory());
   });
 }
 
@@ -285,10 +289,11 @@ void add_timing(CLI::App& cache) {
     const size_t n = reports.size();
     fmt::print("layer           {} on {}, {} kernels\n",
                spec.preset.empty() ? spec.spec_file : spec.preset, reports.at(0).arch, n);
-    fmt::print("cold compile    {:.2f} s wall ({} jobs), {:.0f} ms per kernel of compile time "
-               "({:.2f} s in all)\n",
-               cold, jobs > 0 ? jobs : static_cast<int>(std::thread::hardware_concurrency()),
-               serial_ms / n, serial_ms / 1000.0);
+    fmt::print(
+        "cold compile    {:.2f} s wall ({} jobs), {:.0f} ms per kernel of compile time "
+        "({:.2f} s in all)\n",
+        cold, jobs > 0 ? jobs : static_cast<int>(std::thread::hardware_concurrency()),
+        serial_ms / n, serial_ms / 1000.0);
 
     std::vector<double> warm;
     const auto before = moejit::cache::stats().this_process;
@@ -301,10 +306,11 @@ void add_timing(CLI::App& cache) {
     const auto after = moejit::cache::stats().this_process;
     std::sort(warm.begin(), warm.end());
     const uint64_t loads = after.disk_hits - before.disk_hits;
-    fmt::print("warm disk load  {:.2f} ms per layer (median of {}; min {:.2f}), of which reading "
-               "+ verifying entries {:.3f} ms per kernel ({} loads)\n",
-               warm[warm.size() / 2], reps, warm.front(),
-               loads ? (after.disk_load_ms - before.disk_load_ms) / loads : 0.0, loads);
+    fmt::print(
+        "warm disk load  {:.2f} ms per layer (median of {}; min {:.2f}), of which reading "
+        "+ verifying entries {:.3f} ms per kernel ({} loads)\n",
+        warm[warm.size() / 2], reps, warm.front(),
+        loads ? (after.disk_load_ms - before.disk_load_ms) / loads : 0.0, loads);
 
     std::vector<double> memory;
     for (int i = 0; i < reps; ++i) {
@@ -313,15 +319,18 @@ void add_timing(CLI::App& cache) {
       memory.push_back(seconds_since(t) * 1e6);
     }
     std::sort(memory.begin(), memory.end());
-    fmt::print("memory          {:.1f} us per compile_report of the layer (codegen + {} lookups; "
-               "median of {})\n",
-               memory[memory.size() / 2], n, reps);
+    fmt::print(
+        "memory          {:.1f} us per compile_report of the layer (codegen + {} lookups; "
+        "median of {})\n",
+        memory[memory.size() / 2], n, reps);
 
     std::string why;
     if (moejit::has_gpu(&why)) {
       auto compile_layer = [&] {
-        if (s.finalize) moejit::compile_finalized(s, opt);
-        else moejit::compile_unfinalized(s, opt);
+        if (s.finalize)
+          moejit::compile_finalized(s, opt);
+        else
+          moejit::compile_unfinalized(s, opt);
       };
       t = Clock::now();
       compile_layer();  // loads the modules
@@ -332,9 +341,10 @@ void add_timing(CLI::App& cache) {
         compile_layer();
         ++calls;
       }
-      fmt::print("layer lookup    {:.3f} us per compile_{}() of a compiled layer (first call, "
-                 "with module loads: {:.2f} ms)\n",
-                 seconds_since(t) * 1e6 / calls, s.finalize ? "finalized" : "unfinalized", first);
+      fmt::print(
+          "layer lookup    {:.3f} us per compile_{}() of a compiled layer (first call, "
+          "with module loads: {:.2f} ms)\n",
+          seconds_since(t) * 1e6 / calls, s.finalize ? "finalized" : "unfinalized", first);
     } else {
       fmt::print("layer lookup    skipped: no GPU ({})\n", why);
     }

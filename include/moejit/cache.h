@@ -24,10 +24,10 @@
 namespace moejit::cache {
 
 struct Settings {
-  std::string directory;          // empty: memory only
-  uint64_t max_bytes = 0;         // 0: no bound
-  bool jit = true;                // false: a miss is an Error(Cache)
-  double lock_timeout_s = 300;    // then the waiter compiles itself
+  std::string directory;        // empty: memory only
+  uint64_t max_bytes = 0;       // 0: no bound
+  bool jit = true;              // false: a miss is an Error(Cache)
+  double lock_timeout_s = 300;  // then the waiter compiles itself
 };
 
 // The settings from the environment (throws Error(InvalidArgument) naming a malformed variable).
@@ -42,52 +42,52 @@ void set_directory(const std::string& dir);
 struct Counters {
   uint64_t memory_hits = 0;
   uint64_t disk_hits = 0;
-  uint64_t misses = 0;           // found in neither level
-  uint64_t compiles = 0;         // successful compiles (misses that compiled)
+  uint64_t misses = 0;    // found in neither level
+  uint64_t compiles = 0;  // successful compiles (misses that compiled)
   uint64_t failed_compiles = 0;
-  uint64_t quarantined = 0;      // bad entries moved aside
-  uint64_t lock_timeouts = 0;    // waits on another process that ran out
-  double compile_ms = 0;         // summed compile time
-  double disk_load_ms = 0;       // summed time reading and verifying entries
+  uint64_t quarantined = 0;    // bad entries moved aside
+  uint64_t lock_timeouts = 0;  // waits on another process that ran out
+  double compile_ms = 0;       // summed compile time
+  double disk_load_ms = 0;     // summed time reading and verifying entries
 };
 
 struct Entry {
-  std::string key;             // 64 hex digits
-  std::string kernel;          // plan kernel name of the process that compiled it
+  std::string key;     // 64 hex digits
+  std::string kernel;  // plan kernel name of the process that compiled it
   std::string arch;
   std::string moejit_version;
   std::string nvrtc_version;
-  uint64_t bytes = 0;          // file size
+  uint64_t bytes = 0;  // file size
   uint64_t cubin_bytes = 0;
   double compile_ms = 0;
-  int64_t last_used = 0;       // unix seconds; the LRU order
-  std::string problem;         // empty when the entry verifies
+  int64_t last_used = 0;  // unix seconds; the LRU order
+  std::string problem;    // empty when the entry verifies
 };
 
 struct Stats {
   std::string directory;
-  std::string mode;            // "read-write", or why the disk level is read-only or off
+  std::string mode;  // "read-write", or why the disk level is read-only or off
   uint64_t entries = 0;
-  uint64_t bytes = 0;          // entries only
+  uint64_t bytes = 0;  // entries only
   uint64_t quarantined_files = 0;
   uint64_t quarantined_bytes = 0;
   uint64_t max_bytes = 0;
   bool jit = true;
-  Counters all_processes;      // DIR/stats: flushed by every process (killed ones lose a little)
+  Counters all_processes;  // DIR/stats: flushed by every process (killed ones lose a little)
   Counters this_process;
 };
 
 struct Problem {
-  std::string path;            // relative to the directory, e.g. "entries/<key>.entry"
+  std::string path;  // relative to the directory, e.g. "entries/<key>.entry"
   std::string what;
 };
 
 struct PruneResult {
-  uint64_t removed = 0;        // entries, quarantined files and stale temporaries removed
+  uint64_t removed = 0;  // entries, quarantined files and stale temporaries removed
   uint64_t removed_bytes = 0;
-  uint64_t kept = 0;           // entries left
+  uint64_t kept = 0;  // entries left
   uint64_t kept_bytes = 0;
-  uint64_t busy = 0;           // entries skipped because a process was loading or writing them
+  uint64_t busy = 0;  // entries skipped because a process was loading or writing them
 };
 
 struct ImportResult {

@@ -6,6 +6,7 @@
 // Processes are forked from this test binary; a child uses only KernelCache objects it creates
 // itself and leaves with _exit().
 #include <fcntl.h>
+#include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sched.h>
@@ -16,8 +17,6 @@
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <fmt/format.h>
 
 #include <atomic>
 #include <chrono>
@@ -118,7 +117,8 @@ KernelBinary real_compile(const KernelRequest& r) {
 CompileFn logging_compile(const std::string& log) {
   return [log](const KernelRequest& r) {
     KernelBinary b = real_compile(r);
-    const std::string line = fmt::format("{} {}\n", cache_key(r, KeyContext::current()), ::getpid());
+    const std::string line =
+        fmt::format("{} {}\n", cache_key(r, KeyContext::current()), ::getpid());
     const int fd = ::open(log.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
     if (fd >= 0) {
       if (::write(fd, line.data(), line.size()) != static_cast<ssize_t>(line.size())) std::abort();
@@ -459,12 +459,16 @@ class ScopedEnv {
   ScopedEnv(const char* name, const char* value) : name_(name) {
     if (const char* old = std::getenv(name)) old_ = old;
     had_ = std::getenv(name) != nullptr;
-    if (value) ::setenv(name, value, 1);
-    else ::unsetenv(name);
+    if (value)
+      ::setenv(name, value, 1);
+    else
+      ::unsetenv(name);
   }
   ~ScopedEnv() {
-    if (had_) ::setenv(name_.c_str(), old_.c_str(), 1);
-    else ::unsetenv(name_.c_str());
+    if (had_)
+      ::setenv(name_.c_str(), old_.c_str(), 1);
+    else
+      ::unsetenv(name_.c_str());
   }
 
  private:
@@ -555,7 +559,8 @@ TEST(CacheMemory, FailedCompilePropagatesToEveryWaiterAndIsNeverPublished) {
       try {
         cache.get(req, failing);
       } catch (const Error& e) {
-        if (e.kind() == ErrorKind::Compile && std::string(e.what()).find("boom") != std::string::npos)
+        if (e.kind() == ErrorKind::Compile &&
+            std::string(e.what()).find("boom") != std::string::npos)
           errors++;
       }
     });
@@ -602,8 +607,8 @@ TEST(CacheDisk, PublishesPrivatelyAndLoadsWithoutCompiling) {
   }
   EXPECT_EQ(first.calls.load(), 1);
   EXPECT_GT(compiled->compile_ms, 0);
-  for (const std::string& d : {tmp / "a", tmp / "a/b", dir, dir + "/entries", dir + "/locks",
-                               dir + "/quarantine"}) {
+  for (const std::string& d :
+       {tmp / "a", tmp / "a/b", dir, dir + "/entries", dir + "/locks", dir + "/quarantine"}) {
     struct stat st {};
     ASSERT_EQ(::stat(d.c_str(), &st), 0) << d;
     EXPECT_EQ(st.st_mode & 0777, 0700u) << d;
@@ -634,8 +639,7 @@ struct Damage {
 std::vector<Damage> damages() {
   return {
       {"truncated",
-       [](const std::string& p) { return ::truncate(p.c_str(), fs::file_size(p) / 2) == 0; },
-       ""},
+       [](const std::string& p) { return ::truncate(p.c_str(), fs::file_size(p) / 2) == 0; }, ""},
       {"truncated-by-one",
        [](const std::string& p) { return ::truncate(p.c_str(), fs::file_size(p) - 1) == 0; },
        "truncated"},
@@ -671,7 +675,9 @@ std::vector<Damage> damages() {
        },
        "manifest"},
       {"foreign-owned",
-       [](const std::string& p) { return is_root() && ::chown(p.c_str(), kOtherUid, kOtherUid) == 0; },
+       [](const std::string& p) {
+         return is_root() && ::chown(p.c_str(), kOtherUid, kOtherUid) == 0;
+       },
        "not by you"},
       {"group-writable", [](const std::string& p) { return ::chmod(p.c_str(), 0620) == 0; },
        "group- or world-writable"},
@@ -679,8 +685,10 @@ std::vector<Damage> damages() {
        "group- or world-writable"},
       {"symlink",
        [](const std::string& p) {
-         const std::string target = (fs::path(p).parent_path().parent_path() / "elsewhere").string();
-         return ::rename(p.c_str(), target.c_str()) == 0 && ::symlink(target.c_str(), p.c_str()) == 0;
+         const std::string target =
+             (fs::path(p).parent_path().parent_path() / "elsewhere").string();
+         return ::rename(p.c_str(), target.c_str()) == 0 &&
+                ::symlink(target.c_str(), p.c_str()) == 0;
        },
        "symbolic link"},
   };
@@ -1187,8 +1195,8 @@ TEST(CacheProcesses, FiftyKilledRunsLeaveNoBadEntryAndTheNextRunSucceeds) {
   // Small real kernels (tens of ms of NVRTC each) keep 100 runs within seconds.
   std::vector<KernelRequest> reqs;
   for (int i = 0; i < 6; ++i) reqs.push_back(tiny_request(70 + i));
-  const char* steps[] = {"locked", "compiled", "temp-partial", "temp-written", "temp-synced",
-                         "published"};
+  const char* steps[] = {"locked",       "compiled",    "temp-partial",
+                         "temp-written", "temp-synced", "published"};
   std::mt19937 rng(2024);
   int killed = 0, killed_by_hook = 0, next_ok = 0;
   std::string failures;
@@ -1220,8 +1228,7 @@ TEST(CacheProcesses, FiftyKilledRunsLeaveNoBadEntryAndTheNextRunSucceeds) {
       killed_by_hook += by_hook;
     }
     const auto problems = verify_dir(dir);
-    if (!problems.empty())
-      failures += fmt::format("run {}: {}", run, problems_text(problems));
+    if (!problems.empty()) failures += fmt::format("run {}: {}", run, problems_text(problems));
     // The next run (not killed) must succeed.
     next_ok += run_child([&] {
                  KernelCache c(settings_for(dir, 30));
@@ -1232,10 +1239,11 @@ TEST(CacheProcesses, FiftyKilledRunsLeaveNoBadEntryAndTheNextRunSucceeds) {
   EXPECT_EQ(next_ok, 50);
   EXPECT_GE(killed, 30) << "most runs must actually be killed mid-way";
   EXPECT_TRUE(verify_dir(dir).empty());
-  std::printf("50 runs: %d killed by SIGKILL (%d at a publish step, %d at a random moment), "
-              "%d bad entries after them, %d/50 following runs succeeded\n",
-              killed, killed_by_hook, killed - killed_by_hook,
-              static_cast<int>(verify_dir(dir).size()), next_ok);
+  std::printf(
+      "50 runs: %d killed by SIGKILL (%d at a publish step, %d at a random moment), "
+      "%d bad entries after them, %d/50 following runs succeeded\n",
+      killed, killed_by_hook, killed - killed_by_hook, static_cast<int>(verify_dir(dir).size()),
+      next_ok);
 }
 
 TEST(CacheProcesses, PruneWhileLoadingNeverBreaksALoader) {
@@ -1275,10 +1283,11 @@ TEST(CacheProcesses, PruneWhileLoadingNeverBreaksALoader) {
   EXPECT_EQ(ok, 3);
   EXPECT_TRUE(verify_dir(dir).empty());
   EXPECT_GT(removed, 0u);
-  std::printf("prune while loading: %llu prunes removed %llu files, skipped %llu busy entries; "
-              "3/3 loaders ok: %d\n",
-              static_cast<unsigned long long>(prunes), static_cast<unsigned long long>(removed),
-              static_cast<unsigned long long>(busy), ok);
+  std::printf(
+      "prune while loading: %llu prunes removed %llu files, skipped %llu busy entries; "
+      "3/3 loaders ok: %d\n",
+      static_cast<unsigned long long>(prunes), static_cast<unsigned long long>(removed),
+      static_cast<unsigned long long>(busy), ok);
 }
 
 // ---- the CLI ----------------------------------------------------------------------------------
@@ -1325,8 +1334,8 @@ TEST(CacheCli, SixteenWarmupsCompileOnceAndCacheCommandsWork) {
     int k = 0, c = 0;
     const size_t at = out.find("warmed ");
     if (at != std::string::npos &&
-        std::sscanf(out.c_str() + at, "warmed %d kernels for seed-test on sm_90a: %d compiled",
-                    &k, &c) == 2) {
+        std::sscanf(out.c_str() + at, "warmed %d kernels for seed-test on sm_90a: %d compiled", &k,
+                    &c) == 2) {
       compiled += c;
       kernels = k;
     } else {
@@ -1336,8 +1345,8 @@ TEST(CacheCli, SixteenWarmupsCompileOnceAndCacheCommandsWork) {
   EXPECT_EQ(ok, 16);
   EXPECT_GT(kernels, 0);
   EXPECT_EQ(compiled, kernels) << "each kernel compiled by exactly one of the 16 processes";
-  std::printf("16 x `moejit warmup --preset seed-test`: %d/16 ok, %d compiles for %d kernels\n",
-              ok, compiled, kernels);
+  std::printf("16 x `moejit warmup --preset seed-test`: %d/16 ok, %d compiles for %d kernels\n", ok,
+              compiled, kernels);
 
   std::string out;
   EXPECT_EQ(run_cli("cache verify --cache-dir " + dir, &out), 0) << out;
