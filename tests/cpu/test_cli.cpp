@@ -1,0 +1,182 @@
+// The `moejit` CLI as a user meets it, through the built binary (MOEJIT_CLI_PATH): what works
+// without a GPU, and the exit code and message of each kind of mistake.
+#include <fcntl.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <spawn.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "moejit/moejit.h"
+
+extern char** environ;
+
+namespace moejit {
+namespace {
+
+using ::testing::HasSubstr;
+using ::testing::Not;
+
+struct CliResult {
+  int exit_code = -1;  // -1: killed by a signal
+  std::string out;
+  std::string err;
+};
+
+std::string read_and_remove(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  ::unlink(path.c_str());
+  return ss.str();
+}
+
+// Runs `moejit args...` with CUDA_VISIBLE_DEVICES="" (so it sees no GPU even on a machine with
+// one), stdin from /dev/null, stdout and stderr captured.
+CliResult run_cli(const std::vector<std::string>& args) {
+  char out_path[] = "/tmp/moejit-cli-out-XXXXXX";
+  char err_path[] = "/tmp/moejit-cli-err-XXXXXX";
+  const int out_fd = ::mkstemp(out_path);
+  const int err_fd = ::mkstemp(err_path);
+  EXPECT_GE(out_fd, 0);
+  EXPECT_GE(err_fd, 0);
+
+  std::vector<std::string> argv_text = {MOEJIT_CLI_PATH};
+  argv_text.insert(argv_text.end(), args.begin(), args.end());
+  std::vector<char*> argv;
+  for (std::string& a : argv_text) argv.push_back(a.data());
+  argv.push_back(nullptr);
+
+  std::vector<std::string> env_text = {"CUDA_VISIBLE_DEVICES="};
+  for (char** e = environ; *e; ++e)
+    if (std::string(*e).rfind("CUDA_VISIBLE_DEVICES=", 0) != 0) env_text.emplace_back(*e);
+  std::vector<char*> envp;
+  for (std::string& e : env_text) envp.push_back(e.data());
+  envp.push_back(nullptr);
+
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  posix_spawn_file_actions_adddup2(&actions, out_fd, 1);
+  posix_spawn_file_actions_adddup2(&actions, err_fd, 2);
+  pid_t pid = 0;
+  const int spawn_rc = ::posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  ::close(out_fd);
+  ::close(err_fd);
+
+  CliResult r;
+  if (spawn_rc != 0) {
+    ADD_FAILURE() << "cannot start " << argv[0] << ": " << std::strerror(spawn_rc);
+  } else {
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+  r.out = read_and_remove(out_path);
+  r.err = read_and_remove(err_path);
+  return r;
+}
+
+std::string describe(const CliResult& r) {
+  return "exit " + std::to_string(r.exit_code) + "\n--- stdout:\n" + r.out.substr(0, 2000) +
+         "\n--- stderr:\n" + r.err;
+}
+
+TEST(Cli, DumpIrWorksWithoutAGpu) {
+  const CliResult r = run_cli({"dump", "--preset", "kimi-k2", "--emit", "ir"});
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  EXPECT_EQ(r.out, spec_to_ir_text(preset("kimi-k2")));
+}
+
+TEST(Cli, DumpCudaForOneTokenCountWorksWithoutAGpu) {
+  const CliResult r =
+      run_cli({"dump", "--preset", "qwen3-30b-a3b", "--emit", "cuda", "--tokens", "1"});
+  ASSERT_EQ(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.out, HasSubstr("moejit_gemm1_b0"));
+  EXPECT_THAT(r.out, Not(HasSubstr("moejit_gemm1_b1")));
+}
+
+TEST(Cli, UnknownPresetListsThePresets) {
+  const CliResult r = run_cli({"dump", "--preset", "no-such-model", "--emit", "ir"});
+  EXPECT_NE(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("no-such-model")) << describe(r);
+  for (const std::string& name : preset_names()) EXPECT_THAT(r.err, HasSubstr(name));
+  EXPECT_EQ(r.out, "");
+}
+
+TEST(Cli, BadEmitNamesTheChoices) {
+  const CliResult r = run_cli({"dump", "--preset", "kimi-k2", "--emit", "sass"});
+  EXPECT_NE(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("sass")) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("ptx")) << describe(r);
+}
+
+TEST(Cli, MissingSpecFileNamesThePath) {
+  const std::string path = "/tmp/moejit-test-no-such-spec.moe";
+  ::unlink(path.c_str());
+  const CliResult r = run_cli({"dump", "--spec", path, "--emit", "ir"});
+  EXPECT_NE(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr(path)) << describe(r);
+}
+
+TEST(Cli, MalformedSpecFileGivesLineAndColumn) {
+  char path[] = "/tmp/moejit-cli-spec-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  const std::string text = "moejit.module version=1 activation=bf16 {\n  %route = rout\n}\n";
+  ASSERT_EQ(::write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
+  ::close(fd);
+  const CliResult r = run_cli({"dump", "--spec", path, "--emit", "ir"});
+  ::unlink(path);
+  EXPECT_NE(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("line 2, column 12")) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("'rout'")) << describe(r);
+}
+
+TEST(Cli, PresetAndSpecTogetherAreRefused) {
+  const CliResult r = run_cli({"dump", "--preset", "kimi-k2", "--spec", "x.moe"});
+  EXPECT_NE(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("--spec")) << describe(r);
+}
+
+TEST(Cli, NoSubcommandIsAnError) {
+  const CliResult r = run_cli({});
+  EXPECT_NE(r.exit_code, 0) << describe(r);
+}
+
+TEST(Cli, RunWithoutAGpuFailsSayingWhy) {
+  const CliResult r = run_cli({"run", "--preset", "kimi-k2-tp8", "--tokens", "1,33"});
+  EXPECT_NE(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.out + r.err, HasSubstr("no GPU")) << describe(r);
+}
+
+TEST(Cli, RunWithoutAGpuSkipsWhenAsked) {
+  const CliResult r =
+      run_cli({"run", "--preset", "kimi-k2-tp8", "--tokens", "1,33", "--skip-without-gpu"});
+  EXPECT_EQ(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.out + r.err, HasSubstr("no GPU")) << describe(r);
+}
+
+TEST(Cli, RunRejectsABadTokenList) {
+  const CliResult r =
+      run_cli({"run", "--preset", "kimi-k2-tp8", "--tokens", "1,x", "--skip-without-gpu"});
+  EXPECT_NE(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("--tokens")) << describe(r);
+}
+
+TEST(Cli, VersionPrintsTheLibraryVersion) {
+  const CliResult r = run_cli({"--version"});
+  EXPECT_EQ(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.out, HasSubstr(version()));
+}
+
+}  // namespace
+}  // namespace moejit

@@ -1,0 +1,221 @@
+// NVRTC without a GPU: every kernel of every preset, in every token bucket, compiled to CUBIN for
+// sm_90a and sm_80 through moejit::compile_report(), and the variants that change the generated
+// code (each routing method, bf16 logits and bias, UpGate, SwiGLU flags, finalize off, an expert
+// range, an odd shape). A kernel passes when its CUBIN is non-empty and ptxas reports registers,
+// no spill stores, no spill loads and no stack frame. A compile error fails the test with the
+// kernel's name and NVRTC's log (Error::what()).
+//
+// Each test runs in its own process (gtest_discover_tests) with its own empty disk-cache
+// directory, so every kernel really goes through NVRTC; inside one test, kernels with identical
+// source are compiled once (the in-process cache), which is why variants that share their GEMMs
+// are grouped into one test.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "compiler/plan.h"
+#include "moejit/moejit.h"
+
+namespace moejit {
+namespace {
+
+// Points MOEJIT_CACHE_DIR at a fresh directory for this process and removes it afterwards.
+class FreshCacheDir : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    char pattern[] = "/tmp/moejit-nvrtc-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(pattern), nullptr);
+    dir_ = pattern;
+    ::setenv("MOEJIT_CACHE_DIR", dir_.c_str(), 1);
+  }
+  void TearDown() override {
+    std::error_code ignored;
+    if (!dir_.empty()) std::filesystem::remove_all(dir_, ignored);
+  }
+
+ private:
+  std::string dir_;
+};
+[[maybe_unused]] ::testing::Environment* const kFreshCacheDir =
+    ::testing::AddGlobalTestEnvironment(new FreshCacheDir);
+
+const std::vector<std::string>& archs() {
+  static const std::vector<std::string> list = {"sm_90a", "sm_80"};
+  return list;
+}
+
+// "gemm2_b0 (sm_80): 17424 bytes of CUBIN, 46 registers, spill stores 4 B, spill loads 4 B,
+// stack 8 B": what a failure prints (a kernel passes with a CUBIN, 1..255 registers and zeros).
+std::string describe(const KernelReport& r) {
+  return r.name + " (" + r.arch + "): " + std::to_string(r.cubin_bytes) + " bytes of CUBIN, " +
+         std::to_string(r.registers) + " registers, spill stores " +
+         std::to_string(r.spill_store_bytes) + " B, spill loads " +
+         std::to_string(r.spill_load_bytes) + " B, stack " + std::to_string(r.stack_bytes) + " B";
+}
+
+// Compiles every kernel of spec's plan for arch and checks each one's resources.
+void expect_clean_compile(const MoeSpec& spec, const std::string& arch) {
+  CompileOptions options;
+  options.arch = arch;
+  std::vector<KernelReport> reports;
+  try {
+    reports = compile_report(spec, options);
+  } catch (const Error& e) {
+    FAIL() << "compile_report for " << arch << " threw " << to_string(e.kind()) << ":\n"
+           << e.what() << "\nspec:\n"
+           << spec_to_ir_text(spec);
+  }
+  std::map<std::string, KernelReport> by_name;
+  for (const KernelReport& r : reports) {
+    EXPECT_TRUE(by_name.emplace(r.name, r).second) << "kernel " << r.name << " reported twice";
+  }
+  const compiler::Plan plan = compiler::make_plan(spec);
+  EXPECT_EQ(reports.size(), plan.kernels.size());
+  for (const compiler::KernelPlan& k : plan.kernels) {
+    auto it = by_name.find(k.name);
+    if (it == by_name.end()) {
+      ADD_FAILURE() << "plan kernel " << k.name << " is missing from the compile report";
+      continue;
+    }
+    const KernelReport& r = it->second;
+    EXPECT_EQ(r.arch, arch) << k.name;
+    const bool clean = r.cubin_bytes > 0 && r.registers > 0 && r.registers <= 255 &&
+                       r.spill_store_bytes == 0 && r.spill_load_bytes == 0 && r.stack_bytes == 0;
+    EXPECT_TRUE(clean) << describe(r);
+  }
+}
+
+// ---- presets ----------------------------------------------------------------------------------
+
+class NvrtcPreset : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(NvrtcPreset, EveryBucketCompilesWithoutSpills) {
+  const auto& [name, arch] = GetParam();
+  expect_clean_compile(preset(name), arch);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, NvrtcPreset,
+                         ::testing::Combine(::testing::ValuesIn(preset_names()),
+                                            ::testing::ValuesIn(archs())),
+                         [](const ::testing::TestParamInfo<NvrtcPreset::ParamType>& info) {
+                           std::string name =
+                               std::get<0>(info.param) + "_" + std::get<1>(info.param);
+                           for (char& c : name)
+                             if (c == '-') c = '_';  // gtest names are [A-Za-z0-9_]
+                           return name;
+                         });
+
+// ---- variants ---------------------------------------------------------------------------------
+
+// A named spec change.
+struct Variant {
+  std::string name;
+  std::function<void(MoeSpec&)> edit;
+};
+
+// Variants of one preset compiled in one process: kernels they share are compiled once.
+struct VariantGroup {
+  std::string name;  // test name suffix
+  std::string base;  // preset
+  std::vector<Variant> variants;
+};
+
+std::vector<Variant> routing_variants() {
+  std::vector<Variant> out;
+  for (RoutingMethod m :
+       {RoutingMethod::Default, RoutingMethod::Renormalize, RoutingMethod::RenormalizeNaive,
+        RoutingMethod::TopK, RoutingMethod::SigmoidRenorm, RoutingMethod::Sigmoid,
+        RoutingMethod::TopKSigmoid, RoutingMethod::Precomputed}) {
+    out.push_back({to_string(m), [m](MoeSpec& s) { s.routing = m; }});
+  }
+  out.push_back({"DeepSeekV3 n_group=1 without bias", [](MoeSpec& s) {
+                   s.routing = RoutingMethod::DeepSeekV3;
+                   s.routed_scaling_factor = 2.5;
+                 }});
+  out.push_back({"DeepSeekV3 n_group=8 topk_group=4, bf16 logits and bias", [](MoeSpec& s) {
+                   s.routing = RoutingMethod::DeepSeekV3;
+                   s.n_group = 8;
+                   s.topk_group = 4;
+                   s.has_routing_bias = true;
+                   s.logits_dtype = DType::BF16;
+                   s.bias_dtype = DType::BF16;
+                 }});
+  out.push_back({"bf16 logits", [](MoeSpec& s) { s.logits_dtype = DType::BF16; }});
+  return out;
+}
+
+const std::vector<VariantGroup>& variant_groups() {
+  static const std::vector<VariantGroup> groups = {
+      // Only the route kernel differs between these.
+      {"routing_methods", "qwen3-30b-a3b", routing_variants()},
+      // top_k = 1 changes the tiles, so every GEMM.
+      {"llama4",
+       "qwen3-30b-a3b",
+       {{"Llama4 top_k=1",
+         [](MoeSpec& s) {
+           s.routing = RoutingMethod::Llama4;
+           s.top_k = 1;
+         }}}},
+      // Only gemm1's activation epilogue differs between these.
+      {"gemm1_epilogues",
+       "kimi-k2",
+       {{"UpGate order", [](MoeSpec& s) { s.gate_up_order = GateUpOrder::UpGate; }},
+        {"swiglu alpha+beta+limit",
+         [](MoeSpec& s) { s.swiglu_alpha = s.swiglu_beta = s.swiglu_limit = true; }},
+        {"swiglu limit only", [](MoeSpec& s) { s.swiglu_limit = true; }},
+        {"UpGate with swiglu alpha+beta",
+         [](MoeSpec& s) {
+           s.gate_up_order = GateUpOrder::UpGate;
+           s.swiglu_alpha = s.swiglu_beta = true;
+         }},
+        {"finalize off", [](MoeSpec& s) { s.finalize = false; }}}},
+      {"expert_range",
+       "kimi-k2",
+       {{"experts [96, 144)",
+         [](MoeSpec& s) {
+           s.local_expert_offset = 96;
+           s.local_num_experts = 48;
+         }}}},
+      // Multiples of 32 that are not of 64, an expert count that is not a power of two.
+      {"odd_shape",
+       "qwen3-30b-a3b",
+       {{"H=96 I=160 E=60 k=6",
+         [](MoeSpec& s) {
+           s.hidden = 96;
+           s.intermediate = 160;
+           s.num_experts = 60;
+           s.top_k = 6;
+         }}}},
+  };
+  return groups;
+}
+
+class NvrtcVariant : public ::testing::TestWithParam<std::tuple<size_t, std::string>> {};
+
+TEST_P(NvrtcVariant, EveryBucketCompilesWithoutSpills) {
+  const auto& [index, arch] = GetParam();
+  const VariantGroup& group = variant_groups()[index];
+  for (const Variant& v : group.variants) {
+    SCOPED_TRACE(group.base + " with " + v.name);
+    MoeSpec spec = preset(group.base);
+    v.edit(spec);
+    expect_clean_compile(spec, arch);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(All, NvrtcVariant,
+                         ::testing::Combine(::testing::Range<size_t>(0, variant_groups().size()),
+                                            ::testing::ValuesIn(archs())),
+                         [](const ::testing::TestParamInfo<NvrtcVariant::ParamType>& info) {
+                           return variant_groups()[std::get<0>(info.param)].name + "_" +
+                                  std::get<1>(info.param);
+                         });
+
+}  // namespace
+}  // namespace moejit
