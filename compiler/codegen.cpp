@@ -109,6 +109,7 @@ KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
       "  static constexpr int kChunkGroups = {};\n"
       "  static constexpr bool kDoubleBuffer = {};\n"
       "  static constexpr bool kDirectX = {};\n"
+      "  static constexpr bool kFuseFinalize = {};\n"
       "  static constexpr bool kGateFirst = {};\n"
       "  static constexpr bool kHasAlpha = {};\n"
       "  static constexpr bool kHasBeta = {};\n"
@@ -116,7 +117,7 @@ KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
       b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
       s.local_expert_offset, bk.tile_rows, bk.min_tokens,
       bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.warps_n,
-      c.warps_k, c.k_chunk_groups, b(c.double_buffer), b(c.direct_x), b(s.gate_up_order == GateUpOrder::GateUp),
+      c.warps_k, c.k_chunk_groups, b(c.double_buffer), b(c.direct_x), b(!g1 && bk.fused_finalize), b(s.gate_up_order == GateUpOrder::GateUp),
       b(g1 && s.swiglu_alpha), b(g1 && s.swiglu_beta), b(g1 && s.swiglu_limit));
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_gemm.cuh", cfg,

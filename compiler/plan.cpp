@@ -46,26 +46,36 @@ constexpr int kSmemBudget = 32 * 1024;  // bytes of staged activations per block
 
 int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Shape of one GEMM for a given tile: N output features, K reduction length (both % 32 == 0).
-GemmConfig pick_gemm(int n, int k, int tile_rows) {
+// Shape of one GEMM for a given tile: N output features, K reduction length (both % 32 == 0);
+// swiglu: the GEMM produces (gate, up) pairs, so each warp streams two weight tiles.
+GemmConfig pick_gemm(int n, int k, int tile_rows, bool swiglu) {
   GemmConfig c;
   const int k_groups = k / 32;
   const int k_blocks = (k_groups + 3) / 4;  // a warp consumes 4 groups (128 k) per step
   const int max_chunk = kSmemBudget / (tile_rows * 32 * 2);  // groups that fit in shared memory
-  if (tile_rows <= 16) {
-    // Few rows per expert: weight streaming dominates. One warp of features per block, split K
-    // across warps so each block has enough loads in flight.
+  int iters = 1;  // 4-group blocks per warp per pipeline stage
+  if (tile_rows == 8) {
+    // Decode: weight streaming. x comes through L1; each warp keeps 2 stages of 16-byte loads
+    // in flight (gate+up: 2 blocks per stage, down: 4), which measured best on an H200
+    // (bench/RESULTS.md).
+    c.direct_x = true;
+    c.warps_n = swiglu ? 1 : (n % 64 == 0 ? 4 : (n % 32 == 0 ? 2 : 1));
+    c.warps_k = std::clamp(k_blocks, 1, swiglu ? 4 : 2);
+    iters = swiglu ? 2 : 4;
+  } else if (tile_rows <= 16) {
+    // One warp of features per block, K split across warps so each block has loads in flight.
     c.warps_n = 1;
     c.warps_k = std::clamp(k_blocks, 1, std::min(8, max_chunk / 4));
+    iters = max_chunk / (4 * c.warps_k);
   } else {
     // Many rows: reuse each weight fragment across more rows, split features across warps.
     c.warps_n = (n % 64 == 0) ? 4 : 2;
     c.warps_k = 1;
     c.double_buffer = false;
+    iters = max_chunk / 4;
   }
-  c.direct_x = tile_rows == 8;
   const int step = 4 * c.warps_k;
-  c.k_chunk_groups = std::min(max_chunk / step * step, round_up(k_groups, step));
+  c.k_chunk_groups = std::min(iters * step, round_up(k_groups, step));
   return c;
 }
 
@@ -112,12 +122,14 @@ Plan make_plan(const MoeSpec& spec, int max_tokens) {
     const long long rows_per_expert = (top * spec.top_k + local - 1) / local;
     b.tile_rows = 8;
     while (b.tile_rows < 64 && b.tile_rows < rows_per_expert) b.tile_rows *= 2;
-    b.gemm1 = pick_gemm(spec.intermediate, spec.hidden, b.tile_rows);
-    b.gemm2 = pick_gemm(spec.hidden, spec.intermediate, b.tile_rows);
+    b.gemm1 = pick_gemm(spec.intermediate, spec.hidden, b.tile_rows, true);
+    b.gemm2 = pick_gemm(spec.hidden, spec.intermediate, b.tile_rows, false);
     if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
       apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);
       apply_override(o, "g2", spec.hidden, spec.intermediate, b.tile_rows, b.gemm2);
     }
+    // Decode: the last gemm2 block of a token sums its rows, saving the finalize launch.
+    b.fused_finalize = spec.finalize && b.gemm2.direct_x;
     plan.buckets.push_back(b);
   }
 
@@ -126,7 +138,9 @@ Plan make_plan(const MoeSpec& spec, int max_tokens) {
   for (size_t i = 0; i < plan.buckets.size(); ++i) {
     const int bi = static_cast<int>(i);
     plan.kernels.push_back({fmt::format("gemm1_b{}", i), KernelRole::Gemm1, {"gemm1"}, bi});
-    plan.kernels.push_back({fmt::format("gemm2_b{}", i), KernelRole::Gemm2, {"gemm2"}, bi});
+    std::vector<std::string> stages = {"gemm2"};
+    if (plan.buckets[i].fused_finalize) stages.push_back("finalize");
+    plan.kernels.push_back({fmt::format("gemm2_b{}", i), KernelRole::Gemm2, stages, bi});
   }
   // The finalize kernel is also what moejit::finalize() launches for an unfinalized layer.
   plan.kernels.push_back({"finalize", KernelRole::Finalize, {"finalize"}, -1});
@@ -138,11 +152,11 @@ std::string describe(const Plan& plan) {
   for (size_t i = 0; i < plan.buckets.size(); ++i) {
     const Bucket& b = plan.buckets[i];
     out += fmt::format(
-        "bucket {} tokens=[{},{}] tile_rows={} gemm1(warps_n={} warps_k={} k_chunk={} "
+        "bucket {} tokens=[{},{}] tile_rows={} fused_finalize={} gemm1(warps_n={} warps_k={} k_chunk={} "
         "double_buffer={} direct_x={}) gemm2(warps_n={} warps_k={} k_chunk={} double_buffer={} "
         "direct_x={})\n",
         i, b.min_tokens, b.max_tokens == 0 ? std::string("inf") : std::to_string(b.max_tokens),
-        b.tile_rows, b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
+        b.tile_rows, b.fused_finalize ? 1 : 0, b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,
         b.gemm2.k_chunk_groups, b.gemm2.double_buffer ? 1 : 0, b.gemm2.direct_x ? 1 : 0);
   }

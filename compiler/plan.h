@@ -32,6 +32,7 @@ struct Bucket {
   int tile_rows = 8;   // rows per tile (multiple of 8) = dispatch padding
   GemmConfig gemm1;    // N = I (SwiGLU features), K = H
   GemmConfig gemm2;    // N = H, K = I
+  bool fused_finalize = false;  // gemm2 also finalizes (decode buckets of finalized layers)
 
   bool contains(int tokens) const {
     return tokens >= min_tokens && (max_tokens == 0 || tokens <= max_tokens);

@@ -53,6 +53,7 @@ const Loaded& loaded() {
     sym(d.cuGetErrorName, "cuGetErrorName");
     sym(d.cuGetErrorString, "cuGetErrorString");
     if (missing) return r;
+    d.cuLaunchKernelEx = reinterpret_cast<decltype(d.cuLaunchKernelEx)>(dlsym(lib, "cuLaunchKernelEx"));
     if (CUresult e = d.cuInit(0); e != CUDA_SUCCESS) {
       const char* s = nullptr;
       d.cuGetErrorString(e, &s);

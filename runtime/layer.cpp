@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -36,7 +37,8 @@ std::string layer_key(const MoeSpec& s, const std::string& arch, int max_tokens,
                      s.has_routing_bias, s.routed_scaling_factor, static_cast<int>(s.bias_dtype),
                      s.swiglu_alpha, s.swiglu_beta, s.swiglu_limit, s.local_expert_offset,
                      s.local_experts(), s.finalize, arch, max_tokens, ctx,
-                     compiler::plan_override());
+                     compiler::plan_override() + "|pdl=" +
+                         (std::getenv("MOEJIT_PDL") ? std::getenv("MOEJIT_PDL") : ""));
 }
 
 std::string default_arch(const std::string& requested) {
@@ -118,6 +120,10 @@ class LayerImpl {
                                             sources[i].entry.c_str()));
       kernels_[i].threads = sources[i].threads;
     }
+    // PDL needs sm_90+ and cuLaunchKernelEx; MOEJIT_PDL=0 turns it off (A/B timing).
+    const char* pdl_env = std::getenv("MOEJIT_PDL");
+    pdl_ = d.cuLaunchKernelEx && std::stoi(arch_.substr(3)) >= 90 &&
+           !(pdl_env && std::string(pdl_env) == "0");
     for (size_t i = 0; i < plan_.kernels.size(); ++i) {
       const auto& k = plan_.kernels[i];
       switch (k.role) {
@@ -143,7 +149,7 @@ class LayerImpl {
     long long max_tiles = 0;
     long long rows = 0;  // max_tiles * tile
     size_t topk_ids = 0, topk_weights = 0, counts = 0, offsets = 0, tile_expert = 0, e2p = 0,
-           p2s = 0, act = 0, y = 0, total = 0;
+           p2s = 0, act = 0, y = 0, counters = 0, total = 0;
   };
 
   Layout layout(int T) const {
@@ -170,6 +176,7 @@ class LayerImpl {
     l.p2s = take(static_cast<size_t>(l.rows) * 4);
     l.act = take(static_cast<size_t>(l.rows) * s.intermediate * 2);
     l.y = take(static_cast<size_t>(l.rows) * s.hidden * 2);
+    l.counters = take(static_cast<size_t>(T) * (s.hidden / 16) * 4);
     l.total = at;
     return l;
   }
@@ -224,19 +231,27 @@ class LayerImpl {
                                topk_ids, weights, T};
     launch(route_, (T + compiler::kRouteWarpsPerBlock - 1) / compiler::kRouteWarpsPerBlock, 1,
            &rp, stream);
+    // Decode buckets of finalized layers fuse the finalize into gemm2.
+    const bool fused = b.fused_finalize && outs.final_out;
+    int32_t* counters = reinterpret_cast<int32_t*>(at(l.counters));
+    const int feature_blocks = s.hidden / (16 * b.gemm2.warps_n);
     moejit_dev::DispatchParams dp{topk_ids, counts, offsets, tile_expert, e2p, p2s, T,
-                                  l.tile, static_cast<int32_t>(l.max_tiles)};
+                                  l.tile, static_cast<int32_t>(l.max_tiles),
+                                  fused ? counters : nullptr, fused ? T * feature_blocks : 0,
+                                  fused ? outs.final_out : nullptr, s.hidden};
     launch(dispatch_, 1, 1, &dp, stream);
     moejit_dev::GemmParams g1{in.hidden_states, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
-                              act, T, static_cast<int32_t>(l.max_tiles)};
+                              act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
+                              nullptr, nullptr};
     launch(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
            s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
     moejit_dev::GemmParams g2{act, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
-                              nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles)};
-    launch(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), s.hidden / (16 * b.gemm2.warps_n),
-           &g2, stream);
-    if (outs.final_out) run_finalize(y, weights, e2p, outs.final_out, T, stream);
+                              nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
+                              fused ? counters : nullptr, e2p, weights,
+                              fused ? outs.final_out : nullptr};
+    launch(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), feature_blocks, &g2, stream);
+    if (outs.final_out && !fused) run_finalize(y, weights, e2p, outs.final_out, T, stream);
   }
 
   void run_finalize(const void* y, const float* weights, const int32_t* e2p, void* out, int T,
@@ -248,19 +263,44 @@ class LayerImpl {
            &fp, stream);
   }
 
-  int launches(int T) const { return T == 0 ? 0 : (plan_.spec.finalize ? 5 : 4); }
+  int launches(int T) const {
+    if (T == 0) return 0;
+    const bool fused = plan_.buckets[plan_.bucket_for(T)].fused_finalize;
+    return plan_.spec.finalize && !fused ? 5 : 4;
+  }
 
   const Plan& plan() const { return plan_; }
   const std::string& arch() const { return arch_; }
   int max_tokens() const { return max_tokens_; }
 
  private:
+  // Every kernel but the first of a layer is launched with programmatic stream serialization
+  // on sm_90+ (when the driver has cuLaunchKernelEx), so it is scheduled while its predecessor
+  // drains; the templates' pdl_wait() keeps the data dependency.
   template <class P>
   void launch(size_t k, unsigned gx, unsigned gy, P* params, Stream stream) const {
     void* args[] = {params};
-    MOEJIT_CU_CHECK(runtime::driver().cuLaunchKernel(
-        kernels_[k].fn, gx, gy, 1, static_cast<unsigned>(kernels_[k].threads), 1, 1, 0,
-        reinterpret_cast<CUstream>(stream), args, nullptr));
+    const runtime::Driver& d = runtime::driver();
+    if (pdl_ && k != route_) {
+      CUlaunchAttribute attr{};
+      attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+      attr.value.programmaticStreamSerializationAllowed = 1;
+      CUlaunchConfig cfg{};
+      cfg.gridDimX = gx;
+      cfg.gridDimY = gy;
+      cfg.gridDimZ = 1;
+      cfg.blockDimX = static_cast<unsigned>(kernels_[k].threads);
+      cfg.blockDimY = 1;
+      cfg.blockDimZ = 1;
+      cfg.hStream = reinterpret_cast<CUstream>(stream);
+      cfg.attrs = &attr;
+      cfg.numAttrs = 1;
+      MOEJIT_CU_CHECK(d.cuLaunchKernelEx(&cfg, kernels_[k].fn, args, nullptr));
+      return;
+    }
+    MOEJIT_CU_CHECK(d.cuLaunchKernel(kernels_[k].fn, gx, gy, 1,
+                                     static_cast<unsigned>(kernels_[k].threads), 1, 1, 0,
+                                     reinterpret_cast<CUstream>(stream), args, nullptr));
   }
 
   void check_inputs(const MoeInputs& in) const {
@@ -306,6 +346,7 @@ class LayerImpl {
   std::string arch_;
   CUcontext ctx_ = nullptr;
   std::vector<Kernel> kernels_;
+  bool pdl_ = false;
   size_t route_ = 0, dispatch_ = 0, finalize_ = 0;
   std::vector<size_t> gemm1_, gemm2_;
 };

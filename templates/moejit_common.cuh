@@ -9,6 +9,21 @@ namespace moejit_dev {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Programmatic dependent launch (sm_90+; no-ops before). A kernel launched with the PDL
+// attribute may start while its predecessor still runs: pdl_wait() blocks until the predecessor
+// grid has completed and its writes are visible. Every moejit kernel waits before it triggers
+// its own dependents, so a kernel may read what the kernel two back wrote before its own wait.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // Routing method codes; codegen writes these as Cfg::kMethod (same order as moejit::RoutingMethod).

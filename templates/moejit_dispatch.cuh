@@ -20,6 +20,8 @@ __device__ void dispatch_kernel(const DispatchParams& p) {
   __shared__ int s_chunk[L];    // rows of each expert in the current chunk
   __shared__ unsigned short s_warp[kWarps][L];  // per-warp counts, then per-warp prefixes
 
+  pdl_wait();
+  pdl_trigger();
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -83,6 +85,7 @@ __device__ void dispatch_kernel(const DispatchParams& p) {
     }
     p.tile_expert[b] = e;
   }
+  for (int i = tid; i < p.num_counters; i += Cfg::kThreads) p.token_counters[i] = 0;
   // Padding rows (and rows past the end) hold no slot.
   for (int r = tid; r < p.max_tiles * tile; r += Cfg::kThreads) p.permuted_to_slot[r] = -1;
   __syncthreads();
@@ -117,6 +120,18 @@ __device__ void dispatch_kernel(const DispatchParams& p) {
     __syncthreads();
     for (int e = tid; e < L; e += Cfg::kThreads) s_base[e] += s_chunk[e];
     __syncthreads();
+  }
+
+  // Fused finalize: a token none of whose slots is local gets a zero output row here.
+  if (p.out) {
+    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+    for (int t = warp; t < p.num_tokens; t += kWarps) {
+      bool any = false;
+      for (int j = 0; j < Cfg::kTopK; ++j) any |= local_of(t * Cfg::kTopK + j) >= 0;
+      if (!any)
+        for (int h = lane; h < p.hidden; h += 32)
+          out[static_cast<long long>(t) * p.hidden + h] = __float2bfloat16_rn(0.0f);
+    }
   }
 }
 

@@ -13,6 +13,7 @@ template <class Cfg>
 __device__ void finalize_kernel(const FinalizeParams& p) {
   constexpr int H = Cfg::kHidden;
   constexpr int K = Cfg::kTopK;
+  pdl_wait();
   const int t = blockIdx.x;
   const int h = (blockIdx.y * Cfg::kThreads + threadIdx.x) * 8;
   if (t >= p.num_tokens || h >= H) return;

@@ -21,7 +21,7 @@
 // order at the end (deterministic).
 //
 // Cfg provides: kGemm1, kN (output features), kK (reduction length), kTopK, kLocalOffset,
-// kTile, kWarpsN, kWarpsK, kChunkGroups, kDoubleBuffer, kDirectX, kGateFirst, kHasAlpha, kHasBeta,
+// kTile, kWarpsN, kWarpsK, kChunkGroups, kDoubleBuffer, kDirectX, kFuseFinalize, kGateFirst, kHasAlpha, kHasBeta,
 // kHasLimit.
 #pragma once
 
@@ -67,6 +67,48 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint4& q16, uint32_t scal
   return *reinterpret_cast<uint32_t*>(&r);
 }
 
+// The finalize fused into gemm2 (decode): after this block's y rows are written, it counts them
+// per token; the block that completes a token's local slots for this feature block sums them in
+// ascending j (the same arithmetic as moejit_finalize.cuh, so results do not depend on which
+// block is last).
+template <class Cfg, int H, int kTile, int kFeatures>
+__device__ void fused_finalize(const GemmParams& p, int row0, int rows_valid) {
+  constexpr int K = Cfg::kTopK;
+  __shared__ int s_last[kTile];
+  __threadfence();  // this thread's y stores are visible to every block
+  __syncthreads();
+  const int tid = threadIdx.x;
+  if (tid < kTile) {
+    int last = -1;
+    if (tid < rows_valid) {
+      const int t = p.permuted_to_slot[row0 + tid] / K;
+      int local = 0;
+      for (int j = 0; j < K; ++j) local += p.expanded_to_permuted[t * K + j] >= 0;
+      const int seen = atomicAdd(&p.token_counters[t * gridDim.y + blockIdx.y], 1);
+      if (seen == local - 1) last = t;
+      __threadfence();  // order the other blocks' y stores before the reads below
+    }
+    s_last[tid] = last;
+  }
+  __syncthreads();
+  const int f = blockIdx.y * kFeatures + tid;
+  if (tid >= kFeatures) return;
+  const unsigned short* y = static_cast<const unsigned short*>(p.out);
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.final_out);
+  for (int r = 0; r < kTile; ++r) {
+    const int t = s_last[r];
+    if (t < 0) continue;
+    float acc = 0.0f;
+    for (int j = 0; j < K; ++j) {
+      const int row = p.expanded_to_permuted[t * K + j];
+      if (row < 0) continue;
+      const unsigned short bits = __ldcg(y + static_cast<long long>(row) * H + f);
+      acc += p.weights[t * K + j] * __bfloat162float(__ushort_as_bfloat16(bits));
+    }
+    out[static_cast<long long>(t) * H + f] = __float2bfloat16_rn(acc);
+  }
+}
+
 template <class Cfg>
 __device__ void grouped_gemm(const GemmParams& p) {
   constexpr int N = Cfg::kN;
@@ -99,6 +141,12 @@ __device__ void grouped_gemm(const GemmParams& p) {
   __shared__ int s_src[kTile];
   __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(s_raw);
 
+  // Gemm1 reads dispatch's outputs right away. Gemm2 may read them before its wait (gemm1
+  // waited for dispatch before triggering gemm2), and waits only before reading gemm1's output.
+  if constexpr (kGemm1) {
+    pdl_wait();
+    pdl_trigger();
+  }
   const int tile = blockIdx.x;
   if (tile >= p.max_tiles) return;
   const int e = p.tile_expert[tile];
@@ -149,10 +197,17 @@ __device__ void grouped_gemm(const GemmParams& p) {
   using WRegs = uint4[kIters][AT][2];
   using SRegs = uint32_t[kIters][AT][2];
   const bool x_row_valid = g < rows_valid;
+  // Chunk-relative MXINT4 group that this thread feeds to the MMAs in stage step `it`. The four
+  // threads of a quad must supply different groups to one MMA; which ones is free. A quad reads
+  // 4 consecutive groups (64 contiguous bytes of a row) per load, and the K warps of a block
+  // interleave, so a block's warps read whole lines together. (Giving each thread kIters
+  // consecutive groups instead measured 15% slower on an H200: half-sector loads that bypass
+  // L1 fetch each sector twice from L2. bench/RESULTS.md.)
+  auto group_of = [&](int it) { return (wk + it * WK) * 4 + t; };
   auto load_weights = [&](int c0, WRegs& wq, SRegs& sc) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
-      const int grp = c0 + (wk + it * WK) * 4 + t;
+      const int grp = c0 + group_of(it);
 #pragma unroll
       for (int a = 0; a < AT; ++a)
 #pragma unroll
@@ -186,7 +241,7 @@ __device__ void grouped_gemm(const GemmParams& p) {
   auto compute = [&](int c0, const WRegs& wq, const SRegs& sc) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
-      const int gi = (wk + it * WK) * 4 + t;  // chunk-relative group of this thread
+      const int gi = group_of(it);  // chunk-relative group of this thread
       // Direct x: row g of the tile, this group's 32 values, 8 bytes per k-step (L1 hits after
       // the first warp; only lanes of valid rows load).
       const uint2* xr = reinterpret_cast<const uint2*>(
@@ -246,6 +301,10 @@ __device__ void grouped_gemm(const GemmParams& p) {
     if constexpr (kDirectX) {
     // No shared-memory staging and no barrier inside the K loop: x comes through L1.
     load_weights(0, wa, sa);
+    if constexpr (!kGemm1) {
+      pdl_wait();  // the first weights are in flight; x (gemm1's output) is read from here on
+      pdl_trigger();
+    }
 #pragma unroll 1
     for (int c = 0; c < kChunks; c += 2) {
       if (c + 1 < kChunks) load_weights((c + 1) * CG, wb, sb);
@@ -256,6 +315,10 @@ __device__ void grouped_gemm(const GemmParams& p) {
       }
     }
   } else if constexpr (!Cfg::kDoubleBuffer) {
+    if constexpr (!kGemm1) {
+      pdl_wait();
+      pdl_trigger();
+    }
     // Large tiles reuse each weight fragment NT times: MMA-bound, one register set.
 #pragma unroll 1
     for (int c = 0; c < kChunks; ++c) {
@@ -268,6 +331,10 @@ __device__ void grouped_gemm(const GemmParams& p) {
   } else {
   // Two register sets alternate between "in flight" and "being consumed".
   load_weights(0, wa, sa);
+  if constexpr (!kGemm1) {
+    pdl_wait();
+    pdl_trigger();
+  }
 #pragma unroll 1
   for (int c = 0; c < kChunks; c += 2) {
     fill_x(c * CG);
@@ -299,7 +366,7 @@ __device__ void grouped_gemm(const GemmParams& p) {
             red[(((wk * WN + wn) * kVals) + (a * NT + n) * 4 + i) * 32 + lane] = acc[a][n][i];
     }
     __syncthreads();
-    if (wk > 0) return;
+    if (wk == 0)
     for (int w = 1; w < WK; ++w)
 #pragma unroll
       for (int a = 0; a < AT; ++a)
@@ -310,8 +377,10 @@ __device__ void grouped_gemm(const GemmParams& p) {
             acc[a][n][i] += red[(((w * WN + wn) * kVals) + (a * NT + n) * 4 + i) * 32 + lane];
   }
 
-  // Epilogue. Accumulator i of n-tile n: feature f0 + g + 8*(i/2), row n*8 + 2t + (i%2).
+  // Epilogue (warps with wk == 0). Accumulator i of n-tile n: feature f0 + g + 8*(i/2), row
+  // n*8 + 2t + (i%2).
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+  if (wk == 0) {
   float alpha = 1.0f, beta = 0.0f, limit = 0.0f;
   if constexpr (kGemm1) {
     if constexpr (Cfg::kHasAlpha) alpha = p.alpha[e];
@@ -338,9 +407,11 @@ __device__ void grouped_gemm(const GemmParams& p) {
         out[o] = __float2bfloat16_rn(r < rows_valid ? acc[0][n][i] : 0.0f);
       }
     }
-  (void)alpha;
-  (void)beta;
-  (void)limit;
+    (void)alpha;
+    (void)beta;
+    (void)limit;
+  }
+  if constexpr (Cfg::kFuseFinalize) fused_finalize<Cfg, N, kTile, WN * 16>(p, row0, rows_valid);
 }
 
 }  // namespace moejit_dev

@@ -37,6 +37,12 @@ struct DispatchParams {
   int32_t num_tokens;
   int32_t tile;
   int32_t max_tiles;
+  // Fused finalize (else null / 0): counters to zero, and the output rows of tokens with no
+  // local slot to zero (no GEMM block finalizes them).
+  int32_t* token_counters;
+  int32_t num_counters;
+  void* out;                       // [T, H] bf16
+  int32_t hidden;
 };
 
 // One grouped GEMM over row tiles: out[r, :] = f(x[r, :] @ W[expert(r)]^T).
@@ -56,6 +62,12 @@ struct GemmParams {
   void* out;                       // gemm1: act [P, I]; gemm2: y [P, H]; bf16
   int32_t num_tokens;
   int32_t max_tiles;
+  // Gemm2 with the finalize fused (Cfg::kFuseFinalize): the last block to write a token's rows
+  // of a feature block sums them: final_out[t, f] = sum_j weights[t*k+j] * y[perm[t*k+j], f].
+  int32_t* token_counters;         // [T, gridDim.y], zeroed by dispatch
+  const int32_t* expanded_to_permuted;
+  const float* weights;
+  void* final_out;                 // [T, H] bf16
 };
 
 // Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.

@@ -169,6 +169,7 @@ __device__ void route_token(const RouteParams& p, int t) {
 
 template <class Cfg>
 __device__ void route_kernel(const RouteParams& p) {
+  pdl_trigger();  // dispatch may launch now; it waits for this grid before reading
   const int t = blockIdx.x * Cfg::kWarpsPerBlock + (threadIdx.x >> 5);
   // Whole warps leave together, so the warp-synchronous code below sees full warps.
   if (t >= p.num_tokens) return;

@@ -211,7 +211,10 @@ void add_bench_cmd(CLI::App& app) {
     }
     std::vector<Row> rows;
     for (int T : counts) {
-      moejit::ref::make_inputs(host, T, seed * 7919 + T);
+      // Uniform routing (no shared bias), as in a balanced serving workload.
+      moejit::ref::InputOptions uniform;
+      uniform.bias_std = 0.0;
+      moejit::ref::make_inputs(host, T, seed * 7919 + T, uniform);
       const auto routing = moejit::ref::route_all(spec, host, T);
       std::map<int, int> per_expert;  // local expert -> slots
       for (int32_t id : routing.ids) {
@@ -241,7 +244,7 @@ void add_bench_cmd(CLI::App& app) {
         CaseOptions vo;
         vo.timing_runs = 0;
         vo.max_checked_tokens = 16;
-        const CaseResult check = run_case(spec, host, copies[0], T, seed * 7919 + T, vo);
+        const CaseResult check = run_case(spec, host, copies[0], T, seed * 7919 + T, vo, uniform);
         if (!check.pass) {
           fmt::print("VERIFY FAILED tokens={} plan='{}': {}\n", T, plan, check.line());
           set_failed();

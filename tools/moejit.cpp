@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <map>
 
+#include "cache_cmd.h"
 #include "cli_common.h"
 #include "commands.h"
 
@@ -67,6 +68,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string(moejit::version()));
   add_dump(app);
   add_compile(app);
+  moejit_cli_add_cache_commands(app);
   moejit_cli::add_gpu_commands(app);
   try {
     app.parse(argc, argv);

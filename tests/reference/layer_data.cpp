@@ -267,7 +267,7 @@ void make_logits(HostLayer& L, uint64_t seed, const InputOptions& o) {
   if (s.has_routing_bias) {
     const Rng br(seed, kBias);
     L.bias.resize(sz(E));
-    for (int e = 0; e < E; ++e) L.bias[sz(e)] = static_cast<float>(0.1 * br.normal(sz(e)));
+    for (int e = 0; e < E; ++e) L.bias[sz(e)] = static_cast<float>(o.bias_std * br.normal(sz(e)));
     if (o.ties && dsv3)
       for (int e = 0; e < E; ++e) L.bias[sz(e)] = L.bias[sz(e & ~1)];
   }

@@ -87,6 +87,9 @@ struct HostLayer {
 // Test-only shapes of the generated inputs.
 struct InputOptions {
   double logit_std = 2.0;  // logits ~ N(0, logit_std^2)
+  // DeepSeekV3 bias ~ N(0, bias_std^2). The bias is shared by all tokens, so a large one
+  // concentrates routing on few experts; benchmarks use 0 for uniform routing.
+  double bias_std = 0.1;
   // Every token's top-1 (for Precomputed: ids[t][0]) is this global expert; -1 = off.
   int force_expert = -1;
   // Experts no token selects (as long as at least top_k others remain and no NaN is injected).
