@@ -28,9 +28,10 @@ int Plan::bucket_for(int tokens) const {
   for (size_t i = 0; i < buckets.size(); ++i)
     if (buckets[i].contains(tokens)) return static_cast<int>(i);
   throw Error(ErrorKind::InvalidArgument,
-              fmt::format("num_tokens = {} is outside every compiled token bucket (the layer was "
-                          "compiled for at most {} tokens)",
-                          tokens, buckets.empty() ? 0 : buckets.back().max_tokens));
+              fmt::format("num_tokens = {} is outside every compiled token bucket: the layer was "
+                          "compiled with max_tokens = {}, so its buckets end at {} tokens; "
+                          "compile without a limit or with a larger one",
+                          tokens, max_tokens, buckets.empty() ? 0 : buckets.back().max_tokens));
 }
 
 long long Plan::max_tiles(int tokens, int top_k, int local_experts, int tile_rows) {
@@ -62,6 +63,9 @@ GemmConfig pick_gemm(int n, int k, int tile_rows, bool swiglu) {
     c.warps_n = swiglu ? 1 : (n % 64 == 0 ? 4 : (n % 32 == 0 ? 2 : 1));
     c.warps_k = std::clamp(k_blocks, 1, swiglu ? 4 : 2);
     iters = swiglu ? 2 : 4;
+    // Four blocks per stage spill (ptxas holds these kernels to 128 registers) once the K
+    // loop runs more than two stages, as for seed-test's I = 7168.
+    if (!swiglu && k_blocks > 2 * iters * c.warps_k) iters = 2;
   } else if (tile_rows <= 16) {
     // One warp of features per block, K split across warps so each block has loads in flight.
     c.warps_n = 1;
@@ -112,6 +116,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens) {
   spec.validate();
   Plan plan;
   plan.spec = spec;
+  plan.max_tokens = max_tokens;
   const int local = spec.local_experts();
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;

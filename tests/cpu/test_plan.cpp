@@ -121,14 +121,18 @@ TEST(PlanGemm, ConfigsObeyTheKernelContract) {
 // Hand-computed for kimi-k2 (H 7168 = 224 groups, I 2048 = 64 groups).
 TEST(PlanGemm, KimiK2Configs) {
   const Plan plan = make_plan(preset("kimi-k2"));
-  // Tile 8: one warp of features, K split over 8 warps, 64 groups (8 x 64 x 64 B = 32 KiB).
-  EXPECT_EQ(plan.buckets[0].gemm1, (GemmConfig{1, 8, 64}));
-  EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{1, 8, 64}));
-  // Tile 16: 32 groups fit; the split is capped at 32 / 4 = 8 warps.
-  EXPECT_EQ(plan.buckets[2].gemm1, (GemmConfig{1, 8, 32}));
+  // Tile 8 (decode, x through L1): gate+up on one warp of features with K over 4 warps and
+  // 2 blocks of 4 groups per stage; down on 4 warps of features (N % 64 == 0), K over 2 warps,
+  // 4 blocks per stage. Both double-buffered.
+  EXPECT_EQ(plan.buckets[0].gemm1, (GemmConfig{1, 4, 32, true, true}));
+  EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{4, 2, 32, true, true}));
+  EXPECT_TRUE(plan.buckets[0].fused_finalize);
+  // Tile 16: 32 groups fit in shared memory; the split is capped at 32 / 4 = 8 warps.
+  EXPECT_EQ(plan.buckets[2].gemm1, (GemmConfig{1, 8, 32, true, false}));
+  EXPECT_FALSE(plan.buckets[2].fused_finalize);
   // Tile 64: 4 warps of features (N % 64 == 0), no K split, 8 groups (64 x 8 x 64 B = 32 KiB).
-  EXPECT_EQ(plan.buckets[3].gemm1, (GemmConfig{4, 1, 8}));
-  EXPECT_EQ(plan.buckets[3].gemm2, (GemmConfig{4, 1, 8}));
+  EXPECT_EQ(plan.buckets[3].gemm1, (GemmConfig{4, 1, 8, false, false}));
+  EXPECT_EQ(plan.buckets[3].gemm2, (GemmConfig{4, 1, 8, false, false}));
 }
 
 TEST(PlanGemm, NarrowOutputUsesTwoWarps) {
@@ -144,7 +148,7 @@ TEST(PlanGemm, ShortKSplitsLess) {
   MoeSpec s = preset("qwen3-30b-a3b");
   s.intermediate = 256;  // 8 groups = 2 warp steps of 4 groups
   const Plan plan = make_plan(s);
-  EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{1, 2, 8}));
+  EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{4, 2, 8, true, true}));
 }
 
 TEST(PlanKernels, FullList) {
@@ -152,28 +156,29 @@ TEST(PlanKernels, FullList) {
   struct Expected {
     const char* name;
     KernelRole role;
-    const char* stage;
+    std::vector<std::string> stages;
     int bucket;
   };
+  // The decode buckets (tile 8) fuse the finalize into gemm2.
   const Expected expected[] = {
-      {"route", KernelRole::Route, "route", -1},
-      {"dispatch", KernelRole::Dispatch, "dispatch", -1},
-      {"gemm1_b0", KernelRole::Gemm1, "gemm1", 0},
-      {"gemm2_b0", KernelRole::Gemm2, "gemm2", 0},
-      {"gemm1_b1", KernelRole::Gemm1, "gemm1", 1},
-      {"gemm2_b1", KernelRole::Gemm2, "gemm2", 1},
-      {"gemm1_b2", KernelRole::Gemm1, "gemm1", 2},
-      {"gemm2_b2", KernelRole::Gemm2, "gemm2", 2},
-      {"gemm1_b3", KernelRole::Gemm1, "gemm1", 3},
-      {"gemm2_b3", KernelRole::Gemm2, "gemm2", 3},
-      {"finalize", KernelRole::Finalize, "finalize", -1},
+      {"route", KernelRole::Route, {"route"}, -1},
+      {"dispatch", KernelRole::Dispatch, {"dispatch"}, -1},
+      {"gemm1_b0", KernelRole::Gemm1, {"gemm1"}, 0},
+      {"gemm2_b0", KernelRole::Gemm2, {"gemm2", "finalize"}, 0},
+      {"gemm1_b1", KernelRole::Gemm1, {"gemm1"}, 1},
+      {"gemm2_b1", KernelRole::Gemm2, {"gemm2", "finalize"}, 1},
+      {"gemm1_b2", KernelRole::Gemm1, {"gemm1"}, 2},
+      {"gemm2_b2", KernelRole::Gemm2, {"gemm2"}, 2},
+      {"gemm1_b3", KernelRole::Gemm1, {"gemm1"}, 3},
+      {"gemm2_b3", KernelRole::Gemm2, {"gemm2"}, 3},
+      {"finalize", KernelRole::Finalize, {"finalize"}, -1},
   };
   ASSERT_EQ(plan.kernels.size(), std::size(expected));
   for (size_t i = 0; i < plan.kernels.size(); ++i) {
     const KernelPlan& k = plan.kernels[i];
     EXPECT_EQ(k.name, expected[i].name);
     EXPECT_EQ(k.role, expected[i].role);
-    EXPECT_EQ(k.stages, std::vector<std::string>{expected[i].stage});
+    EXPECT_EQ(k.stages, expected[i].stages);
     EXPECT_EQ(k.bucket, expected[i].bucket);
   }
 }
@@ -222,7 +227,8 @@ TEST(PlanMaxTokens, TokensAboveTheLastBucketAreRejected) {
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
     EXPECT_THAT(e.what(), HasSubstr("num_tokens = 513"));
-    EXPECT_THAT(e.what(), HasSubstr("at most 512 tokens"));
+    EXPECT_THAT(e.what(), HasSubstr("max_tokens = 100"));
+    EXPECT_THAT(e.what(), HasSubstr("end at 512 tokens"));
   }
 }
 
@@ -255,12 +261,13 @@ TEST(PlanMake, RejectsAnInvalidSpec) {
 TEST(PlanDescribe, OneLinePerBucketAndKernel) {
   const std::string text = describe(make_plan(preset("kimi-k2"), 16));
   EXPECT_EQ(text,
-            "bucket 0 tokens=[1,16] tile_rows=8 gemm1(warps_n=1 warps_k=8 k_chunk=64) "
-            "gemm2(warps_n=1 warps_k=8 k_chunk=64)\n"
+            "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=1 gemm1(warps_n=1 warps_k=4 "
+            "k_chunk=32 double_buffer=1 direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 "
+            "double_buffer=1 direct_x=1)\n"
             "kernel route role=route stages=route bucket=-1\n"
             "kernel dispatch role=dispatch stages=dispatch bucket=-1\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
-            "kernel gemm2_b0 role=gemm2 stages=gemm2 bucket=0\n"
+            "kernel gemm2_b0 role=gemm2 stages=gemm2+finalize bucket=0\n"
             "kernel finalize role=finalize stages=finalize bucket=-1\n");
 }
 
