@@ -35,7 +35,9 @@ std::string float_literal(double v) {
 // calls the template `function`<Cfg>.
 std::string unit(const KernelPlan& k, const MoeSpec& s, const std::string& include,
                  const std::string& cfg_body, const std::string& params,
-                 const std::string& function, int threads) {
+                 const std::string& function, int threads, int min_blocks = 0) {
+  const std::string bounds =
+      min_blocks > 0 ? fmt::format("{}, {}", threads, min_blocks) : std::to_string(threads);
   return fmt::format(
       "// moejit generated kernel '{name}' ({stages}); H={h} I={i} E={e} top_k={k}\n"
       "#include \"{include}\"\n\n"
@@ -44,14 +46,14 @@ std::string unit(const KernelPlan& k, const MoeSpec& s, const std::string& inclu
       "{cfg}"
       "}};\n"
       "}}  // namespace\n\n"
-      "extern \"C\" __global__ void __launch_bounds__({threads})\n"
+      "extern \"C\" __global__ void __launch_bounds__({bounds})\n"
       "moejit_{name}(const __grid_constant__ moejit_dev::{params} p) {{\n"
       "  moejit_dev::{function}<Cfg>(p);\n"
       "}}\n",
       fmt::arg("name", k.name), fmt::arg("stages", fmt::join(k.stages, "+")),
       fmt::arg("h", s.hidden), fmt::arg("i", s.intermediate), fmt::arg("e", s.num_experts),
       fmt::arg("k", s.top_k), fmt::arg("include", include), fmt::arg("cfg", cfg_body),
-      fmt::arg("threads", threads), fmt::arg("params", params), fmt::arg("function", function));
+      fmt::arg("bounds", bounds), fmt::arg("params", params), fmt::arg("function", function));
 }
 
 KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
@@ -121,7 +123,7 @@ KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
       b(g1 && s.swiglu_alpha), b(g1 && s.swiglu_beta), b(g1 && s.swiglu_limit));
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_gemm.cuh", cfg,
-               "GemmParams", "grouped_gemm", c.threads()),
+               "GemmParams", "grouped_gemm", c.threads(), c.min_blocks),
           c.threads()};
 }
 

@@ -86,8 +86,10 @@ GemmConfig pick_gemm(int n, int k, int tile_rows, bool swiglu) {
 // Applies "g1=WNxWKxCG,g2=WNxWKxCG" (either part optional) to a GEMM of n features, k length.
 void apply_override(const std::string& text, const char* which, int n, int k, int tile,
                     GemmConfig& c) {
-  const std::regex re(std::string(which) + "=([0-9]+)x([0-9]+)x([0-9]+)");
+  const std::regex mb(std::string("mb") + which[1] + "=([0-9]+)");
   std::smatch m;
+  if (std::regex_search(text, m, mb)) c.min_blocks = std::stoi(m[1]);
+  const std::regex re(std::string(which) + "=([0-9]+)x([0-9]+)x([0-9]+)");
   if (!std::regex_search(text, m, re)) return;
   GemmConfig o = c;
   o.warps_n = std::stoi(m[1]);

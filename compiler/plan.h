@@ -18,11 +18,13 @@ struct GemmConfig {
   int k_chunk_groups = 4;  // a multiple of 4 * warps_k
   bool double_buffer = true;  // prefetch the next chunk's weights during the current MMAs
   bool direct_x = false;      // 8-row tiles: x through L1 into registers, no shared memory
+  int min_blocks = 0;         // __launch_bounds__ minimum blocks per SM (register cap); 0 = none
 
   int threads() const { return 32 * warps_n * warps_k; }
   bool operator==(const GemmConfig& o) const {
     return warps_n == o.warps_n && warps_k == o.warps_k && k_chunk_groups == o.k_chunk_groups &&
-           double_buffer == o.double_buffer && direct_x == o.direct_x;
+           double_buffer == o.double_buffer && direct_x == o.direct_x &&
+           min_blocks == o.min_blocks;
   }
 };
 
@@ -65,8 +67,9 @@ struct Plan {
 const std::vector<std::pair<int, int>>& bucket_ranges();
 
 // Picks the tile and GEMM shapes for each bucket; max_tokens > 0 drops buckets above it.
-// MOEJIT_PLAN_OVERRIDE (a tuning switch, e.g. "g1=1x8x64,g2=2x4x64") replaces the GEMM shapes
-// (warps_n x warps_k x k_chunk_groups) of the buckets whose tile is 8 rows (decode).
+// MOEJIT_PLAN_OVERRIDE (a tuning switch, e.g. "g1=1x8x64,g2=2x4x64,mb1=5") replaces the GEMM
+// shapes (warps_n x warps_k x k_chunk_groups, and mbN = minimum blocks per SM) of the buckets
+// whose tile is 8 rows (decode).
 Plan make_plan(const MoeSpec& spec, int max_tokens = 0);
 
 // The override in force ("" when none); part of a compiled layer's identity.
