@@ -70,7 +70,8 @@ double time_median_us(F&& launch, int runs) {
 
 CaseResult run_case(const moejit::MoeSpec& spec, moejit::ref::HostLayer& layer,
                     moejit::ref::DeviceLayer& dev, int T, uint64_t seed,
-                    const CaseOptions& options, const moejit::ref::InputOptions& input_opts) {
+                    const CaseOptions& options, const moejit::ref::InputOptions& input_opts,
+                    CaseOutputs* outputs) {
   CaseResult r;
   r.tokens = T;
   r.finalize = spec.finalize;
@@ -178,6 +179,21 @@ CaseResult run_case(const moejit::MoeSpec& spec, moejit::ref::HostLayer& layer,
           break;
         }
     }
+  }
+  if (outputs) {
+    outputs->tile = tile;
+    outputs->topk_ids = got_ids;
+    outputs->topk_weights = got_w;
+    outputs->checked_tokens = subset;
+    outputs->reference_out = ref.out;
+    if (!spec.finalize) {
+      const size_t used = got_offsets.empty() ? 0 : static_cast<size_t>(std::max(0, got_offsets[L]));
+      got_y.resize(std::min(got_y.size(), used * H));
+      outputs->gemm2_out = std::move(got_y);
+      outputs->expanded_to_permuted = std::move(got_e2p);
+      outputs->expert_offsets = std::move(got_offsets);
+    }
+    outputs->out = std::move(got_out);
   }
   r.median_us = time_median_us(launch, options.timing_runs);
   r.pass = r.routing.pass && r.output.pass && r.unfinalized.pass && r.layout_ok;

@@ -1,0 +1,986 @@
+// Differential suite: every JIT layer against the prebuilt GPU reference (nvcc, fp32) and the
+// fp64 CPU reference, with the acceptance rule of reference/compare.h.
+//
+// Per case (a spec, a token count, a seed, input options, finalize on/off/both):
+//   * outputs and routing buffers are poisoned (NaN / 0x7f7f7f7f) before every launch, and the
+//     device outputs are allocated at their exact size (compute-sanitizer sees any overrun);
+//   * routing: the kernel's topk_ids/topk_weights against the CPU reference (compare_routing);
+//     the GPU reference's own routing against the CPU reference as well;
+//   * output: JIT vs CPU fp64 on a subset of tokens (evenly spaced, with the routing the rule
+//     accepts), JIT vs GPU reference on every token (the GPU reference run with
+//     routing = Precomputed and the kernel's ids and weights, so near-ties cannot diverge), and
+//     GPU reference vs CPU on the subset;
+//   * finalize off: the layout equals reference_dispatch(kernel ids, tile_rows(T)), padding rows
+//     are zero, gemm2_out rows match the GPU reference (every slot) and the CPU reference
+//     (subset), and moejit::finalize equals a host finalize of the downloaded rows;
+//   * finalize both: unfinalized + moejit::finalize must equal the finalized output BITWISE
+//     (NaN payloads aside), and the routing outputs of the two launches must be identical: both
+//     layers run the same route, dispatch and GEMM kernels, and the finalized layer's sum (the
+//     finalize kernel, or the one fused into decode gemm2) adds the same bf16 rows with the same
+//     fp32 arithmetic in the same order (ascending j) as moejit::finalize;
+//   * expert parallel: ranks over an uneven partition of the experts; each rank's ids equal the
+//     unsplit ids, each rank's partial output is checked like a layer, and the sum of the ranks'
+//     bf16 partials equals the unsplit output (and the fp64 reference) within the rule.
+// One line per case is printed ("[diff] PASS ..."), a failing case adds a gtest failure with its
+// spec (one line and IR text), seed and options, and the run ends with a summary line
+// "[diff] summary: N cases run, M passed, F failed".
+//
+// Sanitizers: tests/gpu/sanitizer.sh runs --gtest_filter='Differential.Small*' under
+// compute-sanitizer memcheck and racecheck.
+//
+// Environment: MOEJIT_DIFF_SWEEP_SEED=N draws another sample of the random sweep (default
+// 20250607); MOEJIT_DIFF_SWEEP_GROUPS=N changes its number of shape groups (default 16);
+// MOEJIT_DIFF_LIST=1 makes DifferentialSweepPlan.* (no GPU needed) print every sweep case.
+#include <gtest/gtest.h>
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <set>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "gpu_env.h"
+#include "reference/compare.h"
+#include "reference/cpu_reference.h"
+#include "reference/device_layer.h"
+#include "reference/gpu_reference.h"
+#include "reference/layer_data.h"
+#include "reference/mxint4.h"
+
+namespace {
+
+using moejit::DType;
+using moejit::GateUpOrder;
+using moejit::MoeInputs;
+using moejit::MoeSpec;
+using moejit::RoutingMethod;
+using moejit::ref::CompareResult;
+using moejit::ref::DeviceBuffer;
+using moejit::ref::HostLayer;
+using moejit::ref::InputOptions;
+
+size_t sz(long long v) { return static_cast<size_t>(v); }
+
+// ---- cases ------------------------------------------------------------------------------------
+
+enum class Mode { Finalized, Unfinalized, Both };
+
+const char* mode_name(Mode m) {
+  return m == Mode::Finalized ? "on" : m == Mode::Unfinalized ? "off" : "both";
+}
+
+struct Case {
+  std::string name;
+  MoeSpec spec;            // unsplit; `finalize` is set per launch from `mode`
+  int tokens = 1;
+  uint64_t seed = 1;       // weights; the inputs use input_seed() (as `moejit run/check` do)
+  InputOptions inputs;
+  Mode mode = Mode::Both;
+  int ep_ranks = 0;        // >= 2: also run the layer split over this many ranks
+  int cpu_tokens = 48;     // tokens compared with the CPU reference
+  int max_tokens = 0;      // CompileOptions::max_tokens (0 = every bucket)
+};
+
+uint64_t input_seed(const Case& c) { return c.seed * 1000003ull + static_cast<uint64_t>(c.tokens); }
+
+std::string spec_line(const MoeSpec& s) {
+  std::string r = fmt::format("H={} I={} E={} k={} routing={} logits={} order={}", s.hidden,
+                              s.intermediate, s.num_experts, s.top_k, to_string(s.routing),
+                              to_string(s.logits_dtype), to_string(s.gate_up_order));
+  if (s.routing == RoutingMethod::DeepSeekV3)
+    r += fmt::format(" n_group={} topk_group={} scale={} bias={}", s.n_group, s.topk_group,
+                     s.routed_scaling_factor,
+                     s.has_routing_bias ? to_string(s.bias_dtype) : "none");
+  if (s.swiglu_alpha || s.swiglu_beta || s.swiglu_limit)
+    r += fmt::format(" swiglu={}{}{}", s.swiglu_alpha ? "a" : "", s.swiglu_beta ? "b" : "",
+                     s.swiglu_limit ? "l" : "");
+  if (s.local_num_experts)
+    r += fmt::format(" local=[{},{})", s.local_expert_offset,
+                     s.local_expert_offset + s.local_num_experts);
+  return r;
+}
+
+std::string options_line(const InputOptions& o) {
+  std::string r;
+  if (o.force_expert >= 0) r += fmt::format(" force_expert={}", o.force_expert);
+  if (!o.empty_experts.empty()) r += fmt::format(" empty_experts={}", fmt::join(o.empty_experts, ":"));
+  if (o.ties) r += " ties";
+  if (o.nonfinite_hidden) r += " nonfinite_hidden";
+  if (o.nonfinite_logits) r += " nonfinite_logits";
+  if (o.invalid_ids) r += " invalid_ids";
+  return r.empty() ? " plain" : r;
+}
+
+bool plain_inputs(const InputOptions& o) {
+  return o.force_expert < 0 && o.empty_experts.empty() && !o.ties && !o.nonfinite_hidden &&
+         !o.nonfinite_logits && !o.invalid_ids;
+}
+
+std::string case_line(const Case& c) {
+  return fmt::format("{} T={} seed={} finalize={}{} inputs:{} | {}", c.name, c.tokens, c.seed,
+                     mode_name(c.mode), c.ep_ranks ? fmt::format(" ep_ranks={}", c.ep_ranks) : "",
+                     options_line(c.inputs), spec_line(c.spec));
+}
+
+// ---- tally and summary ------------------------------------------------------------------------
+
+struct Tally {
+  int run = 0;
+  int passed = 0;
+};
+
+Tally& tally() {
+  static Tally t;
+  return t;
+}
+
+struct Weights;
+std::unique_ptr<Weights>& current_weights();
+
+class SummaryEnvironment : public ::testing::Environment {
+ public:
+  void TearDown() override;
+};
+
+[[maybe_unused]] ::testing::Environment* const g_summary =
+    ::testing::AddGlobalTestEnvironment(new SummaryEnvironment);
+
+// ---- device runs ------------------------------------------------------------------------------
+
+// NaN for float/bf16 buffers (DeviceBuffer::poison); 0x7f7f7f7f for int32 buffers, so that an
+// unwritten id or permutation entry can never pass for a legitimate -1.
+void poison_ints(const DeviceBuffer& b) {
+  if (b.bytes()) CUDA_OK(cudaMemset(b.get(), 0x7f, b.bytes()));
+}
+
+// One JIT launch's results, downloaded.
+struct JitRun {
+  bool finalize = true;
+  int tile = 0;
+  std::vector<uint16_t> out;       // [T, H] bf16 (finalized, or moejit::finalize of the rows)
+  std::vector<int32_t> ids;        // [T, k]
+  std::vector<float> weights;      // [T, k]
+  std::vector<uint16_t> gemm2;     // finalize off: [offsets[L], H]
+  std::vector<int32_t> e2p;        // finalize off: [T * k]
+  std::vector<int32_t> offsets;    // finalize off: [L + 1]
+  bool untouched = true;           // T == 0: the output buffer was not written
+};
+
+template <class T>
+std::vector<T> download_n(const DeviceBuffer& b, size_t n) {
+  std::vector<T> v = b.download<T>();
+  v.resize(n);
+  return v;
+}
+
+JitRun launch_jit(const MoeSpec& spec, const MoeInputs& in, int T, int max_tokens) {
+  moejit::CompileOptions opt;
+  opt.max_tokens = max_tokens;
+  const int H = spec.hidden, L = spec.local_experts();
+  const size_t slots = sz(T) * sz(spec.top_k), out_elems = sz(T) * sz(H);
+  // Exact sizes, except the 256 bytes a zero-token run gets so that "untouched" is observable.
+  DeviceBuffer out(T ? out_elems * 2 : 256), ids(slots * 4), weights(slots * 4);
+  out.poison();
+  weights.poison();
+  poison_ints(ids);
+  JitRun r;
+  r.finalize = spec.finalize;
+  if (spec.finalize) {
+    const auto layer = moejit::compile_finalized(spec, opt);
+    DeviceBuffer ws(std::max<size_t>(256, layer.workspace_bytes(T)));
+    r.tile = layer.tile_rows(T);
+    layer.launch(in, T, {out.get(), ids.get<int32_t>(), weights.get<float>()},
+                 {ws.get(), ws.bytes()}, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+  } else {
+    const auto layer = moejit::compile_unfinalized(spec, opt);
+    DeviceBuffer ws(std::max<size_t>(256, layer.workspace_bytes(T)));
+    r.tile = layer.tile_rows(T);
+    const size_t rows = layer.unfinalized_rows(T);
+    DeviceBuffer y(rows * sz(H) * 2), e2p(slots * 4), offsets(sz(L + 1) * 4);
+    y.poison();
+    poison_ints(e2p);
+    poison_ints(offsets);
+    const moejit::UnfinalizedOutput uo{y.get(), weights.get<float>(), e2p.get<int32_t>(),
+                                       offsets.get<int32_t>(), ids.get<int32_t>()};
+    layer.launch(in, T, uo, {ws.get(), ws.bytes()}, nullptr);
+    moejit::finalize(layer, uo, T, {out.get()}, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    r.e2p = e2p.download<int32_t>();
+    r.offsets = offsets.download<int32_t>();
+    if (T > 0) {
+      const int used = r.offsets.back();
+      if (used < 0 || sz(used) > rows)
+        throw std::runtime_error(fmt::format("expert_offsets[L] = {} is outside [0, {}]", used, rows));
+      r.gemm2 = download_n<uint16_t>(y, sz(used) * sz(H));
+    }
+  }
+  CUDA_OK(cudaGetLastError());
+  r.out = out.download<uint16_t>();
+  if (T == 0) {
+    r.untouched = std::all_of(r.out.begin(), r.out.end(), [](uint16_t v) { return v == 0xffff; });
+    r.out.clear();
+  }
+  r.ids = ids.download<int32_t>();
+  r.weights = weights.download<float>();
+  return r;
+}
+
+// The GPU reference's results, downloaded.
+struct GpuRun {
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+  std::vector<float> y;    // [T * k, H]
+  std::vector<float> out;  // [T, H]
+};
+
+GpuRun launch_gpu_reference(const MoeSpec& spec, const MoeInputs& in, int T) {
+  const size_t slots = sz(T) * sz(spec.top_k), H = sz(spec.hidden);
+  DeviceBuffer ws(std::max<size_t>(256, moejit::ref::gpu_reference_workspace_bytes(spec, T)));
+  const auto r = moejit::ref::gpu_reference_run(spec, in, T, ws.get(), ws.bytes(), nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  auto get = [](auto* p, size_t n) {
+    std::vector<std::remove_const_t<std::remove_pointer_t<decltype(p)>>> v(n);
+    if (n) CUDA_OK(cudaMemcpy(v.data(), p, n * sizeof(v[0]), cudaMemcpyDeviceToHost));
+    return v;
+  };
+  GpuRun g;
+  g.ids = get(r.topk_ids, slots);
+  g.weights = get(r.topk_weights, slots);
+  g.y = get(r.y, slots * H);
+  g.out = get(r.out, sz(T) * H);
+  return g;
+}
+
+// The spec the GPU reference runs to reproduce a kernel's routing exactly.
+MoeSpec as_precomputed(MoeSpec s) {
+  s.routing = RoutingMethod::Precomputed;
+  s.n_group = 1;
+  s.topk_group = 1;
+  s.routed_scaling_factor = 1.0;
+  s.has_routing_bias = false;
+  return s;
+}
+
+// ---- host data --------------------------------------------------------------------------------
+
+// The weights of the current shape, kept across the cases that share them (the sweep and the
+// presets are ordered so that consecutive cases do).
+struct Weights {
+  std::tuple<int, int, int, bool, bool, bool, uint64_t> key;
+  HostLayer host;
+  moejit::ref::DeviceLayer dev;
+};
+
+std::unique_ptr<Weights>& current_weights() {
+  static std::unique_ptr<Weights> current;
+  return current;
+}
+
+Weights& weights_for(const MoeSpec& spec, uint64_t seed) {
+  std::unique_ptr<Weights>& current = current_weights();
+  const auto key = std::make_tuple(spec.hidden, spec.intermediate, spec.num_experts,
+                                   spec.swiglu_alpha, spec.swiglu_beta, spec.swiglu_limit, seed);
+  if (!current || current->key != key) {
+    current.reset();  // free the previous layer before generating the next
+    const auto t0 = std::chrono::steady_clock::now();
+    auto w = std::make_unique<Weights>();
+    w->key = key;
+    w->host = moejit::ref::make_weights(spec, seed);
+    w->dev.upload_weights(w->host);
+    const double gb = static_cast<double>(w->host.w13.size() + w->host.w2.size() +
+                                          2 * (w->host.w13_scale.size() + w->host.w2_scale.size())) / 1e9;
+    if (gb > 0.5)
+      std::printf("[diff] weights %.2f GB generated and uploaded in %.1f s\n", gb,
+                  std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    current = std::move(w);
+  }
+  return *current;
+}
+
+// Frees the last layer's buffers (while the CUDA runtime is still up) and prints the summary.
+void SummaryEnvironment::TearDown() {
+  current_weights().reset();
+  const Tally& t = tally();
+  std::printf("[diff] summary: %d cases run, %d passed, %d failed\n", t.run, t.passed,
+              t.run - t.passed);
+  std::fflush(stdout);
+}
+
+// Swaps the alpha/beta/limit of experts [off, off + n) into a layer whose arrays cover every
+// expert (the CPU reference indexes them by local expert), and back on scope exit.
+class LocalSwiglu {
+ public:
+  LocalSwiglu(HostLayer& layer, int off, int n) : layer_(layer) {
+    for (auto* v : {&layer.alpha, &layer.beta, &layer.limit}) {
+      saved_.push_back(*v);
+      if (!v->empty()) *v = std::vector<float>(v->begin() + off, v->begin() + off + n);
+    }
+  }
+  ~LocalSwiglu() {
+    layer_.alpha = saved_[0];
+    layer_.beta = saved_[1];
+    layer_.limit = saved_[2];
+  }
+  LocalSwiglu(const LocalSwiglu&) = delete;
+  LocalSwiglu& operator=(const LocalSwiglu&) = delete;
+
+ private:
+  HostLayer& layer_;
+  std::vector<std::vector<float>> saved_;
+};
+
+std::vector<int> evenly_spaced(int T, int n) {
+  std::vector<int> out;
+  const int m = std::min(T, n);
+  for (int i = 0; i < m; ++i)
+    out.push_back(m == T || m == 1 ? i : static_cast<int>(1ll * i * (T - 1) / (m - 1)));
+  return out;
+}
+
+std::vector<double> as_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+// ---- checks -----------------------------------------------------------------------------------
+
+struct Verdict {
+  std::vector<std::string> failures;
+  std::vector<std::string> metrics;  // short "name=value" items for the case line
+  void require(bool ok, const std::string& what) {
+    if (!ok) failures.push_back(what);
+  }
+  void output(const std::string& what, const CompareResult& r) {
+    metrics.push_back(fmt::format("{}={:.2e}", what, r.rel_l2));
+    require(r.pass, what + ": " + r.summary);
+  }
+};
+
+// The finalize kernel against a host finalize of its own inputs: only its fp32 sum and one bf16
+// rounding (half an ulp, 2^-8 relative) separate them.
+const moejit::ref::Tolerance kFinalizeTolerance{4e-3, 4e-3, 1e-4, 1.0};
+
+// The GPU reference for `spec` with a launch's routing (routing = Precomputed with the kernel's
+// ids and weights), so that the expert path is compared even where a near-tie went either way.
+GpuRun gpu_reference_with(const MoeSpec& spec, const MoeInputs& in, int T, const JitRun& run) {
+  const DeviceBuffer ids = DeviceBuffer::upload(run.ids), weights = DeviceBuffer::upload(run.weights);
+  MoeInputs pin = in;
+  pin.topk_ids = ids.get<int32_t>();
+  pin.topk_weights = weights.get<float>();
+  return launch_gpu_reference(as_precomputed(spec), pin, T);
+}
+
+// Everything that can be checked of one launch for `spec` (unsplit or one rank), given the GPU
+// reference with its routing (host only); returns the CPU reference of the subset for the
+// caller's further checks.
+moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec& spec,
+                                          const HostLayer& L, int T,
+                                          const std::vector<int>& subset, const JitRun& run,
+                                          const GpuRun& g, Verdict& v) {
+  const int H = spec.hidden, K = spec.top_k;
+  const auto routing = moejit::ref::compare_routing(spec, L, T, run.ids.data(), run.weights.data());
+  v.require(routing.pass, tag + "routing vs cpu: " + routing.summary);
+  if (routing.near_tie_accepted) v.metrics.push_back(fmt::format("{}near_ties={}", tag, routing.near_tie_accepted));
+  const auto cpu = moejit::ref::reference_layer(spec, L, T, subset, &routing.accepted);
+  v.output(tag + "jit~cpu", moejit::ref::compare_output_bf16(cpu.out, [&] {
+             std::vector<uint16_t> rows;
+             for (int t : subset)
+               rows.insert(rows.end(), run.out.begin() + static_cast<long>(t) * H,
+                           run.out.begin() + static_cast<long>(t + 1) * H);
+             return rows;
+           }()));
+
+  std::vector<double> jit_all(run.out.size());
+  for (size_t i = 0; i < run.out.size(); ++i) jit_all[i] = moejit::ref::bf16_to_float(run.out[i]);
+  v.output(tag + "jit~gpu", moejit::ref::compare_output(as_double(g.out), jit_all));
+  v.output(tag + "gpu~cpu", moejit::ref::compare_output(cpu.out, moejit::ref::gather_rows(g.out, H, subset)));
+
+  if (!run.finalize) {
+    const auto disp = moejit::ref::reference_dispatch(spec, run.ids, T, run.tile);
+    v.require(run.e2p == disp.expanded_to_permuted,
+              tag + "expanded_to_permuted differs from reference_dispatch(kernel ids, tile_rows)");
+    v.require(run.offsets == disp.expert_offsets,
+              tag + fmt::format("expert_offsets [{}] differ from the reference dispatch [{}]",
+                                fmt::join(run.offsets, ","), fmt::join(disp.expert_offsets, ",")));
+    if (run.e2p != disp.expanded_to_permuted || run.offsets != disp.expert_offsets) return cpu;
+    size_t bad_padding = 0;
+    for (size_t r = 0; r < disp.permuted_to_slot.size(); ++r)
+      if (disp.permuted_to_slot[r] < 0)
+        for (int h = 0; h < H; ++h) {
+          const uint16_t b = run.gemm2[r * sz(H) + sz(h)];
+          bad_padding += b != 0 && b != 0x8000;
+        }
+    v.require(bad_padding == 0, tag + fmt::format("{} padding elements of gemm2_out are not zero", bad_padding));
+    // Rows of every local slot against the GPU reference; rows of the subset against the CPU.
+    std::vector<double> gref, got, cref, cgot;
+    for (size_t s = 0; s < run.e2p.size(); ++s) {
+      const int row = run.e2p[s];
+      if (row < 0) continue;
+      gref.insert(gref.end(), g.y.begin() + static_cast<long>(s * sz(H)),
+                  g.y.begin() + static_cast<long>((s + 1) * sz(H)));
+      for (int h = 0; h < H; ++h)
+        got.push_back(moejit::ref::bf16_to_float(run.gemm2[sz(row) * sz(H) + sz(h)]));
+    }
+    for (size_t i = 0; i < subset.size(); ++i)
+      for (int j = 0; j < K; ++j) {
+        const int row = run.e2p[sz(subset[i]) * sz(K) + sz(j)];
+        if (row < 0) continue;
+        cref.insert(cref.end(), cpu.y.begin() + static_cast<long>((i * sz(K) + sz(j)) * sz(H)),
+                    cpu.y.begin() + static_cast<long>((i * sz(K) + sz(j) + 1) * sz(H)));
+        for (int h = 0; h < H; ++h)
+          cgot.push_back(moejit::ref::bf16_to_float(run.gemm2[sz(row) * sz(H) + sz(h)]));
+      }
+    v.output(tag + "rows~gpu", moejit::ref::compare_output(gref, got));
+    v.output(tag + "rows~cpu", moejit::ref::compare_output(cref, cgot));
+    // moejit::finalize against a host finalize of the downloaded rows and weights.
+    std::vector<double> rows(run.gemm2.size()), w(run.weights.begin(), run.weights.end());
+    for (size_t i = 0; i < rows.size(); ++i) rows[i] = moejit::ref::bf16_to_float(run.gemm2[i]);
+    const auto host = moejit::ref::reference_finalize(T, K, H, rows.data(), w.data(), run.e2p.data());
+    v.output(tag + "finalize~host", moejit::ref::compare_output(host, jit_all, kFinalizeTolerance));
+  }
+  return cpu;
+}
+
+// Bitwise equality of two bf16 arrays, any NaN equal to any NaN.
+size_t bitwise_differences(const std::vector<uint16_t>& a, const std::vector<uint16_t>& b) {
+  if (a.size() != b.size()) return std::max(a.size(), b.size());
+  size_t n = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const bool nan_a = (a[i] & 0x7fff) > 0x7f80, nan_b = (b[i] & 0x7fff) > 0x7f80;
+    n += nan_a != nan_b || (!nan_a && a[i] != b[i]);
+  }
+  return n;
+}
+
+bool same_routing(const JitRun& a, const JitRun& b) {
+  return a.ids == b.ids && a.weights.size() == b.weights.size() &&
+         std::memcmp(a.weights.data(), b.weights.data(), a.weights.size() * 4) == 0;
+}
+
+// Uneven partition of E experts over R ranks: bounds r * (r + R) * E / (2 R^2).
+std::vector<int> rank_bounds(int E, int R) {
+  std::vector<int> b;
+  for (int r = 0; r <= R; ++r) b.push_back(static_cast<int>(1ll * E * r * (r + R) / (2ll * R * R)));
+  return b;
+}
+
+// Runs one case; returns its failures (empty = pass) and prints its line.
+Verdict run_case(const Case& c) {
+  Verdict v;
+  const auto t0 = std::chrono::steady_clock::now();
+  const int T = c.tokens, H = c.spec.hidden;
+  Weights& W = weights_for(c.spec, c.seed);
+  HostLayer& L = W.host;
+  L.spec = c.spec;
+  moejit::ref::make_inputs(L, T, input_seed(c), c.inputs);
+  W.dev.upload_inputs(L);
+  // A zero-token launch still needs non-null input pointers.
+  DeviceBuffer dummy(256);
+  auto inputs_for = [&](const MoeSpec& s) {
+    MoeInputs in = W.dev.inputs(s);
+    if (!in.hidden_states) in.hidden_states = dummy.get();
+    if (s.routing == RoutingMethod::Precomputed) {
+      if (!in.topk_ids) in.topk_ids = dummy.get<int32_t>();
+      if (!in.topk_weights) in.topk_weights = dummy.get<float>();
+    } else if (!in.routing_logits) {
+      in.routing_logits = dummy.get();
+    }
+    return in;
+  };
+
+  std::vector<JitRun> runs;
+  for (bool fin : {true, false}) {
+    if ((fin && c.mode == Mode::Unfinalized) || (!fin && c.mode == Mode::Finalized)) continue;
+    MoeSpec s = c.spec;
+    s.finalize = fin;
+    runs.push_back(launch_jit(s, inputs_for(s), T, c.max_tokens));
+  }
+  if (T == 0) {
+    for (const JitRun& r : runs)
+      v.require(r.untouched, fmt::format("finalize={}: a zero-token launch wrote its output",
+                                         r.finalize ? "on" : "off"));
+  } else {
+    const std::vector<int> subset = evenly_spaced(T, c.cpu_tokens);
+    const MoeInputs in = inputs_for(c.spec);
+    moejit::ref::ReferenceOutput cpu;
+    for (const JitRun& r : runs)
+      cpu = check_launch(runs.size() > 1 ? (r.finalize ? "fin:" : "unfin:") : "", c.spec, L, T,
+                         subset, r, gpu_reference_with(c.spec, in, T, r), v);
+    if (runs.size() == 2) {
+      v.require(same_routing(runs[0], runs[1]),
+                "finalized and unfinalized launches returned different topk_ids/topk_weights");
+      const size_t diff = bitwise_differences(runs[0].out, runs[1].out);
+      v.require(diff == 0, fmt::format("unfinalized + moejit::finalize differs from the finalized "
+                                       "output in {} of {} elements (bitwise)", diff, runs[0].out.size()));
+    }
+    // The GPU reference's own routing against the CPU reference.
+    const GpuRun own = launch_gpu_reference(c.spec, in, T);
+    const auto gr = moejit::ref::compare_routing(c.spec, L, T, own.ids.data(), own.weights.data());
+    v.require(gr.pass, "gpu reference routing vs cpu: " + gr.summary);
+
+    if (c.ep_ranks >= 2) {
+      const std::vector<int> b = rank_bounds(c.spec.num_experts, c.ep_ranks);
+      std::vector<double> sum(sz(T) * sz(H), 0.0);
+      for (int r = 0; r < c.ep_ranks; ++r) {
+        MoeSpec s = c.spec;
+        s.local_expert_offset = b[sz(r)];
+        s.local_num_experts = b[sz(r) + 1] - b[sz(r)];
+        if (s.local_num_experts <= 0) throw std::logic_error("rank_bounds gave an empty rank");
+        // Ranks alternate between the two layer kinds when the case runs both.
+        s.finalize = c.mode == Mode::Finalized || (c.mode == Mode::Both && r % 2 == 0);
+        MoeInputs in_r = inputs_for(s);
+        if (in_r.swiglu_alpha) in_r.swiglu_alpha += s.local_expert_offset;
+        if (in_r.swiglu_beta) in_r.swiglu_beta += s.local_expert_offset;
+        if (in_r.swiglu_limit) in_r.swiglu_limit += s.local_expert_offset;
+        const JitRun run = launch_jit(s, in_r, T, c.max_tokens);
+        const std::string tag = fmt::format("rank{}[{},{}):", r, b[sz(r)], b[sz(r) + 1]);
+        v.require(run.ids == runs[0].ids, tag + "topk_ids differ from the unsplit layer's");
+        LocalSwiglu local(L, s.local_expert_offset, s.local_num_experts);
+        check_launch(tag, s, L, T, subset, run, gpu_reference_with(s, in_r, T, run), v);
+        for (size_t i = 0; i < sum.size(); ++i) sum[i] += moejit::ref::bf16_to_float(run.out[i]);
+      }
+      std::vector<double> unsplit(runs[0].out.size()), sum_subset;
+      for (size_t i = 0; i < unsplit.size(); ++i) unsplit[i] = moejit::ref::bf16_to_float(runs[0].out[i]);
+      for (int t : subset) sum_subset.insert(sum_subset.end(), sum.begin() + static_cast<long>(t) * H,
+                                             sum.begin() + static_cast<long>(t + 1) * H);
+      v.output("ranks_sum~jit", moejit::ref::compare_output(unsplit, sum));
+      v.output("ranks_sum~cpu", moejit::ref::compare_output(cpu.out, sum_subset));
+    }
+  }
+  v.metrics.push_back(fmt::format("{:.1f}s", std::chrono::duration<double>(
+                                                 std::chrono::steady_clock::now() - t0).count()));
+  return v;
+}
+
+// Runs the cases, printing one line each; a failing case (or one that throws) adds a gtest
+// failure carrying everything needed to reproduce it.
+void run_cases(const std::vector<Case>& cases) {
+  for (const Case& c : cases) {
+    ++tally().run;
+    Verdict v;
+    try {
+      v = run_case(c);
+    } catch (const std::exception& e) {
+      v.failures.push_back(std::string("exception: ") + e.what());
+    }
+    const bool pass = v.failures.empty();
+    tally().passed += pass;
+    std::printf("[diff] %s %s | %s\n", pass ? "PASS" : "FAIL", case_line(c).c_str(),
+                fmt::format("{}", fmt::join(v.metrics, " ")).c_str());
+    std::fflush(stdout);
+    if (!pass) {
+      std::string how = plain_inputs(c.inputs)
+                            ? fmt::format("reproduce: save the IR below as spec.ir and run `moejit "
+                                          "check --spec spec.ir --tokens {} --seeds {} --finalize {}`",
+                                          c.tokens, c.seed, mode_name(c.mode))
+                            : "(input options are not reproducible with moejit check)";
+      ADD_FAILURE() << "case failed: " << case_line(c) << "\n  - "
+                    << fmt::format("{}", fmt::join(v.failures, "\n  - ")) << "\n"
+                    << how << "\n" << moejit::spec_to_ir_text(c.spec);
+    }
+  }
+}
+
+// ---- presets -------------------------------------------------------------------------------------
+
+std::vector<Case> preset_cases(const std::string& preset, const std::vector<int>& tokens,
+                               int cpu_tokens, int ep_ranks_at_second = 0) {
+  std::vector<Case> out;
+  const int max_t = *std::max_element(tokens.begin(), tokens.end());
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    Case c;
+    c.name = preset;
+    c.spec = moejit::preset(preset);
+    c.tokens = tokens[i];
+    c.seed = 1;
+    c.mode = Mode::Both;
+    c.cpu_tokens = cpu_tokens;
+    c.max_tokens = max_t;
+    if (i == 1) c.ep_ranks = ep_ranks_at_second;
+    out.push_back(c);
+  }
+  return out;
+}
+
+// ---- the random sweep ----------------------------------------------------------------------------
+
+constexpr int kSweepTokens[] = {0, 1, 2, 3, 7, 16, 33, 127, 128, 129, 1000, 4096};
+constexpr int kSweepExperts[] = {1, 8, 60, 64, 128, 160, 256, 384, 512};
+constexpr int kSweepTopK[] = {1, 2, 4, 6, 8, 10, 16};
+constexpr int kSweepDims[] = {96, 160, 288, 416, 544, 800};  // multiples of 32, not of 128
+constexpr RoutingMethod kSweepMethods[] = {
+    RoutingMethod::Default,      RoutingMethod::Renormalize,      RoutingMethod::DeepSeekV3,
+    RoutingMethod::Llama4,       RoutingMethod::RenormalizeNaive, RoutingMethod::TopK,
+    RoutingMethod::SigmoidRenorm, RoutingMethod::Sigmoid,         RoutingMethod::TopKSigmoid,
+    RoutingMethod::Precomputed};
+constexpr int kVariantsPerGroup = 3;
+
+uint64_t env_u64(const char* name, uint64_t fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const unsigned long long x = std::strtoull(v, &end, 10);
+  return end && *end == '\0' ? x : fallback;
+}
+
+uint64_t sweep_seed() { return env_u64("MOEJIT_DIFF_SWEEP_SEED", 20250607); }
+int sweep_groups() { return static_cast<int>(std::min<uint64_t>(env_u64("MOEJIT_DIFF_SWEEP_GROUPS", 16), 256)); }
+
+// One shape group (H, I, E, k, order, SwiGLU flags: what the GEMM kernels are specialised on)
+// with kVariantsPerGroup routing variants of two token counts each. Deterministic in
+// (master seed, g); every draw is printed with the case, so a failure names its spec and seed.
+std::vector<Case> sweep_group(uint64_t master, int g) {
+  uint64_t draw = 0;
+  auto pick = [&](uint64_t n) { return moejit::ref::hash64(master, static_cast<uint64_t>(g), draw++) % n; };
+  const int n_exp = static_cast<int>(std::size(kSweepExperts));
+  MoeSpec base;
+  base.num_experts = kSweepExperts[g % n_exp];
+  const int E = base.num_experts;
+  int k = kSweepTopK[g % static_cast<int>(std::size(kSweepTopK))];
+  if (k > E) k = E;
+  base.top_k = k;
+  base.hidden = kSweepDims[g % 6];
+  base.intermediate = kSweepDims[(5 * g + 2) % 6];
+  base.gate_up_order = g % 2 ? GateUpOrder::UpGate : GateUpOrder::GateUp;
+  base.swiglu_alpha = g % 4 == 1 || g % 4 == 3;
+  base.swiglu_beta = g % 4 == 1 || g % 4 == 3;
+  base.swiglu_limit = g % 4 == 1 || g % 4 == 2;
+  const uint64_t seed = 1000 + static_cast<uint64_t>(g);
+  // Expert-parallel splits on two groups (each rank is its own compile).
+  const int ep_ranks = g % 8 == 3 && E >= 8 ? 3 + g / 8 % 2 : 0;
+
+  std::vector<Case> out;
+  for (int v = 0; v < kVariantsPerGroup; ++v) {
+    const int n = g * kVariantsPerGroup + v;
+    MoeSpec s = base;
+    s.routing = kSweepMethods[n % 10];
+    if (k == 1 && v == 0) s.routing = RoutingMethod::Llama4;
+    if (s.routing == RoutingMethod::Llama4 && k != 1) s.routing = RoutingMethod::DeepSeekV3;
+    s.logits_dtype = pick(2) ? DType::BF16 : DType::FP32;
+    if (s.routing == RoutingMethod::DeepSeekV3) {
+      std::vector<int> groups = {1};
+      for (int ng : {2, 4, 8, 16})
+        if (E % ng == 0 && E / ng >= 2) groups.push_back(ng);
+      s.n_group = groups[pick(groups.size())];
+      const int per = E / s.n_group;
+      s.topk_group = 1 + static_cast<int>(pick(static_cast<uint64_t>(s.n_group)));
+      while (s.topk_group * per < k) ++s.topk_group;
+      s.routed_scaling_factor = std::vector<double>{1.0, 2.5, 2.827}[pick(3)];
+      s.has_routing_bias = n % 4 != 3;
+      s.bias_dtype = pick(2) ? DType::BF16 : DType::FP32;
+    }
+    const Mode mode = std::vector<Mode>{Mode::Both, Mode::Finalized, Mode::Unfinalized}[sz((g + v) % 3)];
+    for (int i = 0; i < 2; ++i) {
+      Case c;
+      c.name = fmt::format("sweep{}.{}", g, v);
+      c.spec = s;
+      c.tokens = kSweepTokens[(2 * n + i) % 12];
+      c.seed = seed;
+      c.mode = mode;
+      c.cpu_tokens = 32;
+      InputOptions& o = c.inputs;
+      const bool pre = s.routing == RoutingMethod::Precomputed;
+      switch ((2 * n + i) % 7) {
+        case 1: o.force_expert = static_cast<int>(pick(static_cast<uint64_t>(E))); break;
+        case 2:
+          if (E >= k + 3) o.empty_experts = {0, E / 2, E - 1};
+          break;
+        case 3: o.ties = !pre && E >= 2; break;
+        case 4: o.nonfinite_hidden = true; break;
+        case 5:
+          o.nonfinite_logits = !pre;
+          o.invalid_ids = pre;
+          break;
+        case 6: o.invalid_ids = pre; break;
+        default: break;
+      }
+      out.push_back(c);
+    }
+  }
+  int max_t = 1;
+  for (const Case& c : out) max_t = std::max(max_t, c.tokens);
+  for (Case& c : out) c.max_tokens = max_t;
+  // The split runs on the group's largest token count up to 1000.
+  Case* split = nullptr;
+  for (Case& c : out)
+    if (c.tokens <= 1000 && (!split || c.tokens > split->tokens)) split = &c;
+  if (split) split->ep_ranks = ep_ranks;
+  return out;
+}
+
+// ---- host-only self-test of the checks --------------------------------------------------------
+
+// The shape of the small cases (compute-sanitizer runs them: tests/gpu/sanitizer.sh).
+MoeSpec small_spec() {
+  MoeSpec s;
+  s.hidden = 160;
+  s.intermediate = 96;
+  s.num_experts = 8;
+  s.top_k = 2;
+  s.routing = RoutingMethod::Renormalize;
+  return s;
+}
+
+std::vector<uint16_t> to_bf16(const std::vector<double>& v) {
+  std::vector<uint16_t> b(v.size());
+  for (size_t i = 0; i < v.size(); ++i) b[i] = moejit::ref::float_to_bf16(static_cast<float>(v[i]));
+  return b;
+}
+
+// A flawless launch and GPU reference made from the CPU reference: what check_launch must accept
+// and, corrupted, reject.
+std::pair<JitRun, GpuRun> reference_launch(const MoeSpec& spec, const HostLayer& L, int T,
+                                           bool finalize, int tile) {
+  const auto routing = moejit::ref::route_all(spec, L, T);
+  const auto ref = moejit::ref::reference_layer(spec, L, T, {}, &routing);
+  JitRun r;
+  r.finalize = finalize;
+  r.tile = tile;
+  r.ids = routing.ids;
+  r.weights.assign(routing.weights.begin(), routing.weights.end());
+  r.out = to_bf16(ref.out);
+  if (!finalize) {
+    const auto disp = moejit::ref::reference_dispatch(spec, r.ids, T, tile);
+    r.gemm2 = to_bf16(moejit::ref::reference_unfinalized(disp, ref));
+    r.e2p = disp.expanded_to_permuted;
+    r.offsets = disp.expert_offsets;
+    std::vector<double> rows(r.gemm2.size()), w(r.weights.begin(), r.weights.end());
+    for (size_t i = 0; i < rows.size(); ++i) rows[i] = moejit::ref::bf16_to_float(r.gemm2[i]);
+    r.out = to_bf16(moejit::ref::reference_finalize(T, spec.top_k, spec.hidden, rows.data(),
+                                                    w.data(), r.e2p.data()));
+  }
+  GpuRun g;
+  g.ids = r.ids;
+  g.weights = r.weights;
+  g.y.assign(ref.y.begin(), ref.y.end());
+  g.out.assign(ref.out.begin(), ref.out.end());
+  return {r, g};
+}
+
+// Runs check_launch on a corrupted copy of a launch and returns its failures, joined.
+template <class F>
+std::string failures_after(const MoeSpec& spec, const HostLayer& L, int T,
+                           const std::vector<int>& subset, JitRun run, const GpuRun& g, F corrupt) {
+  corrupt(run);
+  Verdict v;
+  check_launch("", spec, L, T, subset, run, g, v);
+  return fmt::format("{}", fmt::join(v.failures, " | "));
+}
+
+TEST(DifferentialChecks, AcceptTheReferenceAndRejectCorruptedLaunches) {
+  const MoeSpec plain = small_spec();
+  MoeSpec ep = plain;  // one rank of a grouped DeepSeekV3 layer with SwiGLU parameters
+  ep.routing = RoutingMethod::DeepSeekV3;
+  ep.n_group = 4;
+  ep.topk_group = 2;
+  ep.has_routing_bias = true;
+  ep.swiglu_alpha = ep.swiglu_beta = ep.swiglu_limit = true;
+  ep.local_expert_offset = 3;
+  ep.local_num_experts = 4;
+  MoeSpec pre = plain;
+  pre.routing = RoutingMethod::Precomputed;
+  InputOptions bad_inputs;
+  bad_inputs.invalid_ids = bad_inputs.nonfinite_hidden = true;
+  const int T = 19;
+  for (const auto& item : {std::make_pair(plain, InputOptions{}), std::make_pair(ep, InputOptions{}),
+                           std::make_pair(pre, bad_inputs)}) {
+    const MoeSpec& spec = item.first;
+    const InputOptions& options = item.second;
+    MoeSpec unsplit = spec;
+    unsplit.local_expert_offset = unsplit.local_num_experts = 0;
+    HostLayer L = moejit::ref::make_weights(unsplit, 5);
+    L.spec = spec;
+    moejit::ref::make_inputs(L, T, 7, options);
+    LocalSwiglu local(L, spec.local_expert_offset, spec.local_experts());
+    const std::vector<int> subset = evenly_spaced(T, 8);
+    for (bool fin : {true, false}) {
+      SCOPED_TRACE(spec_line(spec) + (fin ? " finalize on" : " finalize off"));
+      const auto [run, g] = reference_launch(spec, L, T, fin, 8);
+      EXPECT_EQ(failures_after(spec, L, T, subset, run, g, [](JitRun&) {}), "");
+      const int H = spec.hidden, t = subset[1];
+      EXPECT_NE(failures_after(spec, L, T, subset, run, g, [&](JitRun& r) {
+                  r.out[sz(t) * sz(H) + 5] = moejit::ref::float_to_bf16(1000.f);
+                }).find("jit~cpu"), std::string::npos);
+      EXPECT_NE(failures_after(spec, L, T, subset, run, g, [&](JitRun& r) {
+                  r.out[sz(T - 2) * sz(H)] = moejit::ref::float_to_bf16(-1000.f);
+                }).find("jit~gpu"), std::string::npos);
+      EXPECT_NE(failures_after(spec, L, T, subset, run, g, [&](JitRun& r) {
+                  r.weights[sz(t) * sz(spec.top_k)] *= 1.001f;
+                }).find("routing vs cpu"), std::string::npos);
+      if (fin) continue;
+      EXPECT_NE(failures_after(spec, L, T, subset, run, g, [&](JitRun& r) {
+                  const auto first = std::find_if(r.e2p.begin(), r.e2p.end(), [](int x) { return x >= 0; });
+                  const auto last = std::find_if(r.e2p.rbegin(), r.e2p.rend(), [](int x) { return x >= 0; });
+                  std::swap(*first, *last);
+                }).find("expanded_to_permuted"), std::string::npos);
+      EXPECT_NE(failures_after(spec, L, T, subset, run, g, [&](JitRun& r) {
+                  const auto disp = moejit::ref::reference_dispatch(spec, r.ids, T, r.tile);
+                  const auto pad = std::find(disp.permuted_to_slot.begin(), disp.permuted_to_slot.end(), -1);
+                  ASSERT_NE(pad, disp.permuted_to_slot.end());
+                  r.gemm2[sz(pad - disp.permuted_to_slot.begin()) * sz(H) + 1] = 0x3f80;
+                }).find("padding"), std::string::npos);
+      EXPECT_NE(failures_after(spec, L, T, subset, run, g, [&](JitRun& r) {
+                  const int row = *std::max_element(r.e2p.begin(), r.e2p.end());
+                  ASSERT_GE(row, 0);
+                  r.gemm2[sz(row) * sz(H) + 2] ^= 0x4000;
+                }).find("rows~gpu"), std::string::npos);
+    }
+  }
+}
+
+// ---- tests --------------------------------------------------------------------------------------
+
+
+// Small cases for compute-sanitizer (tests/gpu/sanitizer.sh): under a minute unsanitized.
+Case small_case(const std::string& name, const MoeSpec& spec, int tokens) {
+  Case c;
+  c.name = name;
+  c.spec = spec;
+  c.tokens = tokens;
+  c.seed = 3;
+  c.max_tokens = 64;
+  return c;
+}
+
+TEST(Differential, SmallBothLayerKinds) {
+  MOEJIT_REQUIRE_GPU();
+  run_cases({small_case("small", small_spec(), 1), small_case("small", small_spec(), 33)});
+}
+
+TEST(Differential, SmallExpertParallelGroupedDeepSeek) {
+  MOEJIT_REQUIRE_GPU();
+  MoeSpec s = small_spec();
+  s.routing = RoutingMethod::DeepSeekV3;
+  s.n_group = 4;
+  s.topk_group = 2;
+  s.has_routing_bias = true;
+  s.routed_scaling_factor = 2.5;
+  s.swiglu_alpha = s.swiglu_beta = s.swiglu_limit = true;
+  Case c = small_case("small-ep", s, 17);
+  c.ep_ranks = 2;
+  run_cases({c});
+}
+
+TEST(Differential, SmallPrecomputedInvalidIdsAndNonFinite) {
+  MOEJIT_REQUIRE_GPU();
+  MoeSpec s = small_spec();
+  s.routing = RoutingMethod::Precomputed;
+  s.gate_up_order = GateUpOrder::UpGate;
+  Case a = small_case("small-precomputed", s, 10);
+  a.inputs.invalid_ids = true;
+  a.inputs.nonfinite_hidden = true;
+  MoeSpec t = small_spec();
+  t.logits_dtype = DType::BF16;
+  Case b = small_case("small-nonfinite", t, 9);
+  b.inputs.nonfinite_logits = true;
+  Case z = small_case("small-zero", t, 0);
+  run_cases({a, b, z});
+}
+
+// The shapes of the upstream MXINT4 regression test (FlashInfer's): m in {1, 33}, H 512,
+// I 7168, 384 experts, top-8, DeepSeekV3 (n_group 1, scale 2.827), bias present.
+TEST(Differential, UpstreamRegressionShapes) {
+  MOEJIT_REQUIRE_GPU();
+  run_cases(preset_cases("seed-test", {1, 33}, 33));
+}
+
+// Kimi-K2's per-GPU layouts: hidden 7168, intermediate 2048 / 512 / 256 (TP1 / TP4 / TP8).
+TEST(Differential, KimiK2) {
+  MOEJIT_REQUIRE_GPU();
+  run_cases(preset_cases("kimi-k2", {1, 33, 128}, 12));
+}
+
+TEST(Differential, KimiK2Tp4) {
+  MOEJIT_REQUIRE_GPU();
+  run_cases(preset_cases("kimi-k2-tp4", {7, 129, 1000}, 16));
+}
+
+TEST(Differential, KimiK2Tp8) {
+  MOEJIT_REQUIRE_GPU();
+  run_cases(preset_cases("kimi-k2-tp8", {1, 64, 1000}, 16));
+}
+
+// DeepSeek-V3 grouped routing (256 experts, n_group 8, topk_group 4), and split over 2 ranks.
+TEST(Differential, DeepSeekV3Grouped) {
+  MOEJIT_REQUIRE_GPU();
+  run_cases(preset_cases("deepseek-v3", {1, 33, 256}, 12, 2));
+}
+
+class DifferentialSweep : public ::testing::TestWithParam<int> {};
+
+TEST_P(DifferentialSweep, Group) {
+  MOEJIT_REQUIRE_GPU();
+  run_cases(sweep_group(sweep_seed(), GetParam()));
+}
+
+INSTANTIATE_TEST_SUITE_P(Random, DifferentialSweep, ::testing::Range(0, sweep_groups()));
+
+// Host-only (runs without a GPU): every sweep spec is valid, and the sample covers every value
+// the issue lists for each dimension.
+TEST(DifferentialSweepPlan, SpecsAreValidAndCoverEveryDimension) {
+  std::set<int> tokens, experts, top_k, dims;
+  std::set<RoutingMethod> methods;
+  std::set<std::string> features;
+  int cases = 0, specs = 0;
+  for (int g = 0; g < sweep_groups(); ++g) {
+    const std::vector<Case> group = sweep_group(sweep_seed(), g);
+    for (const Case& c : group) {
+      ++cases;
+      if (std::getenv("MOEJIT_DIFF_LIST")) std::printf("[diff] plan: %s\n", case_line(c).c_str());
+      SCOPED_TRACE(case_line(c));
+      for (bool fin : {true, false}) {
+        MoeSpec s = c.spec;
+        s.finalize = fin;
+        EXPECT_NO_THROW(s.validate());
+      }
+      EXPECT_TRUE(c.max_tokens == 0 || c.tokens <= c.max_tokens);
+      tokens.insert(c.tokens);
+      experts.insert(c.spec.num_experts);
+      top_k.insert(c.spec.top_k);
+      dims.insert(c.spec.hidden);
+      dims.insert(c.spec.intermediate);
+      methods.insert(c.spec.routing);
+      features.insert(to_string(c.spec.gate_up_order));
+      features.insert(std::string("logits:") + to_string(c.spec.logits_dtype));
+      features.insert(std::string("finalize:") + mode_name(c.mode));
+      if (c.spec.routing == RoutingMethod::DeepSeekV3 && c.spec.n_group > 1) features.insert("grouped");
+      if (c.spec.has_routing_bias) features.insert(std::string("bias:") + to_string(c.spec.bias_dtype));
+      if (c.spec.swiglu_alpha) features.insert("alpha");
+      if (c.spec.swiglu_beta) features.insert("beta");
+      if (c.spec.swiglu_limit) features.insert("limit");
+      if (c.ep_ranks >= 2) features.insert("ep");
+      for (const auto& f : {std::make_pair(c.inputs.force_expert >= 0, "force_expert"),
+                            std::make_pair(!c.inputs.empty_experts.empty(), "empty_experts"),
+                            std::make_pair(c.inputs.ties, "ties"),
+                            std::make_pair(c.inputs.nonfinite_hidden, "nonfinite_hidden"),
+                            std::make_pair(c.inputs.nonfinite_logits, "nonfinite_logits"),
+                            std::make_pair(c.inputs.invalid_ids, "invalid_ids")})
+        if (f.first) features.insert(f.second);
+    }
+    std::set<std::string> distinct;
+    for (const Case& c : group) distinct.insert(moejit::spec_to_ir_text(c.spec));
+    specs += static_cast<int>(distinct.size());
+  }
+  std::printf("[diff] sweep plan: seed %llu, %d groups, %d cases, %d distinct specs\n",
+              static_cast<unsigned long long>(sweep_seed()), sweep_groups(), cases, specs);
+  if (sweep_groups() < 16) GTEST_SKIP() << "coverage needs the default 16 groups";
+  EXPECT_EQ(tokens, std::set<int>(std::begin(kSweepTokens), std::end(kSweepTokens)));
+  EXPECT_EQ(experts, std::set<int>(std::begin(kSweepExperts), std::end(kSweepExperts)));
+  EXPECT_EQ(top_k, std::set<int>(std::begin(kSweepTopK), std::end(kSweepTopK)));
+  EXPECT_EQ(dims, std::set<int>(std::begin(kSweepDims), std::end(kSweepDims)));
+  EXPECT_EQ(methods, std::set<RoutingMethod>(std::begin(kSweepMethods), std::end(kSweepMethods)));
+  for (const char* f : {"GateUp", "UpGate", "logits:BF16", "logits:FP32", "finalize:on",
+                        "finalize:off", "finalize:both", "grouped", "bias:BF16", "bias:FP32",
+                        "alpha", "beta", "limit", "ep", "force_expert", "empty_experts", "ties",
+                        "nonfinite_hidden", "nonfinite_logits", "invalid_ids"})
+    EXPECT_TRUE(features.count(f)) << "the sweep never exercises " << f;
+}
+
+}  // namespace
