@@ -2,8 +2,9 @@
 // fp64 CPU reference, with the acceptance rule of reference/compare.h.
 //
 // Per case (a spec, a token count, a seed, input options, finalize on/off/both):
-//   * outputs and routing buffers are poisoned (NaN / 0x7f7f7f7f) before every launch, and the
-//     device outputs are allocated at their exact size (compute-sanitizer sees any overrun);
+//   * outputs and routing buffers are poisoned (NaN / 0x7f7f7f7f) before every launch, the
+//     workspace is NaN-filled too (launch() may not rely on zeroed scratch), and the device
+//     outputs are allocated at their exact size (compute-sanitizer sees any overrun);
 //   * routing: the kernel's topk_ids/topk_weights against the CPU reference (compare_routing);
 //     the GPU reference's own routing against the CPU reference as well;
 //   * output: JIT vs CPU fp64 on a subset of tokens (evenly spaced, with the routing the rule
@@ -197,6 +198,7 @@ JitRun launch_jit(const MoeSpec& spec, const MoeInputs& in, int T, int max_token
   if (spec.finalize) {
     const auto layer = moejit::compile_finalized(spec, opt);
     DeviceBuffer ws(std::max<size_t>(256, layer.workspace_bytes(T)));
+    ws.poison();  // launch() may not rely on a zeroed workspace
     r.tile = layer.tile_rows(T);
     layer.launch(in, T, {out.get(), ids.get<int32_t>(), weights.get<float>()},
                  {ws.get(), ws.bytes()}, nullptr);
@@ -204,6 +206,7 @@ JitRun launch_jit(const MoeSpec& spec, const MoeInputs& in, int T, int max_token
   } else {
     const auto layer = moejit::compile_unfinalized(spec, opt);
     DeviceBuffer ws(std::max<size_t>(256, layer.workspace_bytes(T)));
+    ws.poison();  // launch() may not rely on a zeroed workspace
     r.tile = layer.tile_rows(T);
     const size_t rows = layer.unfinalized_rows(T);
     DeviceBuffer y(rows * sz(H) * 2), e2p(slots * 4), offsets(sz(L + 1) * 4);
