@@ -8,7 +8,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -30,6 +32,14 @@ struct CliResult {
   std::string err;
 };
 
+// Creates an empty file in the temporary directory ($TMPDIR, else /tmp); returns its descriptor.
+int make_temp_file(const std::string& stem, std::string* path) {
+  *path = (std::filesystem::temp_directory_path() / (stem + "-XXXXXX")).string();
+  const int fd = ::mkstemp(path->data());
+  EXPECT_GE(fd, 0) << "mkstemp(" << *path << "): " << std::strerror(errno);
+  return fd;
+}
+
 std::string read_and_remove(const std::string& path) {
   std::ifstream in(path);
   std::stringstream ss;
@@ -41,12 +51,9 @@ std::string read_and_remove(const std::string& path) {
 // Runs `moejit args...` with CUDA_VISIBLE_DEVICES="" (so it sees no GPU even on a machine with
 // one), stdin from /dev/null, stdout and stderr captured.
 CliResult run_cli(const std::vector<std::string>& args) {
-  char out_path[] = "/tmp/moejit-cli-out-XXXXXX";
-  char err_path[] = "/tmp/moejit-cli-err-XXXXXX";
-  const int out_fd = ::mkstemp(out_path);
-  const int err_fd = ::mkstemp(err_path);
-  EXPECT_GE(out_fd, 0);
-  EXPECT_GE(err_fd, 0);
+  std::string out_path, err_path;
+  const int out_fd = make_temp_file("moejit-cli-out", &out_path);
+  const int err_fd = make_temp_file("moejit-cli-err", &err_path);
 
   std::vector<std::string> argv_text = {MOEJIT_CLI_PATH};
   argv_text.insert(argv_text.end(), args.begin(), args.end());
@@ -120,7 +127,8 @@ TEST(Cli, BadEmitNamesTheChoices) {
 }
 
 TEST(Cli, MissingSpecFileNamesThePath) {
-  const std::string path = "/tmp/moejit-test-no-such-spec.moe";
+  const std::string path =
+      (std::filesystem::temp_directory_path() / "moejit-test-no-such-spec.moe").string();
   ::unlink(path.c_str());
   const CliResult r = run_cli({"dump", "--spec", path, "--emit", "ir"});
   EXPECT_NE(r.exit_code, 0) << describe(r);
@@ -128,14 +136,14 @@ TEST(Cli, MissingSpecFileNamesThePath) {
 }
 
 TEST(Cli, MalformedSpecFileGivesLineAndColumn) {
-  char path[] = "/tmp/moejit-cli-spec-XXXXXX";
-  const int fd = ::mkstemp(path);
+  std::string path;
+  const int fd = make_temp_file("moejit-cli-spec", &path);
   ASSERT_GE(fd, 0);
   const std::string text = "moejit.module version=1 activation=bf16 {\n  %route = rout\n}\n";
   ASSERT_EQ(::write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
   ::close(fd);
   const CliResult r = run_cli({"dump", "--spec", path, "--emit", "ir"});
-  ::unlink(path);
+  ::unlink(path.c_str());
   EXPECT_NE(r.exit_code, 0) << describe(r);
   EXPECT_THAT(r.err, HasSubstr("line 2, column 12")) << describe(r);
   EXPECT_THAT(r.err, HasSubstr("'rout'")) << describe(r);

@@ -29,8 +29,9 @@ namespace {
 class FreshCacheDir : public ::testing::Environment {
  public:
   void SetUp() override {
-    char pattern[] = "/tmp/moejit-nvrtc-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(pattern), nullptr);
+    std::string pattern =
+        (std::filesystem::temp_directory_path() / "moejit-nvrtc-test-XXXXXX").string();
+    ASSERT_NE(::mkdtemp(pattern.data()), nullptr) << pattern;
     dir_ = pattern;
     ::setenv("MOEJIT_CACHE_DIR", dir_.c_str(), 1);
   }
