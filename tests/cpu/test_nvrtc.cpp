@@ -151,6 +151,22 @@ std::vector<Variant> routing_variants() {
   return out;
 }
 
+std::function<void(MoeSpec&)> local_experts(int offset, int count) {
+  return [=](MoeSpec& s) {
+    s.local_expert_offset = offset;
+    s.local_num_experts = count;
+  };
+}
+
+std::function<void(MoeSpec&)> shape(int hidden, int intermediate, int experts, int top_k) {
+  return [=](MoeSpec& s) {
+    s.hidden = hidden;
+    s.intermediate = intermediate;
+    s.num_experts = experts;
+    s.top_k = top_k;
+  };
+}
+
 const std::vector<VariantGroup>& variant_groups() {
   static const std::vector<VariantGroup> groups = {
       // Only the route kernel differs between these.
@@ -176,23 +192,9 @@ const std::vector<VariantGroup>& variant_groups() {
            s.swiglu_alpha = s.swiglu_beta = true;
          }},
         {"finalize off", [](MoeSpec& s) { s.finalize = false; }}}},
-      {"expert_range",
-       "kimi-k2",
-       {{"experts [96, 144)",
-         [](MoeSpec& s) {
-           s.local_expert_offset = 96;
-           s.local_num_experts = 48;
-         }}}},
+      {"expert_range", "kimi-k2", {{"experts [96, 144)", local_experts(96, 48)}}},
       // Multiples of 32 that are not of 64, an expert count that is not a power of two.
-      {"odd_shape",
-       "qwen3-30b-a3b",
-       {{"H=96 I=160 E=60 k=6",
-         [](MoeSpec& s) {
-           s.hidden = 96;
-           s.intermediate = 160;
-           s.num_experts = 60;
-           s.top_k = 6;
-         }}}},
+      {"odd_shape", "qwen3-30b-a3b", {{"H=96 I=160 E=60 k=6", shape(96, 160, 60, 6)}}},
   };
   return groups;
 }
