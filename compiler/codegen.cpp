@@ -56,9 +56,9 @@ std::string unit(const KernelPlan& k, const MoeSpec& s, const std::string& inclu
       fmt::arg("bounds", bounds), fmt::arg("params", params), fmt::arg("function", function));
 }
 
-KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
-  const MoeSpec& s = plan.spec;
-  const std::string cfg = fmt::format(
+// Routing constants; warps = routing warps per block.
+std::string route_cfg(const MoeSpec& s, int warps) {
+  return fmt::format(
       "  static constexpr int kExperts = {};\n"
       "  static constexpr int kTopK = {};\n"
       "  static constexpr int kMethod = {};  // moejit_dev::k{}\n"
@@ -71,7 +71,22 @@ KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
       "  static constexpr int kWarpsPerBlock = {};\n",
       s.num_experts, s.top_k, static_cast<int>(s.routing), moejit::to_string(s.routing),
       s.n_group, s.topk_group, float_literal(s.routed_scaling_factor), b(s.has_routing_bias),
-      b(s.logits_dtype == DType::BF16), b(s.bias_dtype == DType::BF16), kRouteWarpsPerBlock);
+      b(s.logits_dtype == DType::BF16), b(s.bias_dtype == DType::BF16), warps);
+}
+
+// Dispatch constants (kTopK comes from route_cfg when both are present).
+std::string dispatch_cfg(const MoeSpec& s, bool with_top_k) {
+  return (with_top_k ? fmt::format("  static constexpr int kTopK = {};\n", s.top_k) : "") +
+         fmt::format(
+             "  static constexpr int kLocalOffset = {};\n"
+             "  static constexpr int kLocalExperts = {};\n"
+             "  static constexpr int kThreads = {};\n",
+             s.local_expert_offset, s.local_experts(), kDispatchThreads);
+}
+
+KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
+  const MoeSpec& s = plan.spec;
+  const std::string cfg = route_cfg(s, kRouteWarpsPerBlock);
   const int threads = 32 * kRouteWarpsPerBlock;
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_route.cuh", cfg,
@@ -79,14 +94,18 @@ KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
           threads};
 }
 
+KernelSource route_dispatch_unit(const Plan& plan, const KernelPlan& k) {
+  const MoeSpec& s = plan.spec;
+  const std::string cfg = route_cfg(s, kDispatchThreads / 32) + dispatch_cfg(s, false);
+  return {k.name, "moejit_" + k.name,
+          unit(k, s, "moejit_route_dispatch.cuh", cfg, "RouteDispatchParams",
+               "route_dispatch_kernel", kDispatchThreads),
+          kDispatchThreads};
+}
+
 KernelSource dispatch_unit(const Plan& plan, const KernelPlan& k) {
   const MoeSpec& s = plan.spec;
-  const std::string cfg = fmt::format(
-      "  static constexpr int kTopK = {};\n"
-      "  static constexpr int kLocalOffset = {};\n"
-      "  static constexpr int kLocalExperts = {};\n"
-      "  static constexpr int kThreads = {};\n",
-      s.top_k, s.local_expert_offset, s.local_experts(), kDispatchThreads);
+  const std::string cfg = dispatch_cfg(s, true);
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_dispatch.cuh", cfg,
                "DispatchParams", "dispatch_kernel",
@@ -147,6 +166,7 @@ KernelSource generate(const Plan& plan, const KernelPlan& kernel) {
   switch (kernel.role) {
     case KernelRole::Route: return route_unit(plan, kernel);
     case KernelRole::Dispatch: return dispatch_unit(plan, kernel);
+    case KernelRole::RouteDispatch: return route_dispatch_unit(plan, kernel);
     case KernelRole::Gemm1:
     case KernelRole::Gemm2: return gemm_unit(plan, kernel);
     case KernelRole::Finalize: return finalize_unit(plan, kernel);

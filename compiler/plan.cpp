@@ -12,6 +12,7 @@ const char* to_string(KernelRole role) {
   switch (role) {
     case KernelRole::Route: return "route";
     case KernelRole::Dispatch: return "dispatch";
+    case KernelRole::RouteDispatch: return "route_dispatch";
     case KernelRole::Gemm1: return "gemm1";
     case KernelRole::Gemm2: return "gemm2";
     case KernelRole::Finalize: return "finalize";
@@ -137,11 +138,27 @@ Plan make_plan(const MoeSpec& spec, int max_tokens) {
     }
     // Decode: the last gemm2 block of a token sums its rows, saving the finalize launch.
     b.fused_finalize = spec.finalize && b.gemm2.direct_x;
+    // Up to 64 tokens one block routes (8 warps, <= 8 tokens each) and dispatches, when the
+    // two kernels' static shared memory fits in one block.
+    const bool grouped = spec.routing == RoutingMethod::DeepSeekV3 && spec.n_group > 1;
+    const long long smem = (grouped ? 8ll * (4 * spec.num_experts + 5 * spec.n_group) : 0) +
+                           4ll * (4 * local + 1) + 16ll * local;
+    b.fused_route = hi != 0 && hi <= 64 && smem <= 44 * 1024;
     plan.buckets.push_back(b);
   }
 
-  plan.kernels.push_back({"route", KernelRole::Route, {"route"}, -1});
-  plan.kernels.push_back({"dispatch", KernelRole::Dispatch, {"dispatch"}, -1});
+  auto any_bucket = [&](bool fused_route) {
+    for (const Bucket& b : plan.buckets)
+      if (b.fused_route == fused_route) return true;
+    return false;
+  };
+  if (any_bucket(false)) {
+    plan.kernels.push_back({"route", KernelRole::Route, {"route"}, -1});
+    plan.kernels.push_back({"dispatch", KernelRole::Dispatch, {"dispatch"}, -1});
+  }
+  if (any_bucket(true))
+    plan.kernels.push_back(
+        {"route_dispatch", KernelRole::RouteDispatch, {"route", "dispatch"}, -1});
   for (size_t i = 0; i < plan.buckets.size(); ++i) {
     const int bi = static_cast<int>(i);
     plan.kernels.push_back({fmt::format("gemm1_b{}", i), KernelRole::Gemm1, {"gemm1"}, bi});

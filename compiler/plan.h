@@ -35,13 +35,14 @@ struct Bucket {
   GemmConfig gemm1;    // N = I (SwiGLU features), K = H
   GemmConfig gemm2;    // N = H, K = I
   bool fused_finalize = false;  // gemm2 also finalizes (decode buckets of finalized layers)
+  bool fused_route = false;     // one block routes and dispatches (kernel "route_dispatch")
 
   bool contains(int tokens) const {
     return tokens >= min_tokens && (max_tokens == 0 || tokens <= max_tokens);
   }
 };
 
-enum class KernelRole { Route, Dispatch, Gemm1, Gemm2, Finalize };
+enum class KernelRole { Route, Dispatch, RouteDispatch, Gemm1, Gemm2, Finalize };
 const char* to_string(KernelRole role);
 
 // One kernel of the plan: the stages it implements and, for GEMMs, its bucket.

@@ -129,6 +129,7 @@ class LayerImpl {
       switch (k.role) {
         case KernelRole::Route: route_ = i; break;
         case KernelRole::Dispatch: dispatch_ = i; break;
+        case KernelRole::RouteDispatch: route_dispatch_ = i; break;
         case KernelRole::Finalize: finalize_ = i; break;
         case KernelRole::Gemm1: gemm1_.resize(plan_.buckets.size()); gemm1_[k.bucket] = i; break;
         case KernelRole::Gemm2: gemm2_.resize(plan_.buckets.size()); gemm2_[k.bucket] = i; break;
@@ -229,8 +230,6 @@ class LayerImpl {
 
     moejit_dev::RouteParams rp{in.routing_logits, in.routing_bias, in.topk_ids, in.topk_weights,
                                topk_ids, weights, T};
-    launch(route_, (T + compiler::kRouteWarpsPerBlock - 1) / compiler::kRouteWarpsPerBlock, 1,
-           &rp, stream);
     // Decode buckets of finalized layers fuse the finalize into gemm2.
     const bool fused = b.fused_finalize && outs.final_out;
     int32_t* counters = reinterpret_cast<int32_t*>(at(l.counters));
@@ -239,7 +238,14 @@ class LayerImpl {
                                   l.tile, static_cast<int32_t>(l.max_tiles),
                                   fused ? counters : nullptr, fused ? T * feature_blocks : 0,
                                   fused ? outs.final_out : nullptr, s.hidden};
-    launch(dispatch_, 1, 1, &dp, stream);
+    if (b.fused_route) {
+      moejit_dev::RouteDispatchParams rdp{rp, dp};
+      launch(route_dispatch_, 1, 1, &rdp, stream);
+    } else {
+      launch(route_, (T + compiler::kRouteWarpsPerBlock - 1) / compiler::kRouteWarpsPerBlock, 1,
+             &rp, stream);
+      launch(dispatch_, 1, 1, &dp, stream);
+    }
     moejit_dev::GemmParams g1{in.hidden_states, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
@@ -265,8 +271,8 @@ class LayerImpl {
 
   int launches(int T) const {
     if (T == 0) return 0;
-    const bool fused = plan_.buckets[plan_.bucket_for(T)].fused_finalize;
-    return plan_.spec.finalize && !fused ? 5 : 4;
+    const compiler::Bucket& b = plan_.buckets[plan_.bucket_for(T)];
+    return (b.fused_route ? 1 : 2) + 2 + (plan_.spec.finalize && !b.fused_finalize ? 1 : 0);
   }
 
   const Plan& plan() const { return plan_; }
@@ -281,7 +287,7 @@ class LayerImpl {
   void launch(size_t k, unsigned gx, unsigned gy, P* params, Stream stream) const {
     void* args[] = {params};
     const runtime::Driver& d = runtime::driver();
-    if (pdl_ && k != route_) {
+    if (pdl_ && k != route_ && k != route_dispatch_) {
       CUlaunchAttribute attr{};
       attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
       attr.value.programmaticStreamSerializationAllowed = 1;
@@ -347,7 +353,8 @@ class LayerImpl {
   CUcontext ctx_ = nullptr;
   std::vector<Kernel> kernels_;
   bool pdl_ = false;
-  size_t route_ = 0, dispatch_ = 0, finalize_ = 0;
+  static constexpr size_t kNone = static_cast<size_t>(-1);
+  size_t route_ = kNone, dispatch_ = kNone, route_dispatch_ = kNone, finalize_ = kNone;
   std::vector<size_t> gemm1_, gemm2_;
 };
 

@@ -11,7 +11,7 @@
 namespace moejit_dev {
 
 template <class Cfg>
-__device__ void dispatch_kernel(const DispatchParams& p) {
+__device__ void dispatch_block(const DispatchParams& p) {
   constexpr int L = Cfg::kLocalExperts;
   constexpr int kWarps = Cfg::kThreads / 32;
   __shared__ int s_count[L];
@@ -20,8 +20,6 @@ __device__ void dispatch_kernel(const DispatchParams& p) {
   __shared__ int s_chunk[L];    // rows of each expert in the current chunk
   __shared__ unsigned short s_warp[kWarps][L];  // per-warp counts, then per-warp prefixes
 
-  pdl_wait();
-  pdl_trigger();
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -133,6 +131,13 @@ __device__ void dispatch_kernel(const DispatchParams& p) {
           out[static_cast<long long>(t) * p.hidden + h] = __float2bfloat16_rn(0.0f);
     }
   }
+}
+
+template <class Cfg>
+__device__ void dispatch_kernel(const DispatchParams& p) {
+  pdl_wait();
+  pdl_trigger();
+  dispatch_block<Cfg>(p);
 }
 
 }  // namespace moejit_dev

@@ -45,6 +45,12 @@ struct DispatchParams {
   int32_t hidden;
 };
 
+// Route and dispatch fused into one block (small token counts).
+struct RouteDispatchParams {
+  RouteParams route;
+  DispatchParams dispatch;
+};
+
 // One grouped GEMM over row tiles: out[r, :] = f(x[r, :] @ W[expert(r)]^T).
 // Gemm1 gathers x rows from hidden_states through permuted_to_slot (token = slot / k) and
 // applies SwiGLU; Gemm2 reads x rows (the activation) in permuted order.

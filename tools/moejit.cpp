@@ -47,11 +47,11 @@ void add_compile(CLI::App& app) {
     opt.max_tokens = max_tokens;
     opt.jobs = jobs;
     const auto reports = moejit::compile_report(spec.load(), opt);
-    fmt::print("{:<12} {:<8} {:>10} {:>5} {:>12} {:>11} {:>6} {:>10}\n", "kernel", "arch",
+    fmt::print("{:<15} {:<8} {:>10} {:>5} {:>12} {:>11} {:>6} {:>10}\n", "kernel", "arch",
                "cubin", "regs", "spill_store", "spill_load", "stack", "compile_ms");
     int spills = 0;
     for (const auto& r : reports) {
-      fmt::print("{:<12} {:<8} {:>10} {:>5} {:>12} {:>11} {:>6} {:>10.1f}\n", r.name, r.arch,
+      fmt::print("{:<15} {:<8} {:>10} {:>5} {:>12} {:>11} {:>6} {:>10.1f}\n", r.name, r.arch,
                  r.cubin_bytes, r.registers, r.spill_store_bytes, r.spill_load_bytes,
                  r.stack_bytes, r.compile_ms);
       spills += r.spill_store_bytes + r.spill_load_bytes;

@@ -163,6 +163,8 @@ TEST(PlanKernels, FullList) {
   const Expected expected[] = {
       {"route", KernelRole::Route, {"route"}, -1},
       {"dispatch", KernelRole::Dispatch, {"dispatch"}, -1},
+      // Buckets up to 64 tokens route and dispatch in one block.
+      {"route_dispatch", KernelRole::RouteDispatch, {"route", "dispatch"}, -1},
       {"gemm1_b0", KernelRole::Gemm1, {"gemm1"}, 0},
       {"gemm2_b0", KernelRole::Gemm2, {"gemm2", "finalize"}, 0},
       {"gemm1_b1", KernelRole::Gemm1, {"gemm1"}, 1},
@@ -212,8 +214,10 @@ TEST(PlanMaxTokens, DropsBucketsAbove) {
   for (auto [max_tokens, buckets] : cases) {
     const Plan plan = make_plan(s, max_tokens);
     EXPECT_EQ(plan.buckets.size(), buckets) << max_tokens;
-    // Two kernels per bucket plus route, dispatch and finalize.
-    EXPECT_EQ(plan.kernels.size(), 2 * buckets + 3) << max_tokens;
+    // Two kernels per bucket plus finalize, route_dispatch (buckets up to 64 tokens), and
+    // route and dispatch (buckets above 64 tokens).
+    const size_t extra = 1 + 1 + (max_tokens == 0 || max_tokens > 64 ? 2 : 0);
+    EXPECT_EQ(plan.kernels.size(), 2 * buckets + extra) << max_tokens;
     EXPECT_TRUE(max_tokens == 0 || plan.buckets.back().contains(max_tokens)) << max_tokens;
   }
 }
@@ -264,8 +268,7 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
             "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=1 gemm1(warps_n=1 warps_k=4 "
             "k_chunk=32 double_buffer=1 direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 "
             "double_buffer=1 direct_x=1)\n"
-            "kernel route role=route stages=route bucket=-1\n"
-            "kernel dispatch role=dispatch stages=dispatch bucket=-1\n"
+            "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
             "kernel gemm2_b0 role=gemm2 stages=gemm2+finalize bucket=0\n"
             "kernel finalize role=finalize stages=finalize bucket=-1\n");
