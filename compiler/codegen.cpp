@@ -131,6 +131,7 @@ KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
       "  static constexpr bool kDoubleBuffer = {};\n"
       "  static constexpr bool kDirectX = {};\n"
       "  static constexpr bool kFuseFinalize = {};\n"
+
       "  static constexpr bool kGateFirst = {};\n"
       "  static constexpr bool kHasAlpha = {};\n"
       "  static constexpr bool kHasBeta = {};\n"

@@ -176,7 +176,7 @@ class LayerImpl {
     l.e2p = take(slots * 4);
     l.p2s = take(static_cast<size_t>(l.rows) * 4);
     l.act = take(static_cast<size_t>(l.rows) * s.intermediate * 2);
-    l.y = take(static_cast<size_t>(l.rows) * s.hidden * 2);
+    l.y = take(static_cast<size_t>(l.rows) * s.hidden * 4);  // fp32 gemm2 rows
     l.counters = take(static_cast<size_t>(T) * (s.hidden / 16) * 4);
     l.total = at;
     return l;
@@ -195,7 +195,7 @@ class LayerImpl {
 
   struct Outs {
     int32_t* ids;       // [T*k] or null (workspace)
-    void* y;            // [rows, H] bf16
+    void* y;            // [rows, H] fp32
     float* weights;     // [T*k]
     int32_t* e2p;       // [T*k]
     int32_t* offsets;   // [L+1]

@@ -2,7 +2,8 @@
 // no atomics (deterministic). Slots of other ranks' experts (perm = -1) contribute nothing.
 // Grid: x = token, y = blocks of kThreads * 8 features; each thread owns 8 features (16 bytes).
 //
-// Cfg provides: kHidden, kTopK, kThreads.
+// Cfg provides: kHidden, kTopK, kThreads. y rows are fp32 (a finalized layer's workspace, or an
+// unfinalized layer's gemm2_out for moejit::finalize).
 #pragma once
 
 #include "moejit_common.cuh"
@@ -17,7 +18,7 @@ __device__ void finalize_kernel(const FinalizeParams& p) {
   const int t = blockIdx.x;
   const int h = (blockIdx.y * Cfg::kThreads + threadIdx.x) * 8;
   if (t >= p.num_tokens || h >= H) return;
-  const __nv_bfloat16* y = static_cast<const __nv_bfloat16*>(p.y);
+
   float acc[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
@@ -25,14 +26,12 @@ __device__ void finalize_kernel(const FinalizeParams& p) {
     const int row = p.expanded_to_permuted[t * K + j];
     if (row < 0) continue;
     const float w = p.weights[t * K + j];
-    const uint4 v = *reinterpret_cast<const uint4*>(y + static_cast<long long>(row) * H + h);
-    const __nv_bfloat162* pv = reinterpret_cast<const __nv_bfloat162*>(&v);
+    const float4* y = reinterpret_cast<const float4*>(static_cast<const float*>(p.y) +
+                                                      static_cast<long long>(row) * H + h);
+    const float4 a = y[0], b = y[1];
+    const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(pv[i]);
-      acc[2 * i] += w * f.x;
-      acc[2 * i + 1] += w * f.y;
-    }
+    for (int i = 0; i < 8; ++i) acc[i] += w * f[i];
   }
   uint4 o;
   o.x = pack_bf16x2(acc[0], acc[1]);

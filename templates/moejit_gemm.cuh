@@ -4,7 +4,7 @@
 //
 // Gemm1: x rows are gathered from hidden_states (token = slot / top_k), W = w13, and the epilogue
 // is SwiGLU over the (gate, up) feature pair. Gemm2: x rows are the activation in permuted order,
-// W = w2, no epilogue. Padding rows of a tile read zeros; Gemm2 writes zeros there.
+// W = w2, no epilogue, fp32 rows. Padding rows of a tile read zeros; Gemm2 writes zeros there.
 //
 // Tensor cores: mma.sync m16n8k16 bf16 with weights as the A operand (16 features) and rows as
 // B (8 rows per n-tile), fp32 accumulation. Because the MMA sums over k, both operands may use
@@ -93,7 +93,7 @@ __device__ void fused_finalize(const GemmParams& p, int row0, int rows_valid) {
   __syncthreads();
   const int f = blockIdx.y * kFeatures + tid;
   if (tid >= kFeatures) return;
-  const unsigned short* y = static_cast<const unsigned short*>(p.out);
+  const float* y = static_cast<const float*>(p.out);  // fp32 rows
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.final_out);
   for (int r = 0; r < kTile; ++r) {
     const int t = s_last[r];
@@ -102,8 +102,7 @@ __device__ void fused_finalize(const GemmParams& p, int row0, int rows_valid) {
     for (int j = 0; j < K; ++j) {
       const int row = p.expanded_to_permuted[t * K + j];
       if (row < 0) continue;
-      const unsigned short bits = __ldcg(y + static_cast<long long>(row) * H + f);
-      acc += p.weights[t * K + j] * __bfloat162float(__ushort_as_bfloat16(bits));
+      acc += p.weights[t * K + j] * __ldcg(y + static_cast<long long>(row) * H + f);
     }
     out[static_cast<long long>(t) * H + f] = __float2bfloat16_rn(acc);
   }
@@ -404,7 +403,9 @@ __device__ void grouped_gemm(const GemmParams& p) {
         }
         out[o] = __float2bfloat16_rn(gate * sigmoidf_(alpha * gate) * (up + beta));
       } else {
-        out[o] = __float2bfloat16_rn(r < rows_valid ? acc[0][n][i] : 0.0f);
+        // Gemm2 rows stay fp32 (workspace, or the unfinalized gemm2_out): no bf16 rounding
+        // before the weighted sum.
+        static_cast<float*>(p.out)[o] = r < rows_valid ? acc[0][n][i] : 0.0f;
       }
     }
     (void)alpha;

@@ -65,7 +65,7 @@ struct GemmParams {
   const float* alpha;              // [L] or null
   const float* beta;               // [L] or null
   const float* limit;              // [L] or null
-  void* out;                       // gemm1: act [P, I]; gemm2: y [P, H]; bf16
+  void* out;                       // gemm1: act [P, I] bf16; gemm2: y [P, H] fp32
   int32_t num_tokens;
   int32_t max_tiles;
   // Gemm2 with the finalize fused (Cfg::kFuseFinalize): the last block to write a token's rows
@@ -78,7 +78,7 @@ struct GemmParams {
 
 // Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.
 struct FinalizeParams {
-  const void* y;                          // [P, H] bf16
+  const void* y;                          // [P, H] fp32
   const float* weights;                   // [T*k]
   const int32_t* expanded_to_permuted;    // [T*k], -1 = contributes nothing
   void* out;                              // [T, H] bf16

@@ -154,7 +154,7 @@ GpuCheck gpu_reference_check(const moejit::MoeSpec& spec, const moejit::ref::Hos
       if (row < 0 || static_cast<size_t>(row + 1) * H > o.gemm2_out.size()) continue;
       want.insert(want.end(), y.begin() + static_cast<long>(s * H), y.begin() + static_cast<long>((s + 1) * H));
       for (size_t h = 0; h < H; ++h)
-        have.push_back(moejit::ref::bf16_to_float(o.gemm2_out[static_cast<size_t>(row) * H + h]));
+        have.push_back(o.gemm2_out[static_cast<size_t>(row) * H + h]);
     }
     g.rows = moejit::ref::compare_output(want, have);
   }
@@ -187,7 +187,7 @@ void save_case(const std::string& dir, const moejit::MoeSpec& s, const moejit::r
   d.save("output", NpyType::BF16, o.out, {T, H},
          s.finalize ? "kernel output" : "kernel output: moejit::finalize of gemm2_out");
   if (!s.finalize) {
-    d.save("gemm2_out", NpyType::BF16, o.gemm2_out, {o.gemm2_out.size() / H, H},
+    d.save("gemm2_out", NpyType::F32, o.gemm2_out, {o.gemm2_out.size() / H, H},
            "rows grouped by local expert, each expert padded to tile_rows (zero rows)");
     d.save("expanded_to_permuted", NpyType::I32, o.expanded_to_permuted, {T * k},
            "row of slot t*k+j in gemm2_out, -1 for non-local experts");

@@ -39,7 +39,7 @@ struct CaseOutputs {
   std::vector<uint16_t> out;                  // [T, H] bf16 (finalize off: after moejit::finalize)
   std::vector<int32_t> topk_ids;              // [T, k] global ids
   std::vector<float> topk_weights;            // [T, k]
-  std::vector<uint16_t> gemm2_out;            // finalize off: [expert_offsets[L], H] bf16
+  std::vector<float> gemm2_out;               // finalize off: [expert_offsets[L], H] fp32
   std::vector<int32_t> expanded_to_permuted;  // finalize off: [T * k]
   std::vector<int32_t> expert_offsets;        // finalize off: [L + 1]
   std::vector<int> checked_tokens;            // tokens compared with the CPU reference

@@ -17,7 +17,7 @@
 //   * finalize both: unfinalized + moejit::finalize must equal the finalized output BITWISE
 //     (NaN payloads aside), and the routing outputs of the two launches must be identical: both
 //     layers run the same route, dispatch and GEMM kernels, and the finalized layer's sum (the
-//     finalize kernel, or the one fused into decode gemm2) adds the same bf16 rows with the same
+//     finalize kernel, or the one fused into decode gemm2) adds the same fp32 rows with the same
 //     fp32 arithmetic in the same order (ascending j) as moejit::finalize;
 //   * expert parallel: ranks over an uneven partition of the experts; each rank's ids equal the
 //     unsplit ids, each rank's partial output is checked like a layer, and the sum of the ranks'
@@ -170,7 +170,7 @@ struct JitRun {
   std::vector<uint16_t> out;       // [T, H] bf16 (finalized, or moejit::finalize of the rows)
   std::vector<int32_t> ids;        // [T, k]
   std::vector<float> weights;      // [T, k]
-  std::vector<uint16_t> gemm2;     // finalize off: [offsets[L], H]
+  std::vector<float> gemm2;        // finalize off: [offsets[L], H] fp32
   std::vector<int32_t> e2p;        // finalize off: [T * k]
   std::vector<int32_t> offsets;    // finalize off: [L + 1]
   bool untouched = true;           // T == 0: the output buffer was not written
@@ -209,7 +209,7 @@ JitRun launch_jit(const MoeSpec& spec, const MoeInputs& in, int T, int max_token
     ws.poison();  // launch() may not rely on a zeroed workspace
     r.tile = layer.tile_rows(T);
     const size_t rows = layer.unfinalized_rows(T);
-    DeviceBuffer y(rows * sz(H) * 2), e2p(slots * 4), offsets(sz(L + 1) * 4);
+    DeviceBuffer y(rows * sz(H) * 4), e2p(slots * 4), offsets(sz(L + 1) * 4);
     y.poison();
     poison_ints(e2p);
     poison_ints(offsets);
@@ -224,7 +224,7 @@ JitRun launch_jit(const MoeSpec& spec, const MoeInputs& in, int T, int max_token
       const int used = r.offsets.back();
       if (used < 0 || sz(used) > rows)
         throw std::runtime_error(fmt::format("expert_offsets[L] = {} is outside [0, {}]", used, rows));
-      r.gemm2 = download_n<uint16_t>(y, sz(used) * sz(H));
+      r.gemm2 = download_n<float>(y, sz(used) * sz(H));
     }
   }
   CUDA_OK(cudaGetLastError());
@@ -417,8 +417,7 @@ moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec&
     for (size_t r = 0; r < disp.permuted_to_slot.size(); ++r)
       if (disp.permuted_to_slot[r] < 0)
         for (int h = 0; h < H; ++h) {
-          const uint16_t b = run.gemm2[r * sz(H) + sz(h)];
-          bad_padding += b != 0 && b != 0x8000;
+          bad_padding += run.gemm2[r * sz(H) + sz(h)] != 0.0f;
         }
     v.require(bad_padding == 0, tag + fmt::format("{} padding elements of gemm2_out are not zero", bad_padding));
     // Rows of every local slot against the GPU reference; rows of the subset against the CPU.
@@ -429,7 +428,7 @@ moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec&
       gref.insert(gref.end(), g.y.begin() + static_cast<long>(s * sz(H)),
                   g.y.begin() + static_cast<long>((s + 1) * sz(H)));
       for (int h = 0; h < H; ++h)
-        got.push_back(moejit::ref::bf16_to_float(run.gemm2[sz(row) * sz(H) + sz(h)]));
+        got.push_back(run.gemm2[sz(row) * sz(H) + sz(h)]);
     }
     for (size_t i = 0; i < subset.size(); ++i)
       for (int j = 0; j < K; ++j) {
@@ -438,13 +437,13 @@ moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec&
         cref.insert(cref.end(), cpu.y.begin() + static_cast<long>((i * sz(K) + sz(j)) * sz(H)),
                     cpu.y.begin() + static_cast<long>((i * sz(K) + sz(j) + 1) * sz(H)));
         for (int h = 0; h < H; ++h)
-          cgot.push_back(moejit::ref::bf16_to_float(run.gemm2[sz(row) * sz(H) + sz(h)]));
+          cgot.push_back(run.gemm2[sz(row) * sz(H) + sz(h)]);
       }
     v.output(tag + "rows~gpu", moejit::ref::compare_output(gref, got));
     v.output(tag + "rows~cpu", moejit::ref::compare_output(cref, cgot));
     // moejit::finalize against a host finalize of the downloaded rows and weights.
     std::vector<double> rows(run.gemm2.size()), w(run.weights.begin(), run.weights.end());
-    for (size_t i = 0; i < rows.size(); ++i) rows[i] = moejit::ref::bf16_to_float(run.gemm2[i]);
+    for (size_t i = 0; i < rows.size(); ++i) rows[i] = run.gemm2[i];
     const auto host = moejit::ref::reference_finalize(T, K, H, rows.data(), w.data(), run.e2p.data());
     v.output(tag + "finalize~host", moejit::ref::compare_output(host, jit_all, kFinalizeTolerance));
   }
@@ -751,11 +750,12 @@ std::pair<JitRun, GpuRun> reference_launch(const MoeSpec& spec, const HostLayer&
   r.out = to_bf16(ref.out);
   if (!finalize) {
     const auto disp = moejit::ref::reference_dispatch(spec, r.ids, T, tile);
-    r.gemm2 = to_bf16(moejit::ref::reference_unfinalized(disp, ref));
+    const auto exact_rows = moejit::ref::reference_unfinalized(disp, ref);
+    r.gemm2.assign(exact_rows.begin(), exact_rows.end());
     r.e2p = disp.expanded_to_permuted;
     r.offsets = disp.expert_offsets;
     std::vector<double> rows(r.gemm2.size()), w(r.weights.begin(), r.weights.end());
-    for (size_t i = 0; i < rows.size(); ++i) rows[i] = moejit::ref::bf16_to_float(r.gemm2[i]);
+    for (size_t i = 0; i < rows.size(); ++i) rows[i] = r.gemm2[i];
     r.out = to_bf16(moejit::ref::reference_finalize(T, spec.top_k, spec.hidden, rows.data(),
                                                     w.data(), r.e2p.data()));
   }
@@ -827,12 +827,12 @@ TEST(DifferentialChecks, AcceptTheReferenceAndRejectCorruptedLaunches) {
                   const auto disp = moejit::ref::reference_dispatch(spec, r.ids, T, r.tile);
                   const auto pad = std::find(disp.permuted_to_slot.begin(), disp.permuted_to_slot.end(), -1);
                   ASSERT_NE(pad, disp.permuted_to_slot.end());
-                  r.gemm2[sz(pad - disp.permuted_to_slot.begin()) * sz(H) + 1] = 0x3f80;
+                  r.gemm2[sz(pad - disp.permuted_to_slot.begin()) * sz(H) + 1] = 1.0f;
                 }).find("padding"), std::string::npos);
       EXPECT_NE(failures_after(spec, L, T, subset, run, g, [&](JitRun& r) {
                   const int row = *std::max_element(r.e2p.begin(), r.e2p.end());
                   ASSERT_GE(row, 0);
-                  r.gemm2[sz(row) * sz(H) + 2] ^= 0x4000;
+                  r.gemm2[sz(row) * sz(H) + 2] = 1e6f;
                 }).find("rows~gpu"), std::string::npos);
     }
   }
