@@ -54,7 +54,9 @@ GemmConfig pick_gemm(int n, int k, int tile_rows, bool swiglu) {
   GemmConfig c;
   const int k_groups = k / 32;
   const int k_blocks = (k_groups + 3) / 4;  // a warp consumes 4 groups (128 k) per step
-  const int max_chunk = kSmemBudget / (tile_rows * 32 * 2);  // groups that fit in shared memory
+  // Groups of x that fit in shared memory; gemm2's x (the activation) is two bf16 planes.
+  const int planes = swiglu ? 1 : 2;
+  const int max_chunk = kSmemBudget / (tile_rows * 32 * 2 * planes);
   int iters = 1;  // 4-group blocks per warp per pipeline stage
   if (tile_rows == 8) {
     // Decode: weight streaming. x comes through L1; each warp keeps 2 stages of 16-byte loads
@@ -87,6 +89,7 @@ GemmConfig pick_gemm(int n, int k, int tile_rows, bool swiglu) {
 // Applies "g1=WNxWKxCG,g2=WNxWKxCG" (either part optional) to a GEMM of n features, k length.
 void apply_override(const std::string& text, const char* which, int n, int k, int tile,
                     GemmConfig& c) {
+  const int planes = which[1] == '1' ? 1 : 2;
   const std::regex mb(std::string("mb") + which[1] + "=([0-9]+)");
   std::smatch m;
   if (std::regex_search(text, m, mb)) c.min_blocks = std::stoi(m[1]);
@@ -98,7 +101,7 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
   o.k_chunk_groups = std::stoi(m[3]);
   const bool ok = o.warps_n >= 1 && o.warps_k >= 1 && o.warps_n * o.warps_k <= 32 &&
                   n % (16 * o.warps_n) == 0 && o.k_chunk_groups % (4 * o.warps_k) == 0 &&
-                  tile * (o.k_chunk_groups * 32 + 8) * 2 <= 48 * 1024 && k >= 32;
+                  planes * tile * (o.k_chunk_groups * 32 + 8) * 2 <= 48 * 1024 && k >= 32;
   if (!ok)
     throw Error(ErrorKind::InvalidArgument,
                 fmt::format("MOEJIT_PLAN_OVERRIDE: {}={}x{}x{} breaks a GEMM rule (features {} "

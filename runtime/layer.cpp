@@ -175,7 +175,7 @@ class LayerImpl {
     l.tile_expert = take(static_cast<size_t>(l.max_tiles) * 4);
     l.e2p = take(slots * 4);
     l.p2s = take(static_cast<size_t>(l.rows) * 4);
-    l.act = take(static_cast<size_t>(l.rows) * s.intermediate * 2);
+    l.act = take(static_cast<size_t>(l.rows) * s.intermediate * 4);  // bf16 hi + lo planes
     l.y = take(static_cast<size_t>(l.rows) * s.hidden * 4);  // fp32 gemm2 rows
     l.counters = take(static_cast<size_t>(T) * (s.hidden / 16) * 4);
     l.total = at;
@@ -224,6 +224,7 @@ class LayerImpl {
     int32_t* e2p = outs.e2p ? outs.e2p : reinterpret_cast<int32_t*>(at(l.e2p));
     int32_t* p2s = reinterpret_cast<int32_t*>(at(l.p2s));
     void* act = at(l.act);
+    void* act_lo = static_cast<char*>(act) + static_cast<size_t>(l.rows) * s.intermediate * 2;
     void* y = outs.y ? outs.y : at(l.y);
     const int bucket = plan_.bucket_for(T);
     const compiler::Bucket& b = plan_.buckets[bucket];
@@ -246,13 +247,13 @@ class LayerImpl {
              &rp, stream);
       launch(dispatch_, 1, 1, &dp, stream);
     }
-    moejit_dev::GemmParams g1{in.hidden_states, p2s, in.w13, in.w13_scale, counts, offsets,
+    moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
                               nullptr, nullptr};
     launch(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
            s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
-    moejit_dev::GemmParams g2{act, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
+    moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
                               fused ? outs.final_out : nullptr};

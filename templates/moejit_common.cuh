@@ -92,6 +92,14 @@ __device__ __forceinline__ float load_as_float(const void* p, long long i) {
   }
 }
 
+// v = hi + lo with hi = bf16(v) and lo = bf16(v - hi): about 16 significant bits. A non-finite
+// v keeps its value in hi and gets lo = 0 (inf - inf would be NaN).
+__device__ __forceinline__ void split_bf16(float v, __nv_bfloat16& hi, __nv_bfloat16& lo) {
+  hi = __float2bfloat16_rn(v);
+  const float h = __bfloat162float(hi);
+  lo = __float2bfloat16_rn(isfinite(h) ? v - h : 0.0f);
+}
+
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);

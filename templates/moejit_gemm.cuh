@@ -129,7 +129,10 @@ __device__ void grouped_gemm(const GemmParams& p) {
   // 8-row tiles read x straight from global memory (L1) into registers: no staging, no barriers.
   constexpr bool kDirectX = Cfg::kDirectX;
   static_assert(!kDirectX || (kTile == 8 && Cfg::kDoubleBuffer), "direct x needs 8-row tiles");
-  constexpr int kXBytes = kDirectX ? 16 : kTile * kStride * 2;
+  // Gemm2 reads the activation as hi and lo bf16 planes (two MMAs per k-step); gemm1's x is
+  // bf16 input, exact in one plane.
+  constexpr int kPlanes = kGemm1 ? 1 : 2;
+  constexpr int kXBytes = kDirectX ? 16 : kPlanes * kTile * kStride * 2;
   constexpr int kRedBytes = WK > 1 ? WK * WN * 32 * AT * NT * 4 * 4 : 0;
   constexpr int kSmemBytes = kXBytes > kRedBytes ? kXBytes : kRedBytes;
   static_assert(CG % (4 * WK) == 0, "chunk must split evenly across the K warps");
@@ -190,6 +193,7 @@ __device__ void grouped_gemm(const GemmParams& p) {
       for (int i = 0; i < 4; ++i) acc[a][n][i] = 0.0f;
 
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
+  const __nv_bfloat16* x_lo = static_cast<const __nv_bfloat16*>(p.x_lo);
 
   // This warp's weights for the chunk starting at group c0 (16-byte streaming loads, zeros
   // past K). Issued one chunk ahead of their use so the loads overlap the previous chunk's MMAs.
@@ -231,9 +235,15 @@ __device__ void grouped_gemm(const GemmParams& p) {
       const int r = u / kUnitsPerRow;
       const int cu = u % kUnitsPerRow;
       const int kk = c0 * 32 + cu * 8;
+      const long long at = static_cast<long long>(s_src[r]) * K + kk;
       uint4 v = make_uint4(0, 0, 0, 0);
-      if (kk < K) v = *reinterpret_cast<const uint4*>(x + static_cast<long long>(s_src[r]) * K + kk);
+      if (kk < K) v = *reinterpret_cast<const uint4*>(x + at);
       *reinterpret_cast<uint4*>(xs + r * kStride + cu * 8) = v;
+      if constexpr (kPlanes == 2) {
+        uint4 w = make_uint4(0, 0, 0, 0);
+        if (kk < K) w = *reinterpret_cast<const uint4*>(x_lo + at);
+        *reinterpret_cast<uint4*>(xs + (kTile + r) * kStride + cu * 8) = w;
+      }
     }
   };
   // MMAs of one chunk: 8 k-steps per 4-group block.
@@ -243,25 +253,29 @@ __device__ void grouped_gemm(const GemmParams& p) {
       const int gi = group_of(it);  // chunk-relative group of this thread
       // Direct x: row g of the tile, this group's 32 values, 8 bytes per k-step (L1 hits after
       // the first warp; only lanes of valid rows load).
-      const uint2* xr = reinterpret_cast<const uint2*>(
-          x + static_cast<long long>(x_row) * K + static_cast<long long>(c0 + gi) * 32);
+      const long long x_at = static_cast<long long>(x_row) * K + static_cast<long long>(c0 + gi) * 32;
+      const uint2* xr = reinterpret_cast<const uint2*>(x + x_at);
+      const uint2* xr_lo = reinterpret_cast<const uint2*>(x_lo + x_at);
       const bool x_ok = kDirectX && x_row_valid && c0 + gi < KG;
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
-        uint32_t b[NT][2];
+        uint32_t b[kPlanes][NT][2];
+#pragma unroll
+        for (int q = 0; q < kPlanes; ++q)
 #pragma unroll
         for (int n = 0; n < NT; ++n) {
-          b[n][0] = b[n][1] = 0;
+          b[q][n][0] = b[q][n][1] = 0;
           if constexpr (kDirectX) {
             if (x_ok) {
-              const uint2 v = __ldg(xr + s);
-              b[n][0] = v.x;
-              b[n][1] = v.y;
+              const uint2 v = __ldg((q ? xr_lo : xr) + s);
+              b[q][n][0] = v.x;
+              b[q][n][1] = v.y;
             }
           } else if (n * 8 + g < rows_valid) {
-            const uint2 v = *reinterpret_cast<const uint2*>(xs + (n * 8 + g) * kStride + gi * 32 + 4 * s);
-            b[n][0] = v.x;
-            b[n][1] = v.y;
+            const uint2 v = *reinterpret_cast<const uint2*>(
+                xs + (q * kTile + n * 8 + g) * kStride + gi * 32 + 4 * s);
+            b[q][n][0] = v.x;
+            b[q][n][1] = v.y;
           }
         }
 #pragma unroll
@@ -287,8 +301,10 @@ __device__ void grouped_gemm(const GemmParams& p) {
 #undef MOEJIT_DEQ_CASE
           }
 #pragma unroll
-          for (int n = 0; n < NT; ++n)
-            if (n * 8 < rows_valid) mma_bf16_16816(acc[a][n], af, b[n][0], b[n][1]);
+          for (int q = 0; q < kPlanes; ++q)
+#pragma unroll
+            for (int n = 0; n < NT; ++n)
+              if (n * 8 < rows_valid) mma_bf16_16816(acc[a][n], af, b[q][n][0], b[q][n][1]);
         }
       }
     }
@@ -401,7 +417,10 @@ __device__ void grouped_gemm(const GemmParams& p) {
           gate = gate > limit ? limit : gate;
           up = up > limit ? limit : (up < -limit ? -limit : up);
         }
-        out[o] = __float2bfloat16_rn(gate * sigmoidf_(alpha * gate) * (up + beta));
+        __nv_bfloat16 hi, lo;
+        split_bf16(gate * sigmoidf_(alpha * gate) * (up + beta), hi, lo);
+        out[o] = hi;
+        static_cast<__nv_bfloat16*>(p.x_lo)[o] = lo;
       } else {
         // Gemm2 rows stay fp32 (workspace, or the unfinalized gemm2_out): no bf16 rounding
         // before the weighted sum.

@@ -55,7 +55,10 @@ struct RouteDispatchParams {
 // Gemm1 gathers x rows from hidden_states through permuted_to_slot (token = slot / k) and
 // applies SwiGLU; Gemm2 reads x rows (the activation) in permuted order.
 struct GemmParams {
-  const void* x;                   // gemm1: hidden [T, H]; gemm2: act [P, I]; bf16
+  const void* x;                   // gemm1: hidden [T, H]; gemm2: act [P, I] (high part); bf16
+  // Gemm1 writes the activation as two bf16 planes, hi = bf16(a) and lo = bf16(a - hi), and
+  // gemm2 multiplies both: the activation enters gemm2 without a bf16 rounding.
+  void* x_lo;                      // [P, I] bf16: gemm1 writes it, gemm2 reads it
   const int32_t* permuted_to_slot;
   const uint8_t* w;                // [E, N_rows, K/2]
   const void* w_scale;             // [E, N_rows, K/32] bf16

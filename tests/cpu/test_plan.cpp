@@ -132,7 +132,8 @@ TEST(PlanGemm, KimiK2Configs) {
   EXPECT_FALSE(plan.buckets[2].fused_finalize);
   // Tile 64: 4 warps of features (N % 64 == 0), no K split, 8 groups (64 x 8 x 64 B = 32 KiB).
   EXPECT_EQ(plan.buckets[3].gemm1, (GemmConfig{4, 1, 8, false, false}));
-  EXPECT_EQ(plan.buckets[3].gemm2, (GemmConfig{4, 1, 8, false, false}));
+  // gemm2 stages its activation as two bf16 planes (hi + lo): half the groups.
+  EXPECT_EQ(plan.buckets[3].gemm2, (GemmConfig{4, 1, 4, false, false}));
 }
 
 TEST(PlanGemm, NarrowOutputUsesTwoWarps) {
