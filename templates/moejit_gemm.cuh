@@ -184,13 +184,21 @@ __device__ void grouped_gemm(const GemmParams& p) {
     arow[0] = f0;
   }
 
-  float acc[AT][NT][4];
+  // Independent accumulator chains: consecutive MMAs into one accumulator serialise on the MMA
+  // latency. Gemm2 keeps its hi and lo planes apart and, on direct-x tiles (one n-tile, one A
+  // tile), alternates two chains by k-step parity (gemm1 already has its gate and up chains);
+  // the chains are summed in a fixed order after the K loop.
+  constexpr int kPar = kDirectX && !kGemm1 ? 2 : 1;
+  constexpr int kChains = kPlanes * kPar;
+  float accs[kChains][AT][NT][4];
 #pragma unroll
-  for (int a = 0; a < AT; ++a)
+  for (int c = 0; c < kChains; ++c)
 #pragma unroll
-    for (int n = 0; n < NT; ++n)
+    for (int a = 0; a < AT; ++a)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) acc[a][n][i] = 0.0f;
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) accs[c][a][n][i] = 0.0f;
 
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
   const __nv_bfloat16* x_lo = static_cast<const __nv_bfloat16*>(p.x_lo);
@@ -304,7 +312,8 @@ __device__ void grouped_gemm(const GemmParams& p) {
           for (int q = 0; q < kPlanes; ++q)
 #pragma unroll
             for (int n = 0; n < NT; ++n)
-              if (n * 8 < rows_valid) mma_bf16_16816(acc[a][n], af, b[q][n][0], b[q][n][1]);
+              if (n * 8 < rows_valid)
+                mma_bf16_16816(accs[q * kPar + (s % kPar)][a][n], af, b[q][n][0], b[q][n][1]);
         }
       }
     }
@@ -366,6 +375,16 @@ __device__ void grouped_gemm(const GemmParams& p) {
     }
   }
   }
+
+  float (&acc)[AT][NT][4] = accs[0];
+#pragma unroll
+  for (int c = 1; c < kChains; ++c)
+#pragma unroll
+    for (int a = 0; a < AT; ++a)
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[a][n][i] += accs[c][a][n][i];
 
   // Sum the K-split warps in a fixed order (the x buffer is free now).
   if constexpr (WK > 1) {
