@@ -9,9 +9,7 @@
 #include <mutex>
 #include <thread>
 
-#include "compiler/codegen.h"
-#include "compiler/nvrtc.h"
-#include "compiler/plan.h"
+#include "compiler/compiler.h"
 #include "moejit/moejit.h"
 #include "moejit_params.h"
 #include "runtime/driver.h"
