@@ -113,10 +113,54 @@ KernelSource dispatch_unit(const Plan& plan, const KernelPlan& k) {
           kDispatchThreads};
 }
 
+// SwiGLU options and the gate/up order (both GEMM families).
+std::string swiglu_cfg(const MoeSpec& s, bool g1) {
+  return fmt::format(
+      "  static constexpr bool kGateFirst = {};\n"
+      "  static constexpr bool kHasAlpha = {};\n"
+      "  static constexpr bool kHasBeta = {};\n"
+      "  static constexpr bool kHasLimit = {};\n",
+      b(s.gate_up_order == GateUpOrder::GateUp), b(g1 && s.swiglu_alpha), b(g1 && s.swiglu_beta),
+      b(g1 && s.swiglu_limit));
+}
+
+KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
+  const MoeSpec& s = plan.spec;
+  const Bucket& bk = plan.buckets.at(k.bucket);
+  const bool g1 = k.role == KernelRole::Gemm1;
+  const StreamConfig& c = g1 ? bk.s1 : bk.s2;
+  const int stage_bytes = stream_stage_bytes(c.k_stage, g1);
+  const std::string cfg =
+      fmt::format(
+          "  static constexpr bool kGemm1 = {};\n"
+          "  static constexpr int kN = {};  // output features\n"
+          "  static constexpr int kK = {};  // reduction length\n"
+          "  static constexpr int kTopK = {};\n"
+          "  static constexpr int kLocalOffset = {};\n"
+          "  static constexpr int kLocalExperts = {};\n"
+          "  static constexpr int kKC = {};  // K per stage; 8-row tiles, tokens [{}, {}]\n"
+          "  static constexpr int kStages = {};\n"
+          "  static constexpr int kConsumerWarps = {};\n"
+          "  static constexpr int kProducerWarps = {};\n"
+          "  static constexpr int kStageBytes = {};\n",
+          b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
+          s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
+          bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
+          c.consumer_warps, c.producer_warps, stage_bytes) +
+      swiglu_cfg(s, g1);
+  KernelSource src{k.name, "moejit_" + k.name,
+                   unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(), 2),
+                   c.threads()};
+  src.dynamic_smem = c.stages * stage_bytes;
+  src.persistent = true;
+  return src;
+}
+
 KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
   const MoeSpec& s = plan.spec;
   const Bucket& bk = plan.buckets.at(k.bucket);
   const bool g1 = k.role == KernelRole::Gemm1;
+  if (bk.stream) return stream_unit(plan, k);
   const GemmConfig& c = g1 ? bk.gemm1 : bk.gemm2;
   const std::string cfg = fmt::format(
       "  static constexpr bool kGemm1 = {};\n"
@@ -130,19 +174,14 @@ KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
       "  static constexpr int kChunkGroups = {};\n"
       "  static constexpr bool kDoubleBuffer = {};\n"
       "  static constexpr bool kDirectX = {};\n"
-      "  static constexpr bool kFuseFinalize = {};\n"
-
-      "  static constexpr bool kGateFirst = {};\n"
-      "  static constexpr bool kHasAlpha = {};\n"
-      "  static constexpr bool kHasBeta = {};\n"
-      "  static constexpr bool kHasLimit = {};\n",
+      "  static constexpr bool kFuseFinalize = {};\n",
       b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
       s.local_expert_offset, bk.tile_rows, bk.min_tokens,
       bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.warps_n,
-      c.warps_k, c.k_chunk_groups, b(c.double_buffer), b(c.direct_x), b(!g1 && bk.fused_finalize), b(s.gate_up_order == GateUpOrder::GateUp),
-      b(g1 && s.swiglu_alpha), b(g1 && s.swiglu_beta), b(g1 && s.swiglu_limit));
+      c.warps_k, c.k_chunk_groups, b(c.double_buffer), b(c.direct_x),
+      b(!g1 && bk.fused_finalize));
   return {k.name, "moejit_" + k.name,
-          unit(k, s, "moejit_gemm.cuh", cfg,
+          unit(k, s, "moejit_gemm.cuh", cfg + swiglu_cfg(s, g1),
                "GemmParams", "grouped_gemm", c.threads(), c.min_blocks),
           c.threads()};
 }

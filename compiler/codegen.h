@@ -15,6 +15,8 @@ struct KernelSource {
   std::string entry;   // extern "C" symbol ("moejit_gemm1_b0")
   std::string source;  // the translation unit
   int threads = 0;     // block size the entry is compiled for
+  int dynamic_smem = 0;  // dynamic shared memory bytes per block
+  bool persistent = false;  // grid = blocks that fit on the device (stream GEMMs)
 };
 
 KernelSource generate(const Plan& plan, const KernelPlan& kernel);

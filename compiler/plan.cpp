@@ -111,18 +111,66 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
   c = o;
 }
 
+// Stream stages: k_stage = 512 where it divides K, else 256; as many stages as fit in ~56 KiB
+// of shared memory, so three or four blocks share an SM (measured on an H200: more blocks with
+// fewer stages each beat deeper rings; bench/RESULTS.md).
+StreamConfig pick_stream(int k, bool gemm1) {
+  StreamConfig c;
+  c.consumer_warps = 4;
+  c.k_stage = k % 512 == 0 ? 512 : 256;
+  c.stages = std::clamp(56 * 1024 / stream_stage_bytes(c.k_stage, gemm1), 2, 8);
+  return c;
+}
+
+void apply_stream_override(const std::string& text, const char* which, int k, bool gemm1,
+                           StreamConfig& c) {
+  const std::regex re(std::string(which) + "=([0-9]+)x([0-9]+)x([0-9]+)(x([0-9]+))?");
+  std::smatch m;
+  if (!std::regex_search(text, m, re)) return;
+  StreamConfig o = c;
+  o.consumer_warps = std::stoi(m[1]);
+  o.k_stage = std::stoi(m[2]);
+  o.stages = std::stoi(m[3]);
+  if (m[5].matched) o.producer_warps = std::stoi(m[5]);
+  const bool ok = o.consumer_warps >= 1 && o.consumer_warps <= 8 &&
+                  (o.producer_warps == 1 || o.producer_warps == 2 || o.producer_warps == 4 ||
+                   o.producer_warps == 8) &&
+                  o.k_stage >= 256 &&
+                  o.k_stage % 256 == 0 && (o.k_stage / 64) % o.consumer_warps == 0 &&
+                  o.k_stage <= std::max(k, 256) && o.stages >= 2 &&
+                  o.stages * stream_stage_bytes(o.k_stage, gemm1) <= 200 * 1024;
+  if (!ok)
+    throw Error(ErrorKind::InvalidArgument,
+                fmt::format("MOEJIT_PLAN_OVERRIDE: {}={}x{}x{}x{} breaks a stream GEMM rule "
+                            "(1-8 consumer warps, 1/2/4/8 producer warps, k_stage a multiple of 256 and of "
+                            "64 * consumer warps, at most K = {}, >= 2 stages within 200 KiB)",
+                            which, o.consumer_warps, o.k_stage, o.stages, o.producer_warps, k));
+  c = o;
+}
+
+bool arch_at_least_90(const std::string& arch) {
+  const size_t at = arch.find_first_of("0123456789");
+  return at != std::string::npos && std::stoi(arch.substr(at)) >= 90;
+}
+
 }  // namespace
+
+int stream_stage_bytes(int k_stage, bool gemm1) {
+  const int planes = gemm1 ? 1 : 2;
+  return k_stage / 256 * 32 * 128 + 32 * (k_stage / 16) + planes * 8 * (k_stage * 2 + 64);
+}
 
 std::string plan_override() {
   const char* v = std::getenv("MOEJIT_PLAN_OVERRIDE");
   return v ? v : "";
 }
 
-Plan make_plan(const MoeSpec& spec, int max_tokens) {
+Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   spec.validate();
   Plan plan;
   plan.spec = spec;
   plan.max_tokens = max_tokens;
+  plan.arch = arch;
   const int local = spec.local_experts();
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;
@@ -135,12 +183,33 @@ Plan make_plan(const MoeSpec& spec, int max_tokens) {
     while (b.tile_rows < 64 && b.tile_rows < rows_per_expert) b.tile_rows *= 2;
     b.gemm1 = pick_gemm(spec.intermediate, spec.hidden, b.tile_rows, true);
     b.gemm2 = pick_gemm(spec.hidden, spec.intermediate, b.tile_rows, false);
+    // Stream family: decode buckets on sm_90+ with H and I multiples of 256, for experts of at
+    // least 16 MiB (measured on an H200: 2-5% faster than the older family for kimi-k2's 24.8 MB
+    // experts; 5-15% slower for qwen3-30b-a3b's 2.6 MB and kimi-k2-tp8's 3.1 MB at 8-33 tokens,
+    // where its extra finalize launch weighs more). "stream=1" forces it where eligible.
+    const bool stream_ok = b.tile_rows == 8 && arch_at_least_90(arch) && spec.hidden % 256 == 0 &&
+                           spec.intermediate % 256 == 0;
+    const double expert_bytes = 3.0 * spec.hidden * spec.intermediate * (0.5 + 2.0 / 32);
+    b.stream = stream_ok && expert_bytes >= 16.0 * 1024 * 1024;
+    if (b.stream) {
+      b.s1 = pick_stream(spec.hidden, true);
+      b.s2 = pick_stream(spec.intermediate, false);
+    }
     if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
       apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);
       apply_override(o, "g2", spec.hidden, spec.intermediate, b.tile_rows, b.gemm2);
+      if (o.find("stream=0") != std::string::npos) b.stream = false;
+      if (o.find("stream=1") != std::string::npos) b.stream = stream_ok;
+      if (b.stream) {
+        apply_stream_override(o, "s1", spec.hidden, true, b.s1);
+        apply_stream_override(o, "s2", spec.intermediate, false, b.s2);
+      }
     }
     // Decode: the last gemm2 block of a token sums its rows, saving the finalize launch.
-    b.fused_finalize = spec.finalize && b.gemm2.direct_x;
+    // (Not with the stream family: its units would stall on the fence and atomic; measured.)
+    b.fused_finalize = spec.finalize && !b.stream && b.gemm2.direct_x;
+    if (b.tile_rows == 8 && plan_override().find("ff=0") != std::string::npos)
+      b.fused_finalize = false;
     // Up to 64 tokens one block routes (8 warps, <= 8 tokens each) and dispatches, when the
     // two kernels' static shared memory fits in one block.
     const bool grouped = spec.routing == RoutingMethod::DeepSeekV3 && spec.n_group > 1;
@@ -179,11 +248,17 @@ std::string describe(const Plan& plan) {
   for (size_t i = 0; i < plan.buckets.size(); ++i) {
     const Bucket& b = plan.buckets[i];
     out += fmt::format(
-        "bucket {} tokens=[{},{}] tile_rows={} fused_finalize={} gemm1(warps_n={} warps_k={} k_chunk={} "
+        "bucket {} tokens=[{},{}] tile_rows={} fused_finalize={}{} gemm1(warps_n={} warps_k={} k_chunk={} "
         "double_buffer={} direct_x={}) gemm2(warps_n={} warps_k={} k_chunk={} double_buffer={} "
         "direct_x={})\n",
         i, b.min_tokens, b.max_tokens == 0 ? std::string("inf") : std::to_string(b.max_tokens),
-        b.tile_rows, b.fused_finalize ? 1 : 0, b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
+        b.tile_rows, b.fused_finalize ? 1 : 0,
+        b.stream ? fmt::format(" stream1(consumer_warps={} producer_warps={} k_stage={} stages={}) "
+                               "stream2(consumer_warps={} producer_warps={} k_stage={} stages={})",
+                               b.s1.consumer_warps, b.s1.producer_warps, b.s1.k_stage, b.s1.stages,
+                               b.s2.consumer_warps, b.s2.producer_warps, b.s2.k_stage, b.s2.stages)
+                 : std::string(),
+        b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,
         b.gemm2.k_chunk_groups, b.gemm2.double_buffer ? 1 : 0, b.gemm2.direct_x ? 1 : 0);
   }

@@ -28,12 +28,34 @@ struct GemmConfig {
   }
 };
 
+// The decode GEMM family for sm_90+ (templates/moejit_stream.cuh): a persistent grid of blocks,
+// each with producer_warps warps streaming k_stage values of K per stage (16-byte cp.async) into
+// a ring of `stages` shared-memory stages, and consumer_warps warps splitting each stage's groups.
+struct StreamConfig {
+  int consumer_warps = 4;
+  int k_stage = 512;  // a multiple of 256 with (k_stage / 64) % consumer_warps == 0
+  int stages = 4;
+  int producer_warps = 4;
+
+  int threads() const { return 32 * (consumer_warps + producer_warps); }
+  bool operator==(const StreamConfig& o) const {
+    return consumer_warps == o.consumer_warps && k_stage == o.k_stage && stages == o.stages &&
+           producer_warps == o.producer_warps;
+  }
+};
+
+// Shared-memory bytes of one stream stage (must equal kStageBytes in moejit_stream.cuh; the
+// generated code static_asserts it).
+int stream_stage_bytes(int k_stage, bool gemm1);
+
 struct Bucket {
   int min_tokens = 1;
   int max_tokens = 0;  // inclusive; 0 = no upper bound
   int tile_rows = 8;   // rows per tile (multiple of 8) = dispatch padding
   GemmConfig gemm1;    // N = I (SwiGLU features), K = H
   GemmConfig gemm2;    // N = H, K = I
+  bool stream = false;          // both GEMMs use the stream family (s1, s2) instead of gemm1/2
+  StreamConfig s1, s2;
   bool fused_finalize = false;  // gemm2 also finalizes (decode buckets of finalized layers)
   bool fused_route = false;     // one block routes and dispatches (kernel "route_dispatch")
 
@@ -58,6 +80,7 @@ struct Plan {
   std::vector<Bucket> buckets;
   std::vector<KernelPlan> kernels;
   int max_tokens = 0;  // as requested from make_plan; 0 = no limit
+  std::string arch;    // the target the plan was made for ("sm_90a")
 
   int bucket_for(int tokens) const;  // throws InvalidArgument if no bucket covers it
   // Upper bound of row tiles (and of permuted rows = tiles * tile_rows) for T tokens.
@@ -68,10 +91,13 @@ struct Plan {
 const std::vector<std::pair<int, int>>& bucket_ranges();
 
 // Picks the tile and GEMM shapes for each bucket; max_tokens > 0 drops buckets above it.
-// MOEJIT_PLAN_OVERRIDE (a tuning switch, e.g. "g1=1x8x64,g2=2x4x64,mb1=5") replaces the GEMM
-// shapes (warps_n x warps_k x k_chunk_groups, and mbN = minimum blocks per SM) of the buckets
-// whose tile is 8 rows (decode).
-Plan make_plan(const MoeSpec& spec, int max_tokens = 0);
+// Decode buckets (8-row tiles) use the stream family on sm_90+ when H and I are multiples of
+// 256 and an expert holds >= 16 MiB of weights. MOEJIT_PLAN_OVERRIDE (a tuning switch, e.g. "g1=1x8x64,g2=2x4x64,mb1=5" or
+// "s1=4x512x5x4,s2=4x512x4", or "stream=0") replaces the GEMM shapes of the decode buckets:
+// gN = warps_n x warps_k x k_chunk_groups, mbN = minimum blocks per SM, sN = consumer warps x
+// k_stage x stages [x producer warps]; stream=0 selects the older family, stream=1 the stream
+// family wherever it is eligible; ff=0 turns off the older family's fused finalize.
+Plan make_plan(const MoeSpec& spec, int max_tokens = 0, const std::string& arch = "sm_90a");
 
 // The override in force ("" when none); part of a compiled layer's identity.
 std::string plan_override();

@@ -50,6 +50,8 @@ const Loaded& loaded() {
     sym(d.cuModuleUnload, "cuModuleUnload");
     sym(d.cuModuleGetFunction, "cuModuleGetFunction");
     sym(d.cuLaunchKernel, "cuLaunchKernel");
+    sym(d.cuFuncSetAttribute, "cuFuncSetAttribute");
+    sym(d.cuOccupancyMaxActiveBlocksPerMultiprocessor, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
     sym(d.cuGetErrorName, "cuGetErrorName");
     sym(d.cuGetErrorString, "cuGetErrorString");
     if (missing) return r;

@@ -100,23 +100,49 @@ class LayerImpl {
     CUmodule module = nullptr;
     CUfunction fn = nullptr;
     int threads = 0;
+    int dynamic_smem = 0;
+    unsigned persistent_blocks = 0;  // grid of a persistent kernel: blocks that fit at once
   };
 
+  static std::string arch_for(const CompileOptions& opt) {
+    CUdevice dev;
+    runtime::ensure_context(&dev);
+    const std::string arch = opt.arch.empty() ? runtime::arch_of(dev) : opt.arch;
+    compiler::check_arch(arch);
+    return arch;
+  }
+
   LayerImpl(const MoeSpec& spec, const CompileOptions& opt)
-      : plan_(compiler::make_plan(spec, opt.max_tokens)), max_tokens_(opt.max_tokens) {
+      : arch_(arch_for(opt)), plan_(compiler::make_plan(spec, opt.max_tokens, arch_)),
+        max_tokens_(opt.max_tokens) {
     const runtime::Driver& d = runtime::driver();
     CUdevice dev;
     ctx_ = runtime::ensure_context(&dev);
-    arch_ = opt.arch.empty() ? runtime::arch_of(dev) : opt.arch;
-    compiler::check_arch(arch_);
+    int sms = 0;
+    MOEJIT_CU_CHECK(d.cuDeviceGetAttribute(&sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev));
     const auto sources = compiler::generate_all(plan_);
     const auto bins = build_all(sources, opt, arch_);
     kernels_.resize(sources.size());
     for (size_t i = 0; i < sources.size(); ++i) {
-      MOEJIT_CU_CHECK(d.cuModuleLoadData(&kernels_[i].module, bins[i]->cubin.data()));
-      MOEJIT_CU_CHECK(d.cuModuleGetFunction(&kernels_[i].fn, kernels_[i].module,
-                                            sources[i].entry.c_str()));
-      kernels_[i].threads = sources[i].threads;
+      Kernel& k = kernels_[i];
+      MOEJIT_CU_CHECK(d.cuModuleLoadData(&k.module, bins[i]->cubin.data()));
+      MOEJIT_CU_CHECK(d.cuModuleGetFunction(&k.fn, k.module, sources[i].entry.c_str()));
+      k.threads = sources[i].threads;
+      k.dynamic_smem = sources[i].dynamic_smem;
+      if (k.dynamic_smem > 0)
+        MOEJIT_CU_CHECK(d.cuFuncSetAttribute(
+            k.fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k.dynamic_smem));
+      if (sources[i].persistent) {
+        int per_sm = 0;
+        MOEJIT_CU_CHECK(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, k.fn, k.threads, static_cast<size_t>(k.dynamic_smem)));
+        if (per_sm < 1)
+          throw Error(ErrorKind::Internal,
+                      fmt::format("kernel {} ({} threads, {} bytes of shared memory) cannot be "
+                                  "resident on this device",
+                                  sources[i].name, k.threads, k.dynamic_smem));
+        k.persistent_blocks = static_cast<unsigned>(per_sm * sms);
+      }
     }
     // PDL needs sm_90+ and cuLaunchKernelEx; MOEJIT_PDL=0 turns it off (A/B timing).
     const char* pdl_env = std::getenv("MOEJIT_PDL");
@@ -249,13 +275,13 @@ class LayerImpl {
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
                               nullptr, nullptr};
-    launch(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
-           s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
+    launch_gemm(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
+                s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
                               fused ? outs.final_out : nullptr};
-    launch(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), feature_blocks, &g2, stream);
+    launch_gemm(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), feature_blocks, &g2, stream);
     if (outs.final_out && !fused) run_finalize(y, weights, e2p, outs.final_out, T, stream);
   }
 
@@ -282,9 +308,18 @@ class LayerImpl {
   // Every kernel but the first of a layer is launched with programmatic stream serialization
   // on sm_90+ (when the driver has cuLaunchKernelEx), so it is scheduled while its predecessor
   // drains; the templates' pdl_wait() keeps the data dependency.
+  // A GEMM over row tiles: a persistent kernel gets the grid that fits on the device (it walks
+  // the tiles itself), the others (tiles, feature blocks).
+  void launch_gemm(size_t k, unsigned tiles, unsigned feature_blocks, moejit_dev::GemmParams* p,
+                   Stream stream) const {
+    if (kernels_[k].persistent_blocks > 0) launch(k, kernels_[k].persistent_blocks, 1, p, stream);
+    else launch(k, tiles, feature_blocks, p, stream);
+  }
+
   template <class P>
   void launch(size_t k, unsigned gx, unsigned gy, P* params, Stream stream) const {
     void* args[] = {params};
+    const unsigned smem = static_cast<unsigned>(kernels_[k].dynamic_smem);
     const runtime::Driver& d = runtime::driver();
     if (pdl_ && k != route_ && k != route_dispatch_) {
       CUlaunchAttribute attr{};
@@ -297,6 +332,7 @@ class LayerImpl {
       cfg.blockDimX = static_cast<unsigned>(kernels_[k].threads);
       cfg.blockDimY = 1;
       cfg.blockDimZ = 1;
+      cfg.sharedMemBytes = smem;
       cfg.hStream = reinterpret_cast<CUstream>(stream);
       cfg.attrs = &attr;
       cfg.numAttrs = 1;
@@ -304,7 +340,7 @@ class LayerImpl {
       return;
     }
     MOEJIT_CU_CHECK(d.cuLaunchKernel(kernels_[k].fn, gx, gy, 1,
-                                     static_cast<unsigned>(kernels_[k].threads), 1, 1, 0,
+                                     static_cast<unsigned>(kernels_[k].threads), 1, 1, smem,
                                      reinterpret_cast<CUstream>(stream), args, nullptr));
   }
 
@@ -344,11 +380,13 @@ class LayerImpl {
     aligned(in.hidden_states, "hidden_states");
     aligned(in.w13, "w13");
     aligned(in.w2, "w2");
+    aligned(in.w13_scale, "w13_scale");
+    aligned(in.w2_scale, "w2_scale");
   }
 
+  std::string arch_;  // before plan_: the plan depends on it
   Plan plan_;
   int max_tokens_ = 0;
-  std::string arch_;
   CUcontext ctx_ = nullptr;
   std::vector<Kernel> kernels_;
   bool pdl_ = false;
@@ -444,10 +482,10 @@ UnfinalizedLayer compile_unfinalized(const MoeSpec& spec, const CompileOptions& 
 std::string dump(const MoeSpec& spec, DumpKind kind, const std::string& arch_in, int tokens) {
   spec.validate();
   if (kind == DumpKind::Ir) return spec_to_ir_text(spec);
-  const Plan plan = compiler::make_plan(spec);
+  const std::string arch = default_arch(arch_in);
+  const Plan plan = compiler::make_plan(spec, 0, arch);
   if (kind == DumpKind::Plan) return compiler::describe(plan);
   const int bucket = tokens > 0 ? plan.bucket_for(tokens) : -1;
-  const std::string arch = default_arch(arch_in);
   std::string out;
   for (const auto& k : plan.kernels) {
     if (bucket >= 0 && k.bucket >= 0 && k.bucket != bucket) continue;
@@ -467,8 +505,8 @@ std::string dump(const MoeSpec& spec, DumpKind kind, const std::string& arch_in,
 
 std::vector<KernelReport> compile_report(const MoeSpec& spec, const CompileOptions& options) {
   spec.validate();
-  const Plan plan = compiler::make_plan(spec, options.max_tokens);
   const std::string arch = default_arch(options.arch);
+  const Plan plan = compiler::make_plan(spec, options.max_tokens, arch);
   const auto sources = compiler::generate_all(plan);
   const auto bins = build_all(sources, options, arch);
   std::vector<KernelReport> out;

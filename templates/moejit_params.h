@@ -7,6 +7,7 @@
 typedef int int32_t;
 typedef unsigned int uint32_t;
 typedef unsigned char uint8_t;
+typedef unsigned long long uint64_t;
 #else
 #include <stdint.h>
 #endif

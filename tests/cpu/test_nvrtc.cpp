@@ -76,7 +76,7 @@ void expect_clean_compile(const MoeSpec& spec, const std::string& arch) {
   for (const KernelReport& r : reports) {
     EXPECT_TRUE(by_name.emplace(r.name, r).second) << "kernel " << r.name << " reported twice";
   }
-  const compiler::Plan plan = compiler::make_plan(spec);
+  const compiler::Plan plan = compiler::make_plan(spec, 0, arch);
   EXPECT_EQ(reports.size(), plan.kernels.size());
   for (const compiler::KernelPlan& k : plan.kernels) {
     auto it = by_name.find(k.name);

@@ -887,6 +887,71 @@ TEST(Differential, SmallPrecomputedInvalidIdsAndNonFinite) {
   run_cases({a, b, z});
 }
 
+// The same kinds of cases on shapes whose H and I are multiples of 256, with the stream family
+// forced (MOEJIT_PLAN_OVERRIDE=stream=1; by default it serves only experts of >= 16 MiB), so that
+// on sm_90+ the decode buckets run templates/moejit_stream.cuh; the shapes above use the older
+// family, as does the random sweep.
+struct ForceStream {
+  ForceStream() { setenv("MOEJIT_PLAN_OVERRIDE", "stream=1", 1); }
+  ~ForceStream() { unsetenv("MOEJIT_PLAN_OVERRIDE"); }
+};
+
+MoeSpec small_stream_spec() {
+  MoeSpec s = small_spec();
+  s.hidden = 512;
+  s.intermediate = 256;
+  s.num_experts = 16;
+  s.top_k = 4;
+  return s;
+}
+
+TEST(Differential, SmallStreamBothLayerKinds) {
+  MOEJIT_REQUIRE_GPU();
+  ForceStream force;
+  run_cases({small_case("small-stream", small_stream_spec(), 1),
+             small_case("small-stream", small_stream_spec(), 33),
+             small_case("small-stream", small_stream_spec(), 64)});
+}
+
+TEST(Differential, SmallStreamExpertParallelGroupedDeepSeek) {
+  MOEJIT_REQUIRE_GPU();
+  ForceStream force;
+  MoeSpec s = small_stream_spec();
+  s.hidden = 256;
+  s.intermediate = 768;
+  s.num_experts = 32;
+  s.routing = RoutingMethod::DeepSeekV3;
+  s.n_group = 4;
+  s.topk_group = 2;
+  s.has_routing_bias = true;
+  s.routed_scaling_factor = 2.5;
+  s.swiglu_alpha = s.swiglu_beta = s.swiglu_limit = true;
+  Case c = small_case("small-stream-ep", s, 17);
+  c.ep_ranks = 2;
+  run_cases({c});
+}
+
+TEST(Differential, SmallStreamSpecialInputs) {
+  MOEJIT_REQUIRE_GPU();
+  ForceStream force;
+  MoeSpec s = small_stream_spec();
+  s.routing = RoutingMethod::Precomputed;
+  s.gate_up_order = GateUpOrder::UpGate;
+  Case a = small_case("small-stream-precomputed", s, 10);
+  a.inputs.invalid_ids = true;
+  a.inputs.nonfinite_hidden = true;
+  MoeSpec t = small_stream_spec();
+  t.logits_dtype = DType::BF16;
+  Case b = small_case("small-stream-nonfinite", t, 9);
+  b.inputs.nonfinite_logits = true;
+  Case f = small_case("small-stream-forced", small_stream_spec(), 64);
+  f.inputs.force_expert = 5;  // one expert gets every token: 8 full row tiles
+  Case e = small_case("small-stream-empty-ties", small_stream_spec(), 40);
+  e.inputs.empty_experts = {0, 7, 15};
+  e.inputs.ties = true;
+  run_cases({a, b, f, e});
+}
+
 // The shapes of the upstream MXINT4 regression test (FlashInfer's): m in {1, 33}, H 512,
 // I 7168, 384 experts, top-8, DeepSeekV3 (n_group 1, scale 2.827), bias present.
 TEST(Differential, UpstreamRegressionShapes) {

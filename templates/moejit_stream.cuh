@@ -1,0 +1,512 @@
+// Decode grouped MXINT4 GEMM for sm_90+: persistent, warp-specialised, weights streamed by TMA.
+//
+//   out[r, f] = epilogue( sum_k x[r, k] * v[f, k] * scale[f, k / 32] )   (8-row tiles)
+//
+// Work unit = (row tile, feature slice): gemm1 16 SwiGLU features (32 weight rows: 16 gate,
+// 16 up), gemm2 32 output features (32 weight rows). Units are numbered tile-fastest, so the
+// tiles of one expert stream the same weights at about the same time (L2 reuse), and a block
+// takes units blockIdx.x, blockIdx.x + gridDim.x, ... (grid = what fits on the card).
+//
+// Per block: kProducerWarps producer warps and kConsumerWarps consumer warps around a ring of kStages
+// shared-memory stages. A stage holds kKC values of K for the unit's 32 weight rows (int4), as
+// kKC / 256 chunks of 32 rows x 128 bytes with 16-byte units XOR-swizzled by row, their scales,
+// and the tile's valid x rows (bf16; gemm2: hi and lo planes). The producer warp fills a stage
+// with 16-byte cp.async and each lane's
+// cp.async.mbarrier.arrive completes the stage's "full" mbarrier; consumers release a stage on
+// its "empty" mbarrier. The producers run ahead across unit boundaries, so DRAM never waits for
+// an epilogue. (TMA bulk copies were measured slower here: one 1D copy per weight row, or 2D
+// boxes of 128-byte rows, were bound by the copy engine's per-row cost; bench/RESULTS.md.)
+//
+// Consumers split a stage's MXINT4 groups in pairs. Per group, a thread holds word t of the
+// 16-byte group row (8 nibbles, k = 8t..8t+7) for rows g and g+8 (ldmatrix). One lop3 turns
+// nibbles (j, j+4) of a word, shifted by 4j, into bf16x2 (136 + v): exact integers. The MMA sums
+// over k in any order shared by both operands, so x is fed in the matching order (x_j, x_{j+4})
+// (gemm1: two prmt per register pair; gemm2: gemm1 stores the activation already in that order,
+// see act_pos). The 136 offset is removed by one MMA per k-step of a constant -136 A operand
+// (= -136 * sum x over the group, per row), and the group's result is scaled in fp32 once:
+// acc += scale[f, group] * (sum_k (136 + v) x - 136 sum_k x). No bf16 rounding of v * scale.
+//
+// Consumer warps sum their partial accumulators through shared memory in a fixed order
+// (deterministic), consumer warp 0 runs the epilogue. The finalize is its own kernel: fusing it
+// (a fence and an atomic per unit, then the last unit of a token sums its rows) stalled the
+// consumers for several L2 round trips per unit and measured slower (bench/RESULTS.md).
+//
+// Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
+// kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
+// kHasAlpha, kHasBeta, kHasLimit.
+#pragma once
+
+#include "moejit_common.cuh"
+
+namespace moejit_dev {
+
+namespace stream {
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
+// Waits for the phase with the given parity. The suspend-time hint lets the hardware park the
+// warp until the phase completes instead of spinning on issue slots.
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  const uint32_t addr = smem_u32(bar);
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity), "r"(0x989680u)
+        : "memory");
+  } while (!done);
+}
+
+// 16-byte asynchronous copy global -> shared (LSU path, not cached in L1). No L2 cache-policy
+// operand: with one (createpolicy evict_first) in the producers' divergent copy loops, the
+// H200 raised "illegal instruction" at the copy (SASS LDGSTS ... desc[UR]).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
+}
+// Arrive on bar once this thread's earlier cp.async copies have landed (counts against the
+// barrier's initial arrival count).
+__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar))
+               : "memory");
+}
+
+// Not volatile (it may be scheduled among the MMAs), but it reads memory: the clobber keeps it
+// after the mbarrier wait.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
+  asm("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+__device__ __forceinline__ void consumer_barrier(int threads) {
+  asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
+}
+
+// Not volatile: the compiler may interleave independent MMA chains.
+__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Nibbles at bits 0-3 and 16-19 of w (two's complement v) -> bf16x2 (136 + v): the xor with
+// 0x8 maps v to v + 8 in [0, 15], and 0x43 makes the bf16 128 + (v + 8). One lop3.
+__device__ __forceinline__ uint32_t nib_pair(uint32_t w) { return (w & 0x000f000fu) ^ 0x43084308u; }
+
+// Storage position of activation feature f inside its 8-feature block: the order
+// (0, 4, 1, 5, 2, 6, 3, 7), so one 16-byte load gives the B registers of a group's two k-steps.
+__host__ __device__ constexpr int act_pos(int f) { return (f & ~7) | ((f & 3) << 1) | ((f >> 2) & 1); }
+
+}  // namespace stream
+
+template <class Cfg>
+__device__ void stream_gemm(const GemmParams& p) {
+  using namespace stream;
+  constexpr bool kGemm1 = Cfg::kGemm1;
+  constexpr int N = Cfg::kN;
+  constexpr int K = Cfg::kK;
+  constexpr int KG = K / 32;
+  constexpr int KC = Cfg::kKC;                 // K values per stage (multiple of 256)
+  constexpr int NS = Cfg::kStages;
+  constexpr int CW = Cfg::kConsumerWarps;
+  constexpr int kPlanes = kGemm1 ? 1 : 2;
+  constexpr int kUnitFeatures = kGemm1 ? 16 : 32;
+  constexpr int kSlices = N / kUnitFeatures;
+  constexpr int kStagesPerUnit = (K + KC - 1) / KC;
+  // Shared-memory rows, padded so that ldmatrix (8 rows x 16 bytes), the scale words and the
+  // 16-byte x loads of a warp hit 32 different banks.
+  // Weights: kKC / 256 chunks of 32 rows x 128 bytes, 16-byte unit c of row r stored at
+  // c ^ (r % 8), so ldmatrix's 8 rows hit different banks. Scales: 32 rows x kKC / 16 bytes.
+  // x rows padded by 64 bytes (16-byte loads conflict-free).
+  constexpr int kChunks = KC / 256;
+  constexpr int kSRow = KC / 16;
+  constexpr int kXRow = KC * 2 + 64;
+  constexpr int kWBytes = kChunks * 32 * 128;
+  constexpr int kSBytes = 32 * kSRow;
+  constexpr int kStageBytes = kWBytes + kSBytes + kPlanes * 8 * kXRow;
+  static_assert(kStageBytes == Cfg::kStageBytes, "stream GEMM: host and device stage sizes differ");
+  static_assert(KC % 256 == 0 && K % 256 == 0, "stream GEMM: K and the stage must be multiples of 256");
+  static_assert(N % kUnitFeatures == 0, "stream GEMM: features must split into units");
+  static_assert((KC / 64) % CW == 0, "stream GEMM: a stage's group pairs must split across warps");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ uint64_t full_bar[NS], empty_bar[NS];
+  __shared__ float red[CW > 1 ? CW - 1 : 1][2 * 4][32];
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  if (tid == 0) {
+    for (int s = 0; s < NS; ++s) {
+      mbar_init(&full_bar[s], Cfg::kProducerWarps * 32);  // one cp.async arrive per producer
+      mbar_init(&empty_bar[s], CW);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+
+  // Gemm1 reads dispatch's outputs: wait for it. Gemm2 reads them without waiting (gemm1
+  // waited for dispatch before it triggered gemm2) and waits only before reading gemm1's output
+  // (the producer, before its first x copy).
+  if constexpr (kGemm1) {
+    pdl_wait();
+    pdl_trigger();
+  }
+  const int n_tiles = p.expert_offsets[Cfg::kLocalExperts] / 8;
+  const int n_units = n_tiles * kSlices;
+  const int my_units = blockIdx.x < n_units ? (n_units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  const int n_items = my_units * kStagesPerUnit;
+
+  // The block's units, their expert and valid rows fetched ahead: a unit's expert (a load) is
+  // issued two units before it starts and its row count (a load at an address that depends on
+  // the expert) one unit before, so neither role waits on a dependent global load at a unit
+  // boundary. (Loading them when a unit starts cost a few L2 round trips per unit, which
+  // measured as the per-block throughput limit.)
+  struct Unit {
+    int tile, slice, e, row0, rows_valid;
+  };
+  struct UnitQueue {
+    const GemmParams& p;
+    int n_tiles, my_units;
+    int e0 = 0, e1 = 0, off0 = 0, cnt0 = 0;
+    __device__ int id(int i) const { return blockIdx.x + i * gridDim.x; }
+    __device__ int expert(int i) const { return i < my_units ? p.tile_expert[id(i) % n_tiles] : 0; }
+    __device__ void start() {
+      e0 = expert(0);
+      off0 = p.expert_offsets[e0];
+      cnt0 = p.expert_counts[e0];
+      e1 = expert(1);
+    }
+    // Unit i (called for i = 0, 1, 2, ... in order); issues the loads for units i+1 and i+2.
+    __device__ Unit next(int i) {
+      Unit u;
+      u.tile = id(i) % n_tiles;
+      u.slice = id(i) / n_tiles;
+      u.e = e0;
+      u.row0 = u.tile * 8;
+      u.rows_valid = min(8, off0 + cnt0 - u.row0);
+      off0 = p.expert_offsets[e1];
+      cnt0 = p.expert_counts[e1];
+      e0 = e1;
+      e1 = expert(i + 2);
+      return u;
+    }
+  };
+  UnitQueue units{p, n_tiles, my_units};
+  if (my_units > 0) units.start();
+
+  if (warp >= CW) {
+    // ---------------- producers ----------------
+    // kProducerWarps warps fill each stage with 16-byte cp.async: one warp cannot keep enough copies in flight (measured: a block with one
+    // producer warp streamed ~2.4 GB/s whatever the ring depth). Each producer thread's
+    // cp.async.mbarrier.arrive completes its share of the stage's "full" barrier.
+    constexpr int PT = Cfg::kProducerWarps * 32;
+    const int pt = tid - CW * 32;
+    // Each producer thread copies the same chunks of every stage: its 16-byte units of the
+    // weight rows, scale rows and x rows are fixed, so their shared-memory offsets (and row
+    // and column) are computed once; per unit only the global row pointers change, and per
+    // stage only the k offset.
+    constexpr int kWc = KC / 32;   // 16-byte chunks per weight row per stage
+    constexpr int kSc = KC / 256;  // per scale row
+    constexpr int kXc = KC / 8;    // per x row
+    constexpr int kWj = 32 * kWc / PT;
+    constexpr int kSj = (32 * kSc + PT - 1) / PT;
+    constexpr int kXj = kPlanes * 8 * kXc / PT;
+    static_assert(32 * kWc % PT == 0 && kPlanes * 8 * kXc % PT == 0, "chunks split evenly");
+    const uint32_t base = smem_u32(smem);
+    const unsigned char* scales = static_cast<const unsigned char*>(p.w_scale);
+    uint32_t w_dst[kWj], s_dst[kSj], x_dst[kXj];
+#pragma unroll
+    for (int j = 0; j < kWj; ++j) {
+      const int c = pt + j * PT, r = c / kWc, col = c % kWc;
+      w_dst[j] = base + (col >> 3) * 4096 + r * 128 + (((col & 7) ^ (r & 7)) << 4);
+    }
+#pragma unroll
+    for (int j = 0; j < kSj; ++j) {
+      const int c = pt + j * PT, r = c / kSc, col = c % kSc;
+      s_dst[j] = base + kWBytes + r * kSRow + col * 16;
+    }
+#pragma unroll
+    for (int j = 0; j < kXj; ++j) {
+      const int c = pt + j * PT, qr = c / kXc, col = c % kXc;
+      x_dst[j] = base + kWBytes + kSBytes + qr * kXRow + col * 16;
+    }
+    int n = 0;
+    bool waited = kGemm1;
+    // Lane r < 8: the source row of tile row r (gemm1: its token), fetched one unit ahead
+    // (the address depends only on the tile; padding rows read -1 and are never used).
+    auto x_src_of = [&](int i) {
+      if (i >= my_units || lane >= 8) return 0;
+      const int row = (units.id(i) % n_tiles) * 8 + lane;
+      return kGemm1 ? p.permuted_to_slot[row] / Cfg::kTopK : row;
+    };
+    int x_src_next = x_src_of(0);
+    for (int ui = 0; ui < my_units; ++ui) {
+      const Unit u = units.next(ui);
+      const int x_src = x_src_next;
+      x_src_next = x_src_of(ui + 1);
+      const long long eg = u.e + Cfg::kLocalOffset;
+      // First weight row of shared rows 0-15 and 16-31 (gemm1: gate and up).
+      long long row_lo, row_hi;
+      if constexpr (kGemm1) {
+        row_lo = eg * 2 * N + (Cfg::kGateFirst ? 0 : N) + u.slice * 16;
+        row_hi = eg * 2 * N + (Cfg::kGateFirst ? N : 0) + u.slice * 16;
+      } else {
+        row_lo = eg * N + u.slice * 32;
+        row_hi = row_lo + 16;
+      }
+      const uint8_t* w_src[kWj];
+      const unsigned char* s_src[kSj];
+      uint32_t x_off[kXj];  // element offset in its plane; ~0 for padding rows
+#pragma unroll
+      for (int j = 0; j < kWj; ++j) {
+        const int c = pt + j * PT, r = c / kWc, col = c % kWc;
+        w_src[j] = p.w + ((r < 16 ? row_lo : row_hi) + (r & 15)) * (K / 2) + col * 16;
+      }
+#pragma unroll
+      for (int j = 0; j < kSj; ++j) {
+        const int c = pt + j * PT, r = (c / kSc) & 31, col = c % kSc;
+        s_src[j] = scales + ((r < 16 ? row_lo : row_hi) + (r & 15)) * (K / 16) + col * 16;
+      }
+#pragma unroll
+      for (int j = 0; j < kXj; ++j) {
+        const int c = pt + j * PT, qr = c / kXc, col = c % kXc, r = qr & 7;
+        const int src = __shfl_sync(kFullMask, x_src, r);
+        x_off[j] = r < u.rows_valid ? static_cast<uint32_t>(src) * K + col * 8 : ~0u;
+      }
+#pragma unroll 1
+      for (int ks = 0; ks < kStagesPerUnit; ++ks, ++n) {
+        const int slot = n % NS;
+        const uint32_t so = slot * kStageBytes;
+        const int k0 = ks * KC;
+        const int kc = min(KC, K - k0);  // a multiple of 256
+        mbar_wait(&empty_bar[slot], ((n / NS) & 1) ^ 1);
+#pragma unroll
+        for (int j = 0; j < kWj; ++j) {
+          const int col = (pt + j * PT) % kWc;
+          if (col * 32 < kc) cp_async16(w_dst[j] + so, w_src[j] + k0 / 2);
+        }
+#pragma unroll
+        for (int j = 0; j < kSj; ++j) {
+          const int c = pt + j * PT;
+          if (c < 32 * kSc && (c % kSc) * 256 < kc) cp_async16(s_dst[j] + so, s_src[j] + k0 / 16);
+        }
+        if (!waited) {
+          // Gemm2: everything above is independent of gemm1; x (its output) is not.
+          pdl_wait();
+          pdl_trigger();
+          waited = true;
+        }
+#pragma unroll
+        for (int j = 0; j < kXj; ++j) {
+          const int c = pt + j * PT, col = c % kXc;
+          const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(c / kXc >= 8 ? p.x_lo : p.x);
+          if (x_off[j] != ~0u && col * 8 < kc) cp_async16(x_dst[j] + so, x + x_off[j] + k0);
+        }
+        cp_async_arrive(&full_bar[slot]);
+      }
+    }
+    return;
+  }
+
+  // ---------------- consumers ----------------
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const uint32_t kNeg136 = 0xC308C308u;  // bf16x2 (-136, -136)
+  const uint32_t neg[4] = {kNeg136, kNeg136, kNeg136, kNeg136};
+  // ldmatrix: lane l addresses row (l / 8 -> A tile, half) l % 8 of the 8x16-byte matrices.
+  const int lm_row = ((lane >> 4) & 1) * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+
+  int n = 0;
+  for (int ui = 0; ui < my_units; ++ui) {
+    const Unit u = units.next(ui);
+    // SwiGLU parameters of the unit's expert, loaded now and used in the epilogue.
+    float alpha = 1.0f, beta = 0.0f, limit = 0.0f;
+    if constexpr (kGemm1 && Cfg::kHasAlpha) alpha = p.alpha[u.e];
+    if constexpr (kGemm1 && Cfg::kHasBeta) beta = p.beta[u.e];
+    if constexpr (kGemm1 && Cfg::kHasLimit) limit = p.limit[u.e];
+    float acc[2][4];
+#pragma unroll
+    for (int a = 0; a < 2; ++a)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[a][i] = 0.0f;
+
+#pragma unroll 1
+    for (int ks = 0; ks < kStagesPerUnit; ++ks, ++n) {
+      const unsigned char* st = smem + (n % NS) * kStageBytes;
+      const unsigned char* ss = st + kWBytes;
+      const unsigned char* sx = ss + kSBytes;
+      const int pairs = min(KC, K - ks * KC) / 64;
+      mbar_wait(&full_bar[n % NS], (n / NS) & 1);
+#pragma unroll
+      for (int pi = 0; pi < KC / 64 / CW; ++pi) {
+        const int pr = warp + pi * CW;
+        if (pr >= pairs) continue;
+        const int G = 2 * pr;  // stage-relative group of gg = 0
+        // Loads first: weights [group][matrix] (matrix m = A tile m / 2, rows +8 * (m % 2)),
+        // scales [A tile][half] (groups G low, G + 1 high), x [plane][group].
+        uint32_t wq[2][4];
+#pragma unroll
+        for (int gg = 0; gg < 2; ++gg) {
+          const int c16 = (G + gg) & 7;  // 16-byte unit of the group inside its 128-byte chunk
+          ldmatrix_x4(smem_u32(st + ((G + gg) >> 3) * 4096 + lm_row * 128 + ((c16 ^ (lm_row & 7)) << 4)),
+                      wq[gg]);
+        }
+        uint32_t sw[2][2];
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            sw[a][h] = *reinterpret_cast<const uint32_t*>(ss + (a * 16 + h * 8 + g) * kSRow + G * 2);
+        uint4 xv[kPlanes][2];
+#pragma unroll
+        for (int q = 0; q < kPlanes; ++q)
+#pragma unroll
+          for (int gg = 0; gg < 2; ++gg)
+            xv[q][gg] = *reinterpret_cast<const uint4*>(sx + (q * 8 + g) * kXRow + (G + gg) * 64 + t * 16);
+        // B registers [group][plane][k-step][b0/b1]: x_(8t + j) paired with x_(8t + j + 4).
+        uint32_t b[2][kPlanes][2][2];
+#pragma unroll
+        for (int gg = 0; gg < 2; ++gg)
+#pragma unroll
+          for (int q = 0; q < kPlanes; ++q) {
+            const uint4 v = xv[q][gg];
+            if constexpr (kGemm1) {
+              b[gg][q][0][0] = __byte_perm(v.x, v.z, 0x5410);
+              b[gg][q][0][1] = __byte_perm(v.x, v.z, 0x7632);
+              b[gg][q][1][0] = __byte_perm(v.y, v.w, 0x5410);
+              b[gg][q][1][1] = __byte_perm(v.y, v.w, 0x7632);
+            } else {
+              b[gg][q][0][0] = v.x;
+              b[gg][q][0][1] = v.y;
+              b[gg][q][1][0] = v.z;
+              b[gg][q][1][1] = v.w;
+            }
+          }
+        // -136 * sum_k x per row, per group (the chains of both groups interleave).
+        float corr[2][4];
+#pragma unroll
+        for (int gg = 0; gg < 2; ++gg)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) corr[gg][i] = 0.0f;
+#pragma unroll
+        for (int s = 0; s < 2; ++s)
+#pragma unroll
+          for (int q = 0; q < kPlanes; ++q)
+#pragma unroll
+            for (int gg = 0; gg < 2; ++gg) mma16816(corr[gg], neg, b[gg][q][s][0], b[gg][q][s][1]);
+        // Four independent chains (group x A tile), each starting from its group's correction.
+        float part[2][2][4];
+#pragma unroll
+        for (int gg = 0; gg < 2; ++gg)
+#pragma unroll
+          for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) part[gg][a][i] = corr[gg][i];
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const int sh = 8 * s;  // k-step s: nibble pairs (2s, 2s+4) and (2s+1, 2s+5)
+#pragma unroll
+          for (int q = 0; q < kPlanes; ++q)
+#pragma unroll
+            for (int gg = 0; gg < 2; ++gg)
+#pragma unroll
+              for (int a = 0; a < 2; ++a) {
+                const uint32_t w0 = wq[gg][2 * a], w1 = wq[gg][2 * a + 1];  // rows g, g + 8
+                const uint32_t af[4] = {nib_pair(w0 >> sh), nib_pair(w1 >> sh),
+                                        nib_pair(w0 >> (sh + 4)), nib_pair(w1 >> (sh + 4))};
+                mma16816(part[gg][a], af, b[gg][q][s][0], b[gg][q][s][1]);
+              }
+        }
+#pragma unroll
+        for (int gg = 0; gg < 2; ++gg)
+#pragma unroll
+          for (int a = 0; a < 2; ++a) {
+            const float s_g = __uint_as_float(gg ? (sw[a][0] & 0xffff0000u) : (sw[a][0] << 16));
+            const float s_g8 = __uint_as_float(gg ? (sw[a][1] & 0xffff0000u) : (sw[a][1] << 16));
+            acc[a][0] = fmaf(s_g, part[gg][a][0], acc[a][0]);
+            acc[a][1] = fmaf(s_g, part[gg][a][1], acc[a][1]);
+            acc[a][2] = fmaf(s_g8, part[gg][a][2], acc[a][2]);
+            acc[a][3] = fmaf(s_g8, part[gg][a][3], acc[a][3]);
+          }
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(&empty_bar[n % NS]);
+    }
+
+    // Sum the consumer warps in a fixed order. The second barrier keeps the next unit's writes
+    // out of the buffer until warp 0 has read it.
+    if constexpr (CW > 1) {
+      if (warp > 0)
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) red[warp - 1][a * 4 + i][lane] = acc[a][i];
+      consumer_barrier(CW * 32);
+      if (warp == 0)
+        for (int w = 1; w < CW; ++w)
+#pragma unroll
+          for (int a = 0; a < 2; ++a)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[a][i] += red[w - 1][a * 4 + i][lane];
+      consumer_barrier(CW * 32);
+    }
+
+    // Epilogue (consumer warp 0). Accumulator i: feature +g + 8 * (i / 2), row 2t + (i % 2).
+    if (warp == 0) {
+      if constexpr (kGemm1) {
+        __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+        __nv_bfloat16* out_lo = static_cast<__nv_bfloat16*>(p.x_lo);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int r = 2 * t + (i & 1);
+          if (r >= u.rows_valid) continue;
+          const int f = u.slice * 16 + g + 8 * (i >> 1);
+          float gate = acc[0][i], up = acc[1][i];
+          if constexpr (Cfg::kHasLimit) {
+            gate = gate > limit ? limit : gate;
+            up = up > limit ? limit : (up < -limit ? -limit : up);
+          }
+          __nv_bfloat16 hi, lo;
+          split_bf16(gate * sigmoidf_(alpha * gate) * (up + beta), hi, lo);
+          const long long o = static_cast<long long>(u.row0 + r) * N + act_pos(f);
+          out[o] = hi;
+          out_lo[o] = lo;
+        }
+      } else {
+        float* y = static_cast<float*>(p.out);  // fp32 rows, zeros in padding rows
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int r = 2 * t + (i & 1);
+            const int f = u.slice * 32 + a * 16 + g + 8 * (i >> 1);
+            y[static_cast<long long>(u.row0 + r) * N + f] = r < u.rows_valid ? acc[a][i] : 0.0f;
+          }
+      }
+    }
+
+    (void)alpha;
+    (void)beta;
+    (void)limit;
+  }
+}
+
+}  // namespace moejit_dev
