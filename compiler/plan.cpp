@@ -191,7 +191,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
                            spec.intermediate % 256 == 0;
     const double expert_bytes = 3.0 * spec.hidden * spec.intermediate * (0.5 + 2.0 / 32);
     b.stream = stream_ok && expert_bytes >= 16.0 * 1024 * 1024;
-    if (b.stream) {
+    if (stream_ok) {
       b.s1 = pick_stream(spec.hidden, true);
       b.s2 = pick_stream(spec.intermediate, false);
     }

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <functional>
 #include <iterator>
 #include <string>
@@ -16,6 +17,15 @@ namespace moejit::compiler {
 namespace {
 
 using ::testing::HasSubstr;
+
+// Sets MOEJIT_PLAN_OVERRIDE for one scope (make_plan reads it).
+class ScopedOverride {
+ public:
+  explicit ScopedOverride(const char* value) { ::setenv("MOEJIT_PLAN_OVERRIDE", value, 1); }
+  ~ScopedOverride() { ::unsetenv("MOEJIT_PLAN_OVERRIDE"); }
+  ScopedOverride(const ScopedOverride&) = delete;
+  ScopedOverride& operator=(const ScopedOverride&) = delete;
+};
 
 std::vector<int> tile_rows_of(const Plan& plan) {
   std::vector<int> out;
@@ -126,7 +136,19 @@ TEST(PlanGemm, KimiK2Configs) {
   // 4 blocks per stage. Both double-buffered.
   EXPECT_EQ(plan.buckets[0].gemm1, (GemmConfig{1, 4, 32, true, true}));
   EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{4, 2, 32, true, true}));
-  EXPECT_TRUE(plan.buckets[0].fused_finalize);
+  // On sm_90a (the default target) the decode buckets run the stream family instead: K staged
+  // 512 at a time, as many stages as fit in 56 KiB (3 of 17920 B for gate/up, 2 of 26624 B for
+  // down), 4 consumer and 4 producer warps; the finalize stays its own kernel.
+  EXPECT_TRUE(plan.buckets[0].stream);
+  EXPECT_EQ(plan.buckets[0].s1, (StreamConfig{4, 512, 3, 4}));
+  EXPECT_EQ(plan.buckets[0].s2, (StreamConfig{4, 512, 2, 4}));
+  EXPECT_FALSE(plan.buckets[0].fused_finalize);
+  EXPECT_TRUE(plan.buckets[1].stream);
+  EXPECT_FALSE(plan.buckets[2].stream);
+  // For sm_80 the older family keeps the finalize fused into gemm2.
+  const Plan ampere = make_plan(preset("kimi-k2"), 0, "sm_80");
+  EXPECT_FALSE(ampere.buckets[0].stream);
+  EXPECT_TRUE(ampere.buckets[0].fused_finalize);
   // Tile 16: 32 groups fit in shared memory; the split is capped at 32 / 4 = 8 warps.
   EXPECT_EQ(plan.buckets[2].gemm1, (GemmConfig{1, 8, 32, true, false}));
   EXPECT_FALSE(plan.buckets[2].fused_finalize);
@@ -160,16 +182,16 @@ TEST(PlanKernels, FullList) {
     std::vector<std::string> stages;
     int bucket;
   };
-  // The decode buckets (tile 8) fuse the finalize into gemm2.
+  // The decode buckets (tile 8) run the stream GEMMs (sm_90a), the finalize its own kernel.
   const Expected expected[] = {
       {"route", KernelRole::Route, {"route"}, -1},
       {"dispatch", KernelRole::Dispatch, {"dispatch"}, -1},
       // Buckets up to 64 tokens route and dispatch in one block.
       {"route_dispatch", KernelRole::RouteDispatch, {"route", "dispatch"}, -1},
       {"gemm1_b0", KernelRole::Gemm1, {"gemm1"}, 0},
-      {"gemm2_b0", KernelRole::Gemm2, {"gemm2", "finalize"}, 0},
+      {"gemm2_b0", KernelRole::Gemm2, {"gemm2"}, 0},
       {"gemm1_b1", KernelRole::Gemm1, {"gemm1"}, 1},
-      {"gemm2_b1", KernelRole::Gemm2, {"gemm2", "finalize"}, 1},
+      {"gemm2_b1", KernelRole::Gemm2, {"gemm2"}, 1},
       {"gemm1_b2", KernelRole::Gemm1, {"gemm1"}, 2},
       {"gemm2_b2", KernelRole::Gemm2, {"gemm2"}, 2},
       {"gemm1_b3", KernelRole::Gemm1, {"gemm1"}, 3},
@@ -266,13 +288,77 @@ TEST(PlanMake, RejectsAnInvalidSpec) {
 TEST(PlanDescribe, OneLinePerBucketAndKernel) {
   const std::string text = describe(make_plan(preset("kimi-k2"), 16));
   EXPECT_EQ(text,
-            "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=1 gemm1(warps_n=1 warps_k=4 "
-            "k_chunk=32 double_buffer=1 direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 "
-            "double_buffer=1 direct_x=1)\n"
+            "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=0 stream1(consumer_warps=4 "
+            "producer_warps=4 k_stage=512 stages=3) stream2(consumer_warps=4 producer_warps=4 "
+            "k_stage=512 stages=2) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
+            "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1)\n"
             "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
-            "kernel gemm2_b0 role=gemm2 stages=gemm2+finalize bucket=0\n"
+            "kernel gemm2_b0 role=gemm2 stages=gemm2 bucket=0\n"
             "kernel finalize role=finalize stages=finalize bucket=-1\n");
+}
+
+// ---- the stream family -----------------------------------------------------------------------
+
+// Shared memory of one stage: 32 weight rows x k/2 bytes, 32 scale rows x k/16 bytes, and 8 x rows
+// (two planes for gemm2) of k bf16 padded by 64 bytes.
+TEST(PlanStream, StageBytes) {
+  EXPECT_EQ(stream_stage_bytes(512, true), 32 * 256 + 32 * 32 + 8 * 1088);
+  EXPECT_EQ(stream_stage_bytes(512, false), 32 * 256 + 32 * 32 + 16 * 1088);
+  EXPECT_EQ(stream_stage_bytes(256, false), 32 * 128 + 32 * 16 + 16 * 576);
+}
+
+// Decode buckets on sm_90+, H and I multiples of 256, experts of >= 16 MiB.
+TEST(PlanStream, ChosenForLargeExpertsOnHopper) {
+  auto decode_stream = [](const MoeSpec& s, const std::string& arch) {
+    return make_plan(s, 64, arch).buckets[0].stream;
+  };
+  EXPECT_TRUE(decode_stream(preset("kimi-k2"), "sm_90a"));       // 24.8 MB experts
+  EXPECT_TRUE(decode_stream(preset("deepseek-v3"), "sm_90a"));
+  EXPECT_TRUE(decode_stream(preset("kimi-k2"), "sm_100a"));
+  EXPECT_FALSE(decode_stream(preset("kimi-k2"), "sm_80"));
+  EXPECT_FALSE(decode_stream(preset("kimi-k2"), "sm_89"));
+  EXPECT_FALSE(decode_stream(preset("qwen3-30b-a3b"), "sm_90a"));  // 2.6 MB experts
+  EXPECT_FALSE(decode_stream(preset("kimi-k2-tp8"), "sm_90a"));    // 3.1 MB experts
+  MoeSpec odd = preset("kimi-k2");
+  odd.hidden = 7168 + 32;  // H % 256 != 0
+  EXPECT_FALSE(decode_stream(odd, "sm_90a"));
+  // qwen3's K = I = 768 is not a multiple of 512: 256 per stage, 4 stages in 56 KiB.
+  const ScopedOverride force("stream=1");
+  const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
+  EXPECT_TRUE(q.buckets[0].stream);
+  EXPECT_EQ(q.buckets[0].s2, (StreamConfig{4, 256, 4, 4}));
+  EXPECT_FALSE(q.buckets[0].fused_finalize);
+}
+
+TEST(PlanStream, OverrideSwitchesAndShapes) {
+  {
+    const ScopedOverride off("stream=0");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_FALSE(p.buckets[0].stream);
+    EXPECT_TRUE(p.buckets[0].fused_finalize);
+  }
+  {
+    const ScopedOverride shapes("s1=8x1024x2x2,s2=4x256x6");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_EQ(p.buckets[0].s1, (StreamConfig{8, 1024, 2, 2}));
+    EXPECT_EQ(p.buckets[0].s2, (StreamConfig{4, 256, 6, 4}));  // producer warps kept
+  }
+  {
+    const ScopedOverride unfused("stream=0,ff=0");
+    EXPECT_FALSE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].fused_finalize);
+  }
+  for (const char* bad : {"s1=4x384x3", "s1=3x512x3", "s1=4x512x1", "s1=4x512x3x3",
+                          "s1=4x512x12", "s2=4x4096x2"}) {
+    const ScopedOverride o(bad);
+    try {
+      make_plan(preset("kimi-k2"), 64, "sm_90a");
+      ADD_FAILURE() << bad << " accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument) << bad;
+      EXPECT_THAT(e.what(), HasSubstr("MOEJIT_PLAN_OVERRIDE")) << bad;
+    }
+  }
 }
 
 // ---- Plan::max_tiles -------------------------------------------------------------------------
