@@ -112,8 +112,8 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
 }
 
 // Stream stages: k_stage = 512 where it divides K, else 256; as many stages as fit in ~56 KiB
-// of shared memory, so three or four blocks share an SM (measured on an H200: more blocks with
-// fewer stages each beat deeper rings; bench/RESULTS.md).
+// of shared memory (measured on an H200: more blocks with fewer stages each beat deeper rings;
+// bench/RESULTS.md). With ~100-128 registers per thread two 256-thread blocks share an SM.
 StreamConfig pick_stream(int k, bool gemm1) {
   StreamConfig c;
   c.consumer_warps = 4;
@@ -132,7 +132,8 @@ void apply_stream_override(const std::string& text, const char* which, int k, bo
   o.k_stage = std::stoi(m[2]);
   o.stages = std::stoi(m[3]);
   if (m[5].matched) o.producer_warps = std::stoi(m[5]);
-  const bool ok = o.consumer_warps >= 1 && o.consumer_warps <= 8 &&
+  // At most 8 warps in all: __launch_bounds__(threads, 2) caps 256 threads at 128 registers.
+  const bool ok = o.consumer_warps >= 1 && o.consumer_warps + o.producer_warps <= 8 &&
                   (o.producer_warps == 1 || o.producer_warps == 2 || o.producer_warps == 4 ||
                    o.producer_warps == 8) &&
                   o.k_stage >= 256 &&
@@ -142,16 +143,13 @@ void apply_stream_override(const std::string& text, const char* which, int k, bo
   if (!ok)
     throw Error(ErrorKind::InvalidArgument,
                 fmt::format("MOEJIT_PLAN_OVERRIDE: {}={}x{}x{}x{} breaks a stream GEMM rule "
-                            "(1-8 consumer warps, 1/2/4/8 producer warps, k_stage a multiple of 256 and of "
+                            "(1/2/4/8 producer warps, at most 8 warps in all, k_stage a multiple of 256 and of "
                             "64 * consumer warps, at most K = {}, >= 2 stages within 200 KiB)",
                             which, o.consumer_warps, o.k_stage, o.stages, o.producer_warps, k));
   c = o;
 }
 
-bool arch_at_least_90(const std::string& arch) {
-  const size_t at = arch.find_first_of("0123456789");
-  return at != std::string::npos && std::stoi(arch.substr(at)) >= 90;
-}
+bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm_90a"; }
 
 }  // namespace
 
@@ -187,8 +185,11 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // least 16 MiB (measured on an H200: 2-5% faster than the older family for kimi-k2's 24.8 MB
     // experts; 5-15% slower for qwen3-30b-a3b's 2.6 MB and kimi-k2-tp8's 3.1 MB at 8-33 tokens,
     // where its extra finalize launch weighs more). "stream=1" forces it where eligible.
-    const bool stream_ok = b.tile_rows == 8 && arch_at_least_90(arch) && spec.hidden % 256 == 0 &&
-                           spec.intermediate % 256 == 0;
+    // Only buckets of at most 64 tokens (decode, what was measured; it also keeps the kernel's
+    // 32-bit row offsets far from overflow) and only sm_90 (the Hopper family it was tuned and
+    // validated on).
+    const bool stream_ok = b.tile_rows == 8 && hi != 0 && hi <= 64 && arch_is_90(arch) &&
+                           spec.hidden % 256 == 0 && spec.intermediate % 256 == 0;
     const double expert_bytes = 3.0 * spec.hidden * spec.intermediate * (0.5 + 2.0 / 32);
     b.stream = stream_ok && expert_bytes >= 16.0 * 1024 * 1024;
     if (stream_ok) {

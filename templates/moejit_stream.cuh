@@ -25,6 +25,9 @@
 // see act_pos). The 136 offset is removed by one MMA per k-step of a constant -136 A operand
 // (= -136 * sum x over the group, per row), and the group's result is scaled in fp32 once:
 // acc += scale[f, group] * (sum_k (136 + v) x - 136 sum_k x). No bf16 rounding of v * scale.
+// Non-finite x: an Inf in a group makes that group's sum NaN (Inf - Inf) where v * x alone would
+// give +-Inf, and |x| above ~1e36 overflows the -136 sum x term; the layer's output for such a
+// token is NaN either way once gemm2 sums over I (the differential NaN/Inf cases pass).
 //
 // Consumer warps sum their partial accumulators through shared memory in a fixed order
 // (deterministic), consumer warp 0 runs the epilogue. The finalize is its own kernel: fusing it
@@ -212,6 +215,11 @@ __device__ void stream_gemm(const GemmParams& p) {
   UnitQueue units{p, n_tiles, my_units};
   if (my_units > 0) units.start();
 
+  // Gemm2 blocks without units still wait for gemm1, so that this grid completes only after its
+  // predecessor (what a PDL-launched successor's wait relies on).
+  if constexpr (!kGemm1)
+    if (my_units == 0) pdl_wait();
+
   if (warp >= CW) {
     // ---------------- producers ----------------
     // kProducerWarps warps fill each stage with 16-byte cp.async: one warp cannot keep enough copies in flight (measured: a block with one
@@ -323,6 +331,8 @@ __device__ void stream_gemm(const GemmParams& p) {
         cp_async_arrive(&full_bar[slot]);
       }
     }
+    // Returning with copies in flight is safe: the consumers wait for every stage's "full"
+    // barrier, so the block outlives them.
     return;
   }
 

@@ -308,14 +308,15 @@ TEST(PlanStream, StageBytes) {
   EXPECT_EQ(stream_stage_bytes(256, false), 32 * 128 + 32 * 16 + 16 * 576);
 }
 
-// Decode buckets on sm_90+, H and I multiples of 256, experts of >= 16 MiB.
+// Buckets of at most 64 tokens with 8-row tiles on sm_90, H and I multiples of 256, experts of
+// >= 16 MiB.
 TEST(PlanStream, ChosenForLargeExpertsOnHopper) {
   auto decode_stream = [](const MoeSpec& s, const std::string& arch) {
     return make_plan(s, 64, arch).buckets[0].stream;
   };
   EXPECT_TRUE(decode_stream(preset("kimi-k2"), "sm_90a"));       // 24.8 MB experts
   EXPECT_TRUE(decode_stream(preset("deepseek-v3"), "sm_90a"));
-  EXPECT_TRUE(decode_stream(preset("kimi-k2"), "sm_100a"));
+  EXPECT_FALSE(decode_stream(preset("kimi-k2"), "sm_100a"));  // not measured there
   EXPECT_FALSE(decode_stream(preset("kimi-k2"), "sm_80"));
   EXPECT_FALSE(decode_stream(preset("kimi-k2"), "sm_89"));
   EXPECT_FALSE(decode_stream(preset("qwen3-30b-a3b"), "sm_90a"));  // 2.6 MB experts
@@ -323,6 +324,19 @@ TEST(PlanStream, ChosenForLargeExpertsOnHopper) {
   MoeSpec odd = preset("kimi-k2");
   odd.hidden = 7168 + 32;  // H % 256 != 0
   EXPECT_FALSE(decode_stream(odd, "sm_90a"));
+  // An open-ended bucket keeps 8-row tiles when local experts >= 512 x top_k, but never the
+  // stream family (not measured there; its row offsets are 32-bit).
+  MoeSpec wide = preset("kimi-k2");
+  wide.num_experts = 1024;
+  wide.top_k = 1;
+  wide.routing = moejit::RoutingMethod::Renormalize;
+  wide.n_group = 1;
+  wide.topk_group = 1;
+  wide.has_routing_bias = false;
+  const Plan w = make_plan(wide, 0, "sm_90a");
+  EXPECT_EQ(w.buckets.back().tile_rows, 8);
+  EXPECT_FALSE(w.buckets.back().stream);
+  EXPECT_TRUE(w.buckets[0].stream);
   // qwen3's K = I = 768 is not a multiple of 512: 256 per stage, 4 stages in 56 KiB.
   const ScopedOverride force("stream=1");
   const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
@@ -339,9 +353,9 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     EXPECT_TRUE(p.buckets[0].fused_finalize);
   }
   {
-    const ScopedOverride shapes("s1=8x1024x2x2,s2=4x256x6");
+    const ScopedOverride shapes("s1=4x1024x2x2,s2=4x256x6");
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
-    EXPECT_EQ(p.buckets[0].s1, (StreamConfig{8, 1024, 2, 2}));
+    EXPECT_EQ(p.buckets[0].s1, (StreamConfig{4, 1024, 2, 2}));
     EXPECT_EQ(p.buckets[0].s2, (StreamConfig{4, 256, 6, 4}));  // producer warps kept
   }
   {
@@ -349,7 +363,7 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     EXPECT_FALSE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].fused_finalize);
   }
   for (const char* bad : {"s1=4x384x3", "s1=3x512x3", "s1=4x512x1", "s1=4x512x3x3",
-                          "s1=4x512x12", "s2=4x4096x2"}) {
+                          "s1=4x512x12", "s2=4x4096x2", "s1=8x512x3x4"}) {
     const ScopedOverride o(bad);
     try {
       make_plan(preset("kimi-k2"), 64, "sm_90a");
