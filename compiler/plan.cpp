@@ -168,7 +168,6 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   Plan plan;
   plan.spec = spec;
   plan.max_tokens = max_tokens;
-  plan.arch = arch;
   const int local = spec.local_experts();
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;

@@ -80,7 +80,6 @@ struct Plan {
   std::vector<Bucket> buckets;
   std::vector<KernelPlan> kernels;
   int max_tokens = 0;  // as requested from make_plan; 0 = no limit
-  std::string arch;    // the target the plan was made for ("sm_90a")
 
   int bucket_for(int tokens) const;  // throws InvalidArgument if no bucket covers it
   // Upper bound of row tiles (and of permuted rows = tiles * tile_rows) for T tokens.

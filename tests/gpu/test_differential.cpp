@@ -857,18 +857,23 @@ TEST(Differential, SmallBothLayerKinds) {
   run_cases({small_case("small", small_spec(), 1), small_case("small", small_spec(), 33)});
 }
 
-TEST(Differential, SmallExpertParallelGroupedDeepSeek) {
-  MOEJIT_REQUIRE_GPU();
-  MoeSpec s = small_spec();
+// Grouped DeepSeekV3 routing with bias and SwiGLU alpha/beta/limit on `s`, 17 tokens, split
+// over 2 expert-parallel ranks.
+Case grouped_deepseek_ep_case(const std::string& name, MoeSpec s) {
   s.routing = RoutingMethod::DeepSeekV3;
   s.n_group = 4;
   s.topk_group = 2;
   s.has_routing_bias = true;
   s.routed_scaling_factor = 2.5;
   s.swiglu_alpha = s.swiglu_beta = s.swiglu_limit = true;
-  Case c = small_case("small-ep", s, 17);
+  Case c = small_case(name, s, 17);
   c.ep_ranks = 2;
-  run_cases({c});
+  return c;
+}
+
+TEST(Differential, SmallExpertParallelGroupedDeepSeek) {
+  MOEJIT_REQUIRE_GPU();
+  run_cases({grouped_deepseek_ep_case("small-ep", small_spec())});
 }
 
 TEST(Differential, SmallPrecomputedInvalidIdsAndNonFinite) {
@@ -920,15 +925,7 @@ TEST(Differential, SmallStreamExpertParallelGroupedDeepSeek) {
   s.hidden = 256;
   s.intermediate = 768;
   s.num_experts = 32;
-  s.routing = RoutingMethod::DeepSeekV3;
-  s.n_group = 4;
-  s.topk_group = 2;
-  s.has_routing_bias = true;
-  s.routed_scaling_factor = 2.5;
-  s.swiglu_alpha = s.swiglu_beta = s.swiglu_limit = true;
-  Case c = small_case("small-stream-ep", s, 17);
-  c.ep_ranks = 2;
-  run_cases({c});
+  run_cases({grouped_deepseek_ep_case("small-stream-ep", s)});
 }
 
 TEST(Differential, SmallStreamSpecialInputs) {
