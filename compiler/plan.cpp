@@ -180,17 +180,16 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     while (b.tile_rows < 64 && b.tile_rows < rows_per_expert) b.tile_rows *= 2;
     b.gemm1 = pick_gemm(spec.intermediate, spec.hidden, b.tile_rows, true);
     b.gemm2 = pick_gemm(spec.hidden, spec.intermediate, b.tile_rows, false);
-    // Stream family: decode buckets on sm_90+ with H and I multiples of 256, for experts of at
-    // least 16 MiB (measured on an H200: 2-5% faster than the older family for kimi-k2's 24.8 MB
-    // experts; 5-15% slower for qwen3-30b-a3b's 2.6 MB and kimi-k2-tp8's 3.1 MB at 8-33 tokens,
-    // where its extra finalize launch weighs more). "stream=1" forces it where eligible.
+    // Stream family: decode buckets on sm_90 with H and I multiples of 256 (measured on an
+    // H200, bench/RESULTS.md section 9: faster than the older family for kimi-k2 at 1-64 tokens
+    // by 16-22%, for kimi-k2-tp8 by 5-10% and for qwen3-30b-a3b at 1 and 64 tokens; 5% slower
+    // for qwen3 at 8 tokens). "stream=0" turns it off.
     // Only buckets of at most 64 tokens (decode, what was measured; it also keeps the kernel's
     // 32-bit row offsets far from overflow) and only sm_90 (the Hopper family it was tuned and
     // validated on).
     const bool stream_ok = b.tile_rows == 8 && hi != 0 && hi <= 64 && arch_is_90(arch) &&
                            spec.hidden % 256 == 0 && spec.intermediate % 256 == 0;
-    const double expert_bytes = 3.0 * spec.hidden * spec.intermediate * (0.5 + 2.0 / 32);
-    b.stream = stream_ok && expert_bytes >= 16.0 * 1024 * 1024;
+    b.stream = stream_ok;
     if (stream_ok) {
       b.s1 = pick_stream(spec.hidden, true);
       b.s2 = pick_stream(spec.intermediate, false);
@@ -203,6 +202,9 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       if (b.stream) {
         apply_stream_override(o, "s1", spec.hidden, true, b.s1);
         apply_stream_override(o, "s2", spec.intermediate, false, b.s2);
+        static const std::regex sns("sns=([0-9]+)");
+        if (std::smatch m; std::regex_search(o, m, sns))
+          b.s1.suspend_ns = b.s2.suspend_ns = std::stoi(m[1]);
       }
     }
     // Decode: the last gemm2 block of a token sums its rows, saving the finalize launch.
@@ -214,7 +216,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // two kernels' static shared memory fits in one block.
     const bool grouped = spec.routing == RoutingMethod::DeepSeekV3 && spec.n_group > 1;
     const long long smem = (grouped ? 8ll * (4 * spec.num_experts + 5 * spec.n_group) : 0) +
-                           4ll * (4 * local + 1) + 16ll * local;
+                           4ll * (4 * local + 1) + 16ll * local + 4ll * 64 * spec.top_k;
     b.fused_route = hi != 0 && hi <= 64 && smem <= 44 * 1024;
     plan.buckets.push_back(b);
   }
@@ -253,10 +255,12 @@ std::string describe(const Plan& plan) {
         "direct_x={})\n",
         i, b.min_tokens, b.max_tokens == 0 ? std::string("inf") : std::to_string(b.max_tokens),
         b.tile_rows, b.fused_finalize ? 1 : 0,
-        b.stream ? fmt::format(" stream1(consumer_warps={} producer_warps={} k_stage={} stages={}) "
-                               "stream2(consumer_warps={} producer_warps={} k_stage={} stages={})",
+        b.stream ? fmt::format(" stream1(consumer_warps={} producer_warps={} k_stage={} stages={}{}) "
+                               "stream2(consumer_warps={} producer_warps={} k_stage={} stages={}{})",
                                b.s1.consumer_warps, b.s1.producer_warps, b.s1.k_stage, b.s1.stages,
-                               b.s2.consumer_warps, b.s2.producer_warps, b.s2.k_stage, b.s2.stages)
+                               b.s1.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s1.suspend_ns), b.s2.consumer_warps,
+                               b.s2.producer_warps, b.s2.k_stage, b.s2.stages,
+                               b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,

@@ -24,6 +24,15 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// (w & 0x000f000f) ^ 0x43084308 as one lop3: the nibbles at bits 0-3 and 16-19 (two's
+// complement v) become bf16x2 (136 + v), exact (bit 3 flipped maps v to v + 8; exponent 0x43 makes
+// 128 + (v + 8)). Written out because ptxas emits two LOP3s for the C expression (two immediates).
+__device__ __forceinline__ uint32_t nib_pair(uint32_t w) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0x6a;\n" : "=r"(r) : "r"(w), "n"(0x000f000f), "n"(0x43084308));
+  return r;  // lut 0x6a = (a & b) ^ c
+}
+
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
 // Routing method codes; codegen writes these as Cfg::kMethod (same order as moejit::RoutingMethod).

@@ -10,8 +10,9 @@
 
 namespace moejit_dev {
 
+// ids: the routed expert ids (p.topk_ids, or a shared-memory copy of them).
 template <class Cfg>
-__device__ void dispatch_block(const DispatchParams& p) {
+__device__ void dispatch_block(const DispatchParams& p, const int* ids) {
   constexpr int L = Cfg::kLocalExperts;
   constexpr int kWarps = Cfg::kThreads / 32;
   __shared__ int s_count[L];
@@ -27,7 +28,7 @@ __device__ void dispatch_block(const DispatchParams& p) {
   const int tile = p.tile;
 
   auto local_of = [&](int slot) {
-    const int l = p.topk_ids[slot] - Cfg::kLocalOffset;
+    const int l = ids[slot] - Cfg::kLocalOffset;
     return (l >= 0 && l < L) ? l : -1;
   };
 
@@ -137,7 +138,7 @@ template <class Cfg>
 __device__ void dispatch_kernel(const DispatchParams& p) {
   pdl_wait();
   pdl_trigger();
-  dispatch_block<Cfg>(p);
+  dispatch_block<Cfg>(p, p.topk_ids);
 }
 
 }  // namespace moejit_dev

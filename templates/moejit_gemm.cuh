@@ -57,9 +57,8 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint4& q16, uint32_t scal
   const uint32_t q = word_of(q16, J / 4);
   constexpr uint32_t b = J % 4;
   constexpr uint32_t sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12);
-  // Low nibble of byte b to bits 0-3, high nibble to bits 16-19; flipping bit 3 maps the
-  // two's-complement nibble v to v + 8, and 0x4300 makes the bf16 128 + (v + 8).
-  const uint32_t x = (__byte_perm(q, q >> 4, sel) & 0x000f000fu) ^ 0x43084308u;
+  // Low nibble of byte b to bits 0-3, high nibble to bits 16-19, then bf16 136 + v (nib_pair).
+  const uint32_t x = nib_pair(__byte_perm(q, q >> 4, sel));
   __nv_bfloat162 r = *reinterpret_cast<const __nv_bfloat162*>(&x);
   const uint32_t k136 = 0x43084308u;  // bf16x2 (136, 136)
   r = __hsub2(r, *reinterpret_cast<const __nv_bfloat162*>(&k136));

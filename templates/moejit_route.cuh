@@ -9,8 +9,9 @@
 
 namespace moejit_dev {
 
+// s_ids (optional, shared memory): also receives the selected ids, for a dispatch in the same block.
 template <class Cfg>
-__device__ void route_token(const RouteParams& p, int t) {
+__device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr) {
   constexpr int E = Cfg::kExperts;
   constexpr int K = Cfg::kTopK;
   constexpr int kPer = (E + 31) / 32;
@@ -19,27 +20,36 @@ __device__ void route_token(const RouteParams& p, int t) {
   if constexpr (Cfg::kMethod == kPrecomputed) {
     for (int j = lane; j < K; j += 32) {
       p.topk_ids[t * K + j] = p.pre_ids[t * K + j];
+      if (s_ids) s_ids[t * K + j] = p.pre_ids[t * K + j];
       p.topk_weights[t * K + j] = p.pre_weights[t * K + j];
     }
     return;
   }
 
-  // Raw logits and the selection score of each expert this lane holds.
+  // Raw logits and the selection score of each expert this lane holds. Every load is issued
+  // before any arithmetic: with the sigmoid's division (a branch to a slow path) between them,
+  // the loads were serialised, one memory round trip per expert slot (~8 us of a 1-token layer).
   float logit[kPer];
+  float bias[kPer];
   float score[kPer];
   uint32_t key[kPer];
 #pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int e = lane + 32 * i;
-    logit[i] = 0.0f;
+    logit[i] = e < E ? load_as_float<Cfg::kLogitsBF16>(p.logits, static_cast<long long>(t) * E + e)
+                     : 0.0f;
+    bias[i] = 0.0f;
+    if constexpr (Cfg::kMethod == kDeepSeekV3 && Cfg::kHasBias)
+      if (e < E) bias[i] = load_as_float<Cfg::kBiasBF16>(p.bias, e);
+  }
+#pragma unroll
+  for (int i = 0; i < kPer; ++i) {
+    const int e = lane + 32 * i;
     score[i] = 0.0f;
     key[i] = 0;
     if (e < E) {
-      logit[i] = load_as_float<Cfg::kLogitsBF16>(p.logits, static_cast<long long>(t) * E + e);
       if constexpr (Cfg::kMethod == kDeepSeekV3) {
-        float bias = 0.0f;
-        if constexpr (Cfg::kHasBias) bias = load_as_float<Cfg::kBiasBF16>(p.bias, e);
-        score[i] = sigmoidf_(logit[i]) + bias;
+        score[i] = sigmoidf_(logit[i]) + bias[i];
       } else {
         score[i] = logit[i];
       }
@@ -163,6 +173,7 @@ __device__ void route_token(const RouteParams& p, int t) {
   (void)sel_score;
   if (mine) {
     p.topk_ids[t * K + lane] = sel_id;
+    if (s_ids) s_ids[t * K + lane] = sel_id;
     p.topk_weights[t * K + lane] = weight;
   }
 }

@@ -12,14 +12,20 @@
 
 namespace moejit_dev {
 
+constexpr int kMaxTokens = 64;  // the planner fuses route and dispatch up to 64 tokens
+
 template <class Cfg>
 __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   static_assert(Cfg::kThreads == 32 * Cfg::kWarpsPerBlock, "one block of routing warps");
   pdl_trigger();  // gemm1 may launch now; it waits for this grid before reading
+  // The ids also go to shared memory, so the dispatch does not read them back from global
+  // memory (a round trip per pass over the slots).
+  __shared__ int s_ids[kMaxTokens * Cfg::kTopK];
+  int* ids = p.route.num_tokens <= kMaxTokens ? s_ids : nullptr;
   for (int t = threadIdx.x >> 5; t < p.route.num_tokens; t += Cfg::kWarpsPerBlock)
-    route_token<Cfg>(p.route, t);
+    route_token<Cfg>(p.route, t, ids);
   __syncthreads();
-  dispatch_block<Cfg>(p.dispatch);
+  dispatch_block<Cfg>(p.dispatch, ids ? ids : p.route.topk_ids);
 }
 
 }  // namespace moejit_dev

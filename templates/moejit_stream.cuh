@@ -36,7 +36,7 @@
 //
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
-// kHasAlpha, kHasBeta, kHasLimit.
+// kHasAlpha, kHasBeta, kHasLimit, kSuspendNs.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -58,18 +58,28 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
 
-// Waits for the phase with the given parity. The suspend-time hint lets the hardware park the
-// warp until the phase completes instead of spinning on issue slots.
+// Waits for the phase with the given parity. A suspend-time hint (kSuspendNs > 0) lets the
+// hardware park the warp until the phase completes (SASS: NANOSLEEP.SYNCS) instead of spinning
+// on issue slots; 0 uses the plain try_wait.
+template <unsigned kSuspendNs>
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   const uint32_t addr = smem_u32(bar);
   uint32_t done = 0;
   do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
-        " selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(addr), "r"(parity), "r"(0x989680u)
-        : "memory");
+    if constexpr (kSuspendNs > 0)
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
+          " selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(addr), "r"(parity), "r"(kSuspendNs)
+          : "memory");
+    else
+      asm volatile(
+          "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+          " selp.u32 %0, 1, 0, p;\n}\n"
+          : "=r"(done)
+          : "r"(addr), "r"(parity)
+          : "memory");
   } while (!done);
 }
 
@@ -95,6 +105,22 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t addr, uint32_t (&r)[4]) {
                : "memory");
 }
 
+// Shared-memory loads at 32-bit shared addresses (base + constant folds into the instruction's
+// offset). Not volatile; the clobber keeps them after the mbarrier wait.
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "r"(addr)
+      : "memory");
+  return v;
+}
+
 __device__ __forceinline__ void consumer_barrier(int threads) {
   asm volatile("bar.sync 1, %0;\n" ::"r"(threads) : "memory");
 }
@@ -108,10 +134,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-
-// Nibbles at bits 0-3 and 16-19 of w (two's complement v) -> bf16x2 (136 + v): the xor with
-// 0x8 maps v to v + 8 in [0, 15], and 0x43 makes the bf16 128 + (v + 8). One lop3.
-__device__ __forceinline__ uint32_t nib_pair(uint32_t w) { return (w & 0x000f000fu) ^ 0x43084308u; }
 
 // Storage position of activation feature f inside its 8-feature block: the order
 // (0, 4, 1, 5, 2, 6, 3, 7), so one 16-byte load gives the B registers of a group's two k-steps.
@@ -133,6 +155,7 @@ __device__ void stream_gemm(const GemmParams& p) {
   constexpr int kUnitFeatures = kGemm1 ? 16 : 32;
   constexpr int kSlices = N / kUnitFeatures;
   constexpr int kStagesPerUnit = (K + KC - 1) / KC;
+  constexpr bool kEven = K % KC == 0;  // every stage full: no bounds tests in the loops
   // Shared-memory rows, padded so that ldmatrix (8 rows x 16 bytes), the scale words and the
   // 16-byte x loads of a warp hit 32 different banks.
   // Weights: kKC / 256 chunks of 32 rows x 128 bytes, 16-byte unit c of row r stored at
@@ -175,7 +198,6 @@ __device__ void stream_gemm(const GemmParams& p) {
   const int n_tiles = p.expert_offsets[Cfg::kLocalExperts] / 8;
   const int n_units = n_tiles * kSlices;
   const int my_units = blockIdx.x < n_units ? (n_units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
-  const int n_items = my_units * kStagesPerUnit;
 
   // The block's units, their expert and valid rows fetched ahead: a unit's expert (a load) is
   // issued two units before it starts and its row count (a load at an address that depends on
@@ -222,15 +244,16 @@ __device__ void stream_gemm(const GemmParams& p) {
 
   if (warp >= CW) {
     // ---------------- producers ----------------
-    // kProducerWarps warps fill each stage with 16-byte cp.async: one warp cannot keep enough copies in flight (measured: a block with one
-    // producer warp streamed ~2.4 GB/s whatever the ring depth). Each producer thread's
-    // cp.async.mbarrier.arrive completes its share of the stage's "full" barrier.
+    // kProducerWarps warps fill each stage with 16-byte cp.async: one warp cannot keep enough
+    // copies in flight (measured: a block with one producer warp streamed ~2.4 GB/s whatever the
+    // ring depth). Each producer thread's cp.async.mbarrier.arrive completes its share of the
+    // stage's "full" barrier.
     constexpr int PT = Cfg::kProducerWarps * 32;
     const int pt = tid - CW * 32;
     // Each producer thread copies the same chunks of every stage: its 16-byte units of the
-    // weight rows, scale rows and x rows are fixed, so their shared-memory offsets (and row
-    // and column) are computed once; per unit only the global row pointers change, and per
-    // stage only the k offset.
+    // weight rows, scale rows and x rows are fixed, so their shared-memory offsets are computed
+    // once, the global pointers once per unit, and per stage only the ring slot and the k offset
+    // change (no division, and no bounds test where K is a multiple of the stage).
     constexpr int kWc = KC / 32;   // 16-byte chunks per weight row per stage
     constexpr int kSc = KC / 256;  // per scale row
     constexpr int kXc = KC / 8;    // per x row
@@ -256,7 +279,16 @@ __device__ void stream_gemm(const GemmParams& p) {
       const int c = pt + j * PT, qr = c / kXc, col = c % kXc;
       x_dst[j] = base + kWBytes + kSBytes + qr * kXRow + col * 16;
     }
-    int n = 0;
+    // Which chunks this thread copies at all, and (K not a multiple of the stage) which of them
+    // lie before a stage's end: their column in the stage.
+    int w_col[kWj], x_col[kXj];
+    bool s_mine[kSj];
+#pragma unroll
+    for (int j = 0; j < kWj; ++j) w_col[j] = (pt + j * PT) % kWc;
+#pragma unroll
+    for (int j = 0; j < kXj; ++j) x_col[j] = (pt + j * PT) % kXc;
+#pragma unroll
+    for (int j = 0; j < kSj; ++j) s_mine[j] = pt + j * PT < 32 * kSc;
     bool waited = kGemm1;
     // Lane r < 8: the source row of tile row r (gemm1: its token), fetched one unit ahead
     // (the address depends only on the tile; padding rows read -1 and are never used).
@@ -266,6 +298,9 @@ __device__ void stream_gemm(const GemmParams& p) {
       return kGemm1 ? p.permuted_to_slot[row] / Cfg::kTopK : row;
     };
     int x_src_next = x_src_of(0);
+    int slot = 0;             // ring slot of the next stage
+    uint32_t so = 0;          // its byte offset
+    uint32_t parity = 1;      // "empty" phase to wait for (the first pass finds every slot free)
     for (int ui = 0; ui < my_units; ++ui) {
       const Unit u = units.next(ui);
       const int x_src = x_src_next;
@@ -282,11 +317,11 @@ __device__ void stream_gemm(const GemmParams& p) {
       }
       const uint8_t* w_src[kWj];
       const unsigned char* s_src[kSj];
-      uint32_t x_off[kXj];  // element offset in its plane; ~0 for padding rows
+      const __nv_bfloat16* x_src_p[kXj];  // nullptr for padding rows
 #pragma unroll
       for (int j = 0; j < kWj; ++j) {
-        const int c = pt + j * PT, r = c / kWc, col = c % kWc;
-        w_src[j] = p.w + ((r < 16 ? row_lo : row_hi) + (r & 15)) * (K / 2) + col * 16;
+        const int r = (pt + j * PT) / kWc;
+        w_src[j] = p.w + ((r < 16 ? row_lo : row_hi) + (r & 15)) * (K / 2) + w_col[j] * 16;
       }
 #pragma unroll
       for (int j = 0; j < kSj; ++j) {
@@ -295,27 +330,23 @@ __device__ void stream_gemm(const GemmParams& p) {
       }
 #pragma unroll
       for (int j = 0; j < kXj; ++j) {
-        const int c = pt + j * PT, qr = c / kXc, col = c % kXc, r = qr & 7;
+        const int qr = (pt + j * PT) / kXc, r = qr & 7;
         const int src = __shfl_sync(kFullMask, x_src, r);
-        x_off[j] = r < u.rows_valid ? static_cast<uint32_t>(src) * K + col * 8 : ~0u;
+        const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(qr >= 8 ? p.x_lo : p.x);
+        x_src_p[j] = r < u.rows_valid ? x + static_cast<long long>(src) * K + x_col[j] * 8 : nullptr;
       }
 #pragma unroll 1
-      for (int ks = 0; ks < kStagesPerUnit; ++ks, ++n) {
-        const int slot = n % NS;
-        const uint32_t so = slot * kStageBytes;
+      for (int ks = 0; ks < kStagesPerUnit; ++ks) {
         const int k0 = ks * KC;
-        const int kc = min(KC, K - k0);  // a multiple of 256
-        mbar_wait(&empty_bar[slot], ((n / NS) & 1) ^ 1);
+        const int kc = kEven ? KC : min(KC, K - k0);  // a multiple of 256
+        mbar_wait<Cfg::kSuspendNs>(&empty_bar[slot], parity);
 #pragma unroll
-        for (int j = 0; j < kWj; ++j) {
-          const int col = (pt + j * PT) % kWc;
-          if (col * 32 < kc) cp_async16(w_dst[j] + so, w_src[j] + k0 / 2);
-        }
+        for (int j = 0; j < kWj; ++j)
+          if (kEven || w_col[j] * 32 < kc) cp_async16(w_dst[j] + so, w_src[j] + k0 / 2);
 #pragma unroll
-        for (int j = 0; j < kSj; ++j) {
-          const int c = pt + j * PT;
-          if (c < 32 * kSc && (c % kSc) * 256 < kc) cp_async16(s_dst[j] + so, s_src[j] + k0 / 16);
-        }
+        for (int j = 0; j < kSj; ++j)
+          if (s_mine[j] && (kEven || ((pt + j * PT) % kSc) * 256 < kc))
+            cp_async16(s_dst[j] + so, s_src[j] + k0 / 16);
         if (!waited) {
           // Gemm2: everything above is independent of gemm1; x (its output) is not.
           pdl_wait();
@@ -323,12 +354,16 @@ __device__ void stream_gemm(const GemmParams& p) {
           waited = true;
         }
 #pragma unroll
-        for (int j = 0; j < kXj; ++j) {
-          const int c = pt + j * PT, col = c % kXc;
-          const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(c / kXc >= 8 ? p.x_lo : p.x);
-          if (x_off[j] != ~0u && col * 8 < kc) cp_async16(x_dst[j] + so, x + x_off[j] + k0);
-        }
+        for (int j = 0; j < kXj; ++j)
+          if (x_src_p[j] != nullptr && (kEven || x_col[j] * 8 < kc))
+            cp_async16(x_dst[j] + so, x_src_p[j] + k0);
         cp_async_arrive(&full_bar[slot]);
+        so += kStageBytes;
+        if (++slot == NS) {
+          slot = 0;
+          so = 0;
+          parity ^= 1;
+        }
       }
     }
     // Returning with copies in flight is safe: the consumers wait for every stage's "full"
@@ -341,10 +376,27 @@ __device__ void stream_gemm(const GemmParams& p) {
   const int t = lane & 3;
   const uint32_t kNeg136 = 0xC308C308u;  // bf16x2 (-136, -136)
   const uint32_t neg[4] = {kNeg136, kNeg136, kNeg136, kNeg136};
-  // ldmatrix: lane l addresses row (l / 8 -> A tile, half) l % 8 of the 8x16-byte matrices.
+  // Per-thread shared-memory offsets inside a stage. Warp w takes the group pairs w, w + CW, ...
+  // (pair pi of the warp = groups G = 2 (w + pi CW) and G + 1). ldmatrix: lane l addresses row
+  // (l / 8 -> A tile, half) l % 8 of the 8x16-byte matrices, 16-byte unit XOR-swizzled by row.
+  constexpr int kPairs = KC / 64 / CW;  // pairs per warp in a full stage
   const int lm_row = ((lane >> 4) & 1) * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+  uint32_t lm_off[kPairs][2];
+#pragma unroll
+  for (int pi = 0; pi < kPairs; ++pi)
+#pragma unroll
+    for (int gg = 0; gg < 2; ++gg) {
+      const int G = 2 * (warp + pi * CW) + gg;
+      lm_off[pi][gg] = (G >> 3) * 4096 + lm_row * 128 + (((G & 7) ^ (lm_row & 7)) << 4);
+    }
+  // Scales: row (a * 16 + h * 8 + g), bytes 2G..2G+3 (groups G, G + 1). x: plane q row g,
+  // group G + gg at byte (G + gg) * 64, thread t's 16 bytes.
+  const uint32_t s_off = kWBytes + g * kSRow + warp * 4;
+  const uint32_t x_off = kWBytes + kSBytes + g * kXRow + warp * 128 + t * 16;
+  const uint32_t smem_base = smem_u32(smem);
 
-  int n = 0;
+  int slot = 0;
+  uint32_t parity = 0;
   for (int ui = 0; ui < my_units; ++ui) {
     const Unit u = units.next(ui);
     // SwiGLU parameters of the unit's expert, loaded now and used in the epilogue.
@@ -359,38 +411,30 @@ __device__ void stream_gemm(const GemmParams& p) {
       for (int i = 0; i < 4; ++i) acc[a][i] = 0.0f;
 
 #pragma unroll 1
-    for (int ks = 0; ks < kStagesPerUnit; ++ks, ++n) {
-      const unsigned char* st = smem + (n % NS) * kStageBytes;
-      const unsigned char* ss = st + kWBytes;
-      const unsigned char* sx = ss + kSBytes;
-      const int pairs = min(KC, K - ks * KC) / 64;
-      mbar_wait(&full_bar[n % NS], (n / NS) & 1);
+    for (int ks = 0; ks < kStagesPerUnit; ++ks) {
+      const uint32_t st = smem_base + slot * kStageBytes;
+      const int pairs = kEven ? KC / 64 : min(KC, K - ks * KC) / 64;
+      mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);
 #pragma unroll
-      for (int pi = 0; pi < KC / 64 / CW; ++pi) {
-        const int pr = warp + pi * CW;
-        if (pr >= pairs) continue;
-        const int G = 2 * pr;  // stage-relative group of gg = 0
+      for (int pi = 0; pi < kPairs; ++pi) {
+        if (!kEven && warp + pi * CW >= pairs) continue;
         // Loads first: weights [group][matrix] (matrix m = A tile m / 2, rows +8 * (m % 2)),
         // scales [A tile][half] (groups G low, G + 1 high), x [plane][group].
         uint32_t wq[2][4];
 #pragma unroll
-        for (int gg = 0; gg < 2; ++gg) {
-          const int c16 = (G + gg) & 7;  // 16-byte unit of the group inside its 128-byte chunk
-          ldmatrix_x4(smem_u32(st + ((G + gg) >> 3) * 4096 + lm_row * 128 + ((c16 ^ (lm_row & 7)) << 4)),
-                      wq[gg]);
-        }
+        for (int gg = 0; gg < 2; ++gg) ldmatrix_x4(st + lm_off[pi][gg], wq[gg]);
         uint32_t sw[2][2];
 #pragma unroll
         for (int a = 0; a < 2; ++a)
 #pragma unroll
           for (int h = 0; h < 2; ++h)
-            sw[a][h] = *reinterpret_cast<const uint32_t*>(ss + (a * 16 + h * 8 + g) * kSRow + G * 2);
+            sw[a][h] = lds32(st + s_off + (a * 16 + h * 8) * kSRow + pi * CW * 4);
         uint4 xv[kPlanes][2];
 #pragma unroll
         for (int q = 0; q < kPlanes; ++q)
 #pragma unroll
           for (int gg = 0; gg < 2; ++gg)
-            xv[q][gg] = *reinterpret_cast<const uint4*>(sx + (q * 8 + g) * kXRow + (G + gg) * 64 + t * 16);
+            xv[q][gg] = lds128(st + x_off + q * 8 * kXRow + pi * CW * 128 + gg * 64);
         // B registers [group][plane][k-step][b0/b1]: x_(8t + j) paired with x_(8t + j + 4).
         uint32_t b[2][kPlanes][2][2];
 #pragma unroll
@@ -434,16 +478,16 @@ __device__ void stream_gemm(const GemmParams& p) {
         for (int s = 0; s < 2; ++s) {
           const int sh = 8 * s;  // k-step s: nibble pairs (2s, 2s+4) and (2s+1, 2s+5)
 #pragma unroll
-          for (int q = 0; q < kPlanes; ++q)
+          for (int gg = 0; gg < 2; ++gg)
 #pragma unroll
-            for (int gg = 0; gg < 2; ++gg)
+            for (int a = 0; a < 2; ++a) {
+              const uint32_t w0 = wq[gg][2 * a], w1 = wq[gg][2 * a + 1];  // rows g, g + 8
+              const uint32_t af[4] = {nib_pair(w0 >> sh), nib_pair(w1 >> sh),
+                                      nib_pair(w0 >> (sh + 4)), nib_pair(w1 >> (sh + 4))};
 #pragma unroll
-              for (int a = 0; a < 2; ++a) {
-                const uint32_t w0 = wq[gg][2 * a], w1 = wq[gg][2 * a + 1];  // rows g, g + 8
-                const uint32_t af[4] = {nib_pair(w0 >> sh), nib_pair(w1 >> sh),
-                                        nib_pair(w0 >> (sh + 4)), nib_pair(w1 >> (sh + 4))};
+              for (int q = 0; q < kPlanes; ++q)
                 mma16816(part[gg][a], af, b[gg][q][s][0], b[gg][q][s][1]);
-              }
+            }
         }
 #pragma unroll
         for (int gg = 0; gg < 2; ++gg)
@@ -458,7 +502,11 @@ __device__ void stream_gemm(const GemmParams& p) {
           }
       }
       __syncwarp();
-      if (lane == 0) mbar_arrive(&empty_bar[n % NS]);
+      if (lane == 0) mbar_arrive(&empty_bar[slot]);
+      if (++slot == NS) {
+        slot = 0;
+        parity ^= 1;
+      }
     }
 
     // Sum the consumer warps in a fixed order. The second barrier keeps the next unit's writes

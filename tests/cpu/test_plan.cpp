@@ -308,9 +308,8 @@ TEST(PlanStream, StageBytes) {
   EXPECT_EQ(stream_stage_bytes(256, false), 32 * 128 + 32 * 16 + 16 * 576);
 }
 
-// Buckets of at most 64 tokens with 8-row tiles on sm_90, H and I multiples of 256, experts of
-// >= 16 MiB.
-TEST(PlanStream, ChosenForLargeExpertsOnHopper) {
+// Buckets of at most 64 tokens with 8-row tiles on sm_90, H and I multiples of 256.
+TEST(PlanStream, ChosenForDecodeOnHopper) {
   auto decode_stream = [](const MoeSpec& s, const std::string& arch) {
     return make_plan(s, 64, arch).buckets[0].stream;
   };
@@ -319,8 +318,8 @@ TEST(PlanStream, ChosenForLargeExpertsOnHopper) {
   EXPECT_FALSE(decode_stream(preset("kimi-k2"), "sm_100a"));  // not measured there
   EXPECT_FALSE(decode_stream(preset("kimi-k2"), "sm_80"));
   EXPECT_FALSE(decode_stream(preset("kimi-k2"), "sm_89"));
-  EXPECT_FALSE(decode_stream(preset("qwen3-30b-a3b"), "sm_90a"));  // 2.6 MB experts
-  EXPECT_FALSE(decode_stream(preset("kimi-k2-tp8"), "sm_90a"));    // 3.1 MB experts
+  EXPECT_TRUE(decode_stream(preset("qwen3-30b-a3b"), "sm_90a"));  // 2.6 MB experts
+  EXPECT_TRUE(decode_stream(preset("kimi-k2-tp8"), "sm_90a"));    // 3.1 MB experts
   MoeSpec odd = preset("kimi-k2");
   odd.hidden = 7168 + 32;  // H % 256 != 0
   EXPECT_FALSE(decode_stream(odd, "sm_90a"));
@@ -338,7 +337,6 @@ TEST(PlanStream, ChosenForLargeExpertsOnHopper) {
   EXPECT_FALSE(w.buckets.back().stream);
   EXPECT_TRUE(w.buckets[0].stream);
   // qwen3's K = I = 768 is not a multiple of 512: 256 per stage, 4 stages in 56 KiB.
-  const ScopedOverride force("stream=1");
   const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
   EXPECT_TRUE(q.buckets[0].stream);
   EXPECT_EQ(q.buckets[0].s2, (StreamConfig{4, 256, 4, 4}));
@@ -352,6 +350,14 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     EXPECT_FALSE(p.buckets[0].stream);
     EXPECT_TRUE(p.buckets[0].fused_finalize);
   }
+  {
+    const ScopedOverride hint("sns=0");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_EQ(p.buckets[0].s1.suspend_ns, 0);
+    EXPECT_EQ(p.buckets[0].s2.suspend_ns, 0);
+    EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.suspend_ns, 0);
+  }
+  EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.suspend_ns, 2000);
   {
     const ScopedOverride shapes("s1=4x1024x2x2,s2=4x256x6");
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");

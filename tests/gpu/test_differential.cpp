@@ -892,10 +892,10 @@ TEST(Differential, SmallPrecomputedInvalidIdsAndNonFinite) {
   run_cases({a, b, z});
 }
 
-// The same kinds of cases on shapes whose H and I are multiples of 256, with the stream family
-// forced (MOEJIT_PLAN_OVERRIDE=stream=1; by default it serves only experts of >= 16 MiB), so that
-// on sm_90+ the decode buckets run templates/moejit_stream.cuh; the shapes above use the older
-// family, as does the random sweep.
+// The same kinds of cases on shapes whose H and I are multiples of 256, so that on sm_90 the
+// decode buckets run templates/moejit_stream.cuh (the default there; MOEJIT_PLAN_OVERRIDE=stream=1
+// keeps these cases on it should the rule change). The shapes above (H or I not a multiple of
+// 256) use the older family, as do most shapes of the random sweep.
 struct ForceStream {
   ForceStream() { setenv("MOEJIT_PLAN_OVERRIDE", "stream=1", 1); }
   ~ForceStream() { unsetenv("MOEJIT_PLAN_OVERRIDE"); }
