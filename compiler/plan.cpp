@@ -111,12 +111,20 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
   c = o;
 }
 
-// Stream stages: k_stage = 512 where it divides K, else 256; as many stages as fit in ~56 KiB
-// of shared memory (measured on an H200: more blocks with fewer stages each beat deeper rings;
-// bench/RESULTS.md). With ~100-128 registers per thread two 256-thread blocks share an SM.
+// Stream stages: gemm1 takes k_stage = 1024 where it divides K (4 group pairs per consumer warp
+// and stage: more independent work per wait; 2-5% faster than 512 on an H200, bench/RESULTS.md
+// section 9) in 2 stages; otherwise k_stage = 512 where it divides K, else 256, as many stages
+// as fit in ~56 KiB of shared memory (more blocks with fewer stages each beat deeper rings,
+// section 8). gemm2 stays at <= 512: at 1024 its two activation planes push it past 128
+// registers. With ~100-128 registers per thread two 256-thread blocks share an SM.
 StreamConfig pick_stream(int k, bool gemm1) {
   StreamConfig c;
   c.consumer_warps = 4;
+  if (gemm1 && k % 1024 == 0) {
+    c.k_stage = 1024;
+    c.stages = 2;
+    return c;
+  }
   c.k_stage = k % 512 == 0 ? 512 : 256;
   c.stages = std::clamp(56 * 1024 / stream_stage_bytes(c.k_stage, gemm1), 2, 8);
   return c;

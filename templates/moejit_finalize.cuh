@@ -14,18 +14,30 @@ template <class Cfg>
 __device__ void finalize_kernel(const FinalizeParams& p) {
   constexpr int H = Cfg::kHidden;
   constexpr int K = Cfg::kTopK;
-  pdl_wait();
   const int t = blockIdx.x;
   const int h = (blockIdx.y * Cfg::kThreads + threadIdx.x) * 8;
+  // The row map and the routing weights come from the routing kernels, which finished before the
+  // GEMM that launched this kernel early got past its own wait; only y needs the wait. (Launched
+  // by moejit::finalize after other work, this kernel starts when that work has completed.)
+  int rows[K];
+  float ws[K];
+  if (t < p.num_tokens && h < H)
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      rows[j] = p.expanded_to_permuted[t * K + j];
+      ws[j] = p.weights[t * K + j];
+    }
+  pdl_wait();
   if (t >= p.num_tokens || h >= H) return;
 
   float acc[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+#pragma unroll
   for (int j = 0; j < K; ++j) {
-    const int row = p.expanded_to_permuted[t * K + j];
+    const int row = rows[j];
     if (row < 0) continue;
-    const float w = p.weights[t * K + j];
+    const float w = ws[j];
     const float4* y = reinterpret_cast<const float4*>(static_cast<const float*>(p.y) +
                                                       static_cast<long long>(row) * H + h);
     const float4 a = y[0], b = y[1];

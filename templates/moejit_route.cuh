@@ -43,17 +43,17 @@ __device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr) {
       if (e < E) bias[i] = load_as_float<Cfg::kBiasBF16>(p.bias, e);
   }
 #pragma unroll
+  for (int i = 0; i < kPer; ++i)
+    score[i] = Cfg::kMethod == kDeepSeekV3 ? sigmoidf_(logit[i]) : logit[i];
+#pragma unroll
   for (int i = 0; i < kPer; ++i) {
     const int e = lane + 32 * i;
-    score[i] = 0.0f;
     key[i] = 0;
     if (e < E) {
-      if constexpr (Cfg::kMethod == kDeepSeekV3) {
-        score[i] = sigmoidf_(logit[i]) + bias[i];
-      } else {
-        score[i] = logit[i];
-      }
+      if constexpr (Cfg::kMethod == kDeepSeekV3) score[i] += bias[i];
       key[i] = rank_key(score[i]);
+    } else {
+      score[i] = 0.0f;
     }
   }
 
@@ -102,35 +102,37 @@ __device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr) {
     }
   }
 
-  // Top-k by repeated warp argmax; selected entries are cleared from the candidate keys.
+  // Top-k by repeated warp argmax; selected entries are cleared from the candidate keys. Each
+  // round: the lane's best key (lowest expert on ties, as i ascends), the warp's largest key
+  // (redux.sync), then the lowest expert holding it (a second redux): two instructions where a
+  // 64-bit butterfly took ten shuffles. Key 0 is never selectable; with none left, id = -1.
   int sel_id = -1;      // lane j < K keeps selection j
   float sel_logit = 0;  // its raw logit
-  float sel_score = 0;  // its selection score
 #pragma unroll 1
   for (int j = 0; j < K; ++j) {
-    unsigned long long best = 0;
+    uint32_t best_key = 0;
+    int best_e = 0;
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const unsigned long long k = key[i] ? rank_key_index(key[i], lane + 32 * i) : 0ull;
-      best = k > best ? k : best;
-    }
-    best = warp_max_u64(best);
-    const int id = index_of(best);
-    // The owner lane clears it; every lane learns the logit/score through a shuffle.
-    float l = 0.0f, s = 0.0f;
+    for (int i = 0; i < kPer; ++i)
+      if (key[i] > best_key) {
+        best_key = key[i];
+        best_e = lane + 32 * i;
+      }
+    const uint32_t top = __reduce_max_sync(kFullMask, best_key);
+    const int id = static_cast<int>(__reduce_min_sync(
+        kFullMask, top != 0 && best_key == top ? static_cast<uint32_t>(best_e) : 0xffffffffu));
+    // The owner lane clears it; every lane learns the logit through a shuffle.
+    float l = 0.0f;
 #pragma unroll
     for (int i = 0; i < kPer; ++i)
       if (lane + 32 * i == id) {
         key[i] = 0;
         l = logit[i];
-        s = score[i];
       }
     l = __shfl_sync(kFullMask, l, id & 31);
-    s = __shfl_sync(kFullMask, s, id & 31);
     if (lane == j) {
       sel_id = id;
       sel_logit = l;
-      sel_score = s;
     }
   }
   const bool mine = lane < K;
@@ -170,7 +172,6 @@ __device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr) {
     const float s = mine ? sigmoidf_(sel_logit) : 0.0f;
     weight = s / (warp_sum(s) + 1e-20f);
   }
-  (void)sel_score;
   if (mine) {
     p.topk_ids[t * K + lane] = sel_id;
     if (s_ids) s_ids[t * K + lane] = sel_id;
