@@ -143,11 +143,12 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           "  static constexpr int kConsumerWarps = {};\n"
           "  static constexpr int kProducerWarps = {};\n"
           "  static constexpr int kStageBytes = {};\n"
-          "  static constexpr unsigned kSuspendNs = {};\n",
+          "  static constexpr unsigned kSuspendNs = {};\n"
+          "  static constexpr bool kPackPlanes = {};\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
           s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
           bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
-          c.consumer_warps, c.producer_warps, stage_bytes, c.suspend_ns) +
+          c.consumer_warps, c.producer_warps, stage_bytes, c.suspend_ns, b(c.pack_planes)) +
       swiglu_cfg(s, g1);
   KernelSource src{k.name, "moejit_" + k.name,
                    unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(), 2),

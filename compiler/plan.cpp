@@ -112,21 +112,17 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
 }
 
 // Stream stages: gemm1 takes k_stage = 1024 where it divides K (4 group pairs per consumer warp
-// and stage: more independent work per wait; 2-5% faster than 512 on an H200, bench/RESULTS.md
-// section 9) in 2 stages; otherwise k_stage = 512 where it divides K, else 256, as many stages
-// as fit in ~56 KiB of shared memory (more blocks with fewer stages each beat deeper rings,
-// section 8). gemm2 stays at <= 512: at 1024 its two activation planes push it past 128
-// registers. With ~100-128 registers per thread two 256-thread blocks share an SM.
+// and stage: more independent work per wait), else 512 where it divides K, else 256; gemm2 at
+// most 512 (at 1024 its two activation planes push it past 128 registers). As many stages as
+// fit in 104 KiB of shared memory, so that two blocks share an SM (228 KiB). Measured on an
+// H200 (bench/RESULTS.md section 9): k_stage 1024 beat 512 by 2-5% for gemm1, and 3 + 4 stages
+// of 104 KiB beat 2 + 2 of ~70 / 52 KiB by 3-6% at 1-33 tokens. (Section 8's older finding,
+// fewer stages beat deeper rings, was made with 4-6 blocks per SM competing for the copies.)
 StreamConfig pick_stream(int k, bool gemm1) {
   StreamConfig c;
   c.consumer_warps = 4;
-  if (gemm1 && k % 1024 == 0) {
-    c.k_stage = 1024;
-    c.stages = 2;
-    return c;
-  }
-  c.k_stage = k % 512 == 0 ? 512 : 256;
-  c.stages = std::clamp(56 * 1024 / stream_stage_bytes(c.k_stage, gemm1), 2, 8);
+  c.k_stage = gemm1 && k % 1024 == 0 ? 1024 : k % 512 == 0 ? 512 : 256;
+  c.stages = std::clamp(104 * 1024 / stream_stage_bytes(c.k_stage, gemm1), 2, 8);
   return c;
 }
 
@@ -213,6 +209,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         static const std::regex sns("sns=([0-9]+)");
         if (std::smatch m; std::regex_search(o, m, sns))
           b.s1.suspend_ns = b.s2.suspend_ns = std::stoi(m[1]);
+        if (o.find("pack=0") != std::string::npos) b.s2.pack_planes = false;
       }
     }
     // Decode: the last gemm2 block of a token sums its rows, saving the finalize launch.
@@ -268,7 +265,7 @@ std::string describe(const Plan& plan) {
                                b.s1.consumer_warps, b.s1.producer_warps, b.s1.k_stage, b.s1.stages,
                                b.s1.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s1.suspend_ns), b.s2.consumer_warps,
                                b.s2.producer_warps, b.s2.k_stage, b.s2.stages,
-                               b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns))
+                               (b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns)) + (b.s2.pack_planes ? "" : " pack_planes=0"))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,

@@ -39,11 +39,13 @@ struct StreamConfig {
   // mbarrier try_wait suspend-time hint in ns (0: none). H200, kimi-k2: 2000 beat 10^7 by 3-7%
   // at 33-64 tokens and matched it at 1-8 (bench/RESULTS.md section 9).
   int suspend_ns = 2000;
+  // gemm2: tiles with <= 4 valid rows put the activation's hi and lo planes in one MMA.
+  bool pack_planes = true;
 
   int threads() const { return 32 * (consumer_warps + producer_warps); }
   bool operator==(const StreamConfig& o) const {
     return consumer_warps == o.consumer_warps && k_stage == o.k_stage && stages == o.stages &&
-           producer_warps == o.producer_warps && suspend_ns == o.suspend_ns;
+           producer_warps == o.producer_warps && suspend_ns == o.suspend_ns && pack_planes == o.pack_planes;
   }
 };
 

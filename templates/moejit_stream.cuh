@@ -36,7 +36,7 @@
 //
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
-// kHasAlpha, kHasBeta, kHasLimit, kSuspendNs.
+// kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -160,6 +160,10 @@ __device__ void stream_gemm(const GemmParams& p) {
   constexpr int kSlices = N / kUnitFeatures;
   constexpr int kStagesPerUnit = (K + KC - 1) / KC;
   constexpr bool kEven = K % KC == 0;  // every stage full: no bounds tests in the loops
+  // Gemm2 multiplies the same weights by the activation's hi and lo planes. The MMA's 8 columns
+  // are the tile's rows; with at most 4 valid rows a unit puts hi in columns 0-3 and lo in 4-7
+  // of one plane and adds the halves once in its epilogue: half the MMAs and x loads.
+  constexpr bool kPackable = !kGemm1 && Cfg::kPackPlanes;
   // Shared-memory rows, padded so that ldmatrix (8 rows x 16 bytes), the scale words and the
   // 16-byte x loads of a warp hit 32 different banks.
   // Weights: kKC / 256 chunks of 32 rows x 128 bytes, 16-byte unit c of row r stored at
@@ -332,12 +336,18 @@ __device__ void stream_gemm(const GemmParams& p) {
         const int c = pt + j * PT, r = (c / kSc) & 31, col = c % kSc;
         s_src[j] = scales + ((r < 16 ? row_lo : row_hi) + (r & 15)) * (K / 16) + col * 16;
       }
+      // Gemm2 with at most 4 valid rows (most decode tiles): x rows 0-3 of plane 0 take the hi
+      // plane, rows 4-7 the lo plane, and plane 1 stays unused (see kPackable).
+      const bool packed = kPackable && u.rows_valid <= 4;
 #pragma unroll
       for (int j = 0; j < kXj; ++j) {
-        const int qr = (pt + j * PT) / kXc, r = qr & 7;
+        const int qr = (pt + j * PT) / kXc;
+        const int r = packed ? qr & 3 : qr & 7;
+        const bool lo = packed ? (qr & 4) != 0 : qr >= 8;
         const int src = __shfl_sync(kFullMask, x_src, r);
-        const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(qr >= 8 ? p.x_lo : p.x);
-        x_src_p[j] = r < u.rows_valid ? x + static_cast<long long>(src) * K + x_col[j] * 8 : nullptr;
+        const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(lo ? p.x_lo : p.x);
+        const bool copy = r < u.rows_valid && (!packed || qr < 8);
+        x_src_p[j] = copy ? x + static_cast<long long>(src) * K + x_col[j] * 8 : nullptr;
       }
 #pragma unroll 1
       for (int ks = 0; ks < kStagesPerUnit; ++ks) {
@@ -418,104 +428,113 @@ __device__ void stream_gemm(const GemmParams& p) {
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[a][i] = 0.0f;
 
-#pragma unroll 1
-    for (int ks = 0; ks < kStagesPerUnit; ++ks) {
-      const uint32_t st = smem_base + slot * kStageBytes;
-      const int pairs = kEven ? KC / 64 : min(KC, K - ks * KC) / 64;
-      mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);
-#pragma unroll
-      for (int pi = 0; pi < kPairs; ++pi) {
-        if (!kEven && warp + pi * CW >= pairs) continue;
-        // Loads first: weights [group][matrix] (matrix m = A tile m / 2, rows +8 * (m % 2)),
-        // scales [A tile][half] (groups G low, G + 1 high), x [plane][group].
-        uint32_t wq[2][4];
-#pragma unroll
-        for (int gg = 0; gg < 2; ++gg) ldmatrix_x4(st + lm_off[pi][gg], wq[gg]);
-        uint32_t sw[2][2];
-#pragma unroll
-        for (int a = 0; a < 2; ++a)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            sw[a][h] = lds32(st + s_off + (a * 16 + h * 8) * kSRow + pi * CW * 4);
-        uint4 xv[kPlanes][2];
-#pragma unroll
-        for (int q = 0; q < kPlanes; ++q)
-#pragma unroll
-          for (int gg = 0; gg < 2; ++gg)
-            xv[q][gg] = lds128(st + x_off + q * 8 * kXRow + pi * CW * 128 + gg * 64);
-        // B registers [group][plane][k-step][b0/b1]: x_(8t + j) paired with x_(8t + j + 4).
-        uint32_t b[2][kPlanes][2][2];
-#pragma unroll
-        for (int gg = 0; gg < 2; ++gg)
-#pragma unroll
-          for (int q = 0; q < kPlanes; ++q) {
-            const uint4 v = xv[q][gg];
-            if constexpr (kGemm1) {
-              b[gg][q][0][0] = __byte_perm(v.x, v.z, 0x5410);
-              b[gg][q][0][1] = __byte_perm(v.x, v.z, 0x7632);
-              b[gg][q][1][0] = __byte_perm(v.y, v.w, 0x5410);
-              b[gg][q][1][1] = __byte_perm(v.y, v.w, 0x7632);
-            } else {
-              b[gg][q][0][0] = v.x;
-              b[gg][q][0][1] = v.y;
-              b[gg][q][1][0] = v.z;
-              b[gg][q][1][1] = v.w;
-            }
-          }
-        // -136 * sum_k x per row, per group (the chains of both groups interleave).
-        float corr[2][4];
-#pragma unroll
-        for (int gg = 0; gg < 2; ++gg)
-#pragma unroll
-          for (int i = 0; i < 4; ++i) corr[gg][i] = 0.0f;
-#pragma unroll
-        for (int s = 0; s < 2; ++s)
-#pragma unroll
-          for (int q = 0; q < kPlanes; ++q)
-#pragma unroll
-            for (int gg = 0; gg < 2; ++gg) mma16816(corr[gg], neg, b[gg][q][s][0], b[gg][q][s][1]);
-        // Four independent chains (group x A tile), each starting from its group's correction.
-        float part[2][2][4];
-#pragma unroll
-        for (int gg = 0; gg < 2; ++gg)
-#pragma unroll
+    // The unit's stages; nq = activation planes multiplied per stage (1 for gemm1 and packed
+    // gemm2 units, 2 otherwise). Called with constants: once inlined, the tests on nq fold away.
+    auto run_stages = [&](const int nq) {
+  #pragma unroll 1
+      for (int ks = 0; ks < kStagesPerUnit; ++ks) {
+        const uint32_t st = smem_base + slot * kStageBytes;
+        const int pairs = kEven ? KC / 64 : min(KC, K - ks * KC) / 64;
+        mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);
+  #pragma unroll
+        for (int pi = 0; pi < kPairs; ++pi) {
+          if (!kEven && warp + pi * CW >= pairs) continue;
+          // Loads first: weights [group][matrix] (matrix m = A tile m / 2, rows +8 * (m % 2)),
+          // scales [A tile][half] (groups G low, G + 1 high), x [plane][group].
+          uint32_t wq[2][4];
+  #pragma unroll
+          for (int gg = 0; gg < 2; ++gg) ldmatrix_x4(st + lm_off[pi][gg], wq[gg]);
+          uint32_t sw[2][2];
+  #pragma unroll
           for (int a = 0; a < 2; ++a)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) part[gg][a][i] = corr[gg][i];
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-          const int sh = 8 * s;  // k-step s: nibble pairs (2s, 2s+4) and (2s+1, 2s+5)
-#pragma unroll
+  #pragma unroll
+            for (int h = 0; h < 2; ++h)
+              sw[a][h] = lds32(st + s_off + (a * 16 + h * 8) * kSRow + pi * CW * 4);
+          uint4 xv[kPlanes][2];
+  #pragma unroll
+          for (int q = 0; q < nq; ++q)
+  #pragma unroll
+            for (int gg = 0; gg < 2; ++gg)
+              xv[q][gg] = lds128(st + x_off + q * 8 * kXRow + pi * CW * 128 + gg * 64);
+          // B registers [group][plane][k-step][b0/b1]: x_(8t + j) paired with x_(8t + j + 4).
+          uint32_t b[2][kPlanes][2][2];
+  #pragma unroll
           for (int gg = 0; gg < 2; ++gg)
-#pragma unroll
+  #pragma unroll
+            for (int q = 0; q < nq; ++q) {
+              const uint4 v = xv[q][gg];
+              if constexpr (kGemm1) {
+                b[gg][q][0][0] = __byte_perm(v.x, v.z, 0x5410);
+                b[gg][q][0][1] = __byte_perm(v.x, v.z, 0x7632);
+                b[gg][q][1][0] = __byte_perm(v.y, v.w, 0x5410);
+                b[gg][q][1][1] = __byte_perm(v.y, v.w, 0x7632);
+              } else {
+                b[gg][q][0][0] = v.x;
+                b[gg][q][0][1] = v.y;
+                b[gg][q][1][0] = v.z;
+                b[gg][q][1][1] = v.w;
+              }
+            }
+          // -136 * sum_k x per row, per group (the chains of both groups interleave).
+          float corr[2][4];
+  #pragma unroll
+          for (int gg = 0; gg < 2; ++gg)
+  #pragma unroll
+            for (int i = 0; i < 4; ++i) corr[gg][i] = 0.0f;
+  #pragma unroll
+          for (int s = 0; s < 2; ++s)
+  #pragma unroll
+            for (int q = 0; q < nq; ++q)
+  #pragma unroll
+              for (int gg = 0; gg < 2; ++gg) mma16816(corr[gg], neg, b[gg][q][s][0], b[gg][q][s][1]);
+          // Four independent chains (group x A tile), each starting from its group's correction.
+          float part[2][2][4];
+  #pragma unroll
+          for (int gg = 0; gg < 2; ++gg)
+  #pragma unroll
+            for (int a = 0; a < 2; ++a)
+  #pragma unroll
+              for (int i = 0; i < 4; ++i) part[gg][a][i] = corr[gg][i];
+  #pragma unroll
+          for (int s = 0; s < 2; ++s) {
+            const int sh = 8 * s;  // k-step s: nibble pairs (2s, 2s+4) and (2s+1, 2s+5)
+  #pragma unroll
+            for (int gg = 0; gg < 2; ++gg)
+  #pragma unroll
+              for (int a = 0; a < 2; ++a) {
+                const uint32_t w0 = wq[gg][2 * a], w1 = wq[gg][2 * a + 1];  // rows g, g + 8
+                const uint32_t af[4] = {nib_pair(w0 >> sh), nib_pair(w1 >> sh),
+                                        nib_pair(w0 >> (sh + 4)), nib_pair(w1 >> (sh + 4))};
+  #pragma unroll
+                for (int q = 0; q < nq; ++q)
+                  mma16816(part[gg][a], af, b[gg][q][s][0], b[gg][q][s][1]);
+              }
+          }
+  #pragma unroll
+          for (int gg = 0; gg < 2; ++gg)
+  #pragma unroll
             for (int a = 0; a < 2; ++a) {
-              const uint32_t w0 = wq[gg][2 * a], w1 = wq[gg][2 * a + 1];  // rows g, g + 8
-              const uint32_t af[4] = {nib_pair(w0 >> sh), nib_pair(w1 >> sh),
-                                      nib_pair(w0 >> (sh + 4)), nib_pair(w1 >> (sh + 4))};
-#pragma unroll
-              for (int q = 0; q < kPlanes; ++q)
-                mma16816(part[gg][a], af, b[gg][q][s][0], b[gg][q][s][1]);
+              const float s_g = __uint_as_float(gg ? (sw[a][0] & 0xffff0000u) : (sw[a][0] << 16));
+              const float s_g8 = __uint_as_float(gg ? (sw[a][1] & 0xffff0000u) : (sw[a][1] << 16));
+              acc[a][0] = fmaf(s_g, part[gg][a][0], acc[a][0]);
+              acc[a][1] = fmaf(s_g, part[gg][a][1], acc[a][1]);
+              acc[a][2] = fmaf(s_g8, part[gg][a][2], acc[a][2]);
+              acc[a][3] = fmaf(s_g8, part[gg][a][3], acc[a][3]);
             }
         }
-#pragma unroll
-        for (int gg = 0; gg < 2; ++gg)
-#pragma unroll
-          for (int a = 0; a < 2; ++a) {
-            const float s_g = __uint_as_float(gg ? (sw[a][0] & 0xffff0000u) : (sw[a][0] << 16));
-            const float s_g8 = __uint_as_float(gg ? (sw[a][1] & 0xffff0000u) : (sw[a][1] << 16));
-            acc[a][0] = fmaf(s_g, part[gg][a][0], acc[a][0]);
-            acc[a][1] = fmaf(s_g, part[gg][a][1], acc[a][1]);
-            acc[a][2] = fmaf(s_g8, part[gg][a][2], acc[a][2]);
-            acc[a][3] = fmaf(s_g8, part[gg][a][3], acc[a][3]);
-          }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(&empty_bar[slot]);
+        if (++slot == NS) {
+          slot = 0;
+          parity ^= 1;
+        }
       }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&empty_bar[slot]);
-      if (++slot == NS) {
-        slot = 0;
-        parity ^= 1;
-      }
-    }
+    };
+    const bool packed = kPackable && u.rows_valid <= 4;
+    if (packed)
+      run_stages(1);
+    else
+      run_stages(kPlanes);
 
     // Sum the consumer warps in a fixed order. The second barrier keeps the next unit's writes
     // out of the buffer until warp 0 has read it.
@@ -536,7 +555,13 @@ __device__ void stream_gemm(const GemmParams& p) {
     }
 
     // Epilogue (consumer warp 0). Accumulator i: feature +g + 8 * (i / 2), row 2t + (i % 2).
+    // A packed unit's lo-plane sums sit in columns 4-7, two threads over (t ^ 2): add them in.
     if (warp == 0) {
+      if (packed)
+#pragma unroll
+        for (int a = 0; a < 2; ++a)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[a][i] += __shfl_xor_sync(kFullMask, acc[a][i], 2);
       if constexpr (kGemm1) {
         __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
         __nv_bfloat16* out_lo = static_cast<__nv_bfloat16*>(p.x_lo);

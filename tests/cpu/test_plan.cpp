@@ -137,11 +137,11 @@ TEST(PlanGemm, KimiK2Configs) {
   EXPECT_EQ(plan.buckets[0].gemm1, (GemmConfig{1, 4, 32, true, true}));
   EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{4, 2, 32, true, true}));
   // On sm_90a (the default target) the decode buckets run the stream family instead: gate/up
-  // staged 1024 at a time in 2 stages, down 512 at a time in as many stages as fit in 56 KiB
-  // (2 of 26624 B), 4 consumer and 4 producer warps; the finalize stays its own kernel.
+  // staged 1024 at a time, down 512, as many stages as fit in 104 KiB (3 of 35328 B, 4 of
+  // 26624 B), 4 consumer and 4 producer warps; the finalize stays its own kernel.
   EXPECT_TRUE(plan.buckets[0].stream);
-  EXPECT_EQ(plan.buckets[0].s1, (StreamConfig{4, 1024, 2, 4}));
-  EXPECT_EQ(plan.buckets[0].s2, (StreamConfig{4, 512, 2, 4}));
+  EXPECT_EQ(plan.buckets[0].s1, (StreamConfig{4, 1024, 3, 4}));
+  EXPECT_EQ(plan.buckets[0].s2, (StreamConfig{4, 512, 4, 4}));
   EXPECT_FALSE(plan.buckets[0].fused_finalize);
   EXPECT_TRUE(plan.buckets[1].stream);
   EXPECT_FALSE(plan.buckets[2].stream);
@@ -289,8 +289,8 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
   const std::string text = describe(make_plan(preset("kimi-k2"), 16));
   EXPECT_EQ(text,
             "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=0 stream1(consumer_warps=4 "
-            "producer_warps=4 k_stage=1024 stages=2) stream2(consumer_warps=4 producer_warps=4 "
-            "k_stage=512 stages=2) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
+            "producer_warps=4 k_stage=1024 stages=3) stream2(consumer_warps=4 producer_warps=4 "
+            "k_stage=512 stages=4) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
             "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1)\n"
             "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
@@ -336,10 +336,10 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   EXPECT_EQ(w.buckets.back().tile_rows, 8);
   EXPECT_FALSE(w.buckets.back().stream);
   EXPECT_TRUE(w.buckets[0].stream);
-  // qwen3's K = I = 768 is not a multiple of 512: 256 per stage, 4 stages in 56 KiB.
+  // qwen3's K = I = 768 is not a multiple of 512: 256 per stage, 7 stages in 104 KiB.
   const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
   EXPECT_TRUE(q.buckets[0].stream);
-  EXPECT_EQ(q.buckets[0].s2, (StreamConfig{4, 256, 4, 4}));
+  EXPECT_EQ(q.buckets[0].s2, (StreamConfig{4, 256, 7, 4}));
   EXPECT_FALSE(q.buckets[0].fused_finalize);
 }
 
