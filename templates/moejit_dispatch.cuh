@@ -25,7 +25,8 @@ __device__ void dispatch_block(const DispatchParams& p, const int* ids) {
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int slots = p.num_tokens * Cfg::kTopK;
-  const int tile = p.tile;
+  const int tile = p.tile;  // 8, 16, 32 or 64 rows: a power of two
+  auto padded = [&](int rows) { return (rows + tile - 1) & -tile; };  // no integer division
 
   auto local_of = [&](int slot) {
     const int l = ids[slot] - Cfg::kLocalOffset;
@@ -48,7 +49,7 @@ __device__ void dispatch_block(const DispatchParams& p, const int* ids) {
     constexpr int kRun = (L + 31) / 32;
     const int first = lane * kRun;
     int run = 0;
-    for (int l = first; l < first + kRun && l < L; ++l) run += (s_count[l] + tile - 1) / tile * tile;
+    for (int l = first; l < first + kRun && l < L; ++l) run += padded(s_count[l]);
     int incl = run;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
@@ -58,7 +59,7 @@ __device__ void dispatch_block(const DispatchParams& p, const int* ids) {
     int off = incl - run;
     for (int l = first; l < first + kRun && l < L; ++l) {
       s_offset[l] = off;
-      off += (s_count[l] + tile - 1) / tile * tile;
+      off += padded(s_count[l]);
     }
     if (lane == 31) s_offset[L] = incl;
   }
