@@ -96,8 +96,8 @@ const std::vector<std::pair<int, int>>& bucket_ranges();
 
 // Picks the tile and GEMM shapes for each bucket; max_tokens > 0 drops buckets above it.
 // Decode buckets (8-row tiles, at most 64 tokens) use the stream family on sm_90 when H and I
-// are multiples of 256 and an expert holds >= 16 MiB of weights. MOEJIT_PLAN_OVERRIDE (a tuning switch, e.g. "g1=1x8x64,g2=2x4x64,mb1=5" or
-// "s1=4x512x5x4,s2=4x512x4", or "stream=0") replaces the GEMM shapes of the decode buckets:
+// are multiples of 256. MOEJIT_PLAN_OVERRIDE (a tuning switch, e.g. "g1=1x8x64,g2=2x4x64,mb1=5" or
+// "s1=4x512x5x4,s2=4x512x4", "sns=0", "pack=0", or "stream=0") replaces the GEMM shapes of the decode buckets:
 // gN = warps_n x warps_k x k_chunk_groups, mbN = minimum blocks per SM, sN = consumer warps x
 // k_stage x stages [x producer warps], at most 8 warps; stream=0 selects the older family, stream=1 the stream
 // family wherever it is eligible; ff=0 turns off the older family's fused finalize.

@@ -1,4 +1,4 @@
-// Decode grouped MXINT4 GEMM for sm_90+: persistent, warp-specialised, weights streamed by TMA.
+// Decode grouped MXINT4 GEMM for sm_90: persistent, warp-specialised, weights streamed by cp.async.
 //
 //   out[r, f] = epilogue( sum_k x[r, k] * v[f, k] * scale[f, k / 32] )   (8-row tiles)
 //

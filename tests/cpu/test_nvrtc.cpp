@@ -114,9 +114,10 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcPreset,
 
 // ---- the stream family forced on every preset -------------------------------------------------
 
-// MOEJIT_PLAN_OVERRIDE=stream=1: the decode buckets of every preset use the stream GEMMs (by
-// default only experts of >= 16 MiB do), so each preset's stage shapes (k_stage 256 or 512)
-// compile to sm_90a CUBIN without spills, with the rest of the plan.
+// MOEJIT_PLAN_OVERRIDE=stream=1: the decode buckets of every preset use the stream GEMMs (the
+// default wherever H and I are multiples of 256; forced, so that a later rule change keeps this
+// covered), so each preset's stage shapes (k_stage 256, 512 or 1024) compile to sm_90a CUBIN
+// without spills, with the rest of the plan.
 class NvrtcStreamForced : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(NvrtcStreamForced, EveryBucketCompilesWithoutSpills) {

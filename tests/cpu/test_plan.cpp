@@ -358,6 +358,13 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.suspend_ns, 0);
   }
   EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.suspend_ns, 2000);
+  EXPECT_TRUE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s2.pack_planes);
+  {
+    const ScopedOverride unpacked("pack=0");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_FALSE(p.buckets[0].s2.pack_planes);
+    EXPECT_NE(describe(p).find("pack_planes=0"), std::string::npos);
+  }
   {
     const ScopedOverride shapes("s1=4x1024x2x2,s2=4x256x6");
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
