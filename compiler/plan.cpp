@@ -207,8 +207,13 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         apply_stream_override(o, "s1", spec.hidden, true, b.s1);
         apply_stream_override(o, "s2", spec.intermediate, false, b.s2);
         static const std::regex sns("sns=([0-9]+)");
-        if (std::smatch m; std::regex_search(o, m, sns))
+        if (std::smatch m; std::regex_search(o, m, sns)) {
+          if (m[1].length() > 9)  // the hint is a 32-bit count of ns; 10^9 = one second
+            throw Error(ErrorKind::InvalidArgument,
+                        fmt::format("MOEJIT_PLAN_OVERRIDE: sns={} is above 999999999 ns",
+                                    m[1].str()));
           b.s1.suspend_ns = b.s2.suspend_ns = std::stoi(m[1]);
+        }
         if (o.find("pack=0") != std::string::npos) b.s2.pack_planes = false;
       }
     }

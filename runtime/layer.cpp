@@ -282,16 +282,21 @@ class LayerImpl {
                               fused ? counters : nullptr, e2p, weights,
                               fused ? outs.final_out : nullptr};
     launch_gemm(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), feature_blocks, &g2, stream);
-    if (outs.final_out && !fused) run_finalize(y, weights, e2p, outs.final_out, T, stream);
+    if (outs.final_out && !fused)
+      run_finalize(y, weights, e2p, outs.final_out, T, stream, /*after_gemm2=*/true);
   }
 
+  // after_gemm2: launched right behind this layer's gemm2, with PDL (the kernel reads the row
+  // map and routing weights before its wait, which the layer's kernel order makes safe). From
+  // moejit::finalize the predecessor is arbitrary work, so the launch is a plain one: the
+  // kernel then starts only after that work has completed.
   void run_finalize(const void* y, const float* weights, const int32_t* e2p, void* out, int T,
-                    Stream stream) const {
+                    Stream stream, bool after_gemm2) const {
     if (T == 0) return;
     moejit_dev::FinalizeParams fp{y, weights, e2p, out, T};
     const int per_block = compiler::kFinalizeThreads * 8;
     launch(finalize_, static_cast<unsigned>(T), (plan_.spec.hidden + per_block - 1) / per_block,
-           &fp, stream);
+           &fp, stream, after_gemm2);
   }
 
   int launches(int T) const {
@@ -317,11 +322,12 @@ class LayerImpl {
   }
 
   template <class P>
-  void launch(size_t k, unsigned gx, unsigned gy, P* params, Stream stream) const {
+  void launch(size_t k, unsigned gx, unsigned gy, P* params, Stream stream,
+              bool allow_pdl = true) const {
     void* args[] = {params};
     const unsigned smem = static_cast<unsigned>(kernels_[k].dynamic_smem);
     const runtime::Driver& d = runtime::driver();
-    if (pdl_ && k != route_ && k != route_dispatch_) {
+    if (pdl_ && allow_pdl && k != route_ && k != route_dispatch_) {
       CUlaunchAttribute attr{};
       attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
       attr.value.programmaticStreamSerializationAllowed = 1;
@@ -436,7 +442,7 @@ void finalize(const UnfinalizedLayer& layer, const UnfinalizedOutput& in, int nu
     throw Error(ErrorKind::InvalidArgument,
                 "finalize needs gemm2_out, expert_weights, expanded_to_permuted and output");
   layer.impl_->run_finalize(in.gemm2_out, in.expert_weights, in.expanded_to_permuted, out.output,
-                            num_tokens, stream);
+                            num_tokens, stream, /*after_gemm2=*/false);
 }
 
 namespace {

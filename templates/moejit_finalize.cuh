@@ -17,8 +17,9 @@ __device__ void finalize_kernel(const FinalizeParams& p) {
   const int t = blockIdx.x;
   const int h = (blockIdx.y * Cfg::kThreads + threadIdx.x) * 8;
   // The row map and the routing weights come from the routing kernels, which finished before the
-  // GEMM that launched this kernel early got past its own wait; only y needs the wait. (Launched
-  // by moejit::finalize after other work, this kernel starts when that work has completed.)
+  // GEMM that launched this kernel early got past its own wait; only y needs the wait. (From
+  // moejit::finalize the launch carries no PDL attribute: the kernel starts after the work
+  // before it has completed, and the wait is a no-op.)
   int rows[K];
   float ws[K];
   if (t < p.num_tokens && h < H)

@@ -360,6 +360,10 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
   EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.suspend_ns, 2000);
   EXPECT_TRUE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s2.pack_planes);
   {
+    const ScopedOverride huge("sns=99999999999");
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
+  }
+  {
     const ScopedOverride unpacked("pack=0");
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
     EXPECT_FALSE(p.buckets[0].s2.pack_planes);
