@@ -122,6 +122,8 @@ TEST(PlanGemm, ConfigsObeyTheKernelContract) {
   for (const MoeSpec& spec : specs_under_test()) {
     for (const Bucket& b : make_plan(spec).buckets) {
       EXPECT_EQ(b.tile_rows % 8, 0);
+      // The dispatch pads row counts with a mask: tile rows must be a power of two.
+      EXPECT_EQ(b.tile_rows & (b.tile_rows - 1), 0) << b.tile_rows;
       expect_valid_gemm(b.gemm1, spec.intermediate, spec.hidden, b.tile_rows);
       expect_valid_gemm(b.gemm2, spec.hidden, spec.intermediate, b.tile_rows);
     }
