@@ -876,20 +876,29 @@ TEST(Differential, SmallExpertParallelGroupedDeepSeek) {
   run_cases({grouped_deepseek_ep_case("small-ep", small_spec())});
 }
 
-TEST(Differential, SmallPrecomputedInvalidIdsAndNonFinite) {
-  MOEJIT_REQUIRE_GPU();
-  MoeSpec s = small_spec();
+// Precomputed routing (up/gate order) with invalid ids and NaN/Inf hidden states, and bf16 logits
+// with NaN/Inf, on `base`; names "<prefix>-precomputed" and "<prefix>-nonfinite".
+std::vector<Case> special_input_cases(const std::string& prefix, const MoeSpec& base) {
+  MoeSpec s = base;
   s.routing = RoutingMethod::Precomputed;
   s.gate_up_order = GateUpOrder::UpGate;
-  Case a = small_case("small-precomputed", s, 10);
+  Case a = small_case(prefix + "-precomputed", s, 10);
   a.inputs.invalid_ids = true;
   a.inputs.nonfinite_hidden = true;
+  MoeSpec t = base;
+  t.logits_dtype = DType::BF16;
+  Case b = small_case(prefix + "-nonfinite", t, 9);
+  b.inputs.nonfinite_logits = true;
+  return {a, b};
+}
+
+TEST(Differential, SmallPrecomputedInvalidIdsAndNonFinite) {
+  MOEJIT_REQUIRE_GPU();
+  std::vector<Case> cases = special_input_cases("small", small_spec());
   MoeSpec t = small_spec();
   t.logits_dtype = DType::BF16;
-  Case b = small_case("small-nonfinite", t, 9);
-  b.inputs.nonfinite_logits = true;
-  Case z = small_case("small-zero", t, 0);
-  run_cases({a, b, z});
+  cases.push_back(small_case("small-zero", t, 0));
+  run_cases(cases);
 }
 
 // The same kinds of cases on shapes whose H and I are multiples of 256, so that on sm_90 the
@@ -931,22 +940,15 @@ TEST(Differential, SmallStreamExpertParallelGroupedDeepSeek) {
 TEST(Differential, SmallStreamSpecialInputs) {
   MOEJIT_REQUIRE_GPU();
   ForceStream force;
-  MoeSpec s = small_stream_spec();
-  s.routing = RoutingMethod::Precomputed;
-  s.gate_up_order = GateUpOrder::UpGate;
-  Case a = small_case("small-stream-precomputed", s, 10);
-  a.inputs.invalid_ids = true;
-  a.inputs.nonfinite_hidden = true;
-  MoeSpec t = small_stream_spec();
-  t.logits_dtype = DType::BF16;
-  Case b = small_case("small-stream-nonfinite", t, 9);
-  b.inputs.nonfinite_logits = true;
+  std::vector<Case> cases = special_input_cases("small-stream", small_stream_spec());
   Case f = small_case("small-stream-forced", small_stream_spec(), 64);
   f.inputs.force_expert = 5;  // one expert gets every token: 8 full row tiles
   Case e = small_case("small-stream-empty-ties", small_stream_spec(), 40);
   e.inputs.empty_experts = {0, 7, 15};
   e.inputs.ties = true;
-  run_cases({a, b, f, e});
+  cases.push_back(f);
+  cases.push_back(e);
+  run_cases(cases);
 }
 
 // The shapes of the upstream MXINT4 regression test (FlashInfer's): m in {1, 33}, H 512,
