@@ -129,7 +129,7 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
   const Bucket& bk = plan.buckets.at(k.bucket);
   const bool g1 = k.role == KernelRole::Gemm1;
   const StreamConfig& c = g1 ? bk.s1 : bk.s2;
-  const int stage_bytes = stream_stage_bytes(c.k_stage, g1);
+  const int stage_bytes = stream_stage_bytes(c.k_stage, g1, c.unit_rows);
   const std::string cfg =
       fmt::format(
           "  static constexpr bool kGemm1 = {};\n"
@@ -144,11 +144,14 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           "  static constexpr int kProducerWarps = {};\n"
           "  static constexpr int kStageBytes = {};\n"
           "  static constexpr unsigned kSuspendNs = {};\n"
-          "  static constexpr bool kPackPlanes = {};\n",
+          "  static constexpr bool kPackPlanes = {};\n"
+          "  static constexpr int kUnitRows = {};  // weight rows per work unit\n"
+          "  static constexpr bool kSmallUnits = {};  // also 16-row units (GemmParams::small_units)\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
           s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
           bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
-          c.consumer_warps, c.producer_warps, stage_bytes, c.suspend_ns, b(c.pack_planes)) +
+          c.consumer_warps, c.producer_warps, stage_bytes, c.suspend_ns, b(c.pack_planes),
+          c.unit_rows, b(c.small_units)) +
       swiglu_cfg(s, g1);
   KernelSource src{k.name, "moejit_" + k.name,
                    unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(), 2),

@@ -118,12 +118,20 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
 // H200 (bench/RESULTS.md section 9): k_stage 1024 beat 512 by 2-5% for gemm1, and 3 + 4 stages
 // of 104 KiB beat 2 + 2 of ~70 / 52 KiB by 3-6% at 1-33 tokens. (Section 8's older finding,
 // fewer stages beat deeper rings, was made with 4-6 blocks per SM competing for the copies.)
-StreamConfig pick_stream(int k, bool gemm1) {
+StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 32) {
   StreamConfig c;
   c.consumer_warps = 4;
+  c.unit_rows = unit_rows;
   c.k_stage = gemm1 && k % 1024 == 0 ? 1024 : k % 512 == 0 ? 512 : 256;
-  c.stages = std::clamp(104 * 1024 / stream_stage_bytes(c.k_stage, gemm1), 2, 8);
+  c.stages = std::clamp(104 * 1024 / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows), 2, 8);
   return c;
+}
+
+// gemm1 units of 16 or 32 weight rows; the stages are picked again for the new stage size.
+void set_unit_rows(StreamConfig& c, int rows, int k) {
+  c.unit_rows = rows;
+  c.small_units = false;
+  c.stages = pick_stream(k, true, rows).stages;
 }
 
 void apply_stream_override(const std::string& text, const char* which, int k, bool gemm1,
@@ -143,7 +151,7 @@ void apply_stream_override(const std::string& text, const char* which, int k, bo
                   o.k_stage >= 256 &&
                   o.k_stage % 256 == 0 && (o.k_stage / 64) % o.consumer_warps == 0 &&
                   o.k_stage <= std::max(k, 256) && o.stages >= 2 &&
-                  o.stages * stream_stage_bytes(o.k_stage, gemm1) <= 200 * 1024;
+                  o.stages * stream_stage_bytes(o.k_stage, gemm1, o.unit_rows) <= 200 * 1024;
   if (!ok)
     throw Error(ErrorKind::InvalidArgument,
                 fmt::format("MOEJIT_PLAN_OVERRIDE: {}={}x{}x{}x{} breaks a stream GEMM rule "
@@ -157,9 +165,9 @@ bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm
 
 }  // namespace
 
-int stream_stage_bytes(int k_stage, bool gemm1) {
+int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows) {
   const int planes = gemm1 ? 1 : 2;
-  return k_stage / 256 * 32 * 128 + 32 * (k_stage / 16) + planes * 8 * (k_stage * 2 + 64);
+  return k_stage / 256 * unit_rows * 128 + unit_rows * (k_stage / 16) + planes * 8 * (k_stage * 2 + 64);
 }
 
 std::string plan_override() {
@@ -197,6 +205,13 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     if (stream_ok) {
       b.s1 = pick_stream(spec.hidden, true);
       b.s2 = pick_stream(spec.intermediate, false);
+      // Layers where one token's gemm1 has at most 256 units of 16 rows (top_k * I / 8; the
+      // persistent grid of a 132-SM card has 264 blocks) also get the 16-row path, which the
+      // host takes while the 16-row units still fit in the grid (kimi-k2-tp8: one token).
+      // Measured on an H200 (bench/RESULTS.md section 10): kimi-k2-tp8 at one token 30.3 ->
+      // 27.5 us; at two tokens (512 units of 16 rows) 16-row units were slower (41.1 vs 38.8),
+      // and so were kimi-k2-tp4 at one token (37.8 vs 35.6) and every larger count.
+      b.s1.small_units = lo == 1 && static_cast<long long>(spec.top_k) * (spec.intermediate / 8) <= 256;
     }
     if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
       apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);
@@ -204,6 +219,14 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       if (o.find("stream=0") != std::string::npos) b.stream = false;
       if (o.find("stream=1") != std::string::npos) b.stream = stream_ok;
       if (b.stream) {
+        static const std::regex u1("u1=([0-9]+)");
+        if (std::smatch m; std::regex_search(o, m, u1)) {
+          if (m[1] != "16" && m[1] != "32")
+            throw Error(ErrorKind::InvalidArgument,
+                        fmt::format("MOEJIT_PLAN_OVERRIDE: u1={} (gemm1 unit rows) must be 16 or 32",
+                                    m[1].str()));
+          set_unit_rows(b.s1, std::stoi(m[1]), spec.hidden);
+        }
         apply_stream_override(o, "s1", spec.hidden, true, b.s1);
         apply_stream_override(o, "s2", spec.intermediate, false, b.s2);
         static const std::regex sns("sns=([0-9]+)");
@@ -268,7 +291,10 @@ std::string describe(const Plan& plan) {
         b.stream ? fmt::format(" stream1(consumer_warps={} producer_warps={} k_stage={} stages={}{}) "
                                "stream2(consumer_warps={} producer_warps={} k_stage={} stages={}{})",
                                b.s1.consumer_warps, b.s1.producer_warps, b.s1.k_stage, b.s1.stages,
-                               b.s1.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s1.suspend_ns), b.s2.consumer_warps,
+                               (b.s1.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s1.suspend_ns)) +
+                                   (b.s1.unit_rows == 32 ? "" : fmt::format(" unit_rows={}", b.s1.unit_rows)) +
+                                   (b.s1.small_units ? " small_units=1" : ""),
+                               b.s2.consumer_warps,
                                b.s2.producer_warps, b.s2.k_stage, b.s2.stages,
                                (b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns)) + (b.s2.pack_planes ? "" : " pack_planes=0"))
                  : std::string(),

@@ -41,17 +41,23 @@ struct StreamConfig {
   int suspend_ns = 2000;
   // gemm2: tiles with <= 4 valid rows put the activation's hi and lo planes in one MMA.
   bool pack_planes = true;
+  // Weight rows per work unit: 32, or 16 for gemm1 (8 SwiGLU features: twice the units).
+  int unit_rows = 32;
+  // gemm1 with 32-row units also compiles the 16-row path; the host takes it for token counts
+  // whose 32-row units would not fill the grid (see Plan::small_units).
+  bool small_units = false;
 
   int threads() const { return 32 * (consumer_warps + producer_warps); }
   bool operator==(const StreamConfig& o) const {
     return consumer_warps == o.consumer_warps && k_stage == o.k_stage && stages == o.stages &&
-           producer_warps == o.producer_warps && suspend_ns == o.suspend_ns && pack_planes == o.pack_planes;
+           producer_warps == o.producer_warps && suspend_ns == o.suspend_ns && pack_planes == o.pack_planes &&
+           unit_rows == o.unit_rows && small_units == o.small_units;
   }
 };
 
 // Shared-memory bytes of one stream stage (must equal kStageBytes in moejit_stream.cuh; the
 // generated code static_asserts it).
-int stream_stage_bytes(int k_stage, bool gemm1);
+int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32);
 
 struct Bucket {
   int min_tokens = 1;

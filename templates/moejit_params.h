@@ -78,6 +78,9 @@ struct GemmParams {
   const int32_t* expanded_to_permuted;
   const float* weights;
   void* final_out;                 // [T, H] bf16
+  // Stream gemm1 compiled with both unit sizes (Cfg::kSmallUnits): nonzero = 16-row units (the
+  // host sets it when 32-row units would not fill the grid).
+  int32_t small_units;
 };
 
 // Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.

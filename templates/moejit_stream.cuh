@@ -3,12 +3,13 @@
 //   out[r, f] = epilogue( sum_k x[r, k] * v[f, k] * scale[f, k / 32] )   (8-row tiles)
 //
 // Work unit = (row tile, feature slice): gemm1 16 SwiGLU features (32 weight rows: 16 gate,
-// 16 up), gemm2 32 output features (32 weight rows). Units are numbered tile-fastest, so the
-// tiles of one expert stream the same weights at about the same time (L2 reuse), and a block
-// takes units blockIdx.x, blockIdx.x + gridDim.x, ... (grid = what fits on the card).
+// 16 up; or 8 features in 16 rows, see kRows), gemm2 32 output features (32 weight rows).
+// Units are numbered tile-fastest, so the tiles of one expert stream the same weights at about
+// the same time (L2 reuse), and a block takes units blockIdx.x, blockIdx.x + gridDim.x, ...
+// (grid = what fits on the card).
 //
 // Per block: kProducerWarps producer warps and kConsumerWarps consumer warps around a ring of kStages
-// shared-memory stages. A stage holds kKC values of K for the unit's 32 weight rows (int4), as
+// shared-memory stages. A stage holds kKC values of K for the unit's weight rows (int4), as
 // kKC / 256 chunks of 32 rows x 128 bytes with 16-byte units XOR-swizzled by row, their scales,
 // and the tile's valid x rows (bf16; gemm2: hi and lo planes). The producer warp fills a stage
 // with 16-byte cp.async and each lane's
@@ -36,7 +37,7 @@
 //
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
-// kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes.
+// kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kSmallUnits.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -145,8 +146,9 @@ __host__ __device__ constexpr int act_pos(int f) { return (f & ~7) | ((f & 3) <<
 
 }  // namespace stream
 
-template <class Cfg>
-__device__ void stream_gemm(const GemmParams& p) {
+// kRows: weight rows per unit (Cfg::kUnitRows, or 16 on gemm1's small-unit path).
+template <class Cfg, int kRows>
+__device__ void stream_gemm_rows(const GemmParams& p) {
   using namespace stream;
   constexpr bool kGemm1 = Cfg::kGemm1;
   constexpr int N = Cfg::kN;
@@ -156,7 +158,14 @@ __device__ void stream_gemm(const GemmParams& p) {
   constexpr int NS = Cfg::kStages;
   constexpr int CW = Cfg::kConsumerWarps;
   constexpr int kPlanes = kGemm1 ? 1 : 2;
-  constexpr int kUnitFeatures = kGemm1 ? 16 : 32;
+  // Weight rows per unit: 32 (two 16-row A tiles: gemm1 16 gate + 16 up rows, gemm2 32 output
+  // features), or for gemm1 16 (one A tile, rows 0-7 gate and 8-15 up of 8 features): twice the
+  // units, for layers whose 32-row units would leave blocks idle (kimi-k2-tp8 at one token:
+  // 128 units for 264 blocks).
+  constexpr int kA = kRows / 16;      // A tiles per unit
+  constexpr int kHalfRows = kRows / 2;  // gemm1: gate rows, then up rows
+  static_assert(kRows == 32 || (kGemm1 && kRows == 16), "stream GEMM: units of 32 rows, or 16 for gemm1");
+  constexpr int kUnitFeatures = kGemm1 ? kRows / 2 : 32;
   constexpr int kSlices = N / kUnitFeatures;
   constexpr int kStagesPerUnit = (K + KC - 1) / KC;
   constexpr bool kEven = K % KC == 0;  // every stage full: no bounds tests in the loops
@@ -166,23 +175,27 @@ __device__ void stream_gemm(const GemmParams& p) {
   constexpr bool kPackable = !kGemm1 && Cfg::kPackPlanes;
   // Shared-memory rows, padded so that ldmatrix (8 rows x 16 bytes), the scale words and the
   // 16-byte x loads of a warp hit 32 different banks.
-  // Weights: kKC / 256 chunks of 32 rows x 128 bytes, 16-byte unit c of row r stored at
-  // c ^ (r % 8), so ldmatrix's 8 rows hit different banks. Scales: 32 rows x kKC / 16 bytes.
+  // Weights: kKC / 256 chunks of kRows rows x 128 bytes, 16-byte unit c of row r stored at
+  // c ^ (r % 8), so ldmatrix's 8 rows hit different banks. Scales: kRows rows x kKC / 16 bytes.
   // x rows padded by 64 bytes (16-byte loads conflict-free).
   constexpr int kChunks = KC / 256;
   constexpr int kSRow = KC / 16;
   constexpr int kXRow = KC * 2 + 64;
-  constexpr int kWBytes = kChunks * 32 * 128;
-  constexpr int kSBytes = 32 * kSRow;
+  constexpr int kChunkBytes = kRows * 128;
+  constexpr int kWBytes = kChunks * kChunkBytes;
+  constexpr int kSBytes = kRows * kSRow;
   constexpr int kStageBytes = kWBytes + kSBytes + kPlanes * 8 * kXRow;
-  static_assert(kStageBytes == Cfg::kStageBytes, "stream GEMM: host and device stage sizes differ");
+  // Ring slots are sized by the host for Cfg::kUnitRows; the small-unit path fills a prefix.
+  constexpr int kSlotBytes = Cfg::kStageBytes;
+  static_assert(kRows == Cfg::kUnitRows ? kStageBytes == kSlotBytes : kStageBytes <= kSlotBytes,
+                "stream GEMM: host and device stage sizes differ");
   static_assert(KC % 256 == 0 && K % 256 == 0, "stream GEMM: K and the stage must be multiples of 256");
   static_assert(N % kUnitFeatures == 0, "stream GEMM: features must split into units");
   static_assert((KC / 64) % CW == 0, "stream GEMM: a stage's group pairs must split across warps");
 
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ uint64_t full_bar[NS], empty_bar[NS];
-  __shared__ float red[CW > 1 ? CW - 1 : 1][2 * 4][32];
+  __shared__ float red[CW > 1 ? CW - 1 : 1][kA * 4][32];
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -265,17 +278,17 @@ __device__ void stream_gemm(const GemmParams& p) {
     constexpr int kWc = KC / 32;   // 16-byte chunks per weight row per stage
     constexpr int kSc = KC / 256;  // per scale row
     constexpr int kXc = KC / 8;    // per x row
-    constexpr int kWj = 32 * kWc / PT;
-    constexpr int kSj = (32 * kSc + PT - 1) / PT;
+    constexpr int kWj = kRows * kWc / PT;
+    constexpr int kSj = (kRows * kSc + PT - 1) / PT;
     constexpr int kXj = kPlanes * 8 * kXc / PT;
-    static_assert(32 * kWc % PT == 0 && kPlanes * 8 * kXc % PT == 0, "chunks split evenly");
+    static_assert(kRows * kWc % PT == 0 && kPlanes * 8 * kXc % PT == 0, "chunks split evenly");
     const uint32_t base = smem_u32(smem);
     const unsigned char* scales = static_cast<const unsigned char*>(p.w_scale);
     uint32_t w_dst[kWj], s_dst[kSj], x_dst[kXj];
 #pragma unroll
     for (int j = 0; j < kWj; ++j) {
       const int c = pt + j * PT, r = c / kWc, col = c % kWc;
-      w_dst[j] = base + (col >> 3) * 4096 + r * 128 + (((col & 7) ^ (r & 7)) << 4);
+      w_dst[j] = base + (col >> 3) * kChunkBytes + r * 128 + (((col & 7) ^ (r & 7)) << 4);
     }
 #pragma unroll
     for (int j = 0; j < kSj; ++j) {
@@ -296,7 +309,7 @@ __device__ void stream_gemm(const GemmParams& p) {
 #pragma unroll
     for (int j = 0; j < kXj; ++j) x_col[j] = (pt + j * PT) % kXc;
 #pragma unroll
-    for (int j = 0; j < kSj; ++j) s_mine[j] = pt + j * PT < 32 * kSc;
+    for (int j = 0; j < kSj; ++j) s_mine[j] = pt + j * PT < kRows * kSc;
     bool waited = kGemm1;
     // Lane r < 8: the source row of tile row r (gemm1: its token), fetched one unit ahead
     // (the address depends only on the tile; padding rows read -1 and are never used).
@@ -314,27 +327,29 @@ __device__ void stream_gemm(const GemmParams& p) {
       const int x_src = x_src_next;
       x_src_next = x_src_of(ui + 1);
       const long long eg = u.e + Cfg::kLocalOffset;
-      // First weight row of shared rows 0-15 and 16-31 (gemm1: gate and up).
+      // First weight row of shared rows [0, kHalfRows) and [kHalfRows, kRows) (gemm1: gate
+      // and up).
       long long row_lo, row_hi;
       if constexpr (kGemm1) {
-        row_lo = eg * 2 * N + (Cfg::kGateFirst ? 0 : N) + u.slice * 16;
-        row_hi = eg * 2 * N + (Cfg::kGateFirst ? N : 0) + u.slice * 16;
+        row_lo = eg * 2 * N + (Cfg::kGateFirst ? 0 : N) + u.slice * kHalfRows;
+        row_hi = eg * 2 * N + (Cfg::kGateFirst ? N : 0) + u.slice * kHalfRows;
       } else {
         row_lo = eg * N + u.slice * 32;
         row_hi = row_lo + 16;
       }
+      auto row_of = [&](int r) { return r < kHalfRows ? row_lo + r : row_hi + (r - kHalfRows); };
       const uint8_t* w_src[kWj];
       const unsigned char* s_src[kSj];
       const __nv_bfloat16* x_src_p[kXj];  // nullptr for padding rows
 #pragma unroll
       for (int j = 0; j < kWj; ++j) {
         const int r = (pt + j * PT) / kWc;
-        w_src[j] = p.w + ((r < 16 ? row_lo : row_hi) + (r & 15)) * (K / 2) + w_col[j] * 16;
+        w_src[j] = p.w + row_of(r) * (K / 2) + w_col[j] * 16;
       }
 #pragma unroll
       for (int j = 0; j < kSj; ++j) {
-        const int c = pt + j * PT, r = (c / kSc) & 31, col = c % kSc;
-        s_src[j] = scales + ((r < 16 ? row_lo : row_hi) + (r & 15)) * (K / 16) + col * 16;
+        const int c = pt + j * PT, r = (c / kSc) % kRows, col = c % kSc;
+        s_src[j] = scales + row_of(r) * (K / 16) + col * 16;
       }
       // Gemm2 with at most 4 valid rows (most decode tiles): x rows 0-3 of plane 0 take the hi
       // plane, rows 4-7 the lo plane, and plane 1 stays unused (see kPackable).
@@ -376,7 +391,7 @@ __device__ void stream_gemm(const GemmParams& p) {
           if (x_src_p[j] != nullptr && (kEven || x_col[j] * 8 < kc))
             cp_async16(x_dst[j] + so, x_src_p[j] + k0);
         cp_async_arrive(&full_bar[slot]);
-        so += kStageBytes;
+        so += kSlotBytes;
         if (++slot == NS) {
           slot = 0;
           so = 0;
@@ -397,15 +412,18 @@ __device__ void stream_gemm(const GemmParams& p) {
   // Per-thread shared-memory offsets inside a stage. Warp w takes the group pairs w, w + CW, ...
   // (pair pi of the warp = groups G = 2 (w + pi CW) and G + 1). ldmatrix: lane l addresses row
   // (l / 8 -> A tile, half) l % 8 of the 8x16-byte matrices, 16-byte unit XOR-swizzled by row.
+  // 16-row units: one ldmatrix.x4 reads both groups of a pair (lanes 16-31 address group G + 1).
   constexpr int kPairs = KC / 64 / CW;  // pairs per warp in a full stage
-  const int lm_row = ((lane >> 4) & 1) * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
-  uint32_t lm_off[kPairs][2];
+  constexpr int kLdm = kA == 2 ? 2 : 1;  // ldmatrix.x4 per pair
+  const int lm_row = kA == 2 ? ((lane >> 4) & 1) * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)
+                             : ((lane >> 3) & 1) * 8 + (lane & 7);
+  uint32_t lm_off[kPairs][kLdm];
 #pragma unroll
   for (int pi = 0; pi < kPairs; ++pi)
 #pragma unroll
-    for (int gg = 0; gg < 2; ++gg) {
-      const int G = 2 * (warp + pi * CW) + gg;
-      lm_off[pi][gg] = (G >> 3) * 4096 + lm_row * 128 + (((G & 7) ^ (lm_row & 7)) << 4);
+    for (int gg = 0; gg < kLdm; ++gg) {
+      const int G = 2 * (warp + pi * CW) + (kA == 2 ? gg : (lane >> 4) & 1);
+      lm_off[pi][gg] = (G >> 3) * kChunkBytes + lm_row * 128 + (((G & 7) ^ (lm_row & 7)) << 4);
     }
   // Scales: row (a * 16 + h * 8 + g), bytes 2G..2G+3 (groups G, G + 1). x: plane q row g,
   // group G + gg at byte (G + gg) * 64, thread t's 16 bytes.
@@ -422,9 +440,9 @@ __device__ void stream_gemm(const GemmParams& p) {
     if constexpr (kGemm1 && Cfg::kHasAlpha) alpha = p.alpha[u.e];
     if constexpr (kGemm1 && Cfg::kHasBeta) beta = p.beta[u.e];
     if constexpr (kGemm1 && Cfg::kHasLimit) limit = p.limit[u.e];
-    float acc[2][4];
+    float acc[kA][4];
 #pragma unroll
-    for (int a = 0; a < 2; ++a)
+    for (int a = 0; a < kA; ++a)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[a][i] = 0.0f;
 
@@ -433,7 +451,7 @@ __device__ void stream_gemm(const GemmParams& p) {
     auto run_stages = [&](const int nq) {
   #pragma unroll 1
       for (int ks = 0; ks < kStagesPerUnit; ++ks) {
-        const uint32_t st = smem_base + slot * kStageBytes;
+        const uint32_t st = smem_base + slot * kSlotBytes;
         const int pairs = kEven ? KC / 64 : min(KC, K - ks * KC) / 64;
         mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);
   #pragma unroll
@@ -442,11 +460,20 @@ __device__ void stream_gemm(const GemmParams& p) {
           // Loads first: weights [group][matrix] (matrix m = A tile m / 2, rows +8 * (m % 2)),
           // scales [A tile][half] (groups G low, G + 1 high), x [plane][group].
           uint32_t wq[2][4];
+          if constexpr (kA == 2) {
   #pragma unroll
-          for (int gg = 0; gg < 2; ++gg) ldmatrix_x4(st + lm_off[pi][gg], wq[gg]);
-          uint32_t sw[2][2];
+            for (int gg = 0; gg < 2; ++gg) ldmatrix_x4(st + lm_off[pi][gg], wq[gg]);
+          } else {
+            uint32_t r4[4];  // matrices: (group G, rows 0-7), (G, 8-15), (G + 1, 0-7), (G + 1, 8-15)
+            ldmatrix_x4(st + lm_off[pi][0], r4);
+            wq[0][0] = r4[0];
+            wq[0][1] = r4[1];
+            wq[1][0] = r4[2];
+            wq[1][1] = r4[3];
+          }
+          uint32_t sw[kA][2];
   #pragma unroll
-          for (int a = 0; a < 2; ++a)
+          for (int a = 0; a < kA; ++a)
   #pragma unroll
             for (int h = 0; h < 2; ++h)
               sw[a][h] = lds32(st + s_off + (a * 16 + h * 8) * kSRow + pi * CW * 4);
@@ -488,11 +515,11 @@ __device__ void stream_gemm(const GemmParams& p) {
   #pragma unroll
               for (int gg = 0; gg < 2; ++gg) mma16816(corr[gg], neg, b[gg][q][s][0], b[gg][q][s][1]);
           // Four independent chains (group x A tile), each starting from its group's correction.
-          float part[2][2][4];
+          float part[2][kA][4];
   #pragma unroll
           for (int gg = 0; gg < 2; ++gg)
   #pragma unroll
-            for (int a = 0; a < 2; ++a)
+            for (int a = 0; a < kA; ++a)
   #pragma unroll
               for (int i = 0; i < 4; ++i) part[gg][a][i] = corr[gg][i];
   #pragma unroll
@@ -501,7 +528,7 @@ __device__ void stream_gemm(const GemmParams& p) {
   #pragma unroll
             for (int gg = 0; gg < 2; ++gg)
   #pragma unroll
-              for (int a = 0; a < 2; ++a) {
+              for (int a = 0; a < kA; ++a) {
                 const uint32_t w0 = wq[gg][2 * a], w1 = wq[gg][2 * a + 1];  // rows g, g + 8
                 const uint32_t af[4] = {nib_pair(w0 >> sh), nib_pair(w1 >> sh),
                                         nib_pair(w0 >> (sh + 4)), nib_pair(w1 >> (sh + 4))};
@@ -513,7 +540,7 @@ __device__ void stream_gemm(const GemmParams& p) {
   #pragma unroll
           for (int gg = 0; gg < 2; ++gg)
   #pragma unroll
-            for (int a = 0; a < 2; ++a) {
+            for (int a = 0; a < kA; ++a) {
               const float s_g = __uint_as_float(gg ? (sw[a][0] & 0xffff0000u) : (sw[a][0] << 16));
               const float s_g8 = __uint_as_float(gg ? (sw[a][1] & 0xffff0000u) : (sw[a][1] << 16));
               acc[a][0] = fmaf(s_g, part[gg][a][0], acc[a][0]);
@@ -541,14 +568,14 @@ __device__ void stream_gemm(const GemmParams& p) {
     if constexpr (CW > 1) {
       if (warp > 0)
 #pragma unroll
-        for (int a = 0; a < 2; ++a)
+        for (int a = 0; a < kA; ++a)
 #pragma unroll
           for (int i = 0; i < 4; ++i) red[warp - 1][a * 4 + i][lane] = acc[a][i];
       consumer_barrier(CW * 32);
       if (warp == 0)
         for (int w = 1; w < CW; ++w)
 #pragma unroll
-          for (int a = 0; a < 2; ++a)
+          for (int a = 0; a < kA; ++a)
 #pragma unroll
             for (int i = 0; i < 4; ++i) acc[a][i] += red[w - 1][a * 4 + i][lane];
       consumer_barrier(CW * 32);
@@ -559,18 +586,24 @@ __device__ void stream_gemm(const GemmParams& p) {
     if (warp == 0) {
       if (packed)
 #pragma unroll
-        for (int a = 0; a < 2; ++a)
+        for (int a = 0; a < kA; ++a)
 #pragma unroll
           for (int i = 0; i < 4; ++i) acc[a][i] += __shfl_xor_sync(kFullMask, acc[a][i], 2);
       if constexpr (kGemm1) {
         __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
         __nv_bfloat16* out_lo = static_cast<__nv_bfloat16*>(p.x_lo);
+        // 32-row units: gate in A tile 0, up in tile 1 (features g, g + 8). 16-row units: gate in
+        // rows 0-7 (accumulators 0, 1), up in rows 8-15 (2, 3) of feature g.
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < (kA == 2 ? 4 : 2); ++i) {
           const int r = 2 * t + (i & 1);
           if (r >= u.rows_valid) continue;
-          const int f = u.slice * 16 + g + 8 * (i >> 1);
-          float gate = acc[0][i], up = acc[1][i];
+          const int f = u.slice * kUnitFeatures + g + 8 * (i >> 1);
+          float gate = acc[0][i], up;
+          if constexpr (kA == 2)
+            up = acc[1][i];
+          else
+            up = acc[0][i + 2];
           if constexpr (Cfg::kHasLimit) {
             gate = gate > limit ? limit : gate;
             up = up > limit ? limit : (up < -limit ? -limit : up);
@@ -598,6 +631,18 @@ __device__ void stream_gemm(const GemmParams& p) {
     (void)beta;
     (void)limit;
   }
+}
+
+template <class Cfg>
+__device__ void stream_gemm(const GemmParams& p) {
+  if constexpr (Cfg::kSmallUnits) {
+    static_assert(Cfg::kGemm1 && Cfg::kUnitRows == 32, "stream GEMM: the small-unit path is gemm1's");
+    if (p.small_units) {
+      stream_gemm_rows<Cfg, 16>(p);
+      return;
+    }
+  }
+  stream_gemm_rows<Cfg, Cfg::kUnitRows>(p);
 }
 
 }  // namespace moejit_dev

@@ -310,6 +310,46 @@ TEST(PlanStream, StageBytes) {
   EXPECT_EQ(stream_stage_bytes(256, false), 32 * 128 + 32 * 16 + 16 * 576);
 }
 
+// 16-row gemm1 units: half the weight and scale rows, the same x rows.
+TEST(PlanStream, StageBytesOfSmallUnits) {
+  EXPECT_EQ(stream_stage_bytes(1024, true, 16), 16 * 512 + 16 * 64 + 8 * 2112);
+  EXPECT_EQ(stream_stage_bytes(1024, true, 32), stream_stage_bytes(1024, true));
+}
+
+// The 16-row path is compiled into the first decode bucket's gemm1 only where one token has at
+// most 256 gemm1 units of 16 rows (top_k * I / 8); u1=16 / u1=32 force one unit size.
+TEST(PlanStream, SmallUnitsRule) {
+  const Plan tp8 = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");  // 8 * 256 / 8 = 256 units
+  EXPECT_TRUE(tp8.buckets[0].s1.small_units);
+  EXPECT_FALSE(tp8.buckets[1].s1.small_units);  // 17-64 tokens
+  EXPECT_FALSE(tp8.buckets[0].s2.small_units);
+  EXPECT_EQ(tp8.buckets[0].s1.unit_rows, 32);
+  EXPECT_NE(describe(tp8).find("stages=3 small_units=1)"), std::string::npos);
+  EXPECT_FALSE(make_plan(preset("kimi-k2-tp4"), 64, "sm_90a").buckets[0].s1.small_units);  // 512
+  EXPECT_FALSE(make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a").buckets[0].s1.small_units);  // 384
+  EXPECT_FALSE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.small_units);
+  {
+    const ScopedOverride o("u1=16");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    for (const Bucket& b : p.buckets) {
+      EXPECT_EQ(b.s1.unit_rows, 16);
+      EXPECT_FALSE(b.s1.small_units);
+      EXPECT_EQ(b.s1.stages, 104 * 1024 / stream_stage_bytes(1024, true, 16));  // stages re-picked
+      EXPECT_EQ(b.s2.unit_rows, 32);
+    }
+  }
+  {
+    const ScopedOverride o("u1=32");
+    const Plan p = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");
+    EXPECT_FALSE(p.buckets[0].s1.small_units);
+    EXPECT_EQ(p.buckets[0].s1.unit_rows, 32);
+  }
+  {
+    const ScopedOverride o("u1=8");
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
+  }
+}
+
 // Buckets of at most 64 tokens with 8-row tiles on sm_90, H and I multiples of 256.
 TEST(PlanStream, ChosenForDecodeOnHopper) {
   auto decode_stream = [](const MoeSpec& s, const std::string& arch) {

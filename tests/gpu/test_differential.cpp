@@ -971,7 +971,7 @@ TEST(Differential, KimiK2Tp4) {
 
 TEST(Differential, KimiK2Tp8) {
   MOEJIT_REQUIRE_GPU();
-  run_cases(preset_cases("kimi-k2-tp8", {1, 64, 1000}, 16));
+  run_cases(preset_cases("kimi-k2-tp8", {1, 64, 1000}, 16));  // 1: 16-row gemm1 units
 }
 
 // DeepSeek-V3 grouped routing (256 experts, n_group 8, topk_group 4), and split over 2 ranks.
