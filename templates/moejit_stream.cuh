@@ -10,7 +10,7 @@
 //
 // Per block: kProducerWarps producer warps and kConsumerWarps consumer warps around a ring of kStages
 // shared-memory stages. A stage holds kKC values of K for the unit's weight rows (int4), as
-// kKC / 256 chunks of 32 rows x 128 bytes with 16-byte units XOR-swizzled by row, their scales,
+// kKC / 256 chunks of kRows rows x 128 bytes with 16-byte units XOR-swizzled by row, their scales,
 // and the tile's valid x rows (bf16; gemm2: hi and lo planes). The producer warp fills a stage
 // with 16-byte cp.async and each lane's
 // cp.async.mbarrier.arrive completes the stage's "full" mbarrier; consumers release a stage on
