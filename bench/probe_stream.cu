@@ -197,6 +197,10 @@ int main() {
   // rows x k: one expert's matrix; pad: shared memory requested per block (at least the ring),
   // which sets the blocks per SM.
   auto run = [&](auto kern, int kc, int ns, int layout, int rows, int k, int pad_kb) {
+    if (k % kc != 0) {  // the kernel streams whole stages only
+      std::printf("%4d x %4d  KC %4d: skipped, K is not a multiple of the stage\n", rows, k, kc);
+      return;
+    }
     const int ring = 32 * kc / 2 * ns;
     const int smem = std::max(ring, pad_kb * 1024);
     CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
