@@ -170,6 +170,10 @@ int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows) {
   return k_stage / 256 * unit_rows * 128 + unit_rows * (k_stage / 16) + planes * 8 * (k_stage * 2 + 64);
 }
 
+long long small_gemm1_units(const MoeSpec& spec, int tokens) {
+  return static_cast<long long>(tokens) * spec.top_k * (spec.intermediate / 8);
+}
+
 std::string plan_override() {
   const char* v = std::getenv("MOEJIT_PLAN_OVERRIDE");
   return v ? v : "";
@@ -211,7 +215,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // Measured on an H200 (bench/RESULTS.md section 10): kimi-k2-tp8 at one token 30.3 ->
       // 27.5 us; at two tokens (512 units of 16 rows) 16-row units were slower (41.1 vs 38.8),
       // and so were kimi-k2-tp4 at one token (37.8 vs 35.6) and every larger count.
-      b.s1.small_units = lo == 1 && static_cast<long long>(spec.top_k) * (spec.intermediate / 8) <= 256;
+      b.s1.small_units = lo == 1 && small_gemm1_units(spec, 1) <= 256;
     }
     if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
       apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);

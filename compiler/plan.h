@@ -43,8 +43,8 @@ struct StreamConfig {
   bool pack_planes = true;
   // Weight rows per work unit: 32, or 16 for gemm1 (8 SwiGLU features: twice the units).
   int unit_rows = 32;
-  // gemm1 with 32-row units also compiles the 16-row path; the host takes it for token counts
-  // whose 32-row units would not fill the grid (see Plan::small_units).
+  // gemm1 with 32-row units also compiles the 16-row path; the host takes it while the 16-row
+  // units fit in the persistent grid (see small_gemm1_units).
   bool small_units = false;
 
   int threads() const { return 32 * (consumer_warps + producer_warps); }
@@ -58,6 +58,11 @@ struct StreamConfig {
 // Shared-memory bytes of one stream stage (must equal kStageBytes in moejit_stream.cuh; the
 // generated code static_asserts it).
 int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32);
+
+// Upper bound on the 16-row gemm1 units of `tokens` tokens (T * k tiles x I / 8 slices): the
+// planner compiles the 16-row path where one token's fit in 256 blocks, the host takes it while
+// they fit in the kernel's persistent grid.
+long long small_gemm1_units(const MoeSpec& spec, int tokens);
 
 struct Bucket {
   int min_tokens = 1;

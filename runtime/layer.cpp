@@ -275,10 +275,10 @@ class LayerImpl {
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
                               nullptr, nullptr, 0};
-    // 16-row gemm1 units while they (at most T * k tiles x I / 8 of them) fit in the persistent
-    // grid: the 32-row ones would leave blocks idle.
+    // 16-row gemm1 units while they fit in the persistent grid: the 32-row ones would leave
+    // blocks idle.
     if (b.stream && b.s1.small_units)
-      g1.small_units = static_cast<long long>(T) * s.top_k * (s.intermediate / 8) <=
+      g1.small_units = compiler::small_gemm1_units(s, T) <=
                        static_cast<long long>(kernels_[gemm1_[bucket]].persistent_blocks);
     launch_gemm(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
                 s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);

@@ -79,7 +79,7 @@ struct GemmParams {
   const float* weights;
   void* final_out;                 // [T, H] bf16
   // Stream gemm1 compiled with both unit sizes (Cfg::kSmallUnits): nonzero = 16-row units (the
-  // host sets it when 32-row units would not fill the grid).
+  // host sets it while they fit in the persistent grid).
   int32_t small_units;
 };
 

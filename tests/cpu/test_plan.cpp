@@ -319,7 +319,9 @@ TEST(PlanStream, StageBytesOfSmallUnits) {
 // The 16-row path is compiled into the first decode bucket's gemm1 only where one token has at
 // most 256 gemm1 units of 16 rows (top_k * I / 8); u1=16 / u1=32 force one unit size.
 TEST(PlanStream, SmallUnitsRule) {
-  const Plan tp8 = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");  // 8 * 256 / 8 = 256 units
+  EXPECT_EQ(small_gemm1_units(preset("kimi-k2-tp8"), 1), 256);  // 8 tiles x 256 / 8 slices
+  EXPECT_EQ(small_gemm1_units(preset("kimi-k2-tp8"), 2), 512);
+  const Plan tp8 = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");
   EXPECT_TRUE(tp8.buckets[0].s1.small_units);
   EXPECT_FALSE(tp8.buckets[1].s1.small_units);  // 17-64 tokens
   EXPECT_FALSE(tp8.buckets[0].s2.small_units);
