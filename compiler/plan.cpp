@@ -118,20 +118,58 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
 // H200 (bench/RESULTS.md section 9): k_stage 1024 beat 512 by 2-5% for gemm1, and 3 + 4 stages
 // of 104 KiB beat 2 + 2 of ~70 / 52 KiB by 3-6% at 1-33 tokens. (Section 8's older finding,
 // fewer stages beat deeper rings, was made with 4-6 blocks per SM competing for the copies.)
-StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 32) {
+StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64) {
   StreamConfig c;
   c.consumer_warps = 4;
   c.unit_rows = unit_rows;
-  c.k_stage = gemm1 && k % 1024 == 0 ? 1024 : k % 512 == 0 ? 512 : 256;
+  // 64-row units: gemm1 at most 512 (a 1024-deep stage of 64 rows, 53 KiB, leaves room for
+  // one), gemm2 256 (at 512 ptxas spills a few bytes; 256 measured the same on an H200).
+  if (unit_rows <= 32)
+    c.k_stage = gemm1 && k % 1024 == 0 ? 1024 : k % 512 == 0 ? 512 : 256;
+  else
+    c.k_stage = gemm1 && k % 512 == 0 ? 512 : 256;
   c.stages = std::clamp(104 * 1024 / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows), 2, 8);
+  c.ring_bytes = c.stages * stream_stage_bytes(c.k_stage, gemm1, c.unit_rows);
   return c;
 }
 
-// gemm1 units of 16 or 32 weight rows; the stages are picked again for the new stage size.
-void set_unit_rows(StreamConfig& c, int rows, int k) {
+// Compiles the smaller unit sizes in `alt` (a mask of 16 and 32) into c as well: each path keeps
+// the k_stage it would have alone, and the ring is the largest of the paths' own rings (the
+// default path's stage count is re-derived from it, at most 8).
+void set_unit_paths(StreamConfig& c, int alt, int k, bool gemm1) {
+  c.alt_rows = alt;
+  c.k_stage16 = c.k_stage32 = 0;
+  c.ring_bytes = c.stages * stream_stage_bytes(c.k_stage, gemm1, c.unit_rows);
+  for (int rows : {16, 32}) {
+    if (!(alt & rows)) continue;
+    const StreamConfig p = pick_stream(k, gemm1, rows);
+    (rows == 16 ? c.k_stage16 : c.k_stage32) = p.k_stage;
+    c.ring_bytes = std::max(c.ring_bytes, p.ring_bytes);
+  }
+  if (alt) c.stages = std::min(8, c.ring_bytes / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows));
+}
+
+// Units of 16 (gemm1), 32 or 64 weight rows; k_stage and the stages are picked again for them.
+void set_unit_rows(StreamConfig& c, int rows, int k, bool gemm1) {
   c.unit_rows = rows;
-  c.small_units = false;
-  c.stages = pick_stream(k, true, rows).stages;
+  const StreamConfig d = pick_stream(k, gemm1, rows);
+  c.k_stage = d.k_stage;
+  c.stages = d.stages;
+  set_unit_paths(c, 0, k, gemm1);
+}
+
+// "u1=R" / "u2=R": force the unit rows of gemm1 (16, 32, 64) or gemm2 (32, 64).
+void apply_unit_override(const std::string& text, bool gemm1, int k, StreamConfig& c) {
+  static const std::regex u1("u1=([0-9]+)"), u2("u2=([0-9]+)");
+  std::smatch m;
+  if (!std::regex_search(text, m, gemm1 ? u1 : u2)) return;
+  const bool ok = m[1] == "32" || m[1] == "64" || (gemm1 && m[1] == "16");
+  if (!ok)
+    throw Error(ErrorKind::InvalidArgument,
+                fmt::format("MOEJIT_PLAN_OVERRIDE: u{}={} ({} unit rows) must be {}", gemm1 ? 1 : 2,
+                            m[1].str(), gemm1 ? "gemm1" : "gemm2",
+                            gemm1 ? "16, 32 or 64" : "32 or 64"));
+  set_unit_rows(c, std::stoi(m[1]), k, gemm1);
 }
 
 void apply_stream_override(const std::string& text, const char* which, int k, bool gemm1,
@@ -159,6 +197,8 @@ void apply_stream_override(const std::string& text, const char* which, int k, bo
                             "64 * consumer warps, at most K = {}, >= 2 stages within 200 KiB)",
                             which, o.consumer_warps, o.k_stage, o.stages, o.producer_warps, k));
   c = o;
+  set_unit_paths(c, c.alt_rows, k, gemm1);  // the ring covers the smaller paths' rings too
+  c.stages = o.stages;
 }
 
 bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm_90a"; }
@@ -170,8 +210,20 @@ int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows) {
   return k_stage / 256 * unit_rows * 128 + unit_rows * (k_stage / 16) + planes * 8 * (k_stage * 2 + 64);
 }
 
-long long small_gemm1_units(const MoeSpec& spec, int tokens) {
-  return static_cast<long long>(tokens) * spec.top_k * (spec.intermediate / 8);
+long long stream_units(const MoeSpec& spec, bool gemm1, int unit_rows, int tokens) {
+  const long long rows = gemm1 ? 2ll * spec.intermediate : spec.hidden;
+  return Plan::max_tiles(tokens, spec.top_k, spec.local_experts(), 8) * (rows / unit_rows);
+}
+
+int choose_unit_rows(const StreamConfig& c, const MoeSpec& spec, bool gemm1, int tokens,
+                     long long grid) {
+  int smallest = c.unit_rows;
+  for (int rows : {c.unit_rows, 32, 16}) {
+    if (rows != c.unit_rows && !(rows < c.unit_rows && (c.alt_rows & rows))) continue;
+    if (10 * stream_units(spec, gemm1, rows, tokens) >= 9 * grid) return rows;
+    smallest = rows;
+  }
+  return smallest;
 }
 
 std::string plan_override() {
@@ -207,15 +259,25 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
                            spec.hidden % 256 == 0 && spec.intermediate % 256 == 0;
     b.stream = stream_ok;
     if (stream_ok) {
+      // 64-row units: measured on an H200 against 32-row ones (bench/RESULTS.md section 11),
+      // faster at 1-64 tokens for kimi-k2 (8-13% at 8-64), qwen3-30b-a3b and kimi-k2-tp8 except
+      // where they leave blocks idle. Smaller units are compiled in as well where the bucket's
+      // smallest token count would take them on a 132-SM card's grid of 264 blocks
+      // (choose_unit_rows): kimi-k2-tp8 gemm1 at one token takes 16-row units (256 of them;
+      // 30.3 -> 27.5 us against 32-row units, section 10), at two tokens 32-row ones.
       b.s1 = pick_stream(spec.hidden, true);
       b.s2 = pick_stream(spec.intermediate, false);
-      // Layers where one token's gemm1 has at most 256 units of 16 rows (top_k * I / 8; the
-      // persistent grid of a 132-SM card has 264 blocks) also get the 16-row path, which the
-      // host takes while the 16-row units still fit in the grid (kimi-k2-tp8: one token).
-      // Measured on an H200 (bench/RESULTS.md section 10): kimi-k2-tp8 at one token 30.3 ->
-      // 27.5 us; at two tokens (512 units of 16 rows) 16-row units were slower (41.1 vs 38.8),
-      // and so were kimi-k2-tp4 at one token (37.8 vs 35.6) and every larger count.
-      b.s1.small_units = lo == 1 && small_gemm1_units(spec, 1) <= 256;
+      auto add_paths = [&](StreamConfig& c, int k, bool gemm1) {
+        StreamConfig all = c;
+        set_unit_paths(all, gemm1 ? 16 | 32 : 32, k, gemm1);
+        const int rows = choose_unit_rows(all, spec, gemm1, lo, 264);
+        int alt = 0;
+        for (int r : {16, 32})
+          if ((all.alt_rows & r) && r >= rows) alt |= r;
+        set_unit_paths(c, alt, k, gemm1);
+      };
+      add_paths(b.s1, spec.hidden, true);
+      add_paths(b.s2, spec.intermediate, false);
     }
     if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
       apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);
@@ -223,14 +285,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       if (o.find("stream=0") != std::string::npos) b.stream = false;
       if (o.find("stream=1") != std::string::npos) b.stream = stream_ok;
       if (b.stream) {
-        static const std::regex u1("u1=([0-9]+)");
-        if (std::smatch m; std::regex_search(o, m, u1)) {
-          if (m[1] != "16" && m[1] != "32")
-            throw Error(ErrorKind::InvalidArgument,
-                        fmt::format("MOEJIT_PLAN_OVERRIDE: u1={} (gemm1 unit rows) must be 16 or 32",
-                                    m[1].str()));
-          set_unit_rows(b.s1, std::stoi(m[1]), spec.hidden);
-        }
+        apply_unit_override(o, true, spec.hidden, b.s1);
+        apply_unit_override(o, false, spec.intermediate, b.s2);
         apply_stream_override(o, "s1", spec.hidden, true, b.s1);
         apply_stream_override(o, "s2", spec.intermediate, false, b.s2);
         static const std::regex sns("sns=([0-9]+)");
@@ -296,11 +352,14 @@ std::string describe(const Plan& plan) {
                                "stream2(consumer_warps={} producer_warps={} k_stage={} stages={}{})",
                                b.s1.consumer_warps, b.s1.producer_warps, b.s1.k_stage, b.s1.stages,
                                (b.s1.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s1.suspend_ns)) +
-                                   (b.s1.unit_rows == 32 ? "" : fmt::format(" unit_rows={}", b.s1.unit_rows)) +
-                                   (b.s1.small_units ? " small_units=1" : ""),
+                                   (b.s1.unit_rows == 64 ? "" : fmt::format(" unit_rows={}", b.s1.unit_rows)) +
+                                   (b.s1.alt_rows ? fmt::format(" alt_rows={}", b.s1.alt_rows) : ""),
                                b.s2.consumer_warps,
                                b.s2.producer_warps, b.s2.k_stage, b.s2.stages,
-                               (b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns)) + (b.s2.pack_planes ? "" : " pack_planes=0"))
+                               (b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns)) +
+                                   (b.s2.unit_rows == 64 ? "" : fmt::format(" unit_rows={}", b.s2.unit_rows)) +
+                                   (b.s2.alt_rows ? fmt::format(" alt_rows={}", b.s2.alt_rows) : "") +
+                                   (b.s2.pack_planes ? "" : " pack_planes=0"))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,

@@ -41,17 +41,21 @@ struct StreamConfig {
   int suspend_ns = 2000;
   // gemm2: tiles with <= 4 valid rows put the activation's hi and lo planes in one MMA.
   bool pack_planes = true;
-  // Weight rows per work unit: 32, or 16 for gemm1 (8 SwiGLU features: twice the units).
-  int unit_rows = 32;
-  // gemm1 with 32-row units also compiles the 16-row path; the host takes it while the 16-row
-  // units fit in the persistent grid (see small_gemm1_units).
-  bool small_units = false;
+  // Weight rows per work unit (the kernel's default path): 64, 32, or for gemm1 16.
+  int unit_rows = 64;
+  // Smaller unit sizes compiled into the same kernel (a mask of 16 and 32), each with its own
+  // k_stage and as many stages as fit in the ring; the host picks one per launch
+  // (choose_unit_rows). 0 = the default path only.
+  int alt_rows = 0;
+  int k_stage16 = 0, k_stage32 = 0;  // k_stage of the 16- and 32-row paths (0 = not compiled)
+  int ring_bytes = 0;  // dynamic shared memory: the largest path's stages (set_unit_paths)
 
   int threads() const { return 32 * (consumer_warps + producer_warps); }
   bool operator==(const StreamConfig& o) const {
     return consumer_warps == o.consumer_warps && k_stage == o.k_stage && stages == o.stages &&
            producer_warps == o.producer_warps && suspend_ns == o.suspend_ns && pack_planes == o.pack_planes &&
-           unit_rows == o.unit_rows && small_units == o.small_units;
+           unit_rows == o.unit_rows && alt_rows == o.alt_rows && k_stage16 == o.k_stage16 &&
+           k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes;
   }
 };
 
@@ -59,10 +63,17 @@ struct StreamConfig {
 // generated code static_asserts it).
 int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32);
 
-// Upper bound on the 16-row gemm1 units of `tokens` tokens (T * k tiles x I / 8 slices): the
-// planner compiles the 16-row path where one token's fit in 256 blocks, the host takes it while
-// they fit in the kernel's persistent grid.
-long long small_gemm1_units(const MoeSpec& spec, int tokens);
+// Upper bound on the work units of a stream GEMM with `unit_rows`-row units at `tokens` tokens:
+// row tiles (Plan::max_tiles with 8-row tiles) x weight rows of an expert (gemm1 2I, gemm2 H)
+// / unit_rows.
+long long stream_units(const MoeSpec& spec, bool gemm1, int unit_rows, int tokens);
+
+// The unit size a launch of `tokens` tokens takes, from the ones compiled into c: the largest
+// whose units keep at least 90% of the persistent grid's blocks busy (idle blocks are lost
+// bandwidth: a block streams at most ~13 GB/s), else the smallest. Measured on an H200
+// (bench/RESULTS.md sections 10-11).
+int choose_unit_rows(const StreamConfig& c, const MoeSpec& spec, bool gemm1, int tokens,
+                     long long grid);
 
 struct Bucket {
   int min_tokens = 1;

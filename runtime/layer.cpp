@@ -275,17 +275,19 @@ class LayerImpl {
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
                               nullptr, nullptr, 0};
-    // 16-row gemm1 units while they fit in the persistent grid: the 32-row ones would leave
-    // blocks idle.
-    if (b.stream && b.s1.small_units)
-      g1.small_units = compiler::small_gemm1_units(s, T) <=
-                       static_cast<long long>(kernels_[gemm1_[bucket]].persistent_blocks);
+    // Stream GEMMs: smaller units where the default ones would leave blocks idle.
+    if (b.stream)
+      g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
+                                                kernels_[gemm1_[bucket]].persistent_blocks);
     launch_gemm(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
                 s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
                               fused ? outs.final_out : nullptr, 0};
+    if (b.stream)
+      g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
+                                                kernels_[gemm2_[bucket]].persistent_blocks);
     launch_gemm(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), feature_blocks, &g2, stream);
     if (outs.final_out && !fused)
       run_finalize(y, weights, e2p, outs.final_out, T, stream, /*after_gemm2=*/true);

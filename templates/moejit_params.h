@@ -78,9 +78,9 @@ struct GemmParams {
   const int32_t* expanded_to_permuted;
   const float* weights;
   void* final_out;                 // [T, H] bf16
-  // Stream gemm1 compiled with both unit sizes (Cfg::kSmallUnits): nonzero = 16-row units (the
-  // host sets it while they fit in the persistent grid).
-  int32_t small_units;
+  // Stream GEMMs compiled with smaller unit sizes too (Cfg::kAltRows): the weight rows per unit
+  // of this launch (16, 32 or 64; the host's choose_unit_rows). Other values take the default.
+  int32_t unit_rows;
 };
 
 // Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.

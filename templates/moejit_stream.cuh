@@ -2,8 +2,10 @@
 //
 //   out[r, f] = epilogue( sum_k x[r, k] * v[f, k] * scale[f, k / 32] )   (8-row tiles)
 //
-// Work unit = (row tile, feature slice): gemm1 16 SwiGLU features (32 weight rows: 16 gate,
-// 16 up; or 8 features in 16 rows, see kRows), gemm2 32 output features (32 weight rows).
+// Work unit = (row tile, feature slice) of kRows weight rows: gemm1 kRows / 2 SwiGLU features
+// (half gate rows, half up rows), gemm2 kRows output features. kRows is 64 by default; a kernel
+// may also carry 32-row and (gemm1) 16-row paths, and each launch takes one (GemmParams::unit_rows)
+// so that small token counts still give every block work.
 // Units are numbered tile-fastest, so the tiles of one expert stream the same weights at about
 // the same time (L2 reuse), and a block takes units blockIdx.x, blockIdx.x + gridDim.x, ...
 // (grid = what fits on the card).
@@ -37,7 +39,8 @@
 //
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
-// kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kSmallUnits.
+// kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
+// kRingBytes.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -146,26 +149,40 @@ __host__ __device__ constexpr int act_pos(int f) { return (f & ~7) | ((f & 3) <<
 
 }  // namespace stream
 
-// kRows: weight rows per unit (Cfg::kUnitRows, or 16 on gemm1's small-unit path).
-template <class Cfg, int kRows>
-__device__ void stream_gemm_rows(const GemmParams& p) {
+// Shared memory of one stage of a kRows-row unit path with kKC values of K per stage (the host's
+// stream_stage_bytes): weights, scales, x rows (gemm2: two planes) padded by 64 bytes.
+template <bool kGemm1, int kRows, int kKC>
+__host__ __device__ constexpr int stage_bytes() {
+  return kKC / 256 * kRows * 128 + kRows * (kKC / 16) + (kGemm1 ? 1 : 2) * 8 * (kKC * 2 + 64);
+}
+constexpr int kMaxStages = 8;
+
+// One unit-size path. kRows: weight rows per unit (Cfg::kUnitRows, or a smaller size of
+// Cfg::kAltRows); KC: its K values per stage (a multiple of 256). The path divides the ring
+// (Cfg::kRingBytes) into as many stages as fit, at most 8 (the default path: Cfg::kStages).
+// bars: 2 * kMaxStages mbarriers; red: (kConsumerWarps - 1) x kRows / 4 x 32 floats.
+template <class Cfg, int kRows, int KC>
+__device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red) {
   using namespace stream;
   constexpr bool kGemm1 = Cfg::kGemm1;
   constexpr int N = Cfg::kN;
   constexpr int K = Cfg::kK;
   constexpr int KG = K / 32;
-  constexpr int KC = Cfg::kKC;                 // K values per stage (multiple of 256)
-  constexpr int NS = Cfg::kStages;
+  constexpr int kFit = Cfg::kRingBytes / stage_bytes<kGemm1, kRows, KC>();
+  constexpr int NS = kRows == Cfg::kUnitRows ? Cfg::kStages : (kFit < kMaxStages ? kFit : kMaxStages);
   constexpr int CW = Cfg::kConsumerWarps;
   constexpr int kPlanes = kGemm1 ? 1 : 2;
   // Weight rows per unit: 32 (two 16-row A tiles: gemm1 16 gate + 16 up rows, gemm2 32 output
-  // features), or for gemm1 16 (one A tile, rows 0-7 gate and 8-15 up of 8 features): twice the
-  // units, for layers whose 32-row units would leave blocks idle (kimi-k2-tp8 at one token:
-  // 128 units for 264 blocks).
+  // features); 64 (four A tiles: gemm1 32 gate + 32 up rows, gemm2 64 features), which halves
+  // the x bytes, x loads and the -136 correction MMAs per weight byte and the per-unit costs;
+  // or for gemm1 16 (one A tile, rows 0-7 gate and 8-15 up of 8 features): twice the units, for
+  // layers whose 32-row units would leave blocks idle (kimi-k2-tp8 at one token: 128 units for
+  // 264 blocks).
   constexpr int kA = kRows / 16;      // A tiles per unit
   constexpr int kHalfRows = kRows / 2;  // gemm1: gate rows, then up rows
-  static_assert(kRows == 32 || (kGemm1 && kRows == 16), "stream GEMM: units of 32 rows, or 16 for gemm1");
-  constexpr int kUnitFeatures = kGemm1 ? kRows / 2 : 32;
+  static_assert(kRows == 32 || kRows == 64 || (kGemm1 && kRows == 16),
+                "stream GEMM: units of 32 or 64 rows, or 16 for gemm1");
+  constexpr int kUnitFeatures = kGemm1 ? kRows / 2 : kRows;
   constexpr int kSlices = N / kUnitFeatures;
   constexpr int kStagesPerUnit = (K + KC - 1) / KC;
   constexpr bool kEven = K % KC == 0;  // every stage full: no bounds tests in the loops
@@ -185,17 +202,19 @@ __device__ void stream_gemm_rows(const GemmParams& p) {
   constexpr int kWBytes = kChunks * kChunkBytes;
   constexpr int kSBytes = kRows * kSRow;
   constexpr int kStageBytes = kWBytes + kSBytes + kPlanes * 8 * kXRow;
-  // Ring slots are sized by the host for Cfg::kUnitRows; the small-unit path fills a prefix.
-  constexpr int kSlotBytes = Cfg::kStageBytes;
-  static_assert(kRows == Cfg::kUnitRows ? kStageBytes == kSlotBytes : kStageBytes <= kSlotBytes,
+  constexpr int kSlotBytes = kStageBytes;
+  static_assert(kStageBytes == stage_bytes<kGemm1, kRows, KC>(), "stream GEMM: stage layout");
+  static_assert(kRows != Cfg::kUnitRows || kStageBytes == Cfg::kStageBytes,
                 "stream GEMM: host and device stage sizes differ");
+  static_assert(NS >= 2 && NS <= kMaxStages && NS * kStageBytes <= Cfg::kRingBytes,
+                "stream GEMM: the ring holds 2 to 8 stages of every path");
   static_assert(KC % 256 == 0 && K % 256 == 0, "stream GEMM: K and the stage must be multiples of 256");
   static_assert(N % kUnitFeatures == 0, "stream GEMM: features must split into units");
   static_assert((KC / 64) % CW == 0, "stream GEMM: a stage's group pairs must split across warps");
 
   extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ uint64_t full_bar[NS], empty_bar[NS];
-  __shared__ float red[CW > 1 ? CW - 1 : 1][kA * 4][32];
+  uint64_t* full_bar = bars;
+  uint64_t* empty_bar = bars + kMaxStages;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -334,8 +353,8 @@ __device__ void stream_gemm_rows(const GemmParams& p) {
         row_lo = eg * 2 * N + (Cfg::kGateFirst ? 0 : N) + u.slice * kHalfRows;
         row_hi = eg * 2 * N + (Cfg::kGateFirst ? N : 0) + u.slice * kHalfRows;
       } else {
-        row_lo = eg * N + u.slice * 32;
-        row_hi = row_lo + 16;
+        row_lo = eg * N + u.slice * kRows;
+        row_hi = row_lo + kHalfRows;
       }
       auto row_of = [&](int r) { return r < kHalfRows ? row_lo + r : row_hi + (r - kHalfRows); };
       const uint8_t* w_src[kWj];
@@ -413,17 +432,21 @@ __device__ void stream_gemm_rows(const GemmParams& p) {
   // (pair pi of the warp = groups G = 2 (w + pi CW) and G + 1). ldmatrix: lane l addresses row
   // (l / 8 -> A tile, half) l % 8 of the 8x16-byte matrices, 16-byte unit XOR-swizzled by row.
   // 16-row units: one ldmatrix.x4 reads both groups of a pair (lanes 16-31 address group G + 1).
+  // 64-row units: two per group (rows 0-31, then 32-63).
   constexpr int kPairs = KC / 64 / CW;  // pairs per warp in a full stage
-  constexpr int kLdm = kA == 2 ? 2 : 1;  // ldmatrix.x4 per pair
-  const int lm_row = kA == 2 ? ((lane >> 4) & 1) * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)
+  constexpr int kLdm = kA == 1 ? 1 : kA;  // ldmatrix.x4 per pair: [group][32-row half]
+  constexpr int kHalves = kA / 2;         // 32-row halves per group (0 for 16-row units)
+  const int lm_row = kA >= 2 ? ((lane >> 4) & 1) * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)
                              : ((lane >> 3) & 1) * 8 + (lane & 7);
   uint32_t lm_off[kPairs][kLdm];
 #pragma unroll
   for (int pi = 0; pi < kPairs; ++pi)
 #pragma unroll
-    for (int gg = 0; gg < kLdm; ++gg) {
-      const int G = 2 * (warp + pi * CW) + (kA == 2 ? gg : (lane >> 4) & 1);
-      lm_off[pi][gg] = (G >> 3) * kChunkBytes + lm_row * 128 + (((G & 7) ^ (lm_row & 7)) << 4);
+    for (int l = 0; l < kLdm; ++l) {
+      const int gg = kA >= 2 ? l / kHalves : (lane >> 4) & 1;
+      const int row = kA >= 2 ? lm_row + 32 * (l % kHalves) : lm_row;
+      const int G = 2 * (warp + pi * CW) + gg;
+      lm_off[pi][l] = (G >> 3) * kChunkBytes + row * 128 + (((G & 7) ^ (row & 7)) << 4);
     }
   // Scales: row (a * 16 + h * 8 + g), bytes 2G..2G+3 (groups G, G + 1). x: plane q row g,
   // group G + gg at byte (G + gg) * 64, thread t's 16 bytes.
@@ -459,10 +482,17 @@ __device__ void stream_gemm_rows(const GemmParams& p) {
           if (!kEven && warp + pi * CW >= pairs) continue;
           // Loads first: weights [group][matrix] (matrix m = A tile m / 2, rows +8 * (m % 2)),
           // scales [A tile][half] (groups G low, G + 1 high), x [plane][group].
-          uint32_t wq[2][4];
-          if constexpr (kA == 2) {
+          uint32_t wq[2][2 * kA];
+          if constexpr (kA >= 2) {
   #pragma unroll
-            for (int gg = 0; gg < 2; ++gg) ldmatrix_x4(st + lm_off[pi][gg], wq[gg]);
+            for (int gg = 0; gg < 2; ++gg)
+  #pragma unroll
+              for (int h = 0; h < kHalves; ++h) {
+                uint32_t r4[4];
+                ldmatrix_x4(st + lm_off[pi][gg * kHalves + h], r4);
+  #pragma unroll
+                for (int m = 0; m < 4; ++m) wq[gg][4 * h + m] = r4[m];
+              }
           } else {
             uint32_t r4[4];  // matrices: (group G, rows 0-7), (G, 8-15), (G + 1, 0-7), (G + 1, 8-15)
             ldmatrix_x4(st + lm_off[pi][0], r4);
@@ -503,51 +533,61 @@ __device__ void stream_gemm_rows(const GemmParams& p) {
               }
             }
           // -136 * sum_k x per row, per group (the chains of both groups interleave).
-          float corr[2][4];
+          // Per group: -136 * sum_k x per row (its correction), then one chain per A tile
+          // starting from it, scaled into acc. kGS groups' chains interleave (64-row units take
+          // one group at a time: their four A tiles are enough independent chains, and two
+          // groups' partial sums would not fit in the registers).
+          constexpr int kGS = kA == 4 ? 1 : 2;
   #pragma unroll
-          for (int gg = 0; gg < 2; ++gg)
+          for (int g0 = 0; g0 < 2; g0 += kGS) {
+            float corr[kGS][4];
   #pragma unroll
-            for (int i = 0; i < 4; ++i) corr[gg][i] = 0.0f;
+            for (int j = 0; j < kGS; ++j)
   #pragma unroll
-          for (int s = 0; s < 2; ++s)
+              for (int i = 0; i < 4; ++i) corr[j][i] = 0.0f;
   #pragma unroll
-            for (int q = 0; q < nq; ++q)
+            for (int s = 0; s < 2; ++s)
   #pragma unroll
-              for (int gg = 0; gg < 2; ++gg) mma16816(corr[gg], neg, b[gg][q][s][0], b[gg][q][s][1]);
-          // Four independent chains (group x A tile), each starting from its group's correction.
-          float part[2][kA][4];
+              for (int q = 0; q < nq; ++q)
   #pragma unroll
-          for (int gg = 0; gg < 2; ++gg)
+                for (int j = 0; j < kGS; ++j)
+                  mma16816(corr[j], neg, b[g0 + j][q][s][0], b[g0 + j][q][s][1]);
+            float part[kGS][kA][4];
   #pragma unroll
-            for (int a = 0; a < kA; ++a)
+            for (int j = 0; j < kGS; ++j)
   #pragma unroll
-              for (int i = 0; i < 4; ++i) part[gg][a][i] = corr[gg][i];
+              for (int a = 0; a < kA; ++a)
   #pragma unroll
-          for (int s = 0; s < 2; ++s) {
-            const int sh = 8 * s;  // k-step s: nibble pairs (2s, 2s+4) and (2s+1, 2s+5)
+                for (int i = 0; i < 4; ++i) part[j][a][i] = corr[j][i];
   #pragma unroll
-            for (int gg = 0; gg < 2; ++gg)
+            for (int s = 0; s < 2; ++s) {
+              const int sh = 8 * s;  // k-step s: nibble pairs (2s, 2s+4) and (2s+1, 2s+5)
+  #pragma unroll
+              for (int j = 0; j < kGS; ++j)
+  #pragma unroll
+                for (int a = 0; a < kA; ++a) {
+                  const int gg = g0 + j;
+                  const uint32_t w0 = wq[gg][2 * a], w1 = wq[gg][2 * a + 1];  // rows g, g + 8
+                  const uint32_t af[4] = {nib_pair(w0 >> sh), nib_pair(w1 >> sh),
+                                          nib_pair(w0 >> (sh + 4)), nib_pair(w1 >> (sh + 4))};
+  #pragma unroll
+                  for (int q = 0; q < nq; ++q)
+                    mma16816(part[j][a], af, b[gg][q][s][0], b[gg][q][s][1]);
+                }
+            }
+  #pragma unroll
+            for (int j = 0; j < kGS; ++j)
   #pragma unroll
               for (int a = 0; a < kA; ++a) {
-                const uint32_t w0 = wq[gg][2 * a], w1 = wq[gg][2 * a + 1];  // rows g, g + 8
-                const uint32_t af[4] = {nib_pair(w0 >> sh), nib_pair(w1 >> sh),
-                                        nib_pair(w0 >> (sh + 4)), nib_pair(w1 >> (sh + 4))};
-  #pragma unroll
-                for (int q = 0; q < nq; ++q)
-                  mma16816(part[gg][a], af, b[gg][q][s][0], b[gg][q][s][1]);
+                const int gg = g0 + j;
+                const float s_g = __uint_as_float(gg ? (sw[a][0] & 0xffff0000u) : (sw[a][0] << 16));
+                const float s_g8 = __uint_as_float(gg ? (sw[a][1] & 0xffff0000u) : (sw[a][1] << 16));
+                acc[a][0] = fmaf(s_g, part[j][a][0], acc[a][0]);
+                acc[a][1] = fmaf(s_g, part[j][a][1], acc[a][1]);
+                acc[a][2] = fmaf(s_g8, part[j][a][2], acc[a][2]);
+                acc[a][3] = fmaf(s_g8, part[j][a][3], acc[a][3]);
               }
           }
-  #pragma unroll
-          for (int gg = 0; gg < 2; ++gg)
-  #pragma unroll
-            for (int a = 0; a < kA; ++a) {
-              const float s_g = __uint_as_float(gg ? (sw[a][0] & 0xffff0000u) : (sw[a][0] << 16));
-              const float s_g8 = __uint_as_float(gg ? (sw[a][1] & 0xffff0000u) : (sw[a][1] << 16));
-              acc[a][0] = fmaf(s_g, part[gg][a][0], acc[a][0]);
-              acc[a][1] = fmaf(s_g, part[gg][a][1], acc[a][1]);
-              acc[a][2] = fmaf(s_g8, part[gg][a][2], acc[a][2]);
-              acc[a][3] = fmaf(s_g8, part[gg][a][3], acc[a][3]);
-            }
         }
         __syncwarp();
         if (lane == 0) mbar_arrive(&empty_bar[slot]);
@@ -570,14 +610,14 @@ __device__ void stream_gemm_rows(const GemmParams& p) {
 #pragma unroll
         for (int a = 0; a < kA; ++a)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) red[warp - 1][a * 4 + i][lane] = acc[a][i];
+          for (int i = 0; i < 4; ++i) red[((warp - 1) * kA * 4 + a * 4 + i) * 32 + lane] = acc[a][i];
       consumer_barrier(CW * 32);
       if (warp == 0)
         for (int w = 1; w < CW; ++w)
 #pragma unroll
           for (int a = 0; a < kA; ++a)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[a][i] += red[w - 1][a * 4 + i][lane];
+            for (int i = 0; i < 4; ++i) acc[a][i] += red[((w - 1) * kA * 4 + a * 4 + i) * 32 + lane];
       consumer_barrier(CW * 32);
     }
 
@@ -592,16 +632,19 @@ __device__ void stream_gemm_rows(const GemmParams& p) {
       if constexpr (kGemm1) {
         __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
         __nv_bfloat16* out_lo = static_cast<__nv_bfloat16*>(p.x_lo);
-        // 32-row units: gate in A tile 0, up in tile 1 (features g, g + 8). 16-row units: gate in
-        // rows 0-7 (accumulators 0, 1), up in rows 8-15 (2, 3) of feature g.
+        // 32/64-row units: gate in A tiles [0, kA/2), up in [kA/2, kA); tile a holds features
+        // 16a + g and 16a + g + 8. 16-row units: gate in rows 0-7 (accumulators 0, 1), up in
+        // rows 8-15 (2, 3) of feature g.
+        constexpr int kGateTiles = kA >= 2 ? kA / 2 : 1;
 #pragma unroll
-        for (int i = 0; i < (kA == 2 ? 4 : 2); ++i) {
+        for (int ai = 0; ai < kGateTiles * (kA >= 2 ? 4 : 2); ++ai) {
+          const int a = ai / 4, i = kA >= 2 ? ai % 4 : ai;
           const int r = 2 * t + (i & 1);
           if (r >= u.rows_valid) continue;
-          const int f = u.slice * kUnitFeatures + g + 8 * (i >> 1);
-          float gate = acc[0][i], up;
-          if constexpr (kA == 2)
-            up = acc[1][i];
+          const int f = u.slice * kUnitFeatures + a * 16 + g + 8 * (i >> 1);
+          float gate = acc[a][i], up;
+          if constexpr (kA >= 2)
+            up = acc[a + kGateTiles][i];
           else
             up = acc[0][i + 2];
           if constexpr (Cfg::kHasLimit) {
@@ -617,11 +660,11 @@ __device__ void stream_gemm_rows(const GemmParams& p) {
       } else {
         float* y = static_cast<float*>(p.out);  // fp32 rows, zeros in padding rows
 #pragma unroll
-        for (int a = 0; a < 2; ++a)
+        for (int a = 0; a < kA; ++a)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int r = 2 * t + (i & 1);
-            const int f = u.slice * 32 + a * 16 + g + 8 * (i >> 1);
+            const int f = u.slice * kRows + a * 16 + g + 8 * (i >> 1);
             y[static_cast<long long>(u.row0 + r) * N + f] = r < u.rows_valid ? acc[a][i] : 0.0f;
           }
       }
@@ -633,16 +676,28 @@ __device__ void stream_gemm_rows(const GemmParams& p) {
   }
 }
 
+// Takes the unit-size path of p.unit_rows where it is compiled (Cfg::kAltRows), else the default.
+// The paths share the mbarriers and the reduction buffer (static shared memory is allocated per
+// variable, so arrays per path would add up).
 template <class Cfg>
 __device__ void stream_gemm(const GemmParams& p) {
-  if constexpr (Cfg::kSmallUnits) {
-    static_assert(Cfg::kGemm1 && Cfg::kUnitRows == 32, "stream GEMM: the small-unit path is gemm1's");
-    if (p.small_units) {
-      stream_gemm_rows<Cfg, 16>(p);
+  constexpr int CW = Cfg::kConsumerWarps;
+  __shared__ uint64_t bars[2 * kMaxStages];
+  __shared__ float red[(CW > 1 ? CW - 1 : 1) * (Cfg::kUnitRows / 4) * 32];
+  static_assert((Cfg::kAltRows & ~(16 | 32)) == 0 && (Cfg::kGemm1 || (Cfg::kAltRows & 16) == 0) &&
+                    (Cfg::kAltRows == 0 || Cfg::kAltRows < Cfg::kUnitRows),
+                "stream GEMM: smaller paths of 16 (gemm1) or 32 rows below the default");
+  if constexpr ((Cfg::kAltRows & 16) != 0)
+    if (p.unit_rows == 16) {
+      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, bars, red);
       return;
     }
-  }
-  stream_gemm_rows<Cfg, Cfg::kUnitRows>(p);
+  if constexpr ((Cfg::kAltRows & 32) != 0)
+    if (p.unit_rows == 32) {
+      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, bars, red);
+      return;
+    }
+  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, bars, red);
 }
 
 }  // namespace moejit_dev

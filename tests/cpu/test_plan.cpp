@@ -138,12 +138,19 @@ TEST(PlanGemm, KimiK2Configs) {
   // 4 blocks per stage. Both double-buffered.
   EXPECT_EQ(plan.buckets[0].gemm1, (GemmConfig{1, 4, 32, true, true}));
   EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{4, 2, 32, true, true}));
-  // On sm_90a (the default target) the decode buckets run the stream family instead: gate/up
-  // staged 1024 at a time, down 512, as many stages as fit in 104 KiB (3 of 35328 B, 4 of
-  // 26624 B), 4 consumer and 4 producer warps; the finalize stays its own kernel.
+  // On sm_90a (the default target) the decode buckets run the stream family instead: units of
+  // 64 weight rows, gate/up staged 512 at a time, down 256, as many stages as fit in 104 KiB
+  // (3 of 27136 B, 5 of 18432 B), 4 consumer and 4 producer warps, no smaller unit paths (one
+  // token has 512 gemm1 units); the finalize stays its own kernel.
   EXPECT_TRUE(plan.buckets[0].stream);
-  EXPECT_EQ(plan.buckets[0].s1, (StreamConfig{4, 1024, 3, 4}));
-  EXPECT_EQ(plan.buckets[0].s2, (StreamConfig{4, 512, 4, 4}));
+  StreamConfig s1{4, 512, 3, 4};
+  s1.ring_bytes = 3 * 27136;
+  StreamConfig s2{4, 256, 5, 4};
+  s2.ring_bytes = 5 * 18432;
+  EXPECT_EQ(plan.buckets[0].s1, s1);
+  EXPECT_EQ(plan.buckets[0].s2, s2);
+  EXPECT_EQ(stream_stage_bytes(512, true, 64), 27136);
+  EXPECT_EQ(stream_stage_bytes(256, false, 64), 18432);
   EXPECT_FALSE(plan.buckets[0].fused_finalize);
   EXPECT_TRUE(plan.buckets[1].stream);
   EXPECT_FALSE(plan.buckets[2].stream);
@@ -291,8 +298,8 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
   const std::string text = describe(make_plan(preset("kimi-k2"), 16));
   EXPECT_EQ(text,
             "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=0 stream1(consumer_warps=4 "
-            "producer_warps=4 k_stage=1024 stages=3) stream2(consumer_warps=4 producer_warps=4 "
-            "k_stage=512 stages=4) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
+            "producer_warps=4 k_stage=512 stages=3) stream2(consumer_warps=4 producer_warps=4 "
+            "k_stage=256 stages=5) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
             "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1)\n"
             "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
@@ -316,39 +323,62 @@ TEST(PlanStream, StageBytesOfSmallUnits) {
   EXPECT_EQ(stream_stage_bytes(1024, true, 32), stream_stage_bytes(1024, true));
 }
 
-// The 16-row path is compiled into the first decode bucket's gemm1 only where one token has at
-// most 256 gemm1 units of 16 rows (top_k * I / 8); u1=16 / u1=32 force one unit size.
-TEST(PlanStream, SmallUnitsRule) {
-  EXPECT_EQ(small_gemm1_units(preset("kimi-k2-tp8"), 1), 256);  // 8 tiles x 256 / 8 slices
-  EXPECT_EQ(small_gemm1_units(preset("kimi-k2-tp8"), 2), 512);
-  const Plan tp8 = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");
-  EXPECT_TRUE(tp8.buckets[0].s1.small_units);
-  EXPECT_FALSE(tp8.buckets[1].s1.small_units);  // 17-64 tokens
-  EXPECT_FALSE(tp8.buckets[0].s2.small_units);
-  EXPECT_EQ(tp8.buckets[0].s1.unit_rows, 32);
-  EXPECT_NE(describe(tp8).find("stages=3 small_units=1)"), std::string::npos);
-  EXPECT_FALSE(make_plan(preset("kimi-k2-tp4"), 64, "sm_90a").buckets[0].s1.small_units);  // 512
-  EXPECT_FALSE(make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a").buckets[0].s1.small_units);  // 384
-  EXPECT_FALSE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.small_units);
+// Unit sizes: 64 rows by default; 32 and (gemm1) 16 are compiled in as well where the bucket's
+// first token count would take them on a grid of 264 blocks, and the launch takes the largest
+// whose units fill >= 90% of the grid. u1= / u2= force one size.
+TEST(PlanStream, UnitRowsRule) {
+  const MoeSpec tp8 = preset("kimi-k2-tp8");  // I = 256: gemm1 512 rows, gemm2 7168 per expert
+  EXPECT_EQ(stream_units(tp8, true, 16, 1), 256);  // 8 tiles x 512 / 16
+  EXPECT_EQ(stream_units(tp8, true, 64, 2), 128);
+  EXPECT_EQ(stream_units(tp8, false, 64, 1), 896);
+  const Plan p8 = make_plan(tp8, 64, "sm_90a");
+  const StreamConfig& g1 = p8.buckets[0].s1;
+  EXPECT_EQ(g1.unit_rows, 64);
+  EXPECT_EQ(g1.alt_rows, 16 | 32);
+  EXPECT_EQ(g1.k_stage16, 1024);
+  EXPECT_EQ(g1.k_stage32, 1024);
+  // The ring is the largest path's own: 3 stages of 32 rows x 1024 (35328 B); 64-row stages: 3.
+  EXPECT_EQ(g1.ring_bytes, 3 * 35328);
+  EXPECT_EQ(g1.stages, 3);
+  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48)"), std::string::npos);
+  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 1, 264), 16);  // 256 units of 16 rows
+  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 2, 264), 32);  // 256 of 32 rows
+  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 4, 264), 64);  // 256 of 64 rows
+  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 1, 120), 32);  // a smaller grid: 128 of 32 rows fill it
+  EXPECT_EQ(p8.buckets[1].s1.alt_rows, 0);  // 17-64 tokens: 64 rows only
+  EXPECT_EQ(p8.buckets[0].s2.alt_rows, 0);  // gemm2: 896 units at one token
+  EXPECT_EQ(choose_unit_rows(p8.buckets[0].s2, tp8, false, 1, 264), 64);
+  // qwen3-30b-a3b: one token has 192 gemm1 units of 64 rows, 384 of 32; kimi-k2 512 of 64.
+  const MoeSpec qwen = preset("qwen3-30b-a3b");
+  const Plan pq = make_plan(qwen, 64, "sm_90a");
+  EXPECT_EQ(pq.buckets[0].s1.alt_rows, 32);
+  EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 1, 264), 32);
+  EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 2, 264), 64);
+  EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.alt_rows, 0);
   {
     const ScopedOverride o("u1=16");
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
     for (const Bucket& b : p.buckets) {
+      if (!b.stream) continue;
       EXPECT_EQ(b.s1.unit_rows, 16);
-      EXPECT_FALSE(b.s1.small_units);
+      EXPECT_EQ(b.s1.alt_rows, 0);
       EXPECT_EQ(b.s1.stages, 104 * 1024 / stream_stage_bytes(1024, true, 16));  // stages re-picked
-      EXPECT_EQ(b.s2.unit_rows, 32);
+      EXPECT_EQ(b.s2.unit_rows, 64);
     }
   }
   {
-    const ScopedOverride o("u1=32");
-    const Plan p = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");
-    EXPECT_FALSE(p.buckets[0].s1.small_units);
+    const ScopedOverride o("u1=32,u2=32");
+    const Plan p = make_plan(tp8, 64, "sm_90a");
+    EXPECT_EQ(p.buckets[0].s1.alt_rows, 0);
     EXPECT_EQ(p.buckets[0].s1.unit_rows, 32);
+    EXPECT_EQ(p.buckets[0].s1.k_stage, 1024);
+    EXPECT_EQ(p.buckets[0].s2.unit_rows, 32);
+    EXPECT_EQ(p.buckets[0].s2.k_stage, 256);  // K = 256
+    EXPECT_EQ(choose_unit_rows(p.buckets[0].s1, tp8, true, 1, 264), 32);  // the only one
   }
-  {
-    const ScopedOverride o("u1=8");
-    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
+  for (const char* bad : {"u1=8", "u2=16", "u2=128"}) {
+    const ScopedOverride o(bad);
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error) << bad;
   }
 }
 
@@ -380,10 +410,12 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   EXPECT_EQ(w.buckets.back().tile_rows, 8);
   EXPECT_FALSE(w.buckets.back().stream);
   EXPECT_TRUE(w.buckets[0].stream);
-  // qwen3's K = I = 768 is not a multiple of 512: 256 per stage, 7 stages in 104 KiB.
+  // qwen3's gemm2 (K = I = 768): 256 per stage, 5 stages of 64 rows in 104 KiB.
   const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
   EXPECT_TRUE(q.buckets[0].stream);
-  EXPECT_EQ(q.buckets[0].s2, (StreamConfig{4, 256, 7, 4}));
+  StreamConfig q2{4, 256, 5, 4};
+  q2.ring_bytes = 5 * 18432;
+  EXPECT_EQ(q.buckets[0].s2, q2);
   EXPECT_FALSE(q.buckets[0].fused_finalize);
 }
 
@@ -416,8 +448,11 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
   {
     const ScopedOverride shapes("s1=4x1024x2x2,s2=4x256x6");
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
-    EXPECT_EQ(p.buckets[0].s1, (StreamConfig{4, 1024, 2, 2}));
-    EXPECT_EQ(p.buckets[0].s2, (StreamConfig{4, 256, 6, 4}));  // producer warps kept
+    StreamConfig s1{4, 1024, 2, 2}, s2{4, 256, 6, 4};  // s2: producer warps kept
+    s1.ring_bytes = 2 * stream_stage_bytes(1024, true, 64);
+    s2.ring_bytes = 6 * stream_stage_bytes(256, false, 64);
+    EXPECT_EQ(p.buckets[0].s1, s1);
+    EXPECT_EQ(p.buckets[0].s2, s2);
   }
   {
     const ScopedOverride unfused("stream=0,ff=0");
