@@ -75,13 +75,13 @@ std::string route_cfg(const MoeSpec& s, int warps) {
 }
 
 // Dispatch constants (kTopK comes from route_cfg when both are present).
-std::string dispatch_cfg(const MoeSpec& s, bool with_top_k) {
+std::string dispatch_cfg(const MoeSpec& s, bool with_top_k, int threads = kDispatchThreads) {
   return (with_top_k ? fmt::format("  static constexpr int kTopK = {};\n", s.top_k) : "") +
          fmt::format(
              "  static constexpr int kLocalOffset = {};\n"
              "  static constexpr int kLocalExperts = {};\n"
              "  static constexpr int kThreads = {};\n",
-             s.local_expert_offset, s.local_experts(), kDispatchThreads);
+             s.local_expert_offset, s.local_experts(), threads);
 }
 
 KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
@@ -96,11 +96,12 @@ KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
 
 KernelSource route_dispatch_unit(const Plan& plan, const KernelPlan& k) {
   const MoeSpec& s = plan.spec;
-  const std::string cfg = route_cfg(s, kDispatchThreads / 32) + dispatch_cfg(s, false);
+  const int threads = 32 * plan.route_dispatch_warps;
+  const std::string cfg = route_cfg(s, plan.route_dispatch_warps) + dispatch_cfg(s, false, threads);
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_route_dispatch.cuh", cfg, "RouteDispatchParams",
-               "route_dispatch_kernel", kDispatchThreads),
-          kDispatchThreads};
+               "route_dispatch_kernel", threads),
+          threads};
 }
 
 KernelSource dispatch_unit(const Plan& plan, const KernelPlan& k) {

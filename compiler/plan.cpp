@@ -237,6 +237,28 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   plan.spec = spec;
   plan.max_tokens = max_tokens;
   const int local = spec.local_experts();
+  // The fused route+dispatch block (buckets of at most 16 tokens): 16 warps, one token each, or
+  // 8 where 16 would take more than 44 KiB of static shared memory (per warp: grouped
+  // DeepSeekV3's score and group rows, dispatch's per-warp counts). H200 (bench/RESULTS.md
+  // section 11): at 16 tokens 16 warps beat 8 by 1-2 us; at one token they tie.
+  const bool grouped = spec.routing == RoutingMethod::DeepSeekV3 && spec.n_group > 1;
+  for (const long long w : {16, 8}) {
+    const long long smem = (grouped ? w * (4 * spec.num_experts + 5 * spec.n_group) : 0) +
+                           4ll * (4 * local + 1) + 2 * w * local + 4ll * 64 * spec.top_k;
+    if (smem <= 44 * 1024) {
+      plan.route_dispatch_warps = static_cast<int>(w);
+      break;
+    }
+  }
+  static const std::regex rdw("rdw=([0-9]+)");  // tuning: at most this many warps
+  const std::string override_text = plan_override();
+  if (std::smatch m; plan.route_dispatch_warps > 0 && std::regex_search(override_text, m, rdw)) {
+    if (m[1] != "8" && m[1] != "16")
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("MOEJIT_PLAN_OVERRIDE: rdw={} (route+dispatch warps) must be 8 "
+                              "or 16", m[1].str()));
+    plan.route_dispatch_warps = std::min(plan.route_dispatch_warps, std::stoi(m[1]));
+  }
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;
     Bucket b;
@@ -305,12 +327,13 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     b.fused_finalize = spec.finalize && !b.stream && b.gemm2.direct_x;
     if (b.tile_rows == 8 && plan_override().find("ff=0") != std::string::npos)
       b.fused_finalize = false;
-    // Up to 64 tokens one block routes (8 warps, <= 8 tokens each) and dispatches, when the
-    // two kernels' static shared memory fits in one block.
-    const bool grouped = spec.routing == RoutingMethod::DeepSeekV3 && spec.n_group > 1;
-    const long long smem = (grouped ? 8ll * (4 * spec.num_experts + 5 * spec.n_group) : 0) +
-                           4ll * (4 * local + 1) + 16ll * local + 4ll * 64 * spec.top_k;
-    b.fused_route = hi != 0 && hi <= 64 && smem <= 44 * 1024;
+    // Up to 16 tokens one block routes (a token per warp) and dispatches, when the two kernels'
+    // static shared memory fits in one block (see route_dispatch_warps). Above, routing on one
+    // SM costs more than the launch it saves: H200, 64 tokens, ncu: the fused block 33 us with 8
+    // warps, 21.6 with 32 (it issues ~1300 warp-instructions per token on one SM), against
+    // route 4.8 us (16 blocks) + dispatch 7.0; layer times in bench/RESULTS.md section 11.
+    b.fused_route = hi != 0 && hi <= 16 && plan.route_dispatch_warps > 0;
+    if (plan_override().find("fr=0") != std::string::npos) b.fused_route = false;
     plan.buckets.push_back(b);
   }
 

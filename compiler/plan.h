@@ -107,6 +107,9 @@ struct Plan {
   std::vector<Bucket> buckets;
   std::vector<KernelPlan> kernels;
   int max_tokens = 0;  // as requested from make_plan; 0 = no limit
+  // Warps of the fused route+dispatch block (buckets with fused_route, at most 16 tokens): warp
+  // w routes tokens w, w + warps, ...; 0 = no bucket fuses them.
+  int route_dispatch_warps = 0;
 
   int bucket_for(int tokens) const;  // throws InvalidArgument if no bucket covers it
   // Upper bound of row tiles (and of permuted rows = tiles * tile_rows) for T tokens.

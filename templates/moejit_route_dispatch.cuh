@@ -12,7 +12,7 @@
 
 namespace moejit_dev {
 
-constexpr int kMaxTokens = 64;  // the planner fuses route and dispatch up to 64 tokens
+constexpr int kMaxTokens = 64;  // at most the tokens the planner fuses route and dispatch for (16)
 
 template <class Cfg>
 __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {

@@ -195,7 +195,7 @@ TEST(PlanKernels, FullList) {
   const Expected expected[] = {
       {"route", KernelRole::Route, {"route"}, -1},
       {"dispatch", KernelRole::Dispatch, {"dispatch"}, -1},
-      // Buckets up to 64 tokens route and dispatch in one block.
+      // Buckets up to 16 tokens route and dispatch in one block.
       {"route_dispatch", KernelRole::RouteDispatch, {"route", "dispatch"}, -1},
       {"gemm1_b0", KernelRole::Gemm1, {"gemm1"}, 0},
       {"gemm2_b0", KernelRole::Gemm2, {"gemm2"}, 0},
@@ -246,9 +246,9 @@ TEST(PlanMaxTokens, DropsBucketsAbove) {
   for (auto [max_tokens, buckets] : cases) {
     const Plan plan = make_plan(s, max_tokens);
     EXPECT_EQ(plan.buckets.size(), buckets) << max_tokens;
-    // Two kernels per bucket plus finalize, route_dispatch (buckets up to 64 tokens), and
-    // route and dispatch (buckets above 64 tokens).
-    const size_t extra = 1 + 1 + (max_tokens == 0 || max_tokens > 64 ? 2 : 0);
+    // Two kernels per bucket plus finalize, route_dispatch (buckets up to 16 tokens), and
+    // route and dispatch (buckets above 16 tokens).
+    const size_t extra = 1 + 1 + (max_tokens == 0 || max_tokens > 16 ? 2 : 0);
     EXPECT_EQ(plan.kernels.size(), 2 * buckets + extra) << max_tokens;
     EXPECT_TRUE(max_tokens == 0 || plan.buckets.back().contains(max_tokens)) << max_tokens;
   }
@@ -529,6 +529,31 @@ TEST(PlanMaxTiles, Values) {
   EXPECT_EQ(Plan::max_tiles(4096, 8, 384, 64), 890);  // (32768 + 384 * 63) / 64
   EXPECT_EQ(Plan::max_tiles(100, 1, 1, 16), 7);       // ceil(100 / 16)
   EXPECT_EQ(Plan::max_tiles(0, 8, 384, 8), 0);
+}
+
+// The fused route+dispatch block: buckets of at most 16 tokens, 16 warps (a token each), 8 where
+// 16 warps' static shared memory would pass 44 KiB; rdw= caps the warps (tuning).
+TEST(PlanRoute, FusedUpToSixteenTokens) {
+  const Plan kimi = make_plan(preset("kimi-k2"));
+  EXPECT_EQ(kimi.route_dispatch_warps, 16);
+  EXPECT_TRUE(kimi.buckets[0].fused_route);
+  EXPECT_FALSE(kimi.buckets[1].fused_route);  // 17-64 tokens: route on 4-warp blocks, then dispatch
+  EXPECT_EQ(make_plan(preset("deepseek-v3")).route_dispatch_warps, 16);  // grouped: 31364 B
+  MoeSpec wide = preset("kimi-k2");
+  wide.num_experts = 1024;  // 16 warps: 4 * 4097 + 2 * 16 * 1024 + 2048 = 51204 B
+  EXPECT_EQ(make_plan(wide).route_dispatch_warps, 8);
+  {
+    const ScopedOverride o("rdw=8");
+    EXPECT_EQ(make_plan(preset("kimi-k2")).route_dispatch_warps, 8);
+  }
+  {
+    const ScopedOverride o("rdw=32");
+    EXPECT_THROW(make_plan(preset("kimi-k2")), Error);
+  }
+  {
+    const ScopedOverride o("fr=0");
+    for (const Bucket& b : make_plan(preset("kimi-k2")).buckets) EXPECT_FALSE(b.fused_route);
+  }
 }
 
 }  // namespace
