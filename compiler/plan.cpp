@@ -320,6 +320,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
           b.s1.suspend_ns = b.s2.suspend_ns = std::stoi(m[1]);
         }
         if (o.find("pack=0") != std::string::npos) b.s2.pack_planes = false;
+        if (o.find("sep=0") != std::string::npos) b.s1.split_epilogue = b.s2.split_epilogue = false;
       }
     }
     // Decode: the last gemm2 block of a token sums its rows, saving the finalize launch.

@@ -49,13 +49,17 @@ struct StreamConfig {
   int alt_rows = 0;
   int k_stage16 = 0, k_stage32 = 0;  // k_stage of the 16- and 32-row paths (0 = not compiled)
   int ring_bytes = 0;  // dynamic shared memory: the largest path's stages (set_unit_paths)
+  // Four consumer warps share each unit's warp sum and epilogue (warp w: accumulator w of every
+  // A tile) instead of warp 0 doing both.
+  bool split_epilogue = true;
 
   int threads() const { return 32 * (consumer_warps + producer_warps); }
   bool operator==(const StreamConfig& o) const {
     return consumer_warps == o.consumer_warps && k_stage == o.k_stage && stages == o.stages &&
            producer_warps == o.producer_warps && suspend_ns == o.suspend_ns && pack_planes == o.pack_planes &&
            unit_rows == o.unit_rows && alt_rows == o.alt_rows && k_stage16 == o.k_stage16 &&
-           k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes;
+           k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
+           split_epilogue == o.split_epilogue;
   }
 };
 

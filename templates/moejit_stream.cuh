@@ -40,7 +40,7 @@
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
-// kRingBytes.
+// kRingBytes, kSplitEpilogue.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -160,7 +160,7 @@ constexpr int kMaxStages = 8;
 // One unit-size path. kRows: weight rows per unit (Cfg::kUnitRows, or a smaller size of
 // Cfg::kAltRows); KC: its K values per stage (a multiple of 256). The path divides the ring
 // (Cfg::kRingBytes) into as many stages as fit, at most 8 (the default path: Cfg::kStages).
-// bars: 2 * kMaxStages mbarriers; red: (kConsumerWarps - 1) x kRows / 4 x 32 floats.
+// bars: 2 * kMaxStages mbarriers; red: kConsumerWarps x kRows / 4 x 32 floats.
 template <class Cfg, int kRows, int KC>
 __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red) {
   using namespace stream;
@@ -603,9 +603,32 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     else
       run_stages(kPlanes);
 
-    // Sum the consumer warps in a fixed order. The second barrier keeps the next unit's writes
-    // out of the buffer until warp 0 has read it.
-    if constexpr (CW > 1) {
+    // Sum the consumer warps in a fixed order (warp 0, 1, ...). The second barrier keeps the
+    // next unit's writes out of the buffer until every sum has read it. kSplit (four consumer
+    // warps, 32- or 64-row units): warp w sums and stores accumulator index i = w of every A
+    // tile (rows 2t + (w & 1), features g + 8 (w >> 1)), so the four epilogues run in parallel;
+    // otherwise warp 0 sums everything and runs the whole epilogue.
+    constexpr bool kSplit = Cfg::kSplitEpilogue && CW == 4 && kA >= 2;
+    if constexpr (kSplit) {
+#pragma unroll
+      for (int a = 0; a < kA; ++a)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          if (i != warp) red[((warp * kA + a) * 4 + i) * 32 + lane] = acc[a][i];
+      consumer_barrier(CW * 32);
+      // The sums land in acc[a][0] (a register: selects, no indexing by warp).
+#pragma unroll
+      for (int a = 0; a < kA; ++a) {
+        float own = acc[a][0];
+#pragma unroll
+        for (int i = 1; i < 4; ++i) own = i == warp ? acc[a][i] : own;
+        float sum = warp == 0 ? own : red[(a * 4 + warp) * 32 + lane];
+#pragma unroll
+        for (int w = 1; w < CW; ++w) sum += w == warp ? own : red[((w * kA + a) * 4 + warp) * 32 + lane];
+        acc[a][0] = sum;
+      }
+      consumer_barrier(CW * 32);
+    } else if constexpr (CW > 1) {
       if (warp > 0)
 #pragma unroll
         for (int a = 0; a < kA; ++a)
@@ -621,14 +644,16 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       consumer_barrier(CW * 32);
     }
 
-    // Epilogue (consumer warp 0). Accumulator i: feature +g + 8 * (i / 2), row 2t + (i % 2).
-    // A packed unit's lo-plane sums sit in columns 4-7, two threads over (t ^ 2): add them in.
-    if (warp == 0) {
+    // Epilogue (consumer warp 0, or with kSplit every warp for its accumulator index i = warp,
+    // summed into acc[a][0]). Accumulator i: feature +g + 8 * (i / 2), row 2t + (i % 2). A
+    // packed unit's lo-plane sums sit in columns 4-7, two threads over (t ^ 2): add them in.
+    constexpr int kSlots = kSplit ? 1 : 4;  // accumulators per A tile this warp stores
+    if (kSplit || warp == 0) {
       if (packed)
 #pragma unroll
         for (int a = 0; a < kA; ++a)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) acc[a][i] += __shfl_xor_sync(kFullMask, acc[a][i], 2);
+          for (int ii = 0; ii < kSlots; ++ii) acc[a][ii] += __shfl_xor_sync(kFullMask, acc[a][ii], 2);
       if constexpr (kGemm1) {
         __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
         __nv_bfloat16* out_lo = static_cast<__nv_bfloat16*>(p.x_lo);
@@ -636,17 +661,19 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         // 16a + g and 16a + g + 8. 16-row units: gate in rows 0-7 (accumulators 0, 1), up in
         // rows 8-15 (2, 3) of feature g.
         constexpr int kGateTiles = kA >= 2 ? kA / 2 : 1;
+        constexpr int kSlotsG = kA >= 2 ? kSlots : 2;
 #pragma unroll
-        for (int ai = 0; ai < kGateTiles * (kA >= 2 ? 4 : 2); ++ai) {
-          const int a = ai / 4, i = kA >= 2 ? ai % 4 : ai;
+        for (int ai = 0; ai < kGateTiles * kSlotsG; ++ai) {
+          const int a = ai / kSlotsG, ii = ai % kSlotsG;
+          const int i = kSplit ? warp : ii;
           const int r = 2 * t + (i & 1);
           if (r >= u.rows_valid) continue;
           const int f = u.slice * kUnitFeatures + a * 16 + g + 8 * (i >> 1);
-          float gate = acc[a][i], up;
+          float gate = acc[a][ii], up;
           if constexpr (kA >= 2)
-            up = acc[a + kGateTiles][i];
+            up = acc[a + kGateTiles][ii];
           else
-            up = acc[0][i + 2];
+            up = acc[0][ii + 2];
           if constexpr (Cfg::kHasLimit) {
             gate = gate > limit ? limit : gate;
             up = up > limit ? limit : (up < -limit ? -limit : up);
@@ -662,10 +689,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
 #pragma unroll
         for (int a = 0; a < kA; ++a)
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
+          for (int ii = 0; ii < kSlots; ++ii) {
+            const int i = kSplit ? warp : ii;
             const int r = 2 * t + (i & 1);
             const int f = u.slice * kRows + a * 16 + g + 8 * (i >> 1);
-            y[static_cast<long long>(u.row0 + r) * N + f] = r < u.rows_valid ? acc[a][i] : 0.0f;
+            y[static_cast<long long>(u.row0 + r) * N + f] = r < u.rows_valid ? acc[a][ii] : 0.0f;
           }
       }
     }
@@ -683,7 +711,7 @@ template <class Cfg>
 __device__ void stream_gemm(const GemmParams& p) {
   constexpr int CW = Cfg::kConsumerWarps;
   __shared__ uint64_t bars[2 * kMaxStages];
-  __shared__ float red[(CW > 1 ? CW - 1 : 1) * (Cfg::kUnitRows / 4) * 32];
+  __shared__ float red[CW * (Cfg::kUnitRows / 4) * 32];
   static_assert((Cfg::kAltRows & ~(16 | 32)) == 0 && (Cfg::kGemm1 || (Cfg::kAltRows & 16) == 0) &&
                     (Cfg::kAltRows == 0 || Cfg::kAltRows < Cfg::kUnitRows),
                 "stream GEMM: smaller paths of 16 (gemm1) or 32 rows below the default");

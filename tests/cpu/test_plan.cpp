@@ -439,6 +439,13 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     const ScopedOverride huge("sns=99999999999");
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
   }
+  EXPECT_TRUE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.split_epilogue);
+  {
+    const ScopedOverride joint("sep=0");  // warp 0 sums and stores every unit alone
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_FALSE(p.buckets[0].s1.split_epilogue);
+    EXPECT_FALSE(p.buckets[1].s2.split_epilogue);
+  }
   {
     const ScopedOverride unpacked("pack=0");
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
