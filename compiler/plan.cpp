@@ -128,25 +128,29 @@ StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64) {
     c.k_stage = gemm1 && k % 1024 == 0 ? 1024 : k % 512 == 0 ? 512 : 256;
   else
     c.k_stage = gemm1 && k % 512 == 0 ? 512 : 256;
-  c.stages = std::clamp(104 * 1024 / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows), 2, 8);
+  c.stages = std::clamp(104 * 1024 / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows), 2, kMaxStreamStages);
   c.ring_bytes = c.stages * stream_stage_bytes(c.k_stage, gemm1, c.unit_rows);
   return c;
 }
 
 // Compiles the smaller unit sizes in `alt` (a mask of 16 and 32) into c as well: each path keeps
 // the k_stage it would have alone, and the ring is the largest of the paths' own rings (the
-// default path's stage count is re-derived from it, at most 8).
+// default path's stage count is re-derived from it, at most 8). A path whose k_stage does not
+// split over c.consumer_warps (an s1= / s2= override) is left out.
 void set_unit_paths(StreamConfig& c, int alt, int k, bool gemm1) {
-  c.alt_rows = alt;
+  c.alt_rows = 0;
   c.k_stage16 = c.k_stage32 = 0;
   c.ring_bytes = c.stages * stream_stage_bytes(c.k_stage, gemm1, c.unit_rows);
   for (int rows : {16, 32}) {
     if (!(alt & rows)) continue;
     const StreamConfig p = pick_stream(k, gemm1, rows);
+    if ((p.k_stage / 64) % c.consumer_warps != 0) continue;
+    c.alt_rows |= rows;
     (rows == 16 ? c.k_stage16 : c.k_stage32) = p.k_stage;
     c.ring_bytes = std::max(c.ring_bytes, p.ring_bytes);
   }
-  if (alt) c.stages = std::min(8, c.ring_bytes / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows));
+  if (c.alt_rows)
+    c.stages = std::min(kMaxStreamStages, c.ring_bytes / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows));
 }
 
 // Units of 16 (gemm1), 32 or 64 weight rows; k_stage and the stages are picked again for them.
@@ -188,13 +192,13 @@ void apply_stream_override(const std::string& text, const char* which, int k, bo
                    o.producer_warps == 8) &&
                   o.k_stage >= 256 &&
                   o.k_stage % 256 == 0 && (o.k_stage / 64) % o.consumer_warps == 0 &&
-                  o.k_stage <= std::max(k, 256) && o.stages >= 2 &&
+                  o.k_stage <= std::max(k, 256) && o.stages >= 2 && o.stages <= kMaxStreamStages &&
                   o.stages * stream_stage_bytes(o.k_stage, gemm1, o.unit_rows) <= 200 * 1024;
   if (!ok)
     throw Error(ErrorKind::InvalidArgument,
                 fmt::format("MOEJIT_PLAN_OVERRIDE: {}={}x{}x{}x{} breaks a stream GEMM rule "
                             "(1/2/4/8 producer warps, at most 8 warps in all, k_stage a multiple of 256 and of "
-                            "64 * consumer warps, at most K = {}, >= 2 stages within 200 KiB)",
+                            "64 * consumer warps, at most K = {}, 2 to 8 stages within 200 KiB)",
                             which, o.consumer_warps, o.k_stage, o.stages, o.producer_warps, k));
   c = o;
   set_unit_paths(c, c.alt_rows, k, gemm1);  // the ring covers the smaller paths' rings too
@@ -252,12 +256,13 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   }
   static const std::regex rdw("rdw=([0-9]+)");  // tuning: at most this many warps
   const std::string override_text = plan_override();
-  if (std::smatch m; plan.route_dispatch_warps > 0 && std::regex_search(override_text, m, rdw)) {
+  if (std::smatch m; std::regex_search(override_text, m, rdw)) {
     if (m[1] != "8" && m[1] != "16")
       throw Error(ErrorKind::InvalidArgument,
                   fmt::format("MOEJIT_PLAN_OVERRIDE: rdw={} (route+dispatch warps) must be 8 "
                               "or 16", m[1].str()));
-    plan.route_dispatch_warps = std::min(plan.route_dispatch_warps, std::stoi(m[1]));
+    if (plan.route_dispatch_warps > 0)
+      plan.route_dispatch_warps = std::min(plan.route_dispatch_warps, std::stoi(m[1]));
   }
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;

@@ -63,6 +63,9 @@ struct StreamConfig {
   }
 };
 
+// Most stages a stream ring may have (kMaxStages in moejit_stream.cuh: its mbarrier arrays).
+constexpr int kMaxStreamStages = 8;
+
 // Shared-memory bytes of one stream stage (must equal kStageBytes in moejit_stream.cuh; the
 // generated code static_asserts it).
 int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32);

@@ -465,8 +465,18 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     const ScopedOverride unfused("stream=0,ff=0");
     EXPECT_FALSE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].fused_finalize);
   }
+  {
+    // Three consumer warps: the smaller gemm1 paths' k_stage (1024 = 16 group pairs) does not
+    // split over them, so kimi-k2-tp8's bucket 0 leaves them out instead of failing to compile.
+    const ScopedOverride three("s1=3x768x3");
+    const Plan p = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");
+    EXPECT_EQ(p.buckets[0].s1.consumer_warps, 3);
+    EXPECT_EQ(p.buckets[0].s1.alt_rows, 0);
+    EXPECT_EQ(p.buckets[0].s1.ring_bytes, 3 * stream_stage_bytes(768, true, 64));
+  }
   for (const char* bad : {"s1=4x384x3", "s1=3x512x3", "s1=4x512x1", "s1=4x512x3x3",
-                          "s1=4x512x12", "s2=4x4096x2", "s1=8x512x3x4"}) {
+                          "s1=4x512x12", "s2=4x4096x2", "s1=8x512x3x4",
+                          "s2=4x256x10"}) {  // 10 stages: within 200 KiB, above the 8 mbarriers
     const ScopedOverride o(bad);
     try {
       make_plan(preset("kimi-k2"), 64, "sm_90a");
@@ -556,6 +566,14 @@ TEST(PlanRoute, FusedUpToSixteenTokens) {
   {
     const ScopedOverride o("rdw=32");
     EXPECT_THROW(make_plan(preset("kimi-k2")), Error);
+  }
+  MoeSpec huge = preset("deepseek-v3");  // grouped routing: per warp 4 x 1024 + 5 x 8 bytes more
+  huge.num_experts = 1024;  // 8 warps: 8 * 4136 + 4 * 4097 + 2 * 8 * 1024 + 2048 = 67908 B: none
+  EXPECT_EQ(make_plan(huge).route_dispatch_warps, 0);
+  EXPECT_FALSE(make_plan(huge).buckets[0].fused_route);
+  {
+    const ScopedOverride o("rdw=32");  // still rejected where no fused block exists
+    EXPECT_THROW(make_plan(huge), Error);
   }
   {
     const ScopedOverride o("fr=0");
