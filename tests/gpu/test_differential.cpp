@@ -937,6 +937,23 @@ TEST(Differential, SmallStreamExpertParallelGroupedDeepSeek) {
   run_cases({grouped_deepseek_ep_case("small-stream-ep", s)});
 }
 
+// Every unit size of the stream GEMMs, forced (the host's rule picks only some of them for the
+// small shape), and the epilogue of warp 0 alone (sep=0): 1, 17 and 64 tokens each.
+TEST(Differential, SmallStreamEachUnitSize) {
+  MOEJIT_REQUIRE_GPU();
+  struct Override {
+    explicit Override(const char* v) { setenv("MOEJIT_PLAN_OVERRIDE", v, 1); }
+    ~Override() { unsetenv("MOEJIT_PLAN_OVERRIDE"); }
+  };
+  for (const char* o : {"stream=1,u1=16,u2=32", "stream=1,u1=32,u2=32", "stream=1,u1=64,u2=64",
+                        "stream=1,sep=0"}) {
+    const Override force(o);
+    const std::string name = std::string("small-stream[") + o + "]";
+    run_cases({small_case(name, small_stream_spec(), 1), small_case(name, small_stream_spec(), 17),
+               small_case(name, small_stream_spec(), 64)});
+  }
+}
+
 TEST(Differential, SmallStreamSpecialInputs) {
   MOEJIT_REQUIRE_GPU();
   ForceStream force;
