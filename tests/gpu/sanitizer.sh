@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the small differential cases (Differential.Small*: finalized and unfinalized layers,
 # expert parallelism with grouped DeepSeekV3 and SwiGLU alpha/beta/limit, Precomputed with
-# invalid ids, NaN/Inf inputs, zero tokens) under compute-sanitizer memcheck and racecheck.
+# invalid ids, NaN/Inf inputs, zero tokens, every unit size of the stream GEMMs) under
+# compute-sanitizer memcheck and racecheck.
 # Unsanitized they take well under a minute, mostly NVRTC compiles.
 #
 #   tests/gpu/sanitizer.sh [BUILD_DIR]        (default: build)
