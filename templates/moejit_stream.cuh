@@ -149,13 +149,7 @@ __host__ __device__ constexpr int act_pos(int f) { return (f & ~7) | ((f & 3) <<
 
 }  // namespace stream
 
-// Shared memory of one stage of a kRows-row unit path with kKC values of K per stage (the host's
-// stream_stage_bytes): weights, scales, x rows (gemm2: two planes) padded by 64 bytes.
-template <bool kGemm1, int kRows, int kKC>
-__host__ __device__ constexpr int stage_bytes() {
-  return kKC / 256 * kRows * 128 + kRows * (kKC / 16) + (kGemm1 ? 1 : 2) * 8 * (kKC * 2 + 64);
-}
-constexpr int kMaxStages = 8;
+constexpr int kMaxStages = 8;  // the host's kMaxStreamStages
 
 // One unit-size path. kRows: weight rows per unit (Cfg::kUnitRows, or a smaller size of
 // Cfg::kAltRows); KC: its K values per stage (a multiple of 256). The path divides the ring
@@ -168,8 +162,6 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   constexpr int N = Cfg::kN;
   constexpr int K = Cfg::kK;
   constexpr int KG = K / 32;
-  constexpr int kFit = Cfg::kRingBytes / stage_bytes<kGemm1, kRows, KC>();
-  constexpr int NS = kRows == Cfg::kUnitRows ? Cfg::kStages : (kFit < kMaxStages ? kFit : kMaxStages);
   constexpr int CW = Cfg::kConsumerWarps;
   constexpr int kPlanes = kGemm1 ? 1 : 2;
   // Weight rows per unit: 32 (two 16-row A tiles: gemm1 16 gate + 16 up rows, gemm2 32 output
@@ -201,9 +193,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   constexpr int kChunkBytes = kRows * 128;
   constexpr int kWBytes = kChunks * kChunkBytes;
   constexpr int kSBytes = kRows * kSRow;
-  constexpr int kStageBytes = kWBytes + kSBytes + kPlanes * 8 * kXRow;
-  constexpr int kSlotBytes = kStageBytes;
-  static_assert(kStageBytes == stage_bytes<kGemm1, kRows, KC>(), "stream GEMM: stage layout");
+  constexpr int kStageBytes = kWBytes + kSBytes + kPlanes * 8 * kXRow;  // = stream_stage_bytes
+  constexpr int kFit = Cfg::kRingBytes / kStageBytes;
+  constexpr int NS = kRows == Cfg::kUnitRows ? Cfg::kStages : (kFit < kMaxStages ? kFit : kMaxStages);
   static_assert(kRows != Cfg::kUnitRows || kStageBytes == Cfg::kStageBytes,
                 "stream GEMM: host and device stage sizes differ");
   static_assert(NS >= 2 && NS <= kMaxStages && NS * kStageBytes <= Cfg::kRingBytes,
@@ -410,7 +402,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           if (x_src_p[j] != nullptr && (kEven || x_col[j] * 8 < kc))
             cp_async16(x_dst[j] + so, x_src_p[j] + k0);
         cp_async_arrive(&full_bar[slot]);
-        so += kSlotBytes;
+        so += kStageBytes;
         if (++slot == NS) {
           slot = 0;
           so = 0;
@@ -474,7 +466,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     auto run_stages = [&](const int nq) {
   #pragma unroll 1
       for (int ks = 0; ks < kStagesPerUnit; ++ks) {
-        const uint32_t st = smem_base + slot * kSlotBytes;
+        const uint32_t st = smem_base + slot * kStageBytes;
         const int pairs = kEven ? KC / 64 : min(KC, K - ks * KC) / 64;
         mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);
   #pragma unroll

@@ -905,9 +905,12 @@ TEST(Differential, SmallPrecomputedInvalidIdsAndNonFinite) {
 // decode buckets run templates/moejit_stream.cuh (the default there; MOEJIT_PLAN_OVERRIDE=stream=1
 // keeps these cases on it should the rule change). The shapes above (H or I not a multiple of
 // 256) use the older family, as do most shapes of the random sweep.
-struct ForceStream {
-  ForceStream() { setenv("MOEJIT_PLAN_OVERRIDE", "stream=1", 1); }
-  ~ForceStream() { unsetenv("MOEJIT_PLAN_OVERRIDE"); }
+struct ScopedPlanOverride {
+  explicit ScopedPlanOverride(const char* value) { setenv("MOEJIT_PLAN_OVERRIDE", value, 1); }
+  ~ScopedPlanOverride() { unsetenv("MOEJIT_PLAN_OVERRIDE"); }
+};
+struct ForceStream : ScopedPlanOverride {
+  ForceStream() : ScopedPlanOverride("stream=1") {}
 };
 
 MoeSpec small_stream_spec() {
@@ -941,13 +944,9 @@ TEST(Differential, SmallStreamExpertParallelGroupedDeepSeek) {
 // small shape), and the epilogue of warp 0 alone (sep=0): 1, 17 and 64 tokens each.
 TEST(Differential, SmallStreamEachUnitSize) {
   MOEJIT_REQUIRE_GPU();
-  struct Override {
-    explicit Override(const char* v) { setenv("MOEJIT_PLAN_OVERRIDE", v, 1); }
-    ~Override() { unsetenv("MOEJIT_PLAN_OVERRIDE"); }
-  };
   for (const char* o : {"stream=1,u1=16,u2=32", "stream=1,u1=32,u2=32", "stream=1,u1=64,u2=64",
                         "stream=1,sep=0"}) {
-    const Override force(o);
+    const ScopedPlanOverride force(o);
     const std::string name = std::string("small-stream[") + o + "]";
     run_cases({small_case(name, small_stream_spec(), 1), small_case(name, small_stream_spec(), 17),
                small_case(name, small_stream_spec(), 64)});
