@@ -134,6 +134,7 @@ struct Row {
   std::string preset, plan;
   int tokens = 0, launches = 0, experts = 0, copies = 0;
   double us = 0, weight_mb = 0, gbs = 0, frac_copy = 0, tflops = 0, cublas_us = 0;
+  double chain_us = 0;  // per layer, in one graph of `copies` back-to-back layers
   bool verified = false;
 };
 
@@ -193,6 +194,20 @@ void add_bench_cmd(CLI::App& app) {
     }
     fmt::print("baseline: copy {:.0f} GB/s (read + write), cuBLAS bf16 8192^3 {:.0f} TFLOP/s\n",
                copy_gbs, cublas_tflops);
+    // Baseline 3: what the timing itself costs at this size: a graph of n dependent 4-byte
+    // memsets (n = 1 and 4: a layer is 4-5 launches), replayed and timed like the layer.
+    std::vector<double> floor_us;
+    {
+      DeviceBuffer tiny(256);
+      for (const int n : {1, 4}) {
+        const Graph g(stream, [&] {
+          for (int i = 0; i < n; ++i) CUDA_OK(cudaMemsetAsync(tiny.get(), i, 4, stream));
+        });
+        floor_us.push_back(1e3 * median_ms(runs, stream, [&](int) { g.launch(stream); }));
+      }
+      fmt::print("timing floor: a graph of 1 / 4 dependent 4-byte memsets {:.1f} / {:.1f} us\n",
+                 floor_us[0], floor_us[1]);
+    }
 
     // Weights, rotated over enough copies that one run's weights are evicted before reuse.
     moejit::ref::HostLayer host = moejit::ref::make_weights(spec, seed);
@@ -254,17 +269,25 @@ void add_bench_cmd(CLI::App& app) {
         DeviceBuffer ws(std::max<size_t>(256, layer.workspace_bytes(T)));
         DeviceBuffer out(std::max<size_t>(16, size_t(T) * H * 2));
         std::vector<Graph> graphs;
+        std::vector<moejit::MoeInputs> ins;
         for (int c = 0; c < ncopies; ++c) {
           moejit::MoeInputs in = copies[0].inputs(spec);
           in.w13 = copies[c].w13.get<uint8_t>();
           in.w13_scale = copies[c].w13_scale.get();
           in.w2 = copies[c].w2.get<uint8_t>();
           in.w2_scale = copies[c].w2_scale.get();
+          ins.push_back(in);
           graphs.emplace_back(stream, [&] {
             layer.launch(in, T, {out.get()}, {ws.get(), ws.bytes()}, stream);
           });
         }
         const double ms = median_ms(runs, stream, [&](int i) { graphs[i % ncopies].launch(stream); });
+        // The same layers back to back in one graph (one per weight copy), as in a model's graph:
+        // the per-replay cost of a graph launch is shared.
+        const Graph chain(stream, [&] {
+          for (const auto& in : ins) layer.launch(in, T, {out.get()}, {ws.get(), ws.bytes()}, stream);
+        });
+        const double chain_ms = median_ms(runs, stream, [&](int) { chain.launch(stream); }) / ncopies;
         Row r;
         r.preset = spec_args.preset.empty() ? spec_args.spec_file : spec_args.preset;
         r.plan = plan;
@@ -273,6 +296,7 @@ void add_bench_cmd(CLI::App& app) {
         r.experts = static_cast<int>(per_expert.size());
         r.copies = ncopies;
         r.us = ms * 1e3;
+        r.chain_us = chain_ms * 1e3;
         r.weight_mb = touched / 1e6;
         r.gbs = touched / (ms * 1e-3) / 1e9;
         r.frac_copy = r.gbs / copy_gbs;
@@ -311,28 +335,33 @@ void add_bench_cmd(CLI::App& app) {
           if (r.tokens == T) r.cublas_us = ms * 1e3;
       }
     }
-    fmt::print("\n{:<14} {:>6} {:>9} {:>8} {:>7} {:>9} {:>8} {:>7} {:>8} {:>10} {:>7} {}\n", "preset",
-               "tokens", "time_us", "launches", "experts", "weight_MB", "GB/s", "%copy",
-               "TFLOP/s", "cublas_us", "x_blas", "plan");
+    fmt::print("\n{:<14} {:>6} {:>9} {:>8} {:>7} {:>9} {:>8} {:>7} {:>8} {:>10} {:>7} {:>9} {}\n",
+               "preset", "tokens", "time_us", "launches", "experts", "weight_MB", "GB/s", "%copy",
+               "TFLOP/s", "cublas_us", "x_blas", "chain_us", "plan");
     for (const auto& r : rows)
-      fmt::print("{:<14} {:>6} {:>9.1f} {:>8} {:>7} {:>9.1f} {:>8.0f} {:>6.1f}% {:>8.2f} {:>10.1f} {:>7.2f} {}\n",
+      fmt::print("{:<14} {:>6} {:>9.1f} {:>8} {:>7} {:>9.1f} {:>8.0f} {:>6.1f}% {:>8.2f} {:>10.1f} {:>7.2f} {:>9.1f} {}\n",
                  r.preset, r.tokens, r.us, r.launches, r.experts, r.weight_mb, r.gbs,
                  100 * r.frac_copy, r.tflops, r.cublas_us, r.cublas_us > 0 ? r.cublas_us / r.us : 0.0,
-                 r.plan.empty() ? "default" : r.plan);
-    fmt::print("card: {}; copy {:.0f} GB/s; cuBLAS bf16 {:.0f} TFLOP/s; runs {} (median), CUDA graphs, "
-               "weights rotated over >= 3x L2\n", card, copy_gbs, cublas_tflops, runs);
+                 r.chain_us, r.plan.empty() ? "default" : r.plan);
+    fmt::print("(chain_us: per layer in one graph of as many back-to-back layers as weight copies; "
+               "time_us: one layer per graph replay, the figure the columns after it use)\n");
+    fmt::print("card: {}; copy {:.0f} GB/s; cuBLAS bf16 {:.0f} TFLOP/s; graph floor {:.1f} / {:.1f} us "
+               "(1 / 4 memsets); runs {} (median), CUDA graphs, weights rotated over >= 3x L2\n",
+               card, copy_gbs, cublas_tflops, floor_us[0], floor_us[1], runs);
     if (!json.empty()) {
       std::ofstream f(json);
       f << "{\n  \"card\": \"" << card << "\",\n  \"copy_gbs\": " << copy_gbs
-        << ",\n  \"cublas_bf16_tflops\": " << cublas_tflops << ",\n  \"rows\": [\n";
+        << ",\n  \"cublas_bf16_tflops\": " << cublas_tflops << ",\n  \"graph_floor_us\": ["
+        << floor_us[0] << ", " << floor_us[1] << "],\n  \"rows\": [\n";
       for (size_t i = 0; i < rows.size(); ++i) {
         const auto& r = rows[i];
         f << fmt::format("    {{\"preset\": \"{}\", \"plan\": \"{}\", \"tokens\": {}, \"time_us\": {:.2f}, "
                          "\"launches\": {}, \"experts\": {}, \"weight_mb\": {:.2f}, \"gbs\": {:.1f}, "
                          "\"frac_copy\": {:.4f}, \"tflops\": {:.3f}, \"cublas_layer_us\": {:.2f}, "
-                         "\"weight_copies\": {}}}{}\n",
+                         "\"weight_copies\": {}, \"chain_us\": {:.2f}}}{}\n",
                          r.preset, r.plan, r.tokens, r.us, r.launches, r.experts, r.weight_mb, r.gbs,
-                         r.frac_copy, r.tflops, r.cublas_us, r.copies, i + 1 < rows.size() ? "," : "");
+                         r.frac_copy, r.tflops, r.cublas_us, r.copies, r.chain_us,
+                         i + 1 < rows.size() ? "," : "");
       }
       f << "  ]\n}\n";
     }
