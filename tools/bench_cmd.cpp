@@ -86,9 +86,10 @@ void fill_random_bf16(DeviceBuffer& b, uint64_t seed) {
                        cudaMemcpyDeviceToDevice));
 }
 
-// Median milliseconds of `runs` launches of fn(i), each timed with its own event pair.
+// Milliseconds of each of `runs` launches of fn(i) (after 3 warm-up launches), each timed with
+// its own event pair, in launch order.
 template <class F>
-double median_ms(int runs, cudaStream_t s, F&& fn) {
+std::vector<float> timed_ms(int runs, cudaStream_t s, F&& fn) {
   for (int i = 0; i < 3; ++i) fn(i);
   std::vector<cudaEvent_t> ev(2 * runs);
   for (auto& e : ev) CUDA_OK(cudaEventCreate(&e));
@@ -101,8 +102,18 @@ double median_ms(int runs, cudaStream_t s, F&& fn) {
   std::vector<float> ms(runs);
   for (int i = 0; i < runs; ++i) CUDA_OK(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1]));
   for (auto& e : ev) CUDA_OK(cudaEventDestroy(e));
+  return ms;
+}
+
+double median_of(std::vector<float> ms) {
   std::sort(ms.begin(), ms.end());
-  return ms[runs / 2];
+  return ms[ms.size() / 2];
+}
+
+// Median milliseconds of `runs` launches of fn(i).
+template <class F>
+double median_ms(int runs, cudaStream_t s, F&& fn) {
+  return median_of(timed_ms(runs, s, std::forward<F>(fn)));
 }
 
 struct Graph {
@@ -135,6 +146,7 @@ struct Row {
   int tokens = 0, launches = 0, experts = 0, copies = 0;
   double us = 0, weight_mb = 0, gbs = 0, frac_copy = 0, tflops = 0, cublas_us = 0;
   double chain_us = 0;  // per layer, in one graph of `copies` back-to-back layers
+  std::vector<double> copy_us;  // median per weight copy
   bool verified = false;
 };
 
@@ -281,7 +293,17 @@ void add_bench_cmd(CLI::App& app) {
             layer.launch(in, T, {out.get()}, {ws.get(), ws.bytes()}, stream);
           });
         }
-        const double ms = median_ms(runs, stream, [&](int i) { graphs[i % ncopies].launch(stream); });
+        const std::vector<float> all =
+            timed_ms(runs, stream, [&](int i) { graphs[i % ncopies].launch(stream); });
+        const double ms = median_of(all);
+        // The same runs grouped by weight copy (run i used copy i % copies): whether the copies,
+        // allocated one after another, stream at different speeds.
+        std::vector<double> copy_us;
+        for (int c = 0; c < ncopies; ++c) {
+          std::vector<float> mine;
+          for (int i = c; i < runs; i += ncopies) mine.push_back(all[i]);
+          copy_us.push_back(1e3 * median_of(mine));
+        }
         // The same layers back to back in one graph (one per weight copy), as in a model's graph:
         // the per-replay cost of a graph launch is shared.
         const Graph chain(stream, [&] {
@@ -297,6 +319,7 @@ void add_bench_cmd(CLI::App& app) {
         r.copies = ncopies;
         r.us = ms * 1e3;
         r.chain_us = chain_ms * 1e3;
+        r.copy_us = copy_us;
         r.weight_mb = touched / 1e6;
         r.gbs = touched / (ms * 1e-3) / 1e9;
         r.frac_copy = r.gbs / copy_gbs;
@@ -345,6 +368,9 @@ void add_bench_cmd(CLI::App& app) {
                  r.chain_us, r.plan.empty() ? "default" : r.plan);
     fmt::print("(chain_us: per layer in one graph of as many back-to-back layers as weight copies; "
                "time_us: one layer per graph replay, the figure the columns after it use)\n");
+    for (const auto& r : rows)
+      fmt::print("per weight copy, tokens {} {}: {:.1f} us\n", r.tokens,
+                 r.plan.empty() ? "default" : r.plan, fmt::join(r.copy_us, " / "));
     fmt::print("card: {}; copy {:.0f} GB/s; cuBLAS bf16 {:.0f} TFLOP/s; graph floor {:.1f} / {:.1f} us "
                "(1 / 4 memsets); runs {} (median), CUDA graphs, weights rotated over >= 3x L2\n",
                card, copy_gbs, cublas_tflops, floor_us[0], floor_us[1], runs);
@@ -358,10 +384,10 @@ void add_bench_cmd(CLI::App& app) {
         f << fmt::format("    {{\"preset\": \"{}\", \"plan\": \"{}\", \"tokens\": {}, \"time_us\": {:.2f}, "
                          "\"launches\": {}, \"experts\": {}, \"weight_mb\": {:.2f}, \"gbs\": {:.1f}, "
                          "\"frac_copy\": {:.4f}, \"tflops\": {:.3f}, \"cublas_layer_us\": {:.2f}, "
-                         "\"weight_copies\": {}, \"chain_us\": {:.2f}}}{}\n",
+                         "\"weight_copies\": {}, \"chain_us\": {:.2f}, \"copy_us\": [{:.2f}]}}{}\n",
                          r.preset, r.plan, r.tokens, r.us, r.launches, r.experts, r.weight_mb, r.gbs,
                          r.frac_copy, r.tflops, r.cublas_us, r.copies, r.chain_us,
-                         i + 1 < rows.size() ? "," : "");
+                         fmt::join(r.copy_us, ", "), i + 1 < rows.size() ? "," : "");
       }
       f << "  ]\n}\n";
     }
