@@ -280,8 +280,11 @@ void add_bench_cmd(CLI::App& app) {
         const auto layer = moejit::compile_finalized(spec);
         DeviceBuffer ws(std::max<size_t>(256, layer.workspace_bytes(T)));
         DeviceBuffer out(std::max<size_t>(16, size_t(T) * H * 2));
+        auto launch_layer = [&](const moejit::MoeInputs& in) {
+          layer.launch(in, T, {out.get()}, {ws.get(), ws.bytes()}, stream);
+        };
+        std::vector<moejit::MoeInputs> ins;  // one per weight copy
         std::vector<Graph> graphs;
-        std::vector<moejit::MoeInputs> ins;
         for (int c = 0; c < ncopies; ++c) {
           moejit::MoeInputs in = copies[0].inputs(spec);
           in.w13 = copies[c].w13.get<uint8_t>();
@@ -289,9 +292,7 @@ void add_bench_cmd(CLI::App& app) {
           in.w2 = copies[c].w2.get<uint8_t>();
           in.w2_scale = copies[c].w2_scale.get();
           ins.push_back(in);
-          graphs.emplace_back(stream, [&] {
-            layer.launch(in, T, {out.get()}, {ws.get(), ws.bytes()}, stream);
-          });
+          graphs.emplace_back(stream, [&] { launch_layer(in); });
         }
         const std::vector<float> all =
             timed_ms(runs, stream, [&](int i) { graphs[i % ncopies].launch(stream); });
@@ -307,7 +308,7 @@ void add_bench_cmd(CLI::App& app) {
         // The same layers back to back in one graph (one per weight copy), as in a model's graph:
         // the per-replay cost of a graph launch is shared.
         const Graph chain(stream, [&] {
-          for (const auto& in : ins) layer.launch(in, T, {out.get()}, {ws.get(), ws.bytes()}, stream);
+          for (const auto& in : ins) launch_layer(in);
         });
         const double chain_ms = median_ms(runs, stream, [&](int) { chain.launch(stream); }) / ncopies;
         Row r;
@@ -361,16 +362,17 @@ void add_bench_cmd(CLI::App& app) {
     fmt::print("\n{:<14} {:>6} {:>9} {:>8} {:>7} {:>9} {:>8} {:>7} {:>8} {:>10} {:>7} {:>9} {}\n",
                "preset", "tokens", "time_us", "launches", "experts", "weight_MB", "GB/s", "%copy",
                "TFLOP/s", "cublas_us", "x_blas", "chain_us", "plan");
+    auto plan_name = [](const Row& r) { return r.plan.empty() ? std::string("default") : r.plan; };
     for (const auto& r : rows)
       fmt::print("{:<14} {:>6} {:>9.1f} {:>8} {:>7} {:>9.1f} {:>8.0f} {:>6.1f}% {:>8.2f} {:>10.1f} {:>7.2f} {:>9.1f} {}\n",
                  r.preset, r.tokens, r.us, r.launches, r.experts, r.weight_mb, r.gbs,
                  100 * r.frac_copy, r.tflops, r.cublas_us, r.cublas_us > 0 ? r.cublas_us / r.us : 0.0,
-                 r.chain_us, r.plan.empty() ? "default" : r.plan);
+                 r.chain_us, plan_name(r));
     fmt::print("(chain_us: per layer in one graph of as many back-to-back layers as weight copies; "
                "time_us: one layer per graph replay, the figure the columns after it use)\n");
     for (const auto& r : rows)
-      fmt::print("per weight copy, tokens {} {}: {:.1f} us\n", r.tokens,
-                 r.plan.empty() ? "default" : r.plan, fmt::join(r.copy_us, " / "));
+      fmt::print("per weight copy, tokens {} {}: {:.1f} us\n", r.tokens, plan_name(r),
+                 fmt::join(r.copy_us, " / "));
     fmt::print("card: {}; copy {:.0f} GB/s; cuBLAS bf16 {:.0f} TFLOP/s; graph floor {:.1f} / {:.1f} us "
                "(1 / 4 memsets); runs {} (median), CUDA graphs, weights rotated over >= 3x L2\n",
                card, copy_gbs, cublas_tflops, floor_us[0], floor_us[1], runs);
