@@ -13,22 +13,7 @@
 //          1 = tile-contiguous (a unit's stage is one contiguous block of 32 * KC/2 bytes).
 // Every replay touches 8 experts not touched by the previous 16 (17 disjoint sets over a
 // 2 GB buffer), so nothing is served from L2. Times: CUDA events, median of 30.
-#include <cuda_runtime.h>
-
-#include <algorithm>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
-
-#define CK(x)                                                                       \
-  do {                                                                              \
-    cudaError_t e_ = (x);                                                           \
-    if (e_ != cudaSuccess) {                                                        \
-      std::printf("%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));      \
-      std::exit(1);                                                                 \
-    }                                                                               \
-  } while (0)
+#include "probe_common.cuh"
 
 constexpr int kRows = 4096;
 constexpr int kK = 7168;
@@ -36,21 +21,6 @@ constexpr long long kRowBytes = kK / 2;
 constexpr long long kExpertBytes = kRows * kRowBytes;
 constexpr int kSets = 17;
 constexpr int kTopK = 8;
-
-__device__ __forceinline__ uint32_t su32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mwait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
-        " selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(su32(bar)), "r"(parity), "r"(2000)
-        : "memory");
-  } while (!done);
-}
 
 template <int KC, int NS, int kLayout>
 __global__ void __launch_bounds__(256, 2) probe(const uint8_t* w, const int* experts, uint32_t* sink,
@@ -65,14 +35,7 @@ __global__ void __launch_bounds__(256, 2) probe(const uint8_t* w, const int* exp
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ uint64_t full[NS], empty[NS];
   const int tid = threadIdx.x, warp = tid >> 5;
-  if (tid == 0) {
-    for (int s = 0; s < NS; ++s) {
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(su32(&full[s])), "r"(128));
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(su32(&empty[s])), "r"(4));
-    }
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
+  init_ring(full, empty, NS, 128);
   const int n_units = kTopK * kSlices;
   int slot = 0;
   uint32_t parity;
@@ -106,59 +69,7 @@ __global__ void __launch_bounds__(256, 2) probe(const uint8_t* w, const int* exp
     }
     return;
   }
-  parity = 0;
-  uint32_t acc = 0;
-  for (int u = blockIdx.x; u < n_units; u += gridDim.x) {
-    for (int ks = 0; ks < kStages; ++ks) {
-      mwait(&full[slot], parity);
-      const uint4* st = reinterpret_cast<const uint4*>(smem + slot * kStageW);
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        const uint4 v = st[tid + j * 128];
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-      }
-      __syncwarp();
-      if ((tid & 31) == 0)
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(&empty[slot])) : "memory");
-      if (++slot == NS) slot = 0, parity ^= 1;
-    }
-  }
-  if (acc == 0x12345678u) sink[0] = acc;
-}
-
-// Plain read of the same bytes as one contiguous range (the best case for a read stream).
-__global__ void __launch_bounds__(512) linear_read(const uint4* w, long long n16, uint32_t* sink) {
-  uint32_t acc = 0;
-  for (long long i = blockIdx.x * 512LL + threadIdx.x; i < n16; i += 512LL * gridDim.x) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(w + i));
-    acc ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (acc == 0x12345678u) sink[0] = acc;
-}
-
-template <class F>
-static double median_us(F&& launch, int reps) {
-  cudaEvent_t a, b;
-  CK(cudaEventCreate(&a));
-  CK(cudaEventCreate(&b));
-  std::vector<float> t;
-  for (int i = 0; i < reps + 5; ++i) {
-    CK(cudaEventRecord(a));
-    launch(i);
-    CK(cudaEventRecord(b));
-    CK(cudaEventSynchronize(b));
-    float ms = 0;
-    CK(cudaEventElapsedTime(&ms, a, b));
-    if (i >= 5) t.push_back(ms * 1000.0f);
-  }
-  CK(cudaGetLastError());
-  std::sort(t.begin(), t.end());
-  CK(cudaEventDestroy(a));
-  CK(cudaEventDestroy(b));
-  return t[t.size() / 2];
+  consume_stages<kStageW, NS>(smem, full, empty, n_units, kStages, sink, nullptr);
 }
 
 int main() {
@@ -169,14 +80,9 @@ int main() {
   uint8_t* w;
   CK(cudaMalloc(&w, total));
   CK(cudaMemset(w, 0x5a, total));
-  std::vector<int> h(kSets * kTopK);
-  for (int s = 0; s < kSets; ++s)
-    for (int j = 0; j < kTopK; ++j) h[s * kTopK + j] = s * kTopK + j;
-  int* experts;
+  int* experts = upload_expert_sets(kSets, kTopK);
   uint32_t* sink;
-  CK(cudaMalloc(&experts, h.size() * sizeof(int)));
   CK(cudaMalloc(&sink, 4));
-  CK(cudaMemcpy(experts, h.data(), h.size() * sizeof(int), cudaMemcpyHostToDevice));
   const double layer_bytes = kTopK * double(kExpertBytes);
   std::printf("card: %s, %d SMs; bytes per layer %.1f MB\n", prop.name, sms, layer_bytes / 1e6);
 

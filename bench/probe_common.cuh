@@ -1,0 +1,140 @@
+// Shared pieces of the hand-run probes (bench/probe_stream.cu, probe_tma.cu, probe_fixed.cu):
+// error checks, the mbarrier wait, a plain linear read and the event timing. Not part of the
+// library.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+#define CK(x)                                                                       \
+  do {                                                                              \
+    cudaError_t e_ = (x);                                                           \
+    if (e_ != cudaSuccess) {                                                        \
+      std::printf("%s:%d: %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));      \
+      std::exit(1);                                                                 \
+    }                                                                               \
+  } while (0)
+
+__device__ __forceinline__ uint32_t su32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Waits for the mbarrier phase of the given parity (2 us suspend hint, as the library).
+__device__ __forceinline__ void mwait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2, %3;\n"
+        " selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(su32(bar)), "r"(parity), "r"(2000)
+        : "memory");
+  } while (!done);
+}
+
+// Plain read of n16 16-byte words as one contiguous range (the best case for a read stream).
+__global__ void __launch_bounds__(512) linear_read(const uint4* w, long long n16, uint32_t* sink) {
+  uint32_t acc = 0;
+  for (long long i = blockIdx.x * 512LL + threadIdx.x; i < n16; i += 512LL * gridDim.x) {
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(w + i));
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x12345678u) sink[0] = acc;
+}
+
+// Median microseconds of launch(i) between two events, over `reps` runs after 5 warm-ups; each
+// run waits for its end event. pre(i), if given, is enqueued before the first event (outside the
+// timing): with work queued in front, the first event fires only when the GPU reaches it, so the
+// host's submission latency of launch(i) drops out of the figure.
+template <class F, class P>
+double median_us(F&& launch, int reps, P&& pre) {
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  std::vector<float> t;
+  for (int i = 0; i < reps + 5; ++i) {
+    pre(i);
+    CK(cudaEventRecord(a));
+    launch(i);
+    CK(cudaEventRecord(b));
+    CK(cudaEventSynchronize(b));
+    float ms = 0;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    if (i >= 5) t.push_back(ms * 1000.0f);
+  }
+  CK(cudaGetLastError());
+  std::sort(t.begin(), t.end());
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
+  return t[t.size() / 2];
+}
+template <class F>
+double median_us(F&& launch, int reps) {
+  return median_us(launch, reps, [](int) {});
+}
+
+// The probes' consumer warps (threads 0-127): for each of the block's units and each of its
+// stages, wait for the stage, read it from shared memory (no arithmetic) and release it on its
+// "empty" barrier (one arrive per warp). dump (if not null): block 0 copies stage 1 of its first
+// unit there, for a layout check.
+template <int kStageW, int NS>
+__device__ void consume_stages(const unsigned char* smem, uint64_t* full, uint64_t* empty,
+                               int n_units, int stages_per_unit, uint32_t* sink, uint4* dump) {
+  constexpr int kChunks = kStageW / 16;
+  constexpr int kPer = kChunks / 128;
+  const int tid = threadIdx.x;
+  int slot = 0;
+  uint32_t parity = 0;
+  uint32_t acc = 0;
+  for (int u = blockIdx.x; u < n_units; u += gridDim.x) {
+    for (int ks = 0; ks < stages_per_unit; ++ks) {
+      mwait(&full[slot], parity);
+      const uint4* st = reinterpret_cast<const uint4*>(smem + slot * kStageW);
+      if (dump != nullptr && blockIdx.x == 0 && u == blockIdx.x && ks == 1)
+        for (int j = tid; j < kChunks; j += 128) dump[j] = st[j];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) {
+        const uint4 v = st[tid + j * 128];
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+      }
+      __syncwarp();
+      if ((tid & 31) == 0)
+        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(&empty[slot])) : "memory");
+      if (++slot == NS) slot = 0, parity ^= 1;
+    }
+  }
+  if (acc == 0x12345678u) sink[0] = acc;
+}
+
+// Block start: thread 0 sets up ns "full" barriers (full_count arrivals each) and ns "empty"
+// barriers (one arrive per consumer warp), then the block syncs.
+__device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int ns, unsigned full_count) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < ns; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(su32(&full[s])), "r"(full_count));
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(su32(&empty[s])), "r"(4));
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+}
+
+// The probes' expert sets on the device: set s holds experts s * top_k .. s * top_k + top_k - 1
+// (sets are disjoint, so consecutive replays never share weights).
+inline int* upload_expert_sets(int sets, int top_k) {
+  std::vector<int> h(sets * top_k);
+  for (int s = 0; s < sets; ++s)
+    for (int j = 0; j < top_k; ++j) h[s * top_k + j] = s * top_k + j;
+  int* experts;
+  CK(cudaMalloc(&experts, h.size() * sizeof(int)));
+  CK(cudaMemcpy(experts, h.data(), h.size() * sizeof(int), cudaMemcpyHostToDevice));
+  return experts;
+}
