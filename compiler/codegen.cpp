@@ -130,7 +130,7 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
   const Bucket& bk = plan.buckets.at(k.bucket);
   const bool g1 = k.role == KernelRole::Gemm1;
   const StreamConfig& c = g1 ? bk.s1 : bk.s2;
-  const int stage_bytes = stream_stage_bytes(c.k_stage, g1, c.unit_rows);
+  const int stage_bytes = stream_stage_bytes(c.k_stage, g1, c.unit_rows, c.tma);
   const std::string cfg =
       fmt::format(
           "  static constexpr bool kGemm1 = {};\n"
@@ -151,17 +151,19 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           "  static constexpr int kKC16 = {};  // their k_stage (0: not compiled)\n"
           "  static constexpr int kKC32 = {};\n"
           "  static constexpr int kRingBytes = {};  // dynamic shared memory of the ring\n"
-          "  static constexpr bool kSplitEpilogue = {};\n",
+          "  static constexpr bool kSplitEpilogue = {};\n"
+          "  static constexpr bool kTma = {};  // weights and scales by TMA boxes\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
           s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
           bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
           c.consumer_warps, c.producer_warps, stage_bytes, c.suspend_ns, b(c.pack_planes),
-          c.unit_rows, c.alt_rows, c.k_stage16, c.k_stage32, c.ring_bytes, b(c.split_epilogue)) +
+          c.unit_rows, c.alt_rows, c.k_stage16, c.k_stage32, c.ring_bytes, b(c.split_epilogue), b(c.tma)) +
       swiglu_cfg(s, g1);
   KernelSource src{k.name, "moejit_" + k.name,
-                   unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(), 2),
+                   unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(),
+                        c.min_blocks),
                    c.threads()};
-  src.dynamic_smem = c.ring_bytes;
+  src.dynamic_smem = c.ring_bytes + (c.tma ? 1024 : 0);  // TMA: slack to align the ring to 1 KiB
   src.persistent = true;
   return src;
 }

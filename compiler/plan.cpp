@@ -118,8 +118,11 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
 // H200 (bench/RESULTS.md section 9): k_stage 1024 beat 512 by 2-5% for gemm1, and 3 + 4 stages
 // of 104 KiB beat 2 + 2 of ~70 / 52 KiB by 3-6% at 1-33 tokens. (Section 8's older finding,
 // fewer stages beat deeper rings, was made with 4-6 blocks per SM competing for the copies.)
-StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64) {
+StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64, bool tma = false, int min_blocks = 2) {
   StreamConfig c;
+  c.tma = tma;
+  c.min_blocks = min_blocks;
+  if (tma) c.producer_warps = 1;  // one thread issues the boxes; the warp copies x
   c.consumer_warps = 4;
   c.unit_rows = unit_rows;
   // 64-row units: gemm1 at most 512 (a 1024-deep stage of 64 rows, 53 KiB, leaves room for
@@ -127,9 +130,14 @@ StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64) {
   if (unit_rows <= 32)
     c.k_stage = gemm1 && k % 1024 == 0 ? 1024 : k % 512 == 0 ? 512 : 256;
   else
-    c.k_stage = gemm1 && k % 512 == 0 ? 512 : 256;
-  c.stages = std::clamp(104 * 1024 / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows), 2, kMaxStreamStages);
-  c.ring_bytes = c.stages * stream_stage_bytes(c.k_stage, gemm1, c.unit_rows);
+    c.k_stage = gemm1 && k % 512 == 0 && min_blocks < 3 ? 512 : 256;  // 3 per SM: 4+ stages
+  // 104 KiB of stages per block at two blocks per SM (TMA: 102 KiB, leaving room for the 1 KiB
+  // alignment slack beside the static shared memory: mbarriers and 8 KiB of partial sums); at
+  // three, 64 KiB.
+  const int budget = min_blocks >= 3 ? 64 * 1024 : tma ? 102 * 1024 : 104 * 1024;
+  const int sb = stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, tma);
+  c.stages = std::clamp(budget / sb, 2, kMaxStreamStages);
+  c.ring_bytes = c.stages * sb;
   return c;
 }
 
@@ -140,23 +148,23 @@ StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64) {
 void set_unit_paths(StreamConfig& c, int alt, int k, bool gemm1) {
   c.alt_rows = 0;
   c.k_stage16 = c.k_stage32 = 0;
-  c.ring_bytes = c.stages * stream_stage_bytes(c.k_stage, gemm1, c.unit_rows);
+  c.ring_bytes = c.stages * stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, c.tma);
   for (int rows : {16, 32}) {
     if (!(alt & rows)) continue;
-    const StreamConfig p = pick_stream(k, gemm1, rows);
+    const StreamConfig p = pick_stream(k, gemm1, rows, c.tma, c.min_blocks);
     if ((p.k_stage / 64) % c.consumer_warps != 0) continue;
     c.alt_rows |= rows;
     (rows == 16 ? c.k_stage16 : c.k_stage32) = p.k_stage;
     c.ring_bytes = std::max(c.ring_bytes, p.ring_bytes);
   }
   if (c.alt_rows)
-    c.stages = std::min(kMaxStreamStages, c.ring_bytes / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows));
+    c.stages = std::min(kMaxStreamStages, c.ring_bytes / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, c.tma));
 }
 
 // Units of 16 (gemm1), 32 or 64 weight rows; k_stage and the stages are picked again for them.
 void set_unit_rows(StreamConfig& c, int rows, int k, bool gemm1) {
   c.unit_rows = rows;
-  const StreamConfig d = pick_stream(k, gemm1, rows);
+  const StreamConfig d = pick_stream(k, gemm1, rows, c.tma, c.min_blocks);
   c.k_stage = d.k_stage;
   c.stages = d.stages;
   set_unit_paths(c, 0, k, gemm1);
@@ -193,7 +201,8 @@ void apply_stream_override(const std::string& text, const char* which, int k, bo
                   o.k_stage >= 256 &&
                   o.k_stage % 256 == 0 && (o.k_stage / 64) % o.consumer_warps == 0 &&
                   o.k_stage <= std::max(k, 256) && o.stages >= 2 && o.stages <= kMaxStreamStages &&
-                  o.stages * stream_stage_bytes(o.k_stage, gemm1, o.unit_rows) <= 200 * 1024;
+                  o.stages * stream_stage_bytes(o.k_stage, gemm1, o.unit_rows, o.tma) <= 200 * 1024 &&
+                  (!o.tma || o.producer_warps == 1);
   if (!ok)
     throw Error(ErrorKind::InvalidArgument,
                 fmt::format("MOEJIT_PLAN_OVERRIDE: {}={}x{}x{}x{} breaks a stream GEMM rule "
@@ -209,9 +218,11 @@ bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm
 
 }  // namespace
 
-int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows) {
+int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows, bool tma) {
   const int planes = gemm1 ? 1 : 2;
-  return k_stage / 256 * unit_rows * 128 + unit_rows * (k_stage / 16) + planes * 8 * (k_stage * 2 + 64);
+  const int bytes =
+      k_stage / 256 * unit_rows * 128 + unit_rows * (k_stage / 16) + planes * 8 * (k_stage * 2 + 64);
+  return tma ? (bytes + 1023) / 1024 * 1024 : bytes;
 }
 
 long long stream_units(const MoeSpec& spec, bool gemm1, int unit_rows, int tokens) {
@@ -292,8 +303,21 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // smallest token count would take them on a 132-SM card's grid of 264 blocks
       // (choose_unit_rows): kimi-k2-tp8 gemm1 at one token takes 16-row units (256 of them;
       // 30.3 -> 27.5 us against 32-row units, section 10), at two tokens 32-row ones.
-      b.s1 = pick_stream(spec.hidden, true);
-      b.s2 = pick_stream(spec.intermediate, false);
+      // Weights and scales by TMA with one producer warp in the buckets of at most 16 tokens
+      // (H200, bench/RESULTS.md section 13: 1-5% faster there for kimi-k2-tp8, qwen3-30b-a3b at
+      // 8 tokens and kimi-k2 at 8; qwen3-30b-a3b at 64 tokens 5% slower, so 16-byte cp.async by
+      // four producer warps above). "tma=1" / "tma=0" force it on / off; "bps=3" (with TMA):
+      // three blocks per SM, each with a 64 KiB ring.
+      const std::string ov = plan_override();
+      const bool tma = ov.find("tma=1") != std::string::npos ||
+                       (hi <= 16 && ov.find("tma=0") == std::string::npos);
+      const int bps = ov.find("bps=3") != std::string::npos ? 3 : 2;
+      if (bps == 3 && !tma)
+        throw Error(ErrorKind::InvalidArgument,
+                    "MOEJIT_PLAN_OVERRIDE: bps=3 needs the TMA path (tma=1; four producer warps per "
+                    "block leave too few registers at three blocks per SM)");
+      b.s1 = pick_stream(spec.hidden, true, 64, tma, bps);
+      b.s2 = pick_stream(spec.intermediate, false, 64, tma, bps);
       auto add_paths = [&](StreamConfig& c, int k, bool gemm1) {
         StreamConfig all = c;
         set_unit_paths(all, gemm1 ? 16 | 32 : 32, k, gemm1);
@@ -382,13 +406,15 @@ std::string describe(const Plan& plan) {
                                b.s1.consumer_warps, b.s1.producer_warps, b.s1.k_stage, b.s1.stages,
                                (b.s1.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s1.suspend_ns)) +
                                    (b.s1.unit_rows == 64 ? "" : fmt::format(" unit_rows={}", b.s1.unit_rows)) +
-                                   (b.s1.alt_rows ? fmt::format(" alt_rows={}", b.s1.alt_rows) : ""),
+                                   (b.s1.alt_rows ? fmt::format(" alt_rows={}", b.s1.alt_rows) : "") +
+                                   (b.s1.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s1.min_blocks) : ""),
                                b.s2.consumer_warps,
                                b.s2.producer_warps, b.s2.k_stage, b.s2.stages,
                                (b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns)) +
                                    (b.s2.unit_rows == 64 ? "" : fmt::format(" unit_rows={}", b.s2.unit_rows)) +
                                    (b.s2.alt_rows ? fmt::format(" alt_rows={}", b.s2.alt_rows) : "") +
-                                   (b.s2.pack_planes ? "" : " pack_planes=0"))
+                                   (b.s2.pack_planes ? "" : " pack_planes=0") +
+                                   (b.s2.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s2.min_blocks) : ""))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,

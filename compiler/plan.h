@@ -29,7 +29,8 @@ struct GemmConfig {
 };
 
 // The decode GEMM family for sm_90 (templates/moejit_stream.cuh): a persistent grid of blocks,
-// each with producer_warps warps streaming k_stage values of K per stage (16-byte cp.async) into
+// each with producer_warps warps streaming k_stage values of K per stage (16-byte cp.async, or
+// with `tma` TMA boxes and bulk copies issued by one producer warp) into
 // a ring of `stages` shared-memory stages, and consumer_warps warps splitting each stage's groups.
 struct StreamConfig {
   int consumer_warps = 4;
@@ -52,6 +53,11 @@ struct StreamConfig {
   // Four consumer warps share each unit's warp sum and epilogue (warp w: accumulator w of every
   // A tile) instead of warp 0 doing both.
   bool split_epilogue = true;
+  // Weights and scales copied by TMA (cp.async.bulk.tensor boxes issued by one thread) instead
+  // of 16-byte cp.async; stages padded to 1 KiB (the 128-byte swizzle's alignment).
+  bool tma = false;
+  // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
+  int min_blocks = 2;
 
   int threads() const { return 32 * (consumer_warps + producer_warps); }
   bool operator==(const StreamConfig& o) const {
@@ -59,7 +65,7 @@ struct StreamConfig {
            producer_warps == o.producer_warps && suspend_ns == o.suspend_ns && pack_planes == o.pack_planes &&
            unit_rows == o.unit_rows && alt_rows == o.alt_rows && k_stage16 == o.k_stage16 &&
            k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
-           split_epilogue == o.split_epilogue;
+           split_epilogue == o.split_epilogue && tma == o.tma && min_blocks == o.min_blocks;
   }
 };
 
@@ -68,7 +74,7 @@ constexpr int kMaxStreamStages = 8;
 
 // Shared-memory bytes of one stream stage (must equal kStageBytes in moejit_stream.cuh; the
 // generated code static_asserts it).
-int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32);
+int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32, bool tma = false);
 
 // Upper bound on the work units of a stream GEMM with `unit_rows`-row units at `tokens` tokens:
 // row tiles (Plan::max_tiles with 8-row tiles) x weight rows of an expert (gemm1 2I, gemm2 H)

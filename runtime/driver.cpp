@@ -56,6 +56,8 @@ const Loaded& loaded() {
     sym(d.cuGetErrorString, "cuGetErrorString");
     if (missing) return r;
     d.cuLaunchKernelEx = reinterpret_cast<decltype(d.cuLaunchKernelEx)>(dlsym(lib, "cuLaunchKernelEx"));
+    d.cuTensorMapEncodeTiled =
+        reinterpret_cast<decltype(d.cuTensorMapEncodeTiled)>(dlsym(lib, "cuTensorMapEncodeTiled"));
     if (CUresult e = d.cuInit(0); e != CUDA_SUCCESS) {
       const char* s = nullptr;
       d.cuGetErrorString(e, &s);

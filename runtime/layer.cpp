@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -274,23 +275,73 @@ class LayerImpl {
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
-                              nullptr, nullptr, 0};
+                              nullptr, nullptr, 0, {}, {}};
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
-    if (b.stream)
+    if (b.stream) {
       g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
                                                 kernels_[gemm1_[bucket]].persistent_blocks);
+      if (b.s1.tma) encode_stream_tma(g1, b.s1, true);
+    }
     launch_gemm(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
                 s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
-                              fused ? outs.final_out : nullptr, 0};
-    if (b.stream)
+                              fused ? outs.final_out : nullptr, 0, {}, {}};
+    if (b.stream) {
       g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
                                                 kernels_[gemm2_[bucket]].persistent_blocks);
+      if (b.s2.tma) encode_stream_tma(g2, b.s2, false);
+    }
     launch_gemm(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), feature_blocks, &g2, stream);
     if (outs.final_out && !fused)
       run_finalize(y, weights, e2p, outs.final_out, T, stream, /*after_gemm2=*/true);
+  }
+
+  // The TMA descriptors of a stream GEMM launch (GemmParams::tma_w / tma_s) for its unit size:
+  // the weights as {128 bytes, row, K / 256 chunks} with boxes of {128, rows / 2, k_stage / 256}
+  // (one half of a unit's rows for one stage, 128-byte swizzle: the layout the consumers'
+  // ldmatrix reads), the scales as {K / 16 bytes, row} with boxes of {k_stage / 16, rows / 2}.
+  // Rows are indexed by global expert id, as the kernel's row arithmetic does.
+  void encode_stream_tma(moejit_dev::GemmParams& g, const compiler::StreamConfig& c,
+                         bool gemm1) const {
+    const runtime::Driver& d = runtime::driver();
+    if (!d.cuTensorMapEncodeTiled)
+      throw Error(ErrorKind::Cuda, "the CUDA driver has no cuTensorMapEncodeTiled (the plan's "
+                                   "stream GEMMs use TMA: MOEJIT_PLAN_OVERRIDE tma=1)");
+    const MoeSpec& s = plan_.spec;
+    const int rows = g.unit_rows == 16 || g.unit_rows == 32 || g.unit_rows == 64 ? g.unit_rows
+                                                                                : c.unit_rows;
+    const int kc = rows == c.unit_rows ? c.k_stage : rows == 16 ? c.k_stage16 : c.k_stage32;
+    const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
+    const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
+                                  static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
+    static_assert(sizeof(CUtensorMap) == sizeof(moejit_dev::TmaDesc), "TMA descriptor size");
+    auto encode = [&](moejit_dev::TmaDesc& out, const void* base, cuuint32_t rank,
+                      const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
+                      CUtensorMapSwizzle swizzle, const char* what) {
+      const cuuint32_t ones[3] = {1, 1, 1};
+      CUtensorMap m;
+      const CUresult r = d.cuTensorMapEncodeTiled(
+          &m, CU_TENSOR_MAP_DATA_TYPE_UINT8, rank, const_cast<void*>(base), dims, strides, box,
+          ones, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+      if (r != CUDA_SUCCESS)
+        throw Error(ErrorKind::InvalidArgument,
+                    fmt::format("cuTensorMapEncodeTiled failed for {} (error {}; the tensor must be "
+                                "16-byte aligned)", what, static_cast<int>(r)));
+      std::memcpy(&out, &m, sizeof m);
+    };
+    const cuuint64_t w_dims[3] = {128, total_rows, K / 256};
+    const cuuint64_t w_strides[2] = {K / 2, 128};
+    const cuuint32_t w_box[3] = {128, static_cast<cuuint32_t>(rows / 2), static_cast<cuuint32_t>(kc / 256)};
+    encode(g.tma_w, g.w, 3, w_dims, w_strides, w_box, CU_TENSOR_MAP_SWIZZLE_128B,
+           gemm1 ? "w13" : "w2");
+    const cuuint64_t s_dims[2] = {K / 16, total_rows};
+    const cuuint64_t s_strides[1] = {K / 16};
+    const cuuint32_t s_box[2] = {static_cast<cuuint32_t>(kc / 16), static_cast<cuuint32_t>(rows / 2)};
+    encode(g.tma_s, g.w_scale, 2, s_dims, s_strides, s_box, CU_TENSOR_MAP_SWIZZLE_NONE,
+           gemm1 ? "w13_scale" : "w2_scale");
   }
 
   // after_gemm2: launched right behind this layer's gemm2, with PDL (the kernel reads the row

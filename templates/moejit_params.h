@@ -52,6 +52,12 @@ struct RouteDispatchParams {
   DispatchParams dispatch;
 };
 
+// An opaque TMA tensor-map descriptor (CUtensorMap: 128 bytes, 64-byte aligned), encoded by the
+// host (cuTensorMapEncodeTiled) and read by cp.async.bulk.tensor from the kernel's parameters.
+struct alignas(64) TmaDesc {
+  uint64_t opaque[16];
+};
+
 // One grouped GEMM over row tiles: out[r, :] = f(x[r, :] @ W[expert(r)]^T).
 // Gemm1 gathers x rows from hidden_states through permuted_to_slot (token = slot / k) and
 // applies SwiGLU; Gemm2 reads x rows (the activation) in permuted order.
@@ -81,6 +87,11 @@ struct GemmParams {
   // Stream GEMMs compiled with smaller unit sizes too (Cfg::kAltRows): the weight rows per unit
   // of this launch (16, 32 or 64; the host's choose_unit_rows). Other values take the default.
   int32_t unit_rows;
+  // Stream GEMMs with Cfg::kTma: the weights as {128 bytes, row, K / 256 chunks} (box
+  // {128, unit_rows / 2, k_stage / 256}, 128-byte swizzle) and the scales as {K / 16 bytes, row}
+  // (box {k_stage / 16, unit_rows / 2}), for this launch's unit size. Zero otherwise.
+  TmaDesc tma_w;
+  TmaDesc tma_s;
 };
 
 // Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.

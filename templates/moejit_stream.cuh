@@ -17,8 +17,12 @@
 // with 16-byte cp.async and each lane's
 // cp.async.mbarrier.arrive completes the stage's "full" mbarrier; consumers release a stage on
 // its "empty" mbarrier. The producers run ahead across unit boundaries, so DRAM never waits for
-// an epilogue. (TMA bulk copies were measured slower here: one 1D copy per weight row, or 2D
-// boxes of 128-byte rows, were bound by the copy engine's per-row cost; bench/RESULTS.md.)
+// an epilogue. With Cfg::kTma one producer warp fills a stage instead: lane 0 issues four TMA
+// boxes (the weights of each half of the unit's rows as {128 bytes, rows / 2, kKC / 256 chunks}
+// with the 128-byte swizzle, which is the XOR pattern above, and their scales) and the lanes one
+// bulk copy per x row, all completing one expect_tx on the "full" barrier. (Earlier TMA versions
+// with one 1D copy per weight row, or many small 2D boxes, were bound by the per-copy cost;
+// bench/RESULTS.md sections 8 and 13.)
 //
 // Consumers split a stage's MXINT4 groups in pairs. Per group, a thread holds word t of the
 // 16-byte group row (8 nibbles, k = 8t..8t+7) for rows g and g+8 (ldmatrix). One lop3 turns
@@ -116,11 +120,13 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   asm("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
   return v;
 }
-__device__ __forceinline__ uint4 lds128(uint32_t addr) {
-  uint4 v;
-  asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "r"(addr)
+// A 16-byte shared-memory load where ok != 0, else zeros (no access).
+__device__ __forceinline__ uint4 lds128_if(uint32_t addr, uint32_t ok) {
+  uint4 v = make_uint4(0u, 0u, 0u, 0u);
+  asm("{\n .reg .pred p;\n setp.ne.u32 p, %5, 0;\n"
+      " @p ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n}\n"
+      : "+r"(v.x), "+r"(v.y), "+r"(v.z), "+r"(v.w)
+      : "r"(addr), "r"(ok)
       : "memory");
   return v;
 }
@@ -131,6 +137,38 @@ __device__ __forceinline__ void consumer_barrier(int threads) {
 // Named barrier for threads that may arrive from divergent code (not .aligned).
 __device__ __forceinline__ void named_barrier(int id, int threads) {
   asm volatile("barrier.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// TMA (Cfg::kTma): the issuing thread announces the stage's bytes on its "full" barrier, then
+// each box completes its share of them there.
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// A box of a 2-D / 3-D tensor map (desc: the generic address of a __grid_constant__ parameter).
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* desc, int c0, int c1,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(c0), "r"(c1), "r"(smem_u32(bar))
+      : "memory");
+}
+// A contiguous global -> shared bulk copy (16-byte aligned, a multiple of 16 bytes).
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* desc, int c0, int c1, int c2,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+      : "memory");
 }
 
 // Not volatile: the compiler may interleave independent MMA chains.
@@ -193,7 +231,14 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   constexpr int kChunkBytes = kRows * 128;
   constexpr int kWBytes = kChunks * kChunkBytes;
   constexpr int kSBytes = kRows * kSRow;
-  constexpr int kStageBytes = kWBytes + kSBytes + kPlanes * 8 * kXRow;  // = stream_stage_bytes
+  // TMA: the weights of a stage as two boxes, [half][chunk][kHalfRows rows][128 bytes] (each
+  // half's rows hold the same XOR pattern, kHalfRows being a multiple of 8), and every stage
+  // starts on 1 KiB (the 128-byte swizzle repeats every 8 rows of 128 bytes from an aligned base).
+  constexpr bool kTma = Cfg::kTma;
+  constexpr int kHalfBytes = kChunks * kHalfRows * 128;
+  constexpr int kStageBytes =
+      kTma ? (kWBytes + kSBytes + kPlanes * 8 * kXRow + 1023) / 1024 * 1024
+           : kWBytes + kSBytes + kPlanes * 8 * kXRow;  // = stream_stage_bytes
   constexpr int kFit = Cfg::kRingBytes / kStageBytes;
   constexpr int NS = kRows == Cfg::kUnitRows ? Cfg::kStages : (kFit < kMaxStages ? kFit : kMaxStages);
   static_assert(kRows != Cfg::kUnitRows || kStageBytes == Cfg::kStageBytes,
@@ -213,8 +258,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   const int lane = tid & 31;
   if (tid == 0) {
     for (int s = 0; s < NS; ++s) {
-      mbar_init(&full_bar[s], Cfg::kProducerWarps * 32);  // one cp.async arrive per producer
-      mbar_init(&empty_bar[s], CW);
+      // One cp.async arrive per producer thread (TMA: the issuing thread's expect_tx alone).
+      mbar_init(&full_bar[s], kTma ? 1 : Cfg::kProducerWarps * 32);
+      mbar_init(&empty_bar[s], CW * 32);  // every consumer thread releases its reads
     }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
@@ -280,6 +326,81 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     // copies in flight (measured: a block with one producer warp streamed ~2.4 GB/s whatever the
     // ring depth). Each producer thread's cp.async.mbarrier.arrive completes its share of the
     // stage's "full" barrier.
+    if constexpr (kTma) {
+      // TMA (one producer warp): per stage, lane 0 announces the stage's bytes on its "full"
+      // barrier and issues four boxes (weights and scales of each half of the unit's rows;
+      // past K, in a partial last stage, boxes are zero-filled and still count their full
+      // bytes); then lane q < kPlanes * 8 copies x row q of the stage with one bulk copy
+      // (gathered rows: gemm1 tokens, gemm2 permuted rows; rows past the tile's valid ones are
+      // not copied and never read).
+      static_assert(Cfg::kProducerWarps == 1, "stream GEMM: TMA takes one producer warp");
+      if (warp > CW) return;
+      bool waited = kGemm1;
+      auto x_src_of = [&](int i) {
+        if (i >= my_units || lane >= 8) return 0;
+        const int row = (units.id(i) % n_tiles) * 8 + lane;
+        return kGemm1 ? p.permuted_to_slot[row] / Cfg::kTopK : row;
+      };
+      const uint32_t base = (smem_u32(smem) + 1023u) & ~1023u;
+      int x_src_next = x_src_of(0);
+      int slot = 0;
+      uint32_t so = 0;
+      uint32_t parity = 1;
+      for (int ui = 0; ui < my_units; ++ui) {
+        const Unit u = units.next(ui);
+        const int x_src = x_src_next;
+        x_src_next = x_src_of(ui + 1);
+        const int eg = u.e + Cfg::kLocalOffset;
+        int row_lo, row_hi;  // first weight row of each half (gemm1: gate, up)
+        if constexpr (kGemm1) {
+          row_lo = eg * 2 * N + (Cfg::kGateFirst ? 0 : N) + u.slice * kHalfRows;
+          row_hi = eg * 2 * N + (Cfg::kGateFirst ? N : 0) + u.slice * kHalfRows;
+        } else {
+          row_lo = eg * N + u.slice * kRows;
+          row_hi = row_lo + kHalfRows;
+        }
+        const bool packed = kPackable && u.rows_valid <= 4;
+        const int qr = lane;
+        const int r = packed ? qr & 3 : qr & 7;
+        const bool lo_plane = packed ? (qr & 4) != 0 : qr >= 8;
+        const int src = __shfl_sync(kFullMask, x_src, r);
+        const bool copy = qr < kPlanes * 8 && r < u.rows_valid && (!packed || qr < 8);
+        const __nv_bfloat16* xrow =
+            static_cast<const __nv_bfloat16*>(lo_plane ? p.x_lo : p.x) + static_cast<long long>(src) * K;
+        const uint32_t x_rows = __popc(__ballot_sync(kFullMask, copy));
+        const uint32_t x_dst = base + kWBytes + kSBytes + qr * kXRow;
+#pragma unroll 1
+        for (int ks = 0; ks < kStagesPerUnit; ++ks) {
+          const int k0 = ks * KC;
+          const int kc = kEven ? KC : min(KC, K - k0);
+          uint64_t* bar = &full_bar[slot];
+          // Every lane waits for the slot itself (its x copy is then ordered after the
+          // consumers' release without a warp barrier); a bulk copy completing before lane 0's
+          // expect_tx only takes the barrier's tx-count below zero for a moment.
+          mbar_wait<Cfg::kSuspendNs>(&empty_bar[slot], parity);
+          if (lane == 0) {
+            mbar_expect_tx(bar, kWBytes + kSBytes + x_rows * kc * 2);
+            tma_load_3d(base + so, &p.tma_w, 0, row_lo, k0 / 256, bar);
+            tma_load_3d(base + so + kHalfBytes, &p.tma_w, 0, row_hi, k0 / 256, bar);
+            tma_load_2d(base + so + kWBytes, &p.tma_s, k0 / 16, row_lo, bar);
+            tma_load_2d(base + so + kWBytes + kHalfRows * kSRow, &p.tma_s, k0 / 16, row_hi, bar);
+          }
+          if (!waited) {
+            pdl_wait();  // gemm2: x is gemm1's output
+            pdl_trigger();
+            waited = true;
+          }
+          if (copy) bulk_load(x_dst + so, xrow + k0, kc * 2, bar);
+          so += kStageBytes;
+          if (++slot == NS) {
+            slot = 0;
+            so = 0;
+            parity ^= 1;
+          }
+        }
+      }
+      return;
+    }
     constexpr int PT = Cfg::kProducerWarps * 32;
     const int pt = tid - CW * 32;
     // Each producer thread copies the same chunks of every stage: its 16-byte units of the
@@ -382,8 +503,13 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         // One producer thread waits for the slot and releases the others at a named barrier:
         // waiting warps poll (each arrival in the block wakes a suspended try_wait), and with
         // all four polling, ncu counted a fifth of the kernel's instructions in this loop.
+        // Then every thread checks the (completed) phase once itself, so that its copies are
+        // ordered after the consumers' release by its own acquire: with the named barrier alone,
+        // compute-sanitizer's racecheck reported them as races with the consumers' reads
+        // (kimi-k2-tp8 at 8 tokens; bench/RESULTS.md section 13).
         if (pt == 0) mbar_wait<Cfg::kSuspendNs>(&empty_bar[slot], parity);
         named_barrier(2, PT);
+        mbar_wait<0>(&empty_bar[slot], parity);
 #pragma unroll
         for (int j = 0; j < kWj; ++j)
           if (kEven || w_col[j] * 32 < kc) cp_async16(w_dst[j] + so, w_src[j] + k0 / 2);
@@ -438,13 +564,15 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       const int gg = kA >= 2 ? l / kHalves : (lane >> 4) & 1;
       const int row = kA >= 2 ? lm_row + 32 * (l % kHalves) : lm_row;
       const int G = 2 * (warp + pi * CW) + gg;
-      lm_off[pi][l] = (G >> 3) * kChunkBytes + row * 128 + (((G & 7) ^ (row & 7)) << 4);
+      lm_off[pi][l] = kTma ? (row / kHalfRows) * kHalfBytes + (G >> 3) * (kHalfRows * 128) +
+                                 (row % kHalfRows) * 128 + (((G & 7) ^ (row & 7)) << 4)
+                           : (G >> 3) * kChunkBytes + row * 128 + (((G & 7) ^ (row & 7)) << 4);
     }
   // Scales: row (a * 16 + h * 8 + g), bytes 2G..2G+3 (groups G, G + 1). x: plane q row g,
   // group G + gg at byte (G + gg) * 64, thread t's 16 bytes.
   const uint32_t s_off = kWBytes + g * kSRow + warp * 4;
   const uint32_t x_off = kWBytes + kSBytes + g * kXRow + warp * 128 + t * 16;
-  const uint32_t smem_base = smem_u32(smem);
+  const uint32_t smem_base = kTma ? (smem_u32(smem) + 1023u) & ~1023u : smem_u32(smem);
 
   int slot = 0;
   uint32_t parity = 0;
@@ -464,6 +592,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     // The unit's stages; nq = activation planes multiplied per stage (1 for gemm1 and packed
     // gemm2 units, 2 otherwise). Called with constants: once inlined, the tests on nq fold away.
     auto run_stages = [&](const int nq) {
+      // The tile's x row of this thread (the MMA's column g): rows past the valid ones are not
+      // copied into the stage; they are read as zeros instead of whatever an earlier unit left
+      // there, so that nothing depends on earlier units (their outputs are discarded anyway).
+      const uint32_t x_ok = ((kPackable && nq == 1) ? (g & 3) : g) < u.rows_valid;
   #pragma unroll 1
       for (int ks = 0; ks < kStagesPerUnit; ++ks) {
         const uint32_t st = smem_base + slot * kStageBytes;
@@ -504,7 +636,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           for (int q = 0; q < nq; ++q)
   #pragma unroll
             for (int gg = 0; gg < 2; ++gg)
-              xv[q][gg] = lds128(st + x_off + q * 8 * kXRow + pi * CW * 128 + gg * 64);
+              xv[q][gg] = lds128_if(st + x_off + q * 8 * kXRow + pi * CW * 128 + gg * 64, x_ok);
           // B registers [group][plane][k-step][b0/b1]: x_(8t + j) paired with x_(8t + j + 4).
           uint32_t b[2][kPlanes][2][2];
   #pragma unroll
@@ -581,8 +713,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
               }
           }
         }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(&empty_bar[slot]);
+        // Each thread releases its own reads of the stage (one warp-wide arrive instruction).
+        // A lane-0 arrive after __syncwarp orders them as well, but with it compute-sanitizer's
+        // racecheck reported the next copies into the slot as races with these reads (kimi-k2-tp8
+        // at 1, 2 and 8 tokens; bench/RESULTS.md section 13).
+        mbar_arrive(&empty_bar[slot]);
         if (++slot == NS) {
           slot = 0;
           parity ^= 1;

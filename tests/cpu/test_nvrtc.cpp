@@ -135,6 +135,36 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamForced, ::testing::ValuesIn(preset_name
                            return name;
                          });
 
+// The copy paths of the stream GEMMs forced on every preset: TMA in every decode bucket at three
+// blocks per SM (bps=3: 64 KiB rings, __launch_bounds__(160, 3)), and cp.async in every decode
+// bucket (tma=0; by default the buckets of at most 16 tokens take TMA).
+class NvrtcStreamCopyPaths
+    : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(NvrtcStreamCopyPaths, EveryBucketCompilesWithoutSpills) {
+  const auto& [name, override_text] = GetParam();
+  ::setenv("MOEJIT_PLAN_OVERRIDE", override_text.c_str(), 1);
+  const compiler::Plan plan = compiler::make_plan(preset(name), 0, "sm_90a");
+  EXPECT_EQ(plan.buckets[0].s1.tma, override_text.find("tma=1") != std::string::npos);
+  expect_clean_compile(preset(name), "sm_90a");
+  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
+}
+
+INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamCopyPaths,
+                         ::testing::Combine(::testing::ValuesIn(preset_names()),
+                                            ::testing::Values("stream=1,tma=1,bps=3",
+                                                              "stream=1,tma=0")),
+                         [](const ::testing::TestParamInfo<NvrtcStreamCopyPaths::ParamType>& info) {
+                           std::string name = std::get<0>(info.param) +
+                                              (std::get<1>(info.param).find("tma=1") !=
+                                                       std::string::npos
+                                                   ? "_tma_bps3"
+                                                   : "_cp_async");
+                           for (char& c : name)
+                             if (c == '-') c = '_';
+                           return name;
+                         });
+
 // ---- variants ---------------------------------------------------------------------------------
 
 // A named spec change.

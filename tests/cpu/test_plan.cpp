@@ -139,20 +139,32 @@ TEST(PlanGemm, KimiK2Configs) {
   EXPECT_EQ(plan.buckets[0].gemm1, (GemmConfig{1, 4, 32, true, true}));
   EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{4, 2, 32, true, true}));
   // On sm_90a (the default target) the decode buckets run the stream family instead: units of
-  // 64 weight rows, gate/up staged 512 at a time, down 256, as many stages as fit in 104 KiB
-  // (3 of 27136 B, 5 of 18432 B), 4 consumer and 4 producer warps, no smaller unit paths (one
-  // token has 512 gemm1 units); the finalize stays its own kernel.
+  // 64 weight rows, gate/up staged 512 at a time, down 256, no smaller unit paths (one token has
+  // 512 gemm1 units); the finalize stays its own kernel. Up to 16 tokens one producer warp
+  // issues TMA copies into stages padded to 1 KiB, as many as fit in 102 KiB (3 of 27648 B,
+  // 5 of 18432 B); from 17 tokens four producer warps copy with cp.async, as many stages as fit
+  // in 104 KiB (3 of 27136 B, 5 of 18432 B).
   EXPECT_TRUE(plan.buckets[0].stream);
-  StreamConfig s1{4, 512, 3, 4};
-  s1.ring_bytes = 3 * 27136;
-  StreamConfig s2{4, 256, 5, 4};
+  StreamConfig s1{4, 512, 3, 1};
+  s1.ring_bytes = 3 * 27648;
+  s1.tma = true;
+  StreamConfig s2{4, 256, 5, 1};
   s2.ring_bytes = 5 * 18432;
+  s2.tma = true;
   EXPECT_EQ(plan.buckets[0].s1, s1);
   EXPECT_EQ(plan.buckets[0].s2, s2);
-  EXPECT_EQ(stream_stage_bytes(512, true, 64), 27136);
-  EXPECT_EQ(stream_stage_bytes(256, false, 64), 18432);
+  EXPECT_EQ(stream_stage_bytes(512, true, 64, true), 27648);
+  EXPECT_EQ(stream_stage_bytes(256, false, 64, true), 18432);
   EXPECT_FALSE(plan.buckets[0].fused_finalize);
   EXPECT_TRUE(plan.buckets[1].stream);
+  StreamConfig c1{4, 512, 3, 4};
+  c1.ring_bytes = 3 * 27136;
+  StreamConfig c2{4, 256, 5, 4};
+  c2.ring_bytes = 5 * 18432;
+  EXPECT_EQ(plan.buckets[1].s1, c1);
+  EXPECT_EQ(plan.buckets[1].s2, c2);
+  EXPECT_EQ(stream_stage_bytes(512, true, 64), 27136);
+  EXPECT_EQ(stream_stage_bytes(256, false, 64), 18432);
   EXPECT_FALSE(plan.buckets[2].stream);
   // For sm_80 the older family keeps the finalize fused into gemm2.
   const Plan ampere = make_plan(preset("kimi-k2"), 0, "sm_80");
@@ -298,8 +310,9 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
   const std::string text = describe(make_plan(preset("kimi-k2"), 16));
   EXPECT_EQ(text,
             "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=0 stream1(consumer_warps=4 "
-            "producer_warps=4 k_stage=512 stages=3) stream2(consumer_warps=4 producer_warps=4 "
-            "k_stage=256 stages=5) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
+            "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2) "
+            "stream2(consumer_warps=4 producer_warps=1 k_stage=256 stages=5 tma=1 "
+            "blocks_per_sm=2) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
             "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1)\n"
             "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
@@ -337,10 +350,20 @@ TEST(PlanStream, UnitRowsRule) {
   EXPECT_EQ(g1.alt_rows, 16 | 32);
   EXPECT_EQ(g1.k_stage16, 1024);
   EXPECT_EQ(g1.k_stage32, 1024);
-  // The ring is the largest path's own: 3 stages of 32 rows x 1024 (35328 B); 64-row stages: 3.
-  EXPECT_EQ(g1.ring_bytes, 3 * 35328);
+  // The ring is the largest path's own (TMA, stages padded to 1 KiB, 102 KiB): 3 stages of
+  // 64 rows x 512 (27648 B) beat 3 of 16 rows x 1024 (26624 B) and 2 of 32 rows x 1024 (35840 B).
+  EXPECT_EQ(g1.ring_bytes, 3 * 27648);
   EXPECT_EQ(g1.stages, 3);
-  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48)"), std::string::npos);
+  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48 tma=1 blocks_per_sm=2)"), std::string::npos);
+  {
+    // With cp.async (tma=0): 3 stages of 32 rows x 1024 (35328 B) make the ring.
+    const ScopedOverride o("tma=0");
+    const StreamConfig& c = make_plan(tp8, 64, "sm_90a").buckets[0].s1;
+    EXPECT_EQ(c.ring_bytes, 3 * 35328);
+    EXPECT_EQ(c.stages, 3);
+    EXPECT_FALSE(c.tma);
+    EXPECT_EQ(c.producer_warps, 4);
+  }
   EXPECT_EQ(choose_unit_rows(g1, tp8, true, 1, 264), 16);  // 256 units of 16 rows
   EXPECT_EQ(choose_unit_rows(g1, tp8, true, 2, 264), 32);  // 256 of 32 rows
   EXPECT_EQ(choose_unit_rows(g1, tp8, true, 4, 264), 64);  // 256 of 64 rows
@@ -362,7 +385,8 @@ TEST(PlanStream, UnitRowsRule) {
       if (!b.stream) continue;
       EXPECT_EQ(b.s1.unit_rows, 16);
       EXPECT_EQ(b.s1.alt_rows, 0);
-      EXPECT_EQ(b.s1.stages, 104 * 1024 / stream_stage_bytes(1024, true, 16));  // stages re-picked
+      const int budget = b.s1.tma ? 102 * 1024 : 104 * 1024;  // stages re-picked
+      EXPECT_EQ(b.s1.stages, budget / stream_stage_bytes(1024, true, 16, b.s1.tma));
       EXPECT_EQ(b.s2.unit_rows, 64);
     }
   }
@@ -413,10 +437,50 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   // qwen3's gemm2 (K = I = 768): 256 per stage, 5 stages of 64 rows in 104 KiB.
   const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
   EXPECT_TRUE(q.buckets[0].stream);
-  StreamConfig q2{4, 256, 5, 4};
+  StreamConfig q2{4, 256, 5, 1};
   q2.ring_bytes = 5 * 18432;
+  q2.tma = true;
   EXPECT_EQ(q.buckets[0].s2, q2);
   EXPECT_FALSE(q.buckets[0].fused_finalize);
+}
+
+// TMA copies (one producer warp, stages padded to 1 KiB) in the buckets of at most 16 tokens;
+// tma=1 / tma=0 force them on / off in every stream bucket; bps=3: three blocks per SM (the
+// kernel's __launch_bounds__ and 64 KiB rings with k_stage 256).
+TEST(PlanStream, TmaRuleAndOverrides) {
+  const Plan d = make_plan(preset("kimi-k2"), 64, "sm_90a");
+  EXPECT_TRUE(d.buckets[0].s1.tma && d.buckets[0].s2.tma);
+  EXPECT_EQ(d.buckets[0].s1.producer_warps, 1);
+  EXPECT_FALSE(d.buckets[1].s1.tma || d.buckets[1].s2.tma);
+  EXPECT_EQ(d.buckets[1].s1.producer_warps, 4);
+  EXPECT_EQ(d.buckets[0].s1.min_blocks, 2);
+  EXPECT_EQ(stream_stage_bytes(256, true, 64, true), 14336);  // 13568 padded to 1 KiB
+  {
+    const ScopedOverride on("tma=1");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_TRUE(p.buckets[1].s1.tma && p.buckets[1].s2.tma);
+    EXPECT_EQ(p.buckets[1].s2.producer_warps, 1);
+  }
+  {
+    const ScopedOverride off("tma=0");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_FALSE(p.buckets[0].s1.tma || p.buckets[0].s2.tma);
+    EXPECT_EQ(p.buckets[0].s1.producer_warps, 4);
+  }
+  {
+    const ScopedOverride three("tma=1,bps=3");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    for (const Bucket& b : p.buckets) {
+      if (!b.stream) continue;
+      for (const StreamConfig* c : {&b.s1, &b.s2}) {
+        EXPECT_EQ(c->min_blocks, 3);
+        EXPECT_EQ(c->k_stage, 256);
+        EXPECT_LE(c->ring_bytes, 64 * 1024);
+        EXPECT_GE(c->stages, 3);  // gemm1 4 of 14336 B, gemm2 3 of 18432 B
+      }
+    }
+    EXPECT_NE(describe(p).find("tma=1 blocks_per_sm=3"), std::string::npos);
+  }
 }
 
 TEST(PlanStream, OverrideSwitchesAndShapes) {
@@ -453,7 +517,7 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     EXPECT_NE(describe(p).find("pack_planes=0"), std::string::npos);
   }
   {
-    const ScopedOverride shapes("s1=4x1024x2x2,s2=4x256x6");
+    const ScopedOverride shapes("tma=0,s1=4x1024x2x2,s2=4x256x6");
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
     StreamConfig s1{4, 1024, 2, 2}, s2{4, 256, 6, 4};  // s2: producer warps kept
     s1.ring_bytes = 2 * stream_stage_bytes(1024, true, 64);
@@ -472,11 +536,14 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     const Plan p = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");
     EXPECT_EQ(p.buckets[0].s1.consumer_warps, 3);
     EXPECT_EQ(p.buckets[0].s1.alt_rows, 0);
-    EXPECT_EQ(p.buckets[0].s1.ring_bytes, 3 * stream_stage_bytes(768, true, 64));
+    EXPECT_TRUE(p.buckets[0].s1.tma);
+    EXPECT_EQ(p.buckets[0].s1.ring_bytes, 3 * stream_stage_bytes(768, true, 64, true));
   }
   for (const char* bad : {"s1=4x384x3", "s1=3x512x3", "s1=4x512x1", "s1=4x512x3x3",
                           "s1=4x512x12", "s2=4x4096x2", "s1=8x512x3x4",
-                          "s2=4x256x10"}) {  // 10 stages: within 200 KiB, above the 8 mbarriers
+                          "s2=4x256x10",   // 10 stages: within 200 KiB, above the 8 mbarriers
+                          "s1=4x512x3x4",  // TMA (bucket 0) takes one producer warp
+                          "bps=3,tma=0"}) {  // three blocks per SM only with TMA
     const ScopedOverride o(bad);
     try {
       make_plan(preset("kimi-k2"), 64, "sm_90a");
