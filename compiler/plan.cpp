@@ -127,10 +127,14 @@ StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64, bool tma = false
   c.unit_rows = unit_rows;
   // 64-row units: gemm1 at most 512 (a 1024-deep stage of 64 rows, 53 KiB, leaves room for
   // one), gemm2 256 (at 512 ptxas spills a few bytes; 256 measured the same on an H200).
-  if (unit_rows <= 32)
+  // Three blocks per SM (64 KiB rings): 256 for every unit size, so that every path's ring
+  // keeps 3-8 stages within the budget (a 1024-deep stage of 32 rows alone is 35 KiB).
+  if (min_blocks >= 3)
+    c.k_stage = 256;
+  else if (unit_rows <= 32)
     c.k_stage = gemm1 && k % 1024 == 0 ? 1024 : k % 512 == 0 ? 512 : 256;
   else
-    c.k_stage = gemm1 && k % 512 == 0 && min_blocks < 3 ? 512 : 256;  // 3 per SM: 4+ stages
+    c.k_stage = gemm1 && k % 512 == 0 ? 512 : 256;
   // 104 KiB of stages per block at two blocks per SM (TMA: 102 KiB, leaving room for the 1 KiB
   // alignment slack beside the static shared memory: mbarriers and 8 KiB of partial sums); at
   // three, 64 KiB.
@@ -304,14 +308,23 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // (choose_unit_rows): kimi-k2-tp8 gemm1 at one token takes 16-row units (256 of them;
       // 30.3 -> 27.5 us against 32-row units, section 10), at two tokens 32-row ones.
       // Weights and scales by TMA with one producer warp in the buckets of at most 16 tokens
-      // (H200, bench/RESULTS.md section 13: 1-5% faster there for kimi-k2-tp8, qwen3-30b-a3b at
-      // 8 tokens and kimi-k2 at 8; qwen3-30b-a3b at 64 tokens 5% slower, so 16-byte cp.async by
-      // four producer warps above). "tma=1" / "tma=0" force it on / off; "bps=3" (with TMA):
-      // three blocks per SM, each with a 64 KiB ring.
+      // (H200, bench/RESULTS.md section 13, three processes: 2-10% faster at 8 tokens, 1-6% at
+      // one for kimi-k2 and kimi-k2-tp8, qwen3-30b-a3b at one token -1 to +2%; qwen3-30b-a3b at
+      // 64 tokens 5.6% slower, so 16-byte cp.async by four producer warps above). "tma=1" /
+      // "tma=0" force it on / off; "bps=3" (with TMA): three blocks per SM, each with a ring of
+      // at most 64 KiB ("bps=2", the default, two).
       const std::string ov = plan_override();
       const bool tma = ov.find("tma=1") != std::string::npos ||
                        (hi <= 16 && ov.find("tma=0") == std::string::npos);
-      const int bps = ov.find("bps=3") != std::string::npos ? 3 : 2;
+      static const std::regex bps_re("bps=([0-9]+)");
+      int bps = 2;
+      if (std::smatch m; std::regex_search(ov, m, bps_re)) {
+        if (m[1] != "2" && m[1] != "3")
+          throw Error(ErrorKind::InvalidArgument,
+                      fmt::format("MOEJIT_PLAN_OVERRIDE: bps={} (stream blocks per SM) must be 2 "
+                                  "or 3", m[1].str()));
+        bps = std::stoi(m[1]);
+      }
       if (bps == 3 && !tma)
         throw Error(ErrorKind::InvalidArgument,
                     "MOEJIT_PLAN_OVERRIDE: bps=3 needs the TMA path (tma=1; four producer warps per "

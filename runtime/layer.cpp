@@ -264,14 +264,6 @@ class LayerImpl {
                                   l.tile, static_cast<int32_t>(l.max_tiles),
                                   fused ? counters : nullptr, fused ? T * feature_blocks : 0,
                                   fused ? outs.final_out : nullptr, s.hidden};
-    if (b.fused_route) {
-      moejit_dev::RouteDispatchParams rdp{rp, dp};
-      launch(route_dispatch_, 1, 1, &rdp, stream);
-    } else {
-      launch(route_, (T + compiler::kRouteWarpsPerBlock - 1) / compiler::kRouteWarpsPerBlock, 1,
-             &rp, stream);
-      launch(dispatch_, 1, 1, &dp, stream);
-    }
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
@@ -282,8 +274,6 @@ class LayerImpl {
                                                 kernels_[gemm1_[bucket]].persistent_blocks);
       if (b.s1.tma) encode_stream_tma(g1, b.s1, true);
     }
-    launch_gemm(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
-                s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
@@ -293,6 +283,18 @@ class LayerImpl {
                                                 kernels_[gemm2_[bucket]].persistent_blocks);
       if (b.s2.tma) encode_stream_tma(g2, b.s2, false);
     }
+    // Every parameter block is complete (the TMA descriptors can fail to encode) before the
+    // first launch, so that an error never leaves part of a layer on the stream.
+    if (b.fused_route) {
+      moejit_dev::RouteDispatchParams rdp{rp, dp};
+      launch(route_dispatch_, 1, 1, &rdp, stream);
+    } else {
+      launch(route_, (T + compiler::kRouteWarpsPerBlock - 1) / compiler::kRouteWarpsPerBlock, 1,
+             &rp, stream);
+      launch(dispatch_, 1, 1, &dp, stream);
+    }
+    launch_gemm(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
+                s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
     launch_gemm(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), feature_blocks, &g2, stream);
     if (outs.final_out && !fused)
       run_finalize(y, weights, e2p, outs.final_out, T, stream, /*after_gemm2=*/true);
@@ -328,8 +330,8 @@ class LayerImpl {
           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
       if (r != CUDA_SUCCESS)
         throw Error(ErrorKind::InvalidArgument,
-                    fmt::format("cuTensorMapEncodeTiled failed for {} (error {}; the tensor must be "
-                                "16-byte aligned)", what, static_cast<int>(r)));
+                    fmt::format("cuTensorMapEncodeTiled failed for {} (CUresult {})", what,
+                                static_cast<int>(r)));
       std::memcpy(&out, &m, sizeof m);
     };
     const cuuint64_t w_dims[3] = {128, total_rows, K / 256};

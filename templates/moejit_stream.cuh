@@ -44,7 +44,7 @@
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
-// kRingBytes, kSplitEpilogue.
+// kRingBytes, kSplitEpilogue, kTma.
 #pragma once
 
 #include "moejit_common.cuh"

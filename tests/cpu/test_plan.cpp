@@ -434,7 +434,7 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   EXPECT_EQ(w.buckets.back().tile_rows, 8);
   EXPECT_FALSE(w.buckets.back().stream);
   EXPECT_TRUE(w.buckets[0].stream);
-  // qwen3's gemm2 (K = I = 768): 256 per stage, 5 stages of 64 rows in 104 KiB.
+  // qwen3's gemm2 (K = I = 768): 256 per stage, 5 stages of 64 rows (18432 B, TMA) in 102 KiB.
   const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
   EXPECT_TRUE(q.buckets[0].stream);
   StreamConfig q2{4, 256, 5, 1};
@@ -480,6 +480,29 @@ TEST(PlanStream, TmaRuleAndOverrides) {
       }
     }
     EXPECT_NE(describe(p).find("tma=1 blocks_per_sm=3"), std::string::npos);
+  }
+  // Presets whose gemm1 also carries 16- and 32-row paths: those take k_stage 256 as well, so
+  // that three blocks with their rings, the 1 KiB alignment slack, the static shared memory
+  // (8 KiB of partial sums and the mbarriers) and the 1 KiB the driver reserves per block fit
+  // in an SM's 228 KiB.
+  for (const char* name : {"kimi-k2-tp8", "qwen3-30b-a3b", "seed-test"}) {
+    const ScopedOverride three("tma=1,bps=3");
+    const Plan p = make_plan(preset(name), 64, "sm_90a");
+    for (const Bucket& b : p.buckets) {
+      if (!b.stream) continue;
+      for (const StreamConfig* c : {&b.s1, &b.s2}) {
+        EXPECT_EQ(c->k_stage, 256) << name;
+        EXPECT_TRUE(c->k_stage16 == 0 || c->k_stage16 == 256) << name;
+        EXPECT_TRUE(c->k_stage32 == 0 || c->k_stage32 == 256) << name;
+        EXPECT_LE(c->ring_bytes, 64 * 1024) << name;
+        EXPECT_LE(3 * (c->ring_bytes + 1024 + 8192 + 128 + 1024), 228 * 1024) << name;
+      }
+    }
+  }
+  EXPECT_GT(make_plan(preset("kimi-k2-tp8"), 64, "sm_90a").buckets[0].s1.alt_rows, 0);
+  {
+    const ScopedOverride two("bps=2");
+    EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.min_blocks, 2);
   }
 }
 
@@ -543,7 +566,8 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
                           "s1=4x512x12", "s2=4x4096x2", "s1=8x512x3x4",
                           "s2=4x256x10",   // 10 stages: within 200 KiB, above the 8 mbarriers
                           "s1=4x512x3x4",  // TMA (bucket 0) takes one producer warp
-                          "bps=3,tma=0"}) {  // three blocks per SM only with TMA
+                          "bps=3,tma=0",   // three blocks per SM only with TMA
+                          "tma=1,bps=4"}) {
     const ScopedOverride o(bad);
     try {
       make_plan(preset("kimi-k2"), 64, "sm_90a");
