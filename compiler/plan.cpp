@@ -313,7 +313,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // 64 tokens 5.6% slower, so 16-byte cp.async by four producer warps above). "tma=1" /
       // "tma=0" force it on / off; "bps=3" (with TMA): three blocks per SM, each with a ring of
       // at most 64 KiB ("bps=2", the default, two).
-      const std::string ov = plan_override();
+      const std::string& ov = override_text;  // read once per plan, above
       const bool tma = ov.find("tma=1") != std::string::npos ||
                        (hi <= 16 && ov.find("tma=0") == std::string::npos);
       static const std::regex bps_re("bps=([0-9]+)");
