@@ -236,13 +236,23 @@ long long stream_units(const MoeSpec& spec, bool gemm1, int unit_rows, int token
 
 int choose_unit_rows(const StreamConfig& c, const MoeSpec& spec, bool gemm1, int tokens,
                      long long grid) {
-  int smallest = c.unit_rows;
+  // The busiest block streams `rounds` units; each costs its rows plus a fixed part worth
+  // kUnitCostRows rows (unit fetch, ring refill, reduction, epilogue). Ties go to the larger
+  // units.
+  constexpr long long kUnitCostRows = 16;
+  int best = c.unit_rows;
+  long long best_cost = -1;
   for (int rows : {c.unit_rows, 32, 16}) {
     if (rows != c.unit_rows && !(rows < c.unit_rows && (c.alt_rows & rows))) continue;
-    if (10 * stream_units(spec, gemm1, rows, tokens) >= 9 * grid) return rows;
-    smallest = rows;
+    const long long units = stream_units(spec, gemm1, rows, tokens);
+    const long long rounds = grid > 0 ? (units + grid - 1) / grid : units;
+    const long long cost = rounds * (rows + kUnitCostRows);
+    if (best_cost < 0 || cost < best_cost) {
+      best = rows;
+      best_cost = cost;
+    }
   }
-  return smallest;
+  return best;
 }
 
 std::string plan_override() {
@@ -303,45 +313,61 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     if (stream_ok) {
       // 64-row units: measured on an H200 against 32-row ones (bench/RESULTS.md section 11),
       // faster at 1-64 tokens for kimi-k2 (8-13% at 8-64), qwen3-30b-a3b and kimi-k2-tp8 except
-      // where they leave blocks idle. Smaller units are compiled in as well where the bucket's
-      // smallest token count would take them on a 132-SM card's grid of 264 blocks
-      // (choose_unit_rows): kimi-k2-tp8 gemm1 at one token takes 16-row units (256 of them;
-      // 30.3 -> 27.5 us against 32-row units, section 10), at two tokens 32-row ones.
-      // Weights and scales by TMA with one producer warp in the buckets of at most 16 tokens
-      // (H200, bench/RESULTS.md section 13, three processes: 2-10% faster at 8 tokens, 1-6% at
-      // one for kimi-k2 and kimi-k2-tp8, qwen3-30b-a3b at one token -1 to +2%; qwen3-30b-a3b at
-      // 64 tokens 5.6% slower, so 16-byte cp.async by four producer warps above). "tma=1" /
-      // "tma=0" force it on / off; "bps=3" (with TMA): three blocks per SM, each with a ring of
-      // at most 64 KiB ("bps=2", the default, two).
+      // where they leave blocks idle. Gemm1 also carries the smaller unit sizes that some token
+      // count of the bucket would take on a 132-SM card's persistent grid (choose_unit_rows):
+      // kimi-k2-tp8 at one token takes 16-row units (256 of them; 30.3 -> 27.5 us against
+      // 32-row units, section 10), at two tokens 32-row ones, like qwen3-30b-a3b (section 14).
+      // Weights and scales by TMA with one producer warp (H200, bench/RESULTS.md section 13:
+      // 2-10% faster than 16-byte cp.async by four producer warps at 8 tokens, 1-6% at one
+      // for kimi-k2 and kimi-k2-tp8; section 14 for 17-64 tokens). "tma=0" selects cp.async;
+      // "bps=N", "bps1=N", "bps2=N": blocks per SM of the TMA GEMMs (3: rings of at most
+      // 64 KiB).
       const std::string& ov = override_text;  // read once per plan, above
-      const bool tma = ov.find("tma=1") != std::string::npos ||
-                       (hi <= 16 && ov.find("tma=0") == std::string::npos);
-      static const std::regex bps_re("bps=([0-9]+)");
-      int bps = 2;
-      if (std::smatch m; std::regex_search(ov, m, bps_re)) {
+      // Since gemm2 runs at three blocks per SM, TMA is the default in every stream bucket:
+      // at 17-64 tokens gemm2 by TMA was 11% faster for kimi-k2-tp8 and 1-6% for qwen3-30b-a3b
+      // and kimi-k2 at 33 tokens, and gemm1 by TMA on top of it another 1-8% for all three
+      // (H200, bench/RESULTS.md section 14). "tma1=0|1" / "tma2=0|1" set one GEMM only.
+      const bool tma = ov.find("tma=0") == std::string::npos;
+      auto tma_of = [&](const std::string& key) {
+        if (ov.find(key + "=1") != std::string::npos) return true;
+        if (ov.find(key + "=0") != std::string::npos) return false;
+        return tma;
+      };
+      const bool tma1 = tma_of("tma1"), tma2 = tma_of("tma2");
+      // "bps=N" sets the blocks per SM of both GEMMs of the TMA buckets, "bps1=N" / "bps2=N"
+      // one of them (the cp.async buckets stay at two: with four producer warps, 256-thread
+      // blocks leave too few registers at three).
+      auto blocks_per_sm = [&](const char* key, int fallback, bool with_tma) {
+        const std::regex re(std::string(key) + "=([0-9]+)");
+        std::smatch m;
+        if (!std::regex_search(ov, m, re)) return fallback;
         if (m[1] != "2" && m[1] != "3")
           throw Error(ErrorKind::InvalidArgument,
-                      fmt::format("MOEJIT_PLAN_OVERRIDE: bps={} (stream blocks per SM) must be 2 "
-                                  "or 3", m[1].str()));
-        bps = std::stoi(m[1]);
-      }
-      if (bps == 3 && !tma)
-        throw Error(ErrorKind::InvalidArgument,
-                    "MOEJIT_PLAN_OVERRIDE: bps=3 needs the TMA path (tma=1; four producer warps per "
-                    "block leave too few registers at three blocks per SM)");
-      b.s1 = pick_stream(spec.hidden, true, 64, tma, bps);
-      b.s2 = pick_stream(spec.intermediate, false, 64, tma, bps);
+                      fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} (stream blocks per SM) must be 2 "
+                                  "or 3", key, m[1].str()));
+        return with_tma ? std::stoi(m[1]) : 2;
+      };
+      // Gemm2 of the TMA buckets at three blocks per SM (H200, bench/RESULTS.md section 14:
+      // layers 1-4% faster at 8 and 16 tokens for kimi-k2, qwen3-30b-a3b and kimi-k2-tp8, and
+      // at one token for the latter two; kimi-k2 at one token ~1 us slower); gemm1 at two (at
+      // three its stages shrink from 512 to 256 deep: 2-10% slower at 8-16 tokens).
+      const int bps1 = blocks_per_sm("bps", 2, tma1), bps2 = blocks_per_sm("bps", tma2 ? 3 : 2, tma2);
+      b.s1 = pick_stream(spec.hidden, true, 64, tma1, blocks_per_sm("bps1", bps1, tma1));
+      b.s2 = pick_stream(spec.intermediate, false, 64, tma2, blocks_per_sm("bps2", bps2, tma2));
       auto add_paths = [&](StreamConfig& c, int k, bool gemm1) {
         StreamConfig all = c;
         set_unit_paths(all, gemm1 ? 16 | 32 : 32, k, gemm1);
-        const int rows = choose_unit_rows(all, spec, gemm1, lo, 264);
+        // Every smaller size some token count of the bucket takes on a 132-SM card.
         int alt = 0;
-        for (int r : {16, 32})
-          if ((all.alt_rows & r) && r >= rows) alt |= r;
+        for (int t = lo; t <= hi; ++t) {
+          const int rows = choose_unit_rows(all, spec, gemm1, t, 132ll * c.min_blocks);
+          if (rows < c.unit_rows) alt |= rows;
+        }
         set_unit_paths(c, alt, k, gemm1);
       };
       add_paths(b.s1, spec.hidden, true);
-      add_paths(b.s2, spec.intermediate, false);
+      // Gemm2 keeps 64-row units only: with the 32-row path compiled in, qwen3-30b-a3b took
+      // 1 us longer at 1-3 tokens, whether or not a launch took it (H200, section 14).
     }
     if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
       apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);

@@ -81,10 +81,12 @@ int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32, bool tma = f
 // / unit_rows.
 long long stream_units(const MoeSpec& spec, bool gemm1, int unit_rows, int tokens);
 
-// The unit size a launch of `tokens` tokens takes, from the ones compiled into c: the largest
-// whose units keep at least 90% of the persistent grid's blocks busy (idle blocks are lost
-// bandwidth: a block streams at most ~13 GB/s), else the smallest. Measured on an H200
-// (bench/RESULTS.md sections 10-11).
+// The unit size a launch of `tokens` tokens takes, from the ones compiled into c: the one whose
+// busiest block (units dealt round-robin over the persistent grid) streams the fewest rows,
+// counting a unit's fixed costs as 16 rows; ties go to larger units. Fitted to H200
+// measurements (bench/RESULTS.md sections 10, 11 and 14): kimi-k2-tp8 gemm1 at one token takes
+// 16-row units (one round either way), qwen3-30b-a3b gemm1 64-row ones (192 units in one round
+// beat 384 of 32 rows in two by 3%).
 int choose_unit_rows(const StreamConfig& c, const MoeSpec& spec, bool gemm1, int tokens,
                      long long grid);
 

@@ -140,29 +140,40 @@ TEST(PlanGemm, KimiK2Configs) {
   EXPECT_EQ(plan.buckets[0].gemm2, (GemmConfig{4, 2, 32, true, true}));
   // On sm_90a (the default target) the decode buckets run the stream family instead: units of
   // 64 weight rows, gate/up staged 512 at a time, down 256, no smaller unit paths (one token has
-  // 512 gemm1 units); the finalize stays its own kernel. Up to 16 tokens one producer warp
-  // issues TMA copies into stages padded to 1 KiB, as many as fit in 102 KiB (3 of 27648 B,
-  // 5 of 18432 B); from 17 tokens four producer warps copy with cp.async, as many stages as fit
-  // in 104 KiB (3 of 27136 B, 5 of 18432 B).
+  // 512 gemm1 units); the finalize stays its own kernel. One producer warp issues TMA copies
+  // into stages padded to 1 KiB: gemm1 at two blocks per SM, as many stages as fit in 102 KiB
+  // (3 of 27648 B), gemm2 at three, in 64 KiB (3 of 18432 B); the same from 17 tokens. With
+  // tma=0 four producer warps copy with cp.async at two blocks per SM, as many stages as fit in
+  // 104 KiB (3 of 27136 B, 5 of 18432 B).
   EXPECT_TRUE(plan.buckets[0].stream);
   StreamConfig s1{4, 512, 3, 1};
   s1.ring_bytes = 3 * 27648;
   s1.tma = true;
-  StreamConfig s2{4, 256, 5, 1};
-  s2.ring_bytes = 5 * 18432;
+  StreamConfig s2{4, 256, 3, 1};
+  s2.ring_bytes = 3 * 18432;
   s2.tma = true;
+  s2.min_blocks = 3;
   EXPECT_EQ(plan.buckets[0].s1, s1);
   EXPECT_EQ(plan.buckets[0].s2, s2);
   EXPECT_EQ(stream_stage_bytes(512, true, 64, true), 27648);
   EXPECT_EQ(stream_stage_bytes(256, false, 64, true), 18432);
   EXPECT_FALSE(plan.buckets[0].fused_finalize);
   EXPECT_TRUE(plan.buckets[1].stream);
-  StreamConfig c1{4, 512, 3, 4};
-  c1.ring_bytes = 3 * 27136;
-  StreamConfig c2{4, 256, 5, 4};
-  c2.ring_bytes = 5 * 18432;
-  EXPECT_EQ(plan.buckets[1].s1, c1);
-  EXPECT_EQ(plan.buckets[1].s2, c2);
+  EXPECT_EQ(plan.buckets[1].s1, s1);
+  EXPECT_EQ(plan.buckets[1].s2, s2);
+  {
+    const ScopedOverride cp_async("tma=0");
+    const Plan c = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    StreamConfig c1{4, 512, 3, 4};
+    c1.ring_bytes = 3 * 27136;
+    StreamConfig c2{4, 256, 5, 4};
+    c2.ring_bytes = 5 * 18432;
+    for (const Bucket& b : c.buckets) {
+      if (!b.stream) continue;
+      EXPECT_EQ(b.s1, c1);
+      EXPECT_EQ(b.s2, c2);
+    }
+  }
   EXPECT_EQ(stream_stage_bytes(512, true, 64), 27136);
   EXPECT_EQ(stream_stage_bytes(256, false, 64), 18432);
   EXPECT_FALSE(plan.buckets[2].stream);
@@ -311,8 +322,8 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
   EXPECT_EQ(text,
             "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=0 stream1(consumer_warps=4 "
             "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2) "
-            "stream2(consumer_warps=4 producer_warps=1 k_stage=256 stages=5 tma=1 "
-            "blocks_per_sm=2) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
+            "stream2(consumer_warps=4 producer_warps=1 k_stage=256 stages=3 tma=1 "
+            "blocks_per_sm=3) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
             "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1)\n"
             "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
@@ -364,19 +375,23 @@ TEST(PlanStream, UnitRowsRule) {
     EXPECT_FALSE(c.tma);
     EXPECT_EQ(c.producer_warps, 4);
   }
-  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 1, 264), 16);  // 256 units of 16 rows
-  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 2, 264), 32);  // 256 of 32 rows
-  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 4, 264), 64);  // 256 of 64 rows
-  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 1, 120), 32);  // a smaller grid: 128 of 32 rows fill it
+  // Rows the busiest block streams, a unit's fixed part counted as 16 rows (rounds x (rows + 16)).
+  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 1, 264), 16);  // 64/128/256 units: 1 round each
+  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 2, 264), 32);  // 1 x 80, 1 x 48, 2 x 32
+  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 4, 264), 64);  // 1 x 80, 2 x 48, 4 x 32
+  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 1, 60), 32);   // 2 x 80, 3 x 48, 5 x 32
+  EXPECT_EQ(choose_unit_rows(g1, tp8, true, 1, 120), 64);  // 1 x 80, 2 x 48, 3 x 32
   EXPECT_EQ(p8.buckets[1].s1.alt_rows, 0);  // 17-64 tokens: 64 rows only
   EXPECT_EQ(p8.buckets[0].s2.alt_rows, 0);  // gemm2: 896 units at one token
-  EXPECT_EQ(choose_unit_rows(p8.buckets[0].s2, tp8, false, 1, 264), 64);
-  // qwen3-30b-a3b: one token has 192 gemm1 units of 64 rows, 384 of 32; kimi-k2 512 of 64.
+  EXPECT_EQ(choose_unit_rows(p8.buckets[0].s2, tp8, false, 1, 396), 64);  // 3 x 80 = 5 x 48
+  // qwen3-30b-a3b gemm1: one token has 192 units of 64 rows (one round), 384 of 32 (two); two
+  // tokens 384 (two rounds) and 768 (three). kimi-k2: 64 rows from one token on.
   const MoeSpec qwen = preset("qwen3-30b-a3b");
   const Plan pq = make_plan(qwen, 64, "sm_90a");
   EXPECT_EQ(pq.buckets[0].s1.alt_rows, 32);
-  EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 1, 264), 32);
-  EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 2, 264), 64);
+  EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 1, 264), 64);
+  EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 2, 264), 32);
+  EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 4, 264), 64);
   EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.alt_rows, 0);
   {
     const ScopedOverride o("u1=16");
@@ -434,32 +449,44 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   EXPECT_EQ(w.buckets.back().tile_rows, 8);
   EXPECT_FALSE(w.buckets.back().stream);
   EXPECT_TRUE(w.buckets[0].stream);
-  // qwen3's gemm2 (K = I = 768): 256 per stage, 5 stages of 64 rows (18432 B, TMA) in 102 KiB.
+  // qwen3's gemm2 (K = I = 768): 256 per stage, 3 stages of 64 rows (18432 B, TMA) in 64 KiB
+  // at three blocks per SM; gemm2 never carries smaller unit paths.
   const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
   EXPECT_TRUE(q.buckets[0].stream);
-  StreamConfig q2{4, 256, 5, 1};
-  q2.ring_bytes = 5 * 18432;
+  StreamConfig q2{4, 256, 3, 1};
+  q2.ring_bytes = 3 * 18432;
   q2.tma = true;
+  q2.min_blocks = 3;
   EXPECT_EQ(q.buckets[0].s2, q2);
   EXPECT_FALSE(q.buckets[0].fused_finalize);
 }
 
-// TMA copies (one producer warp, stages padded to 1 KiB) in the buckets of at most 16 tokens;
-// tma=1 / tma=0 force them on / off in every stream bucket; bps=3: three blocks per SM (the
-// kernel's __launch_bounds__ and 64 KiB rings with k_stage 256).
+// TMA copies (one producer warp, stages padded to 1 KiB) in every stream bucket, gemm1 at two
+// blocks per SM and gemm2 at three; tma=0 selects cp.async, tma1= / tma2= one GEMM's copies;
+// bps=3: three blocks per SM (the kernel's __launch_bounds__ and 64 KiB rings with k_stage 256).
 TEST(PlanStream, TmaRuleAndOverrides) {
   const Plan d = make_plan(preset("kimi-k2"), 64, "sm_90a");
-  EXPECT_TRUE(d.buckets[0].s1.tma && d.buckets[0].s2.tma);
-  EXPECT_EQ(d.buckets[0].s1.producer_warps, 1);
-  EXPECT_FALSE(d.buckets[1].s1.tma || d.buckets[1].s2.tma);
-  EXPECT_EQ(d.buckets[1].s1.producer_warps, 4);
-  EXPECT_EQ(d.buckets[0].s1.min_blocks, 2);
+  for (int i : {0, 1}) {
+    EXPECT_TRUE(d.buckets[i].s1.tma && d.buckets[i].s2.tma);
+    EXPECT_EQ(d.buckets[i].s1.producer_warps, 1);
+    EXPECT_EQ(d.buckets[i].s1.min_blocks, 2);
+    EXPECT_EQ(d.buckets[i].s2.min_blocks, 3);
+  }
   EXPECT_EQ(stream_stage_bytes(256, true, 64, true), 14336);  // 13568 padded to 1 KiB
   {
-    const ScopedOverride on("tma=1");
+    const ScopedOverride one("tma1=0");
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
-    EXPECT_TRUE(p.buckets[1].s1.tma && p.buckets[1].s2.tma);
-    EXPECT_EQ(p.buckets[1].s2.producer_warps, 1);
+    EXPECT_FALSE(p.buckets[1].s1.tma);
+    EXPECT_EQ(p.buckets[1].s1.producer_warps, 4);
+    EXPECT_TRUE(p.buckets[1].s2.tma);
+    EXPECT_EQ(p.buckets[1].s2.min_blocks, 3);
+  }
+  {
+    const ScopedOverride two("tma=0,tma2=1");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_FALSE(p.buckets[0].s1.tma);
+    EXPECT_TRUE(p.buckets[0].s2.tma);
+    EXPECT_EQ(p.buckets[0].s2.producer_warps, 1);
   }
   {
     const ScopedOverride off("tma=0");
@@ -566,8 +593,7 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
                           "s1=4x512x12", "s2=4x4096x2", "s1=8x512x3x4",
                           "s2=4x256x10",   // 10 stages: within 200 KiB, above the 8 mbarriers
                           "s1=4x512x3x4",  // TMA (bucket 0) takes one producer warp
-                          "bps=3,tma=0",   // three blocks per SM only with TMA
-                          "tma=1,bps=4"}) {
+                          "tma=1,bps=4", "bps2=1", "bps1=4"}) {
     const ScopedOverride o(bad);
     try {
       make_plan(preset("kimi-k2"), 64, "sm_90a");

@@ -5,7 +5,8 @@
 #                           go to FileCheck TEST --check-prefix=FAIL
 #   // RUN-FAIL(P): <args>  the same with --check-prefix=P
 # In <args>, %s is TEST's path and %S its folder (as in LLVM lit), so a test names its inputs
-# as %S/inputs/NAME. Fails on the first failing RUN line, printing the command and FileCheck's
+# as %S/inputs/NAME. Leading NAME=VALUE words set environment variables for moejit
+# (e.g. `// RUN(P): MOEJIT_PLAN_OVERRIDE=tma=0 dump ...`). Fails on the first failing RUN line, printing the command and FileCheck's
 # report. Called by ctest with -DTEST=... -DMOEJIT=... -DFILECHECK=... -DWORK_DIR=...
 file(STRINGS ${TEST} lines REGEX "^// RUN")
 if(NOT lines)
@@ -36,6 +37,19 @@ foreach(line IN LISTS lines)
   string(REPLACE "%s" "${TEST}" command_text "${command_text}")
   string(REPLACE "%S" "${test_dir}" command_text "${command_text}")
   separate_arguments(args UNIX_COMMAND "${command_text}")
+  set(env_args)
+  while(args)
+    list(GET args 0 first)
+    if(NOT first MATCHES "^[A-Z_][A-Z0-9_]*=")
+      break()
+    endif()
+    list(APPEND env_args "${first}")
+    list(REMOVE_AT args 0)
+  endwhile()
+  set(moejit_cmd ${MOEJIT})
+  if(env_args)
+    set(moejit_cmd ${CMAKE_COMMAND} -E env ${env_args} ${MOEJIT})
+  endif()
   if(expect_fail AND NOT prefix)
     set(prefix FAIL)
   endif()
@@ -45,7 +59,7 @@ foreach(line IN LISTS lines)
   endif()
 
   if(NOT expect_fail)
-    execute_process(COMMAND ${MOEJIT} ${args} COMMAND ${FILECHECK} ${fc_args}
+    execute_process(COMMAND ${moejit_cmd} ${args} COMMAND ${FILECHECK} ${fc_args}
                     RESULTS_VARIABLE rcs OUTPUT_VARIABLE out ERROR_VARIABLE err)
     list(GET rcs 0 moejit_rc)
     list(GET rcs 1 filecheck_rc)
@@ -60,7 +74,7 @@ foreach(line IN LISTS lines)
 
   # RUN-FAIL: the failure must be an orderly exit code (a signal reads as text, e.g.
   # "Segmentation fault"), and its message must match the checks.
-  execute_process(COMMAND ${MOEJIT} ${args} RESULT_VARIABLE moejit_rc
+  execute_process(COMMAND ${moejit_cmd} ${args} RESULT_VARIABLE moejit_rc
                   OUTPUT_VARIABLE out ERROR_VARIABLE err)
   if(moejit_rc STREQUAL "0")
     fail("RUN-FAIL line ${index} exited with 0, expected a failure: moejit ${command_text}"
