@@ -9,6 +9,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <tuple>
 
 #include "compiler/compiler.h"
 #include "moejit/moejit.h"
@@ -315,6 +316,18 @@ class LayerImpl {
     const int rows = g.unit_rows == 16 || g.unit_rows == 32 || g.unit_rows == 64 ? g.unit_rows
                                                                                 : c.unit_rows;
     const int kc = rows == c.unit_rows ? c.k_stage : rows == 16 ? c.k_stage16 : c.k_stage32;
+    // The maps depend only on the two base pointers and the box (the rest is the layer's spec):
+    // encoded once per combination and kept, so that a launch with weights it has seen does no
+    // encoding on the host. Bounded: a caller cycling through many weight buffers re-encodes.
+    const TmaKey key{g.w, g.w_scale, rows, kc, gemm1};
+    {
+      std::lock_guard<std::mutex> lock(tma_mu_);
+      if (auto it = tma_cache_.find(key); it != tma_cache_.end()) {
+        g.tma_w = it->second.first;
+        g.tma_s = it->second.second;
+        return;
+      }
+    }
     const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
     const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
                                   static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
@@ -344,6 +357,9 @@ class LayerImpl {
     const cuuint32_t s_box[2] = {static_cast<cuuint32_t>(kc / 16), static_cast<cuuint32_t>(rows / 2)};
     encode(g.tma_s, g.w_scale, 2, s_dims, s_strides, s_box, CU_TENSOR_MAP_SWIZZLE_NONE,
            gemm1 ? "w13_scale" : "w2_scale");
+    std::lock_guard<std::mutex> lock(tma_mu_);
+    if (tma_cache_.size() >= kTmaCacheEntries) tma_cache_.clear();
+    tma_cache_.emplace(key, std::make_pair(g.tma_w, g.tma_s));
   }
 
   // after_gemm2: launched right behind this layer's gemm2, with PDL (the kernel reads the row
@@ -459,6 +475,20 @@ class LayerImpl {
   static constexpr size_t kNone = static_cast<size_t>(-1);
   size_t route_ = kNone, dispatch_ = kNone, route_dispatch_ = kNone, finalize_ = kNone;
   std::vector<size_t> gemm1_, gemm2_;
+  // Encoded TMA descriptors of stream GEMM launches (encode_stream_tma), by weight and scale
+  // pointers, box (unit rows, stage depth) and GEMM.
+  struct TmaKey {
+    const void* w;
+    const void* s;
+    int rows, k_stage;
+    bool gemm1;
+    bool operator<(const TmaKey& o) const {
+      return std::tie(w, s, rows, k_stage, gemm1) < std::tie(o.w, o.s, o.rows, o.k_stage, o.gemm1);
+    }
+  };
+  static constexpr size_t kTmaCacheEntries = 256;
+  mutable std::mutex tma_mu_;
+  mutable std::map<TmaKey, std::pair<moejit_dev::TmaDesc, moejit_dev::TmaDesc>> tma_cache_;
 };
 
 // ---- Layer -----------------------------------------------------------------------------------
