@@ -216,6 +216,8 @@ void apply_stream_override(const std::string& text, const char* which, int k, bo
   c = o;
   set_unit_paths(c, c.alt_rows, k, gemm1);  // the ring covers the smaller paths' rings too
   c.stages = o.stages;
+  // A ring beyond the three-block budget runs at two blocks per SM: compile for that.
+  if (c.min_blocks >= 3 && c.ring_bytes > 64 * 1024) c.min_blocks = 2;
 }
 
 bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm_90a"; }
@@ -327,16 +329,22 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // at 17-64 tokens gemm2 by TMA was 11% faster for kimi-k2-tp8 and 1-6% for qwen3-30b-a3b
       // and kimi-k2 at 33 tokens, and gemm1 by TMA on top of it another 1-8% for all three
       // (H200, bench/RESULTS.md section 14). "tma1=0|1" / "tma2=0|1" set one GEMM only.
-      const bool tma = ov.find("tma=0") == std::string::npos;
-      auto tma_of = [&](const std::string& key) {
-        if (ov.find(key + "=1") != std::string::npos) return true;
-        if (ov.find(key + "=0") != std::string::npos) return false;
-        return tma;
+      // "tma=0|1" (1: the default), "tma1=0|1", "tma2=0|1"; any other value is an error.
+      auto tma_of = [&](const char* key, bool fallback) {
+        const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([^,;\\s]*)");
+        std::smatch m;
+        if (!std::regex_search(ov, m, re)) return fallback;
+        if (m[2] != "0" && m[2] != "1")
+          throw Error(ErrorKind::InvalidArgument,
+                      fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} (TMA copies) must be 0 or 1", key,
+                                  m[2].str()));
+        return m[2] == "1";
       };
-      const bool tma1 = tma_of("tma1"), tma2 = tma_of("tma2");
-      // "bps=N" sets the blocks per SM of both GEMMs of the TMA buckets, "bps1=N" / "bps2=N"
-      // one of them (the cp.async buckets stay at two: with four producer warps, 256-thread
-      // blocks leave too few registers at three).
+      const bool tma = tma_of("tma", true);
+      const bool tma1 = tma_of("tma1", tma), tma2 = tma_of("tma2", tma);
+      // "bps=N" sets the blocks per SM of both GEMMs where they copy by TMA, "bps1=N" / "bps2=N"
+      // one of them (cp.async GEMMs stay at two: with four producer warps, 256-thread blocks
+      // leave too few registers at three).
       auto blocks_per_sm = [&](const char* key, int fallback, bool with_tma) {
         const std::regex re(std::string(key) + "=([0-9]+)");
         std::smatch m;
@@ -359,7 +367,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         set_unit_paths(all, gemm1 ? 16 | 32 : 32, k, gemm1);
         // Every smaller size some token count of the bucket takes on a 132-SM card.
         int alt = 0;
-        for (int t = lo; t <= hi; ++t) {
+        for (int t = lo; t <= (max_tokens > 0 ? std::min(hi, max_tokens) : hi); ++t) {
           const int rows = choose_unit_rows(all, spec, gemm1, t, 132ll * c.min_blocks);
           if (rows < c.unit_rows) alt |= rows;
         }

@@ -311,14 +311,15 @@ class LayerImpl {
     const runtime::Driver& d = runtime::driver();
     if (!d.cuTensorMapEncodeTiled)
       throw Error(ErrorKind::Cuda, "the CUDA driver has no cuTensorMapEncodeTiled (the plan's "
-                                   "stream GEMMs use TMA: MOEJIT_PLAN_OVERRIDE tma=1)");
+                                   "stream GEMMs use TMA; MOEJIT_PLAN_OVERRIDE tma=0 selects cp.async copies)");
     const MoeSpec& s = plan_.spec;
     const int rows = g.unit_rows == 16 || g.unit_rows == 32 || g.unit_rows == 64 ? g.unit_rows
                                                                                 : c.unit_rows;
     const int kc = rows == c.unit_rows ? c.k_stage : rows == 16 ? c.k_stage16 : c.k_stage32;
     // The maps depend only on the two base pointers and the box (the rest is the layer's spec):
     // encoded once per combination and kept, so that a launch with weights it has seen does no
-    // encoding on the host. Bounded: a caller cycling through many weight buffers re-encodes.
+    // encoding on the host. Bounded (a model's layers share one LayerImpl per spec, up to four
+    // entries each): past the bound the cache starts over.
     const TmaKey key{g.w, g.w_scale, rows, kc, gemm1};
     {
       std::lock_guard<std::mutex> lock(tma_mu_);
@@ -486,7 +487,7 @@ class LayerImpl {
       return std::tie(w, s, rows, k_stage, gemm1) < std::tie(o.w, o.s, o.rows, o.k_stage, o.gemm1);
     }
   };
-  static constexpr size_t kTmaCacheEntries = 256;
+  static constexpr size_t kTmaCacheEntries = 4096;  // ~1.2 MB
   mutable std::mutex tma_mu_;
   mutable std::map<TmaKey, std::pair<moejit_dev::TmaDesc, moejit_dev::TmaDesc>> tma_cache_;
 };

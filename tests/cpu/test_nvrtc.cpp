@@ -135,9 +135,9 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamForced, ::testing::ValuesIn(preset_name
                            return name;
                          });
 
-// The copy paths of the stream GEMMs forced on every preset: TMA in every decode bucket at three
-// blocks per SM (bps=3: 64 KiB rings, __launch_bounds__(160, 3)), and cp.async in every decode
-// bucket (tma=0; by default the buckets of at most 16 tokens take TMA).
+// The copy paths of the stream GEMMs forced on every preset: TMA with both GEMMs at three blocks
+// per SM (bps=3: 64 KiB rings, __launch_bounds__(160, 3)), and cp.async in every decode bucket
+// (tma=0; by default every decode bucket takes TMA, gemm1 at two blocks per SM, gemm2 at three).
 class NvrtcStreamCopyPaths
     : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
 

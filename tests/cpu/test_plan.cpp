@@ -347,9 +347,10 @@ TEST(PlanStream, StageBytesOfSmallUnits) {
   EXPECT_EQ(stream_stage_bytes(1024, true, 32), stream_stage_bytes(1024, true));
 }
 
-// Unit sizes: 64 rows by default; 32 and (gemm1) 16 are compiled in as well where the bucket's
-// first token count would take them on a grid of 264 blocks, and the launch takes the largest
-// whose units fill >= 90% of the grid. u1= / u2= force one size.
+// Unit sizes: 64 rows by default; gemm1 also carries the 32- and 16-row paths that some token
+// count of its bucket (up to max_tokens) would take on a 132-SM grid, and a launch takes the
+// compiled size whose busiest block streams the fewest rows, a unit's fixed part counted as 16
+// rows (ties to larger units). Gemm2 keeps 64-row units only. u1= / u2= force one size.
 TEST(PlanStream, UnitRowsRule) {
   const MoeSpec tp8 = preset("kimi-k2-tp8");  // I = 256: gemm1 512 rows, gemm2 7168 per expert
   EXPECT_EQ(stream_units(tp8, true, 16, 1), 256);  // 8 tiles x 512 / 16
@@ -382,8 +383,8 @@ TEST(PlanStream, UnitRowsRule) {
   EXPECT_EQ(choose_unit_rows(g1, tp8, true, 1, 60), 32);   // 2 x 80, 3 x 48, 5 x 32
   EXPECT_EQ(choose_unit_rows(g1, tp8, true, 1, 120), 64);  // 1 x 80, 2 x 48, 3 x 32
   EXPECT_EQ(p8.buckets[1].s1.alt_rows, 0);  // 17-64 tokens: 64 rows only
-  EXPECT_EQ(p8.buckets[0].s2.alt_rows, 0);  // gemm2: 896 units at one token
-  EXPECT_EQ(choose_unit_rows(p8.buckets[0].s2, tp8, false, 1, 396), 64);  // 3 x 80 = 5 x 48
+  EXPECT_EQ(p8.buckets[0].s2.alt_rows, 0);  // gemm2: 64-row units only
+  EXPECT_EQ(choose_unit_rows(p8.buckets[0].s2, tp8, false, 1, 396), 64);
   // qwen3-30b-a3b gemm1: one token has 192 units of 64 rows (one round), 384 of 32 (two); two
   // tokens 384 (two rounds) and 768 (three). kimi-k2: 64 rows from one token on.
   const MoeSpec qwen = preset("qwen3-30b-a3b");
@@ -391,7 +392,11 @@ TEST(PlanStream, UnitRowsRule) {
   EXPECT_EQ(pq.buckets[0].s1.alt_rows, 32);
   EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 1, 264), 64);
   EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 2, 264), 32);
+  EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 3, 264), 64);  // 3 x 80 = 5 x 48: tie
   EXPECT_EQ(choose_unit_rows(pq.buckets[0].s1, qwen, true, 4, 264), 64);
+  // A plan for at most one token compiles only the size one token takes.
+  EXPECT_EQ(make_plan(qwen, 1, "sm_90a").buckets[0].s1.alt_rows, 0);
+  EXPECT_EQ(make_plan(tp8, 1, "sm_90a").buckets[0].s1.alt_rows, 16);
   EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.alt_rows, 0);
   {
     const ScopedOverride o("u1=16");
@@ -412,7 +417,7 @@ TEST(PlanStream, UnitRowsRule) {
     EXPECT_EQ(p.buckets[0].s1.unit_rows, 32);
     EXPECT_EQ(p.buckets[0].s1.k_stage, 1024);
     EXPECT_EQ(p.buckets[0].s2.unit_rows, 32);
-    EXPECT_EQ(p.buckets[0].s2.k_stage, 256);  // K = 256
+    EXPECT_EQ(p.buckets[0].s2.k_stage, 256);  // three blocks per SM (and K = 256)
     EXPECT_EQ(choose_unit_rows(p.buckets[0].s1, tp8, true, 1, 264), 32);  // the only one
   }
   for (const char* bad : {"u1=8", "u2=16", "u2=128"}) {
@@ -487,6 +492,27 @@ TEST(PlanStream, TmaRuleAndOverrides) {
     EXPECT_FALSE(p.buckets[0].s1.tma);
     EXPECT_TRUE(p.buckets[0].s2.tma);
     EXPECT_EQ(p.buckets[0].s2.producer_warps, 1);
+  }
+  {
+    // bps1= / bps2= set one GEMM; on a cp.async GEMM three blocks per SM do not apply.
+    const ScopedOverride one("bps1=3");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_EQ(p.buckets[0].s1.min_blocks, 3);
+    EXPECT_EQ(p.buckets[0].s1.k_stage, 256);
+    EXPECT_EQ(p.buckets[0].s2.min_blocks, 3);
+    const ScopedOverride two("bps2=2");
+    EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s2.min_blocks, 2);
+    const ScopedOverride cp_async("tma=0,bps=3");
+    const Plan c = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_EQ(c.buckets[0].s1.min_blocks, 2);
+    EXPECT_EQ(c.buckets[0].s2.min_blocks, 2);
+  }
+  {
+    // An s2= ring beyond the three-block budget (4 x 18432 B > 64 KiB) compiles for two.
+    const ScopedOverride big("s2=4x256x4");
+    const StreamConfig& c = make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s2;
+    EXPECT_EQ(c.stages, 4);
+    EXPECT_EQ(c.min_blocks, 2);
   }
   {
     const ScopedOverride off("tma=0");
@@ -593,7 +619,7 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
                           "s1=4x512x12", "s2=4x4096x2", "s1=8x512x3x4",
                           "s2=4x256x10",   // 10 stages: within 200 KiB, above the 8 mbarriers
                           "s1=4x512x3x4",  // TMA (bucket 0) takes one producer warp
-                          "tma=1,bps=4", "bps2=1", "bps1=4"}) {
+                          "tma=1,bps=4", "bps2=1", "bps1=4", "tma=2", "tma1=10", "tma2=x"}) {
     const ScopedOverride o(bad);
     try {
       make_plan(preset("kimi-k2"), 64, "sm_90a");
