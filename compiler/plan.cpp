@@ -358,22 +358,21 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // Gemm2 of the TMA buckets at three blocks per SM (H200, bench/RESULTS.md section 14:
       // layers 1-4% faster at 8 and 16 tokens for kimi-k2, qwen3-30b-a3b and kimi-k2-tp8, and
       // at one token for the latter two; kimi-k2 at one token ~1 us slower); gemm1 at two (at
-      // three its stages shrink from 512 to 256 deep: 2-10% slower at 8-16 tokens).
+      // three its stages shrink from 512 to 256 deep: 2-16% slower, except for qwen3-30b-a3b at
+      // one token).
       const int bps1 = blocks_per_sm("bps", 2, tma1), bps2 = blocks_per_sm("bps", tma2 ? 3 : 2, tma2);
       b.s1 = pick_stream(spec.hidden, true, 64, tma1, blocks_per_sm("bps1", bps1, tma1));
       b.s2 = pick_stream(spec.intermediate, false, 64, tma2, blocks_per_sm("bps2", bps2, tma2));
-      auto add_paths = [&](StreamConfig& c, int k, bool gemm1) {
-        StreamConfig all = c;
-        set_unit_paths(all, gemm1 ? 16 | 32 : 32, k, gemm1);
-        // Every smaller size some token count of the bucket takes on a 132-SM card.
-        int alt = 0;
-        for (int t = lo; t <= (max_tokens > 0 ? std::min(hi, max_tokens) : hi); ++t) {
-          const int rows = choose_unit_rows(all, spec, gemm1, t, 132ll * c.min_blocks);
-          if (rows < c.unit_rows) alt |= rows;
-        }
-        set_unit_paths(c, alt, k, gemm1);
-      };
-      add_paths(b.s1, spec.hidden, true);
+      // Gemm1 also carries every smaller unit size some token count of the bucket takes on a
+      // 132-SM card.
+      StreamConfig all = b.s1;
+      set_unit_paths(all, 16 | 32, spec.hidden, true);
+      int alt = 0;
+      for (int t = lo; t <= (max_tokens > 0 ? std::min(hi, max_tokens) : hi); ++t) {
+        const int rows = choose_unit_rows(all, spec, true, t, 132ll * b.s1.min_blocks);
+        if (rows < b.s1.unit_rows) alt |= rows;
+      }
+      set_unit_paths(b.s1, alt, spec.hidden, true);
       // Gemm2 keeps 64-row units only: with the 32-row path compiled in, qwen3-30b-a3b took
       // 1 us longer at 1-3 tokens, whether or not a launch took it (H200, section 14).
     }
