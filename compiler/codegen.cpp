@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cstddef>
+#include <regex>
 
 namespace moejit::compiler {
 
@@ -31,6 +32,21 @@ std::string float_literal(double v) {
   return s + "f";
 }
 
+// The timeline diagnostic (moejit bench --timeline): plan override "tl=0xADDRESS", the device
+// address of the buffer the kernels stamp (templates/moejit_common.cuh). "" when off.
+std::string timeline_define() {
+  static const std::regex tl("(^|[^A-Za-z0-9_])tl=([^,;\\s]*)");
+  const std::string o = plan_override();
+  std::smatch m;
+  if (!std::regex_search(o, m, tl)) return "";
+  static const std::regex hex("0x[0-9a-fA-F]{1,16}");
+  if (!std::regex_match(m[2].str(), hex))
+    throw Error(ErrorKind::InvalidArgument,
+                fmt::format("MOEJIT_PLAN_OVERRIDE: tl={} must be a device address in hex (0x...)",
+                            m[2].str()));
+  return fmt::format("#define MOEJIT_TIMELINE {}ull\n", m[2].str());
+}
+
 // The translation unit: Cfg constants, then an entry taking the parameter block by value that
 // calls the template `function`<Cfg>.
 std::string unit(const KernelPlan& k, const MoeSpec& s, const std::string& include,
@@ -40,6 +56,7 @@ std::string unit(const KernelPlan& k, const MoeSpec& s, const std::string& inclu
       min_blocks > 0 ? fmt::format("{}, {}", threads, min_blocks) : std::to_string(threads);
   return fmt::format(
       "// moejit generated kernel '{name}' ({stages}); H={h} I={i} E={e} top_k={k}\n"
+      "{timeline}"
       "#include \"{include}\"\n\n"
       "namespace {{\n"
       "struct Cfg {{\n"
@@ -50,7 +67,7 @@ std::string unit(const KernelPlan& k, const MoeSpec& s, const std::string& inclu
       "moejit_{name}(const __grid_constant__ moejit_dev::{params} p) {{\n"
       "  moejit_dev::{function}<Cfg>(p);\n"
       "}}\n",
-      fmt::arg("name", k.name), fmt::arg("stages", fmt::join(k.stages, "+")),
+      fmt::arg("name", k.name), fmt::arg("timeline", timeline_define()), fmt::arg("stages", fmt::join(k.stages, "+")),
       fmt::arg("h", s.hidden), fmt::arg("i", s.intermediate), fmt::arg("e", s.num_experts),
       fmt::arg("k", s.top_k), fmt::arg("include", include), fmt::arg("cfg", cfg_body),
       fmt::arg("bounds", bounds), fmt::arg("params", params), fmt::arg("function", function));
@@ -75,13 +92,15 @@ std::string route_cfg(const MoeSpec& s, int warps) {
 }
 
 // Dispatch constants (kTopK comes from route_cfg when both are present).
-std::string dispatch_cfg(const MoeSpec& s, bool with_top_k, int threads = kDispatchThreads) {
+std::string dispatch_cfg(const Plan& plan, bool with_top_k, int threads = kDispatchThreads) {
+  const MoeSpec& s = plan.spec;
   return (with_top_k ? fmt::format("  static constexpr int kTopK = {};\n", s.top_k) : "") +
          fmt::format(
              "  static constexpr int kLocalOffset = {};\n"
              "  static constexpr int kLocalExperts = {};\n"
-             "  static constexpr int kThreads = {};\n",
-             s.local_expert_offset, s.local_experts(), threads);
+             "  static constexpr int kThreads = {};\n"
+             "  static constexpr bool kSmallDispatch = {};  // <= 32 slots: warp 0 places them\n",
+             s.local_expert_offset, s.local_experts(), threads, b(plan.small_dispatch));
 }
 
 KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
@@ -97,7 +116,7 @@ KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
 KernelSource route_dispatch_unit(const Plan& plan, const KernelPlan& k) {
   const MoeSpec& s = plan.spec;
   const int threads = 32 * plan.route_dispatch_warps;
-  const std::string cfg = route_cfg(s, plan.route_dispatch_warps) + dispatch_cfg(s, false, threads);
+  const std::string cfg = route_cfg(s, plan.route_dispatch_warps) + dispatch_cfg(plan, false, threads);
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_route_dispatch.cuh", cfg, "RouteDispatchParams",
                "route_dispatch_kernel", threads),
@@ -106,7 +125,7 @@ KernelSource route_dispatch_unit(const Plan& plan, const KernelPlan& k) {
 
 KernelSource dispatch_unit(const Plan& plan, const KernelPlan& k) {
   const MoeSpec& s = plan.spec;
-  const std::string cfg = dispatch_cfg(s, true);
+  const std::string cfg = dispatch_cfg(plan, true);
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_dispatch.cuh", cfg,
                "DispatchParams", "dispatch_kernel",

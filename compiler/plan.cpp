@@ -275,7 +275,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   const bool grouped = spec.routing == RoutingMethod::DeepSeekV3 && spec.n_group > 1;
   for (const long long w : {16, 8}) {
     const long long smem = (grouped ? w * (4 * spec.num_experts + 5 * spec.n_group) : 0) +
-                           4ll * (4 * local + 1) + 2 * w * local + 4ll * 64 * spec.top_k;
+                           4ll * (4 * local + 1) + 2 * w * local + 4ll * 64 * spec.top_k +
+                           648;  // dispatch_small's list
     if (smem <= 44 * 1024) {
       plan.route_dispatch_warps = static_cast<int>(w);
       break;
@@ -291,6 +292,9 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     if (plan.route_dispatch_warps > 0)
       plan.route_dispatch_warps = std::min(plan.route_dispatch_warps, std::stoi(m[1]));
   }
+  // H200, bench/RESULTS.md section 15: the general dispatch block took 2.9 us of a one-token
+  // kimi-k2-tp8 layer.
+  if (override_text.find("sd=0") != std::string::npos) plan.small_dispatch = false;
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;
     Bucket b;

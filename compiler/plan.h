@@ -125,6 +125,9 @@ struct Plan {
   // Warps of the fused route+dispatch block (buckets with fused_route, at most 16 tokens): warp
   // w routes tokens w, w + warps, ...; 0 = no bucket fuses them.
   int route_dispatch_warps = 0;
+  // Dispatch of at most 32 slots by one warp and one block barrier (moejit_dispatch.cuh,
+  // dispatch_small); "sd=0" keeps the general block dispatch for them.
+  bool small_dispatch = true;
 
   int bucket_for(int tokens) const;  // throws InvalidArgument if no bucket covers it
   // Upper bound of row tiles (and of permuted rows = tiles * tile_rows) for T tokens.

@@ -175,7 +175,7 @@ class LayerImpl {
     int tile = 8;
     long long max_tiles = 0;
     long long rows = 0;  // max_tiles * tile
-    size_t topk_ids = 0, topk_weights = 0, counts = 0, offsets = 0, tile_expert = 0, e2p = 0,
+    size_t topk_ids = 0, topk_weights = 0, counts = 0, offsets = 0, tile_expert = 0, tile_rows = 0, e2p = 0,
            p2s = 0, act = 0, y = 0, counters = 0, total = 0;
   };
 
@@ -199,6 +199,7 @@ class LayerImpl {
     l.counts = take(static_cast<size_t>(L) * 4);
     l.offsets = take(static_cast<size_t>(L + 1) * 4);
     l.tile_expert = take(static_cast<size_t>(l.max_tiles) * 4);
+    l.tile_rows = take(static_cast<size_t>(l.max_tiles) * 4);
     l.e2p = take(slots * 4);
     l.p2s = take(static_cast<size_t>(l.rows) * 4);
     l.act = take(static_cast<size_t>(l.rows) * s.intermediate * 4);  // bf16 hi + lo planes
@@ -247,6 +248,7 @@ class LayerImpl {
     int32_t* counts = reinterpret_cast<int32_t*>(at(l.counts));
     int32_t* offsets = outs.offsets ? outs.offsets : reinterpret_cast<int32_t*>(at(l.offsets));
     int32_t* tile_expert = reinterpret_cast<int32_t*>(at(l.tile_expert));
+    int32_t* tile_rows = reinterpret_cast<int32_t*>(at(l.tile_rows));
     int32_t* e2p = outs.e2p ? outs.e2p : reinterpret_cast<int32_t*>(at(l.e2p));
     int32_t* p2s = reinterpret_cast<int32_t*>(at(l.p2s));
     void* act = at(l.act);
@@ -264,11 +266,11 @@ class LayerImpl {
     moejit_dev::DispatchParams dp{topk_ids, counts, offsets, tile_expert, e2p, p2s, T,
                                   l.tile, static_cast<int32_t>(l.max_tiles),
                                   fused ? counters : nullptr, fused ? T * feature_blocks : 0,
-                                  fused ? outs.final_out : nullptr, s.hidden};
+                                  fused ? outs.final_out : nullptr, s.hidden, tile_rows};
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
-                              nullptr, nullptr, 0, {}, {}};
+                              nullptr, nullptr, 0, {}, {}, tile_rows};
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
     if (b.stream) {
       g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
@@ -278,7 +280,7 @@ class LayerImpl {
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
-                              fused ? outs.final_out : nullptr, 0, {}, {}};
+                              fused ? outs.final_out : nullptr, 0, {}, {}, tile_rows};
     if (b.stream) {
       g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
                                                 kernels_[gemm2_[bucket]].persistent_blocks);

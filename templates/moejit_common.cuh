@@ -24,6 +24,50 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// Timeline (a diagnostic: `moejit bench --timeline`, plan override "tl=0xADDRESS"). With
+// MOEJIT_TIMELINE defined (codegen: the address of a device buffer of u64), the kernels record per
+// layer replay the earliest and the latest %globaltimer (ns) of the events below: word 0 counts
+// replays (the layer's first kernel adds one), then replay slot (count - 1) % kTlSlots holds
+// kTlEvents pairs {min, max}. Without it the calls compile to nothing.
+constexpr int kTlSlots = 64;
+constexpr int kTlEvents = 16;
+enum TlEvent : int {
+  kTlRouteStart, kTlRouted, kTlRouteEnd,                      // route(+dispatch)
+  kTlG1Start, kTlG1Waited, kTlG1Issued, kTlG1First, kTlG1End,  // gemm1
+  kTlG2Start, kTlG2Issued, kTlG2Waited, kTlG2First, kTlG2End,  // gemm2
+  kTlFinStart, kTlFinWaited, kTlFinEnd,                       // finalize
+};
+#ifdef MOEJIT_TIMELINE
+__device__ __forceinline__ unsigned long long tl_now() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+__device__ __forceinline__ unsigned long long* tl_base() {
+  return reinterpret_cast<unsigned long long*>(MOEJIT_TIMELINE);
+}
+// The slot of the replay in flight (read once per thread, at kernel entry).
+__device__ __forceinline__ int tl_slot() {
+  const unsigned long long n = *reinterpret_cast<volatile unsigned long long*>(tl_base());
+  return static_cast<int>((n + kTlSlots - 1) % kTlSlots);
+}
+__device__ __forceinline__ void tl_stamp(int slot, int ev, unsigned long long t = tl_now()) {
+  unsigned long long* e = tl_base() + 1 + 2 * (slot * kTlEvents + ev);
+  atomicMin(e, t);
+  atomicMax(e + 1, t);
+}
+// By one thread of the layer's first kernel, before its dependents launch.
+__device__ __forceinline__ void tl_next_replay() {
+  atomicAdd(tl_base(), 1ull);
+  __threadfence();
+}
+#else
+__device__ __forceinline__ unsigned long long tl_now() { return 0; }
+__device__ __forceinline__ int tl_slot() { return 0; }
+__device__ __forceinline__ void tl_stamp(int, int, unsigned long long = 0) {}
+__device__ __forceinline__ void tl_next_replay() {}
+#endif
+
 // (w & 0x000f000f) ^ 0x43084308 as one lop3: the nibbles at bits 0-3 and 16-19 (two's
 // complement v) become bf16x2 (136 + v), exact (bit 3 flipped maps v to v + 8; exponent 0x43 makes
 // 128 + (v + 8)). Written out because ptxas emits two LOP3s for the C expression (two immediates).

@@ -10,9 +10,131 @@
 
 namespace moejit_dev {
 
+// Fused finalize (p.out): a token none of whose slots is local gets a zero output row here.
+template <class Cfg>
+__device__ void dispatch_zero_unrouted(const DispatchParams& p, const int* ids) {
+  if (!p.out) return;
+  constexpr int kWarps = Cfg::kThreads / 32;
+  const int lane = threadIdx.x & 31;
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
+  for (int t = threadIdx.x >> 5; t < p.num_tokens; t += kWarps) {
+    bool any = false;
+    for (int j = 0; j < Cfg::kTopK; ++j) {
+      const int l = ids[t * Cfg::kTopK + j] - Cfg::kLocalOffset;
+      any |= l >= 0 && l < Cfg::kLocalExperts;
+    }
+    if (!any)
+      for (int h = lane; h < p.hidden; h += 32)
+        out[static_cast<long long>(t) * p.hidden + h] = __float2bfloat16_rn(0.0f);
+  }
+}
+
+// Up to 32 slots (decode: up to 4 tokens of top-8): warp 0 places every slot with warp
+// intrinsics, then the block fills the per-expert, per-tile and per-row tables from a sorted list
+// of the (at most 32) routed experts in shared memory: one block barrier, where dispatch_block
+// passes ten and its work per expert is serial (H200, bench/RESULTS.md section 15: 2.9 us of a
+// one-token kimi-k2-tp8 layer). Same outputs as dispatch_block.
+template <class Cfg>
+__device__ void dispatch_small(const DispatchParams& p, const int* ids) {
+  constexpr int L = Cfg::kLocalExperts;
+  static_assert(L < (1 << 22), "dispatch: local expert ids must fit in 22 bits");
+  // Routed expert i (ascending id): {expert, first padded row, first position in s_sorted, slots}.
+  __shared__ int4 s_list[32];
+  __shared__ int s_sorted[32];  // the local slots in (expert, slot) order
+  __shared__ int s_n, s_total;
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int slots = p.num_tokens * Cfg::kTopK;  // at most 32
+  const int tile = p.tile;                      // a power of two
+  if (tid < 32) {
+    int l = -1;
+    if (lane < slots) {
+      l = ids[lane] - Cfg::kLocalOffset;
+      if (l < 0 || l >= L) l = -1;
+    }
+    const unsigned peers = __match_any_sync(kFullMask, l);
+    const int rank = __popc(peers & ((1u << lane) - 1u));  // earlier slots of the same expert
+    const int count = __popc(peers);
+    const bool leader = l >= 0 && rank == 0;
+    // Over the routed experts below this lane's: padded rows, slots, and how many.
+    const int mine = leader ? (l << 8) | count : 0x7fffffff;
+    int off = 0, before = 0, idx = 0;
+#pragma unroll 8
+    for (int j = 0; j < 32; ++j) {
+      const int v = __shfl_sync(kFullMask, mine, j);
+      if (l >= 0 && v < (l << 8)) {
+        off += ((v & 255) + tile - 1) & -tile;
+        before += v & 255;
+        ++idx;
+      }
+    }
+    const int total = static_cast<int>(
+        __reduce_add_sync(kFullMask, leader ? static_cast<unsigned>((count + tile - 1) & -tile) : 0u));
+    const unsigned leaders = __ballot_sync(kFullMask, leader);
+    if (leader) s_list[idx] = make_int4(l, off, before, count);
+    if (l >= 0) s_sorted[before + rank] = lane;
+    if (lane < slots) p.expanded_to_permuted[lane] = l >= 0 ? off + rank : -1;
+    if (lane == 0) {
+      s_n = __popc(leaders);
+      s_total = total;
+    }
+  }
+  __syncthreads();
+  const int n = s_n;
+  const int total = s_total;
+  // First list entry whose expert is >= l; last entry whose first row is <= row.
+  auto first_at_or_above = [&](int l) {
+    int lo = 0, hi = n;
+    while (lo < hi) {
+      const int mid = (lo + hi) >> 1;
+      if (s_list[mid].x < l) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+  };
+  auto holding_row = [&](int row) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (s_list[mid].y <= row) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+  };
+  for (int l = tid; l <= L; l += Cfg::kThreads) {
+    const int i = first_at_or_above(l);
+    const int4 e = i < n ? s_list[i] : make_int4(L, total, 0, 0);
+    if (l < L) p.expert_counts[l] = e.x == l ? e.w : 0;
+    p.expert_offsets[l] = e.y;
+  }
+  for (int b = tid; b < p.max_tiles; b += Cfg::kThreads) {
+    int e = -1, rows = 0;
+    if (b * tile < total) {
+      const int4 h = s_list[holding_row(b * tile)];
+      e = h.x;
+      rows = min(tile, h.y + h.w - b * tile);
+    }
+    p.tile_expert[b] = e;
+    p.tile_rows[b] = rows;
+  }
+  for (int r = tid; r < p.max_tiles * tile; r += Cfg::kThreads) {
+    int slot = -1;
+    if (r < total) {
+      const int4 e = s_list[holding_row(r)];
+      if (r - e.y < e.w) slot = s_sorted[e.z + r - e.y];
+    }
+    p.permuted_to_slot[r] = slot;
+  }
+  for (int i = tid; i < p.num_counters; i += Cfg::kThreads) p.token_counters[i] = 0;
+}
+
 // ids: the routed expert ids (p.topk_ids, or a shared-memory copy of them).
 template <class Cfg>
 __device__ void dispatch_block(const DispatchParams& p, const int* ids) {
+  if constexpr (Cfg::kSmallDispatch)
+    if (p.num_tokens * Cfg::kTopK <= 32) {
+      dispatch_small<Cfg>(p, ids);
+      dispatch_zero_unrouted<Cfg>(p, ids);
+      return;
+    }
   constexpr int L = Cfg::kLocalExperts;
   constexpr int kWarps = Cfg::kThreads / 32;
   __shared__ int s_count[L];
@@ -74,7 +196,7 @@ __device__ void dispatch_block(const DispatchParams& p, const int* ids) {
   // Expert of each row tile (binary search over the padded offsets), -1 past the end.
   for (int b = tid; b < p.max_tiles; b += Cfg::kThreads) {
     const int row = b * tile;
-    int e = -1;
+    int e = -1, rows = 0;
     if (row < total_rows) {
       int lo = 0, hi = L - 1;  // last l with s_offset[l] <= row
       while (lo < hi) {
@@ -82,8 +204,10 @@ __device__ void dispatch_block(const DispatchParams& p, const int* ids) {
         if (s_offset[mid] <= row) lo = mid; else hi = mid - 1;
       }
       e = lo;
+      rows = min(tile, s_offset[lo] + s_count[lo] - row);
     }
     p.tile_expert[b] = e;
+    p.tile_rows[b] = rows;
   }
   for (int i = tid; i < p.num_counters; i += Cfg::kThreads) p.token_counters[i] = 0;
   // Padding rows (and rows past the end) hold no slot.
@@ -122,24 +246,17 @@ __device__ void dispatch_block(const DispatchParams& p, const int* ids) {
     __syncthreads();
   }
 
-  // Fused finalize: a token none of whose slots is local gets a zero output row here.
-  if (p.out) {
-    __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
-    for (int t = warp; t < p.num_tokens; t += kWarps) {
-      bool any = false;
-      for (int j = 0; j < Cfg::kTopK; ++j) any |= local_of(t * Cfg::kTopK + j) >= 0;
-      if (!any)
-        for (int h = lane; h < p.hidden; h += 32)
-          out[static_cast<long long>(t) * p.hidden + h] = __float2bfloat16_rn(0.0f);
-    }
-  }
+  dispatch_zero_unrouted<Cfg>(p, ids);
 }
 
 template <class Cfg>
 __device__ void dispatch_kernel(const DispatchParams& p) {
   pdl_wait();
+  [[maybe_unused]] const int tls = tl_slot();  // timeline (diagnostic builds only)
+  if (threadIdx.x == 0) tl_stamp(tls, kTlRouted);
   pdl_trigger();
   dispatch_block<Cfg>(p, p.topk_ids);
+  if (threadIdx.x == 0) tl_stamp(tls, kTlRouteEnd);
 }
 
 }  // namespace moejit_dev

@@ -20,6 +20,9 @@ __device__ void finalize_kernel(const FinalizeParams& p) {
   // GEMM that launched this kernel early got past its own wait; only y needs the wait. (From
   // moejit::finalize the launch carries no PDL attribute: the kernel starts after the work
   // before it has completed, and the wait is a no-op.)
+  [[maybe_unused]] const unsigned long long t0 = tl_now();  // timeline (diagnostic builds only)
+  [[maybe_unused]] const int tls = tl_slot();
+  if (threadIdx.x == 0) tl_stamp(tls, kTlFinStart, t0);
   int rows[K];
   float ws[K];
   if (t < p.num_tokens && h < H)
@@ -29,6 +32,7 @@ __device__ void finalize_kernel(const FinalizeParams& p) {
       ws[j] = p.weights[t * K + j];
     }
   pdl_wait();
+  if (threadIdx.x == 0) tl_stamp(tls, kTlFinWaited);
   if (t >= p.num_tokens || h >= H) return;
 
   float acc[8];
@@ -52,6 +56,7 @@ __device__ void finalize_kernel(const FinalizeParams& p) {
   o.z = pack_bf16x2(acc[4], acc[5]);
   o.w = pack_bf16x2(acc[6], acc[7]);
   *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + static_cast<long long>(t) * H + h) = o;
+  if (threadIdx.x == 0) tl_stamp(tls, kTlFinEnd);
 }
 
 }  // namespace moejit_dev

@@ -44,6 +44,7 @@ struct DispatchParams {
   int32_t num_counters;
   void* out;                       // [T, H] bf16
   int32_t hidden;
+  int32_t* tile_rows;              // [max_tiles] slots (valid rows) of each row tile, 0 if unused
 };
 
 // Route and dispatch fused into one block (small token counts).
@@ -92,6 +93,9 @@ struct GemmParams {
   // (box {k_stage / 16, unit_rows / 2}), for this launch's unit size. Zero otherwise.
   TmaDesc tma_w;
   TmaDesc tma_s;
+  // Valid rows of each row tile (dispatch's tile_rows; the stream GEMMs read it beside
+  // tile_expert, one memory round trip per unit instead of two).
+  const int32_t* tile_rows;
 };
 
 // Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.

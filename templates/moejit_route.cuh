@@ -102,33 +102,52 @@ __device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr) {
     }
   }
 
-  // Top-k by repeated warp argmax; selected entries are cleared from the candidate keys. Each
-  // round: the lane's best key (lowest expert on ties, as i ascends), the warp's largest key
-  // (redux.sync), then the lowest expert holding it (a second redux): two instructions where a
-  // 64-bit butterfly took ten shuffles. Key 0 is never selectable; with none left, id = -1.
+  // Top-k by repeated warp argmax. Each lane keeps its best remaining key (lowest expert on
+  // ties), found by a tree over its keys; a round takes the warp's largest key (redux.sync), then
+  // the lowest expert holding it (a second redux), and only the lane that held it clears it and
+  // searches its keys again. Key 0 is never selectable; with none left, id = -1.
+  uint32_t best_key;
+  int best_i;  // index into key[] of the lane's best
+  auto lane_best = [&]() {
+    uint32_t k[kPer];
+    int ix[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      k[i] = key[i];
+      ix[i] = i;
+    }
+    // Pairwise maxima, the lower index (= lower expert) first in every pair: ties keep it.
+#pragma unroll
+    for (int w = 1; w < kPer; w *= 2)
+#pragma unroll
+      for (int i = 0; i + w < kPer; i += 2 * w)
+        if (k[i + w] > k[i]) {
+          k[i] = k[i + w];
+          ix[i] = ix[i + w];
+        }
+    best_key = k[0];
+    best_i = ix[0];
+  };
+  lane_best();
   int sel_id = -1;      // lane j < K keeps selection j
   float sel_logit = 0;  // its raw logit
 #pragma unroll 1
   for (int j = 0; j < K; ++j) {
-    uint32_t best_key = 0;
-    int best_e = 0;
-#pragma unroll
-    for (int i = 0; i < kPer; ++i)
-      if (key[i] > best_key) {
-        best_key = key[i];
-        best_e = lane + 32 * i;
-      }
     const uint32_t top = __reduce_max_sync(kFullMask, best_key);
     const int id = static_cast<int>(__reduce_min_sync(
-        kFullMask, top != 0 && best_key == top ? static_cast<uint32_t>(best_e) : 0xffffffffu));
-    // The owner lane clears it; every lane learns the logit through a shuffle.
+        kFullMask,
+        top != 0 && best_key == top ? static_cast<uint32_t>(lane + 32 * best_i) : 0xffffffffu));
+    // The owner lane clears it and searches again; every lane learns the logit by a shuffle.
     float l = 0.0f;
+    if (id == lane + 32 * best_i) {
 #pragma unroll
-    for (int i = 0; i < kPer; ++i)
-      if (lane + 32 * i == id) {
-        key[i] = 0;
-        l = logit[i];
-      }
+      for (int i = 0; i < kPer; ++i)
+        if (i == best_i) {
+          key[i] = 0;
+          l = logit[i];
+        }
+      lane_best();
+    }
     l = __shfl_sync(kFullMask, l, id & 31);
     if (lane == j) {
       sel_id = id;
@@ -181,6 +200,11 @@ __device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr) {
 
 template <class Cfg>
 __device__ void route_kernel(const RouteParams& p) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) {  // timeline (diagnostic builds only)
+    const unsigned long long t0 = tl_now();
+    tl_next_replay();
+    tl_stamp(tl_slot(), kTlRouteStart, t0);
+  }
   pdl_trigger();  // dispatch may launch now; it waits for this grid before reading
   const int t = blockIdx.x * Cfg::kWarpsPerBlock + (threadIdx.x >> 5);
   // Whole warps leave together, so the warp-synchronous code below sees full warps.

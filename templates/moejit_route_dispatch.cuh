@@ -17,6 +17,14 @@ constexpr int kMaxTokens = 64;  // at most the tokens the planner fuses route an
 template <class Cfg>
 __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   static_assert(Cfg::kThreads == 32 * Cfg::kWarpsPerBlock, "one block of routing warps");
+  [[maybe_unused]] int tls = 0;  // timeline slot (diagnostic builds only)
+#ifdef MOEJIT_TIMELINE
+  const unsigned long long t0 = tl_now();
+  if (threadIdx.x == 0) tl_next_replay();
+  __syncthreads();
+  tls = tl_slot();
+  if (threadIdx.x == 0) tl_stamp(tls, kTlRouteStart, t0);
+#endif
   pdl_trigger();  // gemm1 may launch now; it waits for this grid before reading
   // The ids also go to shared memory, so the dispatch does not read them back from global
   // memory (a round trip per pass over the slots).
@@ -25,7 +33,9 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   for (int t = threadIdx.x >> 5; t < p.route.num_tokens; t += Cfg::kWarpsPerBlock)
     route_token<Cfg>(p.route, t, ids);
   __syncthreads();
+  if (threadIdx.x == 0) tl_stamp(tls, kTlRouted);
   dispatch_block<Cfg>(p.dispatch, ids ? ids : p.route.topk_ids);
+  if (threadIdx.x == 0) tl_stamp(tls, kTlRouteEnd);
 }
 
 }  // namespace moejit_dev

@@ -256,6 +256,15 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
+  // Timeline events (diagnostic builds only; see moejit_common.cuh).
+  constexpr int kEvStart = kGemm1 ? kTlG1Start : kTlG2Start;
+  constexpr int kEvWaited = kGemm1 ? kTlG1Waited : kTlG2Waited;
+  constexpr int kEvIssued = kGemm1 ? kTlG1Issued : kTlG2Issued;
+  constexpr int kEvFirst = kGemm1 ? kTlG1First : kTlG2First;
+  constexpr int kEvEnd = kGemm1 ? kTlG1End : kTlG2End;
+  [[maybe_unused]] const unsigned long long tl_t0 = tl_now();
+  [[maybe_unused]] const int tls = tl_slot();
+  if (tid == 0) tl_stamp(tls, kEvStart, tl_t0);
   if (tid == 0) {
     for (int s = 0; s < NS; ++s) {
       // One cp.async arrive per producer thread (TMA: the issuing thread's expect_tx alone).
@@ -271,44 +280,46 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // (the producer, before its first x copy).
   if constexpr (kGemm1) {
     pdl_wait();
+    if (tid == 0) tl_stamp(tls, kEvWaited);
     pdl_trigger();
   }
   const int n_tiles = p.expert_offsets[Cfg::kLocalExperts] / 8;
   const int n_units = n_tiles * kSlices;
   const int my_units = blockIdx.x < n_units ? (n_units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
 
-  // The block's units, their expert and valid rows fetched ahead: a unit's expert (a load) is
-  // issued two units before it starts and its row count (a load at an address that depends on
-  // the expert) one unit before, so neither role waits on a dependent global load at a unit
+  // The block's units, their expert and valid rows (two independent loads: dispatch writes
+  // both per tile) fetched two units ahead, so that neither role waits on a global load at a unit
   // boundary. (Loading them when a unit starts cost a few L2 round trips per unit, which
-  // measured as the per-block throughput limit.)
+  // measured as the per-block throughput limit; with the row count read from the expert's
+  // offsets, a block's first copy waited for three dependent loads after dispatch: 1.4 us at one
+  // kimi-k2-tp8 token, bench/RESULTS.md section 15.)
   struct Unit {
     int tile, slice, e, row0, rows_valid;
   };
   struct UnitQueue {
     const GemmParams& p;
     int n_tiles, my_units;
-    int e0 = 0, e1 = 0, off0 = 0, cnt0 = 0;
+    int e0 = 0, e1 = 0, r0 = 0, r1 = 0;
     __device__ int id(int i) const { return blockIdx.x + i * gridDim.x; }
-    __device__ int expert(int i) const { return i < my_units ? p.tile_expert[id(i) % n_tiles] : 0; }
-    __device__ void start() {
-      e0 = expert(0);
-      off0 = p.expert_offsets[e0];
-      cnt0 = p.expert_counts[e0];
-      e1 = expert(1);
+    __device__ void load(int i, int& e, int& rows) const {
+      e = i < my_units ? p.tile_expert[id(i) % n_tiles] : 0;
+      rows = i < my_units ? p.tile_rows[id(i) % n_tiles] : 0;
     }
-    // Unit i (called for i = 0, 1, 2, ... in order); issues the loads for units i+1 and i+2.
+    __device__ void start() {
+      load(0, e0, r0);
+      load(1, e1, r1);
+    }
+    // Unit i (called for i = 0, 1, 2, ... in order); issues the loads for unit i + 2.
     __device__ Unit next(int i) {
       Unit u;
       u.tile = id(i) % n_tiles;
       u.slice = id(i) / n_tiles;
       u.e = e0;
       u.row0 = u.tile * 8;
-      u.rows_valid = min(8, off0 + cnt0 - u.row0);
-      off0 = p.expert_offsets[e1];
-      cnt0 = p.expert_counts[e1];
+      u.rows_valid = r0;
       e0 = e1;
-      e1 = expert(i + 2);
+      r0 = r1;
+      load(i + 2, e1, r1);
       return u;
     }
   };
@@ -384,9 +395,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
             tma_load_3d(base + so + kHalfBytes, &p.tma_w, 0, row_hi, k0 / 256, bar);
             tma_load_2d(base + so + kWBytes, &p.tma_s, k0 / 16, row_lo, bar);
             tma_load_2d(base + so + kWBytes + kHalfRows * kSRow, &p.tma_s, k0 / 16, row_hi, bar);
+            if (ui == 0 && ks == 0) tl_stamp(tls, kEvIssued);
           }
           if (!waited) {
             pdl_wait();  // gemm2: x is gemm1's output
+            if (lane == 0) tl_stamp(tls, kEvWaited);
             pdl_trigger();
             waited = true;
           }
@@ -517,9 +530,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         for (int j = 0; j < kSj; ++j)
           if (s_mine[j] && (kEven || ((pt + j * PT) % kSc) * 256 < kc))
             cp_async16(s_dst[j] + so, s_src[j] + k0 / 16);
+        if (pt == 0 && ui == 0 && ks == 0) tl_stamp(tls, kEvIssued);
         if (!waited) {
           // Gemm2: everything above is independent of gemm1; x (its output) is not.
           pdl_wait();
+          if (pt == 0) tl_stamp(tls, kEvWaited);
           pdl_trigger();
           waited = true;
         }
@@ -601,6 +616,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         const uint32_t st = smem_base + slot * kStageBytes;
         const int pairs = kEven ? KC / 64 : min(KC, K - ks * KC) / 64;
         mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);
+        if (tid == 0 && ui == 0 && ks == 0) tl_stamp(tls, kEvFirst);
   #pragma unroll
         for (int pi = 0; pi < kPairs; ++pi) {
           if (!kEven && warp + pi * CW >= pairs) continue;
@@ -829,6 +845,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     (void)beta;
     (void)limit;
   }
+  if (tid == 0 && my_units > 0) tl_stamp(tls, kEvEnd);
 }
 
 // Takes the unit-size path of p.unit_rows where it is compiled (Cfg::kAltRows), else the default.

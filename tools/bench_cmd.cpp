@@ -141,6 +141,55 @@ double l2_bytes() {
   return l2;
 }
 
+// The timeline diagnostic (--timeline): the layer compiled with "tl=0xADDRESS" stamps, per
+// replay, the earliest and latest %globaltimer of each event into this buffer
+// (templates/moejit_common.cuh: word 0 counts replays, then per slot kTlEvents {min, max}).
+constexpr int kTlSlots = 64, kTlEvents = 16;
+const char* const kTlNames[kTlEvents] = {
+    "route: start", "route: routed", "route: end (thread 0)", "gemm1: block start",
+    "gemm1: dispatch waited", "gemm1: first copy issued", "gemm1: first stage in", "gemm1: block end",
+    "gemm2: block start", "gemm2: first copy issued", "gemm2: gemm1 waited", "gemm2: first stage in",
+    "gemm2: block end", "finalize: block start", "finalize: gemm2 waited", "finalize: block end"};
+
+// Replays the layer `layer_of(override)` compiled with the timeline, kTlSlots - 3 timed replays
+// after 3 warm-ups, and prints per event the mean over replays of the earliest and latest stamp
+// in us after the route kernel's start (%globaltimer may tick coarsely: means, not medians).
+template <class LayerOf, class Launch>
+void print_timeline(const std::string& title, const std::string& plan, int ncopies,
+                    cudaStream_t stream, LayerOf&& layer_of, Launch&& launch) {
+  const size_t words = 1 + size_t(kTlSlots) * kTlEvents * 2;
+  DeviceBuffer buf(words * 8);
+  std::vector<unsigned long long> h(words, 0);
+  for (size_t i = 1; i < words; i += 2) h[i] = ~0ull;
+  CUDA_OK(cudaMemcpy(buf.get(), h.data(), words * 8, cudaMemcpyHostToDevice));
+  const std::string ov = (plan.empty() ? "" : plan + ",") +
+                         fmt::format("tl={:#x}", reinterpret_cast<uintptr_t>(buf.get()));
+  const auto layer = layer_of(ov);
+  std::vector<Graph> graphs;
+  for (int c = 0; c < ncopies; ++c) graphs.emplace_back(stream, [&] { launch(layer, c); });
+  const std::vector<float> ms =
+      timed_ms(kTlSlots - 3, stream, [&](int i) { graphs[i % ncopies].launch(stream); });
+  CUDA_OK(cudaMemcpy(h.data(), buf.get(), words * 8, cudaMemcpyDeviceToHost));
+  fmt::print("timeline {} ({} replays counted by the kernels; {} timed, median {:.1f} us with the "
+             "stamps): us after the route kernel's first stamp, mean over the timed replays of the "
+             "earliest / latest stamp, and the replays that have the event\n",
+             title, h[0], ms.size(), 1e3 * median_of(ms));
+  for (int e = 0; e < kTlEvents; ++e) {
+    double lo = 0, hi = 0;
+    int n = 0;
+    for (int sl = 3; sl < kTlSlots && sl < static_cast<int>(h[0]); ++sl) {
+      const unsigned long long* v = &h[1 + 2 * size_t(sl * kTlEvents)];
+      const unsigned long long mn = v[2 * e], mx = v[2 * e + 1];
+      if (mn == ~0ull || v[0] == ~0ull) continue;
+      lo += 1e-3 * double(mn - v[0]);
+      hi += 1e-3 * double(mx - v[0]);
+      ++n;
+    }
+    if (n > 0) fmt::print("  {:<26} {:>8.2f} {:>8.2f}  {}\n", kTlNames[e], lo / n, hi / n, n);
+    else fmt::print("  {:<26} {:>8} {:>8}  0\n", kTlNames[e], "-", "-");
+  }
+}
+
 struct Row {
   std::string preset, plan;
   int tokens = 0, launches = 0, experts = 0, copies = 0;
@@ -156,7 +205,7 @@ void add_bench_cmd(CLI::App& app) {
   static std::string tokens = "1,8,33,64", json, overrides;
   static int runs = 100;
   static uint64_t seed = 1;
-  static bool no_cublas_layer = false;
+  static bool no_cublas_layer = false, timeline = false;
   spec_args.add(*cmd);
   cmd->add_option("--tokens", tokens, "token counts, comma-separated");
   cmd->add_option("--json", json, "also write the rows as JSON to this file");
@@ -165,6 +214,9 @@ void add_bench_cmd(CLI::App& app) {
   cmd->add_option("--plans", overrides,
                   "';'-separated MOEJIT_PLAN_OVERRIDE values to compare (tuning)");
   cmd->add_flag("--no-cublas-layer", no_cublas_layer, "skip the bf16 cuBLAS layer baseline");
+  cmd->add_flag("--timeline", timeline,
+                "also replay each configuration compiled with in-kernel %globaltimer stamps and "
+                "print when each kernel's phases start and end (a diagnostic; slower layers)");
   cmd->callback([] {
     runs = std::max(runs, 50);
     moejit::MoeSpec spec = spec_args.load();
@@ -329,6 +381,17 @@ void add_bench_cmd(CLI::App& app) {
         r.tflops = 2.0 * slots * (2.0 * I * H + double(I) * H) / (ms * 1e-3) / 1e12;
         r.verified = true;
         rows.push_back(r);
+        if (timeline)
+          print_timeline(
+              fmt::format("{} tokens {} {}", r.preset, T, plan.empty() ? "default" : plan), plan,
+              ncopies, stream,
+              [&](const std::string& ov) {
+                setenv("MOEJIT_PLAN_OVERRIDE", ov.c_str(), 1);
+                return moejit::compile_finalized(spec);
+              },
+              [&](const auto& l, int c) {
+                l.launch(ins[c], T, {out.get()}, {ws.get(), ws.bytes()}, stream);
+              });
       }
       unsetenv("MOEJIT_PLAN_OVERRIDE");
       // The bf16 cuBLAS layer of the same shape: per touched expert, [n_e, H] x [H, 2I] and
