@@ -30,12 +30,15 @@ __device__ __forceinline__ void pdl_trigger() {
 // replays (the layer's first kernel adds one), then replay slot (count - 1) % kTlSlots holds
 // kTlEvents pairs {min, max}. Without it the calls compile to nothing.
 constexpr int kTlSlots = 64;
-constexpr int kTlEvents = 16;
+constexpr int kTlEvents = 24;
 enum TlEvent : int {
   kTlRouteStart, kTlRouted, kTlRouteEnd,                      // route(+dispatch)
   kTlG1Start, kTlG1Waited, kTlG1Issued, kTlG1First, kTlG1End,  // gemm1
   kTlG2Start, kTlG2Issued, kTlG2Waited, kTlG2First, kTlG2End,  // gemm2
   kTlFinStart, kTlFinWaited, kTlFinEnd,                       // finalize
+  kTlG1PWaited, kTlG1PUnit, kTlG2PUnit, kTlG2PSlot,           // producer lane 0 (TMA path)
+  kTlRKeys, kTlRTopK,                                         // routing of token 0
+  kTlDispatchWarp, kTlDispatchBarrier,                        // dispatch_small (thread 0)
 };
 #ifdef MOEJIT_TIMELINE
 __device__ __forceinline__ unsigned long long tl_now() {
@@ -53,8 +56,14 @@ __device__ __forceinline__ int tl_slot() {
 }
 __device__ __forceinline__ void tl_stamp(int slot, int ev, unsigned long long t = tl_now()) {
   unsigned long long* e = tl_base() + 1 + 2 * (slot * kTlEvents + ev);
-  atomicMin(e, t);
-  atomicMax(e + 1, t);
+  // Reductions without a result: the thread does not wait for them.
+  asm volatile("red.global.min.u64 [%0], %1;\n" ::"l"(e), "l"(t) : "memory");
+  asm volatile("red.global.max.u64 [%0], %1;\n" ::"l"(e + 1), "l"(t) : "memory");
+}
+// A stamp taken once `v` is computed (the empty asm orders the timer read after it).
+__device__ __forceinline__ void tl_stamp_after(int slot, int ev, uint32_t v) {
+  asm volatile("" ::"r"(v));
+  tl_stamp(slot, ev);
 }
 // By one thread of the layer's first kernel, before its dependents launch.
 __device__ __forceinline__ void tl_next_replay() {
@@ -65,6 +74,7 @@ __device__ __forceinline__ void tl_next_replay() {
 __device__ __forceinline__ unsigned long long tl_now() { return 0; }
 __device__ __forceinline__ int tl_slot() { return 0; }
 __device__ __forceinline__ void tl_stamp(int, int, unsigned long long = 0) {}
+__device__ __forceinline__ void tl_stamp_after(int, int, uint32_t) {}
 __device__ __forceinline__ void tl_next_replay() {}
 #endif
 

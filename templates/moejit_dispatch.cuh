@@ -35,7 +35,7 @@ __device__ void dispatch_zero_unrouted(const DispatchParams& p, const int* ids) 
 // passes ten and its work per expert is serial (H200, bench/RESULTS.md section 15: 2.9 us of a
 // one-token kimi-k2-tp8 layer). Same outputs as dispatch_block.
 template <class Cfg>
-__device__ void dispatch_small(const DispatchParams& p, const int* ids) {
+__device__ void dispatch_small(const DispatchParams& p, const int* ids, int tls = 0) {
   constexpr int L = Cfg::kLocalExperts;
   static_assert(L < (1 << 22), "dispatch: local expert ids must fit in 22 bits");
   // Routed expert i (ascending id): {expert, first padded row, first position in s_sorted, slots}.
@@ -77,61 +77,65 @@ __device__ void dispatch_small(const DispatchParams& p, const int* ids) {
     if (lane == 0) {
       s_n = __popc(leaders);
       s_total = total;
+      tl_stamp_after(tls, kTlDispatchWarp, static_cast<uint32_t>(total));
     }
   }
   __syncthreads();
+  if (tid == 0) tl_stamp(tls, kTlDispatchBarrier);
   const int n = s_n;
   const int total = s_total;
-  // First list entry whose expert is >= l; last entry whose first row is <= row.
-  auto first_at_or_above = [&](int l) {
-    int lo = 0, hi = n;
-    while (lo < hi) {
-      const int mid = (lo + hi) >> 1;
-      if (s_list[mid].x < l) lo = mid + 1; else hi = mid;
-    }
-    return lo;
+  // Entries whose expert (by_row: first row) is below v: a binary search of fixed depth without
+  // branches, so that the three searches of a thread below overlap (as three loops one after
+  // the other, their dependent shared-memory loads took ~1 us of a one-token layer).
+  auto count_below = [&](int v, bool by_row) {
+    int c = 0;
+#pragma unroll
+    for (int step = 32; step > 0; step >>= 1)
+      if (c + step <= n) {
+        const int4 e = s_list[c + step - 1];
+        if ((by_row ? e.y : e.x) < v) c += step;
+      }
+    return c;
   };
-  auto holding_row = [&](int row) {
-    int lo = 0, hi = n - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (s_list[mid].y <= row) lo = mid; else hi = mid - 1;
+  const int rows_all = p.max_tiles * tile;
+  const int span = max(L + 1, rows_all);  // rows_all >= max_tiles
+  for (int i = tid; i < span; i += Cfg::kThreads) {
+    const int ie = count_below(i, false);             // expert i: first entry at or above it
+    const int ib = count_below(i * tile + 1, true) - 1;  // tile i: the entry holding its first row
+    const int ir = count_below(i + 1, true) - 1;         // row i: the entry holding it
+    if (i <= L) {
+      const int4 e = ie < n ? s_list[ie] : make_int4(L, total, 0, 0);
+      if (i < L) p.expert_counts[i] = e.x == i ? e.w : 0;
+      p.expert_offsets[i] = e.y;
     }
-    return lo;
-  };
-  for (int l = tid; l <= L; l += Cfg::kThreads) {
-    const int i = first_at_or_above(l);
-    const int4 e = i < n ? s_list[i] : make_int4(L, total, 0, 0);
-    if (l < L) p.expert_counts[l] = e.x == l ? e.w : 0;
-    p.expert_offsets[l] = e.y;
-  }
-  for (int b = tid; b < p.max_tiles; b += Cfg::kThreads) {
-    int e = -1, rows = 0;
-    if (b * tile < total) {
-      const int4 h = s_list[holding_row(b * tile)];
-      e = h.x;
-      rows = min(tile, h.y + h.w - b * tile);
+    if (i < p.max_tiles) {
+      int e = -1, rows = 0;
+      if (i * tile < total) {
+        const int4 h = s_list[ib];
+        e = h.x;
+        rows = min(tile, h.y + h.w - i * tile);
+      }
+      p.tile_expert[i] = e;
+      p.tile_rows[i] = rows;
     }
-    p.tile_expert[b] = e;
-    p.tile_rows[b] = rows;
-  }
-  for (int r = tid; r < p.max_tiles * tile; r += Cfg::kThreads) {
-    int slot = -1;
-    if (r < total) {
-      const int4 e = s_list[holding_row(r)];
-      if (r - e.y < e.w) slot = s_sorted[e.z + r - e.y];
+    if (i < rows_all) {
+      int slot = -1;
+      if (i < total) {
+        const int4 h = s_list[ir];
+        if (i - h.y < h.w) slot = s_sorted[h.z + i - h.y];
+      }
+      p.permuted_to_slot[i] = slot;
     }
-    p.permuted_to_slot[r] = slot;
   }
   for (int i = tid; i < p.num_counters; i += Cfg::kThreads) p.token_counters[i] = 0;
 }
 
 // ids: the routed expert ids (p.topk_ids, or a shared-memory copy of them).
 template <class Cfg>
-__device__ void dispatch_block(const DispatchParams& p, const int* ids) {
+__device__ void dispatch_block(const DispatchParams& p, const int* ids, int tls = 0) {
   if constexpr (Cfg::kSmallDispatch)
     if (p.num_tokens * Cfg::kTopK <= 32) {
-      dispatch_small<Cfg>(p, ids);
+      dispatch_small<Cfg>(p, ids, tls);
       dispatch_zero_unrouted<Cfg>(p, ids);
       return;
     }

@@ -11,7 +11,7 @@ namespace moejit_dev {
 
 // s_ids (optional, shared memory): also receives the selected ids, for a dispatch in the same block.
 template <class Cfg>
-__device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr) {
+__device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr, int tls = 0) {
   constexpr int E = Cfg::kExperts;
   constexpr int K = Cfg::kTopK;
   constexpr int kPer = (E + 31) / 32;
@@ -56,6 +56,7 @@ __device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr) {
       score[i] = 0.0f;
     }
   }
+  if (t == 0 && lane == 0) tl_stamp_after(tls, kTlRKeys, key[0] ^ key[kPer - 1]);
 
   if constexpr (Cfg::kMethod == kDeepSeekV3 && Cfg::kNGroup > 1) {
     // Group score = sum of the group's top-2 biased scores; keep the best kTopkGroup groups.
@@ -104,8 +105,10 @@ __device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr) {
 
   // Top-k by repeated warp argmax. Each lane keeps its best remaining key (lowest expert on
   // ties), found by a tree over its keys; a round takes the warp's largest key (redux.sync), then
-  // the lowest expert holding it (a second redux), and only the lane that held it clears it and
-  // searches its keys again. Key 0 is never selectable; with none left, id = -1.
+  // the lowest expert holding it (a second redux); the lane that held it clears it, and every
+  // lane searches its keys again (the same instructions in every lane: no divergent branch, and
+  // the selected logits are read back after the loop, not shuffled in it, so a round is the two
+  // reductions and one search). Key 0 is never selectable; with none left, id = -1.
   uint32_t best_key;
   int best_i;  // index into key[] of the lane's best
   auto lane_best = [&]() {
@@ -129,31 +132,25 @@ __device__ void route_token(const RouteParams& p, int t, int* s_ids = nullptr) {
     best_i = ix[0];
   };
   lane_best();
-  int sel_id = -1;      // lane j < K keeps selection j
-  float sel_logit = 0;  // its raw logit
+  int sel_id = -1;  // lane j < K keeps selection j
 #pragma unroll 1
   for (int j = 0; j < K; ++j) {
     const uint32_t top = __reduce_max_sync(kFullMask, best_key);
     const int id = static_cast<int>(__reduce_min_sync(
         kFullMask,
         top != 0 && best_key == top ? static_cast<uint32_t>(lane + 32 * best_i) : 0xffffffffu));
-    // The owner lane clears it and searches again; every lane learns the logit by a shuffle.
-    float l = 0.0f;
-    if (id == lane + 32 * best_i) {
+    const bool owner = id == lane + 32 * best_i;
 #pragma unroll
-      for (int i = 0; i < kPer; ++i)
-        if (i == best_i) {
-          key[i] = 0;
-          l = logit[i];
-        }
-      lane_best();
-    }
-    l = __shfl_sync(kFullMask, l, id & 31);
-    if (lane == j) {
-      sel_id = id;
-      sel_logit = l;
-    }
+    for (int i = 0; i < kPer; ++i) key[i] = owner && i == best_i ? 0u : key[i];
+    lane_best();
+    if (lane == j) sel_id = id;
   }
+  // Its raw logit (the load above brought the line in).
+  const float sel_logit =
+      lane < K && sel_id >= 0
+          ? load_as_float<Cfg::kLogitsBF16>(p.logits, static_cast<long long>(t) * E + sel_id)
+          : 0.0f;
+  if (t == 0 && lane == 0) tl_stamp_after(tls, kTlRTopK, static_cast<uint32_t>(sel_id));
   const bool mine = lane < K;
 
   float weight = 0.0f;

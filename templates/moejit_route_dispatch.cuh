@@ -31,10 +31,10 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   __shared__ int s_ids[kMaxTokens * Cfg::kTopK];
   int* ids = p.route.num_tokens <= kMaxTokens ? s_ids : nullptr;
   for (int t = threadIdx.x >> 5; t < p.route.num_tokens; t += Cfg::kWarpsPerBlock)
-    route_token<Cfg>(p.route, t, ids);
+    route_token<Cfg>(p.route, t, ids, tls);
   __syncthreads();
   if (threadIdx.x == 0) tl_stamp(tls, kTlRouted);
-  dispatch_block<Cfg>(p.dispatch, ids ? ids : p.route.topk_ids);
+  dispatch_block<Cfg>(p.dispatch, ids ? ids : p.route.topk_ids, tls);
   if (threadIdx.x == 0) tl_stamp(tls, kTlRouteEnd);
 }
 

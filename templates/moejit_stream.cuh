@@ -281,6 +281,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   if constexpr (kGemm1) {
     pdl_wait();
     if (tid == 0) tl_stamp(tls, kEvWaited);
+    if (tid == CW * 32) tl_stamp(tls, kTlG1PWaited);
     pdl_trigger();
   }
   const int n_tiles = p.expert_offsets[Cfg::kLocalExperts] / 8;
@@ -388,7 +389,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           // Every lane waits for the slot itself (its x copy is then ordered after the
           // consumers' release without a warp barrier); a bulk copy completing before lane 0's
           // expect_tx only takes the barrier's tx-count below zero for a moment.
+          if (ui == 0 && ks == 0 && lane == 0)
+            tl_stamp_after(tls, kGemm1 ? kTlG1PUnit : kTlG2PUnit, x_rows ^ static_cast<uint32_t>(row_lo));
           mbar_wait<Cfg::kSuspendNs>(&empty_bar[slot], parity);
+          if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
           if (lane == 0) {
             mbar_expect_tx(bar, kWBytes + kSBytes + x_rows * kc * 2);
             tma_load_3d(base + so, &p.tma_w, 0, row_lo, k0 / 256, bar);

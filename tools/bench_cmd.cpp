@@ -144,12 +144,15 @@ double l2_bytes() {
 // The timeline diagnostic (--timeline): the layer compiled with "tl=0xADDRESS" stamps, per
 // replay, the earliest and latest %globaltimer of each event into this buffer
 // (templates/moejit_common.cuh: word 0 counts replays, then per slot kTlEvents {min, max}).
-constexpr int kTlSlots = 64, kTlEvents = 16;
+constexpr int kTlSlots = 64, kTlEvents = 24;
 const char* const kTlNames[kTlEvents] = {
     "route: start", "route: routed", "route: end (thread 0)", "gemm1: block start",
     "gemm1: dispatch waited", "gemm1: first copy issued", "gemm1: first stage in", "gemm1: block end",
     "gemm2: block start", "gemm2: first copy issued", "gemm2: gemm1 waited", "gemm2: first stage in",
-    "gemm2: block end", "finalize: block start", "finalize: gemm2 waited", "finalize: block end"};
+    "gemm2: block end", "finalize: block start", "finalize: gemm2 waited", "finalize: block end",
+    "gemm1 producer: waited", "gemm1 producer: unit known", "gemm2 producer: unit known",
+    "gemm2 producer: slot free", "route: token 0 keys", "route: token 0 top-k",
+    "dispatch: warp 0 placed", "dispatch: barrier passed"};
 
 // Replays the layer `layer_of(override)` compiled with the timeline, kTlSlots - 3 timed replays
 // after 3 warm-ups, and prints per event the mean over replays of the earliest and latest stamp
