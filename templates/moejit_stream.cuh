@@ -289,11 +289,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   const int my_units = blockIdx.x < n_units ? (n_units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
 
   // The block's units, their expert and valid rows (two independent loads: dispatch writes
-  // both per tile) fetched two units ahead, so that neither role waits on a global load at a unit
-  // boundary. (Loading them when a unit starts cost a few L2 round trips per unit, which
-  // measured as the per-block throughput limit; with the row count read from the expert's
-  // offsets, a block's first copy waited for three dependent loads after dispatch: 1.4 us at one
-  // kimi-k2-tp8 token, bench/RESULTS.md section 15.)
+  // both per tile, where the rows used to be a load at an address that depends on the expert)
+  // fetched two units ahead, so that neither role waits on a global load at a unit boundary.
+  // (Loading them when a unit starts cost a few L2 round trips per unit, which measured as the
+  // per-block throughput limit. The first unit's loads still follow the tile count's; loading the
+  // first 32 tiles' entries together with it changed nothing measurable: bench/RESULTS.md
+  // section 15.)
   struct Unit {
     int tile, slice, e, row0, rows_valid;
   };

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "compiler/codegen.h"
 #include "compiler/plan.h"
 #include "moejit/moejit.h"
 
@@ -698,9 +699,9 @@ TEST(PlanRoute, FusedUpToSixteenTokens) {
   EXPECT_EQ(kimi.route_dispatch_warps, 16);
   EXPECT_TRUE(kimi.buckets[0].fused_route);
   EXPECT_FALSE(kimi.buckets[1].fused_route);  // 17-64 tokens: route on 4-warp blocks, then dispatch
-  EXPECT_EQ(make_plan(preset("deepseek-v3")).route_dispatch_warps, 16);  // grouped: 31364 B
+  EXPECT_EQ(make_plan(preset("deepseek-v3")).route_dispatch_warps, 16);  // grouped: 32012 B
   MoeSpec wide = preset("kimi-k2");
-  wide.num_experts = 1024;  // 16 warps: 4 * 4097 + 2 * 16 * 1024 + 2048 = 51204 B
+  wide.num_experts = 1024;  // 16 warps: 4 * 4097 + 2 * 16 * 1024 + 2048 + 648 = 51852 B
   EXPECT_EQ(make_plan(wide).route_dispatch_warps, 8);
   {
     const ScopedOverride o("rdw=8");
@@ -711,7 +712,7 @@ TEST(PlanRoute, FusedUpToSixteenTokens) {
     EXPECT_THROW(make_plan(preset("kimi-k2")), Error);
   }
   MoeSpec huge = preset("deepseek-v3");  // grouped routing: per warp 4 x 1024 + 5 x 8 bytes more
-  huge.num_experts = 1024;  // 8 warps: 8 * 4136 + 4 * 4097 + 2 * 8 * 1024 + 2048 = 67908 B: none
+  huge.num_experts = 1024;  // 8 warps: 8 * 4136 + 4 * 4097 + 2 * 8 * 1024 + 2048 + 648 B: none
   EXPECT_EQ(make_plan(huge).route_dispatch_warps, 0);
   EXPECT_FALSE(make_plan(huge).buckets[0].fused_route);
   {
@@ -721,6 +722,42 @@ TEST(PlanRoute, FusedUpToSixteenTokens) {
   {
     const ScopedOverride o("fr=0");
     for (const Bucket& b : make_plan(preset("kimi-k2")).buckets) EXPECT_FALSE(b.fused_route);
+  }
+}
+
+// sd=0 keeps the general dispatch block for up to 32 slots (the default places them with one
+// warp); tl=0xADDRESS compiles the timeline stamps into every kernel, and nothing else does.
+TEST(PlanOverride, SmallDispatchAndTimeline) {
+  auto sources = [](const char* preset_name) {
+    std::vector<std::string> out;
+    for (const KernelSource& k : generate_all(make_plan(preset(preset_name)))) out.push_back(k.source);
+    return out;
+  };
+  EXPECT_TRUE(make_plan(preset("kimi-k2")).small_dispatch);
+  for (const std::string& src : sources("kimi-k2-tp8"))
+    EXPECT_THAT(src, ::testing::Not(HasSubstr("MOEJIT_TIMELINE")));
+  {
+    const ScopedOverride o("sd=0");
+    const Plan p = make_plan(preset("kimi-k2"));
+    EXPECT_FALSE(p.small_dispatch);
+    int dispatchers = 0;
+    for (const KernelSource& k : generate_all(p))
+      if (k.name == "route_dispatch" || k.name == "dispatch") {
+        EXPECT_THAT(k.source, HasSubstr("kSmallDispatch = false"));
+        ++dispatchers;
+      }
+    EXPECT_EQ(dispatchers, 2);
+  }
+  {
+    const ScopedOverride o("tl=0x7f0000001000");
+    const std::vector<std::string> srcs = sources("kimi-k2-tp8");
+    ASSERT_FALSE(srcs.empty());
+    for (const std::string& src : srcs)
+      EXPECT_THAT(src, HasSubstr("#define MOEJIT_TIMELINE 0x7f0000001000ull"));
+  }
+  {
+    const ScopedOverride o("tl=zz");
+    EXPECT_THROW(sources("kimi-k2-tp8"), Error);
   }
 }
 
