@@ -185,6 +185,22 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 // (0, 4, 1, 5, 2, 6, 3, 7), so one 16-byte load gives the B registers of a group's two k-steps.
 __host__ __device__ constexpr int act_pos(int f) { return (f & ~7) | ((f & 3) << 1) | ((f >> 2) & 1); }
 
+// First weight row of a unit's rows [0, kRows / 2) and [kRows / 2, kRows) (gemm1: gate and up
+// rows of its feature slice), in the type of eg (the global expert): int for TMA coordinates,
+// 64-bit where they scale pointers.
+template <class Cfg, int kRows, class I>
+__device__ __forceinline__ void first_rows(I eg, int slice, I& row_lo, I& row_hi) {
+  constexpr int N = Cfg::kN;
+  constexpr int kHalfRows = kRows / 2;
+  if constexpr (Cfg::kGemm1) {
+    row_lo = eg * 2 * N + (Cfg::kGateFirst ? 0 : N) + slice * kHalfRows;
+    row_hi = eg * 2 * N + (Cfg::kGateFirst ? N : 0) + slice * kHalfRows;
+  } else {
+    row_lo = eg * N + slice * kRows;
+    row_hi = row_lo + kHalfRows;
+  }
+}
+
 }  // namespace stream
 
 constexpr int kMaxStages = 8;  // the host's kMaxStreamStages
@@ -298,6 +314,20 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   struct Unit {
     int tile, slice, e, row0, rows_valid;
   };
+  // A producer's place in the ring: the slot of its next stage, that slot's byte offset, and the
+  // "empty" phase to wait for there.
+  struct Ring {
+    int slot;
+    uint32_t so, parity;
+    __device__ void advance() {
+      so += kStageBytes;
+      if (++slot == NS) {
+        slot = 0;
+        so = 0;
+        parity ^= 1;
+      }
+    }
+  };
   struct UnitQueue {
     const GemmParams& p;
     int n_tiles, my_units;
@@ -335,6 +365,23 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
 
   if (warp >= CW) {
     // ---------------- producers ----------------
+    // Shared by both copy paths. Lane r < 8: the source row of tile row r (gemm1: its token),
+    // fetched one unit ahead (the address depends only on the tile; padding rows read -1 and are
+    // never used).
+    auto x_src_of = [&](int i) {
+      if (i >= my_units || lane >= 8) return 0;
+      const int row = (units.id(i) % n_tiles) * 8 + lane;
+      return kGemm1 ? p.permuted_to_slot[row] / Cfg::kTopK : row;
+    };
+    // Gemm2, before its first x copy: x is gemm1's output.
+    bool waited = kGemm1;
+    auto wait_for_x = [&](bool stamp) {
+      pdl_wait();
+      if (stamp) tl_stamp(tls, kEvWaited);
+      pdl_trigger();
+      waited = true;
+    };
+    Ring ring{0, 0, 1};  // the first pass finds every slot free ("empty" phase 1)
     // kProducerWarps warps fill each stage with 16-byte cp.async: one warp cannot keep enough
     // copies in flight (measured: a block with one producer warp streamed ~2.4 GB/s whatever the
     // ring depth). Each producer thread's cp.async.mbarrier.arrive completes its share of the
@@ -348,30 +395,14 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       // not copied and never read).
       static_assert(Cfg::kProducerWarps == 1, "stream GEMM: TMA takes one producer warp");
       if (warp > CW) return;
-      bool waited = kGemm1;
-      auto x_src_of = [&](int i) {
-        if (i >= my_units || lane >= 8) return 0;
-        const int row = (units.id(i) % n_tiles) * 8 + lane;
-        return kGemm1 ? p.permuted_to_slot[row] / Cfg::kTopK : row;
-      };
       const uint32_t base = (smem_u32(smem) + 1023u) & ~1023u;
       int x_src_next = x_src_of(0);
-      int slot = 0;
-      uint32_t so = 0;
-      uint32_t parity = 1;
       for (int ui = 0; ui < my_units; ++ui) {
         const Unit u = units.next(ui);
         const int x_src = x_src_next;
         x_src_next = x_src_of(ui + 1);
-        const int eg = u.e + Cfg::kLocalOffset;
-        int row_lo, row_hi;  // first weight row of each half (gemm1: gate, up)
-        if constexpr (kGemm1) {
-          row_lo = eg * 2 * N + (Cfg::kGateFirst ? 0 : N) + u.slice * kHalfRows;
-          row_hi = eg * 2 * N + (Cfg::kGateFirst ? N : 0) + u.slice * kHalfRows;
-        } else {
-          row_lo = eg * N + u.slice * kRows;
-          row_hi = row_lo + kHalfRows;
-        }
+        int row_lo, row_hi;  // TMA box coordinates
+        stream::first_rows<Cfg, kRows>(u.e + Cfg::kLocalOffset, u.slice, row_lo, row_hi);
         const bool packed = kPackable && u.rows_valid <= 4;
         const int qr = lane;
         const int r = packed ? qr & 3 : qr & 7;
@@ -386,13 +417,14 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         for (int ks = 0; ks < kStagesPerUnit; ++ks) {
           const int k0 = ks * KC;
           const int kc = kEven ? KC : min(KC, K - k0);
-          uint64_t* bar = &full_bar[slot];
+          const uint32_t so = ring.so;
+          uint64_t* bar = &full_bar[ring.slot];
           // Every lane waits for the slot itself (its x copy is then ordered after the
           // consumers' release without a warp barrier); a bulk copy completing before lane 0's
           // expect_tx only takes the barrier's tx-count below zero for a moment.
           if (ui == 0 && ks == 0 && lane == 0)
             tl_stamp_after(tls, kGemm1 ? kTlG1PUnit : kTlG2PUnit, x_rows ^ static_cast<uint32_t>(row_lo));
-          mbar_wait<Cfg::kSuspendNs>(&empty_bar[slot], parity);
+          mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
           if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
           if (lane == 0) {
             mbar_expect_tx(bar, kWBytes + kSBytes + x_rows * kc * 2);
@@ -402,19 +434,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
             tma_load_2d(base + so + kWBytes + kHalfRows * kSRow, &p.tma_s, k0 / 16, row_hi, bar);
             if (ui == 0 && ks == 0) tl_stamp(tls, kEvIssued);
           }
-          if (!waited) {
-            pdl_wait();  // gemm2: x is gemm1's output
-            if (lane == 0) tl_stamp(tls, kEvWaited);
-            pdl_trigger();
-            waited = true;
-          }
+          if (!waited) wait_for_x(lane == 0);
           if (copy) bulk_load(x_dst + so, xrow + k0, kc * 2, bar);
-          so += kStageBytes;
-          if (++slot == NS) {
-            slot = 0;
-            so = 0;
-            parity ^= 1;
-          }
+          ring.advance();
         }
       }
       return;
@@ -460,33 +482,14 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     for (int j = 0; j < kXj; ++j) x_col[j] = (pt + j * PT) % kXc;
 #pragma unroll
     for (int j = 0; j < kSj; ++j) s_mine[j] = pt + j * PT < kRows * kSc;
-    bool waited = kGemm1;
-    // Lane r < 8: the source row of tile row r (gemm1: its token), fetched one unit ahead
-    // (the address depends only on the tile; padding rows read -1 and are never used).
-    auto x_src_of = [&](int i) {
-      if (i >= my_units || lane >= 8) return 0;
-      const int row = (units.id(i) % n_tiles) * 8 + lane;
-      return kGemm1 ? p.permuted_to_slot[row] / Cfg::kTopK : row;
-    };
     int x_src_next = x_src_of(0);
-    int slot = 0;             // ring slot of the next stage
-    uint32_t so = 0;          // its byte offset
-    uint32_t parity = 1;      // "empty" phase to wait for (the first pass finds every slot free)
     for (int ui = 0; ui < my_units; ++ui) {
       const Unit u = units.next(ui);
       const int x_src = x_src_next;
       x_src_next = x_src_of(ui + 1);
-      const long long eg = u.e + Cfg::kLocalOffset;
-      // First weight row of shared rows [0, kHalfRows) and [kHalfRows, kRows) (gemm1: gate
-      // and up).
-      long long row_lo, row_hi;
-      if constexpr (kGemm1) {
-        row_lo = eg * 2 * N + (Cfg::kGateFirst ? 0 : N) + u.slice * kHalfRows;
-        row_hi = eg * 2 * N + (Cfg::kGateFirst ? N : 0) + u.slice * kHalfRows;
-      } else {
-        row_lo = eg * N + u.slice * kRows;
-        row_hi = row_lo + kHalfRows;
-      }
+      long long row_lo, row_hi;  // 64-bit: they scale global pointers
+      stream::first_rows<Cfg, kRows>(static_cast<long long>(u.e + Cfg::kLocalOffset), u.slice, row_lo,
+                                     row_hi);
       auto row_of = [&](int r) { return r < kHalfRows ? row_lo + r : row_hi + (r - kHalfRows); };
       const uint8_t* w_src[kWj];
       const unsigned char* s_src[kSj];
@@ -525,9 +528,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         // ordered after the consumers' release by its own acquire: with the named barrier alone,
         // compute-sanitizer's racecheck reported them as races with the consumers' reads
         // (kimi-k2-tp8 at 8 tokens; bench/RESULTS.md section 13).
-        if (pt == 0) mbar_wait<Cfg::kSuspendNs>(&empty_bar[slot], parity);
+        const uint32_t so = ring.so;
+        if (pt == 0) mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
         named_barrier(2, PT);
-        mbar_wait<0>(&empty_bar[slot], parity);
+        mbar_wait<0>(&empty_bar[ring.slot], ring.parity);
 #pragma unroll
         for (int j = 0; j < kWj; ++j)
           if (kEven || w_col[j] * 32 < kc) cp_async16(w_dst[j] + so, w_src[j] + k0 / 2);
@@ -536,24 +540,13 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           if (s_mine[j] && (kEven || ((pt + j * PT) % kSc) * 256 < kc))
             cp_async16(s_dst[j] + so, s_src[j] + k0 / 16);
         if (pt == 0 && ui == 0 && ks == 0) tl_stamp(tls, kEvIssued);
-        if (!waited) {
-          // Gemm2: everything above is independent of gemm1; x (its output) is not.
-          pdl_wait();
-          if (pt == 0) tl_stamp(tls, kEvWaited);
-          pdl_trigger();
-          waited = true;
-        }
+        if (!waited) wait_for_x(pt == 0);  // gemm2: everything above is independent of gemm1
 #pragma unroll
         for (int j = 0; j < kXj; ++j)
           if (x_src_p[j] != nullptr && (kEven || x_col[j] * 8 < kc))
             cp_async16(x_dst[j] + so, x_src_p[j] + k0);
-        cp_async_arrive(&full_bar[slot]);
-        so += kStageBytes;
-        if (++slot == NS) {
-          slot = 0;
-          so = 0;
-          parity ^= 1;
-        }
+        cp_async_arrive(&full_bar[ring.slot]);
+        ring.advance();
       }
     }
     // Returning with copies in flight is safe: the consumers wait for every stage's "full"
