@@ -377,6 +377,15 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         if (rows < b.s1.unit_rows) alt |= rows;
       }
       set_unit_paths(b.s1, alt, spec.hidden, true);
+      // Units taken from a counter (dynamic_units) where the bucket's smallest token count gives
+      // a GEMM more than two rounds of units on a 132-SM card. H200 (bench/RESULTS.md section
+      // 16): 1-7% faster at 8-64 tokens, and kimi-k2's gemm2 at one token (896 units, 2.3
+      // rounds) 3 us faster; in launches of one or two rounds the kernels that take units from
+      // the counter were 0.4-1 us slower (qwen3-30b-a3b and kimi-k2-tp8 at one and two tokens).
+      const long long grid1 = 132ll * b.s1.min_blocks, grid2 = 132ll * b.s2.min_blocks;
+      b.s1.dynamic_units =
+          stream_units(spec, true, choose_unit_rows(b.s1, spec, true, lo, grid1), lo) > 2 * grid1;
+      b.s2.dynamic_units = stream_units(spec, false, b.s2.unit_rows, lo) > 2 * grid2;
       // Gemm2 keeps 64-row units only: with the 32-row path compiled in, qwen3-30b-a3b took
       // 1 us longer at 1-3 tokens, whether or not a launch took it (H200, section 14).
     }
@@ -400,6 +409,10 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         }
         if (o.find("pack=0") != std::string::npos) b.s2.pack_planes = false;
         if (o.find("sep=0") != std::string::npos) b.s1.split_epilogue = b.s2.split_epilogue = false;
+        if (o.find("dyn=0") != std::string::npos) b.s1.dynamic_units = b.s2.dynamic_units = false;
+        if (o.find("dyn=1") != std::string::npos) b.s1.dynamic_units = b.s2.dynamic_units = true;
+        if (o.find("dyn1=0") != std::string::npos) b.s1.dynamic_units = false;
+        if (o.find("dyn2=0") != std::string::npos) b.s2.dynamic_units = false;
       }
     }
     // Decode: the last gemm2 block of a token sums its rows, saving the finalize launch.
@@ -457,14 +470,16 @@ std::string describe(const Plan& plan) {
                                (b.s1.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s1.suspend_ns)) +
                                    (b.s1.unit_rows == 64 ? "" : fmt::format(" unit_rows={}", b.s1.unit_rows)) +
                                    (b.s1.alt_rows ? fmt::format(" alt_rows={}", b.s1.alt_rows) : "") +
-                                   (b.s1.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s1.min_blocks) : ""),
+                                   (b.s1.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s1.min_blocks) : "") +
+                                   (b.s1.tma && !b.s1.dynamic_units ? " dynamic_units=0" : ""),
                                b.s2.consumer_warps,
                                b.s2.producer_warps, b.s2.k_stage, b.s2.stages,
                                (b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns)) +
                                    (b.s2.unit_rows == 64 ? "" : fmt::format(" unit_rows={}", b.s2.unit_rows)) +
                                    (b.s2.alt_rows ? fmt::format(" alt_rows={}", b.s2.alt_rows) : "") +
                                    (b.s2.pack_planes ? "" : " pack_planes=0") +
-                                   (b.s2.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s2.min_blocks) : ""))
+                                   (b.s2.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s2.min_blocks) : "") +
+                                   (b.s2.tma && !b.s2.dynamic_units ? " dynamic_units=0" : ""))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,

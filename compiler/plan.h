@@ -56,6 +56,10 @@ struct StreamConfig {
   // Weights and scales copied by TMA (cp.async.bulk.tensor boxes issued by one thread) instead
   // of 16-byte cp.async; stages padded to 1 KiB (the 128-byte swizzle's alignment).
   bool tma = false;
+  // With TMA: blocks take their units after the first from a counter (dispatch zeroes it), so
+  // that faster blocks take more; false: units dealt round-robin (blockIdx.x + i * gridDim.x).
+  // The planner sets it per GEMM and bucket (see make_plan).
+  bool dynamic_units = true;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;
 
@@ -65,7 +69,8 @@ struct StreamConfig {
            producer_warps == o.producer_warps && suspend_ns == o.suspend_ns && pack_planes == o.pack_planes &&
            unit_rows == o.unit_rows && alt_rows == o.alt_rows && k_stage16 == o.k_stage16 &&
            k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
-           split_epilogue == o.split_epilogue && tma == o.tma && min_blocks == o.min_blocks;
+           split_epilogue == o.split_epilogue && tma == o.tma && dynamic_units == o.dynamic_units &&
+           min_blocks == o.min_blocks;
   }
 };
 

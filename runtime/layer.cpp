@@ -204,7 +204,9 @@ class LayerImpl {
     l.p2s = take(static_cast<size_t>(l.rows) * 4);
     l.act = take(static_cast<size_t>(l.rows) * s.intermediate * 4);  // bf16 hi + lo planes
     l.y = take(static_cast<size_t>(l.rows) * s.hidden * 4);  // fp32 gemm2 rows
-    l.counters = take(static_cast<size_t>(T) * (s.hidden / 16) * 4);
+    // The fused finalize's per-token counters, or the stream GEMMs' unit counters (words 0 and
+    // 32: one 128-byte line each).
+    l.counters = take(std::max<size_t>(static_cast<size_t>(T) * (s.hidden / 16), 64) * 4);
     l.total = at;
     return l;
   }
@@ -265,12 +267,13 @@ class LayerImpl {
     const int feature_blocks = s.hidden / (16 * b.gemm2.warps_n);
     moejit_dev::DispatchParams dp{topk_ids, counts, offsets, tile_expert, e2p, p2s, T,
                                   l.tile, static_cast<int32_t>(l.max_tiles),
-                                  fused ? counters : nullptr, fused ? T * feature_blocks : 0,
+                                  fused || b.stream ? counters : nullptr,
+                                  fused ? T * feature_blocks : b.stream ? 64 : 0,
                                   fused ? outs.final_out : nullptr, s.hidden, tile_rows};
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
-                              nullptr, nullptr, 0, {}, {}, tile_rows};
+                              nullptr, nullptr, 0, {}, {}, tile_rows, counters};
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
     if (b.stream) {
       g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
@@ -280,7 +283,7 @@ class LayerImpl {
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
-                              fused ? outs.final_out : nullptr, 0, {}, {}, tile_rows};
+                              fused ? outs.final_out : nullptr, 0, {}, {}, tile_rows, counters + 32};
     if (b.stream) {
       g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
                                                 kernels_[gemm2_[bucket]].persistent_blocks);

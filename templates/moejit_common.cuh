@@ -40,6 +40,11 @@ enum TlEvent : int {
   kTlRKeys, kTlRTopK,                                         // routing of token 0
   kTlDispatchWarp, kTlDispatchBarrier,                        // dispatch_small (thread 0)
 };
+// Per-block records of the stream GEMMs (the latest replay's, overwritten by each): after the
+// slots, for gemm1 then gemm2, kTlMaxBlocks blocks x kTlBlockFields words.
+constexpr int kTlMaxBlocks = 1024;
+constexpr int kTlBlockFields = 8;
+enum TlBlockField : int { kTbSlot, kTbSm, kTbStart, kTbWaited, kTbFirst, kTbEnd, kTbUnits };
 #ifdef MOEJIT_TIMELINE
 __device__ __forceinline__ unsigned long long tl_now() {
   unsigned long long t;
@@ -65,6 +70,18 @@ __device__ __forceinline__ void tl_stamp_after(int slot, int ev, uint32_t v) {
   asm volatile("" ::"r"(v));
   tl_stamp(slot, ev);
 }
+// Field f of this block's record (kernel 0: gemm1, 1: gemm2).
+__device__ __forceinline__ void tl_block(int kernel, int f, unsigned long long v) {
+  if (blockIdx.x >= kTlMaxBlocks) return;
+  unsigned long long* r = tl_base() + 1 + 2 * kTlSlots * kTlEvents +
+                          (kernel * kTlMaxBlocks + blockIdx.x) * kTlBlockFields;
+  *reinterpret_cast<volatile unsigned long long*>(r + f) = v;
+}
+__device__ __forceinline__ unsigned smid() {
+  unsigned v;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(v));
+  return v;
+}
 // By one thread of the layer's first kernel, before its dependents launch.
 __device__ __forceinline__ void tl_next_replay() {
   atomicAdd(tl_base(), 1ull);
@@ -76,6 +93,8 @@ __device__ __forceinline__ int tl_slot() { return 0; }
 __device__ __forceinline__ void tl_stamp(int, int, unsigned long long = 0) {}
 __device__ __forceinline__ void tl_stamp_after(int, int, uint32_t) {}
 __device__ __forceinline__ void tl_next_replay() {}
+__device__ __forceinline__ void tl_block(int, int, unsigned long long) {}
+__device__ __forceinline__ unsigned smid() { return 0; }
 #endif
 
 // (w & 0x000f000f) ^ 0x43084308 as one lop3: the nibbles at bits 0-3 and 16-19 (two's

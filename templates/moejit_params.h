@@ -38,8 +38,9 @@ struct DispatchParams {
   int32_t num_tokens;
   int32_t tile;
   int32_t max_tiles;
-  // Fused finalize (else null / 0): counters to zero, and the output rows of tokens with no
-  // local slot to zero (no GEMM block finalizes them).
+  // Counters to zero (the fused finalize's per-token ones, or the stream GEMMs' unit counters;
+  // else null / 0), and (fused finalize, else null) the output rows of tokens with no local slot
+  // to zero (no GEMM block finalizes them).
   int32_t* token_counters;
   int32_t num_counters;
   void* out;                       // [T, H] bf16
@@ -96,6 +97,9 @@ struct GemmParams {
   // Valid rows of each row tile (dispatch's tile_rows; the stream GEMMs read it beside
   // tile_expert, one memory round trip per unit instead of two).
   const int32_t* tile_rows;
+  // Stream GEMMs with Cfg::kDynamicUnits: the count of units taken after each block's first
+  // (dispatch zeroes it; one per GEMM).
+  int32_t* unit_counter;
 };
 
 // Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.

@@ -44,7 +44,7 @@
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
-// kRingBytes, kSplitEpilogue, kTma.
+// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -204,13 +204,14 @@ __device__ __forceinline__ void first_rows(I eg, int slice, I& row_lo, I& row_hi
 }  // namespace stream
 
 constexpr int kMaxStages = 8;  // the host's kMaxStreamStages
+constexpr int kUnitQ = 16;     // dynamic units published to the consumers (> kMaxStages)
 
 // One unit-size path. kRows: weight rows per unit (Cfg::kUnitRows, or a smaller size of
 // Cfg::kAltRows); KC: its K values per stage (a multiple of 256). The path divides the ring
 // (Cfg::kRingBytes) into as many stages as fit, at most 8 (the default path: Cfg::kStages).
 // bars: 2 * kMaxStages mbarriers; red: kConsumerWarps x kRows / 4 x 32 floats.
 template <class Cfg, int kRows, int KC>
-__device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red) {
+__device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red, int4* unit_q) {
   using namespace stream;
   constexpr bool kGemm1 = Cfg::kGemm1;
   constexpr int N = Cfg::kN;
@@ -281,6 +282,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   [[maybe_unused]] const unsigned long long tl_t0 = tl_now();
   [[maybe_unused]] const int tls = tl_slot();
   if (tid == 0) tl_stamp(tls, kEvStart, tl_t0);
+  constexpr int kTlK = kGemm1 ? 0 : 1;  // per-block record (timeline builds)
+  if (tid == 0) {
+    tl_block(kTlK, kTbSlot, tls);
+    tl_block(kTlK, kTbSm, smid());
+    tl_block(kTlK, kTbStart, tl_t0);
+  }
   if (tid == 0) {
     for (int s = 0; s < NS; ++s) {
       // One cp.async arrive per producer thread (TMA: the issuing thread's expect_tx alone).
@@ -297,12 +304,24 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   if constexpr (kGemm1) {
     pdl_wait();
     if (tid == 0) tl_stamp(tls, kEvWaited);
+    if (tid == 0) tl_block(kTlK, kTbWaited, tl_now());
     if (tid == CW * 32) tl_stamp(tls, kTlG1PWaited);
     pdl_trigger();
   }
   const int n_tiles = p.expert_offsets[Cfg::kLocalExperts] / 8;
   const int n_units = n_tiles * kSlices;
   const int my_units = blockIdx.x < n_units ? (n_units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+  // Dynamic units (Cfg::kDynamicUnits, TMA only): a block's first unit is blockIdx.x as above;
+  // each later one is gridDim.x + the next value of a counter that dispatch zeroes
+  // (GemmParams::unit_counter), taken by the producer when it starts the unit before. Blocks that
+  // stream faster (H200: by up to 13% within one kernel, bench/RESULTS.md section 16) or start
+  // earlier then take more units. The producer publishes each unit {id, expert, rows} in
+  // unit_q[i % kUnitQ] before its first stage's "full" barrier completes (lane 0 writes it and
+  // then arrives there: release), and {-1} after the block's last unit; consumers read it after
+  // that wait. Entry i is rewritten kUnitQ units later, after the consumers released a stage
+  // past unit i's first (kUnitQ > kMaxStages).
+  constexpr bool dyn = Cfg::kDynamicUnits && Cfg::kTma;
+  if (!dyn && tid == 0) tl_block(kTlK, kTbUnits, my_units);
 
   // The block's units, their expert and valid rows (two independent loads: dispatch writes
   // both per tile, where the rows used to be a load at an address that depends on the expert)
@@ -356,7 +375,16 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     }
   };
   UnitQueue units{p, n_tiles, my_units};
-  if (my_units > 0) units.start();
+  if (!dyn && my_units > 0) units.start();
+  auto unit_of = [&](int id, int e, int rows) {
+    Unit u;
+    u.tile = id % n_tiles;
+    u.slice = id / n_tiles;
+    u.e = e;
+    u.row0 = u.tile * 8;
+    u.rows_valid = rows;
+    return u;
+  };
 
   // Gemm2 blocks without units still wait for gemm1, so that this grid completes only after its
   // predecessor (what a PDL-launched successor's wait relies on).
@@ -368,16 +396,18 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     // Shared by both copy paths. Lane r < 8: the source row of tile row r (gemm1: its token),
     // fetched one unit ahead (the address depends only on the tile; padding rows read -1 and are
     // never used).
-    auto x_src_of = [&](int i) {
-      if (i >= my_units || lane >= 8) return 0;
-      const int row = (units.id(i) % n_tiles) * 8 + lane;
+    auto x_src_of_id = [&](int id) {
+      if (id >= n_units || lane >= 8) return 0;
+      const int row = (id % n_tiles) * 8 + lane;
       return kGemm1 ? p.permuted_to_slot[row] / Cfg::kTopK : row;
     };
+    auto x_src_of = [&](int i) { return i < my_units ? x_src_of_id(units.id(i)) : 0; };
     // Gemm2, before its first x copy: x is gemm1's output.
     bool waited = kGemm1;
     auto wait_for_x = [&](bool stamp) {
       pdl_wait();
       if (stamp) tl_stamp(tls, kEvWaited);
+      if (stamp) tl_block(kTlK, kTbWaited, tl_now());
       pdl_trigger();
       waited = true;
     };
@@ -396,11 +426,23 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       static_assert(Cfg::kProducerWarps == 1, "stream GEMM: TMA takes one producer warp");
       if (warp > CW) return;
       const uint32_t base = (smem_u32(smem) + 1023u) & ~1023u;
-      int x_src_next = x_src_of(0);
-      for (int ui = 0; ui < my_units; ++ui) {
-        const Unit u = units.next(ui);
+      // Static units: the queue's. Dynamic: the block's first unit, then each next one taken
+      // (lane 0's atomic) when the unit before starts, its expert, rows and x sources loaded
+      // once that unit's last stage is issued.
+      int id = blockIdx.x, e_cur = 0, rows_cur = 0;
+      if (dyn && my_units > 0) {
+        e_cur = p.tile_expert[id % n_tiles];
+        rows_cur = p.tile_rows[id % n_tiles];
+      }
+      int x_src_next = dyn ? x_src_of_id(id) : x_src_of(0);
+      int ui = 0;
+      for (; dyn ? id < n_units : ui < my_units; ++ui) {
+        const Unit u = dyn ? unit_of(id, e_cur, rows_cur) : units.next(ui);
+        int id_next = n_units;
+        if (dyn && lane == 0)
+          id_next = gridDim.x + atomicAdd(p.unit_counter, 1);
         const int x_src = x_src_next;
-        x_src_next = x_src_of(ui + 1);
+        if (!dyn) x_src_next = x_src_of(ui + 1);
         int row_lo, row_hi;  // TMA box coordinates
         stream::first_rows<Cfg, kRows>(u.e + Cfg::kLocalOffset, u.slice, row_lo, row_hi);
         const bool packed = kPackable && u.rows_valid <= 4;
@@ -426,6 +468,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
             tl_stamp_after(tls, kGemm1 ? kTlG1PUnit : kTlG2PUnit, x_rows ^ static_cast<uint32_t>(row_lo));
           mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
           if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
+          if (dyn && ks == 0 && lane == 0) unit_q[ui % kUnitQ] = make_int4(id, u.e, u.rows_valid, 0);
           if (lane == 0) {
             mbar_expect_tx(bar, kWBytes + kSBytes + x_rows * kc * 2);
             tma_load_3d(base + so, &p.tma_w, 0, row_lo, k0 / 256, bar);
@@ -437,6 +480,24 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           if (!waited) wait_for_x(lane == 0);
           if (copy) bulk_load(x_dst + so, xrow + k0, kc * 2, bar);
           ring.advance();
+          // The next unit: its id, then what it needs, after the unit's last stage is issued (the
+          // atomic's result would stall the ring's fill in the middle of the unit).
+          if (dyn && ks == kStagesPerUnit - 1) {
+            id_next = __shfl_sync(kFullMask, id_next, 0);
+            if (id_next < n_units) {
+              e_cur = p.tile_expert[id_next % n_tiles];
+              rows_cur = p.tile_rows[id_next % n_tiles];
+            }
+            x_src_next = x_src_of_id(id_next);
+          }
+        }
+        if (dyn) id = id_next;
+      }
+      if constexpr (dyn) {  // no more units: the consumers stop at this entry
+        mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
+        if (lane == 0) {
+          unit_q[ui % kUnitQ] = make_int4(-1, 0, 0, 0);
+          mbar_arrive(&full_bar[ring.slot]);
         }
       }
       return;
@@ -589,8 +650,18 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
 
   int slot = 0;
   uint32_t parity = 0;
-  for (int ui = 0; ui < my_units; ++ui) {
-    const Unit u = units.next(ui);
+  int ui = 0;
+  for (;; ++ui) {
+    Unit u;
+    if constexpr (dyn) {
+      mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);  // the unit's first stage (or the end)
+      const int4 q = unit_q[ui % kUnitQ];
+      if (q.x < 0) break;
+      u = unit_of(q.x, q.y, q.z);
+    } else {
+      if (ui >= my_units) break;
+      u = units.next(ui);
+    }
     // SwiGLU parameters of the unit's expert, loaded now and used in the epilogue.
     float alpha = 1.0f, beta = 0.0f, limit = 0.0f;
     if constexpr (kGemm1 && Cfg::kHasAlpha) alpha = p.alpha[u.e];
@@ -615,6 +686,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         const int pairs = kEven ? KC / 64 : min(KC, K - ks * KC) / 64;
         mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);
         if (tid == 0 && ui == 0 && ks == 0) tl_stamp(tls, kEvFirst);
+        if (tid == 0 && ui == 0 && ks == 0) tl_block(kTlK, kTbFirst, tl_now());
   #pragma unroll
         for (int pi = 0; pi < kPairs; ++pi) {
           if (!kEven && warp + pi * CW >= pairs) continue;
@@ -843,7 +915,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     (void)beta;
     (void)limit;
   }
-  if (tid == 0 && my_units > 0) tl_stamp(tls, kEvEnd);
+  if (tid == 0 && ui > 0) tl_stamp(tls, kEvEnd);
+  if (tid == 0) tl_block(kTlK, kTbEnd, tl_now());
+  if (dyn && tid == 0) tl_block(kTlK, kTbUnits, ui);
 }
 
 // Takes the unit-size path of p.unit_rows where it is compiled (Cfg::kAltRows), else the default.
@@ -854,20 +928,21 @@ __device__ void stream_gemm(const GemmParams& p) {
   constexpr int CW = Cfg::kConsumerWarps;
   __shared__ uint64_t bars[2 * kMaxStages];
   __shared__ float red[CW * (Cfg::kUnitRows / 4) * 32];
+  __shared__ int4 unit_q[kUnitQ];
   static_assert((Cfg::kAltRows & ~(16 | 32)) == 0 && (Cfg::kGemm1 || (Cfg::kAltRows & 16) == 0) &&
                     (Cfg::kAltRows == 0 || Cfg::kAltRows < Cfg::kUnitRows),
                 "stream GEMM: smaller paths of 16 (gemm1) or 32 rows below the default");
   if constexpr ((Cfg::kAltRows & 16) != 0)
     if (p.unit_rows == 16) {
-      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, bars, red);
+      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, bars, red, unit_q);
       return;
     }
   if constexpr ((Cfg::kAltRows & 32) != 0)
     if (p.unit_rows == 32) {
-      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, bars, red);
+      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, bars, red, unit_q);
       return;
     }
-  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, bars, red);
+  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, bars, red, unit_q);
 }
 
 }  // namespace moejit_dev

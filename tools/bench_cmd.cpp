@@ -145,6 +145,9 @@ double l2_bytes() {
 // replay, the earliest and latest %globaltimer of each event into this buffer
 // (templates/moejit_common.cuh: word 0 counts replays, then per slot kTlEvents {min, max}).
 constexpr int kTlSlots = 64, kTlEvents = 24;
+// Then per stream GEMM (gemm1, gemm2) and block, the latest replay's record: slot, SM, start,
+// waited, first stage in, end, units.
+constexpr int kTlMaxBlocks = 1024, kTlBlockFields = 8;
 const char* const kTlNames[kTlEvents] = {
     "route: start", "route: routed", "route: end (thread 0)", "gemm1: block start",
     "gemm1: dispatch waited", "gemm1: first copy issued", "gemm1: first stage in", "gemm1: block end",
@@ -160,10 +163,11 @@ const char* const kTlNames[kTlEvents] = {
 template <class LayerOf, class Launch>
 void print_timeline(const std::string& title, const std::string& plan, int ncopies,
                     cudaStream_t stream, LayerOf&& layer_of, Launch&& launch) {
-  const size_t words = 1 + size_t(kTlSlots) * kTlEvents * 2;
+  const size_t slot_words = 1 + size_t(kTlSlots) * kTlEvents * 2;
+  const size_t words = slot_words + 2 * size_t(kTlMaxBlocks) * kTlBlockFields;
   DeviceBuffer buf(words * 8);
   std::vector<unsigned long long> h(words, 0);
-  for (size_t i = 1; i < words; i += 2) h[i] = ~0ull;
+  for (size_t i = 1; i < slot_words; i += 2) h[i] = ~0ull;
   CUDA_OK(cudaMemcpy(buf.get(), h.data(), words * 8, cudaMemcpyHostToDevice));
   const std::string ov = (plan.empty() ? "" : plan + ",") +
                          fmt::format("tl={:#x}", reinterpret_cast<uintptr_t>(buf.get()));
@@ -190,6 +194,37 @@ void print_timeline(const std::string& title, const std::string& plan, int ncopi
     }
     if (n > 0) fmt::print("  {:<26} {:>8.2f} {:>8.2f}  {}\n", kTlNames[e], lo / n, hi / n, n);
     else fmt::print("  {:<26} {:>8} {:>8}  0\n", kTlNames[e], "-", "-");
+  }
+  // The last replay's per-block records of the stream GEMMs, in us after that replay's route
+  // start; by units per block: blocks, mean start / first stage / end, latest end.
+  for (int k = 0; k < 2; ++k) {
+    std::map<int, std::vector<const unsigned long long*>> by_units;
+    std::string rows;
+    for (int b = 0; b < kTlMaxBlocks; ++b) {
+      const unsigned long long* r = &h[slot_words + (size_t(k) * kTlMaxBlocks + b) * kTlBlockFields];
+      if (r[2] == 0) continue;  // no such block
+      const unsigned long long t0 = h[1 + 2 * size_t(r[0] % kTlSlots) * kTlEvents];
+      auto us = [&](unsigned long long t) { return t == 0 ? -1.0 : 1e-3 * double(t - t0); };
+      rows += fmt::format("    block {:4} sm {:3} units {:3} start {:7.2f} waited {:7.2f} first {:7.2f} "
+                          "end {:7.2f}\n", b, r[1], r[6], us(r[2]), us(r[3]), us(r[4]), us(r[5]));
+      by_units[static_cast<int>(r[6])].push_back(r);
+    }
+    if (rows.empty()) continue;
+    fmt::print("  gemm{} blocks of the last replay, by units per block:\n", k + 1);
+    for (const auto& [units, rs] : by_units) {
+      double st = 0, fi = 0, en = 0, mx = 0;
+      for (const unsigned long long* r : rs) {
+        const unsigned long long t0 = h[1 + 2 * size_t(r[0] % kTlSlots) * kTlEvents];
+        st += 1e-3 * double(r[2] - t0);
+        fi += r[4] ? 1e-3 * double(r[4] - t0) : 0;
+        en += 1e-3 * double(r[5] - t0);
+        mx = std::max(mx, 1e-3 * double(r[5] - t0));
+      }
+      const double n = double(rs.size());
+      fmt::print("    units {:3}: {:4} blocks, mean start {:7.2f} first {:7.2f} end {:7.2f}, latest end {:7.2f}\n",
+                 units, rs.size(), st / n, fi / n, en / n, mx);
+    }
+    fmt::print("{}", rows);
   }
 }
 
