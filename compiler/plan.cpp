@@ -378,14 +378,15 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       }
       set_unit_paths(b.s1, alt, spec.hidden, true);
       // Units taken from a counter (dynamic_units) where the bucket's smallest token count gives
-      // a GEMM more than two rounds of units on a 132-SM card. H200 (bench/RESULTS.md section
-      // 16): 1-7% faster at 8-64 tokens, and kimi-k2's gemm2 at one token (896 units, 2.3
-      // rounds) 3 us faster; in launches of one or two rounds the kernels that take units from
-      // the counter were 0.4-1 us slower (qwen3-30b-a3b and kimi-k2-tp8 at one and two tokens).
+      // a GEMM more units than a 132-SM card's persistent grid has blocks. H200 (bench/RESULTS.md
+      // section 16): 1-7% faster at 8-64 tokens, kimi-k2's gemm2 at one token (896 units for 396
+      // blocks) 3 us faster; where one token gives a GEMM one round of units (qwen3-30b-a3b's
+      // both, kimi-k2-tp8's gemm1) the kernel that takes units from the counter was 0.4-1 us
+      // slower at one and two tokens.
       const long long grid1 = 132ll * b.s1.min_blocks, grid2 = 132ll * b.s2.min_blocks;
       b.s1.dynamic_units =
-          stream_units(spec, true, choose_unit_rows(b.s1, spec, true, lo, grid1), lo) > 2 * grid1;
-      b.s2.dynamic_units = stream_units(spec, false, b.s2.unit_rows, lo) > 2 * grid2;
+          stream_units(spec, true, choose_unit_rows(b.s1, spec, true, lo, grid1), lo) > grid1;
+      b.s2.dynamic_units = stream_units(spec, false, b.s2.unit_rows, lo) > grid2;
       // Gemm2 keeps 64-row units only: with the 32-row path compiled in, qwen3-30b-a3b took
       // 1 us longer at 1-3 tokens, whether or not a launch took it (H200, section 14).
     }

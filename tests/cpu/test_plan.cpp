@@ -154,10 +154,7 @@ TEST(PlanGemm, KimiK2Configs) {
   s2.ring_bytes = 3 * 18432;
   s2.tma = true;
   s2.min_blocks = 3;
-  // Units from a counter except for gemm1 from one token (512 units, not above 2 x 264).
-  StreamConfig s1_one = s1;
-  s1_one.dynamic_units = false;
-  EXPECT_EQ(plan.buckets[0].s1, s1_one);
+  EXPECT_EQ(plan.buckets[0].s1, s1);
   EXPECT_EQ(plan.buckets[0].s2, s2);
   EXPECT_EQ(stream_stage_bytes(512, true, 64, true), 27648);
   EXPECT_EQ(stream_stage_bytes(256, false, 64, true), 18432);
@@ -174,7 +171,6 @@ TEST(PlanGemm, KimiK2Configs) {
     c2.ring_bytes = 5 * 18432;
     for (const Bucket& b : c.buckets) {
       if (!b.stream) continue;
-      c1.dynamic_units = b.min_tokens > 1;
       EXPECT_EQ(b.s1, c1);
       EXPECT_EQ(b.s2, c2);
     }
@@ -326,7 +322,7 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
   const std::string text = describe(make_plan(preset("kimi-k2"), 16));
   EXPECT_EQ(text,
             "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=0 stream1(consumer_warps=4 "
-            "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2 dynamic_units=0) "
+            "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2) "
             "stream2(consumer_warps=4 producer_warps=1 k_stage=256 stages=3 tma=1 "
             "blocks_per_sm=3) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
             "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1)\n"
@@ -593,13 +589,14 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     EXPECT_FALSE(p.buckets[0].s1.split_epilogue);
     EXPECT_FALSE(p.buckets[1].s2.split_epilogue);
   }
-  // Units from a counter where the bucket's smallest token count gives a GEMM more than two
-  // rounds on 132 SMs: kimi-k2 and kimi-k2-tp8 one token, gemm2 896 units > 2 x 396 (gemm1 512
-  // and 256 <= 2 x 264); qwen3-30b-a3b one token neither (192 and 256 units); 17 tokens all.
+  // Units from a counter where the bucket's smallest token count gives a GEMM more units than
+  // blocks on 132 SMs: one kimi-k2 token, gemm1 512 > 264 and gemm2 896 > 396; kimi-k2-tp8
+  // gemm2 only (gemm1: 256 16-row units); qwen3-30b-a3b neither (192 and 256 units); 17 tokens
+  // every GEMM.
   for (const char* name : {"kimi-k2", "kimi-k2-tp8", "qwen3-30b-a3b"}) {
     const Plan p = make_plan(preset(name), 64, "sm_90a");
     const bool qwen = std::string(name) == "qwen3-30b-a3b";
-    EXPECT_FALSE(p.buckets[0].s1.dynamic_units) << name;
+    EXPECT_EQ(p.buckets[0].s1.dynamic_units, std::string(name) == "kimi-k2") << name;
     EXPECT_EQ(p.buckets[0].s2.dynamic_units, !qwen) << name;
     EXPECT_TRUE(p.buckets[1].s1.dynamic_units) << name;
     EXPECT_TRUE(p.buckets[1].s2.dynamic_units) << name;
@@ -627,7 +624,6 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     StreamConfig s1{4, 1024, 2, 2}, s2{4, 256, 6, 4};  // s2: producer warps kept
     s1.ring_bytes = 2 * stream_stage_bytes(1024, true, 64);
     s2.ring_bytes = 6 * stream_stage_bytes(256, false, 64);
-    s1.dynamic_units = false;  // one token: 512 units, not above 2 x 264
     EXPECT_EQ(p.buckets[0].s1, s1);
     EXPECT_EQ(p.buckets[0].s2, s2);
   }
