@@ -378,15 +378,22 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       }
       set_unit_paths(b.s1, alt, spec.hidden, true);
       // Units taken from a counter (dynamic_units) where the bucket's smallest token count gives
-      // a GEMM more units than a 132-SM card's persistent grid has blocks. H200 (bench/RESULTS.md
-      // section 16): 1-7% faster at 8-64 tokens, kimi-k2's gemm2 at one token (896 units for 396
-      // blocks) 3 us faster; where one token gives a GEMM one round of units (qwen3-30b-a3b's
-      // both, kimi-k2-tp8's gemm1) the kernel that takes units from the counter was 0.4-1 us
-      // slower at one and two tokens.
+      // a GEMM more units than a 132-SM card's persistent grid has blocks, or for units of one
+      // stage (K = k_stage), whose hand-off lies between every two stages, more than four
+      // rounds. H200 (bench/RESULTS.md section 16): 1-7% faster at 8-64 tokens, kimi-k2's gemm2
+      // at one token (896 units for 396 blocks) 3 us faster; where one token gives a GEMM one
+      // round of units (qwen3-30b-a3b's both, kimi-k2-tp8's gemm1) the kernel that takes units
+      // from the counter was 0.4-1 us slower at one and two tokens, and kimi-k2-tp8's gemm2
+      // (one stage per unit, 2.3 rounds) 0.1-0.8 us.
+      auto dynamic = [&](long long units, int k, int k_stage, long long grid) {
+        return units > ((k + k_stage - 1) / k_stage > 1 ? 1 : 4) * grid;
+      };
       const long long grid1 = 132ll * b.s1.min_blocks, grid2 = 132ll * b.s2.min_blocks;
-      b.s1.dynamic_units =
-          stream_units(spec, true, choose_unit_rows(b.s1, spec, true, lo, grid1), lo) > grid1;
-      b.s2.dynamic_units = stream_units(spec, false, b.s2.unit_rows, lo) > grid2;
+      const int rows1 = choose_unit_rows(b.s1, spec, true, lo, grid1);
+      const int k_stage1 = rows1 == b.s1.unit_rows ? b.s1.k_stage : rows1 == 16 ? b.s1.k_stage16 : b.s1.k_stage32;
+      b.s1.dynamic_units = dynamic(stream_units(spec, true, rows1, lo), spec.hidden, k_stage1, grid1);
+      b.s2.dynamic_units =
+          dynamic(stream_units(spec, false, b.s2.unit_rows, lo), spec.intermediate, b.s2.k_stage, grid2);
       // Gemm2 keeps 64-row units only: with the 32-row path compiled in, qwen3-30b-a3b took
       // 1 us longer at 1-3 tokens, whether or not a launch took it (H200, section 14).
     }
