@@ -165,6 +165,36 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamCopyPaths,
                            return name;
                          });
 
+// Plan switches that change the stream GEMMs' code: units from the counter in every bucket
+// (dyn=1; by default only where the bucket's smallest token count gives a GEMM more units than
+// blocks), and the timeline diagnostic (tl=ADDRESS: %globaltimer stamps and per-block records
+// compiled into every kernel, what `moejit bench --timeline` runs), alone and together.
+class NvrtcStreamSwitches
+    : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(NvrtcStreamSwitches, EveryBucketCompilesWithoutSpills) {
+  const auto& [name, override_text] = GetParam();
+  ::setenv("MOEJIT_PLAN_OVERRIDE", override_text.c_str(), 1);
+  const compiler::Plan plan = compiler::make_plan(preset(name), 0, "sm_90a");
+  EXPECT_EQ(plan.buckets[0].s1.dynamic_units, override_text.find("dyn=1") != std::string::npos);
+  expect_clean_compile(preset(name), "sm_90a");
+  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
+}
+
+INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamSwitches,
+                         ::testing::Combine(::testing::Values("kimi-k2-tp8", "qwen3-30b-a3b"),
+                                            ::testing::Values("dyn=1", "tl=0x7f0000001000",
+                                                              "dyn=1,tl=0x7f0000001000")),
+                         [](const ::testing::TestParamInfo<NvrtcStreamSwitches::ParamType>& info) {
+                           const std::string& o = std::get<1>(info.param);
+                           std::string name = std::get<0>(info.param) +
+                                              (o.find("dyn=1") != std::string::npos ? "_dyn" : "") +
+                                              (o.find("tl=") != std::string::npos ? "_timeline" : "");
+                           for (char& c : name)
+                             if (c == '-') c = '_';
+                           return name;
+                         });
+
 // ---- variants ---------------------------------------------------------------------------------
 
 // A named spec change.
