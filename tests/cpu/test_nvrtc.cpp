@@ -94,6 +94,13 @@ void expect_clean_compile(const MoeSpec& spec, const std::string& arch) {
 
 // ---- presets ----------------------------------------------------------------------------------
 
+// A test name from a preset name and suffixes (gtest names are [A-Za-z0-9_]).
+std::string param_name(std::string name) {
+  for (char& c : name)
+    if (c == '-') c = '_';
+  return name;
+}
+
 class NvrtcPreset : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
 
 TEST_P(NvrtcPreset, EveryBucketCompilesWithoutSpills) {
@@ -105,14 +112,20 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcPreset,
                          ::testing::Combine(::testing::ValuesIn(preset_names()),
                                             ::testing::ValuesIn(archs())),
                          [](const ::testing::TestParamInfo<NvrtcPreset::ParamType>& info) {
-                           std::string name =
-                               std::get<0>(info.param) + "_" + std::get<1>(info.param);
-                           for (char& c : name)
-                             if (c == '-') c = '_';  // gtest names are [A-Za-z0-9_]
-                           return name;
+                           return param_name(std::get<0>(info.param) + "_" + std::get<1>(info.param));
                          });
 
 // ---- the stream family forced on every preset -------------------------------------------------
+
+// Every kernel of preset `name` compiled for sm_90a with MOEJIT_PLAN_OVERRIDE = override_text
+// (expect_clean_compile); returns the plan made under it.
+compiler::Plan clean_compile_with(const std::string& name, const std::string& override_text) {
+  ::setenv("MOEJIT_PLAN_OVERRIDE", override_text.c_str(), 1);
+  const compiler::Plan plan = compiler::make_plan(preset(name), 0, "sm_90a");
+  expect_clean_compile(preset(name), "sm_90a");
+  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
+  return plan;
+}
 
 // MOEJIT_PLAN_OVERRIDE=stream=1: the decode buckets of every preset use the stream GEMMs (the
 // default wherever H and I are multiples of 256; forced, so that a later rule change keeps this
@@ -121,18 +134,12 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcPreset,
 class NvrtcStreamForced : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(NvrtcStreamForced, EveryBucketCompilesWithoutSpills) {
-  ::setenv("MOEJIT_PLAN_OVERRIDE", "stream=1", 1);
-  EXPECT_TRUE(compiler::make_plan(preset(GetParam()), 0, "sm_90a").buckets[0].stream);
-  expect_clean_compile(preset(GetParam()), "sm_90a");
-  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
+  EXPECT_TRUE(clean_compile_with(GetParam(), "stream=1").buckets[0].stream);
 }
 
 INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamForced, ::testing::ValuesIn(preset_names()),
                          [](const ::testing::TestParamInfo<std::string>& info) {
-                           std::string name = info.param;
-                           for (char& c : name)
-                             if (c == '-') c = '_';
-                           return name;
+                           return param_name(info.param);
                          });
 
 // The copy paths of the stream GEMMs forced on every preset: TMA with both GEMMs at three blocks
@@ -143,11 +150,8 @@ class NvrtcStreamCopyPaths
 
 TEST_P(NvrtcStreamCopyPaths, EveryBucketCompilesWithoutSpills) {
   const auto& [name, override_text] = GetParam();
-  ::setenv("MOEJIT_PLAN_OVERRIDE", override_text.c_str(), 1);
-  const compiler::Plan plan = compiler::make_plan(preset(name), 0, "sm_90a");
-  EXPECT_EQ(plan.buckets[0].s1.tma, override_text.find("tma=1") != std::string::npos);
-  expect_clean_compile(preset(name), "sm_90a");
-  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
+  EXPECT_EQ(clean_compile_with(name, override_text).buckets[0].s1.tma,
+            override_text.find("tma=1") != std::string::npos);
 }
 
 INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamCopyPaths,
@@ -155,14 +159,10 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamCopyPaths,
                                             ::testing::Values("stream=1,tma=1,bps=3",
                                                               "stream=1,tma=0")),
                          [](const ::testing::TestParamInfo<NvrtcStreamCopyPaths::ParamType>& info) {
-                           std::string name = std::get<0>(info.param) +
-                                              (std::get<1>(info.param).find("tma=1") !=
-                                                       std::string::npos
-                                                   ? "_tma_bps3"
-                                                   : "_cp_async");
-                           for (char& c : name)
-                             if (c == '-') c = '_';
-                           return name;
+                           return param_name(std::get<0>(info.param) +
+                                             (std::get<1>(info.param).find("tma=1") != std::string::npos
+                                                  ? "_tma_bps3"
+                                                  : "_cp_async"));
                          });
 
 // Plan switches that change the stream GEMMs' code: units from the counter in every bucket
@@ -174,11 +174,8 @@ class NvrtcStreamSwitches
 
 TEST_P(NvrtcStreamSwitches, EveryBucketCompilesWithoutSpills) {
   const auto& [name, override_text] = GetParam();
-  ::setenv("MOEJIT_PLAN_OVERRIDE", override_text.c_str(), 1);
-  const compiler::Plan plan = compiler::make_plan(preset(name), 0, "sm_90a");
-  EXPECT_EQ(plan.buckets[0].s1.dynamic_units, override_text.find("dyn=1") != std::string::npos);
-  expect_clean_compile(preset(name), "sm_90a");
-  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
+  EXPECT_EQ(clean_compile_with(name, override_text).buckets[0].s1.dynamic_units,
+            override_text.find("dyn=1") != std::string::npos);
 }
 
 INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamSwitches,
@@ -187,12 +184,9 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamSwitches,
                                                               "dyn=1,tl=0x7f0000001000")),
                          [](const ::testing::TestParamInfo<NvrtcStreamSwitches::ParamType>& info) {
                            const std::string& o = std::get<1>(info.param);
-                           std::string name = std::get<0>(info.param) +
-                                              (o.find("dyn=1") != std::string::npos ? "_dyn" : "") +
-                                              (o.find("tl=") != std::string::npos ? "_timeline" : "");
-                           for (char& c : name)
-                             if (c == '-') c = '_';
-                           return name;
+                           return param_name(std::get<0>(info.param) +
+                                             (o.find("dyn=1") != std::string::npos ? "_dyn" : "") +
+                                             (o.find("tl=") != std::string::npos ? "_timeline" : ""));
                          });
 
 // ---- variants ---------------------------------------------------------------------------------
