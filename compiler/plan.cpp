@@ -390,8 +390,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       };
       const long long grid1 = 132ll * b.s1.min_blocks, grid2 = 132ll * b.s2.min_blocks;
       const int rows1 = choose_unit_rows(b.s1, spec, true, lo, grid1);
-      const int k_stage1 = rows1 == b.s1.unit_rows ? b.s1.k_stage : rows1 == 16 ? b.s1.k_stage16 : b.s1.k_stage32;
-      b.s1.dynamic_units = dynamic(stream_units(spec, true, rows1, lo), spec.hidden, k_stage1, grid1);
+      b.s1.dynamic_units =
+          dynamic(stream_units(spec, true, rows1, lo), spec.hidden, b.s1.k_stage_for(rows1), grid1);
       b.s2.dynamic_units =
           dynamic(stream_units(spec, false, b.s2.unit_rows, lo), spec.intermediate, b.s2.k_stage, grid2);
       // Gemm2 keeps 64-row units only: with the 32-row path compiled in, qwen3-30b-a3b took

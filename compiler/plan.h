@@ -64,6 +64,10 @@ struct StreamConfig {
   int min_blocks = 2;
 
   int threads() const { return 32 * (consumer_warps + producer_warps); }
+  // The k_stage of the path for units of `rows` rows (the default path's, or a smaller one's).
+  int k_stage_for(int rows) const {
+    return rows == unit_rows ? k_stage : rows == 16 ? k_stage16 : k_stage32;
+  }
   bool operator==(const StreamConfig& o) const {
     return consumer_warps == o.consumer_warps && k_stage == o.k_stage && stages == o.stages &&
            producer_warps == o.producer_warps && suspend_ns == o.suspend_ns && pack_planes == o.pack_planes &&

@@ -320,7 +320,7 @@ class LayerImpl {
     const MoeSpec& s = plan_.spec;
     const int rows = g.unit_rows == 16 || g.unit_rows == 32 || g.unit_rows == 64 ? g.unit_rows
                                                                                 : c.unit_rows;
-    const int kc = rows == c.unit_rows ? c.k_stage : rows == 16 ? c.k_stage16 : c.k_stage32;
+    const int kc = c.k_stage_for(rows);
     // The maps depend only on the two base pointers and the box (the rest is the layer's spec):
     // encoded once per combination and kept, so that a launch with weights it has seen does no
     // encoding on the host. Bounded (a model's layers share one LayerImpl per spec, up to four

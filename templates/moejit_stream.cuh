@@ -332,6 +332,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // section 15.)
   struct Unit {
     int tile, slice, e, row0, rows_valid;
+    // Unit `id` (tile-fastest numbering) of expert e with `rows` valid rows.
+    __device__ Unit(int id, int n_tiles, int e_, int rows)
+        : tile(id % n_tiles), slice(id / n_tiles), e(e_), row0(tile * 8), rows_valid(rows) {}
   };
   // A producer's place in the ring: the slot of its next stage, that slot's byte offset, and the
   // "empty" phase to wait for there.
@@ -362,12 +365,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     }
     // Unit i (called for i = 0, 1, 2, ... in order); issues the loads for unit i + 2.
     __device__ Unit next(int i) {
-      Unit u;
-      u.tile = id(i) % n_tiles;
-      u.slice = id(i) / n_tiles;
-      u.e = e0;
-      u.row0 = u.tile * 8;
-      u.rows_valid = r0;
+      const Unit u(id(i), n_tiles, e0, r0);
       e0 = e1;
       r0 = r1;
       load(i + 2, e1, r1);
@@ -376,15 +374,6 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   };
   UnitQueue units{p, n_tiles, my_units};
   if (!dyn && my_units > 0) units.start();
-  auto unit_of = [&](int id, int e, int rows) {
-    Unit u;
-    u.tile = id % n_tiles;
-    u.slice = id / n_tiles;
-    u.e = e;
-    u.row0 = u.tile * 8;
-    u.rows_valid = rows;
-    return u;
-  };
 
   // Gemm2 blocks without units still wait for gemm1, so that this grid completes only after its
   // predecessor (what a PDL-launched successor's wait relies on).
@@ -437,7 +426,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       int x_src_next = dyn ? x_src_of_id(id) : x_src_of(0);
       int ui = 0;
       for (; dyn ? id < n_units : ui < my_units; ++ui) {
-        const Unit u = dyn ? unit_of(id, e_cur, rows_cur) : units.next(ui);
+        const Unit u = dyn ? Unit(id, n_tiles, e_cur, rows_cur) : units.next(ui);
         int id_next = n_units;
         if (dyn && lane == 0)
           id_next = gridDim.x + atomicAdd(p.unit_counter, 1);
@@ -652,16 +641,15 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   uint32_t parity = 0;
   int ui = 0;
   for (;; ++ui) {
-    Unit u;
+    int4 q = make_int4(0, 0, 0, 0);  // dynamic units: {id, expert, rows}, or {-1} at the end
     if constexpr (dyn) {
       mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);  // the unit's first stage (or the end)
-      const int4 q = unit_q[ui % kUnitQ];
+      q = unit_q[ui % kUnitQ];
       if (q.x < 0) break;
-      u = unit_of(q.x, q.y, q.z);
-    } else {
-      if (ui >= my_units) break;
-      u = units.next(ui);
+    } else if (ui >= my_units) {
+      break;
     }
+    const Unit u = dyn ? Unit(q.x, n_tiles, q.y, q.z) : units.next(ui);
     // SwiGLU parameters of the unit's expert, loaded now and used in the epilogue.
     float alpha = 1.0f, beta = 0.0f, limit = 0.0f;
     if constexpr (kGemm1 && Cfg::kHasAlpha) alpha = p.alpha[u.e];

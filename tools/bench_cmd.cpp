@@ -197,13 +197,16 @@ void print_timeline(const std::string& title, const std::string& plan, int ncopi
   }
   // The last replay's per-block records of the stream GEMMs, in us after that replay's route
   // start; by units per block: blocks, mean start / first stage / end, latest end.
+  auto replay_start = [&](const unsigned long long* r) {  // r[0]: the record's replay slot
+    return h[1 + 2 * size_t(r[0] % kTlSlots) * kTlEvents];
+  };
   for (int k = 0; k < 2; ++k) {
     std::map<int, std::vector<const unsigned long long*>> by_units;
     std::string rows;
     for (int b = 0; b < kTlMaxBlocks; ++b) {
       const unsigned long long* r = &h[slot_words + (size_t(k) * kTlMaxBlocks + b) * kTlBlockFields];
       if (r[2] == 0) continue;  // no such block
-      const unsigned long long t0 = h[1 + 2 * size_t(r[0] % kTlSlots) * kTlEvents];
+      const unsigned long long t0 = replay_start(r);
       auto us = [&](unsigned long long t) { return t == 0 ? -1.0 : 1e-3 * double(t - t0); };
       rows += fmt::format("    block {:4} sm {:3} units {:3} start {:7.2f} waited {:7.2f} first {:7.2f} "
                           "end {:7.2f}\n", b, r[1], r[6], us(r[2]), us(r[3]), us(r[4]), us(r[5]));
@@ -214,7 +217,7 @@ void print_timeline(const std::string& title, const std::string& plan, int ncopi
     for (const auto& [units, rs] : by_units) {
       double st = 0, fi = 0, en = 0, mx = 0;
       for (const unsigned long long* r : rs) {
-        const unsigned long long t0 = h[1 + 2 * size_t(r[0] % kTlSlots) * kTlEvents];
+        const unsigned long long t0 = replay_start(r);
         st += 1e-3 * double(r[2] - t0);
         fi += r[4] ? 1e-3 * double(r[4] - t0) : 0;
         en += 1e-3 * double(r[5] - t0);
