@@ -149,7 +149,7 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
   const Bucket& bk = plan.buckets.at(k.bucket);
   const bool g1 = k.role == KernelRole::Gemm1;
   const StreamConfig& c = g1 ? bk.s1 : bk.s2;
-  const int stage_bytes = stream_stage_bytes(c.k_stage, g1, c.unit_rows, c.tma);
+  const int stage_bytes = stream_stage_bytes(c.k_stage, g1, c.unit_rows, c.tma, c.x_boxes);
   const std::string cfg =
       fmt::format(
           "  static constexpr bool kGemm1 = {};\n"
@@ -172,13 +172,14 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           "  static constexpr int kRingBytes = {};  // dynamic shared memory of the ring\n"
           "  static constexpr bool kSplitEpilogue = {};\n"
           "  static constexpr bool kTma = {};  // weights and scales by TMA boxes\n"
-          "  static constexpr bool kDynamicUnits = {};  // units after the first from a counter\n",
+          "  static constexpr bool kDynamicUnits = {};  // units after the first from a counter\n"
+          "  static constexpr bool kXBoxes = {};  // gemm2: x by 4-row TMA boxes\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
           s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
           bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
           c.consumer_warps, c.producer_warps, stage_bytes, c.suspend_ns, b(c.pack_planes),
           c.unit_rows, c.alt_rows, c.k_stage16, c.k_stage32, c.ring_bytes, b(c.split_epilogue), b(c.tma),
-          b(c.tma && c.dynamic_units)) +
+          b(c.tma && c.dynamic_units), b(c.tma && !g1 && c.x_boxes)) +
       swiglu_cfg(s, g1);
   KernelSource src{k.name, "moejit_" + k.name,
                    unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(),

@@ -118,9 +118,11 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
 // H200 (bench/RESULTS.md section 9): k_stage 1024 beat 512 by 2-5% for gemm1, and 3 + 4 stages
 // of 104 KiB beat 2 + 2 of ~70 / 52 KiB by 3-6% at 1-33 tokens. (Section 8's older finding,
 // fewer stages beat deeper rings, was made with 4-6 blocks per SM competing for the copies.)
-StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64, bool tma = false, int min_blocks = 2) {
+StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64, bool tma = false, int min_blocks = 2,
+                         bool x_boxes = false) {
   StreamConfig c;
   c.tma = tma;
+  c.x_boxes = x_boxes;
   c.min_blocks = min_blocks;
   if (tma) c.producer_warps = 1;  // one thread issues the boxes; the warp copies x
   c.consumer_warps = 4;
@@ -139,7 +141,7 @@ StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64, bool tma = false
   // alignment slack beside the static shared memory: mbarriers and 8 KiB of partial sums); at
   // three, 64 KiB.
   const int budget = min_blocks >= 3 ? 64 * 1024 : tma ? 102 * 1024 : 104 * 1024;
-  const int sb = stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, tma);
+  const int sb = stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, tma, x_boxes);
   c.stages = std::clamp(budget / sb, 2, kMaxStreamStages);
   c.ring_bytes = c.stages * sb;
   return c;
@@ -152,23 +154,23 @@ StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64, bool tma = false
 void set_unit_paths(StreamConfig& c, int alt, int k, bool gemm1) {
   c.alt_rows = 0;
   c.k_stage16 = c.k_stage32 = 0;
-  c.ring_bytes = c.stages * stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, c.tma);
+  c.ring_bytes = c.stages * stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, c.tma, c.x_boxes);
   for (int rows : {16, 32}) {
     if (!(alt & rows)) continue;
-    const StreamConfig p = pick_stream(k, gemm1, rows, c.tma, c.min_blocks);
+    const StreamConfig p = pick_stream(k, gemm1, rows, c.tma, c.min_blocks, c.x_boxes);
     if ((p.k_stage / 64) % c.consumer_warps != 0) continue;
     c.alt_rows |= rows;
     (rows == 16 ? c.k_stage16 : c.k_stage32) = p.k_stage;
     c.ring_bytes = std::max(c.ring_bytes, p.ring_bytes);
   }
   if (c.alt_rows)
-    c.stages = std::min(kMaxStreamStages, c.ring_bytes / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, c.tma));
+    c.stages = std::min(kMaxStreamStages, c.ring_bytes / stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, c.tma, c.x_boxes));
 }
 
 // Units of 16 (gemm1), 32 or 64 weight rows; k_stage and the stages are picked again for them.
 void set_unit_rows(StreamConfig& c, int rows, int k, bool gemm1) {
   c.unit_rows = rows;
-  const StreamConfig d = pick_stream(k, gemm1, rows, c.tma, c.min_blocks);
+  const StreamConfig d = pick_stream(k, gemm1, rows, c.tma, c.min_blocks, c.x_boxes);
   c.k_stage = d.k_stage;
   c.stages = d.stages;
   set_unit_paths(c, 0, k, gemm1);
@@ -205,7 +207,7 @@ void apply_stream_override(const std::string& text, const char* which, int k, bo
                   o.k_stage >= 256 &&
                   o.k_stage % 256 == 0 && (o.k_stage / 64) % o.consumer_warps == 0 &&
                   o.k_stage <= std::max(k, 256) && o.stages >= 2 && o.stages <= kMaxStreamStages &&
-                  o.stages * stream_stage_bytes(o.k_stage, gemm1, o.unit_rows, o.tma) <= 200 * 1024 &&
+                  o.stages * stream_stage_bytes(o.k_stage, gemm1, o.unit_rows, o.tma, o.x_boxes) <= 200 * 1024 &&
                   (!o.tma || o.producer_warps == 1);
   if (!ok)
     throw Error(ErrorKind::InvalidArgument,
@@ -224,10 +226,13 @@ bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm
 
 }  // namespace
 
-int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows, bool tma) {
+int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows, bool tma, bool x_boxes) {
   const int planes = gemm1 ? 1 : 2;
-  const int bytes =
-      k_stage / 256 * unit_rows * 128 + unit_rows * (k_stage / 16) + planes * 8 * (k_stage * 2 + 64);
+  const int weights_scales = k_stage / 256 * unit_rows * 128 + unit_rows * (k_stage / 16);
+  // x: 8 rows per plane, padded by 64 bytes (gemm1, and gemm2 by cp.async); gemm2 by TMA: two
+  // boxes of 4 rows x both planes, unpadded.
+  const int x = tma && !gemm1 && x_boxes ? 2 * 4 * planes * k_stage * 2 : planes * 8 * (k_stage * 2 + 64);
+  const int bytes = weights_scales + x;
   return tma ? (bytes + 1023) / 1024 * 1024 : bytes;
 }
 
@@ -334,16 +339,17 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // and kimi-k2 at 33 tokens, and gemm1 by TMA on top of it another 1-8% for all three
       // (H200, bench/RESULTS.md section 14). "tma1=0|1" / "tma2=0|1" set one GEMM only.
       // "tma=0|1" (1: the default), "tma1=0|1", "tma2=0|1"; any other value is an error.
-      auto tma_of = [&](const char* key, bool fallback) {
+      auto flag_of = [&](const char* key, bool fallback, const char* what) {
         const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([^,;\\s]*)");
         std::smatch m;
         if (!std::regex_search(ov, m, re)) return fallback;
         if (m[2] != "0" && m[2] != "1")
           throw Error(ErrorKind::InvalidArgument,
-                      fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} (TMA copies) must be 0 or 1", key,
-                                  m[2].str()));
+                      fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} ({}) must be 0 or 1", key,
+                                  m[2].str(), what));
         return m[2] == "1";
       };
+      auto tma_of = [&](const char* key, bool fallback) { return flag_of(key, fallback, "TMA copies"); };
       const bool tma = tma_of("tma", true);
       const bool tma1 = tma_of("tma1", tma), tma2 = tma_of("tma2", tma);
       // "bps=N" sets the blocks per SM of both GEMMs where they copy by TMA, "bps1=N" / "bps2=N"
@@ -367,6 +373,17 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       const int bps1 = blocks_per_sm("bps", 2, tma1), bps2 = blocks_per_sm("bps", tma2 ? 3 : 2, tma2);
       b.s1 = pick_stream(spec.hidden, true, 64, tma1, blocks_per_sm("bps1", bps1, tma1));
       b.s2 = pick_stream(spec.intermediate, false, 64, tma2, blocks_per_sm("bps2", bps2, tma2));
+      // Gemm2's x by 4-row TMA boxes (x_boxes) in buckets above 16 tokens whose gemm2 units are
+      // at most three stages deep; elsewhere one bulk copy per valid row and plane. H200
+      // (bench/RESULTS.md section 17): with boxes kimi-k2-tp8 (one-stage units) took 197.0 /
+      // 271.2 us at 33 / 64 tokens against 199.6 / 277.9, qwen3-30b-a3b (three) 114.3 against
+      // 115.8 at 64; kimi-k2 (eight) was slower at every token count (1211 against 1173 us at
+      // 33: a 4-row box reads 4 KiB of x per stage where its 1-2 row tiles need 1-2), and all
+      // three were 0.2-3 us slower at 1-8 tokens. "xb=0|1" overrides.
+      const bool short_units = (spec.intermediate + b.s2.k_stage - 1) / b.s2.k_stage <= 3;
+      const bool xb2 = flag_of("xb", tma2 && lo > 16 && short_units, "gemm2 x by 4-row TMA boxes");
+      if (xb2 != b.s2.x_boxes)
+        b.s2 = pick_stream(spec.intermediate, false, 64, tma2, blocks_per_sm("bps2", bps2, tma2), xb2);
       // Gemm1 also carries every smaller unit size some token count of the bucket takes on a
       // 132-SM card.
       StreamConfig all = b.s1;
@@ -487,7 +504,8 @@ std::string describe(const Plan& plan) {
                                    (b.s2.alt_rows ? fmt::format(" alt_rows={}", b.s2.alt_rows) : "") +
                                    (b.s2.pack_planes ? "" : " pack_planes=0") +
                                    (b.s2.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s2.min_blocks) : "") +
-                                   (b.s2.tma && !b.s2.dynamic_units ? " dynamic_units=0" : ""))
+                                   (b.s2.tma && !b.s2.dynamic_units ? " dynamic_units=0" : "") +
+                                   (b.s2.tma && b.s2.x_boxes ? " x_boxes=1" : ""))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,

@@ -60,6 +60,9 @@ struct StreamConfig {
   // that faster blocks take more; false: units dealt round-robin (blockIdx.x + i * gridDim.x).
   // The planner sets it per GEMM and bucket (see make_plan).
   bool dynamic_units = true;
+  // Gemm2 with TMA: x (both activation planes) as boxes of 4 rows (GemmParams::tma_x) instead of
+  // one bulk copy per valid row and plane into padded rows. The planner sets it per bucket.
+  bool x_boxes = false;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;
 
@@ -74,7 +77,7 @@ struct StreamConfig {
            unit_rows == o.unit_rows && alt_rows == o.alt_rows && k_stage16 == o.k_stage16 &&
            k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
            split_epilogue == o.split_epilogue && tma == o.tma && dynamic_units == o.dynamic_units &&
-           min_blocks == o.min_blocks;
+           x_boxes == o.x_boxes && min_blocks == o.min_blocks;
   }
 };
 
@@ -83,7 +86,9 @@ constexpr int kMaxStreamStages = 8;
 
 // Shared-memory bytes of one stream stage (must equal kStageBytes in moejit_stream.cuh; the
 // generated code static_asserts it).
-int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32, bool tma = false);
+// x_boxes: gemm2's x by 4-row TMA boxes (StreamConfig::x_boxes; with tma only).
+int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32, bool tma = false,
+                       bool x_boxes = false);
 
 // Upper bound on the work units of a stream GEMM with `unit_rows`-row units at `tokens` tokens:
 // row tiles (Plan::max_tiles with 8-row tiles) x weight rows of an expert (gemm1 2I, gemm2 H)

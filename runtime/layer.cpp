@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -273,7 +274,7 @@ class LayerImpl {
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
-                              nullptr, nullptr, 0, {}, {}, tile_rows, counters};
+                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters};
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
     if (b.stream) {
       g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
@@ -283,7 +284,7 @@ class LayerImpl {
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
-                              fused ? outs.final_out : nullptr, 0, {}, {}, tile_rows, counters + 32};
+                              fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32};
     if (b.stream) {
       g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
                                                 kernels_[gemm2_[bucket]].persistent_blocks);
@@ -306,11 +307,15 @@ class LayerImpl {
       run_finalize(y, weights, e2p, outs.final_out, T, stream, /*after_gemm2=*/true);
   }
 
-  // The TMA descriptors of a stream GEMM launch (GemmParams::tma_w / tma_s) for its unit size:
-  // the weights as {128 bytes, row, K / 256 chunks} with boxes of {128, rows / 2, k_stage / 256}
-  // (one half of a unit's rows for one stage, 128-byte swizzle: the layout the consumers'
-  // ldmatrix reads), the scales as {K / 16 bytes, row} with boxes of {k_stage / 16, rows / 2}.
-  // Rows are indexed by global expert id, as the kernel's row arithmetic does.
+  // The TMA descriptors of a stream GEMM launch (GemmParams::tma_w / tma_s / tma_x) for its unit
+  // size: the weights as {128 bytes, row, K / 256 chunks} with boxes of {128, R, k_stage / 256}
+  // (R = rows / 2 for gemm1, whose gate and up rows lie apart, else rows; one stage, 128-byte
+  // swizzle: the layout the consumers' ldmatrix reads), the scales as {K / 16 bytes, row} with
+  // boxes of {k_stage / 16, R}. Rows are indexed by global expert id, as the kernel's row
+  // arithmetic does. Gemm2 also reads its activation (both planes) by TMA: {32 elements, row,
+  // I / 32 groups, plane} with boxes of {32, 4, k_stage / 32, 2}: four rows of a tile, both
+  // planes, one stage, as [plane][group][row][64 bytes] (no swizzle: the consumers' 16-byte loads
+  // of two rows of one group are 128 contiguous bytes).
   void encode_stream_tma(moejit_dev::GemmParams& g, const compiler::StreamConfig& c,
                          bool gemm1) const {
     const runtime::Driver& d = runtime::driver();
@@ -325,12 +330,16 @@ class LayerImpl {
     // encoded once per combination and kept, so that a launch with weights it has seen does no
     // encoding on the host. Bounded (a model's layers share one LayerImpl per spec, up to four
     // entries each): past the bound the cache starts over.
-    const TmaKey key{g.w, g.w_scale, rows, kc, gemm1};
+    // Gemm2's activation map depends on the workspace (x) and on the token count's row capacity
+    // (x_lo - x): part of the key as well.
+    const bool x_map = !gemm1 && c.x_boxes;
+    const TmaKey key{g.w, g.w_scale, x_map ? g.x : nullptr, x_map ? g.x_lo : nullptr, rows, kc, gemm1};
     {
       std::lock_guard<std::mutex> lock(tma_mu_);
       if (auto it = tma_cache_.find(key); it != tma_cache_.end()) {
-        g.tma_w = it->second.first;
-        g.tma_s = it->second.second;
+        g.tma_w = it->second[0];
+        g.tma_s = it->second[1];
+        g.tma_x = it->second[2];
         return;
       }
     }
@@ -340,11 +349,12 @@ class LayerImpl {
     static_assert(sizeof(CUtensorMap) == sizeof(moejit_dev::TmaDesc), "TMA descriptor size");
     auto encode = [&](moejit_dev::TmaDesc& out, const void* base, cuuint32_t rank,
                       const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
-                      CUtensorMapSwizzle swizzle, const char* what) {
-      const cuuint32_t ones[3] = {1, 1, 1};
+                      CUtensorMapSwizzle swizzle, const char* what,
+                      CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_UINT8) {
+      const cuuint32_t ones[4] = {1, 1, 1, 1};
       CUtensorMap m;
       const CUresult r = d.cuTensorMapEncodeTiled(
-          &m, CU_TENSOR_MAP_DATA_TYPE_UINT8, rank, const_cast<void*>(base), dims, strides, box,
+          &m, type, rank, const_cast<void*>(base), dims, strides, box,
           ones, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
           CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
       if (r != CUDA_SUCCESS)
@@ -355,17 +365,29 @@ class LayerImpl {
     };
     const cuuint64_t w_dims[3] = {128, total_rows, K / 256};
     const cuuint64_t w_strides[2] = {K / 2, 128};
-    const cuuint32_t w_box[3] = {128, static_cast<cuuint32_t>(rows / 2), static_cast<cuuint32_t>(kc / 256)};
+    const cuuint32_t box_rows = static_cast<cuuint32_t>(gemm1 ? rows / 2 : rows);
+    const cuuint32_t w_box[3] = {128, box_rows, static_cast<cuuint32_t>(kc / 256)};
     encode(g.tma_w, g.w, 3, w_dims, w_strides, w_box, CU_TENSOR_MAP_SWIZZLE_128B,
            gemm1 ? "w13" : "w2");
     const cuuint64_t s_dims[2] = {K / 16, total_rows};
     const cuuint64_t s_strides[1] = {K / 16};
-    const cuuint32_t s_box[2] = {static_cast<cuuint32_t>(kc / 16), static_cast<cuuint32_t>(rows / 2)};
+    const cuuint32_t s_box[2] = {static_cast<cuuint32_t>(kc / 16), box_rows};
     encode(g.tma_s, g.w_scale, 2, s_dims, s_strides, s_box, CU_TENSOR_MAP_SWIZZLE_NONE,
            gemm1 ? "w13_scale" : "w2_scale");
+    if (x_map) {
+      // The planes lie (x_lo - x) bytes apart: the row capacity of this token count's layout.
+      const cuuint64_t row_bytes = K * 2;
+      const cuuint64_t plane_bytes = static_cast<cuuint64_t>(static_cast<const char*>(g.x_lo) -
+                                                             static_cast<const char*>(g.x));
+      const cuuint64_t x_dims[4] = {32, plane_bytes / row_bytes, K / 32, 2};
+      const cuuint64_t x_strides[3] = {row_bytes, 64, plane_bytes};
+      const cuuint32_t x_box[4] = {32, 4, static_cast<cuuint32_t>(kc / 32), 2};
+      encode(g.tma_x, g.x, 4, x_dims, x_strides, x_box, CU_TENSOR_MAP_SWIZZLE_NONE, "act",
+             CU_TENSOR_MAP_DATA_TYPE_BFLOAT16);
+    }
     std::lock_guard<std::mutex> lock(tma_mu_);
     if (tma_cache_.size() >= kTmaCacheEntries) tma_cache_.clear();
-    tma_cache_.emplace(key, std::make_pair(g.tma_w, g.tma_s));
+    tma_cache_.emplace(key, std::array<moejit_dev::TmaDesc, 3>{g.tma_w, g.tma_s, g.tma_x});
   }
 
   // after_gemm2: launched right behind this layer's gemm2, with PDL (the kernel reads the row
@@ -482,19 +504,22 @@ class LayerImpl {
   size_t route_ = kNone, dispatch_ = kNone, route_dispatch_ = kNone, finalize_ = kNone;
   std::vector<size_t> gemm1_, gemm2_;
   // Encoded TMA descriptors of stream GEMM launches (encode_stream_tma), by weight and scale
-  // pointers, box (unit rows, stage depth) and GEMM.
+  // pointers, gemm2's activation planes, box (unit rows, stage depth) and GEMM.
   struct TmaKey {
     const void* w;
     const void* s;
+    const void* x;
+    const void* x_lo;
     int rows, k_stage;
     bool gemm1;
     bool operator<(const TmaKey& o) const {
-      return std::tie(w, s, rows, k_stage, gemm1) < std::tie(o.w, o.s, o.rows, o.k_stage, o.gemm1);
+      return std::tie(w, s, x, x_lo, rows, k_stage, gemm1) <
+             std::tie(o.w, o.s, o.x, o.x_lo, o.rows, o.k_stage, o.gemm1);
     }
   };
-  static constexpr size_t kTmaCacheEntries = 4096;  // ~1.2 MB
+  static constexpr size_t kTmaCacheEntries = 4096;  // ~1.8 MB
   mutable std::mutex tma_mu_;
-  mutable std::map<TmaKey, std::pair<moejit_dev::TmaDesc, moejit_dev::TmaDesc>> tma_cache_;
+  mutable std::map<TmaKey, std::array<moejit_dev::TmaDesc, 3>> tma_cache_;
 };
 
 // ---- Layer -----------------------------------------------------------------------------------

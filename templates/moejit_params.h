@@ -90,10 +90,15 @@ struct GemmParams {
   // of this launch (16, 32 or 64; the host's choose_unit_rows). Other values take the default.
   int32_t unit_rows;
   // Stream GEMMs with Cfg::kTma: the weights as {128 bytes, row, K / 256 chunks} (box
-  // {128, unit_rows / 2, k_stage / 256}, 128-byte swizzle) and the scales as {K / 16 bytes, row}
-  // (box {k_stage / 16, unit_rows / 2}), for this launch's unit size. Zero otherwise.
+  // {128, R, k_stage / 256}, 128-byte swizzle) and the scales as {K / 16 bytes, row} (box
+  // {k_stage / 16, R}), for this launch's unit size: R = unit_rows / 2 for gemm1 (its gate and up
+  // rows lie apart), unit_rows for gemm2. Zero otherwise.
   TmaDesc tma_w;
   TmaDesc tma_s;
+  // Gemm2 with Cfg::kTma: the activation's two planes (x, then x_lo at x + rows * I) as
+  // {32 elements, row, I / 32 groups, plane} (bf16), box {32, 4, k_stage / 32, 2}: four rows of a
+  // tile, both planes, one stage, in one copy. Zero otherwise.
+  TmaDesc tma_x;
   // Valid rows of each row tile (dispatch's tile_rows; the stream GEMMs read it beside
   // tile_expert, one memory round trip per unit instead of two).
   const int32_t* tile_rows;

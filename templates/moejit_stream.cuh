@@ -17,10 +17,12 @@
 // with 16-byte cp.async and each lane's
 // cp.async.mbarrier.arrive completes the stage's "full" mbarrier; consumers release a stage on
 // its "empty" mbarrier. The producers run ahead across unit boundaries, so DRAM never waits for
-// an epilogue. With Cfg::kTma one producer warp fills a stage instead: lane 0 issues four TMA
-// boxes (the weights of each half of the unit's rows as {128 bytes, rows / 2, kKC / 256 chunks}
-// with the 128-byte swizzle, which is the XOR pattern above, and their scales) and the lanes one
-// bulk copy per x row, all completing one expect_tx on the "full" barrier. (Earlier TMA versions
+// an epilogue. With Cfg::kTma one producer warp fills a stage instead: lane 0 issues TMA boxes
+// (gemm1: the weights of each half of the unit's rows, gate and up, as {128 bytes, rows / 2,
+// kKC / 256 chunks} with the 128-byte swizzle, which is the XOR pattern above, and their scales;
+// gemm2: all rows in one box, their scales in one, and x as one or two boxes of 4 rows x both
+// planes) and, in gemm1, the lanes one bulk copy per gathered x row, all completing one expect_tx
+// on the "full" barrier. (Earlier TMA versions
 // with one 1D copy per weight row, or many small 2D boxes, were bound by the per-copy cost;
 // bench/RESULTS.md sections 8 and 13.)
 //
@@ -44,7 +46,7 @@
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
-// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits.
+// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -171,6 +173,15 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* desc, int 
       : "memory");
 }
 
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* desc, int c0, int c1, int c2,
+                                            int c3, uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(bar))
+      : "memory");
+}
+
 // Not volatile: the compiler may interleave independent MMA chains.
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
@@ -248,14 +259,24 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   constexpr int kChunkBytes = kRows * 128;
   constexpr int kWBytes = kChunks * kChunkBytes;
   constexpr int kSBytes = kRows * kSRow;
-  // TMA: the weights of a stage as two boxes, [half][chunk][kHalfRows rows][128 bytes] (each
-  // half's rows hold the same XOR pattern, kHalfRows being a multiple of 8), and every stage
+  // TMA: gemm1's weights of a stage as two boxes (gate rows, up rows), [half][chunk][kHalfRows
+  // rows][128 bytes] (each half's rows hold the same XOR pattern, kHalfRows being a multiple of
+  // 8); gemm2's, whose unit rows are contiguous, as one box in the cp.async layout. Every stage
   // starts on 1 KiB (the 128-byte swizzle repeats every 8 rows of 128 bytes from an aligned base).
   constexpr bool kTma = Cfg::kTma;
   constexpr int kHalfBytes = kChunks * kHalfRows * 128;
+  constexpr bool kWHalves = kTma && kGemm1;
+  // Gemm2 by TMA with Cfg::kXBoxes copies its x (both planes) as boxes of 4 rows
+  // (GemmParams::tma_x): the stage's x is [box (rows 0-3, 4-7)][plane][group][row][64 bytes], one
+  // box where the tile has at most 4 valid rows. Otherwise x is copied row by row (gemm1: gathered
+  // token rows) into padded rows.
+  constexpr bool kXBox = kTma && !kGemm1 && Cfg::kXBoxes;
+  constexpr int kXOff = kWBytes + kSBytes;
+  constexpr int kXSlot = 4 * KC * 2;            // 4 rows of one plane
+  constexpr int kXBoxBytes = kPlanes * kXSlot;  // one box
+  constexpr int kXBytes = kXBox ? 2 * kXBoxBytes : kPlanes * 8 * kXRow;
   constexpr int kStageBytes =
-      kTma ? (kWBytes + kSBytes + kPlanes * 8 * kXRow + 1023) / 1024 * 1024
-           : kWBytes + kSBytes + kPlanes * 8 * kXRow;  // = stream_stage_bytes
+      kTma ? (kXOff + kXBytes + 1023) / 1024 * 1024 : kXOff + kXBytes;  // = stream_stage_bytes
   constexpr int kFit = Cfg::kRingBytes / kStageBytes;
   constexpr int NS = kRows == Cfg::kUnitRows ? Cfg::kStages : (kFit < kMaxStages ? kFit : kMaxStages);
   static_assert(kRows != Cfg::kUnitRows || kStageBytes == Cfg::kStageBytes,
@@ -332,9 +353,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // section 15.)
   struct Unit {
     int tile, slice, e, row0, rows_valid;
-    // Unit `id` (tile-fastest numbering) of expert e with `rows` valid rows.
-    __device__ Unit(int id, int n_tiles, int e_, int rows)
-        : tile(id % n_tiles), slice(id / n_tiles), e(e_), row0(tile * 8), rows_valid(rows) {}
+    // Unit `id` (tile-fastest numbering) of expert e with `rows` valid rows (one division).
+    __device__ Unit(int id, int n_tiles, int e_, int rows) : e(e_), rows_valid(rows) {
+      slice = id / n_tiles;
+      tile = id - slice * n_tiles;
+      row0 = tile * 8;
+    }
   };
   // A producer's place in the ring: the slot of its next stage, that slot's byte offset, and the
   // "empty" phase to wait for there.
@@ -385,11 +409,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     // Shared by both copy paths. Lane r < 8: the source row of tile row r (gemm1: its token),
     // fetched one unit ahead (the address depends only on the tile; padding rows read -1 and are
     // never used).
-    auto x_src_of_id = [&](int id) {
-      if (id >= n_units || lane >= 8) return 0;
-      const int row = (id % n_tiles) * 8 + lane;
+    auto x_src_of_tile = [&](int tile) {
+      if (lane >= 8) return 0;
+      const int row = tile * 8 + lane;
       return kGemm1 ? p.permuted_to_slot[row] / Cfg::kTopK : row;
     };
+    auto x_src_of_id = [&](int id) { return id < n_units ? x_src_of_tile(id % n_tiles) : 0; };
     auto x_src_of = [&](int i) { return i < my_units ? x_src_of_id(units.id(i)) : 0; };
     // Gemm2, before its first x copy: x is gemm1's output.
     bool waited = kGemm1;
@@ -423,7 +448,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         e_cur = p.tile_expert[id % n_tiles];
         rows_cur = p.tile_rows[id % n_tiles];
       }
-      int x_src_next = dyn ? x_src_of_id(id) : x_src_of(0);
+      int x_src_next = kXBox ? 0 : dyn ? x_src_of_id(id) : x_src_of(0);
       int ui = 0;
       for (; dyn ? id < n_units : ui < my_units; ++ui) {
         const Unit u = dyn ? Unit(id, n_tiles, e_cur, rows_cur) : units.next(ui);
@@ -431,19 +456,21 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         if (dyn && lane == 0)
           id_next = gridDim.x + atomicAdd(p.unit_counter, 1);
         const int x_src = x_src_next;
-        if (!dyn) x_src_next = x_src_of(ui + 1);
+        if (!dyn && !kXBox) x_src_next = x_src_of(ui + 1);
         int row_lo, row_hi;  // TMA box coordinates
         stream::first_rows<Cfg, kRows>(u.e + Cfg::kLocalOffset, u.slice, row_lo, row_hi);
         const bool packed = kPackable && u.rows_valid <= 4;
         const int qr = lane;
         const int r = packed ? qr & 3 : qr & 7;
         const bool lo_plane = packed ? (qr & 4) != 0 : qr >= 8;
-        const int src = __shfl_sync(kFullMask, x_src, r);
-        const bool copy = qr < kPlanes * 8 && r < u.rows_valid && (!packed || qr < 8);
+        const int src = kXBox ? 0 : __shfl_sync(kFullMask, x_src, r);
+        const bool copy = !kXBox && qr < kPlanes * 8 && r < u.rows_valid && (!packed || qr < 8);
         const __nv_bfloat16* xrow =
             static_cast<const __nv_bfloat16*>(lo_plane ? p.x_lo : p.x) + static_cast<long long>(src) * K;
-        const uint32_t x_rows = __popc(__ballot_sync(kFullMask, copy));
-        const uint32_t x_dst = base + kWBytes + kSBytes + qr * kXRow;
+        // x bytes of a stage: gemm2's boxes count whole (rows past the tile's valid ones and past
+        // K included), gemm1's rows what they copy.
+        const uint32_t x_rows = kXBox ? (u.rows_valid > 4 ? 2 : 1) : __popc(__ballot_sync(kFullMask, copy));
+        const uint32_t x_dst = base + kXOff + qr * kXRow;
 #pragma unroll 1
         for (int ks = 0; ks < kStagesPerUnit; ++ks) {
           const int k0 = ks * KC;
@@ -455,29 +482,41 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           // expect_tx only takes the barrier's tx-count below zero for a moment.
           if (ui == 0 && ks == 0 && lane == 0)
             tl_stamp_after(tls, kGemm1 ? kTlG1PUnit : kTlG2PUnit, x_rows ^ static_cast<uint32_t>(row_lo));
+          // x_rows: gemm1's x rows copied, gemm2's x boxes.
+          const uint32_t x_bytes = kXBox ? x_rows * kXBoxBytes : x_rows * kc * 2;
           mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
           if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
           if (dyn && ks == 0 && lane == 0) unit_q[ui % kUnitQ] = make_int4(id, u.e, u.rows_valid, 0);
           if (lane == 0) {
-            mbar_expect_tx(bar, kWBytes + kSBytes + x_rows * kc * 2);
+            mbar_expect_tx(bar, kWBytes + kSBytes + x_bytes);
             tma_load_3d(base + so, &p.tma_w, 0, row_lo, k0 / 256, bar);
-            tma_load_3d(base + so + kHalfBytes, &p.tma_w, 0, row_hi, k0 / 256, bar);
+            if constexpr (kWHalves)
+              tma_load_3d(base + so + kHalfBytes, &p.tma_w, 0, row_hi, k0 / 256, bar);
             tma_load_2d(base + so + kWBytes, &p.tma_s, k0 / 16, row_lo, bar);
-            tma_load_2d(base + so + kWBytes + kHalfRows * kSRow, &p.tma_s, k0 / 16, row_hi, bar);
+            if constexpr (kWHalves)
+              tma_load_2d(base + so + kWBytes + kHalfRows * kSRow, &p.tma_s, k0 / 16, row_hi, bar);
             if (ui == 0 && ks == 0) tl_stamp(tls, kEvIssued);
           }
           if (!waited) wait_for_x(lane == 0);
-          if (copy) bulk_load(x_dst + so, xrow + k0, kc * 2, bar);
+          if constexpr (kXBox) {
+            if (lane == 0) {
+              tma_load_4d(base + so + kXOff, &p.tma_x, 0, u.row0, k0 / 32, 0, bar);
+              if (x_rows > 1) tma_load_4d(base + so + kXOff + kXBoxBytes, &p.tma_x, 0, u.row0 + 4, k0 / 32, 0, bar);
+            }
+          } else if (copy) {
+            bulk_load(x_dst + so, xrow + k0, kc * 2, bar);
+          }
           ring.advance();
           // The next unit: its id, then what it needs, after the unit's last stage is issued (the
           // atomic's result would stall the ring's fill in the middle of the unit).
           if (dyn && ks == kStagesPerUnit - 1) {
             id_next = __shfl_sync(kFullMask, id_next, 0);
+            const int tile_next = id_next % n_tiles;
             if (id_next < n_units) {
-              e_cur = p.tile_expert[id_next % n_tiles];
-              rows_cur = p.tile_rows[id_next % n_tiles];
+              e_cur = p.tile_expert[tile_next];
+              rows_cur = p.tile_rows[tile_next];
             }
-            x_src_next = x_src_of_id(id_next);
+            if constexpr (!kXBox) x_src_next = id_next < n_units ? x_src_of_tile(tile_next) : 0;
           }
         }
         if (dyn) id = id_next;
@@ -627,14 +666,20 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       const int gg = kA >= 2 ? l / kHalves : (lane >> 4) & 1;
       const int row = kA >= 2 ? lm_row + 32 * (l % kHalves) : lm_row;
       const int G = 2 * (warp + pi * CW) + gg;
-      lm_off[pi][l] = kTma ? (row / kHalfRows) * kHalfBytes + (G >> 3) * (kHalfRows * 128) +
+      lm_off[pi][l] = kWHalves ? (row / kHalfRows) * kHalfBytes + (G >> 3) * (kHalfRows * 128) +
                                  (row % kHalfRows) * 128 + (((G & 7) ^ (row & 7)) << 4)
                            : (G >> 3) * kChunkBytes + row * 128 + (((G & 7) ^ (row & 7)) << 4);
     }
   // Scales: row (a * 16 + h * 8 + g), bytes 2G..2G+3 (groups G, G + 1). x: plane q row g,
   // group G + gg at byte (G + gg) * 64, thread t's 16 bytes.
   const uint32_t s_off = kWBytes + g * kSRow + warp * 4;
-  const uint32_t x_off = kWBytes + kSBytes + g * kXRow + warp * 128 + t * 16;
+  // Padded x rows: row g of plane q at q * 8 * kXRow; gemm2's boxes (kXBox): column g is row
+  // g % 4 of box g / 4, plane q at slot 2 (g / 4) + q, or in a packed unit (hi rows 0-3 in columns
+  // 0-3, lo rows 0-3 in 4-7; one box) slot g / 4. Group G at G * 256 there.
+  const uint32_t x_off = kXBox ? kXOff + (g & 3) * 64 + warp * 512 + t * 16
+                               : kXOff + g * kXRow + warp * 128 + t * 16;
+  constexpr uint32_t kXPair = kXBox ? CW * 512 : CW * 128;  // per pair of the warp
+  constexpr uint32_t kXGroup = kXBox ? 256 : 64;            // the pair's second group
   const uint32_t smem_base = kTma ? (smem_u32(smem) + 1023u) & ~1023u : smem_u32(smem);
 
   int slot = 0;
@@ -668,6 +713,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       // copied into the stage; they are read as zeros instead of whatever an earlier unit left
       // there, so that nothing depends on earlier units (their outputs are discarded anyway).
       const uint32_t x_ok = ((kPackable && nq == 1) ? (g & 3) : g) < u.rows_valid;
+      auto x_plane = [&](int q) -> uint32_t {
+        if constexpr (kXBox)
+          return ((kPackable && nq == 1) ? (g >> 2) : 2 * (g >> 2) + q) * kXSlot;
+        else
+          return q * 8 * kXRow;
+      };
   #pragma unroll 1
       for (int ks = 0; ks < kStagesPerUnit; ++ks) {
         const uint32_t st = smem_base + slot * kStageBytes;
@@ -710,7 +761,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           for (int q = 0; q < nq; ++q)
   #pragma unroll
             for (int gg = 0; gg < 2; ++gg)
-              xv[q][gg] = lds128_if(st + x_off + q * 8 * kXRow + pi * CW * 128 + gg * 64, x_ok);
+              xv[q][gg] = lds128_if(st + x_off + x_plane(q) + pi * kXPair + gg * kXGroup, x_ok);
           // B registers [group][plane][k-step][b0/b1]: x_(8t + j) paired with x_(8t + j + 4).
           uint32_t b[2][kPlanes][2][2];
   #pragma unroll

@@ -153,11 +153,14 @@ TEST(PlanGemm, KimiK2Configs) {
   StreamConfig s2{4, 256, 3, 1};
   s2.ring_bytes = 3 * 18432;
   s2.tma = true;
+  s2.x_boxes = false;  // eight stages per unit: x row by row
   s2.min_blocks = 3;
   EXPECT_EQ(plan.buckets[0].s1, s1);
   EXPECT_EQ(plan.buckets[0].s2, s2);
   EXPECT_EQ(stream_stage_bytes(512, true, 64, true), 27648);
-  EXPECT_EQ(stream_stage_bytes(256, false, 64, true), 18432);
+  EXPECT_EQ(stream_stage_bytes(256, false, 64, true, false), 18432);
+  // With x by two 4-row boxes of both planes (8 KiB, unpadded) instead of padded rows.
+  EXPECT_EQ(stream_stage_bytes(256, false, 64, true, true), 17408);
   EXPECT_FALSE(plan.buckets[0].fused_finalize);
   EXPECT_TRUE(plan.buckets[1].stream);
   EXPECT_EQ(plan.buckets[1].s1, s1);
@@ -457,7 +460,8 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   EXPECT_FALSE(w.buckets.back().stream);
   EXPECT_TRUE(w.buckets[0].stream);
   // qwen3's gemm2 (K = I = 768): 256 per stage, 3 stages of 64 rows (18432 B, TMA) in 64 KiB
-  // at three blocks per SM; gemm2 never carries smaller unit paths.
+  // at three blocks per SM; gemm2 never carries smaller unit paths. From 17 tokens its units of
+  // three stages take x by 4-row boxes (17408 B stages).
   const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
   EXPECT_TRUE(q.buckets[0].stream);
   StreamConfig q2{4, 256, 3, 1};
@@ -465,7 +469,31 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   q2.tma = true;
   q2.min_blocks = 3;
   q2.dynamic_units = false;  // 256 units at one token: one round
+  q2.x_boxes = false;
   EXPECT_EQ(q.buckets[0].s2, q2);
+  q2.ring_bytes = 3 * 17408;
+  q2.dynamic_units = true;
+  q2.x_boxes = true;
+  EXPECT_EQ(q.buckets[1].s2, q2);
+  {
+    // The rule's override, both ways; the stage size follows.
+    const ScopedOverride off("xb=0");
+    const StreamConfig c = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a").buckets[1].s2;
+    EXPECT_FALSE(c.x_boxes);
+    EXPECT_EQ(c.ring_bytes, 3 * 18432);
+    const ScopedOverride on("xb=1");
+    for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets) {
+      if (b.stream) {
+        EXPECT_TRUE(b.s2.x_boxes);
+      }
+    }
+    const ScopedOverride bad("xb=2");
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
+  }
+  // kimi-k2-tp8 (I = 256: one stage per unit): boxes from 17 tokens as well.
+  const Plan t = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");
+  EXPECT_FALSE(t.buckets[0].s2.x_boxes);
+  EXPECT_TRUE(t.buckets[1].s2.x_boxes);
   EXPECT_FALSE(q.buckets[0].fused_finalize);
 }
 
