@@ -379,9 +379,10 @@ class LayerImpl {
       const cuuint64_t row_bytes = K * 2;
       const cuuint64_t plane_bytes = static_cast<cuuint64_t>(static_cast<const char*>(g.x_lo) -
                                                              static_cast<const char*>(g.x));
-      const cuuint64_t x_dims[4] = {32, plane_bytes / row_bytes, K / 32, 2};
-      const cuuint64_t x_strides[3] = {row_bytes, 64, plane_bytes};
-      const cuuint32_t x_box[4] = {32, 4, static_cast<cuuint32_t>(kc / 32), 2};
+      constexpr cuuint32_t kGroup = moejit_dev::kXBoxGroup;
+      const cuuint64_t x_dims[4] = {kGroup, plane_bytes / row_bytes, K / kGroup, 2};
+      const cuuint64_t x_strides[3] = {row_bytes, kGroup * 2, plane_bytes};
+      const cuuint32_t x_box[4] = {kGroup, moejit_dev::kXBoxRows, static_cast<cuuint32_t>(kc) / kGroup, 2};
       encode(g.tma_x, g.x, 4, x_dims, x_strides, x_box, CU_TENSOR_MAP_SWIZZLE_NONE, "act",
              CU_TENSOR_MAP_DATA_TYPE_BFLOAT16);
     }

@@ -54,6 +54,11 @@ struct RouteDispatchParams {
   DispatchParams dispatch;
 };
 
+// Gemm2's x boxes (GemmParams::tma_x): rows of a tile per box, and bf16 elements per innermost
+// box row (one MXINT4 group: 64 bytes, so that a quarter-warp's 16-byte loads of two rows of one
+// group are 128 contiguous bytes).
+enum : int { kXBoxRows = 4, kXBoxGroup = 32 };  // an enum: nothing emitted where unused
+
 // An opaque TMA tensor-map descriptor (CUtensorMap: 128 bytes, 64-byte aligned), encoded by the
 // host (cuTensorMapEncodeTiled) and read by cp.async.bulk.tensor from the kernel's parameters.
 struct alignas(64) TmaDesc {
@@ -95,9 +100,10 @@ struct GemmParams {
   // rows lie apart), unit_rows for gemm2. Zero otherwise.
   TmaDesc tma_w;
   TmaDesc tma_s;
-  // Gemm2 with Cfg::kTma: the activation's two planes (x, then x_lo at x + rows * I) as
-  // {32 elements, row, I / 32 groups, plane} (bf16), box {32, 4, k_stage / 32, 2}: four rows of a
-  // tile, both planes, one stage, in one copy. Zero otherwise.
+  // Gemm2 with Cfg::kXBoxes: the activation's two planes (x, then x_lo at x + rows * I) as
+  // {kXBoxGroup elements, row, I / kXBoxGroup groups, plane} (bf16), box {kXBoxGroup, kXBoxRows,
+  // k_stage / kXBoxGroup, 2}: four rows of a tile, both planes, one stage, in one copy. Zero
+  // otherwise.
   TmaDesc tma_x;
   // Valid rows of each row tile (dispatch's tile_rows; the stream GEMMs read it beside
   // tile_expert, one memory round trip per unit instead of two).

@@ -272,7 +272,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // token rows) into padded rows.
   constexpr bool kXBox = kTma && !kGemm1 && Cfg::kXBoxes;
   constexpr int kXOff = kWBytes + kSBytes;
-  constexpr int kXSlot = 4 * KC * 2;            // 4 rows of one plane
+  static_assert(kXBoxRows == 4 && kXBoxGroup == 32, "stream GEMM: x boxes of 4 rows of 32-element groups");
+  constexpr int kXSlot = kXBoxRows * KC * 2;     // 4 rows of one plane
   constexpr int kXBoxBytes = kPlanes * kXSlot;  // one box
   constexpr int kXBytes = kXBox ? 2 * kXBoxBytes : kPlanes * 8 * kXRow;
   constexpr int kStageBytes =
@@ -467,9 +468,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         const bool copy = !kXBox && qr < kPlanes * 8 && r < u.rows_valid && (!packed || qr < 8);
         const __nv_bfloat16* xrow =
             static_cast<const __nv_bfloat16*>(lo_plane ? p.x_lo : p.x) + static_cast<long long>(src) * K;
-        // x bytes of a stage: gemm2's boxes count whole (rows past the tile's valid ones and past
-        // K included), gemm1's rows what they copy.
-        const uint32_t x_rows = kXBox ? (u.rows_valid > 4 ? 2 : 1) : __popc(__ballot_sync(kFullMask, copy));
+        // x of a stage: gemm2's boxes (one for a tile of at most 4 valid rows) count whole, rows
+        // past the tile's valid ones and past K included; row copies count what they copy.
+        const uint32_t x_boxes = u.rows_valid > kXBoxRows ? 2 : 1;
+        const uint32_t x_rows = kXBox ? 0u : __popc(__ballot_sync(kFullMask, copy));
         const uint32_t x_dst = base + kXOff + qr * kXRow;
 #pragma unroll 1
         for (int ks = 0; ks < kStagesPerUnit; ++ks) {
@@ -482,8 +484,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           // expect_tx only takes the barrier's tx-count below zero for a moment.
           if (ui == 0 && ks == 0 && lane == 0)
             tl_stamp_after(tls, kGemm1 ? kTlG1PUnit : kTlG2PUnit, x_rows ^ static_cast<uint32_t>(row_lo));
-          // x_rows: gemm1's x rows copied, gemm2's x boxes.
-          const uint32_t x_bytes = kXBox ? x_rows * kXBoxBytes : x_rows * kc * 2;
+          const uint32_t x_bytes = kXBox ? x_boxes * kXBoxBytes : x_rows * kc * 2;
           mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
           if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
           if (dyn && ks == 0 && lane == 0) unit_q[ui % kUnitQ] = make_int4(id, u.e, u.rows_valid, 0);
@@ -500,8 +501,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           if (!waited) wait_for_x(lane == 0);
           if constexpr (kXBox) {
             if (lane == 0) {
-              tma_load_4d(base + so + kXOff, &p.tma_x, 0, u.row0, k0 / 32, 0, bar);
-              if (x_rows > 1) tma_load_4d(base + so + kXOff + kXBoxBytes, &p.tma_x, 0, u.row0 + 4, k0 / 32, 0, bar);
+              tma_load_4d(base + so + kXOff, &p.tma_x, 0, u.row0, k0 / kXBoxGroup, 0, bar);
+              if (x_boxes > 1)
+                tma_load_4d(base + so + kXOff + kXBoxBytes, &p.tma_x, 0, u.row0 + kXBoxRows, k0 / kXBoxGroup, 0, bar);
             }
           } else if (copy) {
             bulk_load(x_dst + so, xrow + k0, kc * 2, bar);
