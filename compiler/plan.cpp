@@ -452,6 +452,22 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // route 4.8 us (16 blocks) + dispatch 7.0; layer times in bench/RESULTS.md section 11.
     b.fused_route = hi != 0 && hi <= 16 && plan.route_dispatch_warps > 0;
     if (plan_override().find("fr=0") != std::string::npos) b.fused_route = false;
+    // Gemm1 behind a separate dispatch kernel plans its blocks' first units from the routed ids
+    // and copies them before its wait (StreamConfig::early_unit): at 17-64 tokens DRAM otherwise
+    // idles from the route kernel's start to gemm1's first copy, ~8 us, 3.6 of them dispatch's
+    // (H200, bench/RESULTS.md section 18). Behind the fused route+dispatch block the routed ids
+    // are not readable before the wait. "eu=0|1" overrides.
+    if (b.stream && b.s1.tma && b.s1.dynamic_units && !b.fused_route) {
+      b.s1.early_unit = true;
+      static const std::regex eu("(^|[^A-Za-z0-9_])eu=([^,;\\s]*)");
+      if (std::smatch m; std::regex_search(override_text, m, eu)) {
+        if (m[2] != "0" && m[2] != "1")
+          throw Error(ErrorKind::InvalidArgument,
+                      fmt::format("MOEJIT_PLAN_OVERRIDE: eu={} (gemm1's first unit before its "
+                                  "wait) must be 0 or 1", m[2].str()));
+        b.s1.early_unit = m[2] == "1";
+      }
+    }
     plan.buckets.push_back(b);
   }
 
@@ -496,7 +512,8 @@ std::string describe(const Plan& plan) {
                                    (b.s1.unit_rows == 64 ? "" : fmt::format(" unit_rows={}", b.s1.unit_rows)) +
                                    (b.s1.alt_rows ? fmt::format(" alt_rows={}", b.s1.alt_rows) : "") +
                                    (b.s1.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s1.min_blocks) : "") +
-                                   (b.s1.tma && !b.s1.dynamic_units ? " dynamic_units=0" : ""),
+                                   (b.s1.tma && !b.s1.dynamic_units ? " dynamic_units=0" : "") +
+                                   (b.s1.tma && b.s1.early_unit ? " early_unit=1" : ""),
                                b.s2.consumer_warps,
                                b.s2.producer_warps, b.s2.k_stage, b.s2.stages,
                                (b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns)) +

@@ -63,6 +63,11 @@ struct StreamConfig {
   // Gemm2 with TMA: x (both activation planes) as boxes of 4 rows (GemmParams::tma_x) instead of
   // one bulk copy per valid row and plane into padded rows. The planner sets it per bucket.
   bool x_boxes = false;
+  // Gemm1 with TMA and dynamic units, launched behind a separate dispatch kernel (so the route
+  // kernel, two back, has completed when its blocks start): the producer plans each block's
+  // first unit from the routed ids (GemmParams::topk_ids) as dispatch would, and copies it
+  // before waiting for dispatch. The planner sets it per bucket.
+  bool early_unit = false;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;
 
@@ -77,7 +82,7 @@ struct StreamConfig {
            unit_rows == o.unit_rows && alt_rows == o.alt_rows && k_stage16 == o.k_stage16 &&
            k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
            split_epilogue == o.split_epilogue && tma == o.tma && dynamic_units == o.dynamic_units &&
-           x_boxes == o.x_boxes && min_blocks == o.min_blocks;
+           x_boxes == o.x_boxes && early_unit == o.early_unit && min_blocks == o.min_blocks;
   }
 };
 

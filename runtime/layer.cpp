@@ -274,17 +274,19 @@ class LayerImpl {
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
-                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters};
+                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr};
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
     if (b.stream) {
       g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
                                                 kernels_[gemm1_[bucket]].persistent_blocks);
       if (b.s1.tma) encode_stream_tma(g1, b.s1, true);
+      // The route kernel is two launches before gemm1 only where dispatch is its own kernel.
+      if (b.s1.tma && b.s1.early_unit && !b.fused_route) g1.topk_ids = topk_ids;
     }
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
-                              fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32};
+                              fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32, nullptr};
     if (b.stream) {
       g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
                                                 kernels_[gemm2_[bucket]].persistent_blocks);

@@ -111,6 +111,10 @@ struct GemmParams {
   // Stream GEMMs with Cfg::kDynamicUnits: the count of units taken after each block's first
   // (dispatch zeroes it; one per GEMM).
   int32_t* unit_counter;
+  // Gemm1 with Cfg::kEarlyUnit: the routed ids [T*k] of a route kernel two launches back (so
+  // complete and visible when the block starts), read before the wait for dispatch to plan the
+  // block's first unit; null: the first unit from dispatch's tables after the wait.
+  const int32_t* topk_ids;
 };
 
 // Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.

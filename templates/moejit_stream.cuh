@@ -46,7 +46,7 @@
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
-// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes.
+// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes, kEarlyUnit.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -212,6 +212,91 @@ __device__ __forceinline__ void first_rows(I eg, int slice, I& row_lo, I& row_hi
   }
 }
 
+// Gemm1 with Cfg::kEarlyUnit: the producer warp plans the block's first unit (blockIdx.x)
+// itself, before waiting for dispatch, from the routed ids of the route kernel two launches back
+// (complete when this block starts; GemmParams::topk_ids). As dispatch does, it counts the slots
+// of each local expert, pads each expert to 8-row tiles in expert order, and places an expert's
+// slots in ascending slot order. So the first unit's weights and token rows are copied while
+// dispatch still runs; dispatch's tables are read from the second unit on, after the wait.
+// For at most kEarlySlotRegs * 32 slots (the caller checks). scratch: kLocalExperts + 8 ints of
+// shared memory.
+struct EarlyUnit {
+  int n_tiles, e, rows;
+  int token;  // lane r < 8: the token of the unit's tile row r (padding rows: 0)
+};
+constexpr int kEarlySlotRegs = 16;  // routed ids per lane held in registers
+
+template <class Cfg, int kRows>
+__device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scratch, int lane,
+                                                 EarlyUnit& out) {
+  constexpr int L = Cfg::kLocalExperts;
+  constexpr int C = (L + 31) / 32;  // lane l counts the tiles of experts [l * C, l * C + C)
+  constexpr int kSlices = Cfg::kN / (kRows / 2);
+  const int slots = p.num_tokens * Cfg::kTopK;
+  int* cnt = scratch;
+  int* tok = scratch + L;
+  for (int e = lane; e < L; e += 32) cnt[e] = 0;
+  if (lane < 8) tok[lane] = 0;
+  __syncwarp();
+  int id[kEarlySlotRegs];  // local expert of slot 32 j + lane, -1: none
+#pragma unroll
+  for (int j = 0; j < kEarlySlotRegs; ++j) {
+    const int s = j * 32 + lane;
+    const int l = s < slots ? __ldcg(p.topk_ids + s) - Cfg::kLocalOffset : -1;
+    id[j] = l >= 0 && l < L ? l : -1;
+  }
+#pragma unroll
+  for (int j = 0; j < kEarlySlotRegs; ++j)
+    if (id[j] >= 0) atomicAdd(&cnt[id[j]], 1);
+  __syncwarp();
+  int tiles = 0;
+#pragma unroll
+  for (int j = 0; j < C; ++j)
+    if (lane * C + j < L) tiles += (cnt[lane * C + j] + 7) >> 3;
+  int incl = tiles;  // inclusive scan over the lanes
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(kFullMask, incl, o);
+    if (lane >= o) incl += v;
+  }
+  out.n_tiles = __shfl_sync(kFullMask, incl, 31);
+  out.e = 0;
+  out.rows = 0;
+  out.token = 0;
+  if (static_cast<int>(blockIdx.x) >= out.n_tiles * kSlices) return;  // no unit
+  const int tile = blockIdx.x % out.n_tiles;
+  int found = -1, first = 0;  // the tile's expert and that expert's first tile
+  if (tile >= incl - tiles && tile < incl) {
+    int t = incl - tiles;
+#pragma unroll
+    for (int j = 0; j < C; ++j) {
+      const int e = lane * C + j;
+      const int n = e < L ? (cnt[e] + 7) >> 3 : 0;
+      if (found < 0 && tile < t + n) {
+        found = e;
+        first = t;
+      }
+      t += n;
+    }
+  }
+  const int src = __ffs(__ballot_sync(kFullMask, found >= 0)) - 1;
+  const int e = __shfl_sync(kFullMask, found, src);
+  const int rank0 = (tile - __shfl_sync(kFullMask, first, src)) * 8;  // rank of tile row 0
+  const int rows = min(8, cnt[e] - rank0);
+  int before = 0;  // slots of expert e in the registers before j
+#pragma unroll
+  for (int j = 0; j < kEarlySlotRegs; ++j) {
+    const unsigned m = __ballot_sync(kFullMask, id[j] == e);
+    const int r = before + __popc(m & ((1u << lane) - 1u)) - rank0;
+    if (id[j] == e && r >= 0 && r < 8) tok[r] = (j * 32 + lane) / Cfg::kTopK;
+    before += __popc(m);
+  }
+  __syncwarp();
+  out.e = e;
+  out.rows = rows;
+  out.token = lane < 8 ? tok[lane] : 0;
+}
+
 }  // namespace stream
 
 constexpr int kMaxStages = 8;  // the host's kMaxStreamStages
@@ -220,9 +305,11 @@ constexpr int kUnitQ = 16;     // dynamic units published to the consumers (> kM
 // One unit-size path. kRows: weight rows per unit (Cfg::kUnitRows, or a smaller size of
 // Cfg::kAltRows); KC: its K values per stage (a multiple of 256). The path divides the ring
 // (Cfg::kRingBytes) into as many stages as fit, at most 8 (the default path: Cfg::kStages).
-// bars: 2 * kMaxStages mbarriers; red: kConsumerWarps x kRows / 4 x 32 floats.
+// bars: 2 * kMaxStages mbarriers; red: kConsumerWarps x kRows / 4 x 32 floats; early_scratch:
+// kLocalExperts + 8 ints where Cfg::kEarlyUnit.
 template <class Cfg, int kRows, int KC>
-__device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red, int4* unit_q) {
+__device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red, int4* unit_q,
+                                 int* early_scratch) {
   using namespace stream;
   constexpr bool kGemm1 = Cfg::kGemm1;
   constexpr int N = Cfg::kN;
@@ -320,17 +407,29 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   }
   __syncthreads();
 
+  // Gemm1 behind a separate dispatch kernel (Cfg::kEarlyUnit, p.topk_ids set): the producer
+  // warp plans its first unit without dispatch's tables (in early_scratch), and every warp
+  // waits for dispatch after its first unit instead of before it. The consumers take each
+  // unit's tile count from the unit queue, not from dispatch's offsets.
+  constexpr bool kEarly = kGemm1 && kTma && Cfg::kDynamicUnits && Cfg::kEarlyUnit;
+  const bool early = kEarly && p.topk_ids != nullptr &&
+                     p.num_tokens * Cfg::kTopK <= 32 * stream::kEarlySlotRegs;
+  [[maybe_unused]] stream::EarlyUnit eu{};
+  if constexpr (kEarly)
+    if (early && warp == CW) stream::early_first_unit<Cfg, kRows>(p, early_scratch, lane, eu);
   // Gemm1 reads dispatch's outputs: wait for it. Gemm2 reads them without waiting (gemm1
   // waited for dispatch before it triggered gemm2) and waits only before reading gemm1's output
   // (the producer, before its first x copy).
   if constexpr (kGemm1) {
-    pdl_wait();
-    if (tid == 0) tl_stamp(tls, kEvWaited);
-    if (tid == 0) tl_block(kTlK, kTbWaited, tl_now());
-    if (tid == CW * 32) tl_stamp(tls, kTlG1PWaited);
-    pdl_trigger();
+    if (!early) {
+      pdl_wait();
+      if (tid == 0) tl_stamp(tls, kEvWaited);
+      if (tid == 0) tl_block(kTlK, kTbWaited, tl_now());
+      if (tid == CW * 32) tl_stamp(tls, kTlG1PWaited);
+      pdl_trigger();
+    }
   }
-  const int n_tiles = p.expert_offsets[Cfg::kLocalExperts] / 8;
+  const int n_tiles = early ? eu.n_tiles : p.expert_offsets[Cfg::kLocalExperts] / 8;
   const int n_units = n_tiles * kSlices;
   const int my_units = blockIdx.x < n_units ? (n_units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
   // Dynamic units (Cfg::kDynamicUnits, TMA only): a block's first unit is blockIdx.x as above;
@@ -446,15 +545,15 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       // once that unit's last stage is issued.
       int id = blockIdx.x, e_cur = 0, rows_cur = 0;
       if (dyn && my_units > 0) {
-        e_cur = p.tile_expert[id % n_tiles];
-        rows_cur = p.tile_rows[id % n_tiles];
+        e_cur = early ? eu.e : p.tile_expert[id % n_tiles];
+        rows_cur = early ? eu.rows : p.tile_rows[id % n_tiles];
       }
-      int x_src_next = kXBox ? 0 : dyn ? x_src_of_id(id) : x_src_of(0);
+      int x_src_next = kXBox ? 0 : early ? eu.token : dyn ? x_src_of_id(id) : x_src_of(0);
       int ui = 0;
       for (; dyn ? id < n_units : ui < my_units; ++ui) {
         const Unit u = dyn ? Unit(id, n_tiles, e_cur, rows_cur) : units.next(ui);
         int id_next = n_units;
-        if (dyn && lane == 0)
+        if (dyn && lane == 0 && !(early && ui == 0))  // early: after the wait (dispatch zeroes it)
           id_next = gridDim.x + atomicAdd(p.unit_counter, 1);
         const int x_src = x_src_next;
         if (!dyn && !kXBox) x_src_next = x_src_of(ui + 1);
@@ -487,7 +586,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           const uint32_t x_bytes = kXBox ? x_boxes * kXBoxBytes : x_rows * kc * 2;
           mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
           if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
-          if (dyn && ks == 0 && lane == 0) unit_q[ui % kUnitQ] = make_int4(id, u.e, u.rows_valid, 0);
+          if (dyn && ks == 0 && lane == 0) unit_q[ui % kUnitQ] = make_int4(id, u.e, u.rows_valid, n_tiles);
           if (lane == 0) {
             mbar_expect_tx(bar, kWBytes + kSBytes + x_bytes);
             tma_load_3d(base + so, &p.tma_w, 0, row_lo, k0 / 256, bar);
@@ -512,6 +611,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           // The next unit: its id, then what it needs, after the unit's last stage is issued (the
           // atomic's result would stall the ring's fill in the middle of the unit).
           if (dyn && ks == kStagesPerUnit - 1) {
+            if (early && ui == 0) {  // the first unit is issued: wait for dispatch's tables
+              pdl_wait();
+              if (lane == 0) tl_stamp(tls, kTlG1PWaited);
+              pdl_trigger();
+              if (lane == 0) id_next = gridDim.x + atomicAdd(p.unit_counter, 1);
+            }
             id_next = __shfl_sync(kFullMask, id_next, 0);
             const int tile_next = id_next % n_tiles;
             if (id_next < n_units) {
@@ -524,6 +629,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         if (dyn) id = id_next;
       }
       if constexpr (dyn) {  // no more units: the consumers stop at this entry
+        if (early && ui == 0) {  // a block without units still waits before its trigger
+          pdl_wait();
+          pdl_trigger();
+        }
         mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
         if (lane == 0) {
           unit_q[ui % kUnitQ] = make_int4(-1, 0, 0, 0);
@@ -688,15 +797,20 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   uint32_t parity = 0;
   int ui = 0;
   for (;; ++ui) {
-    int4 q = make_int4(0, 0, 0, 0);  // dynamic units: {id, expert, rows}, or {-1} at the end
+    int4 q = make_int4(0, 0, 0, 0);  // dynamic units: {id, expert, rows, tiles}, or {-1} at the end
     if constexpr (dyn) {
+      if (early && ui == 1) {  // the first unit is done: wait for dispatch (see kEarly)
+        pdl_wait();
+        if (tid == 0) tl_stamp(tls, kEvWaited);
+        pdl_trigger();
+      }
       mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);  // the unit's first stage (or the end)
       q = unit_q[ui % kUnitQ];
       if (q.x < 0) break;
     } else if (ui >= my_units) {
       break;
     }
-    const Unit u = dyn ? Unit(q.x, n_tiles, q.y, q.z) : units.next(ui);
+    const Unit u = dyn ? Unit(q.x, q.w, q.y, q.z) : units.next(ui);
     // SwiGLU parameters of the unit's expert, loaded now and used in the epilogue.
     float alpha = 1.0f, beta = 0.0f, limit = 0.0f;
     if constexpr (kGemm1 && Cfg::kHasAlpha) alpha = p.alpha[u.e];
@@ -956,6 +1070,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     (void)beta;
     (void)limit;
   }
+  if (early && ui == 0) {  // a block without units still waits before its trigger
+    pdl_wait();
+    pdl_trigger();
+  }
   if (tid == 0 && ui > 0) tl_stamp(tls, kEvEnd);
   if (tid == 0) tl_block(kTlK, kTbEnd, tl_now());
   if (dyn && tid == 0) tl_block(kTlK, kTbUnits, ui);
@@ -970,20 +1088,24 @@ __device__ void stream_gemm(const GemmParams& p) {
   __shared__ uint64_t bars[2 * kMaxStages];
   __shared__ float red[CW * (Cfg::kUnitRows / 4) * 32];
   __shared__ int4 unit_q[kUnitQ];
+  // Gemm1's plan of its first unit (Cfg::kEarlyUnit): expert counts and a tile's tokens.
+  __shared__ int early[Cfg::kGemm1 && Cfg::kTma && Cfg::kDynamicUnits && Cfg::kEarlyUnit
+                           ? Cfg::kLocalExperts + 8
+                           : 1];
   static_assert((Cfg::kAltRows & ~(16 | 32)) == 0 && (Cfg::kGemm1 || (Cfg::kAltRows & 16) == 0) &&
                     (Cfg::kAltRows == 0 || Cfg::kAltRows < Cfg::kUnitRows),
                 "stream GEMM: smaller paths of 16 (gemm1) or 32 rows below the default");
   if constexpr ((Cfg::kAltRows & 16) != 0)
     if (p.unit_rows == 16) {
-      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, bars, red, unit_q);
+      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, bars, red, unit_q, early);
       return;
     }
   if constexpr ((Cfg::kAltRows & 32) != 0)
     if (p.unit_rows == 32) {
-      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, bars, red, unit_q);
+      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, bars, red, unit_q, early);
       return;
     }
-  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, bars, red, unit_q);
+  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, bars, red, unit_q, early);
 }
 
 }  // namespace moejit_dev

@@ -163,8 +163,26 @@ TEST(PlanGemm, KimiK2Configs) {
   EXPECT_EQ(stream_stage_bytes(256, false, 64, true, true), 17408);
   EXPECT_FALSE(plan.buckets[0].fused_finalize);
   EXPECT_TRUE(plan.buckets[1].stream);
+  // From 17 tokens route and dispatch are two kernels: gemm1 plans its first unit from the
+  // routed ids and copies it before its wait (early_unit); up to 16 one block does both, and
+  // the routed ids are not readable before the wait.
+  EXPECT_TRUE(plan.buckets[0].fused_route);
+  EXPECT_FALSE(plan.buckets[1].fused_route);
+  s1.early_unit = true;
   EXPECT_EQ(plan.buckets[1].s1, s1);
+  s1.early_unit = false;
   EXPECT_EQ(plan.buckets[1].s2, s2);
+  {
+    // "eu=0|1" overrides the rule where it can hold (TMA, units from the counter, a separate
+    // dispatch kernel); with fr=0 the one-token bucket takes it too.
+    const ScopedOverride off("eu=0");
+    for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets) EXPECT_FALSE(b.s1.early_unit);
+    const ScopedOverride split("fr=0");
+    for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets)
+      EXPECT_EQ(b.s1.early_unit, b.stream);
+    const ScopedOverride bad("eu=2");
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
+  }
   {
     const ScopedOverride cp_async("tma=0");
     const Plan c = make_plan(preset("kimi-k2"), 64, "sm_90a");

@@ -947,8 +947,10 @@ TEST(Differential, SmallStreamExpertParallelGroupedDeepSeek) {
 // dealt round-robin instead of taken from a counter (dyn=0), and taken from the counter in every
 // bucket (dyn=1; the planner's rule gives the small shape none), gemm2's x by 4-row TMA boxes in
 // every bucket (xb=1: one-row and packed tiles at one token; with pack=0, tiles of at most 4 rows
-// through both planes from one box) or row by row in every bucket (xb=0): 1, 17 and 64 tokens
-// each.
+// through both planes from one box) or row by row in every bucket (xb=0), gemm1's first unit
+// from dispatch's tables after its wait (eu=0) or planned from the routed ids before it in
+// every bucket (fr=0,dyn=1: a separate dispatch kernel at one token too, with each unit size):
+// 1, 17 and 64 tokens each.
 TEST(Differential, SmallStreamEachUnitSize) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,u1=16,u2=32", "stream=1,u1=32,u2=32", "stream=1,u1=64,u2=64",
@@ -957,7 +959,9 @@ TEST(Differential, SmallStreamEachUnitSize) {
                         "stream=1,tma=1,bps=3", "stream=1,tma=0", "stream=1,tma1=0",
                         "stream=1,sd=0", "stream=1,dyn=0", "stream=1,dyn=1",
                         "stream=1,dyn=1,u1=16,u2=32", "stream=1,dyn=1,bps=3", "stream=1,xb=1",
-                        "stream=1,xb=1,pack=0", "stream=1,xb=0"}) {
+                        "stream=1,xb=1,pack=0", "stream=1,xb=0", "stream=1,eu=0",
+                        "stream=1,fr=0,dyn=1", "stream=1,fr=0,dyn=1,u1=16,u2=32",
+                        "stream=1,fr=0,dyn=1,u1=32,u2=32"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("small-stream[") + o + "]";
     run_cases({small_case(name, small_stream_spec(), 1), small_case(name, small_stream_spec(), 17),
