@@ -181,7 +181,7 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           c.consumer_warps, c.producer_warps, stage_bytes, c.suspend_ns, b(c.pack_planes),
           c.unit_rows, c.alt_rows, c.k_stage16, c.k_stage32, c.ring_bytes, b(c.split_epilogue), b(c.tma),
           b(c.tma && c.dynamic_units), b(c.tma && !g1 && c.x_boxes),
-          b(c.tma && g1 && c.dynamic_units && c.early_unit)) +
+          b(g1 && c.early_unit)) +
       swiglu_cfg(s, g1);
   KernelSource src{k.name, "moejit_" + k.name,
                    unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(),

@@ -289,6 +289,17 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   }
   static const std::regex rdw("rdw=([0-9]+)");  // tuning: at most this many warps
   const std::string override_text = plan_override();
+  // A 0|1 switch of the override ("key=0" / "key=1"), else fallback; any other value is an error.
+  auto flag_of = [&](const char* key, bool fallback, const char* what) {
+    const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([^,;\\s]*)");
+    std::smatch m;
+    if (!std::regex_search(override_text, m, re)) return fallback;
+    if (m[2] != "0" && m[2] != "1")
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} ({}) must be 0 or 1", key, m[2].str(),
+                              what));
+    return m[2] == "1";
+  };
   if (std::smatch m; std::regex_search(override_text, m, rdw)) {
     if (m[1] != "8" && m[1] != "16")
       throw Error(ErrorKind::InvalidArgument,
@@ -333,22 +344,11 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // for kimi-k2 and kimi-k2-tp8; section 14 for 17-64 tokens). "tma=0" selects cp.async;
       // "bps=N", "bps1=N", "bps2=N": blocks per SM of the TMA GEMMs (3: rings of at most
       // 64 KiB).
-      const std::string& ov = override_text;  // read once per plan, above
       // Since gemm2 runs at three blocks per SM, TMA is the default in every stream bucket:
       // at 17-64 tokens gemm2 by TMA was 11% faster for kimi-k2-tp8 and 1-6% for qwen3-30b-a3b
       // and kimi-k2 at 33 tokens, and gemm1 by TMA on top of it another 1-8% for all three
       // (H200, bench/RESULTS.md section 14). "tma1=0|1" / "tma2=0|1" set one GEMM only.
       // "tma=0|1" (1: the default), "tma1=0|1", "tma2=0|1"; any other value is an error.
-      auto flag_of = [&](const char* key, bool fallback, const char* what) {
-        const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([^,;\\s]*)");
-        std::smatch m;
-        if (!std::regex_search(ov, m, re)) return fallback;
-        if (m[2] != "0" && m[2] != "1")
-          throw Error(ErrorKind::InvalidArgument,
-                      fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} ({}) must be 0 or 1", key,
-                                  m[2].str(), what));
-        return m[2] == "1";
-      };
       auto tma_of = [&](const char* key, bool fallback) { return flag_of(key, fallback, "TMA copies"); };
       const bool tma = tma_of("tma", true);
       const bool tma1 = tma_of("tma1", tma), tma2 = tma_of("tma2", tma);
@@ -358,7 +358,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       auto blocks_per_sm = [&](const char* key, int fallback, bool with_tma) {
         const std::regex re(std::string(key) + "=([0-9]+)");
         std::smatch m;
-        if (!std::regex_search(ov, m, re)) return fallback;
+        if (!std::regex_search(override_text, m, re)) return fallback;
         if (m[1] != "2" && m[1] != "3")
           throw Error(ErrorKind::InvalidArgument,
                       fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} (stream blocks per SM) must be 2 "
@@ -457,17 +457,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // idles from the route kernel's start to gemm1's first copy, ~8 us, 3.6 of them dispatch's
     // (H200, bench/RESULTS.md section 18). Behind the fused route+dispatch block the routed ids
     // are not readable before the wait. "eu=0|1" overrides.
-    if (b.stream && b.s1.tma && b.s1.dynamic_units && !b.fused_route) {
-      b.s1.early_unit = true;
-      static const std::regex eu("(^|[^A-Za-z0-9_])eu=([^,;\\s]*)");
-      if (std::smatch m; std::regex_search(override_text, m, eu)) {
-        if (m[2] != "0" && m[2] != "1")
-          throw Error(ErrorKind::InvalidArgument,
-                      fmt::format("MOEJIT_PLAN_OVERRIDE: eu={} (gemm1's first unit before its "
-                                  "wait) must be 0 or 1", m[2].str()));
-        b.s1.early_unit = m[2] == "1";
-      }
-    }
+    if (b.stream && b.s1.tma && b.s1.dynamic_units && !b.fused_route)
+      b.s1.early_unit = flag_of("eu", true, "gemm1's first unit before its wait");
     plan.buckets.push_back(b);
   }
 

@@ -280,8 +280,9 @@ class LayerImpl {
       g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
                                                 kernels_[gemm1_[bucket]].persistent_blocks);
       if (b.s1.tma) encode_stream_tma(g1, b.s1, true);
-      // The route kernel is two launches before gemm1 only where dispatch is its own kernel.
-      if (b.s1.tma && b.s1.early_unit && !b.fused_route) g1.topk_ids = topk_ids;
+      // The planner sets early_unit only where dispatch is its own kernel, so that the route
+      // kernel is two launches before gemm1.
+      if (b.s1.early_unit) g1.topk_ids = topk_ids;
     }
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
