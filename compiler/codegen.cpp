@@ -236,6 +236,39 @@ KernelSource finalize_unit(const Plan& plan, const KernelPlan& k) {
           kFinalizeThreads};
 }
 
+KernelSource resident_unit(const Plan& plan, const KernelPlan& k) {
+  const MoeSpec& s = plan.spec;
+  const ResidentConfig& r = plan.buckets.at(k.bucket).res;
+  const std::string cfg =
+      route_cfg(s, 1) +
+      fmt::format(
+          "  static constexpr int kH = {};\n"
+          "  static constexpr int kI = {};\n"
+          "  static constexpr int kLocalOffset = {};\n"
+          "  static constexpr int kLocalExperts = {};\n"
+          "  static constexpr int kGrid = {};  // blocks (one per SM), one token\n"
+          "  static constexpr int kWarps = {};\n"
+          "  static constexpr int kKP1 = {};  // gemm1's K per copy part\n"
+          "  static constexpr int kWindow = {};  // gemm1 parts in flight\n"
+          "  static constexpr int kU1 = {};  // most gemm1 units (slot, 8 features) per block\n"
+          "  static constexpr int kU2 = {};  // most gemm2 units (8 features) per block\n"
+          "  static constexpr int kChains1 = {};  // the stream GEMMs' consumer warps\n"
+          "  static constexpr int kChains2 = {};\n"
+          "  static constexpr bool kPacked2 = {};  // the stream gemm2 packs both planes in one MMA\n"
+          "  static constexpr int kSmem = {};  // dynamic shared memory less the alignment slack\n",
+          s.hidden, s.intermediate, s.local_expert_offset, s.local_experts(), r.grid, r.warps,
+          r.k_part1, r.window, r.units1, r.units2, r.chains1, r.chains2, b(r.packed2), r.smem) +
+      swiglu_cfg(s, true);
+  KernelSource src{k.name, "moejit_" + k.name,
+                   unit(k, s, "moejit_resident.cuh", cfg, "ResidentParams", "resident_layer",
+                        r.threads(), 1),
+                   r.threads()};
+  src.dynamic_smem = r.smem + 1024;  // slack to align the layout to 1 KiB
+  src.cooperative = true;
+  src.grid = r.grid;
+  return src;
+}
+
 }  // namespace
 
 KernelSource generate(const Plan& plan, const KernelPlan& kernel) {
@@ -246,6 +279,7 @@ KernelSource generate(const Plan& plan, const KernelPlan& kernel) {
     case KernelRole::Gemm1:
     case KernelRole::Gemm2: return gemm_unit(plan, kernel);
     case KernelRole::Finalize: return finalize_unit(plan, kernel);
+    case KernelRole::Resident: return resident_unit(plan, kernel);
   }
   throw Error(ErrorKind::Internal, "generate: unknown kernel role");
 }

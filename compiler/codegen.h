@@ -17,6 +17,8 @@ struct KernelSource {
   int threads = 0;     // block size the entry is compiled for
   int dynamic_smem = 0;  // dynamic shared memory bytes per block
   bool persistent = false;  // grid = blocks that fit on the device (stream GEMMs)
+  bool cooperative = false;  // one cooperative launch of a fixed grid (the resident layer)
+  int grid = 0;              // that grid
 };
 
 KernelSource generate(const Plan& plan, const KernelPlan& kernel);

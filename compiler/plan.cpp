@@ -16,6 +16,7 @@ const char* to_string(KernelRole role) {
     case KernelRole::Gemm1: return "gemm1";
     case KernelRole::Gemm2: return "gemm2";
     case KernelRole::Finalize: return "finalize";
+    case KernelRole::Resident: return "resident";
   }
   return "?";
 }
@@ -262,6 +263,73 @@ int choose_unit_rows(const StreamConfig& c, const MoeSpec& spec, bool gemm1, int
   return best;
 }
 
+int resident_smem_bytes(const MoeSpec& spec, const ResidentConfig& c) {
+  // Mirrors resident::Layout in templates/moejit_resident.cuh.
+  const long long H = spec.hidden, I = spec.intermediate, S = spec.top_k;
+  auto al = [](long long x) { return (x + 1023) / 1024 * 1024; };
+  const long long r2 = 8ll * c.units2;
+  const long long s1 = c.units1 * 2 * (8 * H / 2);
+  const long long w2 = al(s1 + c.units1 * 16 * (H / 16));
+  const long long s2 = w2 + S * (r2 * I / 2) + 1024;
+  const long long x = al(s2 + (S * r2 + 8) * (I / 16));
+  // Gemm2's activation planes over gemm1's weights where they fit, else after x.
+  const bool act_in_w1 = 2 * S * I * 2 <= c.units1 * 2 * (8 * H / 2);
+  const long long corr = x + (act_in_w1 ? H * 2 : std::max(H * 2, 2 * S * I * 2));
+  const long long red = corr + 4 * std::max(H / 32, 2 * S * (I / 32));
+  const long long tiles2 = (r2 + 15) / 16;
+  const long long items2 = S * tiles2 * (S * tiles2 >= c.warps ? 1 : c.chains2);
+  const long long bytes = red + 4 * std::max<long long>(c.units1 * 16ll * c.chains1, items2 * 32);
+  return bytes > (1ll << 30) ? (1 << 30) : static_cast<int>(bytes);
+}
+
+ResidentConfig pick_resident(const MoeSpec& spec, int grid, int k_part1, int window, int warps,
+                             int chains1, int chains2, bool packed2) {
+  ResidentConfig c;
+  c.grid = 0;
+  c.chains1 = chains1;
+  c.chains2 = chains2;
+  c.packed2 = packed2;
+  if (warps > 0) {
+    if (warps != 8 && warps != 16 && warps != 32)
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("MOEJIT_PLAN_OVERRIDE: rw={} (the resident layer's warps) must be "
+                              "8, 16 or 32", warps));
+    c.warps = warps;
+  }
+  const long long H = spec.hidden, I = spec.intermediate;
+  if (!spec.finalize || H % 256 != 0 || I % 256 != 0 || spec.top_k > 32 || grid <= 0) return c;
+  // Gemm1's weights in two parts of H / 2 (where that is a multiple of 256), the second issued
+  // once the first has landed, and gemm2's once the second has: DRAM then delivers each part
+  // while the warps consume the one before, where copies issued all at once land all at the end
+  // (H200, bench/RESULTS.md section 19: kimi-k2-tp8 20.0 us against 22.3 with seven parts three
+  // in flight, qwen3-30b-a3b 17.3 against 19.3 with four parts two in flight).
+  c.units1 = static_cast<int>((spec.top_k * (I / 8) + grid - 1) / grid);
+  int kp = H % 512 == 0 ? static_cast<int>(H / 2) : static_cast<int>(H);
+  if (k_part1 > 0) {
+    if (k_part1 % 256 != 0 || H % k_part1 != 0)
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("MOEJIT_PLAN_OVERRIDE: rkp={} (the resident layer's gemm1 K part) "
+                              "must be a multiple of 256 that divides H = {}", k_part1, H));
+    kp = k_part1;
+  }
+  // One thread issues each copy: 2 per gemm1 part and unit, 2 scale copies per unit, 2 per slot;
+  // at most 30 parts (the kernel's mbarriers).
+  if (H / kp > 30 || c.units1 * (2 * H / kp + 2) + 2 * spec.top_k > c.threads()) return c;
+  c.k_part1 = kp;
+  c.window = window > 0 ? static_cast<int>(std::min<long long>(window, H / kp)) : 1;
+  c.units2 = static_cast<int>((H / 8 + grid - 1) / grid);
+  if (8 * c.units2 > 256) return c;  // one TMA box of a slot's rows
+  c.smem = resident_smem_bytes(spec, c);
+  // 227 KiB per block on sm_90: the dynamic part, its 1 KiB alignment slack, and the static part
+  // (mbarriers, routing ids and weights, grouped DeepSeekV3's scores, with room to spare).
+  const bool grouped = spec.routing == RoutingMethod::DeepSeekV3 && spec.n_group > 1;
+  const long long static_bytes =
+      8 * (H / kp + 1) + 8ll * spec.top_k + (grouped ? 4ll * spec.num_experts + 5 * spec.n_group : 0) + 256;
+  if (c.smem + 1024 + static_bytes > 227 * 1024) return c;
+  c.grid = grid;
+  return c;
+}
+
 std::string plan_override() {
   const char* v = std::getenv("MOEJIT_PLAN_OVERRIDE");
   return v ? v : "";
@@ -311,6 +379,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   // H200, bench/RESULTS.md section 15: the general dispatch block took 2.9 us of a one-token
   // kimi-k2-tp8 layer.
   if (override_text.find("sd=0") != std::string::npos) plan.small_dispatch = false;
+  const bool resident_wanted = flag_of("res", true, "the resident one-token layer");
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;
     Bucket b;
@@ -459,6 +528,23 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // are not readable before the wait. "eu=0|1" overrides.
     if (b.stream && b.s1.tma && b.s1.dynamic_units && !b.fused_route)
       b.s1.early_unit = flag_of("eu", true, "gemm1's first unit before its wait");
+    // One token of a finalized layer whose routed weights fit in the grid's shared memory: the
+    // resident layer (one launch; bench/RESULTS.md section 19). "res=0|1" overrides.
+    if (b.stream && lo == 1 && resident_wanted) {
+      // "rkp=N", "rwin=N", "rw=N": gemm1's K part, the parts in flight, the warps.
+      auto value_of = [&](const char* key) {
+        const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([0-9]{1,6})");
+        std::smatch m;
+        return std::regex_search(override_text, m, re) ? std::stoi(m[2]) : 0;
+      };
+      const ResidentConfig r =
+          pick_resident(spec, 132, value_of("rkp"), value_of("rwin"), value_of("rw"),
+                        b.s1.consumer_warps, b.s2.consumer_warps, b.s2.pack_planes);
+      if (r.grid > 0) {
+        b.resident = true;
+        b.res = r;
+      }
+    }
     plan.buckets.push_back(b);
   }
 
@@ -480,6 +566,9 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     std::vector<std::string> stages = {"gemm2"};
     if (plan.buckets[i].fused_finalize) stages.push_back("finalize");
     plan.kernels.push_back({fmt::format("gemm2_b{}", i), KernelRole::Gemm2, stages, bi});
+    if (plan.buckets[i].resident)
+      plan.kernels.push_back({fmt::format("resident_b{}", i), KernelRole::Resident,
+                              {"route", "gemm1", "gemm2", "finalize"}, bi});
   }
   // The finalize kernel is also what moejit::finalize() launches for an unfinalized layer.
   plan.kernels.push_back({"finalize", KernelRole::Finalize, {"finalize"}, -1});
@@ -493,7 +582,7 @@ std::string describe(const Plan& plan) {
     out += fmt::format(
         "bucket {} tokens=[{},{}] tile_rows={} fused_finalize={}{} gemm1(warps_n={} warps_k={} k_chunk={} "
         "double_buffer={} direct_x={}) gemm2(warps_n={} warps_k={} k_chunk={} double_buffer={} "
-        "direct_x={})\n",
+        "direct_x={}){}\n",
         i, b.min_tokens, b.max_tokens == 0 ? std::string("inf") : std::to_string(b.max_tokens),
         b.tile_rows, b.fused_finalize ? 1 : 0,
         b.stream ? fmt::format(" stream1(consumer_warps={} producer_warps={} k_stage={} stages={}{}) "
@@ -517,7 +606,12 @@ std::string describe(const Plan& plan) {
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,
-        b.gemm2.k_chunk_groups, b.gemm2.double_buffer ? 1 : 0, b.gemm2.direct_x ? 1 : 0);
+        b.gemm2.k_chunk_groups, b.gemm2.double_buffer ? 1 : 0, b.gemm2.direct_x ? 1 : 0,
+        b.resident ? fmt::format(" resident(tokens=1 grid={} warps={} k_part1={} window={} "
+                                 "units1={} units2={} smem={})",
+                                 b.res.grid, b.res.warps, b.res.k_part1, b.res.window, b.res.units1,
+                                 b.res.units2, b.res.smem)
+                   : std::string());
   }
   for (const KernelPlan& k : plan.kernels) {
     std::string stages;

@@ -109,6 +109,47 @@ long long stream_units(const MoeSpec& spec, bool gemm1, int unit_rows, int token
 int choose_unit_rows(const StreamConfig& c, const MoeSpec& spec, bool gemm1, int tokens,
                      long long grid);
 
+// The resident one-token layer (templates/moejit_resident.cuh): one cooperative launch of `grid`
+// blocks (one per SM) that each route the token, copy every weight they need (their gemm1 units
+// and gemm2 features of all routed experts) into shared memory at once, and after one grid-wide
+// barrier write the finalized output. For finalized layers whose routed weights fit in the grid's
+// shared memory (kimi-k2-tp8, qwen3-30b-a3b).
+struct ResidentConfig {
+  int grid = 132;      // blocks, one per SM: the launch needs a device with at least this many SMs
+  int warps = 16;
+  int k_part1 = 0;     // gemm1's K per copy part (each part has its own mbarrier)
+  int window = 1;      // gemm1 parts in flight at a time (gemm2's copies follow the last)
+  int units1 = 0;      // most gemm1 units (slot, 8 SwiGLU features) per block
+  int units2 = 0;      // most gemm2 units (8 output features, every slot) per block
+  // The bucket's stream GEMMs' consumer warps and gemm2's plane packing: the resident layer
+  // follows their order of operations, so that its output equals the unfinalized layer's +
+  // moejit::finalize bitwise.
+  int chains1 = 4, chains2 = 4;
+  bool packed2 = true;
+  int smem = 0;        // dynamic shared memory, less the 1 KiB alignment slack
+
+  int threads() const { return 32 * warps; }
+  bool operator==(const ResidentConfig& o) const {
+    return grid == o.grid && warps == o.warps && k_part1 == o.k_part1 && window == o.window &&
+           units1 == o.units1 && chains1 == o.chains1 && chains2 == o.chains2 &&
+           packed2 == o.packed2 &&
+           units2 == o.units2 && smem == o.smem;
+  }
+};
+
+// The resident layer's shared-memory bytes (moejit_resident.cuh's resident::Layout, which
+// static_asserts that it equals the generated Cfg::kSmem).
+int resident_smem_bytes(const MoeSpec& spec, const ResidentConfig& c);
+
+// The resident configuration of `spec` on a `grid`-block card, or grid = 0 where the layer does
+// not qualify (not finalized, H or I not multiples of 256, or more than fits in shared memory).
+// k_part1 > 0 forces gemm1's K part (override "rkp=N"), window > 0 the parts in flight
+// ("rwin=N"), warps > 0 the block's warps ("rw=N": 8, 16 or 32).
+// chains1 / chains2 / packed2: the bucket's stream GEMMs' (StreamConfig::consumer_warps,
+// gemm2's pack_planes).
+ResidentConfig pick_resident(const MoeSpec& spec, int grid = 132, int k_part1 = 0, int window = 0,
+                             int warps = 0, int chains1 = 4, int chains2 = 4, bool packed2 = true);
+
 struct Bucket {
   int min_tokens = 1;
   int max_tokens = 0;  // inclusive; 0 = no upper bound
@@ -119,13 +160,17 @@ struct Bucket {
   StreamConfig s1, s2;
   bool fused_finalize = false;  // gemm2 also finalizes (decode buckets of finalized layers)
   bool fused_route = false;     // one block routes and dispatches (kernel "route_dispatch")
+  // One token runs the resident layer (kernel "resident_b<i>", one launch) instead of the
+  // bucket's pipeline.
+  bool resident = false;
+  ResidentConfig res;
 
   bool contains(int tokens) const {
     return tokens >= min_tokens && (max_tokens == 0 || tokens <= max_tokens);
   }
 };
 
-enum class KernelRole { Route, Dispatch, RouteDispatch, Gemm1, Gemm2, Finalize };
+enum class KernelRole { Route, Dispatch, RouteDispatch, Gemm1, Gemm2, Finalize, Resident };
 const char* to_string(KernelRole role);
 
 // One kernel of the plan: the stages it implements and, for GEMMs, its bucket.

@@ -105,6 +105,8 @@ class LayerImpl {
     int threads = 0;
     int dynamic_smem = 0;
     unsigned persistent_blocks = 0;  // grid of a persistent kernel: blocks that fit at once
+    bool cooperative = false;        // one cooperative launch of `grid` blocks (resident layer)
+    unsigned grid = 0;
   };
 
   static std::string arch_for(const CompileOptions& opt) {
@@ -132,6 +134,8 @@ class LayerImpl {
       MOEJIT_CU_CHECK(d.cuModuleGetFunction(&k.fn, k.module, sources[i].entry.c_str()));
       k.threads = sources[i].threads;
       k.dynamic_smem = sources[i].dynamic_smem;
+      k.cooperative = sources[i].cooperative;
+      k.grid = static_cast<unsigned>(sources[i].grid);
       if (k.dynamic_smem > 0)
         MOEJIT_CU_CHECK(d.cuFuncSetAttribute(
             k.fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k.dynamic_smem));
@@ -160,8 +164,34 @@ class LayerImpl {
         case KernelRole::Finalize: finalize_ = i; break;
         case KernelRole::Gemm1: gemm1_.resize(plan_.buckets.size()); gemm1_[k.bucket] = i; break;
         case KernelRole::Gemm2: gemm2_.resize(plan_.buckets.size()); gemm2_[k.bucket] = i; break;
+        case KernelRole::Resident:
+          // The resident layer needs all of its blocks at once: one per SM, through a
+          // cooperative launch. On a device with fewer SMs than its grid, or without cooperative
+          // launches, one token runs the bucket's pipeline instead.
+          if (resident_usable(kernels_[i], sms, dev)) {
+            resident_.resize(plan_.buckets.size(), kNone);
+            resident_[k.bucket] = i;
+          }
+          break;
       }
     }
+  }
+
+  static bool resident_usable(const Kernel& k, int sms, CUdevice dev) {
+    const runtime::Driver& d = runtime::driver();
+    int coop = 0, per_sm = 0;
+    MOEJIT_CU_CHECK(d.cuDeviceGetAttribute(&coop, CU_DEVICE_ATTRIBUTE_COOPERATIVE_LAUNCH, dev));
+    MOEJIT_CU_CHECK(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, k.fn, k.threads, static_cast<size_t>(k.dynamic_smem)));
+    return coop != 0 && d.cuLaunchKernelEx != nullptr && per_sm >= 1 &&
+           static_cast<long long>(per_sm) * sms >= k.grid;
+  }
+
+  // The resident kernel of the bucket of T tokens where one runs this launch, else kNone.
+  size_t resident_for(int T, bool finalized) const {
+    if (T != 1 || !finalized) return kNone;
+    const int bucket = plan_.bucket_for(T);
+    return static_cast<size_t>(bucket) < resident_.size() ? resident_[bucket] : kNone;
   }
 
   ~LayerImpl() {
@@ -262,6 +292,15 @@ class LayerImpl {
 
     moejit_dev::RouteParams rp{in.routing_logits, in.routing_bias, in.topk_ids, in.topk_weights,
                                topk_ids, weights, T};
+    if (const size_t rk = resident_for(T, outs.final_out != nullptr); rk != kNone) {
+      moejit_dev::ResidentParams r{rp, in.hidden_states, in.w13_scale, in.w2_scale,
+                                   in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit, act,
+                                   outs.final_out, {}, {}};
+      r.tma_w1 = weight_map(in.w13, true, 8, b.res.k_part1);
+      r.tma_w2 = weight_map(in.w2, false, 8 * b.res.units2, s.intermediate);
+      launch(rk, kernels_[rk].grid, 1, &r, stream);
+      return;
+    }
     // Decode buckets of finalized layers fuse the finalize into gemm2.
     const bool fused = b.fused_finalize && outs.final_out;
     int32_t* counters = reinterpret_cast<int32_t*>(at(l.counters));
@@ -321,10 +360,6 @@ class LayerImpl {
   // of two rows of one group are 128 contiguous bytes).
   void encode_stream_tma(moejit_dev::GemmParams& g, const compiler::StreamConfig& c,
                          bool gemm1) const {
-    const runtime::Driver& d = runtime::driver();
-    if (!d.cuTensorMapEncodeTiled)
-      throw Error(ErrorKind::Cuda, "the CUDA driver has no cuTensorMapEncodeTiled (the plan's "
-                                   "stream GEMMs use TMA; MOEJIT_PLAN_OVERRIDE tma=0 selects cp.async copies)");
     const MoeSpec& s = plan_.spec;
     const int rows = g.unit_rows == 16 || g.unit_rows == 32 || g.unit_rows == 64 ? g.unit_rows
                                                                                 : c.unit_rows;
@@ -349,33 +384,12 @@ class LayerImpl {
     const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
     const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
                                   static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
-    static_assert(sizeof(CUtensorMap) == sizeof(moejit_dev::TmaDesc), "TMA descriptor size");
-    auto encode = [&](moejit_dev::TmaDesc& out, const void* base, cuuint32_t rank,
-                      const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
-                      CUtensorMapSwizzle swizzle, const char* what,
-                      CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_UINT8) {
-      const cuuint32_t ones[4] = {1, 1, 1, 1};
-      CUtensorMap m;
-      const CUresult r = d.cuTensorMapEncodeTiled(
-          &m, type, rank, const_cast<void*>(base), dims, strides, box,
-          ones, CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-      if (r != CUDA_SUCCESS)
-        throw Error(ErrorKind::InvalidArgument,
-                    fmt::format("cuTensorMapEncodeTiled failed for {} (CUresult {})", what,
-                                static_cast<int>(r)));
-      std::memcpy(&out, &m, sizeof m);
-    };
-    const cuuint64_t w_dims[3] = {128, total_rows, K / 256};
-    const cuuint64_t w_strides[2] = {K / 2, 128};
     const cuuint32_t box_rows = static_cast<cuuint32_t>(gemm1 ? rows / 2 : rows);
-    const cuuint32_t w_box[3] = {128, box_rows, static_cast<cuuint32_t>(kc / 256)};
-    encode(g.tma_w, g.w, 3, w_dims, w_strides, w_box, CU_TENSOR_MAP_SWIZZLE_128B,
-           gemm1 ? "w13" : "w2");
+    encode_weights(g.tma_w, g.w, gemm1, box_rows, kc);
     const cuuint64_t s_dims[2] = {K / 16, total_rows};
     const cuuint64_t s_strides[1] = {K / 16};
     const cuuint32_t s_box[2] = {static_cast<cuuint32_t>(kc / 16), box_rows};
-    encode(g.tma_s, g.w_scale, 2, s_dims, s_strides, s_box, CU_TENSOR_MAP_SWIZZLE_NONE,
+    encode_tiled(g.tma_s, g.w_scale, 2, s_dims, s_strides, s_box, CU_TENSOR_MAP_SWIZZLE_NONE,
            gemm1 ? "w13_scale" : "w2_scale");
     if (x_map) {
       // The planes lie (x_lo - x) bytes apart: the row capacity of this token count's layout.
@@ -386,12 +400,67 @@ class LayerImpl {
       const cuuint64_t x_dims[4] = {kGroup, plane_bytes / row_bytes, K / kGroup, 2};
       const cuuint64_t x_strides[3] = {row_bytes, kGroup * 2, plane_bytes};
       const cuuint32_t x_box[4] = {kGroup, moejit_dev::kXBoxRows, static_cast<cuuint32_t>(kc) / kGroup, 2};
-      encode(g.tma_x, g.x, 4, x_dims, x_strides, x_box, CU_TENSOR_MAP_SWIZZLE_NONE, "act",
+      encode_tiled(g.tma_x, g.x, 4, x_dims, x_strides, x_box, CU_TENSOR_MAP_SWIZZLE_NONE, "act",
              CU_TENSOR_MAP_DATA_TYPE_BFLOAT16);
     }
     std::lock_guard<std::mutex> lock(tma_mu_);
     if (tma_cache_.size() >= kTmaCacheEntries) tma_cache_.clear();
     tma_cache_.emplace(key, std::array<moejit_dev::TmaDesc, 3>{g.tma_w, g.tma_s, g.tma_x});
+  }
+
+  // Encodes a tensor map (cuTensorMapEncodeTiled; no interleave, L2 promotion of 256 bytes).
+  static void encode_tiled(moejit_dev::TmaDesc& out, const void* base, cuuint32_t rank,
+                           const cuuint64_t* dims, const cuuint64_t* strides, const cuuint32_t* box,
+                           CUtensorMapSwizzle swizzle, const char* what,
+                           CUtensorMapDataType type = CU_TENSOR_MAP_DATA_TYPE_UINT8) {
+    const runtime::Driver& d = runtime::driver();
+    if (!d.cuTensorMapEncodeTiled)
+      throw Error(ErrorKind::Cuda, "the CUDA driver has no cuTensorMapEncodeTiled (the plan's "
+                                   "kernels copy weights by TMA; MOEJIT_PLAN_OVERRIDE tma=0,res=0 "
+                                   "selects cp.async copies)");
+    const cuuint32_t ones[4] = {1, 1, 1, 1};
+    CUtensorMap m;
+    const CUresult r = d.cuTensorMapEncodeTiled(
+        &m, type, rank, const_cast<void*>(base), dims, strides, box, ones,
+        CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (r != CUDA_SUCCESS)
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("cuTensorMapEncodeTiled failed for {} (CUresult {})", what,
+                              static_cast<int>(r)));
+    static_assert(sizeof(CUtensorMap) == sizeof(moejit_dev::TmaDesc), "TMA descriptor size");
+    std::memcpy(&out, &m, sizeof m);
+  }
+
+  // The weights of a GEMM (w13, or w2) as {128 bytes, row, K / 256 chunks} with boxes of
+  // {128, box_rows, box_k / 256} and the 128-byte swizzle: the layout the consumers' ldmatrix
+  // reads. Rows are indexed by global expert id.
+  void encode_weights(moejit_dev::TmaDesc& out, const void* w, bool gemm1, unsigned box_rows,
+                      int box_k) const {
+    const MoeSpec& s = plan_.spec;
+    const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
+    const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
+                                  static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
+    const cuuint64_t dims[3] = {128, total_rows, K / 256};
+    const cuuint64_t strides[2] = {K / 2, 128};
+    const cuuint32_t box[3] = {128, box_rows, static_cast<cuuint32_t>(box_k / 256)};
+    encode_tiled(out, w, 3, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, gemm1 ? "w13" : "w2");
+  }
+
+  // The resident layer's weight map of w (encode_weights), kept per pointer and box like the
+  // stream GEMMs' maps (scale and activation pointers null in the key).
+  moejit_dev::TmaDesc weight_map(const void* w, bool gemm1, int box_rows, int box_k) const {
+    const TmaKey key{w, nullptr, nullptr, nullptr, box_rows, box_k, gemm1};
+    {
+      std::lock_guard<std::mutex> lock(tma_mu_);
+      if (auto it = tma_cache_.find(key); it != tma_cache_.end()) return it->second[0];
+    }
+    moejit_dev::TmaDesc m;
+    encode_weights(m, w, gemm1, static_cast<unsigned>(box_rows), box_k);
+    std::lock_guard<std::mutex> lock(tma_mu_);
+    if (tma_cache_.size() >= kTmaCacheEntries) tma_cache_.clear();
+    tma_cache_.emplace(key, std::array<moejit_dev::TmaDesc, 3>{m, {}, {}});
+    return m;
   }
 
   // after_gemm2: launched right behind this layer's gemm2, with PDL (the kernel reads the row
@@ -409,6 +478,7 @@ class LayerImpl {
 
   int launches(int T) const {
     if (T == 0) return 0;
+    if (resident_for(T, plan_.spec.finalize) != kNone) return 1;
     const compiler::Bucket& b = plan_.buckets[plan_.bucket_for(T)];
     return (b.fused_route ? 1 : 2) + 2 + (plan_.spec.finalize && !b.fused_finalize ? 1 : 0);
   }
@@ -435,10 +505,19 @@ class LayerImpl {
     void* args[] = {params};
     const unsigned smem = static_cast<unsigned>(kernels_[k].dynamic_smem);
     const runtime::Driver& d = runtime::driver();
-    if (pdl_ && allow_pdl && k != route_ && k != route_dispatch_) {
-      CUlaunchAttribute attr{};
+    // With one launch attribute: cooperative for the resident layer (the layer's only kernel, so
+    // no PDL; every block must be resident at once for its grid-wide barrier, which a
+    // cooperative launch guarantees or refuses), programmatic stream serialization (PDL) for
+    // every other kernel but the layer's first.
+    CUlaunchAttribute attr{};
+    if (kernels_[k].cooperative) {
+      attr.id = CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+      attr.value.cooperative = 1;
+    } else if (pdl_ && allow_pdl && k != route_ && k != route_dispatch_) {
       attr.id = CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
       attr.value.programmaticStreamSerializationAllowed = 1;
+    }
+    if (attr.id != CU_LAUNCH_ATTRIBUTE_IGNORE) {
       CUlaunchConfig cfg{};
       cfg.gridDimX = gx;
       cfg.gridDimY = gy;
@@ -507,6 +586,7 @@ class LayerImpl {
   static constexpr size_t kNone = static_cast<size_t>(-1);
   size_t route_ = kNone, dispatch_ = kNone, route_dispatch_ = kNone, finalize_ = kNone;
   std::vector<size_t> gemm1_, gemm2_;
+  std::vector<size_t> resident_;  // per bucket, kNone where it has none or this device cannot run it
   // Encoded TMA descriptors of stream GEMM launches (encode_stream_tma), by weight and scale
   // pointers, gemm2's activation planes, box (unit rows, stage depth) and GEMM.
   struct TmaKey {
@@ -620,6 +700,7 @@ std::string dump(const MoeSpec& spec, DumpKind kind, const std::string& arch_in,
   std::string out;
   for (const auto& k : plan.kernels) {
     if (bucket >= 0 && k.bucket >= 0 && k.bucket != bucket) continue;
+    if (tokens > 1 && k.role == KernelRole::Resident) continue;  // one token only
     const compiler::KernelSource src = compiler::generate(plan, k);
     if (kind == DumpKind::Cuda) {
       out += fmt::format("// ---- kernel {} (entry {}, {} threads) ----\n{}\n", src.name,

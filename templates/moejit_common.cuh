@@ -30,7 +30,7 @@ __device__ __forceinline__ void pdl_trigger() {
 // replays (the layer's first kernel adds one), then replay slot (count - 1) % kTlSlots holds
 // kTlEvents pairs {min, max}. Without it the calls compile to nothing.
 constexpr int kTlSlots = 64;
-constexpr int kTlEvents = 24;
+constexpr int kTlEvents = 28;
 enum TlEvent : int {
   kTlRouteStart, kTlRouted, kTlRouteEnd,                      // route(+dispatch)
   kTlG1Start, kTlG1Waited, kTlG1Issued, kTlG1First, kTlG1End,  // gemm1
@@ -39,6 +39,7 @@ enum TlEvent : int {
   kTlG1PWaited, kTlG1PUnit, kTlG2PUnit, kTlG2PSlot,           // producer lane 0 (TMA path)
   kTlRKeys, kTlRTopK,                                         // routing of token 0
   kTlDispatchWarp, kTlDispatchBarrier,                        // dispatch_small (thread 0)
+  kTlResG1Last, kTlResG1Rows, kTlResBarrier, kTlResG2In,      // resident layer (thread 0)
 };
 // Per-block records of the stream GEMMs (the latest replay's, overwritten by each): after the
 // slots, for gemm1 then gemm2, kTlMaxBlocks blocks x kTlBlockFields words.

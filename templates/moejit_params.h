@@ -117,6 +117,24 @@ struct GemmParams {
   const int32_t* topk_ids;
 };
 
+// The resident one-token layer (moejit_resident.cuh): route, both GEMMs and the finalize in one
+// cooperative launch of Cfg::kGrid blocks.
+struct ResidentParams {
+  RouteParams route;     // num_tokens = 1; topk_ids / topk_weights: block 0 publishes the routing
+  const void* x;         // hidden [1, H] bf16
+  const void* w1_scale;  // [E, 2I, H/32] bf16
+  const void* w2_scale;  // [E, H, I/32] bf16
+  const float* alpha;    // [L] or null
+  const float* beta;     // [L] or null
+  const float* limit;    // [L] or null
+  void* act;             // [2][k][I] bf16: the SwiGLU rows' hi and lo planes (act_pos order)
+  void* out;             // [1, H] bf16
+  // w13 as {128 bytes, row, H / 256 chunks}, box {128, 8, kKP1 / 256}; w2 as {128 bytes, row,
+  // I / 256}, box {128, 8 * kU2, I / 256}; both with the 128-byte swizzle.
+  TmaDesc tma_w1;
+  TmaDesc tma_w2;
+};
+
 // Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.
 struct FinalizeParams {
   const void* y;                          // [P, H] fp32

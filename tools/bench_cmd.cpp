@@ -144,7 +144,7 @@ double l2_bytes() {
 // The timeline diagnostic (--timeline): the layer compiled with "tl=0xADDRESS" stamps, per
 // replay, the earliest and latest %globaltimer of each event into this buffer
 // (templates/moejit_common.cuh: word 0 counts replays, then per slot kTlEvents {min, max}).
-constexpr int kTlSlots = 64, kTlEvents = 24;
+constexpr int kTlSlots = 64, kTlEvents = 28;
 // Then per stream GEMM (gemm1, gemm2) and block, the latest replay's record: slot, SM, start,
 // waited, first stage in, end, units.
 constexpr int kTlMaxBlocks = 1024, kTlBlockFields = 8;
@@ -155,7 +155,8 @@ const char* const kTlNames[kTlEvents] = {
     "gemm2: block end", "finalize: block start", "finalize: gemm2 waited", "finalize: block end",
     "gemm1 producer: waited", "gemm1 producer: unit known", "gemm2 producer: unit known",
     "gemm2 producer: slot free", "route: token 0 keys", "route: token 0 top-k",
-    "dispatch: warp 0 placed", "dispatch: barrier passed"};
+    "dispatch: warp 0 placed", "dispatch: barrier passed", "resident: last gemm1 part in",
+    "resident: gemm1 rows written", "resident: grid barrier", "resident: gemm2 weights in"};
 
 // Replays the layer `layer_of(override)` compiled with the timeline, kTlSlots - 3 timed replays
 // after 3 warm-ups, and prints per event the mean over replays of the earliest and latest stamp

@@ -12,6 +12,8 @@
 #include <gtest/gtest.h>
 #include <stdlib.h>
 
+#include <algorithm>
+#include <cctype>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -60,10 +62,12 @@ std::string describe(const KernelReport& r) {
          std::to_string(r.spill_load_bytes) + " B, stack " + std::to_string(r.stack_bytes) + " B";
 }
 
-// Compiles every kernel of spec's plan for arch and checks each one's resources.
-void expect_clean_compile(const MoeSpec& spec, const std::string& arch) {
+// Compiles every kernel of spec's plan for arch (the buckets up to max_tokens; 0: all) and checks
+// each one's resources.
+void expect_clean_compile(const MoeSpec& spec, const std::string& arch, int max_tokens = 0) {
   CompileOptions options;
   options.arch = arch;
+  options.max_tokens = max_tokens;
   std::vector<KernelReport> reports;
   try {
     reports = compile_report(spec, options);
@@ -76,7 +80,7 @@ void expect_clean_compile(const MoeSpec& spec, const std::string& arch) {
   for (const KernelReport& r : reports) {
     EXPECT_TRUE(by_name.emplace(r.name, r).second) << "kernel " << r.name << " reported twice";
   }
-  const compiler::Plan plan = compiler::make_plan(spec, 0, arch);
+  const compiler::Plan plan = compiler::make_plan(spec, max_tokens, arch);
   EXPECT_EQ(reports.size(), plan.kernels.size());
   for (const compiler::KernelPlan& k : plan.kernels) {
     auto it = by_name.find(k.name);
@@ -141,6 +145,39 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamForced, ::testing::ValuesIn(preset_name
                          [](const ::testing::TestParamInfo<std::string>& info) {
                            return param_name(info.param);
                          });
+
+// The resident one-token layer's switches (templates/moejit_resident.cuh; bucket 0 only): gemm1
+// in one part (rkp = H) or in more parts with several in flight (rkp, rwin), 8 or 32 warps, and
+// the timeline diagnostic. (The default configuration compiles in NvrtcPreset.)
+class NvrtcResident : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(NvrtcResident, CompilesWithoutSpills) {
+  const auto& [name, override_text] = GetParam();
+  ::setenv("MOEJIT_PLAN_OVERRIDE", override_text.c_str(), 1);
+  const compiler::Plan plan = compiler::make_plan(preset(name), 1, "sm_90a");
+  ASSERT_TRUE(plan.buckets[0].resident) << override_text;
+  EXPECT_TRUE(std::any_of(plan.kernels.begin(), plan.kernels.end(),
+                          [](const compiler::KernelPlan& k) { return k.name == "resident_b0"; }));
+  expect_clean_compile(preset(name), "sm_90a", 1);
+  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    All, NvrtcResident,
+    ::testing::Values(std::make_tuple("kimi-k2-tp8", "rkp=7168"),
+                      std::make_tuple("kimi-k2-tp8", "rkp=1024,rwin=3"),
+                      std::make_tuple("kimi-k2-tp8", "rw=8"), std::make_tuple("kimi-k2-tp8", "rw=32"),
+                      std::make_tuple("kimi-k2-tp8", "tl=0x7f0000001000"),
+                      std::make_tuple("qwen3-30b-a3b", "rkp=2048"),
+                      std::make_tuple("qwen3-30b-a3b", "rkp=512,rwin=2"),
+                      std::make_tuple("qwen3-30b-a3b", "rw=8"),
+                      std::make_tuple("qwen3-30b-a3b", "tl=0x7f0000001000")),
+    [](const ::testing::TestParamInfo<NvrtcResident::ParamType>& info) {
+      std::string o = std::get<1>(info.param);
+      for (char& c : o)
+        if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+      return param_name(std::get<0>(info.param) + "_" + o);
+    });
 
 // The copy paths of the stream GEMMs forced on every preset: TMA with both GEMMs at three blocks
 // per SM (bps=3: 64 KiB rings, __launch_bounds__(160, 3)), and cp.async in every decode bucket

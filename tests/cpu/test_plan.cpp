@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <functional>
 #include <iterator>
@@ -291,9 +292,9 @@ TEST(PlanMaxTokens, DropsBucketsAbove) {
   for (auto [max_tokens, buckets] : cases) {
     const Plan plan = make_plan(s, max_tokens);
     EXPECT_EQ(plan.buckets.size(), buckets) << max_tokens;
-    // Two kernels per bucket plus finalize, route_dispatch (buckets up to 16 tokens), and
-    // route and dispatch (buckets above 16 tokens).
-    const size_t extra = 1 + 1 + (max_tokens == 0 || max_tokens > 16 ? 2 : 0);
+    // Two kernels per bucket plus finalize, route_dispatch and the resident layer (the bucket up
+    // to 16 tokens), and route and dispatch (buckets above 16 tokens).
+    const size_t extra = 1 + 2 + (max_tokens == 0 || max_tokens > 16 ? 2 : 0);
     EXPECT_EQ(plan.kernels.size(), 2 * buckets + extra) << max_tokens;
     EXPECT_TRUE(max_tokens == 0 || plan.buckets.back().contains(max_tokens)) << max_tokens;
   }
@@ -831,6 +832,112 @@ TEST(PlanOverride, SmallDispatchAndTimeline) {
     const ScopedOverride o("tl=zz");
     EXPECT_THROW(sources("kimi-k2-tp8"), Error);
   }
+}
+
+// The resident one-token layer (templates/moejit_resident.cuh): bucket 0 of finalized layers on
+// sm_90 whose routed weights fit in 132 blocks' shared memory, one extra kernel.
+TEST(PlanResident, ChosenWhereTheRoutedWeightsFit) {
+  auto res = [](const MoeSpec& s, const std::string& arch = "sm_90a") {
+    return make_plan(s, 0, arch).buckets[0];
+  };
+  // kimi-k2-tp8: 2 x 256 gemm1 units of 8 features and 7168 / 8 gemm2 ones over 132 blocks.
+  const Bucket tp8 = res(preset("kimi-k2-tp8"));
+  ASSERT_TRUE(tp8.resident);
+  EXPECT_EQ(tp8.res, (ResidentConfig{132, 16, 3584, 1, 2, 7, 4, 4, true, 214912}));
+  EXPECT_EQ(tp8.res.smem, resident_smem_bytes(preset("kimi-k2-tp8"), tp8.res));
+  // qwen3-30b-a3b: 8 x 96 gemm1 units (6 per block), 2048 / 8 gemm2 ones (2 per block).
+  const Bucket q = res(preset("qwen3-30b-a3b"));
+  ASSERT_TRUE(q.resident);
+  EXPECT_EQ(q.res, (ResidentConfig{132, 16, 1024, 1, 6, 2, 4, 4, true, 177664}));
+  // Too large for shared memory: kimi-k2 (8 experts of 24.8 MB), deepseek-v3.
+  EXPECT_FALSE(res(preset("kimi-k2")).resident);
+  EXPECT_FALSE(res(preset("deepseek-v3")).resident);
+  // Not finalized, not sm_90, H not a multiple of 256: no resident kernel.
+  MoeSpec unfinalized = preset("kimi-k2-tp8");
+  unfinalized.finalize = false;
+  EXPECT_FALSE(res(unfinalized).resident);
+  EXPECT_FALSE(res(preset("kimi-k2-tp8"), "sm_80").resident);
+  MoeSpec odd = preset("qwen3-30b-a3b");
+  odd.hidden = 2048 + 128;
+  EXPECT_FALSE(res(odd).resident);
+  // Only bucket 0, and its kernel follows that bucket's GEMMs.
+  const Plan plan = make_plan(preset("kimi-k2-tp8"));
+  for (size_t b = 1; b < plan.buckets.size(); ++b) EXPECT_FALSE(plan.buckets[b].resident);
+  std::vector<std::string> names;
+  for (const KernelPlan& k : plan.kernels) names.push_back(k.name);
+  const auto it = std::find(names.begin(), names.end(), "resident_b0");
+  ASSERT_NE(it, names.end());
+  EXPECT_EQ(*(it - 1), "gemm2_b0");
+  const KernelPlan& k = plan.kernels[it - names.begin()];
+  EXPECT_EQ(k.role, KernelRole::Resident);
+  EXPECT_EQ(k.bucket, 0);
+  EXPECT_EQ(k.stages, (std::vector<std::string>{"route", "gemm1", "gemm2", "finalize"}));
+  const KernelSource src = generate(plan, k);
+  EXPECT_TRUE(src.cooperative);
+  EXPECT_EQ(src.grid, 132);
+  EXPECT_EQ(src.threads, 512);
+  EXPECT_EQ(src.dynamic_smem, 214912 + 1024);
+  EXPECT_THAT(src.source, HasSubstr("static constexpr int kKP1 = 3584;"));
+  EXPECT_THAT(src.source, HasSubstr("moejit_dev::resident_layer<Cfg>(p)"));
+}
+
+// Every shape the planner makes resident fits: 227 KiB per block with the slack and the static
+// part, at most 30 parts, one copy per thread, one TMA box of 8 * units2 <= 256 rows per slot.
+TEST(PlanResident, ConfigurationsFitTheKernel) {
+  int resident = 0;
+  std::vector<MoeSpec> specs = specs_under_test();
+  for (const auto& d : std::vector<std::array<int, 4>>{{512, 256, 16, 4}, {2304, 768, 64, 8},
+                                                      {8192, 256, 16, 4}, {16384, 512, 64, 8}}) {
+    MoeSpec s = preset("qwen3-30b-a3b");
+    s.hidden = d[0];
+    s.intermediate = d[1];
+    s.num_experts = d[2];
+    s.top_k = d[3];
+    specs.push_back(s);
+  }
+  for (MoeSpec spec : specs) {
+    spec.finalize = true;
+    const Plan plan = make_plan(spec);
+    if (!plan.buckets[0].resident) continue;
+    ++resident;
+    const ResidentConfig& r = plan.buckets[0].res;
+    const int H = spec.hidden;
+    EXPECT_EQ(r.smem, resident_smem_bytes(spec, r));
+    EXPECT_LE(r.smem + 1024, 227 * 1024);
+    EXPECT_EQ(H % r.k_part1, 0);
+    EXPECT_EQ(r.k_part1 % 256, 0);
+    EXPECT_LE(H / r.k_part1, 30);
+    EXPECT_GE(r.window, 1);
+    EXPECT_LE(r.units1 * (2 * H / r.k_part1 + 2) + 2 * spec.top_k, r.threads());
+    EXPECT_EQ(r.units1, (spec.top_k * (spec.intermediate / 8) + 131) / 132);
+    EXPECT_EQ(r.units2, (H / 8 + 131) / 132);
+    EXPECT_LE(8 * r.units2, 256);
+  }
+  EXPECT_GE(resident, 5);  // kimi-k2-tp8, qwen3-30b-a3b and the shapes added here
+}
+
+TEST(PlanResident, Overrides) {
+  auto bucket0 = [](const char* o, const char* name = "kimi-k2-tp8") {
+    const ScopedOverride scoped(o);
+    return make_plan(preset(name)).buckets[0];
+  };
+  EXPECT_FALSE(bucket0("res=0").resident);
+  EXPECT_TRUE(bucket0("res=1").resident);
+  EXPECT_EQ(bucket0("rkp=7168").res.k_part1, 7168);
+  EXPECT_EQ(bucket0("rkp=1024,rwin=3").res.window, 3);
+  EXPECT_EQ(bucket0("rkp=1024,rwin=30").res.window, 7);  // at most the parts
+  EXPECT_EQ(bucket0("rw=8").res.warps, 8);
+  EXPECT_EQ(bucket0("rw=32").res.warps, 32);
+  // More than 30 parts: no resident kernel.
+  {
+    const ScopedOverride scoped("rkp=256");
+    MoeSpec wide = preset("qwen3-30b-a3b");
+    wide.hidden = 8192;
+    wide.intermediate = 256;
+    EXPECT_FALSE(make_plan(wide).buckets[0].resident);
+  }
+  for (const char* bad : {"res=2", "rkp=1000", "rkp=2048", "rw=12"})
+    EXPECT_THROW(bucket0(bad), Error) << bad;
 }
 
 }  // namespace

@@ -949,8 +949,9 @@ TEST(Differential, SmallStreamExpertParallelGroupedDeepSeek) {
 // every bucket (xb=1: one-row and packed tiles at one token; with pack=0, tiles of at most 4 rows
 // through both planes from one box) or row by row in every bucket (xb=0), gemm1's first unit
 // from dispatch's tables after its wait (eu=0) or planned from the routed ids before it in
-// every bucket (fr=0,dyn=1: a separate dispatch kernel at one token too, with each unit size):
-// 1, 17 and 64 tokens each.
+// every bucket (fr=0,dyn=1: a separate dispatch kernel at one token too, with each unit size),
+// and the stream kernels at one token of a finalized layer too (res=0; by default that runs the
+// resident layer): 1, 17 and 64 tokens each.
 TEST(Differential, SmallStreamEachUnitSize) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,u1=16,u2=32", "stream=1,u1=32,u2=32", "stream=1,u1=64,u2=64",
@@ -961,7 +962,7 @@ TEST(Differential, SmallStreamEachUnitSize) {
                         "stream=1,dyn=1,u1=16,u2=32", "stream=1,dyn=1,bps=3", "stream=1,xb=1",
                         "stream=1,xb=1,pack=0", "stream=1,xb=0", "stream=1,eu=0",
                         "stream=1,fr=0,dyn=1", "stream=1,fr=0,dyn=1,u1=16,u2=32",
-                        "stream=1,fr=0,dyn=1,u1=32,u2=32"}) {
+                        "stream=1,fr=0,dyn=1,u1=32,u2=32", "stream=1,res=0"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("small-stream[") + o + "]";
     run_cases({small_case(name, small_stream_spec(), 1), small_case(name, small_stream_spec(), 17),
@@ -981,6 +982,38 @@ TEST(Differential, SmallStreamSpecialInputs) {
   cases.push_back(f);
   cases.push_back(e);
   run_cases(cases);
+}
+
+// The resident one-token layer (templates/moejit_resident.cuh). It runs finalized layers only,
+// so each case's unfinalized half runs the stream kernels. At one token: the small stream shape
+// (most of the 132 blocks have no gemm1 or no gemm2 unit; gemm1's K in two parts) by default and
+// with each switch (gemm1 in one part, in two parts both in flight, 8 or 32 warps), and with the
+// stream GEMMs' order of operations it follows changed (gemm2's planes unpacked; 2 and 1 consumer
+// warps: the finalized output must still equal the unfinalized one bitwise); a wider shape
+// (six gemm1 units per block, three gemm2 units: a half-empty A tile, one K part, 221 KB of
+// shared memory); expert-parallel grouped DeepSeekV3 with SwiGLU alpha/beta/limit (routes to the
+// other rank's experts contribute nothing); precomputed ids with invalid ones, up/gate order and
+// NaN/Inf hidden states; bf16 logits with NaN/Inf; ties; and qwen3-30b-a3b.
+TEST(Differential, SmallResident) {
+  MOEJIT_REQUIRE_GPU();
+  for (const char* o : {"", "rkp=512", "rkp=256,rwin=2", "rw=8", "rw=32", "pack=0", "s1=2x512x3,s2=1x256x4"}) {
+    const ScopedPlanOverride force(o);
+    run_cases({small_case(std::string("small-resident[") + o + "]", small_stream_spec(), 1)});
+  }
+  MoeSpec wide = small_stream_spec();
+  wide.hidden = 2304;
+  wide.intermediate = 768;
+  wide.num_experts = 64;
+  wide.top_k = 8;
+  std::vector<Case> cases = {small_case("wide-resident", wide, 1),
+                             grouped_deepseek_ep_case("small-resident-ep", small_stream_spec())};
+  for (const Case& c : special_input_cases("small-resident", small_stream_spec())) cases.push_back(c);
+  Case ties = small_case("small-resident-ties", small_stream_spec(), 1);
+  ties.inputs.ties = true;
+  cases.push_back(ties);
+  for (Case& c : cases) c.tokens = 1;
+  run_cases(cases);
+  run_cases(preset_cases("qwen3-30b-a3b", {1}, 1));
 }
 
 // The shapes of the upstream MXINT4 regression test (FlashInfer's): m in {1, 33}, H 512,
