@@ -1,17 +1,19 @@
 // A whole one-token layer in one kernel whose blocks hold all of their weights at once (the
-// "resident" family; finalized layers whose routed weights fit in the grid's shared memory).
+// "resident" layer: finalized layers whose routed weights fit in the grid's shared memory).
 //
 // At one token a small layer (kimi-k2-tp8, qwen3-30b-a3b: 21-25 MB for 8 experts) is mostly fixed
 // costs in the four-launch pipeline: routing, dispatch, two GEMM grids that each ramp up and drain,
 // and the finalize (bench/RESULTS.md sections 12 and 15). Here every block (one per SM, grid
-// Cfg::kGrid) routes the token itself (warp 0; the same result in every block), then issues TMA
-// copies of *all* the weights it will need, gemm1's and gemm2's, into shared memory at once, so
-// that DRAM streams the whole layer without a break. Gemm1's copies are split along K into
-// Cfg::kKP1-deep parts, each with its own mbarrier, and the warps consume each part as it lands.
-// After gemm1's SwiGLU rows are written (global, two bf16 planes) one grid-wide barrier; gemm2's
-// weights are already in shared memory by then, and each block owns whole output features across
-// every routed expert, so it also applies the routing weights and writes the finalized output:
-// no dispatch tables, no intermediate gemm2 rows, no finalize launch.
+// Cfg::kGrid, one cooperative launch) routes the token itself (warp 0; the same result in every
+// block), then copies every weight it needs into its own shared memory, one copy per thread: its
+// gemm1 units' weights in Cfg::kKP1-deep K parts, each with its own mbarrier, Cfg::kWindow parts
+// in flight (a part is issued when the one kWindow before it has landed: copies requested together
+// land together, bench/RESULTS.md section 19), then gemm2's rows of every routed slot. The warps
+// consume each gemm1 part as it lands. After gemm1's SwiGLU rows are written (global memory, two
+// bf16 planes) one grid-wide barrier; gemm2's weights are in shared memory by then, and each block
+// owns whole output features across every routed slot, so it also applies the routing weights
+// and writes the finalized output: no dispatch tables, no intermediate gemm2 rows, no finalize
+// launch.
 //
 // Work split (deterministic, fixed by blockIdx.x):
 //   gemm1 units = (slot j, 8 SwiGLU features): slot-major, block b takes [b U1 / G, (b+1) U1 / G).
@@ -19,15 +21,15 @@
 //   gemm2 units = 8 output features: block b takes [b U2 / G, (b+1) U2 / G) for every slot; a
 //     slot's rows of the block are one TMA box of 8 * kU2 rows (rows past the block's are read
 //     and ignored), split into 16-row A tiles.
-// Within a block, warp w takes the group pairs w, w + W, ... of each part (gemm1) and the
-// (slot, tile, K split) items w, w + W, ... (gemm2); partial sums meet in shared memory and are
-// added in a fixed order.
 //
-// The arithmetic is the stream GEMM's (moejit_stream.cuh): one lop3 turns a nibble pair into
-// bf16x2 (136 + v), the MMA sums over a group against x in the matching k order (act_pos), and
-// the group's sum, less 136 * sum_k x (here a per-group fp32 sum: one token has one column), is
-// scaled in fp32. With one token, x is MMA column 0 (gemm1) and the activation's hi and lo planes
-// are columns 0 and 1 (gemm2); the other columns are zeros.
+// The arithmetic, and its order, is the stream GEMMs' (moejit_stream.cuh), so that the output is
+// bitwise the unfinalized layer's plus moejit::finalize: one lop3 turns a nibble pair into bf16x2
+// (136 + v), per group part = (-136 sum_k b, by MMA of a constant A operand) + the group's MMAs
+// against b in the matching k order (act_pos), and an output row is the sum over chains c = 0, 1,
+// ..., CW - 1 (CW: that stream GEMM's consumer warps) of fmaf(scale, part, acc) over the groups
+// of the pairs c, c + CW, ... . With one token, x is MMA column 0 (gemm1) and the activation's hi
+// and lo planes are columns 0 and 1 (gemm2, packed like the stream gemm2's tiles of at most 4
+// rows) or both column 0 (Cfg::kPacked2 false); the other columns are zeros.
 //
 // Cfg provides: the routing constants of moejit_route.cuh (kExperts, kTopK, kMethod, kNGroup,
 // kTopkGroup, kScale, kHasBias, kLogitsBF16, kBiasBF16, kWarpsPerBlock = 1), kH, kI,
@@ -168,7 +170,6 @@ __device__ __forceinline__ void group_mma2(float (&d)[4], uint32_t w0, uint32_t 
   }
 }
 
-
 __device__ __forceinline__ float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
 
@@ -233,73 +234,69 @@ __device__ void resident_layer(const ResidentParams& p) {
     return l >= 0 && l < L ? l : -1;
   };
 
-  // ---- the copies: thread 0 announces each barrier's bytes, thread c issues copy c ----
+  // ---- the copies: thread c issues copy c, thread 0 announces each barrier's bytes ----
+  // Copy c: for gemm1 unit c / kJobs1, part (c % kJobs1) % P of its gate, then its up rows, then
+  // the two rows' scales; after the units, per slot, gemm2's weight box and its scales.
   constexpr int kJobs1 = 2 * P + 2;
-  int issue_at;
-  // Copy c: gemm1 unit c / kJobs1's part (c % kJobs1) % P of its gate or up rows, or one of its
-  // two scale copies; after the units, per slot, gemm2's weight box and its scale copy.
+  static_assert(Cfg::kU1 * kJobs1 + 2 * S <= kThreads, "resident layer: one copy per thread");
+  const int jobs = n1 * kJobs1 + (n2 > 0 ? 2 * S : 0);
   const unsigned char* s1 = static_cast<const unsigned char*>(p.w1_scale);
   const unsigned char* s2 = static_cast<const unsigned char*>(p.w2_scale);
   auto issue = [&](int c) {
-      if (c < n1 * kJobs1) {
-        const int u = c / kJobs1, r = c % kJobs1;
-        const int id = a1 + u, j = id / (I / 8), fb = id % (I / 8);
-        const int l = local_of(j);
-        const int half = r < 2 * P ? r / P : r - 2 * P;  // 0: gate rows, 1: up rows
-        const int row =
-            (l + Cfg::kLocalOffset) * 2 * I + ((half == 0) == Cfg::kGateFirst ? 0 : I) + 8 * fb;
-        if (l < 0) return;
-        if (r < 2 * P) {
-          const int q = r % P;
-          tma_load_3d(base + Lay::kW1 + (u * 2 + half) * Lay::kRB1 + q * (KP / 256) * 1024,
-                      &p.tma_w1, 0, row, q * (KP / 256), &bars[q]);
-        } else {
-          bulk_load(base + Lay::kS1 + (u * 16 + half * 8) * Lay::kS1Row,
-                    s1 + static_cast<long long>(row) * Lay::kS1Row, 8 * Lay::kS1Row, &bars[0]);
-        }
+    if (c < n1 * kJobs1) {
+      const int u = c / kJobs1, r = c % kJobs1;
+      const int id = a1 + u, j = id / (I / 8), fb = id % (I / 8);
+      const int l = local_of(j);
+      if (l < 0) return;
+      const int half = r < 2 * P ? r / P : r - 2 * P;  // 0: gate rows, 1: up rows
+      const int row =
+          (l + Cfg::kLocalOffset) * 2 * I + ((half == 0) == Cfg::kGateFirst ? 0 : I) + 8 * fb;
+      if (r < 2 * P) {
+        const int q = r % P;
+        tma_load_3d(base + Lay::kW1 + (u * 2 + half) * Lay::kRB1 + q * (KP / 256) * 1024,
+                    &p.tma_w1, 0, row, q * (KP / 256), &bars[q]);
       } else {
-        const int r = c - n1 * kJobs1, j = r >> 1;
-        const int l = local_of(j);
-        const int row = (l + Cfg::kLocalOffset) * H + 8 * a2;
-        if (l < 0) return;
-        if ((r & 1) == 0)
-          tma_load_3d(base + Lay::kW2 + j * Lay::kW2Slot, &p.tma_w2, 0, row, 0, &bars[P]);
-        else
-          bulk_load(base + Lay::kS2 + j * Lay::kR2 * Lay::kS2Row,
-                    s2 + static_cast<long long>(row) * Lay::kS2Row, n2 * I / 2, &bars[P]);
+        bulk_load(base + Lay::kS1 + (u * 16 + half * 8) * Lay::kS1Row,
+                  s1 + static_cast<long long>(row) * Lay::kS1Row, 8 * Lay::kS1Row, &bars[0]);
       }
-    };
-  {
-    if (b == 0 && tid < S) {
-      if (p.route.topk_ids) p.route.topk_ids[tid] = s_ids[tid];
-      if (p.route.topk_weights) p.route.topk_weights[tid] = s_w[tid];
+    } else {
+      const int r = c - n1 * kJobs1, j = r >> 1;
+      const int l = local_of(j);
+      if (l < 0) return;
+      const int row = (l + Cfg::kLocalOffset) * H + 8 * a2;
+      if ((r & 1) == 0)
+        tma_load_3d(base + Lay::kW2 + j * Lay::kW2Slot, &p.tma_w2, 0, row, 0, &bars[P]);
+      else
+        bulk_load(base + Lay::kS2 + j * Lay::kR2 * Lay::kS2Row,
+                  s2 + static_cast<long long>(row) * Lay::kS2Row, n2 * I / 2, &bars[P]);
     }
-    if (tid == 0) {
-      int local1 = 0;  // local gemm1 units of this block
-      for (int u = 0; u < n1; ++u) local1 += local_of((a1 + u) / (I / 8)) >= 0;
-      int local2 = 0;
-      for (int j = 0; j < S; ++j) local2 += local_of(j) >= 0;
-      for (int q = 0; q < P; ++q)
-        mbar_expect_tx(&bars[q], local1 * 8 * KP + (q == 0 ? local1 * H : 0));
-      mbar_expect_tx(&bars[P], n2 > 0 ? local2 * (Lay::kW2Slot + n2 * I / 2) : 0);
-    }
-    // Jobs: per gemm1 unit, 2 halves x P parts of weights and 2 scale copies; per slot, a weight
-    // box and a scale copy.
-    static_assert(Cfg::kU1 * kJobs1 + 2 * S <= kThreads, "resident layer: one copy per thread");
-    const int jobs = n1 * kJobs1 + (n2 > 0 ? 2 * S : 0);
-    // Thread c issues copy c; -1: now, q >= 0: once gemm1's part q has landed. Cfg::kWindow parts
-    // are in flight at a time, so that DRAM delivers them in order while the warps consume the
-    // ones before (everything requested at once lands all at the end: bench/RESULTS.md section
-    // 19); gemm2's copies join the window behind gemm1's last part.
-    const int c = tid;
-    constexpr int D = Cfg::kWindow > 0 ? Cfg::kWindow : 1;
-    issue_at = c < n1 * kJobs1 ? (c % kJobs1 < 2 * P ? (c % kJobs1) % P - D : -1)
-               : c < jobs      ? P - D
-                               : -2;
-    if (issue_at < -1 && c < jobs) issue_at = -1;
-    if (issue_at == -1) issue(c);
-    if (tid == 0) tl[kIssued] = tl_now();
+  };
+  // When this thread's copy goes out: -1 now, q >= 0 once gemm1's part q has landed (-2: none).
+  // Cfg::kWindow parts are in flight at a time, so that DRAM delivers them one after another
+  // while the warps consume the ones before (copies requested together land together:
+  // bench/RESULTS.md section 19); gemm2's copies join behind gemm1's last part; the scales go
+  // with part 0.
+  constexpr int D = Cfg::kWindow;
+  static_assert(D >= 1 && D <= P, "resident layer: 1 to P parts in flight");
+  const int issue_at = tid >= jobs            ? -2
+                       : tid >= n1 * kJobs1   ? max(P - D, -1)
+                       : tid % kJobs1 >= 2 * P ? -1
+                                               : max(tid % kJobs1 % P - D, -1);
+  if (b == 0 && tid < S) {
+    if (p.route.topk_ids) p.route.topk_ids[tid] = s_ids[tid];
+    if (p.route.topk_weights) p.route.topk_weights[tid] = s_w[tid];
   }
+  if (tid == 0) {  // (a copy that lands first takes the barrier's tx-count below zero meanwhile)
+    int local1 = 0;  // local gemm1 units of this block
+    for (int u = 0; u < n1; ++u) local1 += local_of((a1 + u) / (I / 8)) >= 0;
+    int local2 = 0;
+    for (int j = 0; j < S; ++j) local2 += local_of(j) >= 0;
+    for (int q = 0; q < P; ++q)
+      mbar_expect_tx(&bars[q], local1 * 8 * KP + (q == 0 ? local1 * H : 0));
+    mbar_expect_tx(&bars[P], n2 > 0 ? local2 * (Lay::kW2Slot + n2 * I / 2) : 0);
+  }
+  if (issue_at == -1) issue(tid);
+  if (tid == 0) tl[kIssued] = tl_now();
 
   // ---- x in act_pos order (while the copies stream) ----
   {
@@ -352,7 +349,7 @@ __device__ void resident_layer(const ResidentParams& p) {
 #pragma unroll 1
     for (int q = 0; q < P; ++q) {
       mbar_wait<0>(&bars[q], 0);
-      if (issue_at == q) issue(tid);
+      if (issue_at == q) issue(tid);  // the part Cfg::kWindow after this one, or gemm2's
       if (tid == 0 && q == 0) tl[kFirst] = tl_now();
       if (tid == 0 && q == P - 1) tl[kLast] = tl_now();
 #pragma unroll
