@@ -111,9 +111,9 @@ int choose_unit_rows(const StreamConfig& c, const MoeSpec& spec, bool gemm1, int
 
 // The resident one-token layer (templates/moejit_resident.cuh): one cooperative launch of `grid`
 // blocks (one per SM) that each route the token, copy every weight they need (their gemm1 units
-// and gemm2 features of all routed experts) into shared memory at once, and after one grid-wide
-// barrier write the finalized output. For finalized layers whose routed weights fit in the grid's
-// shared memory (kimi-k2-tp8, qwen3-30b-a3b).
+// in K parts, then their gemm2 features of all routed experts) into shared memory, and after one
+// grid-wide barrier write the finalized output. For finalized layers whose routed weights fit in
+// the grid's shared memory (kimi-k2-tp8, qwen3-30b-a3b).
 struct ResidentConfig {
   int grid = 132;      // blocks, one per SM: the launch needs a device with at least this many SMs
   int warps = 16;
@@ -131,9 +131,8 @@ struct ResidentConfig {
   int threads() const { return 32 * warps; }
   bool operator==(const ResidentConfig& o) const {
     return grid == o.grid && warps == o.warps && k_part1 == o.k_part1 && window == o.window &&
-           units1 == o.units1 && chains1 == o.chains1 && chains2 == o.chains2 &&
-           packed2 == o.packed2 &&
-           units2 == o.units2 && smem == o.smem;
+           units1 == o.units1 && units2 == o.units2 && chains1 == o.chains1 &&
+           chains2 == o.chains2 && packed2 == o.packed2 && smem == o.smem;
   }
 };
 
