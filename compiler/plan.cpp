@@ -304,6 +304,10 @@ ResidentConfig pick_resident(const MoeSpec& spec, int grid, int k_part1, int win
   // (H200, bench/RESULTS.md section 19: kimi-k2-tp8 20.0 us against 22.3 with seven parts three
   // in flight, qwen3-30b-a3b 17.3 against 19.3 with four parts two in flight).
   c.units1 = static_cast<int>((spec.top_k * (I / 8) + grid - 1) / grid);
+  // 32 warps where gemm1 has more (unit, chain) items than 16 warps take in one round (H200,
+  // bench/RESULTS.md section 19f: qwen3-30b-a3b's 24 items 17.5 against 17.8 us in two runs;
+  // kimi-k2-tp8's 8 items were 21.0 against 20.1 with 32 warps).
+  if (warps == 0 && c.units1 * chains1 > 16) c.warps = 32;
   int kp = H % 512 == 0 ? static_cast<int>(H / 2) : static_cast<int>(H);
   if (k_part1 > 0) {
     if (k_part1 % 256 != 0 || H % k_part1 != 0)

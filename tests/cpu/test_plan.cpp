@@ -845,10 +845,11 @@ TEST(PlanResident, ChosenWhereTheRoutedWeightsFit) {
   ASSERT_TRUE(tp8.resident);
   EXPECT_EQ(tp8.res, (ResidentConfig{132, 16, 3584, 1, 2, 7, 4, 4, true, 214912}));
   EXPECT_EQ(tp8.res.smem, resident_smem_bytes(preset("kimi-k2-tp8"), tp8.res));
-  // qwen3-30b-a3b: 8 x 96 gemm1 units (6 per block), 2048 / 8 gemm2 ones (2 per block).
+  // qwen3-30b-a3b: 8 x 96 gemm1 units (6 per block: 24 (unit, chain) items, so 32 warps),
+  // 2048 / 8 gemm2 ones (2 per block).
   const Bucket q = res(preset("qwen3-30b-a3b"));
   ASSERT_TRUE(q.resident);
-  EXPECT_EQ(q.res, (ResidentConfig{132, 16, 1024, 1, 6, 2, 4, 4, true, 177664}));
+  EXPECT_EQ(q.res, (ResidentConfig{132, 32, 1024, 1, 6, 2, 4, 4, true, 177664}));
   // Too large for shared memory: kimi-k2 (8 experts of 24.8 MB), deepseek-v3.
   EXPECT_FALSE(res(preset("kimi-k2")).resident);
   EXPECT_FALSE(res(preset("deepseek-v3")).resident);
