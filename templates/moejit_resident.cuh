@@ -208,8 +208,12 @@ __device__ void resident_layer(const ResidentParams& p) {
   // Timeline (diagnostic builds only): thread 0 of each block keeps its stamps until the grid
   // barrier, after which block 0's count of this replay is visible to every block.
   enum { kStart, kRouted, kIssued, kFirst, kLast, kRows, kBarrier, kG2In, kStamps };
-  [[maybe_unused]] unsigned long long tl[kStamps] = {};
-  tl[kStart] = tl_now();
+#ifdef MOEJIT_TIMELINE
+  __shared__ unsigned long long tl[kStamps];  // (in registers, 32 warps' kernels spilled)
+#else
+  [[maybe_unused]] unsigned long long tl[kStamps];  // never read: compiled away
+#endif
+  if (tid == 0) tl[kStart] = tl_now();
   if (tid == 0) {
     if (b == 0) tl_next_replay();
     for (int i = 0; i <= P; ++i) mbar_init(&bars[i], 1);
