@@ -285,7 +285,6 @@ int resident_smem_bytes(const MoeSpec& spec, const ResidentConfig& c) {
 ResidentConfig pick_resident(const MoeSpec& spec, int grid, int k_part1, int window, int warps,
                              int chains1, int chains2, bool packed2) {
   ResidentConfig c;
-  c.grid = 0;
   c.chains1 = chains1;
   c.chains2 = chains2;
   c.packed2 = packed2;
@@ -541,13 +540,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         std::smatch m;
         return std::regex_search(override_text, m, re) ? std::stoi(m[2]) : 0;
       };
-      const ResidentConfig r =
-          pick_resident(spec, 132, value_of("rkp"), value_of("rwin"), value_of("rw"),
-                        b.s1.consumer_warps, b.s2.consumer_warps, b.s2.pack_planes);
-      if (r.grid > 0) {
-        b.resident = true;
-        b.res = r;
-      }
+      b.res = pick_resident(spec, 132, value_of("rkp"), value_of("rwin"), value_of("rw"),
+                            b.s1.consumer_warps, b.s2.consumer_warps, b.s2.pack_planes);
     }
     plan.buckets.push_back(b);
   }
@@ -570,7 +564,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     std::vector<std::string> stages = {"gemm2"};
     if (plan.buckets[i].fused_finalize) stages.push_back("finalize");
     plan.kernels.push_back({fmt::format("gemm2_b{}", i), KernelRole::Gemm2, stages, bi});
-    if (plan.buckets[i].resident)
+    if (plan.buckets[i].resident())
       plan.kernels.push_back({fmt::format("resident_b{}", i), KernelRole::Resident,
                               {"route", "gemm1", "gemm2", "finalize"}, bi});
   }
@@ -611,7 +605,7 @@ std::string describe(const Plan& plan) {
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,
         b.gemm2.k_chunk_groups, b.gemm2.double_buffer ? 1 : 0, b.gemm2.direct_x ? 1 : 0,
-        b.resident ? fmt::format(" resident(tokens=1 grid={} warps={} k_part1={} window={} "
+        b.resident() ? fmt::format(" resident(tokens=1 grid={} warps={} k_part1={} window={} "
                                  "units1={} units2={} smem={})",
                                  b.res.grid, b.res.warps, b.res.k_part1, b.res.window, b.res.units1,
                                  b.res.units2, b.res.smem)

@@ -115,7 +115,7 @@ int choose_unit_rows(const StreamConfig& c, const MoeSpec& spec, bool gemm1, int
 // grid-wide barrier write the finalized output. For finalized layers whose routed weights fit in
 // the grid's shared memory (kimi-k2-tp8, qwen3-30b-a3b).
 struct ResidentConfig {
-  int grid = 132;      // blocks, one per SM: the launch needs a device with at least this many SMs
+  int grid = 0;        // blocks, one per SM (the launch needs at least this many SMs); 0: none
   int warps = 16;
   int k_part1 = 0;     // gemm1's K per copy part (each part has its own mbarrier)
   int window = 1;      // gemm1 parts in flight at a time (gemm2's copies follow the last)
@@ -160,9 +160,9 @@ struct Bucket {
   bool fused_finalize = false;  // gemm2 also finalizes (decode buckets of finalized layers)
   bool fused_route = false;     // one block routes and dispatches (kernel "route_dispatch")
   // One token runs the resident layer (kernel "resident_b<i>", one launch) instead of the
-  // bucket's pipeline.
-  bool resident = false;
+  // bucket's pipeline where res.grid > 0.
   ResidentConfig res;
+  bool resident() const { return res.grid > 0; }
 
   bool contains(int tokens) const {
     return tokens >= min_tokens && (max_tokens == 0 || tokens <= max_tokens);

@@ -155,7 +155,7 @@ TEST_P(NvrtcResident, CompilesWithoutSpills) {
   const auto& [name, override_text] = GetParam();
   ::setenv("MOEJIT_PLAN_OVERRIDE", override_text.c_str(), 1);
   const compiler::Plan plan = compiler::make_plan(preset(name), 1, "sm_90a");
-  ASSERT_TRUE(plan.buckets[0].resident) << override_text;
+  ASSERT_TRUE(plan.buckets[0].resident()) << override_text;
   EXPECT_TRUE(std::any_of(plan.kernels.begin(), plan.kernels.end(),
                           [](const compiler::KernelPlan& k) { return k.name == "resident_b0"; }));
   expect_clean_compile(preset(name), "sm_90a", 1);

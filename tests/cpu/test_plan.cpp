@@ -842,28 +842,28 @@ TEST(PlanResident, ChosenWhereTheRoutedWeightsFit) {
   };
   // kimi-k2-tp8: 2 x 256 gemm1 units of 8 features and 7168 / 8 gemm2 ones over 132 blocks.
   const Bucket tp8 = res(preset("kimi-k2-tp8"));
-  ASSERT_TRUE(tp8.resident);
+  ASSERT_TRUE(tp8.resident());
   EXPECT_EQ(tp8.res, (ResidentConfig{132, 16, 3584, 1, 2, 7, 4, 4, true, 214912}));
   EXPECT_EQ(tp8.res.smem, resident_smem_bytes(preset("kimi-k2-tp8"), tp8.res));
   // qwen3-30b-a3b: 8 x 96 gemm1 units (6 per block: 24 (unit, chain) items, so 32 warps),
   // 2048 / 8 gemm2 ones (2 per block).
   const Bucket q = res(preset("qwen3-30b-a3b"));
-  ASSERT_TRUE(q.resident);
+  ASSERT_TRUE(q.resident());
   EXPECT_EQ(q.res, (ResidentConfig{132, 32, 1024, 1, 6, 2, 4, 4, true, 177664}));
   // Too large for shared memory: kimi-k2 (8 experts of 24.8 MB), deepseek-v3.
-  EXPECT_FALSE(res(preset("kimi-k2")).resident);
-  EXPECT_FALSE(res(preset("deepseek-v3")).resident);
+  EXPECT_FALSE(res(preset("kimi-k2")).resident());
+  EXPECT_FALSE(res(preset("deepseek-v3")).resident());
   // Not finalized, not sm_90, H not a multiple of 256: no resident kernel.
   MoeSpec unfinalized = preset("kimi-k2-tp8");
   unfinalized.finalize = false;
-  EXPECT_FALSE(res(unfinalized).resident);
-  EXPECT_FALSE(res(preset("kimi-k2-tp8"), "sm_80").resident);
+  EXPECT_FALSE(res(unfinalized).resident());
+  EXPECT_FALSE(res(preset("kimi-k2-tp8"), "sm_80").resident());
   MoeSpec odd = preset("qwen3-30b-a3b");
   odd.hidden = 2048 + 128;
-  EXPECT_FALSE(res(odd).resident);
+  EXPECT_FALSE(res(odd).resident());
   // Only bucket 0, and its kernel follows that bucket's GEMMs.
   const Plan plan = make_plan(preset("kimi-k2-tp8"));
-  for (size_t b = 1; b < plan.buckets.size(); ++b) EXPECT_FALSE(plan.buckets[b].resident);
+  for (size_t b = 1; b < plan.buckets.size(); ++b) EXPECT_FALSE(plan.buckets[b].resident());
   std::vector<std::string> names;
   for (const KernelPlan& k : plan.kernels) names.push_back(k.name);
   const auto it = std::find(names.begin(), names.end(), "resident_b0");
@@ -899,7 +899,7 @@ TEST(PlanResident, ConfigurationsFitTheKernel) {
   for (MoeSpec spec : specs) {
     spec.finalize = true;
     const Plan plan = make_plan(spec);
-    if (!plan.buckets[0].resident) continue;
+    if (!plan.buckets[0].resident()) continue;
     ++resident;
     const ResidentConfig& r = plan.buckets[0].res;
     const int H = spec.hidden;
@@ -922,8 +922,8 @@ TEST(PlanResident, Overrides) {
     const ScopedOverride scoped(o);
     return make_plan(preset(name)).buckets[0];
   };
-  EXPECT_FALSE(bucket0("res=0").resident);
-  EXPECT_TRUE(bucket0("res=1").resident);
+  EXPECT_FALSE(bucket0("res=0").resident());
+  EXPECT_TRUE(bucket0("res=1").resident());
   EXPECT_EQ(bucket0("rkp=7168").res.k_part1, 7168);
   EXPECT_EQ(bucket0("rkp=1024,rwin=3").res.window, 3);
   EXPECT_EQ(bucket0("rkp=1024,rwin=30").res.window, 7);  // at most the parts
@@ -935,7 +935,7 @@ TEST(PlanResident, Overrides) {
     MoeSpec wide = preset("qwen3-30b-a3b");
     wide.hidden = 8192;
     wide.intermediate = 256;
-    EXPECT_FALSE(make_plan(wide).buckets[0].resident);
+    EXPECT_FALSE(make_plan(wide).buckets[0].resident());
   }
   for (const char* bad : {"res=2", "rkp=1000", "rkp=2048", "rw=12"})
     EXPECT_THROW(bucket0(bad), Error) << bad;
