@@ -24,28 +24,8 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
-// Timeline (a diagnostic: `moejit bench --timeline`, plan override "tl=0xADDRESS"). With
-// MOEJIT_TIMELINE defined (codegen: the address of a device buffer of u64), the kernels record per
-// layer replay the earliest and the latest %globaltimer (ns) of the events below: word 0 counts
-// replays (the layer's first kernel adds one), then replay slot (count - 1) % kTlSlots holds
-// kTlEvents pairs {min, max}. Without it the calls compile to nothing.
-constexpr int kTlSlots = 64;
-constexpr int kTlEvents = 28;
-enum TlEvent : int {
-  kTlRouteStart, kTlRouted, kTlRouteEnd,                      // route(+dispatch)
-  kTlG1Start, kTlG1Waited, kTlG1Issued, kTlG1First, kTlG1End,  // gemm1
-  kTlG2Start, kTlG2Issued, kTlG2Waited, kTlG2First, kTlG2End,  // gemm2
-  kTlFinStart, kTlFinWaited, kTlFinEnd,                       // finalize
-  kTlG1PWaited, kTlG1PUnit, kTlG2PUnit, kTlG2PSlot,           // producer lane 0 (TMA path)
-  kTlRKeys, kTlRTopK,                                         // routing of token 0
-  kTlDispatchWarp, kTlDispatchBarrier,                        // dispatch_small (thread 0)
-  kTlResG1Last, kTlResG1Rows, kTlResBarrier, kTlResG2In,      // resident layer (thread 0)
-};
-// Per-block records of the stream GEMMs (the latest replay's, overwritten by each): after the
-// slots, for gemm1 then gemm2, kTlMaxBlocks blocks x kTlBlockFields words.
-constexpr int kTlMaxBlocks = 1024;
-constexpr int kTlBlockFields = 8;
-enum TlBlockField : int { kTbSlot, kTbSm, kTbStart, kTbWaited, kTbFirst, kTbEnd, kTbUnits };
+// Timeline (a diagnostic: `moejit bench --timeline`, plan override "tl=0xADDRESS"): the buffer's
+// layout and events are in moejit_params.h. Without MOEJIT_TIMELINE the calls compile to nothing.
 #ifdef MOEJIT_TIMELINE
 __device__ __forceinline__ unsigned long long tl_now() {
   unsigned long long t;

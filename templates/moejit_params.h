@@ -14,6 +14,29 @@ typedef unsigned long long uint64_t;
 
 namespace moejit_dev {
 
+// Timeline (a diagnostic: `moejit bench --timeline`, plan override "tl=0xADDRESS"), shared with
+// the bench tool that reads the buffer. With MOEJIT_TIMELINE defined (codegen: the address of a
+// device buffer of u64), the kernels record per layer replay the earliest and the latest
+// %globaltimer (ns) of the events below: word 0 counts replays (the layer's first kernel adds
+// one), then replay slot (count - 1) % kTlSlots holds kTlEvents pairs {min, max}.
+constexpr int kTlSlots = 64;
+enum TlEvent : int {
+  kTlRouteStart, kTlRouted, kTlRouteEnd,                      // route(+dispatch)
+  kTlG1Start, kTlG1Waited, kTlG1Issued, kTlG1First, kTlG1End,  // gemm1
+  kTlG2Start, kTlG2Issued, kTlG2Waited, kTlG2First, kTlG2End,  // gemm2
+  kTlFinStart, kTlFinWaited, kTlFinEnd,                       // finalize
+  kTlG1PWaited, kTlG1PUnit, kTlG2PUnit, kTlG2PSlot,           // producer lane 0 (TMA path)
+  kTlRKeys, kTlRTopK,                                         // routing of token 0
+  kTlDispatchWarp, kTlDispatchBarrier,                        // dispatch_small (thread 0)
+  kTlResG1Last, kTlResG1Rows, kTlResBarrier, kTlResG2In,      // resident layer (thread 0)
+  kTlEvents                                                   // (the count)
+};
+// Per-block records of the stream GEMMs (the latest replay's, overwritten by each): after the
+// slots, for gemm1 then gemm2, kTlMaxBlocks blocks x kTlBlockFields words.
+constexpr int kTlMaxBlocks = 1024;
+constexpr int kTlBlockFields = 8;
+enum TlBlockField : int { kTbSlot, kTbSm, kTbStart, kTbWaited, kTbFirst, kTbEnd, kTbUnits };
+
 // Route: logits [T, E] (+ bias [E]) -> topk_ids [T, k] global ids, topk_weights [T, k] fp32.
 // Precomputed routing copies (and range-checks) pre_ids / pre_weights instead.
 struct RouteParams {

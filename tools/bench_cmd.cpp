@@ -11,12 +11,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <sstream>
 
 #include "cli_common.h"
 #include "commands.h"
 #include "layer_runner.h"
+#include "moejit_params.h"
 #include "reference/cpu_reference.h"
 
 namespace moejit_cli {
@@ -142,13 +144,14 @@ double l2_bytes() {
 }
 
 // The timeline diagnostic (--timeline): the layer compiled with "tl=0xADDRESS" stamps, per
-// replay, the earliest and latest %globaltimer of each event into this buffer
-// (templates/moejit_common.cuh: word 0 counts replays, then per slot kTlEvents {min, max}).
-constexpr int kTlSlots = 64, kTlEvents = 28;
-// Then per stream GEMM (gemm1, gemm2) and block, the latest replay's record: slot, SM, start,
-// waited, first stage in, end, units.
-constexpr int kTlMaxBlocks = 1024, kTlBlockFields = 8;
-const char* const kTlNames[kTlEvents] = {
+// replay, the earliest and latest %globaltimer of each event into this buffer, then per stream
+// GEMM (gemm1, gemm2) and block the latest replay's record: slot, SM, start, waited, first stage
+// in, end, units (layout and events: templates/moejit_params.h).
+using moejit_dev::kTlBlockFields;
+using moejit_dev::kTlEvents;
+using moejit_dev::kTlMaxBlocks;
+using moejit_dev::kTlSlots;
+const char* const kTlNames[] = {
     "route: start", "route: routed", "route: end (thread 0)", "gemm1: block start",
     "gemm1: dispatch waited", "gemm1: first copy issued", "gemm1: first stage in", "gemm1: block end",
     "gemm2: block start", "gemm2: first copy issued", "gemm2: gemm1 waited", "gemm2: first stage in",
@@ -157,6 +160,7 @@ const char* const kTlNames[kTlEvents] = {
     "gemm2 producer: slot free", "route: token 0 keys", "route: token 0 top-k",
     "dispatch: warp 0 placed", "dispatch: barrier passed", "resident: last gemm1 part in",
     "resident: gemm1 rows written", "resident: grid barrier", "resident: gemm2 weights in"};
+static_assert(std::size(kTlNames) == kTlEvents, "a name per moejit_dev::TlEvent");
 
 // Replays the layer `layer_of(override)` compiled with the timeline, kTlSlots - 3 timed replays
 // after 3 warm-ups, and prints per event the mean over replays of the earliest and latest stamp
