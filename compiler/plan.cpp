@@ -531,6 +531,15 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // are not readable before the wait. "eu=0|1" overrides.
     if (b.stream && b.s1.tma && b.s1.dynamic_units && !b.fused_route)
       b.s1.early_unit = flag_of("eu", true, "gemm1's first unit before its wait");
+    // Gemm2 per tile behind gemm1 (StreamConfig::tile_ready) where both GEMMs copy by TMA, up to
+    // 16 tokens, and above where gemm2's units are more than one stage. H200 (bench/RESULTS.md
+    // section 21): kimi-k2 2-3% faster at 1-16 tokens and 1-3% at 33-64, qwen3-30b-a3b and
+    // kimi-k2-tp8 1-4% at 2-16; at 33-64 qwen3-30b-a3b (three-stage units) within 0.4 us and
+    // kimi-k2-tp8 (one stage) 2-4% slower. "trd=0|1" overrides.
+    const bool multi_stage2 = (spec.intermediate + b.s2.k_stage - 1) / b.s2.k_stage > 1;
+    if (b.stream && b.s1.tma && b.s2.tma)
+      b.s1.tile_ready = b.s2.tile_ready =
+          flag_of("trd", b.fused_route || multi_stage2, "gemm2 per tile behind gemm1");
     // One token of a finalized layer whose routed weights fit in the grid's shared memory: the
     // resident layer (one launch; bench/RESULTS.md section 19). "res=0|1" overrides.
     if (b.stream && lo == 1 && resident_wanted) {
@@ -591,7 +600,8 @@ std::string describe(const Plan& plan) {
                                    (b.s1.alt_rows ? fmt::format(" alt_rows={}", b.s1.alt_rows) : "") +
                                    (b.s1.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s1.min_blocks) : "") +
                                    (b.s1.tma && !b.s1.dynamic_units ? " dynamic_units=0" : "") +
-                                   (b.s1.tma && b.s1.early_unit ? " early_unit=1" : ""),
+                                   (b.s1.tma && b.s1.early_unit ? " early_unit=1" : "") +
+                                   (b.s1.tile_ready ? " tile_ready=1" : ""),
                                b.s2.consumer_warps,
                                b.s2.producer_warps, b.s2.k_stage, b.s2.stages,
                                (b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns)) +

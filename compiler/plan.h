@@ -68,10 +68,16 @@ struct StreamConfig {
   // first unit from the routed ids (GemmParams::topk_ids) as dispatch would, and copies it
   // before waiting for dispatch. The planner sets it per bucket.
   bool early_unit = false;
+  // Both GEMMs of a bucket with TMA, behind the fused route+dispatch block: units numbered
+  // tile-major, gemm1 counts each tile's finished features (GemmParams::tile_ready, zeroed by
+  // dispatch) and gemm2's producer waits per unit for its tile there instead of for gemm1's
+  // grid, so gemm2 streams finished tiles during gemm1's tail. The planner sets it per bucket.
+  bool tile_ready = false;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;
 
-  int threads() const { return 32 * (consumer_warps + producer_warps); }
+  // Gemm1 with tile_ready has one more warp, which publishes its finished units.
+  int threads(bool gemm1) const { return 32 * (consumer_warps + producer_warps + (gemm1 && tile_ready)); }
   // The k_stage of the path for units of `rows` rows (the default path's, or a smaller one's).
   int k_stage_for(int rows) const {
     return rows == unit_rows ? k_stage : rows == 16 ? k_stage16 : k_stage32;
@@ -82,7 +88,8 @@ struct StreamConfig {
            unit_rows == o.unit_rows && alt_rows == o.alt_rows && k_stage16 == o.k_stage16 &&
            k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
            split_epilogue == o.split_epilogue && tma == o.tma && dynamic_units == o.dynamic_units &&
-           x_boxes == o.x_boxes && early_unit == o.early_unit && min_blocks == o.min_blocks;
+           x_boxes == o.x_boxes && early_unit == o.early_unit && tile_ready == o.tile_ready &&
+           min_blocks == o.min_blocks;
   }
 };
 

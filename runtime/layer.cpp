@@ -236,8 +236,9 @@ class LayerImpl {
     l.act = take(static_cast<size_t>(l.rows) * s.intermediate * 4);  // bf16 hi + lo planes
     l.y = take(static_cast<size_t>(l.rows) * s.hidden * 4);  // fp32 gemm2 rows
     // The fused finalize's per-token counters, or the stream GEMMs' unit counters (words 0 and
-    // 32: one 128-byte line each).
-    l.counters = take(std::max<size_t>(static_cast<size_t>(T) * (s.hidden / 16), 64) * 4);
+    // 32: one 128-byte line each) and, from word 64, their tiles' ready words (tile_ready).
+    l.counters = take(std::max<size_t>(static_cast<size_t>(T) * (s.hidden / 16),
+                                       64 + static_cast<size_t>(l.max_tiles)) * 4);
     l.total = at;
     return l;
   }
@@ -305,15 +306,19 @@ class LayerImpl {
     const bool fused = b.fused_finalize && outs.final_out;
     int32_t* counters = reinterpret_cast<int32_t*>(at(l.counters));
     const int feature_blocks = s.hidden / (16 * b.gemm2.warps_n);
+    const bool tile_ready = b.stream && b.s1.tile_ready;
+    int32_t* ready = tile_ready ? counters + 64 : nullptr;
     moejit_dev::DispatchParams dp{topk_ids, counts, offsets, tile_expert, e2p, p2s, T,
                                   l.tile, static_cast<int32_t>(l.max_tiles),
                                   fused || b.stream ? counters : nullptr,
-                                  fused ? T * feature_blocks : b.stream ? 64 : 0,
+                                  fused ? T * feature_blocks
+                                        : b.stream ? 64 + (tile_ready ? static_cast<int>(l.max_tiles) : 0)
+                                                   : 0,
                                   fused ? outs.final_out : nullptr, s.hidden, tile_rows};
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
-                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr};
+                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready};
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
     if (b.stream) {
       g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
@@ -326,7 +331,8 @@ class LayerImpl {
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
-                              fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32, nullptr};
+                              fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32, nullptr,
+                              ready};
     if (b.stream) {
       g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
                                                 kernels_[gemm2_[bucket]].persistent_blocks);

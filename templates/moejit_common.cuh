@@ -12,7 +12,9 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Programmatic dependent launch (sm_90+; no-ops before). A kernel launched with the PDL
 // attribute may start while its predecessor still runs: pdl_wait() blocks until the predecessor
 // grid has completed and its writes are visible. Every moejit kernel waits before it triggers
-// its own dependents, so a kernel may read what the kernel two back wrote before its own wait.
+// its own dependents, so a kernel may read what the kernel two back wrote before its own wait;
+// one exception: gemm2 with tile_ready (moejit_stream.cuh) triggers first, so the finalize
+// reads only what the kernels three back (routing) wrote before its wait.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -22,6 +24,18 @@ __device__ __forceinline__ void pdl_trigger() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
+}
+
+// A word other blocks update: red_release_gpu orders this thread's earlier writes (and those
+// ordered before them, e.g. by a barrier) before the addition; ld_acquire_gpu (not served from
+// L1) orders this thread's later accesses after the writes released into the value it reads.
+__device__ __forceinline__ void red_release_gpu(int* p, int v) {
+  asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
 }
 
 // Timeline (a diagnostic: `moejit bench --timeline`, plan override "tl=0xADDRESS"): the buffer's

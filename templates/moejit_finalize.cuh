@@ -16,8 +16,9 @@ __device__ void finalize_kernel(const FinalizeParams& p) {
   constexpr int K = Cfg::kTopK;
   const int t = blockIdx.x;
   const int h = (blockIdx.y * Cfg::kThreads + threadIdx.x) * 8;
-  // The row map and the routing weights come from the routing kernels, which finished before the
-  // GEMM that launched this kernel early got past its own wait; only y needs the wait. (From
+  // The row map and the routing weights come from the routing kernels, which finished before
+  // gemm1 got past its own wait and triggered gemm2, which launched this kernel early (gemm2
+  // with tile_ready triggers before it waits); only y needs the wait. (From
   // moejit::finalize the launch carries no PDL attribute: the kernel starts after the work
   // before it has completed, and the wait is a no-op.)
   [[maybe_unused]] const unsigned long long t0 = tl_now();  // timeline (diagnostic builds only)

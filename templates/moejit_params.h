@@ -138,6 +138,9 @@ struct GemmParams {
   // complete and visible when the block starts), read before the wait for dispatch to plan the
   // block's first unit; null: the first unit from dispatch's tables after the wait.
   const int32_t* topk_ids;
+  // Stream GEMMs with Cfg::kTileReady: per row tile [max_tiles], the SwiGLU features gemm1 has
+  // written (dispatch zeroes them); gemm2 reads a tile's rows once its word reaches I.
+  int32_t* tile_ready;
 };
 
 // The resident one-token layer (moejit_resident.cuh): route, both GEMMs and the finalize in one

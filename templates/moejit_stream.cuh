@@ -46,7 +46,14 @@
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
-// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes, kEarlyUnit.
+// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes, kEarlyUnit, kTileReady.
+//
+// Tile-ready hand-off (Cfg::kTileReady, both GEMMs of a bucket): units are numbered tile-major
+// (a tile's units one after another, so tiles complete one after another instead of all at the
+// end); gemm1 adds each finished unit's features to its tile's word (GemmParams::tile_ready,
+// zeroed by dispatch) and gemm2's producer waits, per unit, until its tile's word reaches K (= I)
+// instead of waiting for gemm1's whole grid. Gemm2's blocks, which start on the SMs that gemm1's
+// blocks leave, then stream the weights of finished tiles during gemm1's tail.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -264,7 +271,7 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
   out.rows = 0;
   out.token = 0;
   if (static_cast<int>(blockIdx.x) >= out.n_tiles * kSlices) return;  // no unit
-  const int tile = blockIdx.x % out.n_tiles;
+  const int tile = Cfg::kTileReady ? blockIdx.x / kSlices : blockIdx.x % out.n_tiles;  // (unit numbering)
   int found = -1, first = 0;  // the tile's expert and that expert's first tile
   if (tile >= incl - tiles && tile < incl) {
     int t = incl - tiles;
@@ -305,11 +312,11 @@ constexpr int kUnitQ = 16;     // dynamic units published to the consumers (> kM
 // One unit-size path. kRows: weight rows per unit (Cfg::kUnitRows, or a smaller size of
 // Cfg::kAltRows); KC: its K values per stage (a multiple of 256). The path divides the ring
 // (Cfg::kRingBytes) into as many stages as fit, at most 8 (the default path: Cfg::kStages).
-// bars: 2 * kMaxStages mbarriers; red: kConsumerWarps x kRows / 4 x 32 floats; early_scratch:
-// kLocalExperts + 8 ints where Cfg::kEarlyUnit.
+// bars: 2 * kMaxStages + 4 mbarriers; red: kConsumerWarps x kRows / 4 x 32 floats; early_scratch:
+// kLocalExperts + 8 ints where Cfg::kEarlyUnit; epi_tile: 2 ints (Cfg::kTileReady).
 template <class Cfg, int kRows, int KC>
 __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red, int4* unit_q,
-                                 int* early_scratch) {
+                                 int* early_scratch, int* epi_tile) {
   using namespace stream;
   constexpr bool kGemm1 = Cfg::kGemm1;
   constexpr int N = Cfg::kN;
@@ -378,6 +385,19 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   extern __shared__ __align__(128) unsigned char smem[];
   uint64_t* full_bar = bars;
   uint64_t* empty_bar = bars + kMaxStages;
+  // kSplit (four consumer warps, 32- or 64-row units): every consumer warp writes part of a
+  // unit's epilogue; otherwise warp 0 writes all of it.
+  constexpr bool kSplit = Cfg::kSplitEpilogue && CW == 4 && kA >= 2;
+  // Tile-ready hand-off (see the top), gemm1: the unit's writers arrive on epi_bar[i % 2] for
+  // the block's i-th unit after their stores (thread 0 first puts the unit's tile, or -1 after
+  // the last unit, in epi_tile[i % 2]); the signal warp (warp CW + 1) then adds the unit's
+  // features to the tile's word (its release covers the stores: they precede its acquire of
+  // the mbarrier) and arrives on epi_free[i % 2], which thread 0 waits for before reusing the
+  // entry. So no consumer waits for the release (a fence: one L2 round trip per unit).
+  constexpr bool kReady = Cfg::kTileReady;
+  constexpr bool kSignal = kGemm1 && kReady;
+  uint64_t* epi_bar = bars + 2 * kMaxStages;
+  uint64_t* epi_free = epi_bar + 2;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -403,6 +423,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       mbar_init(&full_bar[s], kTma ? 1 : Cfg::kProducerWarps * 32);
       mbar_init(&empty_bar[s], CW * 32);  // every consumer thread releases its reads
     }
+    if constexpr (kSignal)
+      for (int i = 0; i < 2; ++i) {
+        mbar_init(&epi_bar[i], kSplit ? CW * 32 : 32);
+        mbar_init(&epi_free[i], 1);
+      }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
@@ -412,6 +437,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // waits for dispatch after its first unit instead of before it. The consumers take each
   // unit's tile count from the unit queue, not from dispatch's offsets.
   constexpr bool kEarly = kGemm1 && kTma && Cfg::kDynamicUnits && Cfg::kEarlyUnit;
+  // Tile-ready hand-off (see the top): gemm2's producer is the TMA one. Dispatch zeroes the
+  // words: gemm1's signal warp adds to them only after gemm1's wait for it.
+  static_assert(!kReady || kTma, "stream GEMM: tile-ready with TMA");
   const bool early = kEarly && p.topk_ids != nullptr &&
                      p.num_tokens * Cfg::kTopK <= 32 * stream::kEarlySlotRegs;
   [[maybe_unused]] stream::EarlyUnit eu{};
@@ -429,7 +457,27 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       pdl_trigger();
     }
   }
+  // The producer's source row of tile row `lane` < 8 (gemm1: its token; padding rows read -1
+  // and are never used).
+  auto x_src_of_tile = [&](int tile) {
+    if (lane >= 8) return 0;
+    const int row = tile * 8 + lane;
+    return kGemm1 ? p.permuted_to_slot[row] / Cfg::kTopK : row;
+  };
+  // kReady: the first unit's tile, blockIdx.x / kSlices, does not depend on the tile count, so
+  // the producer loads what it needs of it (with dynamic units its expert, rows and x sources;
+  // gemm2: its ready word, last, since the acquire orders what follows) together with the count:
+  // one memory round trip before its first copy instead of two or three.
+  const int tile0 = blockIdx.x / kSlices;
+  const bool first_here = kReady && !early && warp == CW && tile0 < p.max_tiles;
+  int e_first = 0, rows_first = 0, x_first = 0, ready_first = 0;
+  if (Cfg::kDynamicUnits && first_here) {
+    e_first = p.tile_expert[tile0];
+    rows_first = p.tile_rows[tile0];
+    if (!kXBox) x_first = x_src_of_tile(tile0);
+  }
   const int n_tiles = early ? eu.n_tiles : p.expert_offsets[Cfg::kLocalExperts] / 8;
+  if (!kGemm1 && first_here && lane == 0) ready_first = ld_acquire_gpu(p.tile_ready + tile0);
   const int n_units = n_tiles * kSlices;
   const int my_units = blockIdx.x < n_units ? (n_units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
   // Dynamic units (Cfg::kDynamicUnits, TMA only): a block's first unit is blockIdx.x as above;
@@ -451,12 +499,19 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // per-block throughput limit. The first unit's loads still follow the tile count's; loading the
   // first 32 tiles' entries together with it changed nothing measurable: bench/RESULTS.md
   // section 15.)
+  // Unit `id` of expert e with `rows` valid rows (one division): numbered tile-fastest, or
+  // tile-major with kReady.
   struct Unit {
     int tile, slice, e, row0, rows_valid;
-    // Unit `id` (tile-fastest numbering) of expert e with `rows` valid rows (one division).
+    __device__ static int tile_of(int id, int n_tiles) { return kReady ? id / kSlices : id % n_tiles; }
     __device__ Unit(int id, int n_tiles, int e_, int rows) : e(e_), rows_valid(rows) {
-      slice = id / n_tiles;
-      tile = id - slice * n_tiles;
+      if constexpr (kReady) {
+        tile = id / kSlices;
+        slice = id - tile * kSlices;
+      } else {
+        slice = id / n_tiles;
+        tile = id - slice * n_tiles;
+      }
       row0 = tile * 8;
     }
   };
@@ -480,8 +535,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     int e0 = 0, e1 = 0, r0 = 0, r1 = 0;
     __device__ int id(int i) const { return blockIdx.x + i * gridDim.x; }
     __device__ void load(int i, int& e, int& rows) const {
-      e = i < my_units ? p.tile_expert[id(i) % n_tiles] : 0;
-      rows = i < my_units ? p.tile_rows[id(i) % n_tiles] : 0;
+      e = i < my_units ? p.tile_expert[Unit::tile_of(id(i), n_tiles)] : 0;
+      rows = i < my_units ? p.tile_rows[Unit::tile_of(id(i), n_tiles)] : 0;
     }
     __device__ void start() {
       load(0, e0, r0);
@@ -504,20 +559,27 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   if constexpr (!kGemm1)
     if (my_units == 0) pdl_wait();
 
+  if constexpr (kSignal) {
+    if (warp == CW + 1) {  // ---------------- signal warp (see kSignal) ----------------
+      if (early) pdl_wait();  // dispatch zeroes the words (the other warps wait after a unit)
+      if (lane == 0)
+        for (int i = 0;; ++i) {
+          mbar_wait<Cfg::kSuspendNs>(&epi_bar[i & 1], (i >> 1) & 1);
+          const int tile = epi_tile[i & 1];
+          if (tile < 0) break;
+          red_release_gpu(p.tile_ready + tile, kUnitFeatures);
+          mbar_arrive(&epi_free[i & 1]);
+        }
+      return;
+    }
+  }
   if (warp >= CW) {
     // ---------------- producers ----------------
-    // Shared by both copy paths. Lane r < 8: the source row of tile row r (gemm1: its token),
-    // fetched one unit ahead (the address depends only on the tile; padding rows read -1 and are
-    // never used).
-    auto x_src_of_tile = [&](int tile) {
-      if (lane >= 8) return 0;
-      const int row = tile * 8 + lane;
-      return kGemm1 ? p.permuted_to_slot[row] / Cfg::kTopK : row;
-    };
-    auto x_src_of_id = [&](int id) { return id < n_units ? x_src_of_tile(id % n_tiles) : 0; };
+    // Shared by both copy paths: x sources fetched one unit ahead (x_src_of_tile, above).
+    auto x_src_of_id = [&](int id) { return id < n_units ? x_src_of_tile(Unit::tile_of(id, n_tiles)) : 0; };
     auto x_src_of = [&](int i) { return i < my_units ? x_src_of_id(units.id(i)) : 0; };
-    // Gemm2, before its first x copy: x is gemm1's output.
-    bool waited = kGemm1;
+    // Gemm2, before its first x copy: x is gemm1's output (kReady: per unit, see wait_tile).
+    bool waited = kGemm1 || kReady;
     auto wait_for_x = [&](bool stamp) {
       pdl_wait();
       if (stamp) tl_stamp(tls, kEvWaited);
@@ -540,18 +602,47 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       static_assert(Cfg::kProducerWarps == 1, "stream GEMM: TMA takes one producer warp");
       if (warp > CW) return;
       const uint32_t base = (smem_u32(smem) + 1023u) & ~1023u;
+      // kReady, gemm2: the unit's x is its tile's SwiGLU rows, complete once the tile's word
+      // reaches K (lane 0's acquire loads: ready_ahead, loaded when the unit's id became known,
+      // then polls). The acquire orders the copies after gemm1's writes (the warp barrier
+      // passes it on to the other lanes), the proxy fence makes those generic-proxy writes
+      // visible to the copies (async proxy). The block triggers its dependents at once and waits
+      // for gemm1's grid at its end.
+      constexpr bool kWaitTiles = kReady && !kGemm1;
+      int ready_ahead = 0;
+      auto load_ready = [&](int tile) {
+        if (kWaitTiles && lane == 0) ready_ahead = ld_acquire_gpu(p.tile_ready + tile);
+      };
+      auto wait_tile = [&](int tile, bool stamp) {
+        if (lane == 0)
+          while (ready_ahead < K) ready_ahead = ld_acquire_gpu(p.tile_ready + tile);
+        __syncwarp();
+        asm volatile("fence.proxy.async.global;\n" ::: "memory");
+        if (stamp && lane == 0) {
+          tl_stamp(tls, kEvWaited);
+          tl_block(kTlK, kTbWaited, tl_now());
+        }
+      };
+      if constexpr (kWaitTiles) pdl_trigger();
       // Static units: the queue's. Dynamic: the block's first unit, then each next one taken
       // (lane 0's atomic) when the unit before starts, its expert, rows and x sources loaded
       // once that unit's last stage is issued.
       int id = blockIdx.x, e_cur = 0, rows_cur = 0;
       if (dyn && my_units > 0) {
-        e_cur = early ? eu.e : p.tile_expert[id % n_tiles];
-        rows_cur = early ? eu.rows : p.tile_rows[id % n_tiles];
+        e_cur = early ? eu.e : kReady ? e_first : p.tile_expert[Unit::tile_of(id, n_tiles)];
+        rows_cur = early ? eu.rows : kReady ? rows_first : p.tile_rows[Unit::tile_of(id, n_tiles)];
       }
-      int x_src_next = kXBox ? 0 : early ? eu.token : dyn ? x_src_of_id(id) : x_src_of(0);
+      int x_src_next = kXBox  ? 0
+                       : early ? eu.token
+                       : dyn   ? (kReady ? x_first : x_src_of_id(id))
+                               : x_src_of(0);
       int ui = 0;
       for (; dyn ? id < n_units : ui < my_units; ++ui) {
         const Unit u = dyn ? Unit(id, n_tiles, e_cur, rows_cur) : units.next(ui);
+        if (ui == 0)
+          ready_ahead = ready_first;
+        else if (!dyn)
+          load_ready(u.tile);  // (later dynamic units: loaded ahead, below)
         int id_next = n_units;
         if (dyn && lane == 0 && !(early && ui == 0))  // early: after the wait (dispatch zeroes it)
           id_next = gridDim.x + atomicAdd(p.unit_counter, 1);
@@ -598,6 +689,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
             if (ui == 0 && ks == 0) tl_stamp(tls, kEvIssued);
           }
           if (!waited) wait_for_x(lane == 0);
+          if (kWaitTiles && ks == 0) wait_tile(u.tile, ui == 0);
           if constexpr (kXBox) {
             if (lane == 0) {
               tma_load_4d(base + so + kXOff, &p.tma_x, 0, u.row0, k0 / kXBoxGroup, 0, bar);
@@ -618,10 +710,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
               if (lane == 0) id_next = gridDim.x + atomicAdd(p.unit_counter, 1);
             }
             id_next = __shfl_sync(kFullMask, id_next, 0);
-            const int tile_next = id_next % n_tiles;
+            const int tile_next = Unit::tile_of(id_next, n_tiles);
             if (id_next < n_units) {
               e_cur = p.tile_expert[tile_next];
               rows_cur = p.tile_rows[tile_next];
+              load_ready(tile_next);
             }
             if constexpr (!kXBox) x_src_next = id_next < n_units ? x_src_of_tile(tile_next) : 0;
           }
@@ -639,6 +732,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           mbar_arrive(&full_bar[ring.slot]);
         }
       }
+      if constexpr (kWaitTiles) pdl_wait();  // this grid completes after gemm1's
       return;
     }
     constexpr int PT = Cfg::kProducerWarps * 32;
@@ -793,6 +887,14 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   constexpr uint32_t kXGroup = kXBox ? 256 : 64;            // the pair's second group
   const uint32_t smem_base = kTma ? (smem_u32(smem) + 1023u) & ~1023u : smem_u32(smem);
 
+  // kSignal: the writers' hand-off of the block's i-th unit (tile < 0: no more units).
+  auto signal_unit = [&](int i, int tile) {
+    if (tid == 0) {
+      if (i >= 2) mbar_wait<Cfg::kSuspendNs>(&epi_free[i & 1], ((i >> 1) - 1) & 1);
+      epi_tile[i & 1] = tile;
+    }
+    mbar_arrive(&epi_bar[i & 1]);
+  };
   int slot = 0;
   uint32_t parity = 0;
   int ui = 0;
@@ -976,7 +1078,6 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     // warps, 32- or 64-row units): warp w sums and stores accumulator index i = w of every A
     // tile (rows 2t + (w & 1), features g + 8 (w >> 1)), so the four epilogues run in parallel;
     // otherwise warp 0 sums everything and runs the whole epilogue.
-    constexpr bool kSplit = Cfg::kSplitEpilogue && CW == 4 && kA >= 2;
     if constexpr (kSplit) {
 #pragma unroll
       for (int a = 0; a < kA; ++a)
@@ -1066,6 +1167,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       }
     }
 
+    if constexpr (kSignal)
+      if (kSplit || warp == 0) signal_unit(ui, u.tile);  // the unit's features are written
+
     (void)alpha;
     (void)beta;
     (void)limit;
@@ -1074,6 +1178,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     pdl_wait();
     pdl_trigger();
   }
+  if constexpr (kSignal)
+    if (kSplit || warp == 0) signal_unit(ui, -1);  // the end
   if (tid == 0 && ui > 0) tl_stamp(tls, kEvEnd);
   if (tid == 0) tl_block(kTlK, kTbEnd, tl_now());
   if (dyn && tid == 0) tl_block(kTlK, kTbUnits, ui);
@@ -1085,7 +1191,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
 template <class Cfg>
 __device__ void stream_gemm(const GemmParams& p) {
   constexpr int CW = Cfg::kConsumerWarps;
-  __shared__ uint64_t bars[2 * kMaxStages];
+  __shared__ uint64_t bars[2 * kMaxStages + 4];  // full, empty, and the tile-ready hand-off's
+  __shared__ int epi_tile[2];
   __shared__ float red[CW * (Cfg::kUnitRows / 4) * 32];
   __shared__ int4 unit_q[kUnitQ];
   // Gemm1's plan of its first unit (Cfg::kEarlyUnit): expert counts and a tile's tokens.
@@ -1097,15 +1204,15 @@ __device__ void stream_gemm(const GemmParams& p) {
                 "stream GEMM: smaller paths of 16 (gemm1) or 32 rows below the default");
   if constexpr ((Cfg::kAltRows & 16) != 0)
     if (p.unit_rows == 16) {
-      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, bars, red, unit_q, early);
+      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, bars, red, unit_q, early, epi_tile);
       return;
     }
   if constexpr ((Cfg::kAltRows & 32) != 0)
     if (p.unit_rows == 32) {
-      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, bars, red, unit_q, early);
+      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, bars, red, unit_q, early, epi_tile);
       return;
     }
-  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, bars, red, unit_q, early);
+  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, bars, red, unit_q, early, epi_tile);
 }
 
 }  // namespace moejit_dev

@@ -156,6 +156,9 @@ TEST(PlanGemm, KimiK2Configs) {
   s2.tma = true;
   s2.x_boxes = false;  // eight stages per unit: x row by row
   s2.min_blocks = 3;
+  // Gemm2 waits per tile for gemm1 (tile_ready): up to 16 tokens, and above since its units
+  // are eight stages.
+  s1.tile_ready = s2.tile_ready = true;
   EXPECT_EQ(plan.buckets[0].s1, s1);
   EXPECT_EQ(plan.buckets[0].s2, s2);
   EXPECT_EQ(stream_stage_bytes(512, true, 64, true), 27648);
@@ -182,6 +185,22 @@ TEST(PlanGemm, KimiK2Configs) {
     for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets)
       EXPECT_EQ(b.s1.early_unit, b.stream);
     const ScopedOverride bad("eu=2");
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
+  }
+  {
+    // tile_ready from 17 tokens only where gemm2's units are more than one stage: kimi-k2-tp8's
+    // (I = 256 = k_stage) are one; qwen3-30b-a3b's (768) three. "trd=0|1" overrides.
+    const Plan tp8 = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");
+    EXPECT_TRUE(tp8.buckets[0].s1.tile_ready && tp8.buckets[0].s2.tile_ready);
+    EXPECT_FALSE(tp8.buckets[1].s1.tile_ready || tp8.buckets[1].s2.tile_ready);
+    EXPECT_TRUE(make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a").buckets[1].s2.tile_ready);
+    const ScopedOverride off("trd=0");
+    for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets)
+      EXPECT_FALSE(b.s1.tile_ready || b.s2.tile_ready);
+    const ScopedOverride on("trd=1");
+    for (const Bucket& b : make_plan(preset("kimi-k2-tp8"), 64, "sm_90a").buckets)
+      EXPECT_EQ(b.s2.tile_ready, b.stream);
+    const ScopedOverride bad("trd=2");
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
   }
   {
@@ -344,7 +363,7 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
   const std::string text = describe(make_plan(preset("kimi-k2"), 16));
   EXPECT_EQ(text,
             "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=0 stream1(consumer_warps=4 "
-            "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2) "
+            "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2 tile_ready=1) "
             "stream2(consumer_warps=4 producer_warps=1 k_stage=256 stages=3 tma=1 "
             "blocks_per_sm=3) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
             "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1)\n"
@@ -389,7 +408,7 @@ TEST(PlanStream, UnitRowsRule) {
   // 64 rows x 512 (27648 B) beat 3 of 16 rows x 1024 (26624 B) and 2 of 32 rows x 1024 (35840 B).
   EXPECT_EQ(g1.ring_bytes, 3 * 27648);
   EXPECT_EQ(g1.stages, 3);
-  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48 tma=1 blocks_per_sm=2 dynamic_units=0)"),
+  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48 tma=1 blocks_per_sm=2 dynamic_units=0 tile_ready=1)"),
             std::string::npos);
   {
     // With cp.async (tma=0): 3 stages of 32 rows x 1024 (35328 B) make the ring.
@@ -489,6 +508,7 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   q2.min_blocks = 3;
   q2.dynamic_units = false;  // 256 units at one token: one round
   q2.x_boxes = false;
+  q2.tile_ready = true;  // gemm2 per tile behind gemm1 (up to 16 tokens, and three-stage units)
   EXPECT_EQ(q.buckets[0].s2, q2);
   q2.ring_bytes = 3 * 17408;
   q2.dynamic_units = true;
