@@ -68,10 +68,10 @@ struct StreamConfig {
   // first unit from the routed ids (GemmParams::topk_ids) as dispatch would, and copies it
   // before waiting for dispatch. The planner sets it per bucket.
   bool early_unit = false;
-  // Both GEMMs of a bucket with TMA, behind the fused route+dispatch block: units numbered
-  // tile-major, gemm1 counts each tile's finished features (GemmParams::tile_ready, zeroed by
-  // dispatch) and gemm2's producer waits per unit for its tile there instead of for gemm1's
-  // grid, so gemm2 streams finished tiles during gemm1's tail. The planner sets it per bucket.
+  // Both GEMMs of a bucket with TMA: units numbered tile-major, gemm1 counts each tile's
+  // finished features (GemmParams::tile_ready, zeroed by dispatch) and gemm2's producer waits
+  // per unit for its tile there instead of for gemm1's grid, so gemm2 streams finished tiles
+  // during gemm1's tail. The planner sets it per bucket (on both configs of the bucket).
   bool tile_ready = false;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;
