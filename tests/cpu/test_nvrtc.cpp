@@ -208,7 +208,9 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamCopyPaths,
 // compiled into every kernel, what `moejit bench --timeline` runs), alone and together; gemm2's
 // x by 4-row TMA boxes in every bucket (xb=1) or in none (xb=0); gemm1's first unit copied
 // before its wait in no bucket (eu=0) or in every bucket, the one-token one included (fr=0,dyn=1:
-// a separate dispatch kernel and units from the counter, which its 16- and 32-row paths take).
+// a separate dispatch kernel and units from the counter, which its 16- and 32-row paths take);
+// gemm2 per tile behind gemm1 in no bucket (trd=0: the kernels that wait for gemm1's grid) or
+// in both (trd=1; kimi-k2-tp8's one-stage gemm2 units from 17 tokens included).
 class NvrtcStreamSwitches
     : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
 
@@ -222,20 +224,27 @@ TEST_P(NvrtcStreamSwitches, EveryBucketCompilesWithoutSpills) {
   if (override_text == "eu=0" || override_text == "fr=0,dyn=1") {
     for (int b = 0; b < 2; ++b) EXPECT_EQ(plan.buckets[b].s1.early_unit, override_text != "eu=0");
   }
+  if (override_text.rfind("trd=", 0) == 0) {
+    for (int b = 0; b < 2; ++b) {
+      EXPECT_EQ(plan.buckets[b].s1.tile_ready, override_text == "trd=1");
+      EXPECT_EQ(plan.buckets[b].s2.tile_ready, override_text == "trd=1");
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamSwitches,
                          ::testing::Combine(::testing::Values("kimi-k2-tp8", "qwen3-30b-a3b"),
                                             ::testing::Values("dyn=1", "tl=0x7f0000001000",
                                                               "dyn=1,tl=0x7f0000001000", "xb=1", "xb=0", "eu=0",
-                                                              "fr=0,dyn=1")),
+                                                              "fr=0,dyn=1", "trd=0", "trd=1")),
                          [](const ::testing::TestParamInfo<NvrtcStreamSwitches::ParamType>& info) {
                            const std::string& o = std::get<1>(info.param);
                            return param_name(std::get<0>(info.param) +
                                              (o.find("dyn=1") != std::string::npos ? "_dyn" : "") +
                                              (o.find("tl=") != std::string::npos ? "_timeline" : "") +
                                              (o.rfind("xb=", 0) == 0 ? "_" + o.substr(0, 2) + o.substr(3) : "") +
-                                             (o == "eu=0" ? "_eu0" : "") + (o.find("fr=0") != std::string::npos ? "_fr0" : ""));
+                                             (o == "eu=0" ? "_eu0" : "") + (o.find("fr=0") != std::string::npos ? "_fr0" : "") +
+                                             (o.rfind("trd=", 0) == 0 ? "_trd" + o.substr(4) : ""));
                          });
 
 // ---- variants ---------------------------------------------------------------------------------
