@@ -306,7 +306,7 @@ class LayerImpl {
     const bool fused = b.fused_finalize && outs.final_out;
     int32_t* counters = reinterpret_cast<int32_t*>(at(l.counters));
     const int feature_blocks = s.hidden / (16 * b.gemm2.warps_n);
-    const bool tile_ready = b.stream && b.s1.tile_ready;
+    const bool tile_ready = b.s1.tile_ready;  // (the planner sets it on stream buckets only)
     int32_t* ready = tile_ready ? counters + 64 : nullptr;
     moejit_dev::DispatchParams dp{topk_ids, counts, offsets, tile_expert, e2p, p2s, T,
                                   l.tile, static_cast<int32_t>(l.max_tiles),

@@ -227,6 +227,13 @@ __device__ __forceinline__ void first_rows(I eg, int slice, I& row_lo, I& row_hi
 // dispatch still runs; dispatch's tables are read from the second unit on, after the wait.
 // For at most kEarlySlotRegs * 32 slots (the caller checks). scratch: kLocalExperts + 8 ints of
 // shared memory.
+// The row tile of unit `id`: units are numbered tile-fastest (the tiles of one expert stream its
+// weights together), or tile-major with Cfg::kTileReady (see the top). kSlices: units per tile.
+template <class Cfg, int kSlices, class I>
+__device__ __forceinline__ I unit_tile(I id, I n_tiles) {
+  return Cfg::kTileReady ? id / kSlices : id % n_tiles;
+}
+
 struct EarlyUnit {
   int n_tiles, e, rows;
   int token;  // lane r < 8: the token of the unit's tile row r (padding rows: 0)
@@ -271,7 +278,7 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
   out.rows = 0;
   out.token = 0;
   if (static_cast<int>(blockIdx.x) >= out.n_tiles * kSlices) return;  // no unit
-  const int tile = Cfg::kTileReady ? blockIdx.x / kSlices : blockIdx.x % out.n_tiles;  // (unit numbering)
+  const int tile = unit_tile<Cfg, kSlices>(blockIdx.x, static_cast<unsigned>(out.n_tiles));
   int found = -1, first = 0;  // the tile's expert and that expert's first tile
   if (tile >= incl - tiles && tile < incl) {
     int t = incl - tiles;
@@ -503,7 +510,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // tile-major with kReady.
   struct Unit {
     int tile, slice, e, row0, rows_valid;
-    __device__ static int tile_of(int id, int n_tiles) { return kReady ? id / kSlices : id % n_tiles; }
+    __device__ static int tile_of(int id, int n_tiles) { return stream::unit_tile<Cfg, kSlices>(id, n_tiles); }
     __device__ Unit(int id, int n_tiles, int e_, int rows) : e(e_), rows_valid(rows) {
       if constexpr (kReady) {
         tile = id / kSlices;
