@@ -485,6 +485,15 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
           dynamic(stream_units(spec, false, b.s2.unit_rows, lo), spec.intermediate, b.s2.k_stage, grid2);
       // Gemm2 keeps 64-row units only: with the 32-row path compiled in, qwen3-30b-a3b took
       // 1 us longer at 1-3 tokens, whether or not a launch took it (H200, section 14).
+      // Dynamic units fetched early (StreamConfig::early_fetch; H200, bench/RESULTS.md section
+      // 22: qwen3-30b-a3b 2-3 us faster at 33-64 tokens, the others within their spread).
+      // The float count is exact below 2^24: bound the units a launch may take (row tiles at
+      // most P / 8 + E, units at least 8 weight rows of the larger GEMM), plus a grid's blocks.
+      const long long max_units =
+          (static_cast<long long>(hi) * spec.top_k / 8 + spec.local_experts()) *
+              (std::max(2 * spec.intermediate, spec.hidden) / 8) + 132 * 3;
+      b.s1.early_fetch = b.s2.early_fetch =
+          flag_of("uf", max_units < (1 << 24), "dynamic units fetched early");
     }
     if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
       apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);
@@ -600,6 +609,7 @@ std::string describe(const Plan& plan) {
                                    (b.s1.alt_rows ? fmt::format(" alt_rows={}", b.s1.alt_rows) : "") +
                                    (b.s1.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s1.min_blocks) : "") +
                                    (b.s1.tma && !b.s1.dynamic_units ? " dynamic_units=0" : "") +
+                                   (b.s1.tma && b.s1.dynamic_units && !b.s1.early_fetch ? " early_fetch=0" : "") +
                                    (b.s1.tma && b.s1.early_unit ? " early_unit=1" : "") +
                                    (b.s1.tile_ready ? " tile_ready=1" : ""),
                                b.s2.consumer_warps,
@@ -610,6 +620,7 @@ std::string describe(const Plan& plan) {
                                    (b.s2.pack_planes ? "" : " pack_planes=0") +
                                    (b.s2.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s2.min_blocks) : "") +
                                    (b.s2.tma && !b.s2.dynamic_units ? " dynamic_units=0" : "") +
+                                   (b.s2.tma && b.s2.dynamic_units && !b.s2.early_fetch ? " early_fetch=0" : "") +
                                    (b.s2.tma && b.s2.x_boxes ? " x_boxes=1" : ""))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,

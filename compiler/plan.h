@@ -73,6 +73,11 @@ struct StreamConfig {
   // per unit for its tile there instead of for gemm1's grid, so gemm2 streams finished tiles
   // during gemm1's tail. The planner sets it per bucket (on both configs of the bucket).
   bool tile_ready = false;
+  // Dynamic units: the producer takes the next unit from the counter without waiting for the
+  // count there (a float atomic: ptxas turns an integer one into a warp-aggregated atomic that
+  // waits for its result at once), and loads its tables after the current unit's second stage
+  // instead of its last. The planner keeps the default; "uf=0|1" overrides.
+  bool early_fetch = true;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;
 
@@ -89,7 +94,7 @@ struct StreamConfig {
            k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
            split_epilogue == o.split_epilogue && tma == o.tma && dynamic_units == o.dynamic_units &&
            x_boxes == o.x_boxes && early_unit == o.early_unit && tile_ready == o.tile_ready &&
-           min_blocks == o.min_blocks;
+           early_fetch == o.early_fetch && min_blocks == o.min_blocks;
   }
 };
 

@@ -37,6 +37,17 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+// A count taken by one thread that waits for the old value where it is first used. ptxas turns
+// an integer add at a uniform address (atomicAdd, atom.add or atom.inc in inline PTX, 32 or 64
+// bits) into a warp-aggregated atomic whose result is shuffled to the lanes right after it, so
+// the thread waits there for the atomic's round trip (H200 SASS, CUDA 13.0). A float add is not
+// aggregated; the count is exact while below 2^24. The word holds a float (0 bits = 0.0f).
+// (Converted to int where it is used: a conversion next to the atomic waits there too.)
+__device__ __forceinline__ float atom_take_gpu(int* p) {
+  float old;
+  asm volatile("atom.relaxed.gpu.global.add.f32 %0, [%1], 1.0;\n" : "=f"(old) : "l"(p) : "memory");
+  return old;
+}
 
 // Timeline (a diagnostic: `moejit bench --timeline`, plan override "tl=0xADDRESS"): the buffer's
 // layout and events are in moejit_params.h. Without MOEJIT_TIMELINE the calls compile to nothing.

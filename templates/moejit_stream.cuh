@@ -620,6 +620,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       auto load_ready = [&](int tile) {
         if (kWaitTiles && lane == 0) ready_ahead = ld_acquire_gpu(p.tile_ready + tile);
       };
+      // Lane 0 takes the next unit from the counter; the count (with Cfg::kEarlyFetch a float's
+      // bits, see atom_take_gpu) is read where the next unit's tables are loaded.
+      auto take_unit = [&]() -> int {
+        return Cfg::kEarlyFetch ? __float_as_int(atom_take_gpu(p.unit_counter)) : atomicAdd(p.unit_counter, 1);
+      };
+      auto count_of = [](int taken) { return Cfg::kEarlyFetch ? static_cast<int>(__int_as_float(taken)) : taken; };
       auto wait_tile = [&](int tile, bool stamp) {
         if (lane == 0)
           while (ready_ahead < K) ready_ahead = ld_acquire_gpu(p.tile_ready + tile);
@@ -632,8 +638,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       };
       if constexpr (kWaitTiles) pdl_trigger();
       // Static units: the queue's. Dynamic: the block's first unit, then each next one taken
-      // (lane 0's atomic) when the unit before starts, its expert, rows and x sources loaded
-      // once that unit's last stage is issued.
+      // (lane 0's atomic) when the unit before starts, its expert, rows and x sources loaded once
+      // that unit's second stage is issued (Cfg::kEarlyFetch: the count is back by then, and the
+      // tables by the next unit's first stage; H200, bench/RESULTS.md section 22), else its last.
+      constexpr int kFetchStage = Cfg::kEarlyFetch && kStagesPerUnit > 1 ? 1 : kStagesPerUnit - 1;
       int id = blockIdx.x, e_cur = 0, rows_cur = 0;
       if (dyn && my_units > 0) {
         e_cur = early ? eu.e : kReady ? e_first : p.tile_expert[Unit::tile_of(id, n_tiles)];
@@ -650,9 +658,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           ready_ahead = ready_first;
         else if (!dyn)
           load_ready(u.tile);  // (later dynamic units: loaded ahead, below)
-        int id_next = n_units;
+        int taken = 0;  // lane 0: the count at which it took the next unit (take_unit)
         if (dyn && lane == 0 && !(early && ui == 0))  // early: after the wait (dispatch zeroes it)
-          id_next = gridDim.x + atomicAdd(p.unit_counter, 1);
+          taken = take_unit();
+        int id_next = n_units;
         const int x_src = x_src_next;
         if (!dyn && !kXBox) x_src_next = x_src_of(ui + 1);
         int row_lo, row_hi;  // TMA box coordinates
@@ -707,16 +716,15 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
             bulk_load(x_dst + so, xrow + k0, kc * 2, bar);
           }
           ring.advance();
-          // The next unit: its id, then what it needs, after the unit's last stage is issued (the
-          // atomic's result would stall the ring's fill in the middle of the unit).
-          if (dyn && ks == kStagesPerUnit - 1) {
+          // The next unit: its id, then what it needs (kFetchStage, above).
+          if (dyn && ks == ((early && ui == 0) ? kStagesPerUnit - 1 : kFetchStage)) {
             if (early && ui == 0) {  // the first unit is issued: wait for dispatch's tables
               pdl_wait();
               if (lane == 0) tl_stamp(tls, kTlG1PWaited);
               pdl_trigger();
-              if (lane == 0) id_next = gridDim.x + atomicAdd(p.unit_counter, 1);
+              if (lane == 0) taken = take_unit();
             }
-            id_next = __shfl_sync(kFullMask, id_next, 0);
+            id_next = gridDim.x + count_of(__shfl_sync(kFullMask, taken, 0));
             const int tile_next = Unit::tile_of(id_next, n_tiles);
             if (id_next < n_units) {
               e_cur = p.tile_expert[tile_next];

@@ -210,7 +210,8 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamCopyPaths,
 // before its wait in no bucket (eu=0) or in every bucket, the one-token one included (fr=0,dyn=1:
 // a separate dispatch kernel and units from the counter, which its 16- and 32-row paths take);
 // gemm2 per tile behind gemm1 in no bucket (trd=0: the kernels that wait for gemm1's grid) or
-// in both (trd=1; kimi-k2-tp8's one-stage gemm2 units from 17 tokens included).
+// in both (trd=1; kimi-k2-tp8's one-stage gemm2 units from 17 tokens included); dynamic units
+// fetched at the unit's last stage with the integer atomic (uf=0).
 class NvrtcStreamSwitches
     : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
 
@@ -230,13 +231,16 @@ TEST_P(NvrtcStreamSwitches, EveryBucketCompilesWithoutSpills) {
       EXPECT_EQ(plan.buckets[b].s2.tile_ready, override_text == "trd=1");
     }
   }
+  if (override_text == "uf=0") {
+    for (int b = 0; b < 2; ++b) EXPECT_FALSE(plan.buckets[b].s1.early_fetch || plan.buckets[b].s2.early_fetch);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamSwitches,
                          ::testing::Combine(::testing::Values("kimi-k2-tp8", "qwen3-30b-a3b"),
                                             ::testing::Values("dyn=1", "tl=0x7f0000001000",
                                                               "dyn=1,tl=0x7f0000001000", "xb=1", "xb=0", "eu=0",
-                                                              "fr=0,dyn=1", "trd=0", "trd=1")),
+                                                              "fr=0,dyn=1", "trd=0", "trd=1", "uf=0")),
                          [](const ::testing::TestParamInfo<NvrtcStreamSwitches::ParamType>& info) {
                            const std::string& o = std::get<1>(info.param);
                            return param_name(std::get<0>(info.param) +
@@ -244,7 +248,8 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamSwitches,
                                              (o.find("tl=") != std::string::npos ? "_timeline" : "") +
                                              (o.rfind("xb=", 0) == 0 ? "_" + o.substr(0, 2) + o.substr(3) : "") +
                                              (o == "eu=0" ? "_eu0" : "") + (o.find("fr=0") != std::string::npos ? "_fr0" : "") +
-                                             (o.rfind("trd=", 0) == 0 ? "_trd" + o.substr(4) : ""));
+                                             (o.rfind("trd=", 0) == 0 ? "_trd" + o.substr(4) : "") +
+                                             (o == "uf=0" ? "_uf0" : ""));
                          });
 
 // ---- variants ---------------------------------------------------------------------------------

@@ -204,6 +204,22 @@ TEST(PlanGemm, KimiK2Configs) {
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
   }
   {
+    // Dynamic units fetched early in every stream bucket ("uf=0|1" overrides); describe names
+    // the override where units come from the counter.
+    for (const char* name : {"kimi-k2", "kimi-k2-tp8", "qwen3-30b-a3b"})
+      for (const Bucket& b : make_plan(preset(name), 64, "sm_90a").buckets)
+        EXPECT_TRUE(!b.stream || (b.s1.early_fetch && b.s2.early_fetch)) << name;
+    EXPECT_EQ(describe(make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a")).find("early_fetch"), std::string::npos);
+    const ScopedOverride off("uf=0");
+    const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
+    for (const Bucket& b : q.buckets) EXPECT_FALSE(b.s1.early_fetch || b.s2.early_fetch);
+    EXPECT_NE(describe(q).find("stream2(consumer_warps=4 producer_warps=1 k_stage=256 stages=3 tma=1 "
+                               "blocks_per_sm=3 early_fetch=0"),
+              std::string::npos);
+    const ScopedOverride bad("uf=2");
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
+  }
+  {
     const ScopedOverride cp_async("tma=0");
     const Plan c = make_plan(preset("kimi-k2"), 64, "sm_90a");
     StreamConfig c1{4, 512, 3, 4};

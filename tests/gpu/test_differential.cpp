@@ -976,17 +976,36 @@ TEST(Differential, SmallStreamEachUnitSize) {
 // units dealt round-robin (dyn=0), 16- and 32-row units, the epilogue of warp 0 alone (sep=0),
 // gemm2's planes unpacked, gemm1's first unit from dispatch's tables (eu=0) or planned before
 // its wait at every token count (fr=0,dyn=1), and the stream kernels at one token of a finalized
-// layer too (res=0).
+// layer too (res=0); the next dynamic unit fetched at the unit's last stage (uf=0).
 TEST(Differential, SmallStreamTileReady) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,trd=0", "stream=1,trd=0,dyn=1", "stream=1,trd=1,dyn=0",
                         "stream=1,trd=1,dyn=1,u1=16,u2=32", "stream=1,trd=1,u1=32,u2=32",
                         "stream=1,trd=1,sep=0", "stream=1,trd=1,pack=0", "stream=1,trd=1,eu=0",
-                        "stream=1,trd=1,fr=0,dyn=1", "stream=1,trd=1,res=0"}) {
+                        "stream=1,trd=1,fr=0,dyn=1", "stream=1,trd=1,res=0", "stream=1,dyn=1,uf=0",
+                        "stream=1,trd=0,dyn=1,uf=0"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("small-stream[") + o + "]";
     run_cases({small_case(name, small_stream_spec(), 1), small_case(name, small_stream_spec(), 5),
                small_case(name, small_stream_spec(), 17), small_case(name, small_stream_spec(), 64)});
+  }
+}
+
+// Units of several stages (qwen3-30b-a3b's K: gemm1 four 512-deep stages, gemm2 three 256-deep
+// ones) taken from the counter: the next unit's id and tables fetched once the unit's second
+// stage is issued (the default), or at its last with the integer atomic (uf=0), with gemm2 per
+// tile behind gemm1 or behind its grid (trd=0).
+TEST(Differential, SmallStreamMultiStageUnits) {
+  MOEJIT_REQUIRE_GPU();
+  MoeSpec spec = small_stream_spec();
+  spec.hidden = 2048;
+  spec.intermediate = 768;
+  spec.num_experts = 32;
+  for (const char* o : {"stream=1,dyn=1", "stream=1,dyn=1,uf=0", "stream=1,dyn=1,trd=0"}) {
+    const ScopedPlanOverride force(o);
+    const std::string name = std::string("stream-multi-stage[") + o + "]";
+    run_cases({small_case(name, spec, 2), small_case(name, spec, 17), small_case(name, spec, 33),
+               small_case(name, spec, 64)});
   }
 }
 
