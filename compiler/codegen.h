@@ -27,7 +27,6 @@ std::vector<KernelSource> generate_all(const Plan& plan);
 // Launch constants shared by codegen and the launcher.
 constexpr int kRouteWarpsPerBlock = 4;
 constexpr int kDispatchThreads = 256;
-constexpr int kFinalizeThreads = 128;  // x 8 features each
 
 // The embedded templates (name, text), for NVRTC's in-memory headers and the cache key.
 struct TemplateFile {

@@ -26,6 +26,11 @@ const std::vector<std::pair<int, int>>& bucket_ranges() {
   return ranges;
 }
 
+int finalize_threads_for(const Plan& plan, int tokens) {
+  if (plan.finalize_threads > 0) return plan.finalize_threads;
+  return tokens <= 64 ? 32 : kFinalizeThreads;
+}
+
 int Plan::bucket_for(int tokens) const {
   for (size_t i = 0; i < buckets.size(); ++i)
     if (buckets[i].contains(tokens)) return static_cast<int>(i);
@@ -382,6 +387,13 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   // H200, bench/RESULTS.md section 15: the general dispatch block took 2.9 us of a one-token
   // kimi-k2-tp8 layer.
   if (override_text.find("sd=0") != std::string::npos) plan.small_dispatch = false;
+  static const std::regex fth("(^|[^A-Za-z0-9_])fth=([0-9]+)");
+  if (std::smatch m; std::regex_search(override_text, m, fth)) {
+    if (m[2] != "32" && m[2] != "64" && m[2] != "128")
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("MOEJIT_PLAN_OVERRIDE: fth={} (finalize threads) must be 32, 64 or 128", m[2].str()));
+    plan.finalize_threads = std::stoi(m[2]);
+  }
   const bool resident_wanted = flag_of("res", true, "the resident one-token layer");
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;

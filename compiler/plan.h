@@ -203,11 +203,21 @@ struct Plan {
   // Dispatch of at most 32 slots by one warp and one block barrier (moejit_dispatch.cuh,
   // dispatch_small); "sd=0" keeps the general block dispatch for them.
   bool small_dispatch = true;
+  // Threads per finalize block, 8 features each, at most kFinalizeThreads (0: by token count,
+  // finalize_threads_for); "fth=N" (32, 64 or 128) forces N.
+  int finalize_threads = 0;
 
   int bucket_for(int tokens) const;  // throws InvalidArgument if no bucket covers it
   // Upper bound of row tiles (and of permuted rows = tiles * tile_rows) for T tokens.
   static long long max_tiles(int tokens, int top_k, int local_experts, int tile_rows);
 };
+
+// Threads of the finalize kernel's blocks at most (its launch bound), 8 features each.
+constexpr int kFinalizeThreads = 128;
+// Threads per finalize block for T tokens: plan.finalize_threads where an override forced it,
+// else 32 up to 64 tokens (four times the blocks of 128-thread ones: each token's features
+// spread over more SMs; H200, bench/RESULTS.md section 22) and kFinalizeThreads (128) above.
+int finalize_threads_for(const Plan& plan, int tokens);
 
 // Bucket boundaries used by every plan: [1,16], [17,64], [65,512], [513, inf).
 const std::vector<std::pair<int, int>>& bucket_ranges();

@@ -477,9 +477,10 @@ class LayerImpl {
                     Stream stream, bool after_gemm2) const {
     if (T == 0) return;
     moejit_dev::FinalizeParams fp{y, weights, e2p, out, T};
-    const int per_block = compiler::kFinalizeThreads * 8;
+    const int threads = compiler::finalize_threads_for(plan_, T);
+    const int per_block = threads * 8;
     launch(finalize_, static_cast<unsigned>(T), (plan_.spec.hidden + per_block - 1) / per_block,
-           &fp, stream, after_gemm2);
+           &fp, stream, after_gemm2, threads);
   }
 
   int launches(int T) const {
@@ -507,8 +508,9 @@ class LayerImpl {
 
   template <class P>
   void launch(size_t k, unsigned gx, unsigned gy, P* params, Stream stream,
-              bool allow_pdl = true) const {
+              bool allow_pdl = true, int threads = 0) const {
     void* args[] = {params};
+    const unsigned block = static_cast<unsigned>(threads > 0 ? threads : kernels_[k].threads);
     const unsigned smem = static_cast<unsigned>(kernels_[k].dynamic_smem);
     const runtime::Driver& d = runtime::driver();
     // With one launch attribute: cooperative for the resident layer (the layer's only kernel, so
@@ -528,7 +530,7 @@ class LayerImpl {
       cfg.gridDimX = gx;
       cfg.gridDimY = gy;
       cfg.gridDimZ = 1;
-      cfg.blockDimX = static_cast<unsigned>(kernels_[k].threads);
+      cfg.blockDimX = block;
       cfg.blockDimY = 1;
       cfg.blockDimZ = 1;
       cfg.sharedMemBytes = smem;
@@ -538,8 +540,7 @@ class LayerImpl {
       MOEJIT_CU_CHECK(d.cuLaunchKernelEx(&cfg, kernels_[k].fn, args, nullptr));
       return;
     }
-    MOEJIT_CU_CHECK(d.cuLaunchKernel(kernels_[k].fn, gx, gy, 1,
-                                     static_cast<unsigned>(kernels_[k].threads), 1, 1, smem,
+    MOEJIT_CU_CHECK(d.cuLaunchKernel(kernels_[k].fn, gx, gy, 1, block, 1, 1, smem,
                                      reinterpret_cast<CUstream>(stream), args, nullptr));
   }
 

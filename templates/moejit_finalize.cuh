@@ -1,6 +1,7 @@
 // Finalize: out[t, :] = sum_j w[t, j] * y[perm[t*k + j], :], ascending j, fp32 accumulation,
 // no atomics (deterministic). Slots of other ranks' experts (perm = -1) contribute nothing.
-// Grid: x = token, y = blocks of kThreads * 8 features; each thread owns 8 features (16 bytes).
+// Grid: x = token, y = blocks of blockDim.x * 8 features (blockDim.x at most kThreads); each
+// thread owns 8 features (16 bytes).
 //
 // Cfg provides: kHidden, kTopK, kThreads. y rows are fp32 (a finalized layer's workspace, or an
 // unfinalized layer's gemm2_out for moejit::finalize).
@@ -15,7 +16,7 @@ __device__ void finalize_kernel(const FinalizeParams& p) {
   constexpr int H = Cfg::kHidden;
   constexpr int K = Cfg::kTopK;
   const int t = blockIdx.x;
-  const int h = (blockIdx.y * Cfg::kThreads + threadIdx.x) * 8;
+  const int h = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
   // The row map and the routing weights come from the routing kernels, which finished before
   // gemm1 got past its own wait and triggered gemm2, which launched this kernel early (gemm2
   // with tile_ready triggers before it waits); only y needs the wait. (From

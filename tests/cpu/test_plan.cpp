@@ -220,6 +220,17 @@ TEST(PlanGemm, KimiK2Configs) {
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
   }
   {
+    // Finalize blocks of 32 threads up to 64 tokens, 128 above; "fth=N" forces N.
+    const Plan k = make_plan(preset("kimi-k2"), 0, "sm_90a");
+    EXPECT_EQ(finalize_threads_for(k, 1), 32);
+    EXPECT_EQ(finalize_threads_for(k, 64), 32);
+    EXPECT_EQ(finalize_threads_for(k, 65), kFinalizeThreads);
+    const ScopedOverride forced("fth=64");
+    EXPECT_EQ(finalize_threads_for(make_plan(preset("kimi-k2"), 0, "sm_90a"), 1000), 64);
+    const ScopedOverride bad("fth=256");
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 0, "sm_90a"), Error);
+  }
+  {
     const ScopedOverride cp_async("tma=0");
     const Plan c = make_plan(preset("kimi-k2"), 64, "sm_90a");
     StreamConfig c1{4, 512, 3, 4};

@@ -976,14 +976,15 @@ TEST(Differential, SmallStreamEachUnitSize) {
 // units dealt round-robin (dyn=0), 16- and 32-row units, the epilogue of warp 0 alone (sep=0),
 // gemm2's planes unpacked, gemm1's first unit from dispatch's tables (eu=0) or planned before
 // its wait at every token count (fr=0,dyn=1), and the stream kernels at one token of a finalized
-// layer too (res=0); the next dynamic unit fetched at the unit's last stage (uf=0).
+// layer too (res=0); the next dynamic unit fetched at the unit's last stage (uf=0); finalize
+// blocks of 128 threads (fth=128; 32 by default up to 64 tokens).
 TEST(Differential, SmallStreamTileReady) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,trd=0", "stream=1,trd=0,dyn=1", "stream=1,trd=1,dyn=0",
                         "stream=1,trd=1,dyn=1,u1=16,u2=32", "stream=1,trd=1,u1=32,u2=32",
                         "stream=1,trd=1,sep=0", "stream=1,trd=1,pack=0", "stream=1,trd=1,eu=0",
                         "stream=1,trd=1,fr=0,dyn=1", "stream=1,trd=1,res=0", "stream=1,dyn=1,uf=0",
-                        "stream=1,trd=0,dyn=1,uf=0"}) {
+                        "stream=1,trd=0,dyn=1,uf=0", "stream=1,fth=128"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("small-stream[") + o + "]";
     run_cases({small_case(name, small_stream_spec(), 1), small_case(name, small_stream_spec(), 5),
