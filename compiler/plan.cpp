@@ -489,12 +489,23 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       auto dynamic = [&](long long units, int k, int k_stage, long long grid) {
         return units > ((k + k_stage - 1) / k_stage > 1 ? 1 : 4) * grid;
       };
+      // Also where the bucket's largest token count gives a GEMM more than two rounds: dealt
+      // round-robin, blocks then idle for up to a unit at the end (H200, bench/RESULTS.md section
+      // 22, the 1-16 bucket: kimi-k2-tp8 4-9 us faster at 8-16 tokens, qwen3-30b-a3b 0.5-1.7, and
+      // 0.1-0.7 us slower at 2-4 tokens; their one token runs the resident layer).
       const long long grid1 = 132ll * b.s1.min_blocks, grid2 = 132ll * b.s2.min_blocks;
+      const int top = max_tokens > 0 ? std::min(hi, max_tokens) : hi;
+      auto rounds_at = [&](bool g1, int t, long long grid) {
+        const int rows = g1 ? choose_unit_rows(b.s1, spec, true, t, grid) : b.s2.unit_rows;
+        return static_cast<double>(stream_units(spec, g1, rows, t)) / grid;
+      };
       const int rows1 = choose_unit_rows(b.s1, spec, true, lo, grid1);
       b.s1.dynamic_units =
-          dynamic(stream_units(spec, true, rows1, lo), spec.hidden, b.s1.k_stage_for(rows1), grid1);
+          dynamic(stream_units(spec, true, rows1, lo), spec.hidden, b.s1.k_stage_for(rows1), grid1) ||
+          rounds_at(true, top, grid1) > 2;
       b.s2.dynamic_units =
-          dynamic(stream_units(spec, false, b.s2.unit_rows, lo), spec.intermediate, b.s2.k_stage, grid2);
+          dynamic(stream_units(spec, false, b.s2.unit_rows, lo), spec.intermediate, b.s2.k_stage, grid2) ||
+          rounds_at(false, top, grid2) > 2;
       // Gemm2 keeps 64-row units only: with the 32-row path compiled in, qwen3-30b-a3b took
       // 1 us longer at 1-3 tokens, whether or not a launch took it (H200, section 14).
       // Dynamic units fetched early (StreamConfig::early_fetch; H200, bench/RESULTS.md section

@@ -202,9 +202,9 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamCopyPaths,
                                                   : "_cp_async"));
                          });
 
-// Plan switches that change the stream GEMMs' code: units from the counter in every bucket
-// (dyn=1; by default only where the bucket's smallest token count gives a GEMM more units than
-// blocks), and the timeline diagnostic (tl=ADDRESS: %globaltimer stamps and per-block records
+// Plan switches that change the stream GEMMs' code: units dealt round-robin in every bucket
+// (dyn=0; by default every stream GEMM of these presets takes them from the counter), and the
+// timeline diagnostic (tl=ADDRESS: %globaltimer stamps and per-block records
 // compiled into every kernel, what `moejit bench --timeline` runs), alone and together; gemm2's
 // x by 4-row TMA boxes in every bucket (xb=1) or in none (xb=0); gemm1's first unit copied
 // before its wait in no bucket (eu=0) or in every bucket, the one-token one included (fr=0,dyn=1:
@@ -218,7 +218,7 @@ class NvrtcStreamSwitches
 TEST_P(NvrtcStreamSwitches, EveryBucketCompilesWithoutSpills) {
   const auto& [name, override_text] = GetParam();
   const compiler::Plan plan = clean_compile_with(name, override_text);
-  EXPECT_EQ(plan.buckets[0].s1.dynamic_units, override_text.find("dyn=1") != std::string::npos);
+  EXPECT_EQ(plan.buckets[0].s1.dynamic_units, override_text.find("dyn=0") == std::string::npos);
   if (override_text.rfind("xb=", 0) == 0) {
     for (int b = 0; b < 2; ++b) EXPECT_EQ(plan.buckets[b].s2.x_boxes, override_text == "xb=1");
   }
@@ -238,13 +238,13 @@ TEST_P(NvrtcStreamSwitches, EveryBucketCompilesWithoutSpills) {
 
 INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamSwitches,
                          ::testing::Combine(::testing::Values("kimi-k2-tp8", "qwen3-30b-a3b"),
-                                            ::testing::Values("dyn=1", "tl=0x7f0000001000",
-                                                              "dyn=1,tl=0x7f0000001000", "xb=1", "xb=0", "eu=0",
+                                            ::testing::Values("dyn=0", "tl=0x7f0000001000",
+                                                              "dyn=0,tl=0x7f0000001000", "xb=1", "xb=0", "eu=0",
                                                               "fr=0,dyn=1", "trd=0", "trd=1", "uf=0")),
                          [](const ::testing::TestParamInfo<NvrtcStreamSwitches::ParamType>& info) {
                            const std::string& o = std::get<1>(info.param);
                            return param_name(std::get<0>(info.param) +
-                                             (o.find("dyn=1") != std::string::npos ? "_dyn" : "") +
+                                             (o.find("dyn=0") != std::string::npos ? "_rr" : "") +
                                              (o.find("tl=") != std::string::npos ? "_timeline" : "") +
                                              (o.rfind("xb=", 0) == 0 ? "_" + o.substr(0, 2) + o.substr(3) : "") +
                                              (o == "eu=0" ? "_eu0" : "") + (o.find("fr=0") != std::string::npos ? "_fr0" : "") +

@@ -435,7 +435,7 @@ TEST(PlanStream, UnitRowsRule) {
   // 64 rows x 512 (27648 B) beat 3 of 16 rows x 1024 (26624 B) and 2 of 32 rows x 1024 (35840 B).
   EXPECT_EQ(g1.ring_bytes, 3 * 27648);
   EXPECT_EQ(g1.stages, 3);
-  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48 tma=1 blocks_per_sm=2 dynamic_units=0 tile_ready=1)"),
+  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48 tma=1 blocks_per_sm=2 tile_ready=1)"),
             std::string::npos);
   {
     // With cp.async (tma=0): 3 stages of 32 rows x 1024 (35328 B) make the ring.
@@ -533,7 +533,7 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   q2.ring_bytes = 3 * 18432;
   q2.tma = true;
   q2.min_blocks = 3;
-  q2.dynamic_units = false;  // 256 units at one token: one round
+  q2.dynamic_units = true;  // 256 units at one token (one round), ~2600 at 16 tokens
   q2.x_boxes = false;
   q2.tile_ready = true;  // gemm2 per tile behind gemm1 (up to 16 tokens, and three-stage units)
   EXPECT_EQ(q.buckets[0].s2, q2);
@@ -684,15 +684,19 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     EXPECT_FALSE(p.buckets[1].s2.split_epilogue);
   }
   // Units from a counter where the bucket's smallest token count gives a GEMM more units than
-  // blocks on 132 SMs (units of one stage: more than four rounds): one kimi-k2 token, gemm1
-  // 512 > 264 and gemm2 896 > 396; kimi-k2-tp8 neither (gemm1 256 16-row units; gemm2 896
-  // one-stage units, not above 4 x 396); qwen3-30b-a3b neither (192 and 256 units); 17 tokens
-  // every GEMM.
+  // blocks on 132 SMs (units of one stage: more than four rounds), as at one kimi-k2 token
+  // (gemm1 512 > 264, gemm2 896 > 396), or where its largest gives more than two rounds:
+  // kimi-k2-tp8 (one token: gemm1 256 16-row units, gemm2 896 one-stage units) and qwen3-30b-a3b
+  // (192 and 256 units) at 16 tokens; 17 tokens every GEMM. Round-robin where neither holds:
+  // kimi-k2-tp8's gemm1 in a plan capped at 2 tokens (256 32-row units for 264 blocks; its
+  // gemm2's 1792 one-stage units are 4.5 rounds).
+  const Plan tp8_2 = make_plan(preset("kimi-k2-tp8"), 2, "sm_90a");
+  EXPECT_FALSE(tp8_2.buckets[0].s1.dynamic_units);
+  EXPECT_TRUE(tp8_2.buckets[0].s2.dynamic_units);
   for (const char* name : {"kimi-k2", "kimi-k2-tp8", "qwen3-30b-a3b"}) {
     const Plan p = make_plan(preset(name), 64, "sm_90a");
-    const bool kimi = std::string(name) == "kimi-k2";
-    EXPECT_EQ(p.buckets[0].s1.dynamic_units, kimi) << name;
-    EXPECT_EQ(p.buckets[0].s2.dynamic_units, kimi) << name;
+    EXPECT_TRUE(p.buckets[0].s1.dynamic_units) << name;
+    EXPECT_TRUE(p.buckets[0].s2.dynamic_units) << name;
     EXPECT_TRUE(p.buckets[1].s1.dynamic_units) << name;
     EXPECT_TRUE(p.buckets[1].s2.dynamic_units) << name;
   }
