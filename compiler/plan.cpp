@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <regex>
 
@@ -463,9 +464,18 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // 271.2 us at 33 / 64 tokens against 199.6 / 277.9, qwen3-30b-a3b (three) 114.3 against
       // 115.8 at 64; kimi-k2 (eight) was slower at every token count (1211 against 1173 us at
       // 33: a 4-row box reads 4 KiB of x per stage where its 1-2 row tiles need 1-2), and all
-      // three were 0.2-3 us slower at 1-8 tokens. "xb=0|1" overrides.
+      // three were 0.2-3 us slower at 1-8 tokens. And only where the bucket's largest token count
+      // gives a touched expert 3 rows or more on average (uniform routing), so that a box is
+      // mostly valid rows: kimi-k2-tp8 (1.8 rows at 64 tokens) measured 1-2 us faster without
+      // boxes at 17-33 tokens and 48, within 1 us at 40, 56 and 64 (H200, bench/RESULTS.md
+      // section 22); qwen3-30b-a3b (4.1 rows) keeps them (without: 0.4-0.9 us faster at 17-33
+      // tokens, 0.6-2.3 slower at 48-64). "xb=0|1" overrides.
       const bool short_units = (spec.intermediate + b.s2.k_stage - 1) / b.s2.k_stage <= 3;
-      const bool xb2 = flag_of("xb", tma2 && lo > 16 && short_units, "gemm2 x by 4-row TMA boxes");
+      const int top_tokens = max_tokens > 0 ? std::min(hi, max_tokens) : hi;
+      const double slots = static_cast<double>(top_tokens) * spec.top_k, experts = spec.num_experts;
+      const double touched = experts * (1.0 - std::pow(1.0 - spec.top_k / experts, top_tokens));
+      const bool full_boxes = slots >= 3.0 * touched;
+      const bool xb2 = flag_of("xb", tma2 && lo > 16 && short_units && full_boxes, "gemm2 x by 4-row TMA boxes");
       if (xb2 != b.s2.x_boxes)
         b.s2 = pick_stream(spec.intermediate, false, 64, tma2, blocks_per_sm("bps2", bps2, tma2), xb2);
       // Gemm1 also carries every smaller unit size some token count of the bucket takes on a
