@@ -388,7 +388,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   // H200, bench/RESULTS.md section 15: the general dispatch block took 2.9 us of a one-token
   // kimi-k2-tp8 layer.
   if (override_text.find("sd=0") != std::string::npos) plan.small_dispatch = false;
-  static const std::regex fth("(^|[^A-Za-z0-9_])fth=([0-9]+)");
+  static const std::regex fth("(^|[^A-Za-z0-9_])fth=([^,;\\s]*)");
   if (std::smatch m; std::regex_search(override_text, m, fth)) {
     if (m[2] != "32" && m[2] != "64" && m[2] != "128")
       throw Error(ErrorKind::InvalidArgument,
@@ -418,6 +418,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
                            spec.hidden % 256 == 0 && spec.intermediate % 256 == 0;
     b.stream = stream_ok;
     if (stream_ok) {
+      // The bucket's largest token count a launch can have (hi of a stream bucket is finite).
+      const int top_tokens = max_tokens > 0 ? std::min(hi, max_tokens) : hi;
       // 64-row units: measured on an H200 against 32-row ones (bench/RESULTS.md section 11),
       // faster at 1-64 tokens for kimi-k2 (8-13% at 8-64), qwen3-30b-a3b and kimi-k2-tp8 except
       // where they leave blocks idle. Gemm1 also carries the smaller unit sizes that some token
@@ -471,7 +473,6 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // section 22); qwen3-30b-a3b (4.1 rows) keeps them (without: 0.4-0.9 us faster at 17-33
       // tokens, 0.6-2.3 slower at 48-64). "xb=0|1" overrides.
       const bool short_units = (spec.intermediate + b.s2.k_stage - 1) / b.s2.k_stage <= 3;
-      const int top_tokens = max_tokens > 0 ? std::min(hi, max_tokens) : hi;
       const double slots = static_cast<double>(top_tokens) * spec.top_k, experts = spec.num_experts;
       const double touched = experts * (1.0 - std::pow(1.0 - spec.top_k / experts, top_tokens));
       const bool full_boxes = slots >= 3.0 * touched;
@@ -483,7 +484,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       StreamConfig all = b.s1;
       set_unit_paths(all, 16 | 32, spec.hidden, true);
       int alt = 0;
-      for (int t = lo; t <= (max_tokens > 0 ? std::min(hi, max_tokens) : hi); ++t) {
+      for (int t = lo; t <= top_tokens; ++t) {
         const int rows = choose_unit_rows(all, spec, true, t, 132ll * b.s1.min_blocks);
         if (rows < b.s1.unit_rows) alt |= rows;
       }
@@ -502,9 +503,9 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // Also where the bucket's largest token count gives a GEMM more than two rounds: dealt
       // round-robin, blocks then idle for up to a unit at the end (H200, bench/RESULTS.md section
       // 22, the 1-16 bucket: kimi-k2-tp8 4-9 us faster at 8-16 tokens, qwen3-30b-a3b 0.5-1.7, and
-      // 0.1-0.7 us slower at 2-4 tokens; their one token runs the resident layer).
+      // 0.1-0.7 us slower at 2-4 tokens; the finalized layers' one token runs the resident layer,
+      // an unfinalized one's takes units from the counter too: 0.4-1 us slower in section 16).
       const long long grid1 = 132ll * b.s1.min_blocks, grid2 = 132ll * b.s2.min_blocks;
-      const int top = max_tokens > 0 ? std::min(hi, max_tokens) : hi;
       auto rounds_at = [&](bool g1, int t, long long grid) {
         const int rows = g1 ? choose_unit_rows(b.s1, spec, true, t, grid) : b.s2.unit_rows;
         return static_cast<double>(stream_units(spec, g1, rows, t)) / grid;
@@ -512,21 +513,23 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       const int rows1 = choose_unit_rows(b.s1, spec, true, lo, grid1);
       b.s1.dynamic_units =
           dynamic(stream_units(spec, true, rows1, lo), spec.hidden, b.s1.k_stage_for(rows1), grid1) ||
-          rounds_at(true, top, grid1) > 2;
+          rounds_at(true, top_tokens, grid1) > 2;
       b.s2.dynamic_units =
           dynamic(stream_units(spec, false, b.s2.unit_rows, lo), spec.intermediate, b.s2.k_stage, grid2) ||
-          rounds_at(false, top, grid2) > 2;
+          rounds_at(false, top_tokens, grid2) > 2;
       // Gemm2 keeps 64-row units only: with the 32-row path compiled in, qwen3-30b-a3b took
       // 1 us longer at 1-3 tokens, whether or not a launch took it (H200, section 14).
       // Dynamic units fetched early (StreamConfig::early_fetch; H200, bench/RESULTS.md section
       // 22: qwen3-30b-a3b 2-3 us faster at 33-64 tokens, the others within their spread).
-      // The float count is exact below 2^24: bound the units a launch may take (row tiles at
-      // most P / 8 + E, units at least 8 weight rows of the larger GEMM), plus a grid's blocks.
+      // The float count is exact below 2^24, and the counter's values stay below a launch's
+      // units (a take at or past them ends the block's loop): bound those (row tiles at most
+      // P / 8 + E, units at least 8 weight rows of the larger GEMM). "uf=1" cannot force it past
+      // the bound.
       const long long max_units =
-          (static_cast<long long>(hi) * spec.top_k / 8 + spec.local_experts()) *
-              (std::max(2 * spec.intermediate, spec.hidden) / 8) + 132 * 3;
+          (static_cast<long long>(top_tokens) * spec.top_k / 8 + spec.local_experts()) *
+          (std::max(2 * spec.intermediate, spec.hidden) / 8);
       b.s1.early_fetch = b.s2.early_fetch =
-          flag_of("uf", max_units < (1 << 24), "dynamic units fetched early");
+          flag_of("uf", true, "dynamic units fetched early") && max_units < (1 << 24);
     }
     if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
       apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);

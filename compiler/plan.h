@@ -76,7 +76,8 @@ struct StreamConfig {
   // Dynamic units: the producer takes the next unit from the counter without waiting for the
   // count there (a float atomic: ptxas turns an integer one into a warp-aggregated atomic that
   // waits for its result at once), and loads its tables after the current unit's second stage
-  // instead of its last. The planner keeps the default; "uf=0|1" overrides.
+  // instead of its last. The planner clears it where a launch's units could reach 2^24 (the
+  // float count's exact range); "uf=0|1" overrides below that.
   bool early_fetch = true;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;

@@ -3,7 +3,7 @@
 // Grid: x = token, y = blocks of blockDim.x * 8 features (blockDim.x at most kThreads); each
 // thread owns 8 features (16 bytes).
 //
-// Cfg provides: kHidden, kTopK, kThreads. y rows are fp32 (a finalized layer's workspace, or an
+// Cfg provides: kHidden, kTopK, kThreads (the launch bound). y rows are fp32 (a finalized layer's workspace, or an
 // unfinalized layer's gemm2_out for moejit::finalize).
 #pragma once
 

@@ -132,7 +132,8 @@ struct GemmParams {
   // tile_expert, one memory round trip per unit instead of two).
   const int32_t* tile_rows;
   // Stream GEMMs with Cfg::kDynamicUnits: the count of units taken after each block's first
-  // (dispatch zeroes it; one per GEMM).
+  // (dispatch zeroes it; one per GEMM). With Cfg::kEarlyFetch the word holds the count as a
+  // float (atom_take_gpu; zero bits are 0.0f).
   int32_t* unit_counter;
   // Gemm1 with Cfg::kEarlyUnit: the routed ids [T*k] of a route kernel two launches back (so
   // complete and visible when the block starts), read before the wait for dispatch to plan the

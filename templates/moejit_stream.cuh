@@ -46,7 +46,7 @@
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
-// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes, kEarlyUnit, kTileReady.
+// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes, kEarlyUnit, kTileReady, kEarlyFetch.
 //
 // Tile-ready hand-off (Cfg::kTileReady, both GEMMs of a bucket): units are numbered tile-major
 // (a tile's units one after another, so tiles complete one after another instead of all at the
@@ -623,9 +623,13 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       // Lane 0 takes the next unit from the counter; the count (with Cfg::kEarlyFetch a float's
       // bits, see atom_take_gpu) is read where the next unit's tables are loaded.
       auto take_unit = [&]() -> int {
-        return Cfg::kEarlyFetch ? __float_as_int(atom_take_gpu(p.unit_counter)) : atomicAdd(p.unit_counter, 1);
+        if constexpr (Cfg::kEarlyFetch) return __float_as_int(atom_take_gpu(p.unit_counter));
+        else return atomicAdd(p.unit_counter, 1);
       };
-      auto count_of = [](int taken) { return Cfg::kEarlyFetch ? static_cast<int>(__int_as_float(taken)) : taken; };
+      auto count_of = [](int taken) -> int {
+        if constexpr (Cfg::kEarlyFetch) return static_cast<int>(__int_as_float(taken));
+        else return taken;
+      };
       auto wait_tile = [&](int tile, bool stamp) {
         if (lane == 0)
           while (ready_ahead < K) ready_ahead = ld_acquire_gpu(p.tile_ready + tile);

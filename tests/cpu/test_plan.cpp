@@ -220,6 +220,19 @@ TEST(PlanGemm, KimiK2Configs) {
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
   }
   {
+    // The float count is exact below 2^24: a layer whose launches could take that many units
+    // (1024 experts, I = 65536: (16 + 1024) tiles x 16384 units per tile at 16 tokens) keeps
+    // the integer atomic, and "uf=1" does not force it past the bound.
+    MoeSpec big = preset("qwen3-30b-a3b");
+    big.num_experts = 1024;
+    big.intermediate = 65536;
+    for (const Bucket& b : make_plan(big, 64, "sm_90a").buckets)
+      EXPECT_FALSE(b.s1.early_fetch || b.s2.early_fetch);
+    const ScopedOverride on("uf=1");
+    for (const Bucket& b : make_plan(big, 64, "sm_90a").buckets)
+      EXPECT_FALSE(b.s1.early_fetch || b.s2.early_fetch);
+  }
+  {
     // Finalize blocks of 32 threads up to 64 tokens, 128 above; "fth=N" forces N.
     const Plan k = make_plan(preset("kimi-k2"), 0, "sm_90a");
     EXPECT_EQ(finalize_threads_for(k, 1), 32);
@@ -533,7 +546,7 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   q2.ring_bytes = 3 * 18432;
   q2.tma = true;
   q2.min_blocks = 3;
-  q2.dynamic_units = true;  // 256 units at one token (one round), ~2600 at 16 tokens
+  q2.dynamic_units = true;  // 256 units at one token (one round), 128 tiles x 32 at 16 tokens
   q2.x_boxes = false;
   q2.tile_ready = true;  // gemm2 per tile behind gemm1 (up to 16 tokens, and three-stage units)
   EXPECT_EQ(q.buckets[0].s2, q2);
@@ -557,11 +570,11 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
   }
   // kimi-k2-tp8 (I = 256: one stage per unit, 384 experts): 64 tokens give a touched expert
-  // 1.8 rows on average, too few for 4-row boxes; capped at 17 tokens even fewer.
+  // 1.8 rows on average, too few for 4-row boxes. Qwen3-30b-a3b capped at 17 tokens: 1.6 rows.
   const Plan t = make_plan(preset("kimi-k2-tp8"), 64, "sm_90a");
   EXPECT_FALSE(t.buckets[0].s2.x_boxes);
   EXPECT_FALSE(t.buckets[1].s2.x_boxes);
-  EXPECT_FALSE(make_plan(preset("qwen3-30b-a3b"), 17, "sm_90a").buckets[1].s2.x_boxes);  // 1.3 rows
+  EXPECT_FALSE(make_plan(preset("qwen3-30b-a3b"), 17, "sm_90a").buckets[1].s2.x_boxes);
   EXPECT_FALSE(q.buckets[0].fused_finalize);
 }
 
@@ -687,9 +700,10 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
   }
   // Units from a counter where the bucket's smallest token count gives a GEMM more units than
   // blocks on 132 SMs (units of one stage: more than four rounds), as at one kimi-k2 token
-  // (gemm1 512 > 264, gemm2 896 > 396), or where its largest gives more than two rounds:
-  // kimi-k2-tp8 (one token: gemm1 256 16-row units, gemm2 896 one-stage units) and qwen3-30b-a3b
-  // (192 and 256 units) at 16 tokens; 17 tokens every GEMM. Round-robin where neither holds:
+  // (gemm1 512 > 264, gemm2 896 > 396), or where its largest gives more than two rounds: the
+  // 1-16 bucket of kimi-k2-tp8 (one token: gemm1 256 16-row units, gemm2 896 one-stage units)
+  // and of qwen3-30b-a3b (one token: 192 and 256 units), from their counts at 16 tokens; from 17
+  // tokens every GEMM already at the smallest count. Round-robin where neither holds:
   // kimi-k2-tp8's gemm1 in a plan capped at 2 tokens (256 32-row units for 264 blocks; its
   // gemm2's 1792 one-stage units are 4.5 rounds).
   const Plan tp8_2 = make_plan(preset("kimi-k2-tp8"), 2, "sm_90a");

@@ -976,8 +976,10 @@ TEST(Differential, SmallStreamEachUnitSize) {
 // units dealt round-robin (dyn=0), 16- and 32-row units, the epilogue of warp 0 alone (sep=0),
 // gemm2's planes unpacked, gemm1's first unit from dispatch's tables (eu=0) or planned before
 // its wait at every token count (fr=0,dyn=1), and the stream kernels at one token of a finalized
-// layer too (res=0); the next dynamic unit fetched at the unit's last stage (uf=0); finalize
-// blocks of 128 threads (fth=128; 32 by default up to 64 tokens).
+// layer too (res=0); the next dynamic unit taken with the integer atomic (uf=0: the small shape's
+// units are one stage, so the tables come after the last stage either way;
+// SmallStreamMultiStageUnits covers the fetch after the second); finalize blocks of 128 threads
+// (fth=128; 32 by default up to 64 tokens).
 TEST(Differential, SmallStreamTileReady) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,trd=0", "stream=1,trd=0,dyn=1", "stream=1,trd=1,dyn=0",
