@@ -506,17 +506,15 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // 0.1-0.7 us slower at 2-4 tokens; the finalized layers' one token runs the resident layer,
       // an unfinalized one's takes units from the counter too: 0.4-1 us slower in section 16).
       const long long grid1 = 132ll * b.s1.min_blocks, grid2 = 132ll * b.s2.min_blocks;
-      auto rounds_at = [&](bool g1, int t, long long grid) {
+      auto units_at = [&](bool g1, int t, long long grid) {
         const int rows = g1 ? choose_unit_rows(b.s1, spec, true, t, grid) : b.s2.unit_rows;
-        return static_cast<double>(stream_units(spec, g1, rows, t)) / grid;
+        return stream_units(spec, g1, rows, t);
       };
       const int rows1 = choose_unit_rows(b.s1, spec, true, lo, grid1);
-      b.s1.dynamic_units =
-          dynamic(stream_units(spec, true, rows1, lo), spec.hidden, b.s1.k_stage_for(rows1), grid1) ||
-          rounds_at(true, top_tokens, grid1) > 2;
-      b.s2.dynamic_units =
-          dynamic(stream_units(spec, false, b.s2.unit_rows, lo), spec.intermediate, b.s2.k_stage, grid2) ||
-          rounds_at(false, top_tokens, grid2) > 2;
+      b.s1.dynamic_units = dynamic(units_at(true, lo, grid1), spec.hidden, b.s1.k_stage_for(rows1), grid1) ||
+                           units_at(true, top_tokens, grid1) > 2 * grid1;
+      b.s2.dynamic_units = dynamic(units_at(false, lo, grid2), spec.intermediate, b.s2.k_stage, grid2) ||
+                           units_at(false, top_tokens, grid2) > 2 * grid2;
       // Gemm2 keeps 64-row units only: with the 32-row path compiled in, qwen3-30b-a3b took
       // 1 us longer at 1-3 tokens, whether or not a launch took it (H200, section 14).
       // Dynamic units fetched early (StreamConfig::early_fetch; H200, bench/RESULTS.md section
