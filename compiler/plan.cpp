@@ -27,6 +27,13 @@ const std::vector<std::pair<int, int>>& bucket_ranges() {
   return ranges;
 }
 
+bool evict_first_rule(const MoeSpec& spec, int tokens) { return tokens <= 8 || spec.hidden <= 4096; }
+
+bool evict_first_for(const Plan& plan, int tokens) {
+  if (plan.evict_first >= 0) return plan.evict_first == 1;
+  return evict_first_rule(plan.spec, tokens);
+}
+
 int finalize_threads_for(const Plan& plan, int tokens) {
   if (plan.finalize_threads > 0) return plan.finalize_threads;
   return tokens <= 64 ? 32 : kFinalizeThreads;
@@ -395,6 +402,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
                   fmt::format("MOEJIT_PLAN_OVERRIDE: fth={} (finalize threads) must be 32, 64 or 128", m[2].str()));
     plan.finalize_threads = std::stoi(m[2]);
   }
+  if (std::regex_search(override_text, std::regex("(^|[^A-Za-z0-9_])ef=")))
+    plan.evict_first = flag_of("ef", false, "weights with an L2 evict-first policy") ? 1 : 0;
   const bool resident_wanted = flag_of("res", true, "the resident one-token layer");
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;
@@ -528,6 +537,13 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
           (std::max(2 * spec.intermediate, spec.hidden) / 8);
       b.s1.early_fetch = b.s2.early_fetch =
           flag_of("uf", true, "dynamic units fetched early") && max_units < (1 << 24);
+      // Weights and scales copied with an L2 evict-first policy (StreamConfig::evict_first) where
+      // some launch of the bucket takes it (evict_first_for).
+      {
+        const bool ef = plan.evict_first == 1 || (plan.evict_first < 0 && evict_first_rule(spec, lo));
+        b.s1.evict_first = ef && b.s1.tma;
+        b.s2.evict_first = ef && b.s2.tma;
+      }
     }
     if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
       apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);
@@ -644,6 +660,7 @@ std::string describe(const Plan& plan) {
                                    (b.s1.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s1.min_blocks) : "") +
                                    (b.s1.tma && !b.s1.dynamic_units ? " dynamic_units=0" : "") +
                                    (b.s1.tma && b.s1.dynamic_units && !b.s1.early_fetch ? " early_fetch=0" : "") +
+                                   (b.s1.tma && b.s1.evict_first ? " evict_first=1" : "") +
                                    (b.s1.tma && b.s1.early_unit ? " early_unit=1" : "") +
                                    (b.s1.tile_ready ? " tile_ready=1" : ""),
                                b.s2.consumer_warps,
@@ -655,6 +672,7 @@ std::string describe(const Plan& plan) {
                                    (b.s2.tma ? fmt::format(" tma=1 blocks_per_sm={}", b.s2.min_blocks) : "") +
                                    (b.s2.tma && !b.s2.dynamic_units ? " dynamic_units=0" : "") +
                                    (b.s2.tma && b.s2.dynamic_units && !b.s2.early_fetch ? " early_fetch=0" : "") +
+                                   (b.s2.tma && b.s2.evict_first ? " evict_first=1" : "") +
                                    (b.s2.tma && b.s2.x_boxes ? " x_boxes=1" : ""))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,

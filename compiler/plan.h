@@ -79,6 +79,11 @@ struct StreamConfig {
   // instead of its last. The planner clears it where a launch's units could reach 2^24 (the
   // float count's exact range); "uf=0|1" overrides below that.
   bool early_fetch = true;
+  // With TMA: the kernel can copy weights and scales with an L2 evict-first policy, so that the
+  // streamed weights leave L2 before the rows the layer's kernels read again (x, gemm1's
+  // activation, gemm2's y); each launch switches it on or off (GemmParams::evict_first,
+  // evict_first_for).
+  bool evict_first = false;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;
 
@@ -95,7 +100,7 @@ struct StreamConfig {
            k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
            split_epilogue == o.split_epilogue && tma == o.tma && dynamic_units == o.dynamic_units &&
            x_boxes == o.x_boxes && early_unit == o.early_unit && tile_ready == o.tile_ready &&
-           early_fetch == o.early_fetch && min_blocks == o.min_blocks;
+           early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks;
   }
 };
 
@@ -207,6 +212,9 @@ struct Plan {
   // Threads per finalize block, 8 features each, at most kFinalizeThreads (0: by token count,
   // finalize_threads_for); "fth=N" (32, 64 or 128) forces N.
   int finalize_threads = 0;
+  // Weights with the L2 evict-first policy (evict_first_for): -1 by the rule, 0 / 1 forced
+  // ("ef=0|1").
+  int evict_first = -1;
 
   int bucket_for(int tokens) const;  // throws InvalidArgument if no bucket covers it
   // Upper bound of row tiles (and of permuted rows = tiles * tile_rows) for T tokens.
@@ -219,6 +227,15 @@ constexpr int kFinalizeThreads = 128;
 // else 32 up to 64 tokens (four times the blocks of 128-thread ones: each token's features
 // spread over more SMs; H200, bench/RESULTS.md section 22) and kFinalizeThreads (128) above.
 int finalize_threads_for(const Plan& plan, int tokens);
+
+// Whether a launch of T tokens copies the stream GEMMs' weights with the L2 evict-first policy
+// (where the bucket's kernels carry it, StreamConfig::evict_first): plan.evict_first where an
+// override forced it, else up to 8 tokens, or for layers with H <= 4096 at any token count.
+// H200 (bench/RESULTS.md section 23): 2-4 us faster at 1-8 tokens for kimi-k2, kimi-k2-tp8,
+// kimi-k2-tp4 and deepseek-v3, 1.5-2.5 us at 8-64 tokens for qwen3-30b-a3b (H 2048); but the
+// H = 7168 layers 0.5-7% slower from 10-16 tokens up (kimi-k2 +27 us at 16, +80 at 33).
+bool evict_first_for(const Plan& plan, int tokens);
+bool evict_first_rule(const MoeSpec& spec, int tokens);
 
 // Bucket boundaries used by every plan: [1,16], [17,64], [65,512], [513, inf).
 const std::vector<std::pair<int, int>>& bucket_ranges();

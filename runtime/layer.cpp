@@ -318,12 +318,13 @@ class LayerImpl {
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
-                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready};
+                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready, 0};
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
     if (b.stream) {
       g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
                                                 kernels_[gemm1_[bucket]].persistent_blocks);
       if (b.s1.tma) encode_stream_tma(g1, b.s1, true);
+      g1.evict_first = b.s1.evict_first && compiler::evict_first_for(plan_, T);
       // The planner sets early_unit only where dispatch is its own kernel, so that the route
       // kernel is two launches before gemm1.
       if (b.s1.early_unit) g1.topk_ids = topk_ids;
@@ -332,11 +333,12 @@ class LayerImpl {
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
                               fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32, nullptr,
-                              ready};
+                              ready, 0};
     if (b.stream) {
       g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
                                                 kernels_[gemm2_[bucket]].persistent_blocks);
       if (b.s2.tma) encode_stream_tma(g2, b.s2, false);
+      g2.evict_first = b.s2.evict_first && compiler::evict_first_for(plan_, T);
     }
     // Every parameter block is complete (the TMA descriptors can fail to encode) before the
     // first launch, so that an error never leaves part of a layer on the stream.

@@ -26,6 +26,13 @@ __device__ __forceinline__ void pdl_trigger() {
 #endif
 }
 
+// An L2 eviction priority (createpolicy's 64-bit handle) for accesses that carry a cache hint:
+// every line they touch is evicted before lines of normal priority.
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
 // A word other blocks update: red_release_gpu orders this thread's earlier writes (and those
 // ordered before them, e.g. by a barrier) before the addition; ld_acquire_gpu (not served from
 // L1) orders this thread's later accesses after the writes released into the value it reads.

@@ -142,6 +142,9 @@ struct GemmParams {
   // Stream GEMMs with Cfg::kTileReady: per row tile [max_tiles], the SwiGLU features gemm1 has
   // written (dispatch zeroes them); gemm2 reads a tile's rows once its word reaches I.
   int32_t* tile_ready;
+  // Stream GEMMs with Cfg::kEvictFirst: nonzero copies this launch's weights and scales with an
+  // L2 evict-first policy (the host's evict_first_for).
+  int32_t evict_first;
 };
 
 // The resident one-token layer (moejit_resident.cuh): route, both GEMMs and the finalize in one

@@ -46,7 +46,8 @@
 // Cfg provides: kGemm1, kN, kK, kTopK, kLocalOffset, kLocalExperts, kKC, kStages,
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
-// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes, kEarlyUnit, kTileReady, kEarlyFetch.
+// kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes, kEarlyUnit, kTileReady, kEarlyFetch,
+// kEvictFirst.
 //
 // Tile-ready hand-off (Cfg::kTileReady, both GEMMs of a bucket): units are numbered tile-major
 // (a tile's units one after another, so tiles complete one after another instead of all at the
@@ -177,6 +178,24 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* desc, int 
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(desc)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
+      : "memory");
+}
+
+// The same boxes with an L2 cache policy (createpolicy's 64-bit handle): Cfg::kEvictFirst.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const void* desc, int c0, int c1,
+                                            uint64_t* bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(c0), "r"(c1), "r"(smem_u32(bar)), "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const void* desc, int c0, int c1, int c2,
+                                            uint64_t* bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar)), "l"(policy)
       : "memory");
 }
 
@@ -609,6 +628,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       static_assert(Cfg::kProducerWarps == 1, "stream GEMM: TMA takes one producer warp");
       if (warp > CW) return;
       const uint32_t base = (smem_u32(smem) + 1023u) & ~1023u;
+      // Cfg::kEvictFirst: weights and scales (each read by one unit) leave L2 before the rows the
+      // next kernels read (gemm1's activation, gemm2's y). Scales only with the weights: alone
+      // with the policy, a scale row's line (shared by several stages) left L2 between them.
+      // Each launch chooses (GemmParams::evict_first).
+      const bool hint = Cfg::kEvictFirst && p.evict_first != 0;
+      [[maybe_unused]] const uint64_t w_policy = Cfg::kEvictFirst ? l2_evict_first_policy() : 0;
       // kReady, gemm2: the unit's x is its tile's SwiGLU rows, complete once the tile's word
       // reaches K (lane 0's acquire loads: ready_ahead, loaded when the unit's id became known,
       // then polls). The acquire orders the copies after gemm1's writes (the warp barrier
@@ -700,12 +725,24 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           if (dyn && ks == 0 && lane == 0) unit_q[ui % kUnitQ] = make_int4(id, u.e, u.rows_valid, n_tiles);
           if (lane == 0) {
             mbar_expect_tx(bar, kWBytes + kSBytes + x_bytes);
-            tma_load_3d(base + so, &p.tma_w, 0, row_lo, k0 / 256, bar);
-            if constexpr (kWHalves)
-              tma_load_3d(base + so + kHalfBytes, &p.tma_w, 0, row_hi, k0 / 256, bar);
-            tma_load_2d(base + so + kWBytes, &p.tma_s, k0 / 16, row_lo, bar);
-            if constexpr (kWHalves)
-              tma_load_2d(base + so + kWBytes + kHalfRows * kSRow, &p.tma_s, k0 / 16, row_hi, bar);
+            if (hint) {
+              tma_load_3d(base + so, &p.tma_w, 0, row_lo, k0 / 256, bar, w_policy);
+              if constexpr (kWHalves)
+                tma_load_3d(base + so + kHalfBytes, &p.tma_w, 0, row_hi, k0 / 256, bar, w_policy);
+            } else {
+              tma_load_3d(base + so, &p.tma_w, 0, row_lo, k0 / 256, bar);
+              if constexpr (kWHalves)
+                tma_load_3d(base + so + kHalfBytes, &p.tma_w, 0, row_hi, k0 / 256, bar);
+            }
+            if (hint) {
+              tma_load_2d(base + so + kWBytes, &p.tma_s, k0 / 16, row_lo, bar, w_policy);
+              if constexpr (kWHalves)
+                tma_load_2d(base + so + kWBytes + kHalfRows * kSRow, &p.tma_s, k0 / 16, row_hi, bar, w_policy);
+            } else {
+              tma_load_2d(base + so + kWBytes, &p.tma_s, k0 / 16, row_lo, bar);
+              if constexpr (kWHalves)
+                tma_load_2d(base + so + kWBytes + kHalfRows * kSRow, &p.tma_s, k0 / 16, row_hi, bar);
+            }
             if (ui == 0 && ks == 0) tl_stamp(tls, kEvIssued);
           }
           if (!waited) wait_for_x(lane == 0);

@@ -159,8 +159,12 @@ TEST(PlanGemm, KimiK2Configs) {
   // Gemm2 waits per tile for gemm1 (tile_ready): up to 16 tokens, and above since its units
   // are eight stages.
   s1.tile_ready = s2.tile_ready = true;
+  // Weights with an L2 evict-first policy up to 8 tokens (the kernels carry it up to 16, each
+  // launch chooses), not from 17.
+  s1.evict_first = s2.evict_first = true;
   EXPECT_EQ(plan.buckets[0].s1, s1);
   EXPECT_EQ(plan.buckets[0].s2, s2);
+  s1.evict_first = s2.evict_first = false;
   EXPECT_EQ(stream_stage_bytes(512, true, 64, true), 27648);
   EXPECT_EQ(stream_stage_bytes(256, false, 64, true, false), 18432);
   // With x by two 4-row boxes of both planes (8 KiB, unpadded) instead of padded rows.
@@ -217,6 +221,37 @@ TEST(PlanGemm, KimiK2Configs) {
                                "blocks_per_sm=3 early_fetch=0"),
               std::string::npos);
     const ScopedOverride bad("uf=2");
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
+  }
+  {
+    // Weights with an L2 evict-first policy (per launch: evict_first_for) up to 8 tokens, and
+    // at every token count where H <= 4096: the kernels of qwen3-30b-a3b's two stream buckets
+    // and of the 1-16 bucket of kimi-k2 and kimi-k2-tp8 carry it, not their 17-64 one. "ef=0|1"
+    // forces it off / on for every launch.
+    const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
+    for (int i = 0; i < 2; ++i) EXPECT_TRUE(q.buckets[i].s1.evict_first && q.buckets[i].s2.evict_first);
+    for (const char* name : {"kimi-k2", "kimi-k2-tp8"}) {
+      const Plan k = make_plan(preset(name), 64, "sm_90a");
+      EXPECT_TRUE(k.buckets[0].s1.evict_first && k.buckets[0].s2.evict_first) << name;
+      EXPECT_FALSE(k.buckets[1].s1.evict_first || k.buckets[1].s2.evict_first) << name;
+    }
+    const Plan k = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_TRUE(evict_first_for(k, 1) && evict_first_for(k, 8));
+    EXPECT_FALSE(evict_first_for(k, 9) || evict_first_for(k, 16) || evict_first_for(k, 64));
+    EXPECT_TRUE(evict_first_for(q, 16) && evict_first_for(q, 64));
+    {
+      const ScopedOverride on("ef=1");
+      const Plan k1 = make_plan(preset("kimi-k2"), 64, "sm_90a");
+      EXPECT_TRUE(k1.buckets[1].s2.evict_first);
+      EXPECT_TRUE(evict_first_for(k1, 64));
+    }
+    {
+      const ScopedOverride off("ef=0");
+      const Plan q0 = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
+      for (const Bucket& b : q0.buckets) EXPECT_FALSE(b.s1.evict_first || b.s2.evict_first);
+      EXPECT_FALSE(evict_first_for(q0, 1));
+    }
+    const ScopedOverride bad("ef=2");
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
   }
   {
@@ -403,9 +438,9 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
   const std::string text = describe(make_plan(preset("kimi-k2"), 16));
   EXPECT_EQ(text,
             "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=0 stream1(consumer_warps=4 "
-            "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2 tile_ready=1) "
+            "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2 evict_first=1 tile_ready=1) "
             "stream2(consumer_warps=4 producer_warps=1 k_stage=256 stages=3 tma=1 "
-            "blocks_per_sm=3) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
+            "blocks_per_sm=3 evict_first=1) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
             "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1)\n"
             "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
@@ -448,7 +483,7 @@ TEST(PlanStream, UnitRowsRule) {
   // 64 rows x 512 (27648 B) beat 3 of 16 rows x 1024 (26624 B) and 2 of 32 rows x 1024 (35840 B).
   EXPECT_EQ(g1.ring_bytes, 3 * 27648);
   EXPECT_EQ(g1.stages, 3);
-  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48 tma=1 blocks_per_sm=2 tile_ready=1)"),
+  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48 tma=1 blocks_per_sm=2 evict_first=1 tile_ready=1)"),
             std::string::npos);
   {
     // With cp.async (tma=0): 3 stages of 32 rows x 1024 (35328 B) make the ring.
@@ -549,6 +584,7 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   q2.dynamic_units = true;  // 256 units at one token (one round), 128 tiles x 32 at 16 tokens
   q2.x_boxes = false;
   q2.tile_ready = true;  // gemm2 per tile behind gemm1 (up to 16 tokens, and three-stage units)
+  q2.evict_first = true;  // H = 2048: at every token count
   EXPECT_EQ(q.buckets[0].s2, q2);
   q2.ring_bytes = 3 * 17408;
   q2.dynamic_units = true;

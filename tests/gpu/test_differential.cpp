@@ -979,14 +979,15 @@ TEST(Differential, SmallStreamEachUnitSize) {
 // layer too (res=0); the next dynamic unit taken with the integer atomic (uf=0: the small shape's
 // units are one stage, so the tables come after the last stage either way;
 // SmallStreamMultiStageUnits covers the fetch after the second); finalize blocks of 128 threads
-// (fth=128; 32 by default up to 64 tokens).
+// (fth=128; 32 by default up to 64 tokens); weights copied without the L2 evict-first policy
+// (ef=0; the small shape's H = 512 takes it at every token count by default).
 TEST(Differential, SmallStreamTileReady) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,trd=0", "stream=1,trd=0,dyn=1", "stream=1,trd=1,dyn=0",
                         "stream=1,trd=1,dyn=1,u1=16,u2=32", "stream=1,trd=1,u1=32,u2=32",
                         "stream=1,trd=1,sep=0", "stream=1,trd=1,pack=0", "stream=1,trd=1,eu=0",
                         "stream=1,trd=1,fr=0,dyn=1", "stream=1,trd=1,res=0", "stream=1,dyn=1,uf=0",
-                        "stream=1,trd=0,dyn=1,uf=0", "stream=1,fth=128"}) {
+                        "stream=1,trd=0,dyn=1,uf=0", "stream=1,fth=128", "stream=1,ef=0"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("small-stream[") + o + "]";
     run_cases({small_case(name, small_stream_spec(), 1), small_case(name, small_stream_spec(), 5),
@@ -997,14 +998,14 @@ TEST(Differential, SmallStreamTileReady) {
 // Units of several stages (qwen3-30b-a3b's K: gemm1 four 512-deep stages, gemm2 three 256-deep
 // ones) taken from the counter: the next unit's id and tables fetched once the unit's second
 // stage is issued (the default), or at its last with the integer atomic (uf=0), with gemm2 per
-// tile behind gemm1 or behind its grid (trd=0).
+// tile behind gemm1 or behind its grid (trd=0), and without the L2 evict-first policy (ef=0).
 TEST(Differential, SmallStreamMultiStageUnits) {
   MOEJIT_REQUIRE_GPU();
   MoeSpec spec = small_stream_spec();
   spec.hidden = 2048;
   spec.intermediate = 768;
   spec.num_experts = 32;
-  for (const char* o : {"stream=1,dyn=1", "stream=1,dyn=1,uf=0", "stream=1,dyn=1,trd=0"}) {
+  for (const char* o : {"stream=1,dyn=1", "stream=1,dyn=1,uf=0", "stream=1,dyn=1,trd=0", "stream=1,dyn=1,ef=0"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("stream-multi-stage[") + o + "]";
     run_cases({small_case(name, spec, 2), small_case(name, spec, 17), small_case(name, spec, 33),
