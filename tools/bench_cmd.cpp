@@ -89,13 +89,15 @@ void fill_random_bf16(DeviceBuffer& b, uint64_t seed) {
 }
 
 // Milliseconds of each of `runs` launches of fn(i) (after 3 warm-up launches), each timed with
-// its own event pair, in launch order.
-template <class F>
-std::vector<float> timed_ms(int runs, cudaStream_t s, F&& fn) {
+// its own event pair, in launch order; before(i), where given, runs before each launch's first
+// event (not timed).
+template <class F, class B = void (*)(int)>
+std::vector<float> timed_ms(int runs, cudaStream_t s, F&& fn, B&& before = [](int) {}) {
   for (int i = 0; i < 3; ++i) fn(i);
   std::vector<cudaEvent_t> ev(2 * runs);
   for (auto& e : ev) CUDA_OK(cudaEventCreate(&e));
   for (int i = 0; i < runs; ++i) {
+    before(i);
     CUDA_OK(cudaEventRecord(ev[2 * i], s));
     fn(i);
     CUDA_OK(cudaEventRecord(ev[2 * i + 1], s));
@@ -251,7 +253,7 @@ void add_bench_cmd(CLI::App& app) {
   static std::string tokens = "1,8,33,64", json, overrides;
   static int runs = 100;
   static uint64_t seed = 1;
-  static bool no_cublas_layer = false, timeline = false;
+  static bool no_cublas_layer = false, timeline = false, warm_inputs = false;
   spec_args.add(*cmd);
   cmd->add_option("--tokens", tokens, "token counts, comma-separated");
   cmd->add_option("--json", json, "also write the rows as JSON to this file");
@@ -260,6 +262,11 @@ void add_bench_cmd(CLI::App& app) {
   cmd->add_option("--plans", overrides,
                   "';'-separated MOEJIT_PLAN_OVERRIDE values to compare (tuning)");
   cmd->add_flag("--no-cublas-layer", no_cublas_layer, "skip the bf16 cuBLAS layer baseline");
+  cmd->add_flag("--warm-inputs", warm_inputs,
+                "before each timed layer (outside its events) copy its inputs (hidden states, "
+                "routing logits and bias) once, so that they start in L2 as in a model, where the "
+                "kernels before the layer wrote them; by default they come from DRAM (the previous "
+                "replay's weights evicted them)");
   cmd->add_flag("--timeline", timeline,
                 "also replay each configuration compiled with in-kernel %globaltimer stamps and "
                 "print when each kernel's phases start and end (a diagnostic; slower layers)");
@@ -392,8 +399,27 @@ void add_bench_cmd(CLI::App& app) {
           ins.push_back(in);
           graphs.emplace_back(stream, [&] { launch_layer(in); });
         }
+        // --warm-inputs: the inputs read once into L2 before each timed replay.
+        const size_t x_bytes = size_t(T) * H * 2;
+        const size_t logit_bytes =
+            size_t(T) * spec.num_experts * (spec.logits_dtype == moejit::DType::FP32 ? 4 : 2);
+        const size_t bias_bytes =
+            ins[0].routing_bias ? size_t(spec.num_experts) * (spec.bias_dtype == moejit::DType::FP32 ? 4 : 2) : 0;
+        DeviceBuffer scratch(warm_inputs ? x_bytes + logit_bytes + bias_bytes : 16);
+        auto warm = [&](int) {
+          if (!warm_inputs) return;
+          const moejit::MoeInputs& in = ins[0];
+          char* dst = scratch.get<char>();
+          CUDA_OK(cudaMemcpyAsync(dst, in.hidden_states, x_bytes, cudaMemcpyDeviceToDevice, stream));
+          if (in.routing_logits)
+            CUDA_OK(cudaMemcpyAsync(dst + x_bytes, in.routing_logits, logit_bytes,
+                                    cudaMemcpyDeviceToDevice, stream));
+          if (bias_bytes)
+            CUDA_OK(cudaMemcpyAsync(dst + x_bytes + logit_bytes, in.routing_bias, bias_bytes,
+                                    cudaMemcpyDeviceToDevice, stream));
+        };
         const std::vector<float> all =
-            timed_ms(runs, stream, [&](int i) { graphs[i % ncopies].launch(stream); });
+            timed_ms(runs, stream, [&](int i) { graphs[i % ncopies].launch(stream); }, warm);
         const double ms = median_of(all);
         // The same runs grouped by weight copy (run i used copy i % copies): whether the copies,
         // allocated one after another, stream at different speeds.
@@ -483,8 +509,9 @@ void add_bench_cmd(CLI::App& app) {
       fmt::print("per weight copy, tokens {} {}: {:.1f} us\n", r.tokens, plan_name(r),
                  fmt::join(r.copy_us, " / "));
     fmt::print("card: {}; copy {:.0f} GB/s; cuBLAS bf16 {:.0f} TFLOP/s; graph floor {:.1f} / {:.1f} us "
-               "(1 / 4 memsets); runs {} (median), CUDA graphs, weights rotated over >= 3x L2\n",
-               card, copy_gbs, cublas_tflops, floor_us[0], floor_us[1], runs);
+               "(1 / 4 memsets); runs {} (median), CUDA graphs, weights rotated over >= 3x L2{}\n",
+               card, copy_gbs, cublas_tflops, floor_us[0], floor_us[1], runs,
+               warm_inputs ? "; inputs copied once before each timed layer (--warm-inputs)" : "");
     if (!json.empty()) {
       std::ofstream f(json);
       f << "{\n  \"card\": \"" << card << "\",\n  \"copy_gbs\": " << copy_gbs
