@@ -27,7 +27,9 @@ const std::vector<std::pair<int, int>>& bucket_ranges() {
   return ranges;
 }
 
-bool evict_first_rule(const MoeSpec& spec, int tokens) { return tokens <= 8 || spec.hidden <= 4096; }
+bool evict_first_rule(const MoeSpec& spec, int tokens) {
+  return tokens <= 8 || (spec.hidden <= 4096 && static_cast<long long>(tokens) * spec.hidden <= 131072);
+}
 
 bool evict_first_for(const Plan& plan, int tokens) {
   if (plan.evict_first >= 0) return plan.evict_first == 1;
@@ -538,7 +540,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       b.s1.early_fetch = b.s2.early_fetch =
           flag_of("uf", true, "dynamic units fetched early") && max_units < (1 << 24);
       // Weights and scales copied with an L2 evict-first policy (StreamConfig::evict_first) where
-      // some launch of the bucket takes it (evict_first_for).
+      // some launch of the bucket takes it (evict_first_for; the rule holds at the bucket's
+      // smallest token count if at any, since it only switches off as tokens grow).
       {
         const bool ef = plan.evict_first == 1 || (plan.evict_first < 0 && evict_first_rule(spec, lo));
         b.s1.evict_first = ef && b.s1.tma;

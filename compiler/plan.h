@@ -230,10 +230,12 @@ int finalize_threads_for(const Plan& plan, int tokens);
 
 // Whether a launch of T tokens copies the stream GEMMs' weights with the L2 evict-first policy
 // (where the bucket's kernels carry it, StreamConfig::evict_first): plan.evict_first where an
-// override forced it, else up to 8 tokens, or for layers with H <= 4096 at any token count.
-// H200 (bench/RESULTS.md section 23): 2-4 us faster at 1-8 tokens for kimi-k2, kimi-k2-tp8,
-// kimi-k2-tp4 and deepseek-v3, 1.5-2.5 us at 8-64 tokens for qwen3-30b-a3b (H 2048); but the
-// H = 7168 layers 0.5-7% slower from 10-16 tokens up (kimi-k2 +27 us at 16, +80 at 33).
+// override forced it, else up to 8 tokens, and for layers with H <= 4096 up to T * H = 131072
+// (qwen3-30b-a3b's 64 tokens, 32 at H = 4096). A rule fitted to measurements, not derived (H200,
+// bench/RESULTS.md section 23): 1.3-4.6 us faster at 1-8 tokens for kimi-k2, kimi-k2-tp8,
+// kimi-k2-tp4 and deepseek-v3, 1.5-2.5 us at 8-64 tokens for qwen3-30b-a3b (H 2048), 2-3 us at
+// 8-33 for an H = 4096 shape; but H = 7168 layers 0.5-7% slower from 10-16 tokens up (kimi-k2
+// +27 us at 16, +80 at 33) and the H = 4096 shape 0.7% at 64.
 bool evict_first_for(const Plan& plan, int tokens);
 bool evict_first_rule(const MoeSpec& spec, int tokens);
 

@@ -628,10 +628,13 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       static_assert(Cfg::kProducerWarps == 1, "stream GEMM: TMA takes one producer warp");
       if (warp > CW) return;
       const uint32_t base = (smem_u32(smem) + 1023u) & ~1023u;
-      // Cfg::kEvictFirst: weights and scales (each read by one unit) leave L2 before the rows the
-      // next kernels read (gemm1's activation, gemm2's y). Scales only with the weights: alone
-      // with the policy, a scale row's line (shared by several stages) left L2 between them.
-      // Each launch chooses (GemmParams::evict_first).
+      // Cfg::kEvictFirst: weights and scales (usually read by one unit; an expert with more
+      // than one row tile reads them once per tile, then maybe from DRAM again) leave L2 before
+      // the rows the layer's kernels read again (x, gemm1's activation, gemm2's y). Scales take
+      // the policy only together with the weights: hinted alone, a scale line (shared by several
+      // stages) was evicted between them (bench/RESULTS.md section 23c). Each launch chooses
+      // (GemmParams::evict_first).
+      static_assert(!Cfg::kEvictFirst || kTma, "stream GEMM: the L2 hint is on TMA copies");
       const bool hint = Cfg::kEvictFirst && p.evict_first != 0;
       [[maybe_unused]] const uint64_t w_policy = Cfg::kEvictFirst ? l2_evict_first_policy() : 0;
       // kReady, gemm2: the unit's x is its tile's SwiGLU rows, complete once the tile's word

@@ -263,10 +263,11 @@ void add_bench_cmd(CLI::App& app) {
                   "';'-separated MOEJIT_PLAN_OVERRIDE values to compare (tuning)");
   cmd->add_flag("--no-cublas-layer", no_cublas_layer, "skip the bf16 cuBLAS layer baseline");
   cmd->add_flag("--warm-inputs", warm_inputs,
-                "before each timed layer (outside its events) copy its inputs (hidden states, "
-                "routing logits and bias) once, so that they start in L2 as in a model, where the "
-                "kernels before the layer wrote them; by default they come from DRAM (the previous "
-                "replay's weights evicted them)");
+                "before each timed layer of time_us (outside its events) copy its inputs (hidden "
+                "states, routing logits and bias, or precomputed ids and weights) once, so that "
+                "they start in L2 as in a model, where the kernels before the layer wrote them; by "
+                "default they come from DRAM (the previous replay's weights evicted them). Times "
+                "with it compare only with each other (chain_us and --timeline stay cold)");
   cmd->add_flag("--timeline", timeline,
                 "also replay each configuration compiled with in-kernel %globaltimer stamps and "
                 "print when each kernel's phases start and end (a diagnostic; slower layers)");
@@ -405,7 +406,8 @@ void add_bench_cmd(CLI::App& app) {
             size_t(T) * spec.num_experts * (spec.logits_dtype == moejit::DType::FP32 ? 4 : 2);
         const size_t bias_bytes =
             ins[0].routing_bias ? size_t(spec.num_experts) * (spec.bias_dtype == moejit::DType::FP32 ? 4 : 2) : 0;
-        DeviceBuffer scratch(warm_inputs ? x_bytes + logit_bytes + bias_bytes : 16);
+        const size_t topk_bytes = size_t(T) * spec.top_k * 4;  // ids (int32) or weights (fp32)
+        DeviceBuffer scratch(warm_inputs ? x_bytes + logit_bytes + bias_bytes + 2 * topk_bytes : 16);
         auto warm = [&](int) {
           if (!warm_inputs) return;
           const moejit::MoeInputs& in = ins[0];
@@ -417,6 +419,11 @@ void add_bench_cmd(CLI::App& app) {
           if (bias_bytes)
             CUDA_OK(cudaMemcpyAsync(dst + x_bytes + logit_bytes, in.routing_bias, bias_bytes,
                                     cudaMemcpyDeviceToDevice, stream));
+          char* rest = dst + x_bytes + logit_bytes + bias_bytes;
+          for (const void* src : {static_cast<const void*>(in.topk_ids), static_cast<const void*>(in.topk_weights)}) {
+            if (src) CUDA_OK(cudaMemcpyAsync(rest, src, topk_bytes, cudaMemcpyDeviceToDevice, stream));
+            rest += topk_bytes;
+          }
         };
         const std::vector<float> all =
             timed_ms(runs, stream, [&](int i) { graphs[i % ncopies].launch(stream); }, warm);
@@ -511,12 +518,15 @@ void add_bench_cmd(CLI::App& app) {
     fmt::print("card: {}; copy {:.0f} GB/s; cuBLAS bf16 {:.0f} TFLOP/s; graph floor {:.1f} / {:.1f} us "
                "(1 / 4 memsets); runs {} (median), CUDA graphs, weights rotated over >= 3x L2{}\n",
                card, copy_gbs, cublas_tflops, floor_us[0], floor_us[1], runs,
-               warm_inputs ? "; inputs copied once before each timed layer (--warm-inputs)" : "");
+               warm_inputs ? "; time_us with the inputs copied once before each timed layer "
+                             "(--warm-inputs; chain_us and the timeline without)"
+                           : "");
     if (!json.empty()) {
       std::ofstream f(json);
       f << "{\n  \"card\": \"" << card << "\",\n  \"copy_gbs\": " << copy_gbs
         << ",\n  \"cublas_bf16_tflops\": " << cublas_tflops << ",\n  \"graph_floor_us\": ["
-        << floor_us[0] << ", " << floor_us[1] << "],\n  \"rows\": [\n";
+        << floor_us[0] << ", " << floor_us[1] << "],\n  \"warm_inputs\": "
+        << (warm_inputs ? "true" : "false") << ",\n  \"rows\": [\n";
       for (size_t i = 0; i < rows.size(); ++i) {
         const auto& r = rows[i];
         f << fmt::format("    {{\"preset\": \"{}\", \"plan\": \"{}\", \"tokens\": {}, \"time_us\": {:.2f}, "

@@ -225,9 +225,10 @@ TEST(PlanGemm, KimiK2Configs) {
   }
   {
     // Weights with an L2 evict-first policy (per launch: evict_first_for) up to 8 tokens, and
-    // at every token count where H <= 4096: the kernels of qwen3-30b-a3b's two stream buckets
-    // and of the 1-16 bucket of kimi-k2 and kimi-k2-tp8 carry it, not their 17-64 one. "ef=0|1"
-    // forces it off / on for every launch.
+    // where H <= 4096 up to T * H = 131072: the kernels of qwen3-30b-a3b's two stream buckets
+    // (H 2048: to 64 tokens) and of the 1-16 bucket of kimi-k2 and kimi-k2-tp8 carry it, not
+    // their 17-64 one; at H = 4096 launches up to 32 tokens take it. "ef=0|1" forces it off / on
+    // for every launch.
     const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
     for (int i = 0; i < 2; ++i) EXPECT_TRUE(q.buckets[i].s1.evict_first && q.buckets[i].s2.evict_first);
     for (const char* name : {"kimi-k2", "kimi-k2-tp8"}) {
@@ -239,11 +240,25 @@ TEST(PlanGemm, KimiK2Configs) {
     EXPECT_TRUE(evict_first_for(k, 1) && evict_first_for(k, 8));
     EXPECT_FALSE(evict_first_for(k, 9) || evict_first_for(k, 16) || evict_first_for(k, 64));
     EXPECT_TRUE(evict_first_for(q, 16) && evict_first_for(q, 64));
+    MoeSpec h4096 = preset("qwen3-30b-a3b");
+    h4096.hidden = 4096;
+    h4096.intermediate = 1536;
+    const Plan w = make_plan(h4096, 64, "sm_90a");
+    EXPECT_TRUE(w.buckets[1].s1.evict_first && w.buckets[1].s2.evict_first);  // 17-32 take it
+    EXPECT_TRUE(evict_first_for(w, 32));
+    EXPECT_FALSE(evict_first_for(w, 33) || evict_first_for(w, 64));
+    h4096.hidden = 4352;  // above 4096: up to 8 tokens only
+    const Plan w2 = make_plan(h4096, 64, "sm_90a");
+    EXPECT_TRUE(evict_first_for(w2, 8));
+    EXPECT_FALSE(evict_first_for(w2, 9) || w2.buckets[1].s1.evict_first);
     {
       const ScopedOverride on("ef=1");
       const Plan k1 = make_plan(preset("kimi-k2"), 64, "sm_90a");
-      EXPECT_TRUE(k1.buckets[1].s2.evict_first);
+      EXPECT_TRUE(k1.buckets[1].s1.evict_first && k1.buckets[1].s2.evict_first);
       EXPECT_TRUE(evict_first_for(k1, 64));
+      const ScopedOverride cp_async("ef=1,tma=0");  // the hint is on TMA copies only
+      for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets)
+        EXPECT_FALSE(b.s1.evict_first || b.s2.evict_first);
     }
     {
       const ScopedOverride off("ef=0");

@@ -1013,6 +1013,17 @@ TEST(Differential, SmallStreamMultiStageUnits) {
   }
 }
 
+// The L2 evict-first hint switched per launch: H = 4608 (> 4096) takes it up to 8 tokens, so the
+// 1-16 bucket's kernels carry it and launches of 9 and 16 tokens switch it off.
+TEST(Differential, SmallStreamEvictFirstPerLaunch) {
+  MOEJIT_REQUIRE_GPU();
+  MoeSpec spec = small_stream_spec();
+  spec.hidden = 4608;
+  ForceStream force;
+  run_cases({small_case("stream-ef-launch", spec, 8), small_case("stream-ef-launch", spec, 9),
+             small_case("stream-ef-launch", spec, 16)});
+}
+
 TEST(Differential, SmallStreamSpecialInputs) {
   MOEJIT_REQUIRE_GPU();
   ForceStream force;
