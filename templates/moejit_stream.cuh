@@ -384,6 +384,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // 8); gemm2's, whose unit rows are contiguous, as one box in the cp.async layout. Every stage
   // starts on 1 KiB (the 128-byte swizzle repeats every 8 rows of 128 bytes from an aligned base).
   constexpr bool kTma = Cfg::kTma;
+  static_assert(!Cfg::kEvictFirst || kTma, "stream GEMM: the L2 evict-first hint is on TMA copies");
   constexpr int kHalfBytes = kChunks * kHalfRows * 128;
   constexpr bool kWHalves = kTma && kGemm1;
   // Gemm2 by TMA with Cfg::kXBoxes copies its x (both planes) as boxes of 4 rows
@@ -634,7 +635,6 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       // the policy only together with the weights: hinted alone, a scale line (shared by several
       // stages) was evicted between them (bench/RESULTS.md section 23c). Each launch chooses
       // (GemmParams::evict_first).
-      static_assert(!Cfg::kEvictFirst || kTma, "stream GEMM: the L2 hint is on TMA copies");
       const bool hint = Cfg::kEvictFirst && p.evict_first != 0;
       [[maybe_unused]] const uint64_t w_policy = Cfg::kEvictFirst ? l2_evict_first_policy() : 0;
       // kReady, gemm2: the unit's x is its tile's SwiGLU rows, complete once the tile's word
