@@ -308,6 +308,8 @@ class LayerImpl {
     const int feature_blocks = s.hidden / (16 * b.gemm2.warps_n);
     const bool tile_ready = b.s1.tile_ready;  // (the planner sets it on stream buckets only)
     int32_t* ready = tile_ready ? counters + 64 : nullptr;
+    // The stream GEMMs' weights with the L2 evict-first policy, where their kernels carry it.
+    const bool evict_first = b.stream && compiler::evict_first_for(plan_, T);
     moejit_dev::DispatchParams dp{topk_ids, counts, offsets, tile_expert, e2p, p2s, T,
                                   l.tile, static_cast<int32_t>(l.max_tiles),
                                   fused || b.stream ? counters : nullptr,
@@ -324,7 +326,7 @@ class LayerImpl {
       g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
                                                 kernels_[gemm1_[bucket]].persistent_blocks);
       if (b.s1.tma) encode_stream_tma(g1, b.s1, true);
-      g1.evict_first = b.s1.evict_first && compiler::evict_first_for(plan_, T);
+      g1.evict_first = b.s1.evict_first && evict_first;
       // The planner sets early_unit only where dispatch is its own kernel, so that the route
       // kernel is two launches before gemm1.
       if (b.s1.early_unit) g1.topk_ids = topk_ids;
@@ -338,7 +340,7 @@ class LayerImpl {
       g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
                                                 kernels_[gemm2_[bucket]].persistent_blocks);
       if (b.s2.tma) encode_stream_tma(g2, b.s2, false);
-      g2.evict_first = b.s2.evict_first && compiler::evict_first_for(plan_, T);
+      g2.evict_first = b.s2.evict_first && evict_first;
     }
     // Every parameter block is complete (the TMA descriptors can fail to encode) before the
     // first launch, so that an error never leaves part of a layer on the stream.
