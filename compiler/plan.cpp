@@ -572,6 +572,11 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         if (o.find("dyn=1") != std::string::npos) b.s1.dynamic_units = b.s2.dynamic_units = true;
         if (o.find("dyn1=0") != std::string::npos) b.s1.dynamic_units = false;
         if (o.find("dyn2=0") != std::string::npos) b.s2.dynamic_units = false;
+        // "tk1=N", "tk2=N": the stage of a unit at which the next one is taken (take_stage).
+        for (auto [key, c] : {std::pair{"tk1", &b.s1}, std::pair{"tk2", &b.s2}}) {
+          const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([0-9]{1,2})([^0-9]|$)");
+          if (std::smatch m; std::regex_search(o, m, re)) c->take_stage = std::stoi(m[2]);
+        }
       }
     }
     // Decode: the last gemm2 block of a token sums its rows, saving the finalize launch.
@@ -586,12 +591,13 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // route 4.8 us (16 blocks) + dispatch 7.0; layer times in bench/RESULTS.md section 11.
     b.fused_route = hi != 0 && hi <= 16 && plan.route_dispatch_warps > 0;
     if (plan_override().find("fr=0") != std::string::npos) b.fused_route = false;
-    // Gemm1 behind a separate dispatch kernel plans its blocks' first units from the routed ids
-    // and copies them before its wait (StreamConfig::early_unit): at 17-64 tokens DRAM otherwise
-    // idles from the route kernel's start to gemm1's first copy, ~8 us, 3.6 of them dispatch's
-    // (H200, bench/RESULTS.md section 18). Behind the fused route+dispatch block the routed ids
-    // are not readable before the wait. "eu=0|1" overrides.
-    if (b.stream && b.s1.tma && b.s1.dynamic_units && !b.fused_route)
+    // Gemm1 plans its blocks' first units from the routed ids and copies them before its wait
+    // for dispatch (StreamConfig::early_unit): at 17-64 tokens DRAM otherwise idles from the
+    // route kernel's start to gemm1's first copy, ~8 us, 3.6 of them dispatch's (H200,
+    // bench/RESULTS.md section 18). Behind the fused route+dispatch block gemm1 reads the ids
+    // once the block's word says they are written (RouteDispatchParams::routed), about 2 us
+    // before the block ends (section 24). "eu=0|1" overrides.
+    if (b.stream && b.s1.tma && b.s1.dynamic_units)
       b.s1.early_unit = flag_of("eu", true, "gemm1's first unit before its wait");
     // Gemm2 per tile behind gemm1 (StreamConfig::tile_ready) where both GEMMs copy by TMA, up to
     // 16 tokens, and above where gemm2's units are more than one stage. H200 (bench/RESULTS.md
@@ -664,6 +670,7 @@ std::string describe(const Plan& plan) {
                                    (b.s1.tma && !b.s1.dynamic_units ? " dynamic_units=0" : "") +
                                    (b.s1.tma && b.s1.dynamic_units && !b.s1.early_fetch ? " early_fetch=0" : "") +
                                    (b.s1.tma && b.s1.evict_first ? " evict_first=1" : "") +
+                                   (b.s1.tma && b.s1.dynamic_units && b.s1.take_stage ? fmt::format(" take_stage={}", b.s1.take_stage) : "") +
                                    (b.s1.tma && b.s1.early_unit ? " early_unit=1" : "") +
                                    (b.s1.tile_ready ? " tile_ready=1" : ""),
                                b.s2.consumer_warps,
@@ -676,6 +683,7 @@ std::string describe(const Plan& plan) {
                                    (b.s2.tma && !b.s2.dynamic_units ? " dynamic_units=0" : "") +
                                    (b.s2.tma && b.s2.dynamic_units && !b.s2.early_fetch ? " early_fetch=0" : "") +
                                    (b.s2.tma && b.s2.evict_first ? " evict_first=1" : "") +
+                                   (b.s2.tma && b.s2.dynamic_units && b.s2.take_stage ? fmt::format(" take_stage={}", b.s2.take_stage) : "") +
                                    (b.s2.tma && b.s2.x_boxes ? " x_boxes=1" : ""))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,

@@ -63,10 +63,11 @@ struct StreamConfig {
   // Gemm2 with TMA: x (both activation planes) as boxes of 4 rows (GemmParams::tma_x) instead of
   // one bulk copy per valid row and plane into padded rows. The planner sets it per bucket.
   bool x_boxes = false;
-  // Gemm1 with TMA and dynamic units, launched behind a separate dispatch kernel (so the route
-  // kernel, two back, has completed when its blocks start): the producer plans each block's
-  // first unit from the routed ids (GemmParams::topk_ids) as dispatch would, and copies it
-  // before waiting for dispatch. The planner sets it per bucket.
+  // Gemm1 with TMA and dynamic units: the producer plans each block's first unit from the
+  // routed ids (GemmParams::topk_ids) as dispatch would, and copies it before waiting for
+  // dispatch. The ids are those of the route kernel two launches back (complete when the block
+  // starts), or of the fused route+dispatch block once its word reads 1 (GemmParams::routed).
+  // The planner sets it per bucket.
   bool early_unit = false;
   // Both GEMMs of a bucket with TMA: units numbered tile-major, gemm1 counts each tile's
   // finished features (GemmParams::tile_ready, zeroed by dispatch) and gemm2's producer waits
@@ -84,6 +85,10 @@ struct StreamConfig {
   // activation, gemm2's y); each launch switches it on or off (GemmParams::evict_first,
   // evict_first_for).
   bool evict_first = false;
+  // Dynamic units: the stage of the current unit at whose issue the producer takes the next unit
+  // (0: when the unit starts; later stages commit a block to its next unit closer to the end of
+  // its current one). Clamped to the unit's last stage.
+  int take_stage = 0;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;
 
@@ -100,7 +105,8 @@ struct StreamConfig {
            k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
            split_epilogue == o.split_epilogue && tma == o.tma && dynamic_units == o.dynamic_units &&
            x_boxes == o.x_boxes && early_unit == o.early_unit && tile_ready == o.tile_ready &&
-           early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks;
+           early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks &&
+           take_stage == o.take_stage;
   }
 };
 

@@ -207,7 +207,7 @@ class LayerImpl {
     long long max_tiles = 0;
     long long rows = 0;  // max_tiles * tile
     size_t topk_ids = 0, topk_weights = 0, counts = 0, offsets = 0, tile_expert = 0, tile_rows = 0, e2p = 0,
-           p2s = 0, act = 0, y = 0, counters = 0, total = 0;
+           p2s = 0, act = 0, y = 0, counters = 0, routed = 0, total = 0;
   };
 
   Layout layout(int T) const {
@@ -239,6 +239,9 @@ class LayerImpl {
     // 32: one 128-byte line each) and, from word 64, their tiles' ready words (tile_ready).
     l.counters = take(std::max<size_t>(static_cast<size_t>(T) * (s.hidden / 16),
                                        64 + static_cast<size_t>(l.max_tiles)) * 4);
+    // The fused route+dispatch block's word for gemm1's early first unit (its own line: dispatch
+    // zeroes the counters after setting it).
+    l.routed = take(128);
     l.total = at;
     return l;
   }
@@ -305,6 +308,7 @@ class LayerImpl {
     // Decode buckets of finalized layers fuse the finalize into gemm2.
     const bool fused = b.fused_finalize && outs.final_out;
     int32_t* counters = reinterpret_cast<int32_t*>(at(l.counters));
+    int32_t* routed = reinterpret_cast<int32_t*>(at(l.routed));
     const int feature_blocks = s.hidden / (16 * b.gemm2.warps_n);
     const bool tile_ready = b.s1.tile_ready;  // (the planner sets it on stream buckets only)
     int32_t* ready = tile_ready ? counters + 64 : nullptr;
@@ -320,22 +324,23 @@ class LayerImpl {
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
-                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready, 0};
+                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready, 0, nullptr};
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
     if (b.stream) {
       g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
                                                 kernels_[gemm1_[bucket]].persistent_blocks);
       if (b.s1.tma) encode_stream_tma(g1, b.s1, true);
       g1.evict_first = b.s1.evict_first && evict_first;
-      // The planner sets early_unit only where dispatch is its own kernel, so that the route
-      // kernel is two launches before gemm1.
+      // Early first units read the routed ids of the route kernel two launches back, or those
+      // of the fused route+dispatch block once its word reads 1.
       if (b.s1.early_unit) g1.topk_ids = topk_ids;
+      if (b.s1.early_unit && b.fused_route) g1.routed = routed;
     }
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
                               fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32, nullptr,
-                              ready, 0};
+                              ready, 0, nullptr};
     if (b.stream) {
       g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
                                                 kernels_[gemm2_[bucket]].persistent_blocks);
@@ -345,7 +350,15 @@ class LayerImpl {
     // Every parameter block is complete (the TMA descriptors can fail to encode) before the
     // first launch, so that an error never leaves part of a layer on the stream.
     if (b.fused_route) {
-      moejit_dev::RouteDispatchParams rdp{rp, dp};
+      // With gemm1's early first units, the block zeroes gemm1's unit counter (word 0) itself,
+      // before gemm1 launches; dispatch zeroes the rest.
+      moejit_dev::RouteDispatchParams rdp{rp, dp, nullptr, nullptr};
+      if (g1.routed) {
+        rdp.routed = routed;
+        rdp.gemm1_counter = g1.unit_counter;
+        rdp.dispatch.token_counters += 32;
+        rdp.dispatch.num_counters -= 32;
+      }
       launch(route_dispatch_, 1, 1, &rdp, stream);
     } else {
       launch(route_, (T + compiler::kRouteWarpsPerBlock - 1) / compiler::kRouteWarpsPerBlock, 1,

@@ -33,11 +33,14 @@ __device__ __forceinline__ uint64_t l2_evict_first_policy() {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
-// A word other blocks update: red_release_gpu orders this thread's earlier writes (and those
-// ordered before them, e.g. by a barrier) before the addition; ld_acquire_gpu (not served from
+// A word other blocks update: red_release_gpu / st_release_gpu order this thread's earlier
+// writes (and those ordered before them, e.g. by a barrier) before the addition or store; ld_acquire_gpu (not served from
 // L1) orders this thread's later accesses after the writes released into the value it reads.
 __device__ __forceinline__ void red_release_gpu(int* p, int v) {
   asm volatile("red.release.gpu.global.add.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void st_release_gpu(int* p, int v) {
+  asm volatile("st.release.gpu.global.s32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
 __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
   int v;

@@ -29,6 +29,7 @@ enum TlEvent : int {
   kTlRKeys, kTlRTopK,                                         // routing of token 0
   kTlDispatchWarp, kTlDispatchBarrier,                        // dispatch_small (thread 0)
   kTlResG1Last, kTlResG1Rows, kTlResBarrier, kTlResG2In,      // resident layer (thread 0)
+  kTlG1PRouted,                                               // gemm1 producer: routed word read 1
   kTlEvents                                                   // (the count)
 };
 // Per-block records of the stream GEMMs (the latest replay's, overwritten by each): after the
@@ -75,6 +76,12 @@ struct DispatchParams {
 struct RouteDispatchParams {
   RouteParams route;
   DispatchParams dispatch;
+  // Where gemm1 plans its first unit from the routed ids (GemmParams::routed), else null: the
+  // block sets the word to 0 before it lets gemm1 launch and to 1 once the ids are written, and
+  // zeroes gemm1's unit counter (GemmParams::unit_counter; then not among dispatch's counters)
+  // before it lets gemm1 launch.
+  int32_t* routed;
+  int32_t* gemm1_counter;
 };
 
 // Gemm2's x boxes (GemmParams::tma_x): rows of a tile per box, and bf16 elements per innermost
@@ -135,9 +142,10 @@ struct GemmParams {
   // (dispatch zeroes it; one per GEMM). With Cfg::kEarlyFetch the word holds the count as a
   // float (atom_take_gpu; zero bits are 0.0f).
   int32_t* unit_counter;
-  // Gemm1 with Cfg::kEarlyUnit: the routed ids [T*k] of a route kernel two launches back (so
-  // complete and visible when the block starts), read before the wait for dispatch to plan the
-  // block's first unit; null: the first unit from dispatch's tables after the wait.
+  // Gemm1 with Cfg::kEarlyUnit: the routed ids [T*k], read before the wait for dispatch to plan
+  // the block's first unit; null: the first unit from dispatch's tables after the wait. Written
+  // by a route kernel two launches back (complete and visible when the block starts), or with
+  // `routed` set by the fused route+dispatch block just before (see RouteDispatchParams::routed).
   const int32_t* topk_ids;
   // Stream GEMMs with Cfg::kTileReady: per row tile [max_tiles], the SwiGLU features gemm1 has
   // written (dispatch zeroes them); gemm2 reads a tile's rows once its word reaches I.
@@ -145,6 +153,9 @@ struct GemmParams {
   // Stream GEMMs with Cfg::kEvictFirst: nonzero copies this launch's weights and scales with an
   // L2 evict-first policy (the host's evict_first_for).
   int32_t evict_first;
+  // Gemm1 with Cfg::kEarlyUnit behind the fused route+dispatch block: the producer reads
+  // topk_ids once this word reads 1 (acquire); null behind a separate route kernel.
+  const int32_t* routed;
 };
 
 // The resident one-token layer (moejit_resident.cuh): route, both GEMMs and the finalize in one

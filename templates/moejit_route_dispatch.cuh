@@ -25,7 +25,25 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   tls = tl_slot();
   if (threadIdx.x == 0) tl_stamp(tls, kTlRouteStart, t0);
 #endif
-  pdl_trigger();  // gemm1 may launch now; it waits for this grid before reading
+  // Gemm1 planning its first unit from the routed ids (p.routed set) waits for the word to read
+  // 1 instead of waiting for this grid, and takes its blocks' second units before that wait
+  // too. The workspace holds anything before the first launch (or another launch's data), so
+  // the last warp first clears the word and zeroes gemm1's unit counter (which dispatch then
+  // leaves alone), fences (the fence returns once the stores have reached L2) and only then
+  // triggers: a block's first trigger is the one that counts, so gemm1's blocks, launched after
+  // it, can only read 0 or the 1 set below, and a zero count. The other warps route meanwhile
+  // and do not trigger. This kernel is launched without PDL: the previous layer's gemm1 has
+  // completed.
+  const bool trigger_here = p.routed == nullptr || threadIdx.x >= Cfg::kThreads - 32;
+  if (p.routed != nullptr && threadIdx.x == Cfg::kThreads - 32) {
+    *p.routed = 0;
+    *p.gemm1_counter = 0;
+    __threadfence();
+  }
+  if (trigger_here) {
+    __syncwarp();
+    pdl_trigger();  // gemm1 may launch now; it waits for this grid (or the word) before reading
+  }
   // The ids also go to shared memory, so the dispatch does not read them back from global
   // memory (a round trip per pass over the slots).
   __shared__ int s_ids[kMaxTokens * Cfg::kTopK];
@@ -34,6 +52,10 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
     route_token<Cfg>(p.route, t, ids, tls);
   __syncthreads();
   if (threadIdx.x == 0) tl_stamp(tls, kTlRouted);
+  // The ids are written (the barrier orders every warp's writes before the release). Released
+  // by the last warp: up to 32 slots the dispatch runs on warp 0 alone, which this keeps off
+  // the fence.
+  if (p.routed != nullptr && threadIdx.x == Cfg::kThreads - 32) st_release_gpu(p.routed, 1);
   dispatch_block<Cfg>(p.dispatch, ids ? ids : p.route.topk_ids, tls);
   if (threadIdx.x == 0) tl_stamp(tls, kTlRouteEnd);
 }

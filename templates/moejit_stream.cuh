@@ -239,8 +239,9 @@ __device__ __forceinline__ void first_rows(I eg, int slice, I& row_lo, I& row_hi
 }
 
 // Gemm1 with Cfg::kEarlyUnit: the producer warp plans the block's first unit (blockIdx.x)
-// itself, before waiting for dispatch, from the routed ids of the route kernel two launches back
-// (complete when this block starts; GemmParams::topk_ids). As dispatch does, it counts the slots
+// itself, before waiting for dispatch, from the routed ids (GemmParams::topk_ids) of the route
+// kernel two launches back (complete when this block starts) or of the fused route+dispatch
+// block (once GemmParams::routed reads 1). As dispatch does, it counts the slots
 // of each local expert, pads each expert to 8-row tiles in expert order, and places an expert's
 // slots in ascending slot order. So the first unit's weights and token rows are copied while
 // dispatch still runs; dispatch's tables are read from the second unit on, after the wait.
@@ -268,8 +269,49 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
   const int slots = p.num_tokens * Cfg::kTopK;
   int* cnt = scratch;
   int* tok = scratch + L;
-  for (int e = lane; e < L; e += 32) cnt[e] = 0;
   if (lane < 8) tok[lane] = 0;
+  if (slots <= 32) {
+    // At most one slot per lane (decode: up to 4 tokens of top-8): the lanes of one local
+    // expert found by a match, each expert's first tile by a pass over the 32 lanes, without the
+    // per-expert counts in shared memory (H200: ~1.8 us from the routed ids to the first copy
+    // at one kimi-k2 token with them; bench/RESULTS.md section 24).
+    int l = -1;
+    if (lane < slots) {
+      l = __ldcg(p.topk_ids + lane) - Cfg::kLocalOffset;
+      if (l < 0 || l >= L) l = -1;
+    }
+    const unsigned peers = __match_any_sync(kFullMask, l);
+    const int rank = __popc(peers & ((1u << lane) - 1u));  // earlier slots of the same expert
+    const int count = __popc(peers);
+    const bool leader = l >= 0 && rank == 0;
+    const int mine = leader ? (l << 8) | count : -1;  // count <= 32, l < 2^22 (dispatch_small)
+    int start = 0, total = 0;  // this lane's expert's first tile; the tiles of all experts
+#pragma unroll 8
+    for (int j = 0; j < 32; ++j) {
+      const int v = __shfl_sync(kFullMask, mine, j);
+      const int t = v >= 0 ? ((v & 255) + 7) >> 3 : 0;
+      total += t;
+      if (l >= 0 && (v >> 8) < l) start += t;
+    }
+    out.n_tiles = total;
+    out.e = 0;
+    out.rows = 0;
+    out.token = 0;
+    if (static_cast<int>(blockIdx.x) >= total * kSlices) return;  // no unit (every lane)
+    const int tile = unit_tile<Cfg, kSlices>(blockIdx.x, static_cast<unsigned>(total));
+    const bool hit = leader && tile >= start && tile < start + ((count + 7) >> 3);
+    const int src = __ffs(__ballot_sync(kFullMask, hit)) - 1;
+    const int e = __shfl_sync(kFullMask, l, src);
+    const int rank0 = (tile - __shfl_sync(kFullMask, start, src)) * 8;  // rank of tile row 0
+    __syncwarp();
+    if (l == e && rank >= rank0 && rank < rank0 + 8) tok[rank - rank0] = lane / Cfg::kTopK;
+    __syncwarp();
+    out.e = e;
+    out.rows = min(8, __shfl_sync(kFullMask, count, src) - rank0);
+    out.token = lane < 8 ? tok[lane] : 0;
+    return;
+  }
+  for (int e = lane; e < L; e += 32) cnt[e] = 0;
   __syncwarp();
   int id[kEarlySlotRegs];  // local expert of slot 32 j + lane, -1: none
 #pragma unroll
@@ -459,7 +501,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   }
   __syncthreads();
 
-  // Gemm1 behind a separate dispatch kernel (Cfg::kEarlyUnit, p.topk_ids set): the producer
+  // Gemm1 with Cfg::kEarlyUnit (p.topk_ids set): the producer
   // warp plans its first unit without dispatch's tables (in early_scratch), and every warp
   // waits for dispatch after its first unit instead of before it. The consumers take each
   // unit's tile count from the unit queue, not from dispatch's offsets.
@@ -469,9 +511,28 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   static_assert(!kReady || kTma, "stream GEMM: tile-ready with TMA");
   const bool early = kEarly && p.topk_ids != nullptr &&
                      p.num_tokens * Cfg::kTopK <= 32 * stream::kEarlySlotRegs;
+  // Behind a separate dispatch kernel, which zeroes the unit counter, an early block takes its
+  // second unit after its wait for dispatch, at its first unit's last stage; behind the fused
+  // block (p.routed), which zeroes it before gemm1 launches, when its first unit starts, as
+  // other blocks do (it still waits for dispatch before loading that unit's tables).
+  const bool take_after_wait = early && p.routed == nullptr;
   [[maybe_unused]] stream::EarlyUnit eu{};
   if constexpr (kEarly)
-    if (early && warp == CW) stream::early_first_unit<Cfg, kRows>(p, early_scratch, lane, eu);
+    if (early && warp == CW) {
+      // Behind the fused route+dispatch block, the ids are readable once its word reads 1
+      // (lane 0's acquire orders what follows after the block's writes; the warp barrier passes
+      // that on to the other lanes). One lane polls: 32 lanes' acquire loads of one word from
+      // every block queued at its L2 slice (H200: the last block read it ~2 us after the first).
+      if (p.routed != nullptr) {
+        if (lane == 0) {
+          while (ld_acquire_gpu(p.routed) != 1) {
+          }
+          tl_stamp(tls, kTlG1PRouted);
+        }
+        __syncwarp();
+      }
+      stream::early_first_unit<Cfg, kRows>(p, early_scratch, lane, eu);
+    }
   // Gemm1 reads dispatch's outputs: wait for it. Gemm2 reads them without waiting (gemm1
   // waited for dispatch before it triggered gemm2) and waits only before reading gemm1's output
   // (the producer, before its first x copy).
@@ -673,7 +734,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       // (lane 0's atomic) when the unit before starts, its expert, rows and x sources loaded once
       // that unit's second stage is issued (Cfg::kEarlyFetch: the count is back by then, and the
       // tables by the next unit's first stage; H200, bench/RESULTS.md section 22), else its last.
-      constexpr int kFetchStage = Cfg::kEarlyFetch && kStagesPerUnit > 1 ? 1 : kStagesPerUnit - 1;
+      // Cfg::kTakeStage > 0: the next unit is taken at that stage's issue instead (clamped to the
+      // last stage), its tables loaded one stage later where there is one.
+      constexpr int kTake = Cfg::kTakeStage < kStagesPerUnit - 1 ? Cfg::kTakeStage : kStagesPerUnit - 1;
+      constexpr int kFetchStage = Cfg::kEarlyFetch && kStagesPerUnit > kTake + 1 ? kTake + 1 : kStagesPerUnit - 1;
       int id = blockIdx.x, e_cur = 0, rows_cur = 0;
       if (dyn && my_units > 0) {
         e_cur = early ? eu.e : kReady ? e_first : p.tile_expert[Unit::tile_of(id, n_tiles)];
@@ -691,7 +755,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         else if (!dyn)
           load_ready(u.tile);  // (later dynamic units: loaded ahead, below)
         int taken = 0;  // lane 0: the count at which it took the next unit (take_unit)
-        if (dyn && lane == 0 && !(early && ui == 0))  // early: after the wait (dispatch zeroes it)
+        if (kTake == 0 && dyn && lane == 0 && !(take_after_wait && ui == 0))
           taken = take_unit();
         int id_next = n_units;
         const int x_src = x_src_next;
@@ -724,6 +788,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
             tl_stamp_after(tls, kGemm1 ? kTlG1PUnit : kTlG2PUnit, x_rows ^ static_cast<uint32_t>(row_lo));
           const uint32_t x_bytes = kXBox ? x_boxes * kXBoxBytes : x_rows * kc * 2;
           mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
+          if constexpr (kTake > 0)
+            if (ks == kTake && dyn && lane == 0 && !(take_after_wait && ui == 0)) taken = take_unit();
           if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
           if (dyn && ks == 0 && lane == 0) unit_q[ui % kUnitQ] = make_int4(id, u.e, u.rows_valid, n_tiles);
           if (lane == 0) {
@@ -761,12 +827,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           }
           ring.advance();
           // The next unit: its id, then what it needs (kFetchStage, above).
-          if (dyn && ks == ((early && ui == 0) ? kStagesPerUnit - 1 : kFetchStage)) {
-            if (early && ui == 0) {  // the first unit is issued: wait for dispatch's tables
+          if (dyn && ks == ((take_after_wait && ui == 0) ? kStagesPerUnit - 1 : kFetchStage)) {
+            if (early && ui == 0) {  // wait for dispatch's tables
               pdl_wait();
               if (lane == 0) tl_stamp(tls, kTlG1PWaited);
               pdl_trigger();
-              if (lane == 0) taken = take_unit();
+              if (take_after_wait && lane == 0) taken = take_unit();
             }
             id_next = gridDim.x + count_of(__shfl_sync(kFullMask, taken, 0));
             const int tile_next = Unit::tile_of(id_next, n_tiles);

@@ -162,6 +162,9 @@ TEST(PlanGemm, KimiK2Configs) {
   // Weights with an L2 evict-first policy up to 8 tokens (the kernels carry it up to 16, each
   // launch chooses), not from 17.
   s1.evict_first = s2.evict_first = true;
+  // Gemm1 plans its blocks' first units from the routed ids: behind the fused route+dispatch
+  // block up to 16 tokens (GemmParams::routed), behind the route kernel from 17.
+  s1.early_unit = true;
   EXPECT_EQ(plan.buckets[0].s1, s1);
   EXPECT_EQ(plan.buckets[0].s2, s2);
   s1.evict_first = s2.evict_first = false;
@@ -171,20 +174,25 @@ TEST(PlanGemm, KimiK2Configs) {
   EXPECT_EQ(stream_stage_bytes(256, false, 64, true, true), 17408);
   EXPECT_FALSE(plan.buckets[0].fused_finalize);
   EXPECT_TRUE(plan.buckets[1].stream);
-  // From 17 tokens route and dispatch are two kernels: gemm1 plans its first unit from the
-  // routed ids and copies it before its wait (early_unit); up to 16 one block does both, and
-  // the routed ids are not readable before the wait.
+  // From 17 tokens route and dispatch are two kernels; up to 16 one block does both. Either
+  // way gemm1 plans its first unit from the routed ids and copies it before its wait
+  // (early_unit): behind the fused block once its word says the ids are written.
   EXPECT_TRUE(plan.buckets[0].fused_route);
   EXPECT_FALSE(plan.buckets[1].fused_route);
-  s1.early_unit = true;
   EXPECT_EQ(plan.buckets[1].s1, s1);
   s1.early_unit = false;
   EXPECT_EQ(plan.buckets[1].s2, s2);
   {
-    // "eu=0|1" overrides the rule where it can hold (TMA, units from the counter, a separate
-    // dispatch kernel); with fr=0 the one-token bucket takes it too.
+    // "eu=0|1" overrides the rule where it can hold (TMA, units from the counter), with the
+    // fused block or without it (fr=0).
     const ScopedOverride off("eu=0");
     for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets) EXPECT_FALSE(b.s1.early_unit);
+    const ScopedOverride split("eu=0,fr=0");
+    for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets) EXPECT_FALSE(b.s1.early_unit);
+  }
+  {
+    for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets)
+      EXPECT_EQ(b.s1.early_unit, b.stream);
     const ScopedOverride split("fr=0");
     for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets)
       EXPECT_EQ(b.s1.early_unit, b.stream);
@@ -453,7 +461,7 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
   const std::string text = describe(make_plan(preset("kimi-k2"), 16));
   EXPECT_EQ(text,
             "bucket 0 tokens=[1,16] tile_rows=8 fused_finalize=0 stream1(consumer_warps=4 "
-            "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2 evict_first=1 tile_ready=1) "
+            "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2 evict_first=1 early_unit=1 tile_ready=1) "
             "stream2(consumer_warps=4 producer_warps=1 k_stage=256 stages=3 tma=1 "
             "blocks_per_sm=3 evict_first=1) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
             "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1)\n"
@@ -498,7 +506,7 @@ TEST(PlanStream, UnitRowsRule) {
   // 64 rows x 512 (27648 B) beat 3 of 16 rows x 1024 (26624 B) and 2 of 32 rows x 1024 (35840 B).
   EXPECT_EQ(g1.ring_bytes, 3 * 27648);
   EXPECT_EQ(g1.stages, 3);
-  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48 tma=1 blocks_per_sm=2 evict_first=1 tile_ready=1)"),
+  EXPECT_NE(describe(p8).find("stages=3 alt_rows=48 tma=1 blocks_per_sm=2 evict_first=1 early_unit=1 tile_ready=1)"),
             std::string::npos);
   {
     // With cp.async (tma=0): 3 stages of 32 rows x 1024 (35328 B) make the ring.
@@ -743,6 +751,26 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
   }
   EXPECT_TRUE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.split_epilogue);
+  {
+    // "tk1=N" / "tk2=N": the stage of a unit at which the next unit is taken (default 0: when
+    // the unit starts), in the kernel's Cfg and the plan's text; the kernels clamp it to a
+    // unit's last stage.
+    for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets)
+      EXPECT_EQ(b.s1.take_stage + b.s2.take_stage, 0);
+    const ScopedOverride take("tk1=13,tk2=6");
+    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_EQ(p.buckets[0].s1.take_stage, 13);
+    EXPECT_EQ(p.buckets[0].s2.take_stage, 6);
+    EXPECT_EQ(p.buckets[1].s2.take_stage, 6);
+    EXPECT_THAT(describe(p), HasSubstr("take_stage=13 early_unit=1"));
+    int gemms = 0;
+    for (const KernelSource& k : generate_all(p))
+      if (k.name == "gemm1_b0" || k.name == "gemm2_b1") {
+        EXPECT_THAT(k.source, HasSubstr(k.name == "gemm1_b0" ? "kTakeStage = 13;" : "kTakeStage = 6;"));
+        ++gemms;
+      }
+    EXPECT_EQ(gemms, 2);
+  }
   {
     const ScopedOverride joint("sep=0");  // warp 0 sums and stores every unit alone
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");

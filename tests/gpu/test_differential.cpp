@@ -974,8 +974,11 @@ TEST(Differential, SmallStreamEachUnitSize) {
 // tile-major, gemm1's signal warp counts each tile's finished features, gemm2 waits for each
 // unit's tile instead of gemm1's grid) and without it (trd=0), at 1, 5, 17 and 64 tokens: with
 // units dealt round-robin (dyn=0), 16- and 32-row units, the epilogue of warp 0 alone (sep=0),
-// gemm2's planes unpacked, gemm1's first unit from dispatch's tables (eu=0) or planned before
-// its wait at every token count (fr=0,dyn=1), and the stream kernels at one token of a finalized
+// gemm2's planes unpacked, gemm1's first unit from dispatch's tables (eu=0) or planned from the
+// routed ids before its wait (the default: behind the fused route+dispatch block up to 16
+// tokens, once its word is set; one routed slot per lane up to 32 slots, as at 1 and 5 tokens of
+// top-4 here, per-expert counts above, as at 9 and 16 in SmallStreamEvictFirstPerLaunch and
+// from 17; fr=0,dyn=1: behind the route kernel at every token count), and the stream kernels at one token of a finalized
 // layer too (res=0); the next dynamic unit taken with the integer atomic (uf=0: the small shape's
 // units are one stage, so the tables come after the last stage either way;
 // SmallStreamMultiStageUnits covers the fetch after the second); finalize blocks of 128 threads
@@ -998,14 +1001,17 @@ TEST(Differential, SmallStreamTileReady) {
 // Units of several stages (qwen3-30b-a3b's K: gemm1 four 512-deep stages, gemm2 three 256-deep
 // ones) taken from the counter: the next unit's id and tables fetched once the unit's second
 // stage is issued (the default), or at its last with the integer atomic (uf=0), with gemm2 per
-// tile behind gemm1 or behind its grid (trd=0), and without the L2 evict-first policy (ef=0).
+// tile behind gemm1 or behind its grid (trd=0), without the L2 evict-first policy (ef=0), and
+// with the next unit taken at a later stage (tk1 / tk2: mid-unit with the tables a stage later,
+// or at the last stage with the tables at once).
 TEST(Differential, SmallStreamMultiStageUnits) {
   MOEJIT_REQUIRE_GPU();
   MoeSpec spec = small_stream_spec();
   spec.hidden = 2048;
   spec.intermediate = 768;
   spec.num_experts = 32;
-  for (const char* o : {"stream=1,dyn=1", "stream=1,dyn=1,uf=0", "stream=1,dyn=1,trd=0", "stream=1,dyn=1,ef=0"}) {
+  for (const char* o : {"stream=1,dyn=1", "stream=1,dyn=1,uf=0", "stream=1,dyn=1,trd=0", "stream=1,dyn=1,ef=0",
+                        "stream=1,dyn=1,tk1=2,tk2=1", "stream=1,dyn=1,tk1=3,tk2=2"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("stream-multi-stage[") + o + "]";
     run_cases({small_case(name, spec, 2), small_case(name, spec, 17), small_case(name, spec, 33),
