@@ -175,6 +175,7 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           "  static constexpr bool kDynamicUnits = {};  // units after the first from a counter\n"
           "  static constexpr bool kXBoxes = {};  // gemm2: x by 4-row TMA boxes\n"
           "  static constexpr bool kEarlyUnit = {};  // gemm1: first unit planned and copied before the wait\n"
+          "  static constexpr bool kEarlyRouted = {};  // ... behind the fused route+dispatch block's word\n"
           "  static constexpr bool kTileReady = {};  // per-tile hand-off from gemm1 to gemm2\n"
           "  static constexpr bool kEarlyFetch = {};  // next unit's id and tables fetched early\n"
           "  static constexpr bool kEvictFirst = {};  // weights and scales with an L2 evict-first policy\n"
@@ -185,7 +186,7 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           c.consumer_warps, c.producer_warps, stage_bytes, c.suspend_ns, b(c.pack_planes),
           c.unit_rows, c.alt_rows, c.k_stage16, c.k_stage32, c.ring_bytes, b(c.split_epilogue), b(c.tma),
           b(c.tma && c.dynamic_units), b(c.tma && !g1 && c.x_boxes),
-          b(g1 && c.early_unit), b(c.tile_ready), b(c.tma && c.dynamic_units && c.early_fetch),
+          b(g1 && c.early_unit), b(g1 && c.early_unit && c.early_routed), b(c.tile_ready), b(c.tma && c.dynamic_units && c.early_fetch),
           b(c.tma && c.evict_first), c.take_stage) +
       swiglu_cfg(s, g1);
   KernelSource src{k.name, "moejit_" + k.name,

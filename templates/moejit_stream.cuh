@@ -269,12 +269,13 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
   const int slots = p.num_tokens * Cfg::kTopK;
   int* cnt = scratch;
   int* tok = scratch + L;
-  if (lane < 8) tok[lane] = 0;
-  if (slots <= 32) {
-    // At most one slot per lane (decode: up to 4 tokens of top-8): the lanes of one local
-    // expert found by a match, each expert's first tile by a pass over the 32 lanes, without the
-    // per-expert counts in shared memory (H200: ~1.8 us from the routed ids to the first copy
-    // at one kimi-k2 token with them; bench/RESULTS.md section 24).
+  if (Cfg::kEarlyRouted && slots <= 32) {
+    if (lane < 8) tok[lane] = 0;
+    // Behind the fused block with at most one slot per lane (decode: up to 4 tokens of top-8):
+    // the lanes of one local expert found by a match, each expert's first tile by a pass over
+    // the 32 lanes, without the per-expert counts in shared memory (H200, one kimi-k2 token: the
+    // earliest block knew its first unit 1.4 us after reading the word, 1.8 with the counts;
+    // bench/RESULTS.md section 24).
     int l = -1;
     if (lane < slots) {
       l = __ldcg(p.topk_ids + lane) - Cfg::kLocalOffset;
@@ -312,6 +313,7 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
     return;
   }
   for (int e = lane; e < L; e += 32) cnt[e] = 0;
+  if (lane < 8) tok[lane] = 0;
   __syncwarp();
   int id[kEarlySlotRegs];  // local expert of slot 32 j + lane, -1: none
 #pragma unroll
@@ -513,17 +515,16 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
                      p.num_tokens * Cfg::kTopK <= 32 * stream::kEarlySlotRegs;
   // Behind a separate dispatch kernel, which zeroes the unit counter, an early block takes its
   // second unit after its wait for dispatch, at its first unit's last stage; behind the fused
-  // block (p.routed), which zeroes it before gemm1 launches, when its first unit starts, as
+  // block (Cfg::kEarlyRouted), which zeroes it before gemm1 launches, when its first unit starts, as
   // other blocks do (it still waits for dispatch before loading that unit's tables).
-  const bool take_after_wait = early && p.routed == nullptr;
+  const bool take_after_wait = early && !Cfg::kEarlyRouted;
   [[maybe_unused]] stream::EarlyUnit eu{};
   if constexpr (kEarly)
     if (early && warp == CW) {
-      // Behind the fused route+dispatch block, the ids are readable once its word reads 1
-      // (lane 0's acquire orders what follows after the block's writes; the warp barrier passes
-      // that on to the other lanes). One lane polls: 32 lanes' acquire loads of one word from
-      // every block queued at its L2 slice (H200: the last block read it ~2 us after the first).
-      if (p.routed != nullptr) {
+      // Behind the fused route+dispatch block (Cfg::kEarlyRouted; the host sets p.routed), the
+      // ids are readable once its word reads 1: lane 0 polls, its acquire orders what follows
+      // after the block's writes, and the warp barrier passes that on to the other lanes.
+      if (Cfg::kEarlyRouted) {
         if (lane == 0) {
           while (ld_acquire_gpu(p.routed) != 1) {
           }

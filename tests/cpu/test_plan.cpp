@@ -163,10 +163,11 @@ TEST(PlanGemm, KimiK2Configs) {
   // launch chooses), not from 17.
   s1.evict_first = s2.evict_first = true;
   // Gemm1 plans its blocks' first units from the routed ids: behind the fused route+dispatch
-  // block up to 16 tokens (GemmParams::routed), behind the route kernel from 17.
-  s1.early_unit = true;
+  // block up to 16 tokens (early_routed: GemmParams::routed), behind the route kernel from 17.
+  s1.early_unit = s1.early_routed = true;
   EXPECT_EQ(plan.buckets[0].s1, s1);
   EXPECT_EQ(plan.buckets[0].s2, s2);
+  s1.early_routed = false;
   s1.evict_first = s2.evict_first = false;
   EXPECT_EQ(stream_stage_bytes(512, true, 64, true), 27648);
   EXPECT_EQ(stream_stage_bytes(256, false, 64, true, false), 18432);
@@ -194,8 +195,10 @@ TEST(PlanGemm, KimiK2Configs) {
     for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets)
       EXPECT_EQ(b.s1.early_unit, b.stream);
     const ScopedOverride split("fr=0");
-    for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets)
+    for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets) {
       EXPECT_EQ(b.s1.early_unit, b.stream);
+      EXPECT_FALSE(b.s1.early_routed);
+    }
     const ScopedOverride bad("eu=2");
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
   }
