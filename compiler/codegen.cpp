@@ -187,7 +187,7 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           c.unit_rows, c.alt_rows, c.k_stage16, c.k_stage32, c.ring_bytes, b(c.split_epilogue), b(c.tma),
           b(c.tma && c.dynamic_units), b(c.tma && !g1 && c.x_boxes),
           b(g1 && c.early_unit), b(g1 && c.early_unit && c.early_routed), b(c.tile_ready), b(c.tma && c.dynamic_units && c.early_fetch),
-          b(c.tma && c.evict_first), c.take_stage) +
+          b(c.tma && c.evict_first), c.tma && c.dynamic_units ? c.take_stage : 0) +
       swiglu_cfg(s, g1);
   KernelSource src{k.name, "moejit_" + k.name,
                    unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(g1),

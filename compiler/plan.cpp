@@ -574,8 +574,14 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         if (o.find("dyn2=0") != std::string::npos) b.s2.dynamic_units = false;
         // "tk1=N", "tk2=N": the stage of a unit at which the next one is taken (take_stage).
         for (auto [key, c] : {std::pair{"tk1", &b.s1}, std::pair{"tk2", &b.s2}}) {
-          const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([0-9]{1,2})([^0-9]|$)");
-          if (std::smatch m; std::regex_search(o, m, re)) c->take_stage = std::stoi(m[2]);
+          const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([^,;\\s]*)");
+          std::smatch m;
+          if (!std::regex_search(o, m, re)) continue;
+          if (!std::regex_match(m[2].str(), std::regex("[0-9]{1,2}")))
+            throw Error(ErrorKind::InvalidArgument,
+                        fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} (the stage at which the next unit "
+                                    "is taken) must be 0 to 99", key, m[2].str()));
+          c->take_stage = std::stoi(m[2]);
         }
       }
     }

@@ -13,8 +13,10 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // attribute may start while its predecessor still runs: pdl_wait() blocks until the predecessor
 // grid has completed and its writes are visible. Every moejit kernel waits before it triggers
 // its own dependents, so a kernel may read what the kernel two back wrote before its own wait;
-// one exception: gemm2 with tile_ready (moejit_stream.cuh) triggers first, so the finalize
-// reads only what the kernels three back (routing) wrote before its wait.
+// two exceptions: gemm2 with tile_ready (moejit_stream.cuh) triggers first, so the finalize
+// reads only what the kernels three back (routing) wrote before its wait; and gemm1 with
+// Cfg::kEarlyRouted reads the routed ids of the fused route+dispatch block, the kernel one back,
+// before its wait, once that block's word says they are written (moejit_route_dispatch.cuh).
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");

@@ -139,7 +139,8 @@ struct GemmParams {
   // tile_expert, one memory round trip per unit instead of two).
   const int32_t* tile_rows;
   // Stream GEMMs with Cfg::kDynamicUnits: the count of units taken after each block's first
-  // (dispatch zeroes it; one per GEMM). With Cfg::kEarlyFetch the word holds the count as a
+  // (one per GEMM; dispatch zeroes it, except gemm1's behind the fused route+dispatch block with
+  // Cfg::kEarlyRouted, which that block zeroes before gemm1 launches). With Cfg::kEarlyFetch the word holds the count as a
   // float (atom_take_gpu; zero bits are 0.0f).
   int32_t* unit_counter;
   // Gemm1 with Cfg::kEarlyUnit: the routed ids [T*k], read before the wait for dispatch to plan
@@ -153,8 +154,8 @@ struct GemmParams {
   // Stream GEMMs with Cfg::kEvictFirst: nonzero copies this launch's weights and scales with an
   // L2 evict-first policy (the host's evict_first_for).
   int32_t evict_first;
-  // Gemm1 with Cfg::kEarlyUnit behind the fused route+dispatch block: the producer reads
-  // topk_ids once this word reads 1 (acquire); null behind a separate route kernel.
+  // Gemm1 with Cfg::kEarlyRouted (early first units behind the fused route+dispatch block): the
+  // producer reads topk_ids once this word reads 1 (acquire); null otherwise.
   const int32_t* routed;
 };
 

@@ -29,11 +29,13 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   // 1 instead of waiting for this grid, and takes its blocks' second units before that wait
   // too. The workspace holds anything before the first launch (or another launch's data), so
   // the last warp first clears the word and zeroes gemm1's unit counter (which dispatch then
-  // leaves alone), fences (the fence returns once the stores have reached L2) and only then
-  // triggers: a block's first trigger is the one that counts, so gemm1's blocks, launched after
-  // it, can only read 0 or the 1 set below, and a zero count. The other warps route meanwhile
-  // and do not trigger. This kernel is launched without PDL: the previous layer's gemm1 has
-  // completed.
+  // leaves alone), fences and only then triggers (a block's first trigger is the one that
+  // counts; the other warps route meanwhile and do not trigger). PDL itself promises no
+  // visibility of writes made before a trigger: that gemm1's blocks, launched after it, read 0
+  // or the 1 set below, and a zero count, rests on the fence returning only once the stores
+  // have reached L2, where gemm1's acquire loads and atomics are served (sm_90). The release
+  // and acquire of the 1 order everything else. This kernel is launched without PDL: the
+  // previous layer's gemm1 has completed.
   const bool trigger_here = p.routed == nullptr || threadIdx.x >= Cfg::kThreads - 32;
   if (p.routed != nullptr && threadIdx.x == Cfg::kThreads - 32) {
     *p.routed = 0;

@@ -276,6 +276,7 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
     // the 32 lanes, without the per-expert counts in shared memory (H200, one kimi-k2 token: the
     // earliest block knew its first unit 1.4 us after reading the word, 1.8 with the counts;
     // bench/RESULTS.md section 24).
+    static_assert(L < (1 << 22), "early first unit: local expert ids must fit in 22 bits");
     int l = -1;
     if (lane < slots) {
       l = __ldcg(p.topk_ids + lane) - Cfg::kLocalOffset;
@@ -570,8 +571,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   const int n_units = n_tiles * kSlices;
   const int my_units = blockIdx.x < n_units ? (n_units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
   // Dynamic units (Cfg::kDynamicUnits, TMA only): a block's first unit is blockIdx.x as above;
-  // each later one is gridDim.x + the next value of a counter that dispatch zeroes
-  // (GemmParams::unit_counter), taken by the producer when it starts the unit before. Blocks that
+  // each later one is gridDim.x + the next value of a counter (GemmParams::unit_counter, zeroed
+  // by dispatch or by the fused block), taken by the producer when it starts the unit before
+  // (or when it issues that unit's stage Cfg::kTakeStage). Blocks that
   // stream faster (H200: by up to 13% within one kernel, bench/RESULTS.md section 16) or start
   // earlier then take more units. The producer publishes each unit {id, expert, rows} in
   // unit_q[i % kUnitQ] before its first stage's "full" barrier completes (lane 0 writes it and

@@ -774,6 +774,10 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
       }
     EXPECT_EQ(gemms, 2);
   }
+  for (const char* bad : {"tk1=100", "tk2=x", "tk2="}) {
+    const ScopedOverride o(bad);
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error) << bad;
+  }
   {
     const ScopedOverride joint("sep=0");  // warp 0 sums and stores every unit alone
     const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");

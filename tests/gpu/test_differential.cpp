@@ -974,11 +974,11 @@ TEST(Differential, SmallStreamEachUnitSize) {
 // tile-major, gemm1's signal warp counts each tile's finished features, gemm2 waits for each
 // unit's tile instead of gemm1's grid) and without it (trd=0), at 1, 5, 17 and 64 tokens: with
 // units dealt round-robin (dyn=0), 16- and 32-row units, the epilogue of warp 0 alone (sep=0),
-// gemm2's planes unpacked, gemm1's first unit from dispatch's tables (eu=0) or planned from the
-// routed ids before its wait (the default: behind the fused route+dispatch block up to 16
-// tokens, once its word is set; one routed slot per lane up to 32 slots, as at 1 and 5 tokens of
-// top-4 here, per-expert counts above, as at 9 and 16 in SmallStreamEvictFirstPerLaunch and
-// from 17; fr=0,dyn=1: behind the route kernel at every token count), and the stream kernels at one token of a finalized
+// gemm2's planes unpacked, gemm1's first unit from dispatch's tables (eu=0; from 17 tokens, where
+// this shape's gemm1 takes units from a counter) or planned from the routed ids before its wait
+// (dyn=1: behind the fused route+dispatch block at 1 and 5 tokens, see
+// SmallStreamEarlyUnitBehindFusedBlock; fr=0,dyn=1: behind the route kernel at every token
+// count), and the stream kernels at one token of a finalized
 // layer too (res=0); the next dynamic unit taken with the integer atomic (uf=0: the small shape's
 // units are one stage, so the tables come after the last stage either way;
 // SmallStreamMultiStageUnits covers the fetch after the second); finalize blocks of 128 threads
@@ -1021,6 +1021,33 @@ TEST(Differential, SmallStreamMultiStageUnits) {
 
 // The L2 evict-first hint switched per launch: H = 4608 (> 4096) takes it up to 8 tokens, so the
 // 1-16 bucket's kernels carry it and launches of 9 and 16 tokens switch it off.
+// Gemm1's first unit planned from the routed ids behind the fused route+dispatch block
+// (early_routed: dyn=1 gives the small shape's 1-16 bucket units from a counter, hence
+// early_unit there): one routed slot per lane up to 32 slots (1, 4, 8 tokens of top-4), the
+// per-expert counts above (9, 16); one rank of a grouped DeepSeekV3 layer (ids of other ranks'
+// experts skipped); Precomputed ids out of range with non-finite hidden rows, non-finite
+// logits. eu=0: the same launches with the first unit from dispatch's tables after the wait.
+TEST(Differential, SmallStreamEarlyUnitBehindFusedBlock) {
+  MOEJIT_REQUIRE_GPU();
+  for (const char* o : {"stream=1,dyn=1", "stream=1,dyn=1,eu=0"}) {
+    const ScopedPlanOverride force(o);
+    const std::string name = std::string("stream-early-fused[") + o + "]";
+    std::vector<Case> cases;
+    for (const int t : {1, 4, 8, 9, 16}) cases.push_back(small_case(name, small_stream_spec(), t));
+    MoeSpec ep = small_stream_spec();
+    ep.routing = RoutingMethod::DeepSeekV3;
+    ep.n_group = 4;
+    ep.topk_group = 2;
+    ep.has_routing_bias = true;
+    ep.local_expert_offset = 5;
+    ep.local_num_experts = 6;
+    cases.push_back(small_case(name + "-ep", ep, 3));
+    cases.push_back(small_case(name + "-ep", ep, 13));
+    for (const Case& c : special_input_cases(name, small_stream_spec())) cases.push_back(c);
+    run_cases(cases);
+  }
+}
+
 TEST(Differential, SmallStreamEvictFirstPerLaunch) {
   MOEJIT_REQUIRE_GPU();
   MoeSpec spec = small_stream_spec();
