@@ -178,16 +178,15 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           "  static constexpr bool kEarlyRouted = {};  // ... behind the fused route+dispatch block's word\n"
           "  static constexpr bool kTileReady = {};  // per-tile hand-off from gemm1 to gemm2\n"
           "  static constexpr bool kEarlyFetch = {};  // next unit's id and tables fetched early\n"
-          "  static constexpr bool kEvictFirst = {};  // weights and scales with an L2 evict-first policy\n"
-          "  static constexpr int kTakeStage = {};  // dynamic units: the next unit taken at this stage\n",
+          "  static constexpr bool kEvictFirst = {};  // weights and scales with an L2 evict-first policy\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
           s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
           bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
           c.consumer_warps, c.producer_warps, stage_bytes, c.suspend_ns, b(c.pack_planes),
           c.unit_rows, c.alt_rows, c.k_stage16, c.k_stage32, c.ring_bytes, b(c.split_epilogue), b(c.tma),
           b(c.tma && c.dynamic_units), b(c.tma && !g1 && c.x_boxes),
-          b(g1 && c.early_unit), b(g1 && c.early_unit && c.early_routed), b(c.tile_ready), b(c.tma && c.dynamic_units && c.early_fetch),
-          b(c.tma && c.evict_first), c.tma && c.dynamic_units ? c.take_stage : 0) +
+          b(g1 && c.early_unit), b(g1 && c.early_unit && bk.fused_route), b(c.tile_ready), b(c.tma && c.dynamic_units && c.early_fetch),
+          b(c.tma && c.evict_first)) +
       swiglu_cfg(s, g1);
   KernelSource src{k.name, "moejit_" + k.name,
                    unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(g1),

@@ -572,17 +572,6 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         if (o.find("dyn=1") != std::string::npos) b.s1.dynamic_units = b.s2.dynamic_units = true;
         if (o.find("dyn1=0") != std::string::npos) b.s1.dynamic_units = false;
         if (o.find("dyn2=0") != std::string::npos) b.s2.dynamic_units = false;
-        // "tk1=N", "tk2=N": the stage of a unit at which the next one is taken (take_stage).
-        for (auto [key, c] : {std::pair{"tk1", &b.s1}, std::pair{"tk2", &b.s2}}) {
-          const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([^,;\\s]*)");
-          std::smatch m;
-          if (!std::regex_search(o, m, re)) continue;
-          if (!std::regex_match(m[2].str(), std::regex("[0-9]{1,2}")))
-            throw Error(ErrorKind::InvalidArgument,
-                        fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} (the stage at which the next unit "
-                                    "is taken) must be 0 to 99", key, m[2].str()));
-          c->take_stage = std::stoi(m[2]);
-        }
       }
     }
     // Decode: the last gemm2 block of a token sums its rows, saving the finalize launch.
@@ -605,7 +594,6 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // before the block ends (section 24). "eu=0|1" overrides.
     if (b.stream && b.s1.tma && b.s1.dynamic_units)
       b.s1.early_unit = flag_of("eu", true, "gemm1's first unit before its wait");
-    b.s1.early_routed = b.s1.early_unit && b.fused_route;
     // Gemm2 per tile behind gemm1 (StreamConfig::tile_ready) where both GEMMs copy by TMA, up to
     // 16 tokens, and above where gemm2's units are more than one stage. H200 (bench/RESULTS.md
     // section 21): kimi-k2 2-3% faster at 1-16 tokens and 1-3% at 33-64, qwen3-30b-a3b and
@@ -677,7 +665,6 @@ std::string describe(const Plan& plan) {
                                    (b.s1.tma && !b.s1.dynamic_units ? " dynamic_units=0" : "") +
                                    (b.s1.tma && b.s1.dynamic_units && !b.s1.early_fetch ? " early_fetch=0" : "") +
                                    (b.s1.tma && b.s1.evict_first ? " evict_first=1" : "") +
-                                   (b.s1.tma && b.s1.dynamic_units && b.s1.take_stage ? fmt::format(" take_stage={}", b.s1.take_stage) : "") +
                                    (b.s1.tma && b.s1.early_unit ? " early_unit=1" : "") +
                                    (b.s1.tile_ready ? " tile_ready=1" : ""),
                                b.s2.consumer_warps,
@@ -690,7 +677,6 @@ std::string describe(const Plan& plan) {
                                    (b.s2.tma && !b.s2.dynamic_units ? " dynamic_units=0" : "") +
                                    (b.s2.tma && b.s2.dynamic_units && !b.s2.early_fetch ? " early_fetch=0" : "") +
                                    (b.s2.tma && b.s2.evict_first ? " evict_first=1" : "") +
-                                   (b.s2.tma && b.s2.dynamic_units && b.s2.take_stage ? fmt::format(" take_stage={}", b.s2.take_stage) : "") +
                                    (b.s2.tma && b.s2.x_boxes ? " x_boxes=1" : ""))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,

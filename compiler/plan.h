@@ -69,11 +69,6 @@ struct StreamConfig {
   // starts), or of the fused route+dispatch block once its word reads 1 (GemmParams::routed).
   // The planner sets it per bucket.
   bool early_unit = false;
-  // Gemm1 with early_unit behind the fused route+dispatch block: the routed ids are readable
-  // once the block's word reads 1 (GemmParams::routed), and the block zeroes gemm1's unit
-  // counter before gemm1 launches. Set by the planner with early_unit where the bucket fuses
-  // route and dispatch.
-  bool early_routed = false;
   // Both GEMMs of a bucket with TMA: units numbered tile-major, gemm1 counts each tile's
   // finished features (GemmParams::tile_ready, zeroed by dispatch) and gemm2's producer waits
   // per unit for its tile there instead of for gemm1's grid, so gemm2 streams finished tiles
@@ -90,10 +85,6 @@ struct StreamConfig {
   // activation, gemm2's y); each launch switches it on or off (GemmParams::evict_first,
   // evict_first_for).
   bool evict_first = false;
-  // Dynamic units: the stage of the current unit at whose issue the producer takes the next unit
-  // (0: when the unit starts; later stages commit a block to its next unit closer to the end of
-  // its current one). Clamped to the unit's last stage.
-  int take_stage = 0;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;
 
@@ -109,10 +100,8 @@ struct StreamConfig {
            unit_rows == o.unit_rows && alt_rows == o.alt_rows && k_stage16 == o.k_stage16 &&
            k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
            split_epilogue == o.split_epilogue && tma == o.tma && dynamic_units == o.dynamic_units &&
-           x_boxes == o.x_boxes && early_unit == o.early_unit && early_routed == o.early_routed &&
-           tile_ready == o.tile_ready &&
-           early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks &&
-           take_stage == o.take_stage;
+           x_boxes == o.x_boxes && early_unit == o.early_unit && tile_ready == o.tile_ready &&
+           early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks;
   }
 };
 

@@ -334,7 +334,7 @@ class LayerImpl {
       // Early first units read the routed ids of the route kernel two launches back, or those
       // of the fused route+dispatch block once its word reads 1.
       if (b.s1.early_unit) g1.topk_ids = topk_ids;
-      if (b.s1.early_routed) g1.routed = routed;
+      if (b.s1.early_unit && b.fused_route) g1.routed = routed;
     }
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),

@@ -572,8 +572,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   const int my_units = blockIdx.x < n_units ? (n_units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
   // Dynamic units (Cfg::kDynamicUnits, TMA only): a block's first unit is blockIdx.x as above;
   // each later one is gridDim.x + the next value of a counter (GemmParams::unit_counter, zeroed
-  // by dispatch or by the fused block), taken by the producer when it starts the unit before
-  // (or when it issues that unit's stage Cfg::kTakeStage). Blocks that
+  // by dispatch or by the fused block), taken by the producer when it starts the unit before. Blocks that
   // stream faster (H200: by up to 13% within one kernel, bench/RESULTS.md section 16) or start
   // earlier then take more units. The producer publishes each unit {id, expert, rows} in
   // unit_q[i % kUnitQ] before its first stage's "full" barrier completes (lane 0 writes it and
@@ -737,10 +736,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       // (lane 0's atomic) when the unit before starts, its expert, rows and x sources loaded once
       // that unit's second stage is issued (Cfg::kEarlyFetch: the count is back by then, and the
       // tables by the next unit's first stage; H200, bench/RESULTS.md section 22), else its last.
-      // Cfg::kTakeStage > 0: the next unit is taken at that stage's issue instead (clamped to the
-      // last stage), its tables loaded one stage later where there is one.
-      constexpr int kTake = Cfg::kTakeStage < kStagesPerUnit - 1 ? Cfg::kTakeStage : kStagesPerUnit - 1;
-      constexpr int kFetchStage = Cfg::kEarlyFetch && kStagesPerUnit > kTake + 1 ? kTake + 1 : kStagesPerUnit - 1;
+      constexpr int kFetchStage = Cfg::kEarlyFetch && kStagesPerUnit > 1 ? 1 : kStagesPerUnit - 1;
       int id = blockIdx.x, e_cur = 0, rows_cur = 0;
       if (dyn && my_units > 0) {
         e_cur = early ? eu.e : kReady ? e_first : p.tile_expert[Unit::tile_of(id, n_tiles)];
@@ -758,7 +754,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         else if (!dyn)
           load_ready(u.tile);  // (later dynamic units: loaded ahead, below)
         int taken = 0;  // lane 0: the count at which it took the next unit (take_unit)
-        if (kTake == 0 && dyn && lane == 0 && !(take_after_wait && ui == 0))
+        if (dyn && lane == 0 && !(take_after_wait && ui == 0))
           taken = take_unit();
         int id_next = n_units;
         const int x_src = x_src_next;
@@ -791,8 +787,6 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
             tl_stamp_after(tls, kGemm1 ? kTlG1PUnit : kTlG2PUnit, x_rows ^ static_cast<uint32_t>(row_lo));
           const uint32_t x_bytes = kXBox ? x_boxes * kXBoxBytes : x_rows * kc * 2;
           mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
-          if constexpr (kTake > 0)
-            if (ks == kTake && dyn && lane == 0 && !(take_after_wait && ui == 0)) taken = take_unit();
           if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
           if (dyn && ks == 0 && lane == 0) unit_q[ui % kUnitQ] = make_int4(id, u.e, u.rows_valid, n_tiles);
           if (lane == 0) {

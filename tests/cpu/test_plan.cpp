@@ -163,11 +163,11 @@ TEST(PlanGemm, KimiK2Configs) {
   // launch chooses), not from 17.
   s1.evict_first = s2.evict_first = true;
   // Gemm1 plans its blocks' first units from the routed ids: behind the fused route+dispatch
-  // block up to 16 tokens (early_routed: GemmParams::routed), behind the route kernel from 17.
-  s1.early_unit = s1.early_routed = true;
+  // block up to 16 tokens (GemmParams::routed, Cfg::kEarlyRouted), behind the route kernel
+  // from 17.
+  s1.early_unit = true;
   EXPECT_EQ(plan.buckets[0].s1, s1);
   EXPECT_EQ(plan.buckets[0].s2, s2);
-  s1.early_routed = false;
   s1.evict_first = s2.evict_first = false;
   EXPECT_EQ(stream_stage_bytes(512, true, 64, true), 27648);
   EXPECT_EQ(stream_stage_bytes(256, false, 64, true, false), 18432);
@@ -197,7 +197,7 @@ TEST(PlanGemm, KimiK2Configs) {
     const ScopedOverride split("fr=0");
     for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets) {
       EXPECT_EQ(b.s1.early_unit, b.stream);
-      EXPECT_FALSE(b.s1.early_routed);
+      EXPECT_FALSE(b.fused_route);
     }
     const ScopedOverride bad("eu=2");
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
@@ -755,28 +755,21 @@ TEST(PlanStream, OverrideSwitchesAndShapes) {
   }
   EXPECT_TRUE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s1.split_epilogue);
   {
-    // "tk1=N" / "tk2=N": the stage of a unit at which the next unit is taken (default 0: when
-    // the unit starts), in the kernel's Cfg and the plan's text; the kernels clamp it to a
-    // unit's last stage.
-    for (const Bucket& b : make_plan(preset("kimi-k2"), 64, "sm_90a").buckets)
-      EXPECT_EQ(b.s1.take_stage + b.s2.take_stage, 0);
-    const ScopedOverride take("tk1=13,tk2=6");
-    const Plan p = make_plan(preset("kimi-k2"), 64, "sm_90a");
-    EXPECT_EQ(p.buckets[0].s1.take_stage, 13);
-    EXPECT_EQ(p.buckets[0].s2.take_stage, 6);
-    EXPECT_EQ(p.buckets[1].s2.take_stage, 6);
-    EXPECT_THAT(describe(p), HasSubstr("take_stage=13 early_unit=1"));
-    int gemms = 0;
-    for (const KernelSource& k : generate_all(p))
-      if (k.name == "gemm1_b0" || k.name == "gemm2_b1") {
-        EXPECT_THAT(k.source, HasSubstr(k.name == "gemm1_b0" ? "kTakeStage = 13;" : "kTakeStage = 6;"));
-        ++gemms;
-      }
-    EXPECT_EQ(gemms, 2);
-  }
-  for (const char* bad : {"tk1=100", "tk2=x", "tk2="}) {
-    const ScopedOverride o(bad);
-    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error) << bad;
+    // Gemm1's early first unit behind the fused route+dispatch block (Cfg::kEarlyRouted): the
+    // 1-16 bucket's gemm1 only, and neither with the route kernel (fr=0) nor with eu=0.
+    auto routed_in = [](const char* kernel) {
+      for (const KernelSource& k : generate_all(make_plan(preset("kimi-k2"), 64, "sm_90a")))
+        if (k.name == kernel) return k.source.find("kEarlyRouted = true;") != std::string::npos;
+      ADD_FAILURE() << "no kernel " << kernel;
+      return false;
+    };
+    EXPECT_TRUE(routed_in("gemm1_b0"));
+    EXPECT_FALSE(routed_in("gemm1_b1"));
+    EXPECT_FALSE(routed_in("gemm2_b0"));
+    for (const char* o : {"fr=0", "eu=0"}) {
+      const ScopedOverride off(o);
+      EXPECT_FALSE(routed_in("gemm1_b0")) << o;
+    }
   }
   {
     const ScopedOverride joint("sep=0");  // warp 0 sums and stores every unit alone

@@ -1001,17 +1001,14 @@ TEST(Differential, SmallStreamTileReady) {
 // Units of several stages (qwen3-30b-a3b's K: gemm1 four 512-deep stages, gemm2 three 256-deep
 // ones) taken from the counter: the next unit's id and tables fetched once the unit's second
 // stage is issued (the default), or at its last with the integer atomic (uf=0), with gemm2 per
-// tile behind gemm1 or behind its grid (trd=0), without the L2 evict-first policy (ef=0), and
-// with the next unit taken at a later stage (tk1 / tk2: mid-unit with the tables a stage later,
-// or at the last stage with the tables at once).
+// tile behind gemm1 or behind its grid (trd=0), and without the L2 evict-first policy (ef=0).
 TEST(Differential, SmallStreamMultiStageUnits) {
   MOEJIT_REQUIRE_GPU();
   MoeSpec spec = small_stream_spec();
   spec.hidden = 2048;
   spec.intermediate = 768;
   spec.num_experts = 32;
-  for (const char* o : {"stream=1,dyn=1", "stream=1,dyn=1,uf=0", "stream=1,dyn=1,trd=0", "stream=1,dyn=1,ef=0",
-                        "stream=1,dyn=1,tk1=2,tk2=1", "stream=1,dyn=1,tk1=3,tk2=2"}) {
+  for (const char* o : {"stream=1,dyn=1", "stream=1,dyn=1,uf=0", "stream=1,dyn=1,trd=0", "stream=1,dyn=1,ef=0"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("stream-multi-stage[") + o + "]";
     run_cases({small_case(name, spec, 2), small_case(name, spec, 17), small_case(name, spec, 33),
@@ -1022,7 +1019,7 @@ TEST(Differential, SmallStreamMultiStageUnits) {
 // The L2 evict-first hint switched per launch: H = 4608 (> 4096) takes it up to 8 tokens, so the
 // 1-16 bucket's kernels carry it and launches of 9 and 16 tokens switch it off.
 // Gemm1's first unit planned from the routed ids behind the fused route+dispatch block
-// (early_routed: dyn=1 gives the small shape's 1-16 bucket units from a counter, hence
+// (Cfg::kEarlyRouted: dyn=1 gives the small shape's 1-16 bucket units from a counter, hence
 // early_unit there): one routed slot per lane up to 32 slots (1, 4, 8 tokens of top-4), the
 // per-expert counts above (9, 16); one rank of a grouped DeepSeekV3 layer (ids of other ranks'
 // experts skipped); Precomputed ids out of range with non-finite hidden rows, non-finite
