@@ -286,7 +286,7 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
     const int rank = __popc(peers & ((1u << lane) - 1u));  // earlier slots of the same expert
     const int count = __popc(peers);
     const bool leader = l >= 0 && rank == 0;
-    const int mine = leader ? (l << 8) | count : -1;  // count <= 32, l < 2^22 (dispatch_small)
+    const int mine = leader ? (l << 8) | count : -1;  // count <= 32, l < 2^22 (as dispatch_small packs them)
     int start = 0, total = 0;  // this lane's expert's first tile; the tiles of all experts
 #pragma unroll 8
     for (int j = 0; j < 32; ++j) {
