@@ -8,8 +8,10 @@
 // round-robin. Consumers only read and release each stage. Not part of the library; build and
 // run by hand:
 //
-//   nvcc -O3 -std=c++17 -arch=sm_90a -o probe_layout bench/probe_layout.cu -lcuda && ./probe_layout
+//   nvcc -O3 -std=c++17 -arch=sm_90a -o probe_layout bench/probe_layout.cu -lcuda && ./probe_layout [shapes]
 #include <cuda.h>
+
+#include <string>
 
 #include "probe_common.cuh"
 
@@ -103,7 +105,7 @@ __global__ void fill(uint8_t* w, long long n) {
     w[i] = static_cast<uint8_t>((i * 2654435761LL) >> 13);
 }
 
-int main() {
+int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   const int sms = prop.multiProcessorCount;
@@ -166,7 +168,29 @@ int main() {
   run(probe<R, KC, NS, true>, R, KC, NS, true, BPS, true, rows, k);    \
   run(probe<R, KC, NS, false>, R, KC, NS, false, BPS, false, rows, k); \
   run(probe<R, KC, NS, true>, R, KC, NS, true, BPS, false, rows, k);
+  // Mode "shapes" (argv[1] == "shapes"): the library's strided box only, units from the counter
+  // and round-robin, for other unit sizes, stage depths and blocks per SM of the same bytes.
+  const bool shapes = argc > 1 && std::string(argv[1]) == "shapes";
+#define RUN2(R, KC, NS, BPS, rows, k)                                   \
+  run(probe<R, KC, NS, false>, R, KC, NS, false, BPS, true, rows, k);  \
+  run(probe<R, KC, NS, false>, R, KC, NS, false, BPS, false, rows, k);
   for (int rep = 0; rep < 2; ++rep) {
+    if (shapes) {
+      // kimi-k2 gemm2 at one token (7168 x 2048: 58.7 MB of int4)
+      RUN2(64, 256, 3, 3, 7168, 2048)
+      RUN2(64, 512, 3, 3, 7168, 2048)
+      RUN2(64, 256, 3, 4, 7168, 2048)
+      RUN2(64, 256, 3, 6, 7168, 2048)
+      RUN2(32, 256, 6, 3, 7168, 2048)
+      RUN2(32, 512, 3, 3, 7168, 2048)
+      RUN2(128, 256, 3, 3, 7168, 2048)
+      RUN2(64, 256, 4, 2, 7168, 2048)
+      // kimi-k2 gemm1 at one token (4096 x 7168: 117 MB)
+      RUN2(64, 512, 3, 2, 4096, 7168)
+      RUN2(32, 512, 3, 3, 4096, 7168)
+      RUN2(32, 512, 6, 2, 4096, 7168)
+      continue;
+    }
     // kimi-k2 at one token: gemm2 (7168 x 2048) as the library runs it (3 blocks per SM, three
     // 8 KiB stages) and deeper; gemm1 (4096 x 7168, 2 blocks per SM, three 32 KiB stages).
     RUN4(64, 256, 3, 3, 7168, 2048)
