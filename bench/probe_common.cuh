@@ -1,5 +1,6 @@
-// Shared pieces of the hand-run probes (bench/probe_stream.cu, probe_tma.cu, probe_fixed.cu):
-// error checks, the mbarrier wait, a plain linear read and the event timing. Not part of the
+// Shared pieces of the hand-run probes (bench/probe_stream.cu, probe_tma.cu, probe_layout.cu,
+// probe_fixed.cu): error checks, the mbarrier wait, a plain linear read, the event timing, the
+// consumers' read of a stage and the weights' fill pattern. Not part of the
 // library.
 #pragma once
 
@@ -85,11 +86,35 @@ double median_us(F&& launch, int reps) {
 // stages, wait for the stage, read it from shared memory (no arithmetic) and release it on its
 // "empty" barrier (one arrive per warp). dump (if not null): block 0 copies stage 1 of its first
 // unit there, for a layout check.
+// A consumer thread (of threads 0-127) reads its share of one stage (no arithmetic, folded into
+// acc) and its warp releases the stage on its "empty" barrier.
+template <int kStageW>
+__device__ __forceinline__ void consume_stage(const unsigned char* stage, uint64_t* empty, uint32_t& acc) {
+  constexpr int kPer = kStageW / 16 / 128;
+  const int tid = threadIdx.x;
+  const uint4* st = reinterpret_cast<const uint4*>(stage);
+#pragma unroll
+  for (int j = 0; j < kPer; ++j) {
+    const uint4 v = st[tid + j * 128];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  __syncwarp();
+  if ((tid & 31) == 0)
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(empty)) : "memory");
+}
+
+// The weights' bytes: a hash of the address, so that a layout check can tell bytes apart.
+__host__ __device__ inline uint8_t pattern(long long a) {
+  return static_cast<uint8_t>((a * 2654435761LL) >> 13);
+}
+__global__ void fill(uint8_t* w, long long n) {
+  for (long long i = blockIdx.x * 256LL + threadIdx.x; i < n; i += 256LL * gridDim.x) w[i] = pattern(i);
+}
+
 template <int kStageW, int NS>
 __device__ void consume_stages(const unsigned char* smem, uint64_t* full, uint64_t* empty,
                                int n_units, int stages_per_unit, uint32_t* sink, uint4* dump) {
   constexpr int kChunks = kStageW / 16;
-  constexpr int kPer = kChunks / 128;
   const int tid = threadIdx.x;
   int slot = 0;
   uint32_t parity = 0;
@@ -100,14 +125,7 @@ __device__ void consume_stages(const unsigned char* smem, uint64_t* full, uint64
       const uint4* st = reinterpret_cast<const uint4*>(smem + slot * kStageW);
       if (dump != nullptr && blockIdx.x == 0 && u == blockIdx.x && ks == 1)
         for (int j = tid; j < kChunks; j += 128) dump[j] = st[j];
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        const uint4 v = st[tid + j * 128];
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-      }
-      __syncwarp();
-      if ((tid & 31) == 0)
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(&empty[slot])) : "memory");
+      consume_stage<kStageW>(smem + slot * kStageW, &empty[slot], acc);
       if (++slot == NS) slot = 0, parity ^= 1;
     }
   }

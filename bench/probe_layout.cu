@@ -76,7 +76,6 @@ __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap
     return;
   }
   // Consumers (warps 0-3): read each stage, release it.
-  constexpr int kPer = kStageW / 16 / 128;
   int slot = 0;
   uint32_t parity = 0;
   uint32_t acc = 0;
@@ -85,24 +84,11 @@ __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap
     if (unit_q[i % 64] < 0) break;
     for (int ks = 0; ks < kStages; ++ks) {
       if (ks > 0) mwait(&full[slot], parity);
-      const uint4* st = reinterpret_cast<const uint4*>(smem + slot * kStageW);
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) {
-        const uint4 v = st[tid + j * 128];
-        acc ^= v.x ^ v.y ^ v.z ^ v.w;
-      }
-      __syncwarp();
-      if ((tid & 31) == 0)
-        asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(&empty[slot])) : "memory");
+      consume_stage<kStageW>(smem + slot * kStageW, &empty[slot], acc);
       if (++slot == NS) slot = 0, parity ^= 1;
     }
   }
   if (acc == 0x12345678u) sink[0] = acc;
-}
-
-__global__ void fill(uint8_t* w, long long n) {
-  for (long long i = blockIdx.x * 256LL + threadIdx.x; i < n; i += 256LL * gridDim.x)
-    w[i] = static_cast<uint8_t>((i * 2654435761LL) >> 13);
 }
 
 int main(int argc, char** argv) {

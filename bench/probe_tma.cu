@@ -89,12 +89,6 @@ __global__ void __launch_bounds__(256, 2) probe(const __grid_constant__ CUtensor
   consume_stages<kStageW, NS>(smem, full, empty, n_units, kStages, sink, dump);
 }
 
-__host__ __device__ inline uint8_t pattern(long long a) {
-  return static_cast<uint8_t>((a * 2654435761LL) >> 13);
-}
-__global__ void fill(uint8_t* w, long long n) {
-  for (long long i = blockIdx.x * 256LL + threadIdx.x; i < n; i += 256LL * gridDim.x) w[i] = pattern(i);
-}
 
 int main() {
   cudaDeviceProp prop;
