@@ -144,14 +144,10 @@ std::string swiglu_cfg(const MoeSpec& s, bool g1) {
       b(g1 && s.swiglu_limit));
 }
 
-KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
-  const MoeSpec& s = plan.spec;
-  const Bucket& bk = plan.buckets.at(k.bucket);
-  const bool g1 = k.role == KernelRole::Gemm1;
-  const StreamConfig& c = g1 ? bk.s1 : bk.s2;
-  const int stage_bytes = stream_stage_bytes(c.k_stage, g1, c.unit_rows, c.tma, c.x_boxes);
-  const std::string cfg =
-      fmt::format(
+// The Cfg body of a stream GEMM (templates/moejit_stream.cuh) with configuration c.
+std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c, bool g1) {
+  const int stage_bytes = stream_stage_bytes(c, g1);
+  return fmt::format(
           "  static constexpr bool kGemm1 = {};\n"
           "  static constexpr int kN = {};  // output features\n"
           "  static constexpr int kK = {};  // reduction length\n"
@@ -178,7 +174,10 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           "  static constexpr bool kEarlyRouted = {};  // ... behind the fused route+dispatch block's word\n"
           "  static constexpr bool kTileReady = {};  // per-tile hand-off from gemm1 to gemm2\n"
           "  static constexpr bool kEarlyFetch = {};  // next unit's id and tables fetched early\n"
-          "  static constexpr bool kEvictFirst = {};  // weights and scales with an L2 evict-first policy\n",
+          "  static constexpr bool kEvictFirst = {};  // weights and scales with an L2 evict-first policy\n"
+          "  static constexpr int kChain = {};  // phase in a chain kernel (0: none)\n"
+          "  static constexpr int kSlotBytes = {};  // a chain's ring slot\n"
+          "  static constexpr bool kPackedOnly = {};  // gemm2: one x plane, packed units only\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
           s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
           bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
@@ -186,13 +185,53 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
           c.unit_rows, c.alt_rows, c.k_stage16, c.k_stage32, c.ring_bytes, b(c.split_epilogue), b(c.tma),
           b(c.tma && c.dynamic_units), b(c.tma && !g1 && c.x_boxes),
           b(g1 && c.early_unit), b(g1 && c.early_unit && bk.fused_route), b(c.tile_ready), b(c.tma && c.dynamic_units && c.early_fetch),
-          b(c.tma && c.evict_first)) +
-      swiglu_cfg(s, g1);
+          b(c.tma && c.evict_first), c.chain, c.chain ? c.slot_bytes : stage_bytes,
+          b(!g1 && c.packed_only)) +
+         swiglu_cfg(s, g1);
+}
+
+KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
+  const MoeSpec& s = plan.spec;
+  const Bucket& bk = plan.buckets.at(k.bucket);
+  const bool g1 = k.role == KernelRole::Gemm1;
+  const StreamConfig& c = g1 ? bk.s1 : bk.s2;
+  const std::string cfg = stream_cfg(s, bk, c, g1);
   KernelSource src{k.name, "moejit_" + k.name,
                    unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(g1),
                         c.min_blocks),
                    c.threads(g1)};
   src.dynamic_smem = c.ring_bytes + (c.tma ? 1024 : 0);  // TMA: slack to align the ring to 1 KiB
+  src.persistent = true;
+  return src;
+}
+
+// Both stream GEMMs of a bucket in one kernel (stream_chain<Cfg1, Cfg2>), with gemm1's threads.
+KernelSource chain_unit(const Plan& plan, const KernelPlan& k) {
+  const MoeSpec& s = plan.spec;
+  const Bucket& bk = plan.buckets.at(k.bucket);
+  const int threads = bk.c1.threads(true);
+  const std::string text = fmt::format(
+      "// moejit generated kernel '{name}' (gemm1+gemm2); H={h} I={i} E={e} top_k={k}\n"
+      "{timeline}"
+      "#include \"moejit_stream.cuh\"\n\n"
+      "namespace {{\n"
+      "struct Cfg1 {{\n"
+      "{cfg1}"
+      "}};\n"
+      "struct Cfg2 {{\n"
+      "{cfg2}"
+      "}};\n"
+      "}}  // namespace\n\n"
+      "extern \"C\" __global__ void __launch_bounds__({threads}, {blocks})\n"
+      "moejit_{name}(const __grid_constant__ moejit_dev::ChainParams p) {{\n"
+      "  moejit_dev::stream_chain<Cfg1, Cfg2>(p);\n"
+      "}}\n",
+      fmt::arg("name", k.name), fmt::arg("timeline", timeline_define()), fmt::arg("h", s.hidden),
+      fmt::arg("i", s.intermediate), fmt::arg("e", s.num_experts), fmt::arg("k", s.top_k),
+      fmt::arg("cfg1", stream_cfg(s, bk, bk.c1, true)), fmt::arg("cfg2", stream_cfg(s, bk, bk.c2, false)),
+      fmt::arg("threads", threads), fmt::arg("blocks", bk.c1.min_blocks));
+  KernelSource src{k.name, "moejit_" + k.name, text, threads};
+  src.dynamic_smem = bk.c1.ring_bytes + 1024;  // slack to align the ring to 1 KiB
   src.persistent = true;
   return src;
 }
@@ -285,6 +324,7 @@ KernelSource generate(const Plan& plan, const KernelPlan& kernel) {
     case KernelRole::Gemm2: return gemm_unit(plan, kernel);
     case KernelRole::Finalize: return finalize_unit(plan, kernel);
     case KernelRole::Resident: return resident_unit(plan, kernel);
+    case KernelRole::Chain: return chain_unit(plan, kernel);
   }
   throw Error(ErrorKind::Internal, "generate: unknown kernel role");
 }

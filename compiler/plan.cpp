@@ -18,6 +18,7 @@ const char* to_string(KernelRole role) {
     case KernelRole::Gemm2: return "gemm2";
     case KernelRole::Finalize: return "finalize";
     case KernelRole::Resident: return "resident";
+    case KernelRole::Chain: return "chain";
   }
   return "?";
 }
@@ -242,14 +243,19 @@ bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm
 
 }  // namespace
 
-int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows, bool tma, bool x_boxes) {
-  const int planes = gemm1 ? 1 : 2;
+int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows, bool tma, bool x_boxes, bool packed_only) {
+  const int planes = gemm1 || packed_only ? 1 : 2;
   const int weights_scales = k_stage / 256 * unit_rows * 128 + unit_rows * (k_stage / 16);
-  // x: 8 rows per plane, padded by 64 bytes (gemm1, and gemm2 by cp.async); gemm2 by TMA: two
-  // boxes of 4 rows x both planes, unpadded.
+  // x: 8 rows per plane, padded by 64 bytes (gemm1, and gemm2 by cp.async or row copies; one
+  // plane where gemm2's units are all packed); gemm2 by TMA boxes: two boxes of 4 rows x both
+  // planes, unpadded.
   const int x = tma && !gemm1 && x_boxes ? 2 * 4 * planes * k_stage * 2 : planes * 8 * (k_stage * 2 + 64);
   const int bytes = weights_scales + x;
   return tma ? (bytes + 1023) / 1024 * 1024 : bytes;
+}
+
+int stream_stage_bytes(const StreamConfig& c, bool gemm1) {
+  return stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, c.tma, c.x_boxes, !gemm1 && c.packed_only);
 }
 
 long long stream_units(const MoeSpec& spec, bool gemm1, int unit_rows, int tokens) {
@@ -615,6 +621,77 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       b.res = pick_resident(spec, 132, value_of("rkp"), value_of("rwin"), value_of("rw"),
                             b.s1.consumer_warps, b.s2.consumer_warps, b.s2.pack_planes);
     }
+    // Both GEMMs as one chain kernel: a block streams its gemm1 units, then gemm2's, through
+    // gemm1's ring (slots of gemm1's stage), so that gemm2 starts as each block's gemm1 ends.
+    // Gemm2's stage is the deepest (512 or 256) that fits in a slot with both x planes; where
+    // none is deeper than 256 but a 512-deep one with one plane would fit (packed units: tiles
+    // of at most 4 valid rows), that one, for launches of at most 4 tokens.
+    // By default only where gemm2's stages are 512 deep and its units at least two of them, and
+    // gemm1's 64-row units fill the grid at the bucket's smallest token count (H200,
+    // bench/RESULTS.md section 26: kimi-k2 at 1 / 2 / 4 tokens 60.0-60.5 / 105.9-106.3 / 181.2-181.8
+    // us against 62.0-62.6 / 108.8-109.3 / 183.3-184.2, deepseek-v3 62.5 / 108.7 / 202.4 against
+    // 64.0 / 110.2 / 202.1; slower with 256-deep gemm2 stages: qwen3-30b-a3b +1.3 / +3.8 / +8 us
+    // at 16 / 33 / 64 tokens, kimi-k2-tp8 +1.5 to +4 at 2-16, kimi-k2 +13 / +28 at 8 / 16; and
+    // kimi-k2-tp4, whose gemm1 takes smaller units at one token and whose gemm2 units are one
+    // stage, +3.6 to +5.4 at 1 and 4). "ch=0|1" overrides (1: wherever it fits);
+    // "chk2=256|512" forces gemm2's depth, "chpo=0|1" one plane or two.
+    if (b.stream && b.s1.tma && b.s2.tma && b.s1.dynamic_units && b.s2.dynamic_units &&
+        b.s1.tile_ready && b.s2.pack_planes && b.s1.consumer_warps == b.s2.consumer_warps) {
+      StreamConfig c1 = b.s1, c2 = b.s2;
+      c1.unit_rows = c2.unit_rows = 64;
+      c1.k_stage = pick_stream(spec.hidden, true, 64, true, 2).k_stage;
+      c2.x_boxes = false;
+      c1.alt_rows = c2.alt_rows = 0;
+      c1.k_stage16 = c1.k_stage32 = c2.k_stage16 = c2.k_stage32 = 0;
+      c1.min_blocks = c2.min_blocks = 2;
+      c2.early_unit = false;
+      const int slot1 = stream_stage_bytes(c1, true);
+      auto fits = [&](int k_stage, bool packed_only) {
+        StreamConfig t = c2;
+        t.k_stage = k_stage;
+        t.packed_only = packed_only;
+        return spec.intermediate % k_stage == 0 && (k_stage / 64) % t.consumer_warps == 0 &&
+               stream_stage_bytes(t, false) <= slot1;
+      };
+      static const std::regex chk2("(^|[^A-Za-z0-9_])chk2=([0-9]+)");
+      int forced_k = 0;
+      if (std::smatch m; std::regex_search(override_text, m, chk2)) {
+        if (m[2] != "256" && m[2] != "512")
+          throw Error(ErrorKind::InvalidArgument,
+                      fmt::format("MOEJIT_PLAN_OVERRIDE: chk2={} (the chain's gemm2 k_stage) must be 256 or 512", m[2].str()));
+        forced_k = std::stoi(m[2]);
+      }
+      const bool forced_po = std::regex_search(override_text, std::regex("(^|[^A-Za-z0-9_])chpo="));
+      int k2 = 0;
+      bool po = false;
+      for (const int k : {512, 256}) {
+        if (forced_k && k != forced_k) continue;
+        for (const bool one : {false, true}) {
+          if (forced_po && one != flag_of("chpo", false, "the chain's gemm2 with one x plane")) continue;
+          if (!forced_po && one && k == 256) continue;  // two planes fit wherever one does at 256
+          if (k2 == 0 && fits(k, one)) {
+            k2 = k;
+            po = one;
+          }
+        }
+      }
+      const bool faster = k2 == 512 && spec.intermediate >= 2 * k2 &&
+                          choose_unit_rows(b.s1, spec, true, lo, 132ll * b.s1.min_blocks) == 64;
+      if (k2 > 0 && (c1.k_stage / 64) % c1.consumer_warps == 0 && (!po || lo <= 4) &&
+          flag_of("ch", faster, "both GEMMs as one chain kernel")) {
+        c2.k_stage = k2;
+        c2.packed_only = po;
+        const int slot = std::max(slot1, stream_stage_bytes(c2, false));
+        c1.stages = c2.stages = std::clamp(102 * 1024 / slot, 2, kMaxStreamStages);
+        c1.slot_bytes = c2.slot_bytes = slot;
+        c1.ring_bytes = c2.ring_bytes = c1.stages * slot;
+        c1.chain = 1;
+        c2.chain = 2;
+        b.c1 = c1;
+        b.c2 = c2;
+        b.chain_tokens = po ? std::min(4, hi) : hi;
+      }
+    }
     plan.buckets.push_back(b);
   }
 
@@ -639,6 +716,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     if (plan.buckets[i].resident())
       plan.kernels.push_back({fmt::format("resident_b{}", i), KernelRole::Resident,
                               {"route", "gemm1", "gemm2", "finalize"}, bi});
+    if (plan.buckets[i].chain_tokens > 0)
+      plan.kernels.push_back({fmt::format("chain_b{}", i), KernelRole::Chain, {"gemm1", "gemm2"}, bi});
   }
   // The finalize kernel is also what moejit::finalize() launches for an unfinalized layer.
   plan.kernels.push_back({"finalize", KernelRole::Finalize, {"finalize"}, -1});
@@ -682,11 +761,15 @@ std::string describe(const Plan& plan) {
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,
         b.gemm2.k_chunk_groups, b.gemm2.double_buffer ? 1 : 0, b.gemm2.direct_x ? 1 : 0,
-        b.resident() ? fmt::format(" resident(tokens=1 grid={} warps={} k_part1={} window={} "
-                                 "units1={} units2={} smem={})",
-                                 b.res.grid, b.res.warps, b.res.k_part1, b.res.window, b.res.units1,
-                                 b.res.units2, b.res.smem)
-                   : std::string());
+        (b.resident() ? fmt::format(" resident(tokens=1 grid={} warps={} k_part1={} window={} "
+                                  "units1={} units2={} smem={})",
+                                  b.res.grid, b.res.warps, b.res.k_part1, b.res.window, b.res.units1,
+                                  b.res.units2, b.res.smem)
+                      : std::string()) +
+            (b.chain_tokens > 0 ? fmt::format(" chain(tokens<={} k_stage1={} k_stage2={} stages={} slot_bytes={}{})",
+                                              b.chain_tokens, b.c1.k_stage, b.c2.k_stage, b.c1.stages,
+                                              b.c1.slot_bytes, b.c2.packed_only ? " packed_only=1" : "")
+                                : std::string()));
   }
   for (const KernelPlan& k : plan.kernels) {
     std::string stages;

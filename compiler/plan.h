@@ -87,6 +87,13 @@ struct StreamConfig {
   bool evict_first = false;
   // Blocks per SM the kernel is compiled for (__launch_bounds__) and its ring is sized for.
   int min_blocks = 2;
+  // The GEMM's phase in a chain kernel (Bucket::chain_tokens): 0 none, 1 gemm1, 2 gemm2; the
+  // ring's slots of slot_bytes (the larger of the two GEMMs' stages).
+  int chain = 0;
+  int slot_bytes = 0;
+  // Gemm2 whose tiles have at most 4 valid rows (a chain's): its stages hold one x plane of 8
+  // padded rows, the packed units' (pack_planes) hi and lo rows.
+  bool packed_only = false;
 
   // Gemm1 with tile_ready has one more warp, which publishes its finished units.
   int threads(bool gemm1) const { return 32 * (consumer_warps + producer_warps + (gemm1 && tile_ready)); }
@@ -101,7 +108,8 @@ struct StreamConfig {
            k_stage32 == o.k_stage32 && ring_bytes == o.ring_bytes &&
            split_epilogue == o.split_epilogue && tma == o.tma && dynamic_units == o.dynamic_units &&
            x_boxes == o.x_boxes && early_unit == o.early_unit && tile_ready == o.tile_ready &&
-           early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks;
+           early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks &&
+           chain == o.chain && slot_bytes == o.slot_bytes && packed_only == o.packed_only;
   }
 };
 
@@ -111,8 +119,10 @@ constexpr int kMaxStreamStages = 8;
 // Shared-memory bytes of one stream stage (must equal kStageBytes in moejit_stream.cuh; the
 // generated code static_asserts it).
 // x_boxes: gemm2's x by 4-row TMA boxes (StreamConfig::x_boxes; with tma only).
+// packed_only: gemm2's x as one plane of 8 padded rows (StreamConfig::packed_only).
 int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32, bool tma = false,
-                       bool x_boxes = false);
+                       bool x_boxes = false, bool packed_only = false);
+int stream_stage_bytes(const StreamConfig& c, bool gemm1);
 
 // Upper bound on the work units of a stream GEMM with `unit_rows`-row units at `tokens` tokens:
 // row tiles (Plan::max_tiles with 8-row tiles) x weight rows of an expert (gemm1 2I, gemm2 H)
@@ -182,13 +192,24 @@ struct Bucket {
   // bucket's pipeline where res.grid > 0.
   ResidentConfig res;
   bool resident() const { return res.grid > 0; }
+  // Launches of at most chain_tokens tokens run both GEMMs as one chain kernel (kernel
+  // "chain_b<i>", templates/moejit_stream.cuh stream_chain) with the configurations c1 (gemm1)
+  // and c2 (gemm2) instead of the two stream kernels; 0: never. Where c2 is packed_only (tiles
+  // of at most 4 valid rows), chain_tokens is at most 4 and Precomputed routing, which may repeat
+  // an expert within a token, takes the chain only up to 4 slots.
+  int chain_tokens = 0;
+  StreamConfig c1, c2;
+  bool chain_for(int tokens, int top_k, bool precomputed) const {
+    return tokens <= chain_tokens &&
+           (!c2.packed_only || !precomputed || static_cast<long long>(tokens) * top_k <= 4);
+  }
 
   bool contains(int tokens) const {
     return tokens >= min_tokens && (max_tokens == 0 || tokens <= max_tokens);
   }
 };
 
-enum class KernelRole { Route, Dispatch, RouteDispatch, Gemm1, Gemm2, Finalize, Resident };
+enum class KernelRole { Route, Dispatch, RouteDispatch, Gemm1, Gemm2, Finalize, Resident, Chain };
 const char* to_string(KernelRole role);
 
 // One kernel of the plan: the stages it implements and, for GEMMs, its bucket.

@@ -164,6 +164,10 @@ class LayerImpl {
         case KernelRole::Finalize: finalize_ = i; break;
         case KernelRole::Gemm1: gemm1_.resize(plan_.buckets.size()); gemm1_[k.bucket] = i; break;
         case KernelRole::Gemm2: gemm2_.resize(plan_.buckets.size()); gemm2_[k.bucket] = i; break;
+        case KernelRole::Chain:
+          chain_.resize(plan_.buckets.size(), kNone);
+          chain_[k.bucket] = i;
+          break;
         case KernelRole::Resident:
           // The resident layer needs all of its blocks at once: one per SM, through a
           // cooperative launch. On a device with fewer SMs than its grid, or without cooperative
@@ -185,6 +189,17 @@ class LayerImpl {
         &per_sm, k.fn, k.threads, static_cast<size_t>(k.dynamic_smem)));
     return coop != 0 && d.cuLaunchKernelEx != nullptr && per_sm >= 1 &&
            static_cast<long long>(per_sm) * sms >= k.grid;
+  }
+
+  // The chain kernel of the bucket of T tokens where one runs this launch (both GEMMs), else kNone.
+  size_t chain_for(int T) const {
+    if (T < 1) return kNone;
+    const int bucket = plan_.bucket_for(T);
+    if (static_cast<size_t>(bucket) >= chain_.size() || chain_[bucket] == kNone) return kNone;
+    return plan_.buckets[bucket].chain_for(T, plan_.spec.top_k,
+                                           plan_.spec.routing == RoutingMethod::Precomputed)
+               ? chain_[bucket]
+               : kNone;
   }
 
   // The resident kernel of the bucket of T tokens where one runs this launch, else kNone.
@@ -312,6 +327,8 @@ class LayerImpl {
     const int feature_blocks = s.hidden / (16 * b.gemm2.warps_n);
     const bool tile_ready = b.s1.tile_ready;  // (the planner sets it on stream buckets only)
     int32_t* ready = tile_ready ? counters + 64 : nullptr;
+    // Both GEMMs as one chain kernel (64-row units, its own stage depths), or the two kernels.
+    const size_t chain = chain_for(T);
     // The stream GEMMs' weights with the L2 evict-first policy, where their kernels carry it.
     const bool evict_first = b.stream && compiler::evict_first_for(plan_, T);
     moejit_dev::DispatchParams dp{topk_ids, counts, offsets, tile_expert, e2p, p2s, T,
@@ -325,12 +342,15 @@ class LayerImpl {
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
                               nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready, 0, nullptr};
+    const compiler::StreamConfig& c1 = chain != kNone ? b.c1 : b.s1;
+    const compiler::StreamConfig& c2 = chain != kNone ? b.c2 : b.s2;
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
     if (b.stream) {
-      g1.unit_rows = compiler::choose_unit_rows(b.s1, s, true, T,
-                                                kernels_[gemm1_[bucket]].persistent_blocks);
-      if (b.s1.tma) encode_stream_tma(g1, b.s1, true);
-      g1.evict_first = b.s1.evict_first && evict_first;
+      g1.unit_rows = chain != kNone ? c1.unit_rows
+                                    : compiler::choose_unit_rows(b.s1, s, true, T,
+                                                                 kernels_[gemm1_[bucket]].persistent_blocks);
+      if (c1.tma) encode_stream_tma(g1, c1, true);
+      g1.evict_first = c1.evict_first && evict_first;
       // Early first units read the routed ids of the route kernel two launches back, or those
       // of the fused route+dispatch block once its word reads 1.
       if (b.s1.early_unit) g1.topk_ids = topk_ids;
@@ -342,10 +362,11 @@ class LayerImpl {
                               fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32, nullptr,
                               ready, 0, nullptr};
     if (b.stream) {
-      g2.unit_rows = compiler::choose_unit_rows(b.s2, s, false, T,
-                                                kernels_[gemm2_[bucket]].persistent_blocks);
-      if (b.s2.tma) encode_stream_tma(g2, b.s2, false);
-      g2.evict_first = b.s2.evict_first && evict_first;
+      g2.unit_rows = chain != kNone ? c2.unit_rows
+                                    : compiler::choose_unit_rows(b.s2, s, false, T,
+                                                                 kernels_[gemm2_[bucket]].persistent_blocks);
+      if (c2.tma) encode_stream_tma(g2, c2, false);
+      g2.evict_first = c2.evict_first && evict_first;
     }
     // Every parameter block is complete (the TMA descriptors can fail to encode) before the
     // first launch, so that an error never leaves part of a layer on the stream.
@@ -365,9 +386,14 @@ class LayerImpl {
              &rp, stream);
       launch(dispatch_, 1, 1, &dp, stream);
     }
-    launch_gemm(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
-                s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
-    launch_gemm(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), feature_blocks, &g2, stream);
+    if (chain != kNone) {
+      moejit_dev::ChainParams cp{g1, g2};
+      launch(chain, kernels_[chain].persistent_blocks, 1, &cp, stream);
+    } else {
+      launch_gemm(gemm1_[bucket], static_cast<unsigned>(l.max_tiles),
+                  s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
+      launch_gemm(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), feature_blocks, &g2, stream);
+    }
     if (outs.final_out && !fused)
       run_finalize(y, weights, e2p, outs.final_out, T, stream, /*after_gemm2=*/true);
   }
@@ -504,7 +530,8 @@ class LayerImpl {
     if (T == 0) return 0;
     if (resident_for(T, plan_.spec.finalize) != kNone) return 1;
     const compiler::Bucket& b = plan_.buckets[plan_.bucket_for(T)];
-    return (b.fused_route ? 1 : 2) + 2 + (plan_.spec.finalize && !b.fused_finalize ? 1 : 0);
+    return (b.fused_route ? 1 : 2) + (chain_for(T) != kNone ? 1 : 2) +
+           (plan_.spec.finalize && !b.fused_finalize ? 1 : 0);
   }
 
   const Plan& plan() const { return plan_; }
@@ -609,7 +636,7 @@ class LayerImpl {
   bool pdl_ = false;
   static constexpr size_t kNone = static_cast<size_t>(-1);
   size_t route_ = kNone, dispatch_ = kNone, route_dispatch_ = kNone, finalize_ = kNone;
-  std::vector<size_t> gemm1_, gemm2_;
+  std::vector<size_t> gemm1_, gemm2_, chain_;
   std::vector<size_t> resident_;  // per bucket, kNone where it has none or this device cannot run it
   // Encoded TMA descriptors of stream GEMM launches (encode_stream_tma), by weight and scale
   // pointers, gemm2's activation planes, box (unit rows, stage depth) and GEMM.
@@ -725,6 +752,7 @@ std::string dump(const MoeSpec& spec, DumpKind kind, const std::string& arch_in,
   for (const auto& k : plan.kernels) {
     if (bucket >= 0 && k.bucket >= 0 && k.bucket != bucket) continue;
     if (tokens > 1 && k.role == KernelRole::Resident) continue;  // one token only
+    if (tokens > 0 && k.role == KernelRole::Chain && tokens > plan.buckets[k.bucket].chain_tokens) continue;
     const compiler::KernelSource src = compiler::generate(plan, k);
     if (kind == DumpKind::Cuda) {
       out += fmt::format("// ---- kernel {} (entry {}, {} threads) ----\n{}\n", src.name,

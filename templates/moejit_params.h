@@ -159,6 +159,13 @@ struct GemmParams {
   const int32_t* routed;
 };
 
+// Both stream GEMMs of a bucket in one persistent kernel (moejit_stream.cuh, stream_chain): the
+// parameters of each, as the two kernels would take them.
+struct ChainParams {
+  GemmParams g1;
+  GemmParams g2;
+};
+
 // The resident one-token layer (moejit_resident.cuh): route, both GEMMs and the finalize in one
 // cooperative launch of Cfg::kGrid blocks.
 struct ResidentParams {

@@ -254,6 +254,21 @@ __device__ __forceinline__ I unit_tile(I id, I n_tiles) {
   return Cfg::kTileReady ? id / kSlices : id % n_tiles;
 }
 
+// A chain (Cfg::kChain, stream_chain below): a block streams its gemm1 units and then its gemm2
+// units through one ring, so its producer issues gemm2's first stages while its consumers finish
+// gemm1's last. What the second phase takes over from the first, per thread: the producer's
+// place in the ring, the consumers', and the unit queue entries used.
+struct ChainState {
+  int p_slot = 0;
+  uint32_t p_so = 0, p_parity = 1;  // the first pass finds every slot free ("empty" phase 1)
+  int c_slot = 0;
+  uint32_t c_parity = 0;
+  int q_base = 0;
+};
+// Gemm2's entries in the unit queue of a chain carry this bit in their rows, so that the
+// consumers leave gemm1's loop at the first of them (without consuming it).
+constexpr int kChainG2Rows = 0x100;
+
 struct EarlyUnit {
   int n_tiles, e, rows;
   int token;  // lane r < 8: the token of the unit's tile row r (padding rows: 0)
@@ -385,9 +400,10 @@ constexpr int kUnitQ = 16;     // dynamic units published to the consumers (> kM
 // (Cfg::kRingBytes) into as many stages as fit, at most 8 (the default path: Cfg::kStages).
 // bars: 2 * kMaxStages + 4 mbarriers; red: kConsumerWarps x kRows / 4 x 32 floats; early_scratch:
 // kLocalExperts + 8 ints where Cfg::kEarlyUnit; epi_tile: 2 ints (Cfg::kTileReady).
+// chain: Cfg::kChain 1 (gemm1) or 2 (gemm2) of stream_chain, which passes the state between them.
 template <class Cfg, int kRows, int KC>
 __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red, int4* unit_q,
-                                 int* early_scratch, int* epi_tile) {
+                                 int* early_scratch, int* epi_tile, stream::ChainState* chain = nullptr) {
   using namespace stream;
   constexpr bool kGemm1 = Cfg::kGemm1;
   constexpr int N = Cfg::kN;
@@ -437,18 +453,28 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // box where the tile has at most 4 valid rows. Otherwise x is copied row by row (gemm1: gathered
   // token rows) into padded rows.
   constexpr bool kXBox = kTma && !kGemm1 && Cfg::kXBoxes;
+  // Cfg::kPackedOnly (gemm2 of a chain, tiles of at most 4 valid rows): the stage holds one x
+  // plane of 8 padded rows, the packed units' hi rows 0-3 and lo rows 4-7.
+  constexpr bool kPackedOnly = !kGemm1 && Cfg::kPackedOnly;
+  static_assert(!kPackedOnly || (Cfg::kPackPlanes && !kXBox), "stream GEMM: packed-only stages hold packed row copies");
+  constexpr int kChain = Cfg::kChain;
+  static_assert(kChain == 0 || (kRows == Cfg::kUnitRows && kTma && Cfg::kDynamicUnits && Cfg::kTileReady),
+                "stream GEMM: a chain streams 64-row units by TMA from the counter, per tile");
   constexpr int kXOff = kWBytes + kSBytes;
   static_assert(kXBoxRows == 4 && kXBoxGroup == 32, "stream GEMM: x boxes of 4 rows of 32-element groups");
   constexpr int kXSlot = kXBoxRows * KC * 2;     // 4 rows of one plane
   constexpr int kXBoxBytes = kPlanes * kXSlot;  // one box
-  constexpr int kXBytes = kXBox ? 2 * kXBoxBytes : kPlanes * 8 * kXRow;
+  constexpr int kXBytes = kXBox ? 2 * kXBoxBytes : kPackedOnly ? 8 * kXRow : kPlanes * 8 * kXRow;
   constexpr int kStageBytes =
       kTma ? (kXOff + kXBytes + 1023) / 1024 * 1024 : kXOff + kXBytes;  // = stream_stage_bytes
   constexpr int kFit = Cfg::kRingBytes / kStageBytes;
   constexpr int NS = kRows == Cfg::kUnitRows ? Cfg::kStages : (kFit < kMaxStages ? kFit : kMaxStages);
   static_assert(kRows != Cfg::kUnitRows || kStageBytes == Cfg::kStageBytes,
                 "stream GEMM: host and device stage sizes differ");
-  static_assert(NS >= 2 && NS <= kMaxStages && NS * kStageBytes <= Cfg::kRingBytes,
+  // A slot of the ring: a stage, or in a chain the larger of its two GEMMs' stages.
+  constexpr int kSlot = kChain ? Cfg::kSlotBytes : kStageBytes;
+  static_assert(kSlot >= kStageBytes && kSlot % (kTma ? 1024 : 16) == 0, "stream GEMM: a slot holds a stage");
+  static_assert(NS >= 2 && NS <= kMaxStages && NS * kSlot <= Cfg::kRingBytes,
                 "stream GEMM: the ring holds 2 to 8 stages of every path");
   static_assert(KC % 256 == 0 && K % 256 == 0, "stream GEMM: K and the stage must be multiples of 256");
   static_assert(N % kUnitFeatures == 0, "stream GEMM: features must split into units");
@@ -489,7 +515,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     tl_block(kTlK, kTbSm, smid());
     tl_block(kTlK, kTbStart, tl_t0);
   }
-  if (tid == 0) {
+  // A chain's second phase finds the mbarriers initialised and runs on without a block barrier.
+  if (kChain != 2 && tid == 0) {
     for (int s = 0; s < NS; ++s) {
       // One cp.async arrive per producer thread (TMA: the issuing thread's expect_tx alone).
       mbar_init(&full_bar[s], kTma ? 1 : Cfg::kProducerWarps * 32);
@@ -502,7 +529,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  __syncthreads();
+  if constexpr (kChain != 2) __syncthreads();
+  // The unit queue's first entry of this GEMM (a chain's gemm2 continues after gemm1's).
+  const int q_base = kChain == 2 ? chain->q_base : 0;
 
   // Gemm1 with Cfg::kEarlyUnit (p.topk_ids set): the producer
   // warp plans its first unit without dispatch's tables (in early_scratch), and every warp
@@ -611,7 +640,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     int slot;
     uint32_t so, parity;
     __device__ void advance() {
-      so += kStageBytes;
+      so += kSlot;
       if (++slot == NS) {
         slot = 0;
         so = 0;
@@ -678,6 +707,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       waited = true;
     };
     Ring ring{0, 0, 1};  // the first pass finds every slot free ("empty" phase 1)
+    if constexpr (kChain == 2) ring = Ring{chain->p_slot, chain->p_so, chain->p_parity};
     // kProducerWarps warps fill each stage with 16-byte cp.async: one warp cannot keep enough
     // copies in flight (measured: a block with one producer warp streamed ~2.4 GB/s whatever the
     // ring depth). Each producer thread's cp.async.mbarrier.arrive completes its share of the
@@ -766,7 +796,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         const int r = packed ? qr & 3 : qr & 7;
         const bool lo_plane = packed ? (qr & 4) != 0 : qr >= 8;
         const int src = kXBox ? 0 : __shfl_sync(kFullMask, x_src, r);
-        const bool copy = !kXBox && qr < kPlanes * 8 && r < u.rows_valid && (!packed || qr < 8);
+        const bool copy = !kXBox && qr < kPlanes * 8 && r < u.rows_valid && (!packed || qr < 8) &&
+                          (!kPackedOnly || qr < 8);
         const __nv_bfloat16* xrow =
             static_cast<const __nv_bfloat16*>(lo_plane ? p.x_lo : p.x) + static_cast<long long>(src) * K;
         // x of a stage: gemm2's boxes (one for a tile of at most 4 valid rows) count whole, rows
@@ -788,7 +819,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           const uint32_t x_bytes = kXBox ? x_boxes * kXBoxBytes : x_rows * kc * 2;
           mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
           if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
-          if (dyn && ks == 0 && lane == 0) unit_q[ui % kUnitQ] = make_int4(id, u.e, u.rows_valid, n_tiles);
+          if (dyn && ks == 0 && lane == 0)
+            unit_q[(q_base + ui) % kUnitQ] =
+                make_int4(id, u.e, u.rows_valid | (kChain == 2 ? stream::kChainG2Rows : 0), n_tiles);
           if (lane == 0) {
             mbar_expect_tx(bar, kWBytes + kSBytes + x_bytes);
             if (hint) {
@@ -848,9 +881,16 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
           pdl_wait();
           pdl_trigger();
         }
+        if constexpr (kChain == 1) {  // gemm2's units follow in the same ring
+          chain->p_slot = ring.slot;
+          chain->p_so = ring.so;
+          chain->p_parity = ring.parity;
+          chain->q_base = ui;
+          return;
+        }
         mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
         if (lane == 0) {
-          unit_q[ui % kUnitQ] = make_int4(-1, 0, 0, 0);
+          unit_q[(q_base + ui) % kUnitQ] = make_int4(-1, 0, 0, 0);
           mbar_arrive(&full_bar[ring.slot]);
         }
       }
@@ -1017,8 +1057,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
     }
     mbar_arrive(&epi_bar[i & 1]);
   };
-  int slot = 0;
-  uint32_t parity = 0;
+  int slot = kChain == 2 ? chain->c_slot : 0;
+  uint32_t parity = kChain == 2 ? chain->c_parity : 0;
   int ui = 0;
   for (;; ++ui) {
     int4 q = make_int4(0, 0, 0, 0);  // dynamic units: {id, expert, rows, tiles}, or {-1} at the end
@@ -1029,8 +1069,13 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         pdl_trigger();
       }
       mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);  // the unit's first stage (or the end)
-      q = unit_q[ui % kUnitQ];
+      q = unit_q[(q_base + ui) % kUnitQ];
       if (q.x < 0) break;
+      // A chain's gemm1 stops at gemm2's first entry, which its gemm2 phase then reads again.
+      if (kChain == 1 && (q.z & stream::kChainG2Rows) != 0) break;
+      if constexpr (kChain == 2) q.z &= ~stream::kChainG2Rows;
+      // The host runs a chain only where no tile has more than 4 valid rows.
+      if (kPackedOnly && q.z > 4) __trap();
     } else if (ui >= my_units) {
       break;
     }
@@ -1061,7 +1106,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       };
   #pragma unroll 1
       for (int ks = 0; ks < kStagesPerUnit; ++ks) {
-        const uint32_t st = smem_base + slot * kStageBytes;
+        const uint32_t st = smem_base + slot * kSlot;
         const int pairs = kEven ? KC / 64 : min(KC, K - ks * KC) / 64;
         mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);
         if (tid == 0 && ui == 0 && ks == 0) tl_stamp(tls, kEvFirst);
@@ -1302,6 +1347,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   }
   if constexpr (kSignal)
     if (kSplit || warp == 0) signal_unit(ui, -1);  // the end
+  if constexpr (kChain == 1) {  // the consumers' place for the chain's gemm2: gemm2's first entry
+    chain->c_slot = slot;
+    chain->c_parity = parity;
+    chain->q_base = ui;
+  }
   if (tid == 0 && ui > 0) tl_stamp(tls, kEvEnd);
   if (tid == 0) tl_block(kTlK, kTbEnd, tl_now());
   if (dyn && tid == 0) tl_block(kTlK, kTbUnits, ui);
@@ -1335,6 +1385,32 @@ __device__ void stream_gemm(const GemmParams& p) {
       return;
     }
   stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, bars, red, unit_q, early, epi_tile);
+}
+
+// Both GEMMs in one persistent kernel (StreamConfig::chain; where gemm2's stages hold one x plane,
+// Cfg2::kPackedOnly, the host launches it only where no tile has more than 4 valid rows): each block streams gemm1's units, then gemm2's, through one ring of
+// Cfg1::kStages slots of Cfg1::kSlotBytes, so that its producer issues gemm2's first stages while
+// its consumers finish gemm1's last, and gemm2 needs no blocks of its own to start on the SMs
+// gemm1's blocks leave. Gemm2's units wait for their tiles as with Cfg::kTileReady. The phases
+// share the mbarriers, the unit queue (gemm2's entries marked, stream::kChainG2Rows) and the
+// reduction buffer; the signal warp publishes gemm1's tiles and leaves.
+template <class Cfg1, class Cfg2>
+__device__ void stream_chain(const ChainParams& p) {
+  static_assert(Cfg1::kChain == 1 && Cfg2::kChain == 2 && Cfg1::kGemm1 && !Cfg2::kGemm1,
+                "stream chain: gemm1 then gemm2");
+  static_assert(Cfg1::kStages == Cfg2::kStages && Cfg1::kSlotBytes == Cfg2::kSlotBytes &&
+                    Cfg1::kRingBytes == Cfg2::kRingBytes && Cfg1::kConsumerWarps == Cfg2::kConsumerWarps &&
+                    Cfg1::kUnitRows == Cfg2::kUnitRows && Cfg1::kAltRows == 0 && Cfg2::kAltRows == 0,
+                "stream chain: one ring, the same consumer warps and unit rows, one path each");
+  constexpr int CW = Cfg1::kConsumerWarps;
+  __shared__ uint64_t bars[2 * kMaxStages + 4];
+  __shared__ int epi_tile[2];
+  __shared__ float red[CW * (Cfg1::kUnitRows / 4) * 32];
+  __shared__ int4 unit_q[kUnitQ];
+  __shared__ int early[Cfg1::kEarlyUnit ? Cfg1::kLocalExperts + 8 : 1];
+  stream::ChainState chain;
+  stream_gemm_rows<Cfg1, Cfg1::kUnitRows, Cfg1::kKC>(p.g1, bars, red, unit_q, early, epi_tile, &chain);
+  stream_gemm_rows<Cfg2, Cfg2::kUnitRows, Cfg2::kKC>(p.g2, bars, red, unit_q, early, epi_tile, &chain);
 }
 
 }  // namespace moejit_dev

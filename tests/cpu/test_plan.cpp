@@ -365,6 +365,8 @@ TEST(PlanKernels, FullList) {
       {"route_dispatch", KernelRole::RouteDispatch, {"route", "dispatch"}, -1},
       {"gemm1_b0", KernelRole::Gemm1, {"gemm1"}, 0},
       {"gemm2_b0", KernelRole::Gemm2, {"gemm2"}, 0},
+      // Up to 4 tokens both GEMMs as one kernel (Bucket::chain_tokens).
+      {"chain_b0", KernelRole::Chain, {"gemm1", "gemm2"}, 0},
       {"gemm1_b1", KernelRole::Gemm1, {"gemm1"}, 1},
       {"gemm2_b1", KernelRole::Gemm2, {"gemm2"}, 1},
       {"gemm1_b2", KernelRole::Gemm1, {"gemm1"}, 2},
@@ -467,10 +469,12 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
             "producer_warps=1 k_stage=512 stages=3 tma=1 blocks_per_sm=2 evict_first=1 early_unit=1 tile_ready=1) "
             "stream2(consumer_warps=4 producer_warps=1 k_stage=256 stages=3 tma=1 "
             "blocks_per_sm=3 evict_first=1) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
-            "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1)\n"
+            "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1) "
+            "chain(tokens<=4 k_stage1=512 k_stage2=512 stages=3 slot_bytes=27648 packed_only=1)\n"
             "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
             "kernel gemm2_b0 role=gemm2 stages=gemm2 bucket=0\n"
+            "kernel chain_b0 role=chain stages=gemm1+gemm2 bucket=0\n"
             "kernel finalize role=finalize stages=finalize bucket=-1\n");
 }
 
@@ -482,6 +486,68 @@ TEST(PlanStream, StageBytes) {
   EXPECT_EQ(stream_stage_bytes(512, true), 32 * 256 + 32 * 32 + 8 * 1088);
   EXPECT_EQ(stream_stage_bytes(512, false), 32 * 256 + 32 * 32 + 16 * 1088);
   EXPECT_EQ(stream_stage_bytes(256, false), 32 * 128 + 32 * 16 + 16 * 576);
+}
+
+// The chain kernel (Bucket::chain_tokens): kimi-k2's and deepseek-v3's 1-16 bucket take it up to
+// 4 tokens, gemm2 with 512-deep stages of one x plane (16 KiB of weights, 2 KiB of scales, 8
+// padded rows of 1088 bytes = 26.5 KiB) in gemm1's 27 KiB slots; layers whose gemm2 stages would
+// be 256 deep (qwen3-30b-a3b, kimi-k2-tp8) or whose gemm1 takes smaller units at one token
+// (kimi-k2-tp4) do not, unless forced (ch=1), and then with both planes up to the bucket's end.
+// Precomputed routing (an expert may repeat within a token) takes a one-plane chain only up to 4
+// slots.
+TEST(PlanStream, ChainRuleAndOverrides) {
+  EXPECT_EQ(stream_stage_bytes(512, false, 64, true, false, true), 27648);  // 27136 padded
+  EXPECT_EQ(stream_stage_bytes(512, false, 64, true, false, false), 35840);  // both planes: > 27 KiB
+  for (const char* name : {"kimi-k2", "deepseek-v3"}) {
+    const Plan p = make_plan(preset(name), 64, "sm_90a");
+    const Bucket& b = p.buckets[0];
+    EXPECT_EQ(b.chain_tokens, 4) << name;
+    EXPECT_EQ(p.buckets[1].chain_tokens, 0) << name;
+    EXPECT_EQ(b.c1.chain, 1);
+    EXPECT_EQ(b.c2.chain, 2);
+    EXPECT_EQ(b.c1.k_stage, 512);
+    EXPECT_EQ(b.c2.k_stage, 512);
+    EXPECT_TRUE(b.c2.packed_only);
+    EXPECT_EQ(b.c1.slot_bytes, stream_stage_bytes(512, true, 64, true));
+    EXPECT_EQ(b.c2.slot_bytes, b.c1.slot_bytes);
+    EXPECT_EQ(b.c1.stages, 3);
+    EXPECT_EQ(b.c1.ring_bytes, 3 * b.c1.slot_bytes);
+    EXPECT_EQ(b.c1.min_blocks, 2);
+    EXPECT_EQ(b.c1.alt_rows, 0);
+    EXPECT_TRUE(b.chain_for(4, 8, false));
+    EXPECT_FALSE(b.chain_for(5, 8, false));
+    EXPECT_FALSE(b.chain_for(1, 8, true));  // 8 slots
+    EXPECT_TRUE(b.chain_for(1, 4, true));   // 4 slots
+  }
+  for (const char* name : {"qwen3-30b-a3b", "kimi-k2-tp8", "kimi-k2-tp4"}) {
+    const Plan p = make_plan(preset(name), 64, "sm_90a");
+    EXPECT_EQ(p.buckets[0].chain_tokens, 0) << name;
+    EXPECT_EQ(p.buckets[1].chain_tokens, 0) << name;
+    for (const KernelPlan& k : p.kernels) EXPECT_NE(k.role, KernelRole::Chain) << name;
+  }
+  {
+    const ScopedOverride on("ch=1");
+    const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
+    EXPECT_EQ(q.buckets[0].chain_tokens, 16);
+    EXPECT_EQ(q.buckets[1].chain_tokens, 64);
+    EXPECT_EQ(q.buckets[0].c2.k_stage, 256);  // I = 768
+    EXPECT_FALSE(q.buckets[0].c2.packed_only);
+    EXPECT_TRUE(q.buckets[0].chain_for(16, 8, true));
+  }
+  {
+    const ScopedOverride two_planes("ch=1,chk2=256");
+    const Plan k = make_plan(preset("kimi-k2"), 64, "sm_90a");
+    EXPECT_EQ(k.buckets[0].chain_tokens, 16);
+    EXPECT_FALSE(k.buckets[0].c2.packed_only);
+  }
+  {
+    const ScopedOverride off("ch=0");
+    EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].chain_tokens, 0);
+  }
+  for (const char* bad : {"chk2=128", "ch=2", "chpo=3"}) {
+    const ScopedOverride o(bad);
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error) << bad;
+  }
 }
 
 // 16-row gemm1 units: half the weight and scale rows, the same x rows.

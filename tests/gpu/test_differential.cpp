@@ -777,16 +777,22 @@ std::string failures_after(const MoeSpec& spec, const HostLayer& L, int T,
   return fmt::format("{}", fmt::join(v.failures, " | "));
 }
 
+// One rank of a grouped DeepSeekV3 layer (4 groups, the top 2, routing bias) on `s`'s shape: local
+// experts [offset, offset + count), with SwiGLU alpha, beta and limit where swiglu_params.
+MoeSpec grouped_rank(MoeSpec s, int offset, int count, bool swiglu_params) {
+  s.routing = RoutingMethod::DeepSeekV3;
+  s.n_group = 4;
+  s.topk_group = 2;
+  s.has_routing_bias = true;
+  s.swiglu_alpha = s.swiglu_beta = s.swiglu_limit = swiglu_params;
+  s.local_expert_offset = offset;
+  s.local_num_experts = count;
+  return s;
+}
+
 TEST(DifferentialChecks, AcceptTheReferenceAndRejectCorruptedLaunches) {
   const MoeSpec plain = small_spec();
-  MoeSpec ep = plain;  // one rank of a grouped DeepSeekV3 layer with SwiGLU parameters
-  ep.routing = RoutingMethod::DeepSeekV3;
-  ep.n_group = 4;
-  ep.topk_group = 2;
-  ep.has_routing_bias = true;
-  ep.swiglu_alpha = ep.swiglu_beta = ep.swiglu_limit = true;
-  ep.local_expert_offset = 3;
-  ep.local_num_experts = 4;
+  const MoeSpec ep = grouped_rank(plain, 3, 4, true);
   MoeSpec pre = plain;
   pre.routing = RoutingMethod::Precomputed;
   InputOptions bad_inputs;
@@ -1041,6 +1047,51 @@ TEST(Differential, SmallStreamEarlyUnitBehindFusedBlock) {
     cases.push_back(small_case(name + "-ep", ep, 3));
     cases.push_back(small_case(name + "-ep", ep, 13));
     for (const Case& c : special_input_cases(name, small_stream_spec())) cases.push_back(c);
+    run_cases(cases);
+  }
+}
+
+// Both GEMMs as one chain kernel (Bucket::chain_tokens; gemm1's units then gemm2's through one
+// ring per block), forced (ch=1) where it fits: by default only kimi-k2's kind of layer takes it
+// (the KimiK2 and DeepSeekV3Grouped cases run it at 1 token). dyn=1 gives the small shape's
+// buckets units from a counter (the chain needs them), res=0 keeps one finalized token off the
+// resident layer. The small shape (I = 256) takes
+// the chain at every token count up to 64 with gemm2's stages of both x planes; I = 512 (as
+// kimi-k2) takes it up to 4 tokens with 512-deep stages of one plane (packed units only), 5
+// tokens then run the two kernels in the same process; chpo=1 forces one plane on the small
+// shape too. With the epilogue of warp 0 alone (sep=0), gemm1's first unit from dispatch's
+// tables (eu=0), the integer atomic (uf=0), no L2 hint (ef=0), behind a separate dispatch kernel
+// (fr=0), and ch=0 (the two kernels); multi-stage units (gemm1 four 512-deep stages, gemm2 three
+// 256-deep ones); one rank of a grouped DeepSeekV3 layer; Precomputed ids (out of range, with
+// non-finite hidden rows) at one and two tokens of top-4: with one plane only the 4 slots of one
+// token take the chain (an expert may repeat within a token).
+TEST(Differential, SmallStreamChain) {
+  MOEJIT_REQUIRE_GPU();
+  for (const char* o : {"stream=1,dyn=1,res=0,ch=1", "stream=1,dyn=1,res=0,ch=1,sep=0", "stream=1,dyn=1,res=0,ch=1,eu=0",
+                        "stream=1,dyn=1,res=0,ch=1,uf=0", "stream=1,dyn=1,res=0,ch=1,ef=0", "stream=1,dyn=1,res=0,ch=1,fr=0",
+                        "stream=1,dyn=1,res=0,ch=1,chpo=1", "stream=1,dyn=1,res=0,ch=0"}) {
+    const ScopedPlanOverride force(o);
+    const std::string name = std::string("stream-chain[") + o + "]";
+    std::vector<Case> cases;
+    for (const int t : {1, 2, 3, 4, 5, 9, 17, 33}) cases.push_back(small_case(name, small_stream_spec(), t));
+    MoeSpec wide = small_stream_spec();
+    wide.hidden = 1024;
+    wide.intermediate = 512;
+    for (const int t : {1, 4, 5}) cases.push_back(small_case(name + "-i512", wide, t));
+    MoeSpec multi = small_stream_spec();
+    multi.hidden = 2048;
+    multi.intermediate = 768;
+    multi.num_experts = 32;
+    for (const int t : {1, 3, 8, 17}) cases.push_back(small_case(name + "-multi-stage", multi, t));
+    cases.push_back(small_case(name + "-ep", grouped_rank(small_stream_spec(), 5, 6, true), 3));
+    MoeSpec pre = small_stream_spec();
+    pre.routing = RoutingMethod::Precomputed;
+    for (const int t : {1, 2}) {
+      Case c = small_case(name + "-precomputed", pre, t);
+      c.inputs.invalid_ids = true;
+      c.inputs.nonfinite_hidden = true;
+      cases.push_back(c);
+    }
     run_cases(cases);
   }
 }
