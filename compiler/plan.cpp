@@ -600,6 +600,9 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // before the block ends (section 24). "eu=0|1" overrides.
     if (b.stream && b.s1.tma && b.s1.dynamic_units)
       b.s1.early_unit = flag_of("eu", true, "gemm1's first unit before its wait");
+    // Up to 8 routed slots gemm1 reads the ids packed beside the fused block's word
+    // (StreamConfig::routed_ids). "idw=0|1" overrides.
+    b.s1.routed_ids = flag_of("idw", true, "routed ids packed beside the fused block's word");
     // Gemm2 per tile behind gemm1 (StreamConfig::tile_ready) where both GEMMs copy by TMA, up to
     // 16 tokens, and above where gemm2's units are more than one stage. H200 (bench/RESULTS.md
     // section 21): kimi-k2 2-3% faster at 1-16 tokens and 1-3% at 33-64, qwen3-30b-a3b and

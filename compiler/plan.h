@@ -94,6 +94,9 @@ struct StreamConfig {
   // Gemm2 whose tiles have at most 4 valid rows (a chain's): its stages hold one x plane of 8
   // padded rows, the packed units' (pack_planes) hi and lo rows.
   bool packed_only = false;
+  // Gemm1 with early_unit behind the fused route+dispatch block: up to 8 routed slots, the ids
+  // read packed beside the block's word (RouteDispatchParams::routed) instead of after it.
+  bool routed_ids = true;
 
   // Gemm1 with tile_ready has one more warp, which publishes its finished units.
   int threads(bool gemm1) const { return 32 * (consumer_warps + producer_warps + (gemm1 && tile_ready)); }
@@ -109,7 +112,8 @@ struct StreamConfig {
            split_epilogue == o.split_epilogue && tma == o.tma && dynamic_units == o.dynamic_units &&
            x_boxes == o.x_boxes && early_unit == o.early_unit && tile_ready == o.tile_ready &&
            early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks &&
-           chain == o.chain && slot_bytes == o.slot_bytes && packed_only == o.packed_only;
+           chain == o.chain && slot_bytes == o.slot_bytes && packed_only == o.packed_only &&
+           routed_ids == o.routed_ids;
   }
 };
 

@@ -83,6 +83,11 @@ struct RouteDispatchParams {
   int32_t* routed;
   int32_t* gemm1_counter;
 };
+// With at most kRoutedIdSlots slots and expert ids below 0x7fff, the fused block also packs the
+// routed ids into words 4-7 of the word's line (RouteDispatchParams::routed): word 4 + i holds
+// slots 2i (bits 0-14) and 2i + 1 (bits 16-30), 0x7fff for none or an id out of range, and bit 31
+// set, so that gemm1 (Cfg::kRoutedIds) reads the ids with the word instead of after it.
+enum : int { kRoutedIdSlots = 8, kRoutedIdNone = 0x7fff };
 
 // Gemm2's x boxes (GemmParams::tma_x): rows of a tile per box, and bf16 elements per innermost
 // box row (one MXINT4 group: 64 bytes, so that a quarter-warp's 16-byte loads of two rows of one

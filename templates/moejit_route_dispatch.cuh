@@ -37,8 +37,11 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   // and acquire of the 1 order everything else. This kernel is launched without PDL: the
   // previous layer's gemm1 has completed.
   const bool trigger_here = p.routed == nullptr || threadIdx.x >= Cfg::kThreads - 32;
+  constexpr bool kPackIds = Cfg::kExperts < kRoutedIdNone;  // (moejit_params.h, kRoutedIdSlots)
+  const int slots = p.route.num_tokens * Cfg::kTopK;
   if (p.routed != nullptr && threadIdx.x == Cfg::kThreads - 32) {
     *p.routed = 0;
+    if (kPackIds) *reinterpret_cast<uint4*>(p.routed + 4) = make_uint4(0u, 0u, 0u, 0u);
     *p.gemm1_counter = 0;
     __threadfence();
   }
@@ -57,7 +60,21 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   // The ids are written (the barrier orders every warp's writes before the release). Released
   // by the last warp: up to 32 slots the dispatch runs on warp 0 alone, which this keeps off
   // the fence.
-  if (p.routed != nullptr && threadIdx.x == Cfg::kThreads - 32) st_release_gpu(p.routed, 1);
+  if (p.routed != nullptr && threadIdx.x == Cfg::kThreads - 32) {
+    if (kPackIds && ids != nullptr && slots <= kRoutedIdSlots) {
+      auto code = [&](int s) -> uint32_t {
+        const int id = s < slots ? ids[s] : -1;
+        return id >= 0 && id < kRoutedIdNone ? static_cast<uint32_t>(id) : kRoutedIdNone;
+      };
+      uint32_t w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w[i] = 0x80000000u | (code(2 * i + 1) << 16) | code(2 * i);
+      asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p.routed + 4), "r"(w[0]),
+                   "r"(w[1]), "r"(w[2]), "r"(w[3])
+                   : "memory");
+    }
+    st_release_gpu(p.routed, 1);
+  }
   dispatch_block<Cfg>(p.dispatch, ids ? ids : p.route.topk_ids, tls);
   if (threadIdx.x == 0) tl_stamp(tls, kTlRouteEnd);
 }

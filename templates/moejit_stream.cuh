@@ -275,9 +275,23 @@ struct EarlyUnit {
 };
 constexpr int kEarlySlotRegs = 16;  // routed ids per lane held in registers
 
+// The fused block's packed ids (RouteDispatchParams::routed, words 4-7), read until every word
+// carries its bit 31 (each word is written whole; the block clears them before gemm1 launches).
+__device__ __forceinline__ uint4 ld_volatile_v4(const int* p) {
+  uint4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p)
+               : "memory");
+  return v;
+}
+
+// packed: ids is lane 0's copy of the packed ids (Cfg::kRoutedIds, at most kRoutedIdSlots
+// slots); else the slots' ids come from GemmParams::topk_ids.
 template <class Cfg, int kRows>
 __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scratch, int lane,
-                                                 EarlyUnit& out) {
+                                                 EarlyUnit& out, bool packed = false,
+                                                 uint4 ids = make_uint4(0u, 0u, 0u, 0u)) {
   constexpr int L = Cfg::kLocalExperts;
   constexpr int C = (L + 31) / 32;  // lane l counts the tiles of experts [l * C, l * C + C)
   constexpr int kSlices = Cfg::kN / (kRows / 2);
@@ -293,7 +307,15 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
     // bench/RESULTS.md section 24).
     static_assert(L < (1 << 22), "early first unit: local expert ids must fit in 22 bits");
     int l = -1;
-    if (lane < slots) {
+    if (packed) {
+      const uint32_t w0 = __shfl_sync(kFullMask, ids.x, 0), w1 = __shfl_sync(kFullMask, ids.y, 0);
+      const uint32_t w2 = __shfl_sync(kFullMask, ids.z, 0), w3 = __shfl_sync(kFullMask, ids.w, 0);
+      const int q = (lane >> 1) & 3;  // lanes >= 8 (no slot) take any word
+      const uint32_t word = q == 0 ? w0 : q == 1 ? w1 : q == 2 ? w2 : w3;
+      const int code = static_cast<int>((lane & 1 ? word >> 16 : word) & kRoutedIdNone);
+      if (lane < slots && code != kRoutedIdNone) l = code - Cfg::kLocalOffset;
+      if (l < 0 || l >= L) l = -1;
+    } else if (lane < slots) {
       l = __ldcg(p.topk_ids + lane) - Cfg::kLocalOffset;
       if (l < 0 || l >= L) l = -1;
     }
@@ -554,15 +576,26 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       // Behind the fused route+dispatch block (Cfg::kEarlyRouted; the host sets p.routed), the
       // ids are readable once its word reads 1: lane 0 polls, its acquire orders what follows
       // after the block's writes, and the warp barrier passes that on to the other lanes.
+      // With Cfg::kRoutedIds and at most kRoutedIdSlots slots the ids come packed in the word's
+      // line (moejit_params.h): lane 0 polls them instead of the word, and no load of the ids
+      // follows (one L2 round trip less before the first copy).
+      const bool packed_ids = Cfg::kRoutedIds && p.num_tokens * Cfg::kTopK <= kRoutedIdSlots;
+      uint4 ids = make_uint4(0u, 0u, 0u, 0u);
       if (Cfg::kEarlyRouted) {
         if (lane == 0) {
-          while (ld_acquire_gpu(p.routed) != 1) {
+          if (packed_ids) {
+            do {
+              ids = stream::ld_volatile_v4(p.routed + 4);
+            } while ((ids.x & ids.y & ids.z & ids.w & 0x80000000u) == 0u);
+          } else {
+            while (ld_acquire_gpu(p.routed) != 1) {
+            }
           }
           tl_stamp(tls, kTlG1PRouted);
         }
         __syncwarp();
       }
-      stream::early_first_unit<Cfg, kRows>(p, early_scratch, lane, eu);
+      stream::early_first_unit<Cfg, kRows>(p, early_scratch, lane, eu, Cfg::kEarlyRouted && packed_ids, ids);
     }
   // Gemm1 reads dispatch's outputs: wait for it. Gemm2 reads them without waiting (gemm1
   // waited for dispatch before it triggered gemm2) and waits only before reading gemm1's output

@@ -1055,13 +1055,14 @@ TEST(Differential, SmallStreamEarlyUnitBehindFusedBlock) {
 // ring per block), forced (ch=1) where it fits: by default only kimi-k2's kind of layer takes it
 // (the KimiK2 and DeepSeekV3Grouped cases run it at 1 token). dyn=1 gives the small shape's
 // buckets units from a counter (the chain needs them), res=0 keeps one finalized token off the
-// resident layer. The small shape (I = 256) takes
-// the chain at every token count up to 64 with gemm2's stages of both x planes; I = 512 (as
-// kimi-k2) takes it up to 4 tokens with 512-deep stages of one plane (packed units only), 5
-// tokens then run the two kernels in the same process; chpo=1 forces one plane on the small
-// shape too. With the epilogue of warp 0 alone (sep=0), gemm1's first unit from dispatch's
-// tables (eu=0), the integer atomic (uf=0), no L2 hint (ef=0), behind a separate dispatch kernel
-// (fr=0), and ch=0 (the two kernels); multi-stage units (gemm1 four 512-deep stages, gemm2 three
+// resident layer. The small shape (I = 256) takes the chain at every token count up to 64 with
+// gemm2's stages of both x planes; I = 512 (as kimi-k2) takes it up to 4 tokens with 512-deep
+// stages of one plane (packed units only), 5 tokens then run the two kernels in the same
+// process; chpo=1 forces one plane on the small shape too. With the epilogue of warp 0 alone
+// (sep=0), gemm1's first unit from dispatch's tables (eu=0), the integer atomic (uf=0), no L2
+// hint (ef=0), behind a separate dispatch kernel (fr=0), the routed ids read after the fused
+// block's word instead of packed beside it (idw=0; packed up to 8 slots: 1 and 2 tokens of
+// top-4), and ch=0 (the two kernels); multi-stage units (gemm1 four 512-deep stages, gemm2 three
 // 256-deep ones); one rank of a grouped DeepSeekV3 layer; Precomputed ids (out of range, with
 // non-finite hidden rows) at one and two tokens of top-4: with one plane only the 4 slots of one
 // token take the chain (an expert may repeat within a token).
@@ -1069,7 +1070,8 @@ TEST(Differential, SmallStreamChain) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,dyn=1,res=0,ch=1", "stream=1,dyn=1,res=0,ch=1,sep=0", "stream=1,dyn=1,res=0,ch=1,eu=0",
                         "stream=1,dyn=1,res=0,ch=1,uf=0", "stream=1,dyn=1,res=0,ch=1,ef=0", "stream=1,dyn=1,res=0,ch=1,fr=0",
-                        "stream=1,dyn=1,res=0,ch=1,chpo=1", "stream=1,dyn=1,res=0,ch=0"}) {
+                        "stream=1,dyn=1,res=0,ch=1,chpo=1", "stream=1,dyn=1,res=0,ch=1,idw=0",
+                        "stream=1,dyn=1,res=0,ch=0"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("stream-chain[") + o + "]";
     std::vector<Case> cases;
