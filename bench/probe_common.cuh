@@ -1,7 +1,7 @@
 // Shared pieces of the hand-run probes (bench/probe_stream.cu, probe_tma.cu, probe_layout.cu,
 // probe_fixed.cu): error checks, the mbarrier wait, a plain linear read, the event timing, the
-// consumers' read of a stage and the weights' fill pattern. Not part of the
-// library.
+// consumers' read of a stage, the weights' fill pattern and the ring probes' setup. Not part of
+// the library.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -155,4 +155,34 @@ inline int* upload_expert_sets(int sets, int top_k) {
   CK(cudaMalloc(&experts, h.size() * sizeof(int)));
   CK(cudaMemcpy(experts, h.data(), h.size() * sizeof(int), cudaMemcpyHostToDevice));
   return experts;
+}
+
+// What the ring probes start with: the card, a weight buffer of at least `bytes` (and 2 GiB) with
+// the fill pattern, the expert sets, a sink word, and the device-to-device copy rate of 1 GiB
+// (read + written, GB/s), printed with the card.
+struct ProbeSetup {
+  int sms;
+  uint8_t* w;
+  int* experts;
+  uint32_t* sink;
+  double copy_gbs;
+};
+inline ProbeSetup probe_setup(long long bytes, int sets, int top_k) {
+  cudaDeviceProp prop;
+  CK(cudaGetDeviceProperties(&prop, 0));
+  ProbeSetup s{};
+  s.sms = prop.multiProcessorCount;
+  const long long total = std::max(bytes, 1LL << 31);
+  CK(cudaMalloc(&s.w, total));
+  fill<<<4096, 256>>>(s.w, total);
+  CK(cudaGetLastError());
+  s.experts = upload_expert_sets(sets, top_k);
+  CK(cudaMalloc(&s.sink, 4));
+  std::printf("card: %s, %d SMs\n", prop.name, s.sms);
+  const long long cb = 1LL << 30;
+  uint8_t* w = s.w;
+  const double copy_us = median_us([&](int) { CK(cudaMemcpyAsync(w + cb, w, cb, cudaMemcpyDeviceToDevice)); }, 20);
+  s.copy_gbs = 2.0 * cb / copy_us / 1e3;
+  std::printf("copy D2D 1 GiB: %.1f us, %.0f GB/s (read + write)\n", copy_us, s.copy_gbs);
+  return s;
 }

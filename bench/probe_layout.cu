@@ -92,24 +92,9 @@ __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap
 }
 
 int main(int argc, char** argv) {
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  const int sms = prop.multiProcessorCount;
-  const long long total = std::max(kSets * kTopK * kMaxExpertBytes, 1LL << 31);
-  uint8_t* w;
-  CK(cudaMalloc(&w, total));
-  fill<<<4096, 256>>>(w, total);
-  CK(cudaGetLastError());
-  int* experts = upload_expert_sets(kSets, kTopK);
-  uint32_t* sink;
+  const ProbeSetup ps = probe_setup(kSets * kTopK * kMaxExpertBytes, kSets, kTopK);
   int* counter;
-  CK(cudaMalloc(&sink, 4));
   CK(cudaMalloc(&counter, 4));
-  std::printf("card: %s, %d SMs\n", prop.name, sms);
-  const long long cb = 1LL << 30;
-  const double copy_us = median_us([&](int) { CK(cudaMemcpyAsync(w + cb, w, cb, cudaMemcpyDeviceToDevice)); }, 20);
-  const double copy_gbs = 2.0 * cb / copy_us / 1e3;
-  std::printf("copy D2D 1 GiB: %.1f us, %.0f GB/s (read + write)\n", copy_us, copy_gbs);
 
   void* enc_fn = nullptr;
   cudaDriverEntryPointQueryResult q;
@@ -123,7 +108,7 @@ int main(int argc, char** argv) {
     cuuint64_t strides[2] = {static_cast<cuuint64_t>(k / 2), 128};
     cuuint32_t box[3] = {128, static_cast<cuuint32_t>(R), static_cast<cuuint32_t>(kc / 256)};
     cuuint32_t es[3] = {1, 1, 1};
-    CUresult r = encode(&tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, w, dims, strides, box, es,
+    CUresult r = encode(&tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, ps.w, dims, strides, box, es,
                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) {
@@ -135,19 +120,19 @@ int main(int argc, char** argv) {
     int per_sm = 0;
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, 160, smem));
     per_sm = std::min(per_sm, bps);
-    const int grid = per_sm * sms;
+    const int grid = per_sm * ps.sms;
     const double bytes = double(kTopK) * rows * (k / 2);
     const double us = median_us(
         [&](int i) {
           if (dyn) CK(cudaMemsetAsync(counter, 0, 4));
-          kern<<<grid, 160, smem>>>(tm, w, experts + (i % kSets) * kTopK, sink, rows, k, dyn ? counter : nullptr);
+          kern<<<grid, 160, smem>>>(tm, ps.w, ps.experts + (i % kSets) * kTopK, ps.sink, rows, k, dyn ? counter : nullptr);
         },
         40);
     std::printf("%4d x %4d  R %2d KC %4d x %2d (%3d KB), %d blocks/SM, %s, %s, %4d units: %6.1f us (incl. a memset), "
                 "%5.0f GB/s = %5.1f%% of copy\n",
                 rows, k, R, kc, ns, R * kc / 2 * ns / 1024, per_sm, linear ? "linear " : "strided",
                 dyn ? "counter    " : "round-robin", kTopK * rows / R, us, bytes / us / 1e3,
-                100.0 * bytes / us / 1e3 / copy_gbs);
+                100.0 * bytes / us / 1e3 / ps.copy_gbs);
   };
 #define RUN4(R, KC, NS, BPS, rows, k)                                   \
   run(probe<R, KC, NS, false>, R, KC, NS, false, BPS, true, rows, k);  \

@@ -91,34 +91,18 @@ __global__ void __launch_bounds__(256, 2) probe(const __grid_constant__ CUtensor
 
 
 int main() {
-  cudaDeviceProp prop;
-  CK(cudaGetDeviceProperties(&prop, 0));
-  const int sms = prop.multiProcessorCount;
-  const long long total = std::max(kSets * kTopK * kMaxExpertBytes, 1LL << 31);
-  uint8_t* w;
-  CK(cudaMalloc(&w, total));
-  fill<<<4096, 256>>>(w, total);
-  CK(cudaGetLastError());
+  const ProbeSetup ps = probe_setup(kSets * kTopK * kMaxExpertBytes, kSets, kTopK);
   uint4* dump;
   CK(cudaMalloc(&dump, 1 << 20));
-  int* experts = upload_expert_sets(kSets, kTopK);
-  uint32_t* sink;
-  CK(cudaMalloc(&sink, 4));
-  std::printf("card: %s, %d SMs\n", prop.name, sms);
-
-  const long long cb = 1LL << 30;
-  const double copy_us = median_us([&](int) { CK(cudaMemcpyAsync(w + cb, w, cb, cudaMemcpyDeviceToDevice)); }, 20);
-  const double copy_gbs = 2.0 * cb / copy_us / 1e3;
-  std::printf("copy D2D 1 GiB: %.1f us, %.0f GB/s (read + write)\n", copy_us, copy_gbs);
   const double lin_bytes = kTopK * double(kMaxExpertBytes);
   const double lin_us = median_us(
       [&](int i) {
-        linear_read<<<sms * 4, 512>>>(reinterpret_cast<const uint4*>(w + (i % kSets) * kTopK * kMaxExpertBytes),
-                                      static_cast<long long>(lin_bytes / 16), sink);
+        linear_read<<<ps.sms * 4, 512>>>(reinterpret_cast<const uint4*>(ps.w + (i % kSets) * kTopK * kMaxExpertBytes),
+                                      static_cast<long long>(lin_bytes / 16), ps.sink);
       },
       30);
   std::printf("linear read of %.0f MB: %.1f us, %.0f GB/s = %.1f%% of copy\n", lin_bytes / 1e6, lin_us,
-              lin_bytes / lin_us / 1e3, 100.0 * lin_bytes / lin_us / 1e3 / copy_gbs);
+              lin_bytes / lin_us / 1e3, 100.0 * lin_bytes / lin_us / 1e3 / ps.copy_gbs);
 
   void* enc_fn = nullptr;
   cudaDriverEntryPointQueryResult q;
@@ -133,7 +117,7 @@ int main() {
     cuuint64_t strides[2] = {static_cast<cuuint64_t>(k / 2), 128};
     cuuint32_t box[3] = {128, static_cast<cuuint32_t>(R), static_cast<cuuint32_t>(mode == 2 ? 1 : kc / 256)};
     cuuint32_t es[3] = {1, 1, 1};
-    CUresult r = encode(&tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, w, dims, strides, box, es,
+    CUresult r = encode(&tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, ps.w, dims, strides, box, es,
                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) {
@@ -145,14 +129,14 @@ int main() {
     CK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     int per_sm = 0;
     CK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, 256, smem));
-    const int grid = per_sm * sms;
+    const int grid = per_sm * ps.sms;
     const double bytes = double(kTopK) * rows * (k / 2);
     const long long set_rows = static_cast<long long>(rows) * kTopK;
     // experts[] holds set s's ids s*8..s*8+7: expert id e -> rows [e*rows, (e+1)*rows)
     const double us = median_us(
-        [&](int i) { kern<<<grid, 256, smem>>>(tm, w, experts + (i % kSets) * kTopK, sink, rows, k, nullptr); }, 30);
+        [&](int i) { kern<<<grid, 256, smem>>>(tm, ps.w, ps.experts + (i % kSets) * kTopK, ps.sink, rows, k, nullptr); }, 30);
     // Layout check: stage 1 of block 0's first unit, against the cp.async layout computed here.
-    kern<<<grid, 256, smem>>>(tm, w, experts + 3 * kTopK, sink, rows, k, dump);
+    kern<<<grid, 256, smem>>>(tm, ps.w, ps.experts + 3 * kTopK, ps.sink, rows, k, dump);
     CK(cudaDeviceSynchronize());
     std::vector<uint8_t> got(R * kc / 2);
     CK(cudaMemcpy(got.data(), dump, got.size(), cudaMemcpyDeviceToHost));
@@ -168,7 +152,7 @@ int main() {
     (void)set_rows;
     std::printf("%4d x %4d  R %2d KC %4d x %2d (%3d KB), %s, %d blocks/SM, %4d units: %6.1f us, %5.0f GB/s = %5.1f%% of copy, %5.1f GB/s per busy block, layout %s\n",
                 rows, k, R, kc, ns, ring / 1024, mode_name[mode], per_sm, kTopK * rows / R, us, bytes / us / 1e3,
-                100.0 * bytes / us / 1e3 / copy_gbs, bytes / us / 1e3 / std::min(grid, kTopK * rows / R), bad ? "BAD" : "ok");
+                100.0 * bytes / us / 1e3 / ps.copy_gbs, bytes / us / 1e3 / std::min(grid, kTopK * rows / R), bad ? "BAD" : "ok");
     if (bad) std::printf("   LAYOUT MISMATCH: %lld bytes differ\n", bad);
   };
 #define RUN3(R, KC, NS, rows, k)                        \
