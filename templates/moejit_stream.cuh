@@ -288,8 +288,23 @@ __device__ __forceinline__ uint4 ld_volatile_v4(const int* p) {
 
 // packed: ids is lane 0's copy of the packed ids (Cfg::kRoutedIds, at most kRoutedIdSlots
 // slots); else the slots' ids come from GemmParams::topk_ids.
-template <class Cfg, int kRows>
-__device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scratch, int lane,
+// A unit taken from a counter (GemmParams::unit_counter) by one thread; with Cfg::kEarlyFetch a
+// float's bits (atom_take_gpu), read back by count_of where the count is first needed.
+template <class Cfg>
+__device__ __forceinline__ int take_unit(int* counter) {
+  if constexpr (Cfg::kEarlyFetch) return __float_as_int(atom_take_gpu(counter));
+  else return atomicAdd(counter, 1);
+}
+template <class Cfg>
+__device__ __forceinline__ int count_of(int taken) {
+  if constexpr (Cfg::kEarlyFetch) return static_cast<int>(__int_as_float(taken));
+  else return taken;
+}
+
+// unit: with kUnitGiven (a chain's gemm1) the block's first unit, taken from the counter; else
+// the first unit is blockIdx.x.
+template <class Cfg, int kRows, bool kUnitGiven = false>
+__device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scratch, int lane, int unit,
                                                  EarlyUnit& out, bool packed = false,
                                                  uint4 ids = make_uint4(0u, 0u, 0u, 0u)) {
   constexpr int L = Cfg::kLocalExperts;
@@ -336,8 +351,9 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
     out.e = 0;
     out.rows = 0;
     out.token = 0;
-    if (static_cast<int>(blockIdx.x) >= total * kSlices) return;  // no unit (every lane)
-    const int tile = unit_tile<Cfg, kSlices>(blockIdx.x, static_cast<unsigned>(total));
+    if ((kUnitGiven ? unit : static_cast<int>(blockIdx.x)) >= total * kSlices) return;  // no unit (every lane)
+    const int tile = kUnitGiven ? unit_tile<Cfg, kSlices>(unit, total)
+                                : unit_tile<Cfg, kSlices>(blockIdx.x, static_cast<unsigned>(total));
     const bool hit = leader && tile >= start && tile < start + ((count + 7) >> 3);
     const int src = __ffs(__ballot_sync(kFullMask, hit)) - 1;
     const int e = __shfl_sync(kFullMask, l, src);
@@ -378,8 +394,9 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
   out.e = 0;
   out.rows = 0;
   out.token = 0;
-  if (static_cast<int>(blockIdx.x) >= out.n_tiles * kSlices) return;  // no unit
-  const int tile = unit_tile<Cfg, kSlices>(blockIdx.x, static_cast<unsigned>(out.n_tiles));
+  if ((kUnitGiven ? unit : static_cast<int>(blockIdx.x)) >= out.n_tiles * kSlices) return;  // no unit
+  const int tile = kUnitGiven ? unit_tile<Cfg, kSlices>(unit, out.n_tiles)
+                              : unit_tile<Cfg, kSlices>(blockIdx.x, static_cast<unsigned>(out.n_tiles));
   int found = -1, first = 0;  // the tile's expert and that expert's first tile
   if (tile >= incl - tiles && tile < incl) {
     int t = incl - tiles;
@@ -563,8 +580,16 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // Tile-ready hand-off (see the top): gemm2's producer is the TMA one. Dispatch zeroes the
   // words: gemm1's signal warp adds to them only after gemm1's wait for it.
   static_assert(!kReady || kTma, "stream GEMM: tile-ready with TMA");
+  // A chain's gemm1 (kChain 1) takes every unit from the counter, its first too: gemm2's units
+  // wait for gemm1's tiles in the same grid, so no unit may belong to a block that is not yet
+  // resident (a grid that fits the card can still wait for SMs other work holds). Its first unit
+  // is then planned before dispatch only behind the fused block, which zeroes the counter before
+  // gemm1 launches.
+  constexpr bool kTakeFirst = kChain == 1;
   const bool early = kEarly && p.topk_ids != nullptr &&
-                     p.num_tokens * Cfg::kTopK <= 32 * stream::kEarlySlotRegs;
+                     p.num_tokens * Cfg::kTopK <= 32 * stream::kEarlySlotRegs &&
+                     (!kTakeFirst || Cfg::kEarlyRouted);
+  int first_id = blockIdx.x;  // kTakeFirst: the producer warp's first unit
   // Behind a separate dispatch kernel, which zeroes the unit counter, an early block takes its
   // second unit after its wait for dispatch, at its first unit's last stage; behind the fused
   // block (Cfg::kEarlyRouted), which zeroes it before gemm1 launches, when its first unit starts, as
@@ -573,6 +598,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   [[maybe_unused]] stream::EarlyUnit eu{};
   if constexpr (kEarly)
     if (early && warp == CW) {
+      int taken = 0;  // kTakeFirst: issued before the poll, so that its round trip overlaps it
+      if (kTakeFirst && lane == 0) taken = stream::take_unit<Cfg>(p.unit_counter);
       // Behind the fused route+dispatch block (Cfg::kEarlyRouted; the host sets p.routed), the
       // ids are readable once its word reads 1: lane 0 polls, its acquire orders what follows
       // after the block's writes, and the warp barrier passes that on to the other lanes.
@@ -595,7 +622,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         }
         __syncwarp();
       }
-      stream::early_first_unit<Cfg, kRows>(p, early_scratch, lane, eu, Cfg::kEarlyRouted && packed_ids, ids);
+      if constexpr (kTakeFirst) first_id = stream::count_of<Cfg>(__shfl_sync(kFullMask, taken, 0));
+      stream::early_first_unit<Cfg, kRows, kTakeFirst>(p, early_scratch, lane, first_id, eu,
+                                           Cfg::kEarlyRouted && packed_ids, ids);
     }
   // Gemm1 reads dispatch's outputs: wait for it. Gemm2 reads them without waiting (gemm1
   // waited for dispatch before it triggered gemm2) and waits only before reading gemm1's output
@@ -607,6 +636,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       if (tid == 0) tl_block(kTlK, kTbWaited, tl_now());
       if (tid == CW * 32) tl_stamp(tls, kTlG1PWaited);
       pdl_trigger();
+      if (kTakeFirst && warp == CW) {  // the counter is zeroed once the wait has passed
+        int taken = 0;
+        if (lane == 0) taken = stream::take_unit<Cfg>(p.unit_counter);
+        first_id = stream::count_of<Cfg>(__shfl_sync(kFullMask, taken, 0));
+      }
     }
   }
   // The producer's source row of tile row `lane` < 8 (gemm1: its token; padding rows read -1
@@ -620,7 +654,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
   // the producer loads what it needs of it (with dynamic units its expert, rows and x sources;
   // gemm2: its ready word, last, since the acquire orders what follows) together with the count:
   // one memory round trip before its first copy instead of two or three.
-  const int tile0 = blockIdx.x / kSlices;
+  const int tile0 = (kTakeFirst ? static_cast<unsigned>(first_id) : blockIdx.x) / kSlices;  // (producer warp)
   const bool first_here = kReady && !early && warp == CW && tile0 < p.max_tiles;
   int e_first = 0, rows_first = 0, x_first = 0, ready_first = 0;
   if (Cfg::kDynamicUnits && first_here) {
@@ -776,14 +810,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       };
       // Lane 0 takes the next unit from the counter; the count (with Cfg::kEarlyFetch a float's
       // bits, see atom_take_gpu) is read where the next unit's tables are loaded.
-      auto take_unit = [&]() -> int {
-        if constexpr (Cfg::kEarlyFetch) return __float_as_int(atom_take_gpu(p.unit_counter));
-        else return atomicAdd(p.unit_counter, 1);
-      };
-      auto count_of = [](int taken) -> int {
-        if constexpr (Cfg::kEarlyFetch) return static_cast<int>(__int_as_float(taken));
-        else return taken;
-      };
+      auto take_unit = [&]() -> int { return stream::take_unit<Cfg>(p.unit_counter); };
+      auto count_of = [](int taken) -> int { return stream::count_of<Cfg>(taken); };
       auto wait_tile = [&](int tile, bool stamp) {
         if (lane == 0)
           while (ready_ahead < K) ready_ahead = ld_acquire_gpu(p.tile_ready + tile);
@@ -800,8 +828,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
       // that unit's second stage is issued (Cfg::kEarlyFetch: the count is back by then, and the
       // tables by the next unit's first stage; H200, bench/RESULTS.md section 22), else its last.
       constexpr int kFetchStage = Cfg::kEarlyFetch && kStagesPerUnit > 1 ? 1 : kStagesPerUnit - 1;
-      int id = blockIdx.x, e_cur = 0, rows_cur = 0;
-      if (dyn && my_units > 0) {
+      int id = kTakeFirst ? first_id : static_cast<int>(blockIdx.x), e_cur = 0, rows_cur = 0;
+      if (dyn && (kTakeFirst ? id < n_units : my_units > 0)) {
         e_cur = early ? eu.e : kReady ? e_first : p.tile_expert[Unit::tile_of(id, n_tiles)];
         rows_cur = early ? eu.rows : kReady ? rows_first : p.tile_rows[Unit::tile_of(id, n_tiles)];
       }
@@ -897,7 +925,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
               pdl_trigger();
               if (take_after_wait && lane == 0) taken = take_unit();
             }
-            id_next = gridDim.x + count_of(__shfl_sync(kFullMask, taken, 0));
+            id_next = (kTakeFirst ? 0 : static_cast<int>(gridDim.x)) + count_of(__shfl_sync(kFullMask, taken, 0));
             const int tile_next = Unit::tile_of(id_next, n_tiles);
             if (id_next < n_units) {
               e_cur = p.tile_expert[tile_next];
