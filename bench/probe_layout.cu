@@ -5,8 +5,11 @@
 // ring either read that way ("strided": the library's box) or read the unit's bytes in address
 // order, one contiguous bulk copy of the stage's size ("linear": what a weight layout packed per
 // stage would give). Units are taken from a counter (as the library's dynamic units) or dealt
-// round-robin. Consumers only read and release each stage. Not part of the library; build and
-// run by hand:
+// round-robin. A third order ("rowwise") keeps the library's box but walks it row by row: the
+// map's dimensions are {128 bytes, K / 256 chunks, row}, so the TMA requests a row's KC / 2 bytes
+// together before the next row (the stage lands in shared memory as [row][chunk][128 bytes]
+// instead of [chunk][row][128 bytes]). Consumers only read and release each stage. Not part of
+// the library; build and run by hand:
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90a -o probe_layout bench/probe_layout.cu -lcuda && ./probe_layout [shapes]
 #include <cuda.h>
@@ -19,8 +22,16 @@ constexpr int kSets = 17;
 constexpr int kTopK = 8;
 constexpr long long kMaxExpertBytes = 4096LL * 3584;  // kimi-k2 gemm1 (the largest shape)
 
-// kLinear: one bulk copy of the stage's bytes in address order; else the library's TMA box.
-template <int R, int KC, int NS, bool kLinear>
+// kMode: kStrided (the library's TMA box), kLinear (one bulk copy of the stage's bytes in
+// address order) or kRowwise (the library's box walked row by row).
+// kChunked: the library's box over a chunk-major layout ([chunk][row][128 bytes]: a stage's R
+// rows of one chunk are R * 128 contiguous bytes), what a weight repacking per 128-byte K chunk
+// would give without changing the stage's shared-memory image.
+// kRowCopies: R non-tensor bulk copies of KC / 2 bytes per stage, one per row (no swizzle);
+// kWide: a 2-D tensor box of {KC / 2 bytes, R rows} without swizzle (one 256-byte line per row
+// at KC = 512, where the library's 128-byte swizzle needs two).
+constexpr int kStrided = 0, kLinear = 1, kRowwise = 2, kChunked = 3, kRowCopies = 4, kWide = 5;
+template <int R, int KC, int NS, int kMode>
 __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap tm, const uint8_t* w,
                                              const int* experts, uint32_t* sink, int rows, int k,
                                              int* counter) {
@@ -52,17 +63,33 @@ __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap
         asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(su32(&full[slot])),
                      "r"(kStageW)
                      : "memory");
-        if constexpr (kLinear) {
+        if constexpr (kMode == kLinear) {
           const uint8_t* src = w + row0 * kRowBytes + static_cast<long long>(ks) * kStageW;
           asm volatile(
               "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
               "l"(src), "r"(kStageW), "r"(su32(&full[slot]))
               : "memory");
+        } else if constexpr (kMode == kRowCopies) {
+          for (int r = 0; r < R; ++r) {
+            const uint8_t* src = w + (row0 + r) * kRowBytes + static_cast<long long>(ks) * (KC / 2);
+            asm volatile(
+                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                    dst + r * (KC / 2)),
+                "l"(src), "r"(KC / 2), "r"(su32(&full[slot]))
+                : "memory");
+          }
+        } else if constexpr (kMode == kWide) {
+          asm volatile(
+              "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+              " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+              "l"(&tm), "r"(ks * (KC / 2)), "r"(row0), "r"(su32(&full[slot]))
+              : "memory");
         } else {
           asm volatile(
               "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
               " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
-              "l"(&tm), "r"(0), "r"(row0), "r"(ks * (KC / 256)), "r"(su32(&full[slot]))
+              "l"(&tm), "r"(0), "r"(kMode == kRowwise ? ks * (KC / 256) : row0),
+              "r"(kMode == kRowwise ? row0 : ks * (KC / 256)), "r"(su32(&full[slot]))
               : "memory");
         }
         if (++slot == NS) slot = 0, parity ^= 1;
@@ -101,15 +128,23 @@ int main(int argc, char** argv) {
   CK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &enc_fn, cudaEnableDefault, &q));
   auto encode = reinterpret_cast<decltype(&cuTensorMapEncodeTiled)>(enc_fn);
 
-  auto run = [&](auto kern, int R, int kc, int ns, bool linear, int bps, bool dyn, int rows, int k) {
+  auto run = [&](auto kern, int R, int kc, int ns, int mode, int bps, bool dyn, int rows, int k) {
     CUtensorMap tm{};
     const long long nrows = static_cast<long long>(rows) * kSets * kTopK;
-    cuuint64_t dims[3] = {128, static_cast<cuuint64_t>(nrows), static_cast<cuuint64_t>(k / 256)};
-    cuuint64_t strides[2] = {static_cast<cuuint64_t>(k / 2), 128};
-    cuuint32_t box[3] = {128, static_cast<cuuint32_t>(R), static_cast<cuuint32_t>(kc / 256)};
+    const bool rw = mode == kRowwise;
+    cuuint64_t dims[3] = {128, static_cast<cuuint64_t>(rw ? k / 256 : nrows),
+                          static_cast<cuuint64_t>(rw ? nrows : k / 256)};
+    cuuint64_t strides[2] = {static_cast<cuuint64_t>(rw || mode == kChunked ? 128 : k / 2),
+                             static_cast<cuuint64_t>(rw ? k / 2 : mode == kChunked ? nrows * 128 : 128)};
+    cuuint32_t box[3] = {128, static_cast<cuuint32_t>(rw ? kc / 256 : R), static_cast<cuuint32_t>(rw ? R : kc / 256)};
     cuuint32_t es[3] = {1, 1, 1};
-    CUresult r = encode(&tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, ps.w, dims, strides, box, es,
-                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+    const cuuint64_t wdims[2] = {static_cast<cuuint64_t>(k / 2), static_cast<cuuint64_t>(nrows)};
+    const cuuint64_t wstrides[1] = {static_cast<cuuint64_t>(k / 2)};
+    const cuuint32_t wbox[2] = {static_cast<cuuint32_t>(kc / 2), static_cast<cuuint32_t>(R)};
+    const bool wide = mode == kWide;
+    CUresult r = encode(&tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, wide ? 2 : 3, ps.w, wide ? wdims : dims,
+                        wide ? wstrides : strides, wide ? wbox : box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                        wide ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B,
                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) {
       std::printf("encode failed (%d)\n", int(r));
@@ -130,21 +165,26 @@ int main(int argc, char** argv) {
         40);
     std::printf("%4d x %4d  R %2d KC %4d x %2d (%3d KB), %d blocks/SM, %s, %s, %4d units: %6.1f us (incl. a memset), "
                 "%5.0f GB/s = %5.1f%% of copy\n",
-                rows, k, R, kc, ns, R * kc / 2 * ns / 1024, per_sm, linear ? "linear " : "strided",
+                rows, k, R, kc, ns, R * kc / 2 * ns / 1024, per_sm,
+                mode == kLinear ? "linear " : mode == kRowwise ? "rowwise" : mode == kChunked ? "chunked"
+                : mode == kRowCopies ? "rowcopy" : mode == kWide ? "wide   " : "strided",
                 dyn ? "counter    " : "round-robin", kTopK * rows / R, us, bytes / us / 1e3,
                 100.0 * bytes / us / 1e3 / ps.copy_gbs);
   };
-#define RUN4(R, KC, NS, BPS, rows, k)                                   \
-  run(probe<R, KC, NS, false>, R, KC, NS, false, BPS, true, rows, k);  \
-  run(probe<R, KC, NS, true>, R, KC, NS, true, BPS, true, rows, k);    \
-  run(probe<R, KC, NS, false>, R, KC, NS, false, BPS, false, rows, k); \
-  run(probe<R, KC, NS, true>, R, KC, NS, true, BPS, false, rows, k);
+#define RUN_MODE(M, R, KC, NS, BPS, rows, k)                   \
+  run(probe<R, KC, NS, M>, R, KC, NS, M, BPS, true, rows, k); \
+  run(probe<R, KC, NS, M>, R, KC, NS, M, BPS, false, rows, k);
+#define RUN4(R, KC, NS, BPS, rows, k)              \
+  RUN_MODE(kStrided, R, KC, NS, BPS, rows, k)      \
+  RUN_MODE(kLinear, R, KC, NS, BPS, rows, k)       \
+  RUN_MODE(kRowwise, R, KC, NS, BPS, rows, k)       \
+  RUN_MODE(kChunked, R, KC, NS, BPS, rows, k)       \
+  RUN_MODE(kRowCopies, R, KC, NS, BPS, rows, k)     \
+  RUN_MODE(kWide, R, KC, NS, BPS, rows, k)
   // Mode "shapes" (argv[1] == "shapes"): the library's strided box only, units from the counter
   // and round-robin, for other unit sizes, stage depths and blocks per SM of the same bytes.
   const bool shapes = argc > 1 && std::string(argv[1]) == "shapes";
-#define RUN2(R, KC, NS, BPS, rows, k)                                   \
-  run(probe<R, KC, NS, false>, R, KC, NS, false, BPS, true, rows, k);  \
-  run(probe<R, KC, NS, false>, R, KC, NS, false, BPS, false, rows, k);
+#define RUN2(R, KC, NS, BPS, rows, k) RUN_MODE(kStrided, R, KC, NS, BPS, rows, k)
   for (int rep = 0; rep < 2; ++rep) {
     if (shapes) {
       // kimi-k2 gemm2 at one token (7168 x 2048: 58.7 MB of int4)
@@ -162,14 +202,14 @@ int main(int argc, char** argv) {
       RUN2(32, 512, 6, 2, 4096, 7168)
       continue;
     }
-    // kimi-k2 at one token: gemm2 (7168 x 2048) as the library runs it (3 blocks per SM, three
-    // 8 KiB stages) and deeper; gemm1 (4096 x 7168, 2 blocks per SM, three 32 KiB stages).
+    // kimi-k2 at one token: gemm2 (7168 x 2048) as its own kernel runs it (3 blocks per SM,
+    // three 8 KiB stages: one chunk per row, so rowwise = strided) and as the chain runs it (2
+    // blocks per SM, three 16 KiB stages of two chunks per row); gemm1 (4096 x 7168, 2 blocks per
+    // SM, three 32 KiB stages), also with 1024-deep stages (four chunks per row).
     RUN4(64, 256, 3, 3, 7168, 2048)
-    RUN4(64, 256, 6, 3, 7168, 2048)
+    RUN4(64, 512, 3, 2, 7168, 2048)
     RUN4(64, 512, 3, 2, 4096, 7168)
-    // qwen3-30b-a3b gemm2 (2048 x 768) and kimi-k2-tp8 gemm1 (512 x 7168)
-    RUN4(64, 256, 3, 3, 2048, 768)
-    RUN4(64, 512, 3, 2, 512, 7168)
+    RUN4(32, 512, 3, 2, 4096, 7168)
   }
   CK(cudaDeviceSynchronize());
   return 0;

@@ -30,6 +30,7 @@ enum TlEvent : int {
   kTlDispatchWarp, kTlDispatchBarrier,                        // dispatch_small (thread 0)
   kTlResG1Last, kTlResG1Rows, kTlResBarrier, kTlResG2In,      // resident layer (thread 0)
   kTlG1PRouted,                                               // gemm1 producer: routed word read 1
+  kTlG1PTaken, kTlG1PPlanned, kTlG1PLoop,                     // ... first unit's count, plan, unit loop
   kTlEvents                                                   // (the count)
 };
 // Per-block records of the stream GEMMs (the latest replay's, overwritten by each): after the

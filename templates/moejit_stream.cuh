@@ -623,8 +623,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
         __syncwarp();
       }
       if constexpr (kTakeFirst) first_id = stream::count_of<Cfg>(__shfl_sync(kFullMask, taken, 0));
+      if (lane == 0) tl_stamp_after(tls, kTlG1PTaken, static_cast<uint32_t>(first_id));
       stream::early_first_unit<Cfg, kRows, kTakeFirst>(p, early_scratch, lane, first_id, eu,
                                            Cfg::kEarlyRouted && packed_ids, ids);
+      if (lane == 0) tl_stamp_after(tls, kTlG1PPlanned, static_cast<uint32_t>(eu.e ^ eu.token));
     }
   // Gemm1 reads dispatch's outputs: wait for it. Gemm2 reads them without waiting (gemm1
   // waited for dispatch before it triggered gemm2) and waits only before reading gemm1's output
@@ -838,6 +840,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
                        : dyn   ? (kReady ? x_first : x_src_of_id(id))
                                : x_src_of(0);
       int ui = 0;
+      if (kGemm1 && lane == 0) tl_stamp_after(tls, kTlG1PLoop, static_cast<uint32_t>(x_src_next ^ e_cur));
       for (; dyn ? id < n_units : ui < my_units; ++ui) {
         const Unit u = dyn ? Unit(id, n_tiles, e_cur, rows_cur) : units.next(ui);
         if (ui == 0)

@@ -162,7 +162,8 @@ const char* const kTlNames[] = {
     "gemm2 producer: slot free", "route: token 0 keys", "route: token 0 top-k",
     "dispatch: warp 0 placed", "dispatch: barrier passed", "resident: last gemm1 part in",
     "resident: gemm1 rows written", "resident: grid barrier", "resident: gemm2 weights in",
-    "gemm1 producer: routed read"};
+    "gemm1 producer: routed read", "gemm1 producer: count back", "gemm1 producer: planned",
+    "gemm1 producer: unit loop"};
 static_assert(std::size(kTlNames) == kTlEvents, "a name per moejit_dev::TlEvent");
 
 // Replays the layer `layer_of(override)` compiled with the timeline, kTlSlots - 3 timed replays
