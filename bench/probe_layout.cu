@@ -30,7 +30,9 @@ constexpr long long kMaxExpertBytes = 4096LL * 3584;  // kimi-k2 gemm1 (the larg
 // kRowCopies: R non-tensor bulk copies of KC / 2 bytes per stage, one per row (no swizzle);
 // kWide: a 2-D tensor box of {KC / 2 bytes, R rows} without swizzle (one 256-byte line per row
 // at KC = 512, where the library's 128-byte swizzle needs two).
-constexpr int kStrided = 0, kLinear = 1, kRowwise = 2, kChunked = 3, kRowCopies = 4, kWide = 5;
+// kChunkedE: the same per expert ([expert][chunk][row][128 bytes]: a unit stays inside its
+// expert's bytes, where kChunked spreads a unit's chunks over the whole buffer, a page each).
+constexpr int kStrided = 0, kLinear = 1, kRowwise = 2, kChunked = 3, kRowCopies = 4, kWide = 5, kChunkedE = 6;
 template <int R, int KC, int NS, int kMode>
 __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap tm, const uint8_t* w,
                                              const int* experts, uint32_t* sink, int rows, int k,
@@ -78,6 +80,13 @@ __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap
                 "l"(src), "r"(KC / 2), "r"(su32(&full[slot]))
                 : "memory");
           }
+        } else if constexpr (kMode == kChunkedE) {
+          asm volatile(
+              "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+              " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+              "l"(&tm), "r"(0), "r"((u % kSlices) * R), "r"(ks * (KC / 256)), "r"(static_cast<int>(e)),
+              "r"(su32(&full[slot]))
+              : "memory");
         } else if constexpr (kMode == kWide) {
           asm volatile(
               "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
@@ -142,8 +151,15 @@ int main(int argc, char** argv) {
     const cuuint64_t wstrides[1] = {static_cast<cuuint64_t>(k / 2)};
     const cuuint32_t wbox[2] = {static_cast<cuuint32_t>(kc / 2), static_cast<cuuint32_t>(R)};
     const bool wide = mode == kWide;
-    CUresult r = encode(&tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, wide ? 2 : 3, ps.w, wide ? wdims : dims,
-                        wide ? wstrides : strides, wide ? wbox : box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+    const bool ce = mode == kChunkedE;
+    const cuuint64_t cdims[4] = {128, static_cast<cuuint64_t>(rows), static_cast<cuuint64_t>(k / 256),
+                                 static_cast<cuuint64_t>(kSets * kTopK)};
+    const cuuint64_t cstrides[3] = {128, static_cast<cuuint64_t>(rows) * 128, static_cast<cuuint64_t>(rows) * (k / 2)};
+    const cuuint32_t cbox[4] = {128, static_cast<cuuint32_t>(R), static_cast<cuuint32_t>(kc / 256), 1};
+    const cuuint32_t ces[4] = {1, 1, 1, 1};
+    CUresult r = encode(&tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, wide ? 2 : ce ? 4 : 3, ps.w,
+                        wide ? wdims : ce ? cdims : dims, wide ? wstrides : ce ? cstrides : strides,
+                        wide ? wbox : ce ? cbox : box, ce ? ces : es, CU_TENSOR_MAP_INTERLEAVE_NONE,
                         wide ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B,
                         CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (r != CUDA_SUCCESS) {
@@ -167,7 +183,7 @@ int main(int argc, char** argv) {
                 "%5.0f GB/s = %5.1f%% of copy\n",
                 rows, k, R, kc, ns, R * kc / 2 * ns / 1024, per_sm,
                 mode == kLinear ? "linear " : mode == kRowwise ? "rowwise" : mode == kChunked ? "chunked"
-                : mode == kRowCopies ? "rowcopy" : mode == kWide ? "wide   " : "strided",
+                : mode == kRowCopies ? "rowcopy" : mode == kWide ? "wide   " : mode == kChunkedE ? "chunk/e" : "strided",
                 dyn ? "counter    " : "round-robin", kTopK * rows / R, us, bytes / us / 1e3,
                 100.0 * bytes / us / 1e3 / ps.copy_gbs);
   };
@@ -180,7 +196,8 @@ int main(int argc, char** argv) {
   RUN_MODE(kRowwise, R, KC, NS, BPS, rows, k)       \
   RUN_MODE(kChunked, R, KC, NS, BPS, rows, k)       \
   RUN_MODE(kRowCopies, R, KC, NS, BPS, rows, k)     \
-  RUN_MODE(kWide, R, KC, NS, BPS, rows, k)
+  RUN_MODE(kWide, R, KC, NS, BPS, rows, k)          \
+  RUN_MODE(kChunkedE, R, KC, NS, BPS, rows, k)
   // Mode "shapes" (argv[1] == "shapes"): the library's strided box only, units from the counter
   // and round-robin, for other unit sizes, stage depths and blocks per SM of the same bytes.
   const bool shapes = argc > 1 && std::string(argv[1]) == "shapes";
