@@ -286,8 +286,6 @@ __device__ __forceinline__ uint4 ld_volatile_v4(const int* p) {
   return v;
 }
 
-// packed: ids is lane 0's copy of the packed ids (Cfg::kRoutedIds, at most kRoutedIdSlots
-// slots); else the slots' ids come from GemmParams::topk_ids.
 // A unit taken from a counter (GemmParams::unit_counter) by one thread; with Cfg::kEarlyFetch a
 // float's bits (atom_take_gpu), read back by count_of where the count is first needed.
 template <class Cfg>
@@ -301,8 +299,9 @@ __device__ __forceinline__ int count_of(int taken) {
   else return taken;
 }
 
-// unit: with kUnitGiven (a chain's gemm1) the block's first unit, taken from the counter; else
-// the first unit is blockIdx.x.
+// packed: ids is lane 0's copy of the packed ids (Cfg::kRoutedIds, at most kRoutedIdSlots
+// slots); else the slots' ids come from GemmParams::topk_ids. unit: with kUnitGiven (a chain's
+// gemm1) the block's first unit, taken from the counter; else the first unit is blockIdx.x.
 template <class Cfg, int kRows, bool kUnitGiven = false>
 __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scratch, int lane, int unit,
                                                  EarlyUnit& out, bool packed = false,
