@@ -433,16 +433,44 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
 constexpr int kMaxStages = 8;  // the host's kMaxStreamStages
 constexpr int kUnitQ = 16;     // dynamic units published to the consumers (> kMaxStages)
 
+namespace stream {
+// The static shared memory of a stream kernel (stream_gemm, stream_chain), shared by its paths
+// and a chain's two phases (static shared memory is allocated per variable, so arrays per path
+// would add up): the mbarriers (full, empty, and the tile-ready hand-off's), the hand-off's
+// tiles, the reduction buffer, the unit queue and gemm1's plan of its first unit
+// (Cfg::kEarlyUnit: expert counts and a tile's tokens). Smem: what stream_gemm_rows reads.
+struct Smem {
+  uint64_t* bars;
+  float* red;
+  int4* unit_q;
+  int* early;
+  int* epi_tile;
+};
+template <class Cfg>
+struct Shared {
+  uint64_t bars[2 * kMaxStages + 4];
+  int epi_tile[2];
+  float red[Cfg::kConsumerWarps * (Cfg::kUnitRows / 4) * 32];
+  int4 unit_q[kUnitQ];
+  int early[Cfg::kGemm1 && Cfg::kTma && Cfg::kDynamicUnits && Cfg::kEarlyUnit ? Cfg::kLocalExperts + 8 : 1];
+  __device__ Smem view() { return {bars, red, unit_q, early, epi_tile}; }
+};
+}  // namespace stream
+
 // One unit-size path. kRows: weight rows per unit (Cfg::kUnitRows, or a smaller size of
 // Cfg::kAltRows); KC: its K values per stage (a multiple of 256). The path divides the ring
 // (Cfg::kRingBytes) into as many stages as fit, at most 8 (the default path: Cfg::kStages).
-// bars: 2 * kMaxStages + 4 mbarriers; red: kConsumerWarps x kRows / 4 x 32 floats; early_scratch:
-// kLocalExperts + 8 ints where Cfg::kEarlyUnit; epi_tile: 2 ints (Cfg::kTileReady).
+// sm: the kernel's static shared memory (stream::Shared; its reduction buffer is sized for the
+// default path's rows, which the smaller paths fit in).
 // chain: Cfg::kChain 1 (gemm1) or 2 (gemm2) of stream_chain, which passes the state between them.
 template <class Cfg, int kRows, int KC>
-__device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red, int4* unit_q,
-                                 int* early_scratch, int* epi_tile, stream::ChainState* chain = nullptr) {
+__device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, stream::ChainState* chain = nullptr) {
   using namespace stream;
+  uint64_t* bars = sm.bars;
+  float* red = sm.red;
+  int4* unit_q = sm.unit_q;
+  int* early_scratch = sm.early;
+  int* epi_tile = sm.epi_tile;
   constexpr bool kGemm1 = Cfg::kGemm1;
   constexpr int N = Cfg::kN;
   constexpr int K = Cfg::kK;
@@ -1421,42 +1449,34 @@ __device__ void stream_gemm_rows(const GemmParams& p, uint64_t* bars, float* red
 }
 
 // Takes the unit-size path of p.unit_rows where it is compiled (Cfg::kAltRows), else the default.
-// The paths share the mbarriers and the reduction buffer (static shared memory is allocated per
-// variable, so arrays per path would add up).
+// The paths share the static shared memory (stream::Shared).
 template <class Cfg>
 __device__ void stream_gemm(const GemmParams& p) {
-  constexpr int CW = Cfg::kConsumerWarps;
-  __shared__ uint64_t bars[2 * kMaxStages + 4];  // full, empty, and the tile-ready hand-off's
-  __shared__ int epi_tile[2];
-  __shared__ float red[CW * (Cfg::kUnitRows / 4) * 32];
-  __shared__ int4 unit_q[kUnitQ];
-  // Gemm1's plan of its first unit (Cfg::kEarlyUnit): expert counts and a tile's tokens.
-  __shared__ int early[Cfg::kGemm1 && Cfg::kTma && Cfg::kDynamicUnits && Cfg::kEarlyUnit
-                           ? Cfg::kLocalExperts + 8
-                           : 1];
+  __shared__ stream::Shared<Cfg> sh;
   static_assert((Cfg::kAltRows & ~(16 | 32)) == 0 && (Cfg::kGemm1 || (Cfg::kAltRows & 16) == 0) &&
                     (Cfg::kAltRows == 0 || Cfg::kAltRows < Cfg::kUnitRows),
                 "stream GEMM: smaller paths of 16 (gemm1) or 32 rows below the default");
   if constexpr ((Cfg::kAltRows & 16) != 0)
     if (p.unit_rows == 16) {
-      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, bars, red, unit_q, early, epi_tile);
+      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, sh.view());
       return;
     }
   if constexpr ((Cfg::kAltRows & 32) != 0)
     if (p.unit_rows == 32) {
-      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, bars, red, unit_q, early, epi_tile);
+      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, sh.view());
       return;
     }
-  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, bars, red, unit_q, early, epi_tile);
+  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, sh.view());
 }
 
-// Both GEMMs in one persistent kernel (StreamConfig::chain; where gemm2's stages hold one x plane,
-// Cfg2::kPackedOnly, the host launches it only where no tile has more than 4 valid rows): each block streams gemm1's units, then gemm2's, through one ring of
-// Cfg1::kStages slots of Cfg1::kSlotBytes, so that its producer issues gemm2's first stages while
-// its consumers finish gemm1's last, and gemm2 needs no blocks of its own to start on the SMs
-// gemm1's blocks leave. Gemm2's units wait for their tiles as with Cfg::kTileReady. The phases
-// share the mbarriers, the unit queue (gemm2's entries marked, stream::kChainG2Rows) and the
-// reduction buffer; the signal warp publishes gemm1's tiles and leaves.
+// Both GEMMs in one persistent kernel (StreamConfig::chain; where gemm2's stages hold one x
+// plane, Cfg2::kPackedOnly, the host launches it only where no tile has more than 4 valid rows):
+// each block streams gemm1's units, then gemm2's, through one ring of Cfg1::kStages slots of
+// Cfg1::kSlotBytes, so that its producer issues gemm2's first stages while its consumers finish
+// gemm1's last, and gemm2 needs no blocks of its own to start on the SMs gemm1's blocks leave.
+// Gemm2's units wait for their tiles as with Cfg::kTileReady. The phases share the static shared
+// memory (the mbarriers, the unit queue with gemm2's entries marked, stream::kChainG2Rows, and
+// the reduction buffer); the signal warp publishes gemm1's tiles and leaves.
 template <class Cfg1, class Cfg2>
 __device__ void stream_chain(const ChainParams& p) {
   static_assert(Cfg1::kChain == 1 && Cfg2::kChain == 2 && Cfg1::kGemm1 && !Cfg2::kGemm1,
@@ -1465,15 +1485,10 @@ __device__ void stream_chain(const ChainParams& p) {
                     Cfg1::kRingBytes == Cfg2::kRingBytes && Cfg1::kConsumerWarps == Cfg2::kConsumerWarps &&
                     Cfg1::kUnitRows == Cfg2::kUnitRows && Cfg1::kAltRows == 0 && Cfg2::kAltRows == 0,
                 "stream chain: one ring, the same consumer warps and unit rows, one path each");
-  constexpr int CW = Cfg1::kConsumerWarps;
-  __shared__ uint64_t bars[2 * kMaxStages + 4];
-  __shared__ int epi_tile[2];
-  __shared__ float red[CW * (Cfg1::kUnitRows / 4) * 32];
-  __shared__ int4 unit_q[kUnitQ];
-  __shared__ int early[Cfg1::kEarlyUnit ? Cfg1::kLocalExperts + 8 : 1];
+  __shared__ stream::Shared<Cfg1> sh;  // (gemm1's: its early plan; the reduction buffer fits both)
   stream::ChainState chain;
-  stream_gemm_rows<Cfg1, Cfg1::kUnitRows, Cfg1::kKC>(p.g1, bars, red, unit_q, early, epi_tile, &chain);
-  stream_gemm_rows<Cfg2, Cfg2::kUnitRows, Cfg2::kKC>(p.g2, bars, red, unit_q, early, epi_tile, &chain);
+  stream_gemm_rows<Cfg1, Cfg1::kUnitRows, Cfg1::kKC>(p.g1, sh.view(), &chain);
+  stream_gemm_rows<Cfg2, Cfg2::kUnitRows, Cfg2::kKC>(p.g2, sh.view(), &chain);
 }
 
 }  // namespace moejit_dev
