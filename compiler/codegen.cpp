@@ -144,6 +144,12 @@ std::string swiglu_cfg(const MoeSpec& s, bool g1) {
       b(g1 && s.swiglu_limit));
 }
 
+bool tiled(const MoeSpec& s) { return s.weight_format == WeightFormat::MxInt4G32Tiled; }
+std::string tiled_cfg(const MoeSpec& s) {
+  return fmt::format("  static constexpr bool kTiledW = {};  // weights in WeightFormat::MxInt4G32Tiled\n",
+                     b(tiled(s)));
+}
+
 // The Cfg body of a stream GEMM (templates/moejit_stream.cuh) with configuration c.
 std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c, bool g1) {
   const int stage_bytes = stream_stage_bytes(c, g1);
@@ -178,7 +184,8 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           "  static constexpr int kChain = {};  // phase in a chain kernel (0: none)\n"
           "  static constexpr int kSlotBytes = {};  // a chain's ring slot\n"
           "  static constexpr bool kPackedOnly = {};  // gemm2: one x plane, packed units only\n"
-          "  static constexpr bool kRoutedIds = {};  // gemm1: up to 8 routed ids packed beside the fused block's word\n",
+          "  static constexpr bool kRoutedIds = {};  // gemm1: up to 8 routed ids packed beside the fused block's word\n"
+          "  static constexpr bool kTiledW = {};  // weights in WeightFormat::MxInt4G32Tiled\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
           s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
           bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
@@ -187,7 +194,7 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           b(c.tma && c.dynamic_units), b(c.tma && !g1 && c.x_boxes),
           b(g1 && c.early_unit), b(g1 && c.early_unit && bk.fused_route), b(c.tile_ready), b(c.tma && c.dynamic_units && c.early_fetch),
           b(c.tma && c.evict_first), c.chain, c.chain ? c.slot_bytes : stage_bytes,
-          b(!g1 && c.packed_only), b(g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff)) +
+          b(!g1 && c.packed_only), b(g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff), b(tiled(s))) +
          swiglu_cfg(s, g1);
 }
 
@@ -262,7 +269,7 @@ KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
       c.warps_k, c.k_chunk_groups, b(c.double_buffer), b(c.direct_x),
       b(!g1 && bk.fused_finalize));
   return {k.name, "moejit_" + k.name,
-          unit(k, s, "moejit_gemm.cuh", cfg + swiglu_cfg(s, g1),
+          unit(k, s, "moejit_gemm.cuh", cfg + swiglu_cfg(s, g1) + tiled_cfg(s),
                "GemmParams", "grouped_gemm", c.threads(), c.min_blocks),
           c.threads()};
 }
@@ -279,6 +286,13 @@ KernelSource finalize_unit(const Plan& plan, const KernelPlan& k) {
                "FinalizeParams", "finalize_kernel",
                kFinalizeThreads),
           kFinalizeThreads};
+}
+
+KernelSource prepare_unit(const Plan& plan, const KernelPlan& k) {
+  return {k.name, "moejit_" + k.name,
+          unit(k, plan.spec, "moejit_prepare.cuh", "  static constexpr int kThreads = 256;\n",
+               "PrepareParams", "prepare_weights", 256),
+          256};
 }
 
 KernelSource resident_unit(const Plan& plan, const KernelPlan& k) {
@@ -303,7 +317,7 @@ KernelSource resident_unit(const Plan& plan, const KernelPlan& k) {
           "  static constexpr int kSmem = {};  // dynamic shared memory less the alignment slack\n",
           s.hidden, s.intermediate, s.local_expert_offset, s.local_experts(), r.grid, r.warps,
           r.k_part1, r.window, r.units1, r.units2, r.chains1, r.chains2, b(r.packed2), r.smem) +
-      swiglu_cfg(s, true);
+      swiglu_cfg(s, true) + tiled_cfg(s);
   KernelSource src{k.name, "moejit_" + k.name,
                    unit(k, s, "moejit_resident.cuh", cfg, "ResidentParams", "resident_layer",
                         r.threads(), 1),
@@ -326,6 +340,7 @@ KernelSource generate(const Plan& plan, const KernelPlan& kernel) {
     case KernelRole::Finalize: return finalize_unit(plan, kernel);
     case KernelRole::Resident: return resident_unit(plan, kernel);
     case KernelRole::Chain: return chain_unit(plan, kernel);
+    case KernelRole::Prepare: return prepare_unit(plan, kernel);
   }
   throw Error(ErrorKind::Internal, "generate: unknown kernel role");
 }

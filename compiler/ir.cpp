@@ -27,7 +27,8 @@ const Spelling<StageKind> kStageKinds[] = {{StageKind::Route, "route"},
 const Spelling<DType> kDTypes[] = {{DType::BF16, "bf16"}, {DType::FP32, "fp32"}};
 const Spelling<std::optional<DType>> kBiases[] = {
     {std::nullopt, "none"}, {DType::BF16, "bf16"}, {DType::FP32, "fp32"}};
-const Spelling<WeightFormat> kWeights[] = {{WeightFormat::MxInt4G32, "mxint4_g32"}};
+const Spelling<WeightFormat> kWeights[] = {{WeightFormat::MxInt4G32, "mxint4_g32"},
+                                           {WeightFormat::MxInt4G32Tiled, "mxint4_g32_tiled"}};
 const Spelling<GateUpOrder> kOrders[] = {{GateUpOrder::GateUp, "gate_up"},
                                          {GateUpOrder::UpGate, "up_gate"}};
 const Spelling<Activation> kActivations[] = {{Activation::SwiGlu, "swiglu"}};

@@ -1,5 +1,7 @@
 #include "plan.h"
 
+#include "moejit_params.h"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -19,6 +21,7 @@ const char* to_string(KernelRole role) {
     case KernelRole::Finalize: return "finalize";
     case KernelRole::Resident: return "resident";
     case KernelRole::Chain: return "chain";
+    case KernelRole::Prepare: return "prepare";
   }
   return "?";
 }
@@ -342,6 +345,13 @@ ResidentConfig pick_resident(const MoeSpec& spec, int grid, int k_part1, int win
   c.k_part1 = kp;
   c.window = window > 0 ? static_cast<int>(std::min<long long>(window, H / kp)) : 1;
   c.units2 = static_cast<int>((H / 8 + grid - 1) / grid);
+  if (spec.weight_format == WeightFormat::MxInt4G32Tiled) {
+    // Tiled w2: each block's units inside one 64-row block of the layout (moejit_resident.cuh).
+    const long long blocks = H / moejit_dev::kTiledRowsW2;
+    if (blocks > grid) return c;
+    const long long parts = std::min<long long>(8, grid / blocks);
+    c.units2 = static_cast<int>((8 + parts - 1) / parts);
+  }
   if (8 * c.units2 > 256) return c;  // one TMA box of a slot's rows
   c.smem = resident_smem_bytes(spec, c);
   // 227 KiB per block on sm_90: the dynamic part, its 1 KiB alignment slack, and the static part
@@ -724,6 +734,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   }
   // The finalize kernel is also what moejit::finalize() launches for an unfinalized layer.
   plan.kernels.push_back({"finalize", KernelRole::Finalize, {"finalize"}, -1});
+  if (spec.weight_format == WeightFormat::MxInt4G32Tiled)
+    plan.kernels.push_back({"prepare", KernelRole::Prepare, {}, -1});
   return plan;
 }
 

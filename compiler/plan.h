@@ -213,7 +213,8 @@ struct Bucket {
   }
 };
 
-enum class KernelRole { Route, Dispatch, RouteDispatch, Gemm1, Gemm2, Finalize, Resident, Chain };
+// Prepare: Layer::prepare_weights's kernel (tiled weight formats only), not part of a launch.
+enum class KernelRole { Route, Dispatch, RouteDispatch, Gemm1, Gemm2, Finalize, Resident, Chain, Prepare };
 const char* to_string(KernelRole role);
 
 // One kernel of the plan: the stages it implements and, for GEMMs, its bucket.

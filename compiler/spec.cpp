@@ -39,7 +39,7 @@ constexpr std::pair<ErrorKind, const char*> kErrorKinds[] = {
     {ErrorKind::Internal, "Internal"},
 };
 constexpr std::pair<WeightFormat, const char*> kWeightFormats[] = {
-    {WeightFormat::MxInt4G32, "MxInt4G32"}};
+    {WeightFormat::MxInt4G32, "MxInt4G32"}, {WeightFormat::MxInt4G32Tiled, "MxInt4G32Tiled"}};
 constexpr std::pair<DType, const char*> kDTypes[] = {{DType::BF16, "BF16"}, {DType::FP32, "FP32"}};
 constexpr std::pair<GateUpOrder, const char*> kOrders[] = {{GateUpOrder::GateUp, "GateUp"},
                                                            {GateUpOrder::UpGate, "UpGate"}};
@@ -187,7 +187,15 @@ const std::vector<Rule>& rules() {
       },
       [](const MoeSpec& s) -> std::string {
         if (s.weight_format == WeightFormat::MxInt4G32) return {};
-        return fmt::format("weight_format = {} ({}) is not supported: must be MxInt4G32",
+        if (s.weight_format == WeightFormat::MxInt4G32Tiled) {
+          if (s.hidden % 256 == 0 && s.intermediate % 256 == 0) return {};
+          return fmt::format("weight_format = MxInt4G32Tiled needs hidden and intermediate "
+                             "multiples of 256 (whole 128-byte chunks of K); got hidden = {}, "
+                             "intermediate = {}",
+                             s.hidden, s.intermediate);
+        }
+        return fmt::format("weight_format = {} ({}) is not supported: must be MxInt4G32 or "
+                           "MxInt4G32Tiled",
                            to_string(s.weight_format), static_cast<int>(s.weight_format));
       },
   };

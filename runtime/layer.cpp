@@ -164,6 +164,7 @@ class LayerImpl {
         case KernelRole::Finalize: finalize_ = i; break;
         case KernelRole::Gemm1: gemm1_.resize(plan_.buckets.size()); gemm1_[k.bucket] = i; break;
         case KernelRole::Gemm2: gemm2_.resize(plan_.buckets.size()); gemm2_[k.bucket] = i; break;
+        case KernelRole::Prepare: prepare_ = i; break;
         case KernelRole::Chain:
           chain_.resize(plan_.buckets.size(), kNone);
           chain_[k.bucket] = i;
@@ -316,7 +317,9 @@ class LayerImpl {
                                    in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit, act,
                                    outs.final_out, {}, {}};
       r.tma_w1 = weight_map(in.w13, true, 8, b.res.k_part1);
-      r.tma_w2 = weight_map(in.w2, false, 8 * b.res.units2, s.intermediate);
+      // w2: a slot's 8 * units2 rows in one box, of a row-major 3-D map (the rows may straddle
+      // blocks of the 4-D one) or, tiled, of the 4-D map (moejit_resident.cuh keeps them in one).
+      r.tma_w2 = weight_map(in.w2, false, 8 * b.res.units2, s.intermediate, /*flat=*/!tiled());
       launch(rk, kernels_[rk].grid, 1, &r, stream);
       return;
     }
@@ -481,31 +484,51 @@ class LayerImpl {
     std::memcpy(&out, &m, sizeof m);
   }
 
-  // The weights of a GEMM (w13, or w2) as {128 bytes, row, K / 256 chunks} with boxes of
-  // {128, box_rows, box_k / 256} and the 128-byte swizzle: the layout the consumers' ldmatrix
-  // reads. Rows are indexed by global expert id.
+  bool tiled() const { return plan_.spec.weight_format == WeightFormat::MxInt4G32Tiled; }
+
+  // The weights of a GEMM (w13, or w2) as {128 bytes, row in block, K / 256 chunks, block}
+  // (blocks of kTiledRowsW13 / kTiledRowsW2 rows, moejit_params.h) with boxes of {128, box_rows,
+  // box_k / 256, 1}, landing as [chunk][row][128 bytes] with the 128-byte swizzle: the layout
+  // the consumers' ldmatrix reads. Row-major weights get the swizzle from the map; tiled ones
+  // (WeightFormat::MxInt4G32Tiled) hold it already and are copied as they are. flat: a 3-D map
+  // {128 bytes, row, K / 256 chunks} of row-major weights instead, for boxes that straddle
+  // blocks. Rows are indexed by global expert id.
   void encode_weights(moejit_dev::TmaDesc& out, const void* w, bool gemm1, unsigned box_rows,
-                      int box_k) const {
+                      int box_k, bool flat = false) const {
     const MoeSpec& s = plan_.spec;
     const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
     const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
                                   static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
-    const cuuint64_t dims[3] = {128, total_rows, K / 256};
-    const cuuint64_t strides[2] = {K / 2, 128};
-    const cuuint32_t box[3] = {128, box_rows, static_cast<cuuint32_t>(box_k / 256)};
-    encode_tiled(out, w, 3, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, gemm1 ? "w13" : "w2");
+    const char* what = gemm1 ? "w13" : "w2";
+    const cuuint32_t chunks = static_cast<cuuint32_t>(box_k / 256);
+    if (flat) {
+      const cuuint64_t dims[3] = {128, total_rows, K / 256};
+      const cuuint64_t strides[2] = {K / 2, 128};
+      const cuuint32_t box[3] = {128, box_rows, chunks};
+      encode_tiled(out, w, 3, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, what);
+      return;
+    }
+    const cuuint64_t B = gemm1 ? moejit_dev::kTiledRowsW13 : moejit_dev::kTiledRowsW2;
+    const cuuint64_t dims[4] = {128, B, K / 256, total_rows / B};
+    const cuuint64_t row_major[3] = {K / 2, 128, B * K / 2};
+    const cuuint64_t tiled_strides[3] = {128, B * 128, B * K / 2};
+    const cuuint32_t box[4] = {128, box_rows, chunks, 1};
+    encode_tiled(out, w, 4, dims, tiled() ? tiled_strides : row_major, box,
+                 tiled() ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B, what);
   }
 
   // The resident layer's weight map of w (encode_weights), kept per pointer and box like the
   // stream GEMMs' maps (scale and activation pointers null in the key).
-  moejit_dev::TmaDesc weight_map(const void* w, bool gemm1, int box_rows, int box_k) const {
-    const TmaKey key{w, nullptr, nullptr, nullptr, box_rows, box_k, gemm1};
+  moejit_dev::TmaDesc weight_map(const void* w, bool gemm1, int box_rows, int box_k,
+                                 bool flat = false) const {
+    // (A flat map is keyed by -box_rows: apart from a 4-D map of the same box.)
+    const TmaKey key{w, nullptr, nullptr, nullptr, flat ? -box_rows : box_rows, box_k, gemm1};
     {
       std::lock_guard<std::mutex> lock(tma_mu_);
       if (auto it = tma_cache_.find(key); it != tma_cache_.end()) return it->second[0];
     }
     moejit_dev::TmaDesc m;
-    encode_weights(m, w, gemm1, static_cast<unsigned>(box_rows), box_k);
+    encode_weights(m, w, gemm1, static_cast<unsigned>(box_rows), box_k, flat);
     std::lock_guard<std::mutex> lock(tma_mu_);
     if (tma_cache_.size() >= kTmaCacheEntries) tma_cache_.clear();
     tma_cache_.emplace(key, std::array<moejit_dev::TmaDesc, 3>{m, {}, {}});
@@ -524,6 +547,46 @@ class LayerImpl {
     const int per_block = threads * 8;
     launch(finalize_, static_cast<unsigned>(T), (plan_.spec.hidden + per_block - 1) / per_block,
            &fp, stream, after_gemm2, threads);
+  }
+
+  // Layer::prepare_weights: w13 and w2 of the local experts, one kernel each.
+  void prepare_weights(const uint8_t* w13, const uint8_t* w2, uint8_t* w13_out, uint8_t* w2_out,
+                       Stream stream) const {
+    const MoeSpec& s = plan_.spec;
+    if (!tiled())
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("prepare_weights: weight_format = {} reads w13 and w2 as they are; "
+                              "prepare_weights writes MxInt4G32Tiled",
+                              to_string(s.weight_format)));
+    const long long first = s.local_expert_offset, local = s.local_experts();
+    struct Tensor {
+      const char* name;
+      const uint8_t* src;
+      uint8_t* dst;
+      long long rows;  // per expert
+      int row_bytes, block;
+    };
+    const Tensor tensors[2] = {
+        {"w13", w13, w13_out, 2ll * s.intermediate, s.hidden / 2, moejit_dev::kTiledRowsW13},
+        {"w2", w2, w2_out, static_cast<long long>(s.hidden), s.intermediate / 2,
+         moejit_dev::kTiledRowsW2}};
+    for (const Tensor& t : tensors) {
+      if (!t.src || !t.dst)
+        throw Error(ErrorKind::InvalidArgument, fmt::format("prepare_weights: {} or its output is null", t.name));
+      if (reinterpret_cast<uintptr_t>(t.src) % 16 != 0 || reinterpret_cast<uintptr_t>(t.dst) % 16 != 0)
+        throw Error(ErrorKind::InvalidArgument,
+                    fmt::format("prepare_weights: {} or its output is not 16-byte aligned", t.name));
+      const long long expert_bytes = t.rows * t.row_bytes;
+      const uint8_t* src = t.src + first * expert_bytes;
+      uint8_t* dst = t.dst + first * expert_bytes;
+      const long long bytes = local * expert_bytes;
+      if (src < dst + bytes && dst < src + bytes)
+        throw Error(ErrorKind::InvalidArgument,
+                    fmt::format("prepare_weights: {} and its output overlap (the rewrite is not in place)", t.name));
+      moejit_dev::PrepareParams pp{src, dst, local * t.rows, t.row_bytes, t.block};
+      const long long blocks = std::min<long long>((bytes / 16 + 255) / 256, 1 << 20);
+      launch(prepare_, static_cast<unsigned>(blocks), 1, &pp, stream, /*allow_pdl=*/false);
+    }
   }
 
   int launches(int T) const {
@@ -635,7 +698,8 @@ class LayerImpl {
   std::vector<Kernel> kernels_;
   bool pdl_ = false;
   static constexpr size_t kNone = static_cast<size_t>(-1);
-  size_t route_ = kNone, dispatch_ = kNone, route_dispatch_ = kNone, finalize_ = kNone;
+  size_t route_ = kNone, dispatch_ = kNone, route_dispatch_ = kNone, finalize_ = kNone,
+         prepare_ = kNone;
   std::vector<size_t> gemm1_, gemm2_, chain_;
   std::vector<size_t> resident_;  // per bucket, kNone where it has none or this device cannot run it
   // Encoded TMA descriptors of stream GEMM launches (encode_stream_tma), by weight and scale
@@ -663,6 +727,10 @@ const MoeSpec& Layer::spec() const { return impl_->plan().spec; }
 const std::string& Layer::arch() const { return impl_->arch(); }
 size_t Layer::workspace_bytes(int num_tokens) const { return impl_->layout(num_tokens).total; }
 int Layer::launches_per_call(int num_tokens) const { return impl_->launches(num_tokens); }
+void Layer::prepare_weights(const uint8_t* w13, const uint8_t* w2, uint8_t* w13_out,
+                            uint8_t* w2_out, Stream stream) const {
+  impl_->prepare_weights(w13, w2, w13_out, w2_out, stream);
+}
 int Layer::max_tokens() const { return impl_->max_tokens(); }
 int Layer::tile_rows(int num_tokens) const { return impl_->layout(num_tokens).tile; }
 

@@ -9,6 +9,22 @@ namespace moejit_dev {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Byte offset of 16-byte unit u (k = 32u .. 32u + 31) of weight row `row` of a tensor whose rows
+// hold kRowBytes bytes: row-major, or with kTiled in blocks of kBlock rows, each block as
+// [chunk of 8 units][kBlock rows][8 units], unit u of a row at u ^ (row % 8) (moejit.h,
+// WeightFormat::MxInt4G32Tiled).
+template <bool kTiled, int kBlock, int kRowBytes>
+__device__ __forceinline__ long long weight_unit_offset(long long row, int u) {
+  if constexpr (!kTiled) {
+    return row * kRowBytes + u * 16;
+  } else {
+    const long long blk = row / kBlock;
+    const int r = static_cast<int>(row - blk * kBlock);
+    return blk * (kBlock * static_cast<long long>(kRowBytes)) + (u >> 3) * (kBlock * 128) + r * 128 +
+           (((u & 7) ^ (r & 7)) << 4);
+  }
+}
+
 // Programmatic dependent launch (sm_90+; no-ops before). A kernel launched with the PDL
 // attribute may start while its predecessor still runs: pdl_wait() blocks until the predecessor
 // grid has completed and its writes are visible. Every moejit kernel waits before it triggers

@@ -22,7 +22,7 @@
 //
 // Cfg provides: kGemm1, kN (output features), kK (reduction length), kTopK, kLocalOffset,
 // kTile, kWarpsN, kWarpsK, kChunkGroups, kDoubleBuffer, kDirectX, kFuseFinalize, kGateFirst, kHasAlpha, kHasBeta,
-// kHasLimit.
+// kHasLimit, kTiledW (weights in WeightFormat::MxInt4G32Tiled).
 #pragma once
 
 #include "moejit_common.cuh"
@@ -174,6 +174,8 @@ __device__ void grouped_gemm(const GemmParams& p) {
   const int x_row = kDirectX && g < rows_valid ? s_src[g] : 0;
   const long long eg = e + Cfg::kLocalOffset;
   const uint8_t* wexp = p.w + eg * kWRows * kRowBytes;
+  // Tiled weights (Cfg::kTiledW): an expert's rows are whole blocks of kWBlock rows.
+  constexpr int kWBlock = kGemm1 ? kTiledRowsW13 : kTiledRowsW2;
   const __nv_bfloat16* sexp = static_cast<const __nv_bfloat16*>(p.w_scale) + eg * kWRows * KG;
   int arow[AT];
   if constexpr (kGemm1) {
@@ -224,7 +226,15 @@ __device__ void grouped_gemm(const GemmParams& p) {
         for (int h = 0; h < 2; ++h) {
           const long long row = arow[a] + g + 8 * h;
           if (grp < KG) {
-            wq[it][a][h] = load_stream(wexp + row * kRowBytes + grp * 16);
+            // (Tiled: arow[a] is a multiple of 16, so rows g and g + 8 lie in its block, at
+            // row % 8 = g: weight_unit_offset with the block's part hoisted.)
+            const uint8_t* w =
+                Cfg::kTiledW
+                    ? wexp + (arow[a] / kWBlock) * (kWBlock * static_cast<long long>(kRowBytes)) +
+                          (arow[a] % kWBlock + g + 8 * h) * 128 + (grp >> 3) * (kWBlock * 128) +
+                          (((grp & 7) ^ g) << 4)
+                    : wexp + row * kRowBytes + grp * 16;
+            wq[it][a][h] = load_stream(w);
             const unsigned short sv = __bfloat16_as_ushort(sexp[row * KG + grp]);
             sc[it][a][h] = static_cast<uint32_t>(sv) | (static_cast<uint32_t>(sv) << 16);
           } else {

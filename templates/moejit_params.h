@@ -95,6 +95,11 @@ enum : int { kRoutedIdSlots = 8, kRoutedIdNone = 0x7fff };
 // group are 128 contiguous bytes).
 enum : int { kXBoxRows = 4, kXBoxGroup = 32 };  // an enum: nothing emitted where unused
 
+// Weight rows per block of WeightFormat::MxInt4G32Tiled (moejit.h): w13 (gate and up rows in
+// blocks of their own) and w2. The TMA maps of the weights (both formats) are 4-D, {128 bytes,
+// row in block, K / 256 chunks, block}, so that kernels address either format the same way.
+enum : int { kTiledRowsW13 = 32, kTiledRowsW2 = 64 };
+
 // An opaque TMA tensor-map descriptor (CUtensorMap: 128 bytes, 64-byte aligned), encoded by the
 // host (cuTensorMapEncodeTiled) and read by cp.async.bulk.tensor from the kernel's parameters.
 struct alignas(64) TmaDesc {
@@ -197,6 +202,16 @@ struct FinalizeParams {
   const int32_t* expanded_to_permuted;    // [T*k], -1 = contributes nothing
   void* out;                              // [T, H] bf16
   int32_t num_tokens;
+};
+
+// Layer::prepare_weights (moejit_prepare.cuh): rows of row_bytes bytes (a multiple of 128) in
+// blocks of `block` rows (rows a multiple of it).
+struct PrepareParams {
+  const uint8_t* src;  // row-major
+  uint8_t* dst;        // tiled
+  long long rows;
+  int32_t row_bytes;
+  int32_t block;
 };
 
 }  // namespace moejit_dev

@@ -36,7 +36,8 @@
 // kLocalOffset, kLocalExperts, kGateFirst, kHasAlpha, kHasBeta, kHasLimit, kGrid, kWarps, kKP1,
 // kWindow, kU1, kU2, kChains1 / kChains2 (the stream GEMMs' consumer warps), kPacked2 (the
 // stream gemm2 packs both activation planes into one MMA), kSmem (the host's dynamic shared
-// memory figure less the 1 KiB alignment slack).
+// memory figure less the 1 KiB alignment slack), kTiledW (WeightFormat::MxInt4G32Tiled: gemm2's
+// units split along the tiled layout's blocks of w2 rows, see resident_layer).
 #pragma once
 
 #include "moejit_route.cuh"
@@ -184,8 +185,15 @@ __device__ void resident_layer(const ResidentParams& p) {
   constexpr int G = Cfg::kGrid;
   constexpr int U1 = S * (I / 8), U2 = H / 8;
   constexpr int KP = Cfg::kKP1, P = H / KP;
-  static_assert(Cfg::kU1 == (U1 + G - 1) / G && Cfg::kU2 == (U2 + G - 1) / G,
+  // Gemm2's units per block: [b U2 / G, (b+1) U2 / G); with tiled weights (Cfg::kTiledW), whose
+  // w2 rows lie in blocks of kTiledRowsW2 (8 units), each of the H / 64 blocks is split into kP2
+  // parts of consecutive units and block b takes part b % kP2 of tile block b / kP2 (blocks past
+  // them none), so that a slot's rows are one box of the 4-D map.
+  constexpr int kNB2 = H / kTiledRowsW2, kP2 = !Cfg::kTiledW ? 1 : G / kNB2 < 8 ? G / kNB2 : 8;
+  static_assert(Cfg::kU1 == (U1 + G - 1) / G &&
+                    Cfg::kU2 == (Cfg::kTiledW ? (8 + kP2 - 1) / kP2 : (U2 + G - 1) / G),
                 "resident layer: units per block");
+  static_assert(!Cfg::kTiledW || kP2 >= 1, "resident layer: tiled w2 needs a block per 64 rows of H");
   static_assert(H % 256 == 0 && I % 256 == 0 && H % KP == 0 && KP % 256 == 0 && KP <= 65536,
                 "resident layer: H, I and the K part are multiples of 256");
   static_assert(Lay::kR2 <= 256 && P <= 30 && S <= 32, "resident layer: TMA box rows, parts, slots");
@@ -204,7 +212,11 @@ __device__ void resident_layer(const ResidentParams& p) {
   const int g = lane >> 2, t = lane & 3;
   const int b = blockIdx.x;
   const int a1 = b * U1 / G, n1 = (b + 1) * U1 / G - a1;  // gemm1 units [a1, a1 + n1)
-  const int a2 = b * U2 / G, n2 = (b + 1) * U2 / G - a2;  // gemm2 units (8 features each)
+  // gemm2 units [a2, a2 + n2) (8 features each)
+  const int a2 = !Cfg::kTiledW ? b * U2 / G : b < kNB2 * kP2 ? 8 * (b / kP2) + 8 * (b % kP2) / kP2 : 0;
+  const int n2 = !Cfg::kTiledW    ? (b + 1) * U2 / G - a2
+                 : b < kNB2 * kP2 ? 8 * (b / kP2) + 8 * (b % kP2 + 1) / kP2 - a2
+                                  : 0;
   // Timeline (diagnostic builds only): thread 0 of each block keeps its stamps until the grid
   // barrier, after which block 0's count of this replay is visible to every block.
   enum { kStart, kRouted, kIssued, kFirst, kLast, kRows, kBarrier, kG2In, kStamps };
@@ -257,8 +269,9 @@ __device__ void resident_layer(const ResidentParams& p) {
           (l + Cfg::kLocalOffset) * 2 * I + ((half == 0) == Cfg::kGateFirst ? 0 : I) + 8 * fb;
       if (r < 2 * P) {
         const int q = r % P;
-        tma_load_3d(base + Lay::kW1 + (u * 2 + half) * Lay::kRB1 + q * (KP / 256) * 1024,
-                    &p.tma_w1, 0, row, q * (KP / 256), &bars[q]);
+        tma_load_4d(base + Lay::kW1 + (u * 2 + half) * Lay::kRB1 + q * (KP / 256) * 1024,
+                    &p.tma_w1, 0, static_cast<unsigned>(row) % kTiledRowsW13, q * (KP / 256),
+                    static_cast<unsigned>(row) / kTiledRowsW13, &bars[q]);
       } else {
         bulk_load(base + Lay::kS1 + (u * 16 + half * 8) * Lay::kS1Row,
                   s1 + static_cast<long long>(row) * Lay::kS1Row, 8 * Lay::kS1Row, &bars[0]);
@@ -268,9 +281,15 @@ __device__ void resident_layer(const ResidentParams& p) {
       const int l = local_of(j);
       if (l < 0) return;
       const int row = (l + Cfg::kLocalOffset) * H + 8 * a2;
-      if ((r & 1) == 0)
-        tma_load_3d(base + Lay::kW2 + j * Lay::kW2Slot, &p.tma_w2, 0, row, 0, &bars[P]);
-      else
+      if ((r & 1) == 0) {
+        if constexpr (Cfg::kTiledW) {  // (the slot's rows lie in one block of the 4-D map)
+          tma_load_4d(base + Lay::kW2 + j * Lay::kW2Slot, &p.tma_w2, 0,
+                      static_cast<unsigned>(row) % kTiledRowsW2, 0,
+                      static_cast<unsigned>(row) / kTiledRowsW2, &bars[P]);
+        } else {
+          tma_load_3d(base + Lay::kW2 + j * Lay::kW2Slot, &p.tma_w2, 0, row, 0, &bars[P]);
+        }
+      } else
         bulk_load(base + Lay::kS2 + j * Lay::kR2 * Lay::kS2Row,
                   s2 + static_cast<long long>(row) * Lay::kS2Row, n2 * I / 2, &bars[P]);
     }

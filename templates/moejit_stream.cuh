@@ -47,7 +47,7 @@
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
 // kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes, kEarlyUnit, kTileReady, kEarlyFetch,
-// kEvictFirst.
+// kEvictFirst, kTiledW (weights in WeightFormat::MxInt4G32Tiled; see weight_box).
 //
 // Tile-ready hand-off (Cfg::kTileReady, both GEMMs of a bucket): units are numbered tile-major
 // (a tile's units one after another, so tiles complete one after another instead of all at the
@@ -206,6 +206,41 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* desc, int 
       " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(desc)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(bar))
       : "memory");
+}
+
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* desc, int c0, int c1, int c2,
+                                            int c3, uint64_t* bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(desc)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(bar)),
+      "l"(policy)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_load(uint32_t dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                          uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(dst),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(policy)
+      : "memory");
+}
+
+// A stage's weight box of `rows` rows from `row` (in one block of kBlock rows) and the chunks
+// from k0: from a 4-D weight map (GemmParams::tma_w, either weight format), or with tiled
+// weights (WeightFormat::MxInt4G32Tiled) and a box of a whole block, whose stage bytes are then
+// contiguous, as one bulk copy. With `hint`, the L2 evict-first policy.
+template <bool kTiledBlockCopy, int kBlock, int kRowBytes, uint32_t kBytes>
+__device__ __forceinline__ void weight_box(uint32_t dst, const GemmParams& p, int row, int k0,
+                                           uint64_t* bar, bool hint, uint64_t policy) {
+  if constexpr (kTiledBlockCopy) {
+    const uint8_t* src = p.w + static_cast<long long>(row) * kRowBytes + (k0 / 256) * (kBlock * 128);
+    if (hint) bulk_load(dst, src, kBytes, bar, policy);
+    else bulk_load(dst, src, kBytes, bar);
+  } else {
+    const int r = static_cast<unsigned>(row) % kBlock, blk = static_cast<unsigned>(row) / kBlock;
+    if (hint) tma_load_4d(dst, &p.tma_w, 0, r, k0 / 256, blk, bar, policy);
+    else tma_load_4d(dst, &p.tma_w, 0, r, k0 / 256, blk, bar);
+  }
 }
 
 // Not volatile: the compiler may interleave independent MMA chains.
@@ -514,6 +549,16 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   static_assert(!Cfg::kEvictFirst || kTma, "stream GEMM: the L2 evict-first hint is on TMA copies");
   constexpr int kHalfBytes = kChunks * kHalfRows * 128;
   constexpr bool kWHalves = kTma && kGemm1;
+  // The weight maps are 4-D over blocks of kWBlock rows (moejit_params.h); tiled weights
+  // (Cfg::kTiledW) in boxes of whole blocks (64-row units) are copied as one contiguous run per
+  // box instead (weight_box; whole stages only, kEven).
+  constexpr int kWBlock = kGemm1 ? kTiledRowsW13 : kTiledRowsW2;
+  constexpr int kBoxRows = kWHalves ? kHalfRows : kRows;
+  constexpr uint32_t kBoxBytes = kWHalves ? kHalfBytes : kWBytes;
+  static_assert(!kTma || kWBlock % kBoxRows == 0, "stream GEMM: a weight box lies in one block of the weight map");
+  constexpr bool kBlockCopy = Cfg::kTiledW && kBoxRows == kWBlock && kEven;
+  // cp.async copies of tiled weights: a stage k0 further lies k0 / 2 * kWBlock bytes on.
+  constexpr int kWStageMul = Cfg::kTiledW ? kWBlock : 1;
   // Gemm2 by TMA with Cfg::kXBoxes copies its x (both planes) as boxes of 4 rows
   // (GemmParams::tma_x): the stage's x is [box (rows 0-3, 4-7)][plane][group][row][64 bytes], one
   // box where the tile has at most 4 valid rows. Otherwise x is copied row by row (gemm1: gathered
@@ -915,15 +960,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
                 make_int4(id, u.e, u.rows_valid | (kChain == 2 ? stream::kChainG2Rows : 0), n_tiles);
           if (lane == 0) {
             mbar_expect_tx(bar, kWBytes + kSBytes + x_bytes);
-            if (hint) {
-              tma_load_3d(base + so, &p.tma_w, 0, row_lo, k0 / 256, bar, w_policy);
-              if constexpr (kWHalves)
-                tma_load_3d(base + so + kHalfBytes, &p.tma_w, 0, row_hi, k0 / 256, bar, w_policy);
-            } else {
-              tma_load_3d(base + so, &p.tma_w, 0, row_lo, k0 / 256, bar);
-              if constexpr (kWHalves)
-                tma_load_3d(base + so + kHalfBytes, &p.tma_w, 0, row_hi, k0 / 256, bar);
-            }
+            weight_box<kBlockCopy, kWBlock, K / 2, kBoxBytes>(base + so, p, row_lo, k0, bar, hint, w_policy);
+            if constexpr (kWHalves)
+              weight_box<kBlockCopy, kWBlock, K / 2, kBoxBytes>(base + so + kHalfBytes, p, row_hi, k0, bar, hint,
+                                                                w_policy);
             if (hint) {
               tma_load_2d(base + so + kWBytes, &p.tma_s, k0 / 16, row_lo, bar, w_policy);
               if constexpr (kWHalves)
@@ -1044,7 +1084,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
 #pragma unroll
       for (int j = 0; j < kWj; ++j) {
         const int r = (pt + j * PT) / kWc;
-        w_src[j] = p.w + row_of(r) * (K / 2) + w_col[j] * 16;
+        w_src[j] = p.w + weight_unit_offset<Cfg::kTiledW, kWBlock, K / 2>(row_of(r), w_col[j]);
       }
 #pragma unroll
       for (int j = 0; j < kSj; ++j) {
@@ -1081,7 +1121,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         mbar_wait<0>(&empty_bar[ring.slot], ring.parity);
 #pragma unroll
         for (int j = 0; j < kWj; ++j)
-          if (kEven || w_col[j] * 32 < kc) cp_async16(w_dst[j] + so, w_src[j] + k0 / 2);
+          if (kEven || w_col[j] * 32 < kc) cp_async16(w_dst[j] + so, w_src[j] + k0 / 2 * kWStageMul);
 #pragma unroll
         for (int j = 0; j < kSj; ++j)
           if (s_mine[j] && (kEven || ((pt + j * PT) % kSc) * 256 < kc))

@@ -286,7 +286,8 @@ void add_bench_cmd(CLI::App& app) {
     cudaStream_t stream;
     CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     const std::string card = moejit::device_name();
-    fmt::print("card: {} ({}), L2 {:.0f} MB\n", card, moejit::device_arch(), l2_bytes() / 1e6);
+    fmt::print("card: {} ({}), L2 {:.0f} MB; weights {}\n", card, moejit::device_arch(),
+               l2_bytes() / 1e6, moejit::to_string(spec.weight_format));
 
     // Baseline 1: device-to-device copy bandwidth, bytes read + written.
     double copy_gbs = 0;
@@ -336,6 +337,7 @@ void add_bench_cmd(CLI::App& app) {
         double(2 * I) * H / 2 + double(2 * I) * (H / 32) * 2 + double(H) * I / 2 + double(H) * (I / 32) * 2;
     std::vector<moejit::ref::DeviceLayer> copies(1);
     copies[0].upload_weights(host);
+    const bool tiled = spec.weight_format == moejit::WeightFormat::MxInt4G32Tiled;
 
     std::vector<std::string> plans = {""};
     if (!overrides.empty()) {
@@ -363,10 +365,13 @@ void add_bench_cmd(CLI::App& app) {
       while (static_cast<int>(copies.size()) < ncopies) {
         copies.emplace_back();
         auto& c = copies.back();
+        // (Tiled weights: only the tiled w13 and w2 are copied, the row-major ones stay empty.)
         for (auto [dst, src] : {std::pair{&c.w13, &copies[0].w13}, {&c.w13_scale, &copies[0].w13_scale},
                                 {&c.w2, &copies[0].w2}, {&c.w2_scale, &copies[0].w2_scale},
+                                {&c.w13_tiled, &copies[0].w13_tiled}, {&c.w2_tiled, &copies[0].w2_tiled},
                                 {&c.alpha, &copies[0].alpha}, {&c.beta, &copies[0].beta},
                                 {&c.limit, &copies[0].limit}}) {
+          if (tiled && (dst == &c.w13 || dst == &c.w2)) continue;
           *dst = DeviceBuffer(src->bytes());
           if (src->bytes())
             CUDA_OK(cudaMemcpy(dst->get(), src->get(), src->bytes(), cudaMemcpyDeviceToDevice));
@@ -395,9 +400,9 @@ void add_bench_cmd(CLI::App& app) {
         std::vector<Graph> graphs;
         for (int c = 0; c < ncopies; ++c) {
           moejit::MoeInputs in = copies[0].inputs(spec);
-          in.w13 = copies[c].w13.get<uint8_t>();
+          in.w13 = (tiled ? copies[c].w13_tiled : copies[c].w13).get<uint8_t>();
           in.w13_scale = copies[c].w13_scale.get();
-          in.w2 = copies[c].w2.get<uint8_t>();
+          in.w2 = (tiled ? copies[c].w2_tiled : copies[c].w2).get<uint8_t>();
           in.w2_scale = copies[c].w2_scale.get();
           ins.push_back(in);
           graphs.emplace_back(stream, [&] { launch_layer(in); });
@@ -528,7 +533,8 @@ void add_bench_cmd(CLI::App& app) {
       f << "{\n  \"card\": \"" << card << "\",\n  \"copy_gbs\": " << copy_gbs
         << ",\n  \"cublas_bf16_tflops\": " << cublas_tflops << ",\n  \"graph_floor_us\": ["
         << floor_us[0] << ", " << floor_us[1] << "],\n  \"warm_inputs\": "
-        << (warm_inputs ? "true" : "false") << ",\n  \"rows\": [\n";
+        << (warm_inputs ? "true" : "false") << ",\n  \"weight_format\": \""
+        << moejit::to_string(spec.weight_format) << "\",\n  \"rows\": [\n";
       for (size_t i = 0; i < rows.size(); ++i) {
         const auto& r = rows[i];
         f << fmt::format("    {{\"preset\": \"{}\", \"plan\": \"{}\", \"tokens\": {}, \"time_us\": {:.2f}, "

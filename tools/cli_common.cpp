@@ -15,9 +15,20 @@ void SpecArgs::add(CLI::App& cmd) {
   }());
   auto* s = cmd.add_option("--spec", spec_file, "layer spec file (IR text form)");
   p->excludes(s);
+  cmd.add_option("--weights", weights,
+                 "weight layout, replacing the spec's: rowmajor (MxInt4G32) | tiled (MxInt4G32Tiled, "
+                 "written by Layer::prepare_weights)")
+      ->check(CLI::IsMember({"rowmajor", "tiled"}));
 }
 
 moejit::MoeSpec SpecArgs::load() const {
+  moejit::MoeSpec spec = load_spec();
+  if (weights == "rowmajor") spec.weight_format = moejit::WeightFormat::MxInt4G32;
+  if (weights == "tiled") spec.weight_format = moejit::WeightFormat::MxInt4G32Tiled;
+  return spec;
+}
+
+moejit::MoeSpec SpecArgs::load_spec() const {
   if (!preset.empty()) return moejit::preset(preset);
   if (spec_file.empty())
     throw moejit::Error(moejit::ErrorKind::InvalidArgument, "give --preset NAME or --spec FILE");

@@ -16,6 +16,12 @@
 //   output         [T, H]        bf16
 // Weights are indexed by global expert id; with expert parallelism only the rows of experts in
 // [local_expert_offset, local_expert_offset + local_num_experts) are read.
+//
+// WeightFormat::MxInt4G32Tiled keeps the same values and scales but stores w13 and w2 in the
+// order the decode kernels copy them (Layer::prepare_weights writes it from the layout above):
+// rows in blocks of B (32 for w13, whose gate and up rows form separate blocks; 64 for w2), each
+// block as [K / 256 chunks][B rows][128 bytes], the 16-byte unit u of a row's 128 bytes stored
+// at u ^ (row % 8). The scales stay in the layout above.
 #pragma once
 
 #include <cstddef>
@@ -51,7 +57,9 @@ class Error : public std::runtime_error {
 
 // ---------------------------------------------------------------------------------------------
 // The layer description.
-enum class WeightFormat { MxInt4G32 };  // signed int4, one bf16 scale per 32 consecutive k
+// Signed int4, one bf16 scale per 32 consecutive k. MxInt4G32: w13 / w2 row-major as in the
+// table above; MxInt4G32Tiled: the same values in tiles (see the top; H and I multiples of 256).
+enum class WeightFormat { MxInt4G32, MxInt4G32Tiled };
 enum class DType { BF16, FP32 };
 enum class GateUpOrder { GateUp, UpGate };  // GateUp: rows [0, I) of w13 are gate (HF/vLLM)
 
@@ -183,6 +191,13 @@ class Layer {
   int max_tokens() const;
   // Rows each expert's group is padded to for this token count (the planner's tile).
   int tile_rows(int num_tokens) const;
+  // Writes row-major w13 and w2 (DESIGN.md) in spec().weight_format = MxInt4G32Tiled (the
+  // tiles described at the top of this header; throws InvalidArgument for MxInt4G32, whose
+  // weights are read as they are). One kernel per tensor on `stream`, asynchronous. Pointers are
+  // indexed by global expert id like MoeInputs' weights; only the local experts' bytes are read
+  // and written. The outputs must not overlap the inputs. The scales are not touched.
+  void prepare_weights(const uint8_t* w13, const uint8_t* w2, uint8_t* w13_out, uint8_t* w2_out,
+                       Stream stream) const;
 
  protected:
   explicit Layer(std::shared_ptr<const LayerImpl> impl) : impl_(std::move(impl)) {}

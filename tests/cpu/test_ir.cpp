@@ -144,6 +144,7 @@ TEST(IrRoundTrip, Variants) {
       [](MoeSpec& s) { s.swiglu_limit = true; },
       [](MoeSpec& s) { s.swiglu_alpha = s.swiglu_beta = s.swiglu_limit = true; },
       [](MoeSpec& s) { s.logits_dtype = DType::BF16; },
+      [](MoeSpec& s) { s.weight_format = WeightFormat::MxInt4G32Tiled; },
       [](MoeSpec& s) { s.bias_dtype = DType::BF16; },
       [](MoeSpec& s) { s.has_routing_bias = false; },
       [](MoeSpec& s) { s.routed_scaling_factor = 0.1; },

@@ -333,6 +333,23 @@ const std::vector<VariantGroup>& variant_groups() {
          }},
         {"finalize off", [](MoeSpec& s) { s.finalize = false; }}}},
       {"expert_range", "kimi-k2", {{"experts [96, 144)", local_experts(96, 48)}}},
+      // Tiled weights: every weight-reading kernel (stream, chain, older family, resident) and
+      // the prepare kernel, on the three benchmarked presets' shapes.
+      {"tiled_weights",
+       "kimi-k2",
+       {{"kimi-k2 tiled", [](MoeSpec& s) { s.weight_format = WeightFormat::MxInt4G32Tiled; }},
+        {"qwen3-30b-a3b tiled",
+         [](MoeSpec& s) {
+           s = preset("qwen3-30b-a3b");
+           s.weight_format = WeightFormat::MxInt4G32Tiled;
+         }},
+        {"kimi-k2-tp8 tiled experts [96, 144)",
+         [](MoeSpec& s) {
+           s = preset("kimi-k2-tp8");
+           s.weight_format = WeightFormat::MxInt4G32Tiled;
+           s.local_expert_offset = 96;
+           s.local_num_experts = 48;
+         }}}},
       // Multiples of 32 that are not of 64, an expert count that is not a power of two.
       {"odd_shape", "qwen3-30b-a3b", {{"H=96 I=160 E=60 k=6", shape(96, 160, 60, 6)}}},
   };

@@ -163,7 +163,13 @@ const RuleCase kRuleCases[] = {
      {"activation_dtype = FP32", "must be BF16", "FP16 is not yet supported"}},
     {"WeightFormatMxInt4",
      [](MoeSpec& s) { s.weight_format = static_cast<WeightFormat>(3); },
-     {"weight_format = unknown (3)", "must be MxInt4G32"}},
+     {"weight_format = unknown (3)", "must be MxInt4G32 or MxInt4G32Tiled"}},
+    {"WeightFormatTiledNeedsWholeChunks",
+     [](MoeSpec& s) {
+       s.weight_format = WeightFormat::MxInt4G32Tiled;
+       s.intermediate = 160;
+     },
+     {"weight_format = MxInt4G32Tiled", "multiples of 256", "hidden = 256, intermediate = 160"}},
 };
 
 INSTANTIATE_TEST_SUITE_P(Rules, SpecRule, ::testing::ValuesIn(kRuleCases),
@@ -285,7 +291,7 @@ TEST(SpecEquality, EveryFieldCounts) {
       [](MoeSpec& s) { s.intermediate += 32; },
       [](MoeSpec& s) { s.num_experts += 1; },
       [](MoeSpec& s) { s.top_k += 1; },
-      [](MoeSpec& s) { s.weight_format = static_cast<WeightFormat>(1); },
+      [](MoeSpec& s) { s.weight_format = WeightFormat::MxInt4G32Tiled; },
       [](MoeSpec& s) { s.activation_dtype = DType::FP32; },
       [](MoeSpec& s) { s.gate_up_order = GateUpOrder::UpGate; },
       [](MoeSpec& s) { s.routing = RoutingMethod::Default; },
@@ -332,6 +338,7 @@ TEST(Names, Enumerators) {
   EXPECT_STREQ(to_string(GateUpOrder::GateUp), "GateUp");
   EXPECT_STREQ(to_string(GateUpOrder::UpGate), "UpGate");
   EXPECT_STREQ(to_string(WeightFormat::MxInt4G32), "MxInt4G32");
+  EXPECT_STREQ(to_string(WeightFormat::MxInt4G32Tiled), "MxInt4G32Tiled");
   EXPECT_STREQ(to_string(ErrorKind::InvalidSpec), "InvalidSpec");
   EXPECT_STREQ(to_string(ErrorKind::Internal), "Internal");
   EXPECT_STREQ(to_string(static_cast<RoutingMethod>(99)), "unknown");

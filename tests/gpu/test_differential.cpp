@@ -64,6 +64,7 @@ using moejit::GateUpOrder;
 using moejit::MoeInputs;
 using moejit::MoeSpec;
 using moejit::RoutingMethod;
+using moejit::WeightFormat;
 using moejit::ref::CompareResult;
 using moejit::ref::DeviceBuffer;
 using moejit::ref::HostLayer;
@@ -307,6 +308,7 @@ Weights& weights_for(const MoeSpec& spec, uint64_t seed) {
                   std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     current = std::move(w);
   }
+  current->dev.prepare_tiled(spec);  // (tiled specs: the same weights, tiled once)
   return *current;
 }
 
@@ -496,6 +498,12 @@ Verdict run_case(const Case& c) {
     }
     return in;
   };
+  // The GPU reference reads row-major weights (DESIGN.md) whatever the spec's format.
+  auto row_major = [&](MoeInputs in) {
+    in.w13 = W.dev.w13.get<uint8_t>();
+    in.w2 = W.dev.w2.get<uint8_t>();
+    return in;
+  };
 
   std::vector<JitRun> runs;
   for (bool fin : {true, false}) {
@@ -510,7 +518,7 @@ Verdict run_case(const Case& c) {
                                          r.finalize ? "on" : "off"));
   } else {
     const std::vector<int> subset = evenly_spaced(T, c.cpu_tokens);
-    const MoeInputs in = inputs_for(c.spec);
+    const MoeInputs in = row_major(inputs_for(c.spec));
     moejit::ref::ReferenceOutput cpu;
     for (const JitRun& r : runs)
       cpu = check_launch(runs.size() > 1 ? (r.finalize ? "fin:" : "unfin:") : "", c.spec, L, T,
@@ -545,7 +553,7 @@ Verdict run_case(const Case& c) {
         const std::string tag = fmt::format("rank{}[{},{}):", r, b[sz(r)], b[sz(r) + 1]);
         v.require(run.ids == runs[0].ids, tag + "topk_ids differ from the unsplit layer's");
         LocalSwiglu local(L, s.local_expert_offset, s.local_num_experts);
-        check_launch(tag, s, L, T, subset, run, gpu_reference_with(s, in_r, T, run), v);
+        check_launch(tag, s, L, T, subset, run, gpu_reference_with(s, row_major(in_r), T, run), v);
         for (size_t i = 0; i < sum.size(); ++i) sum[i] += moejit::ref::bf16_to_float(run.out[i]);
       }
       std::vector<double> unsplit(runs[0].out.size()), sum_subset;
@@ -1150,6 +1158,58 @@ TEST(Differential, SmallResident) {
   for (Case& c : cases) c.tokens = 1;
   run_cases(cases);
   run_cases(preset_cases("qwen3-30b-a3b", {1}, 1));
+}
+
+// Tiled weights (WeightFormat::MxInt4G32Tiled, written by Layer::prepare_weights): every kernel
+// that reads weights. The resident layer (one token; gemm2's units split along w2's 64-row
+// blocks: one part per block, two or three uneven parts, four, eight), the stream GEMMs' TMA
+// boxes of each unit size (64-row units: one bulk copy per box; 16 and 32: the 4-D map), their
+// cp.async copies (tma=0), the chain, the multi-stage shape whose gemm2 K (768) leaves a partial
+// last stage, expert parallelism, up/gate order with precomputed ids, the older family beyond 64
+// tokens (and for the shapes it takes at every count), and two presets.
+MoeSpec tiled(MoeSpec s) {
+  s.weight_format = WeightFormat::MxInt4G32Tiled;
+  return s;
+}
+
+TEST(Differential, TiledWeights) {
+  MOEJIT_REQUIRE_GPU();
+  MoeSpec multi = tiled(small_stream_spec());
+  multi.hidden = 2048;
+  multi.intermediate = 768;
+  multi.num_experts = 32;
+  for (const char* o : {"stream=1", "stream=1,res=0", "stream=1,tma=0", "stream=1,tma=1,u1=16,u2=32",
+                        "stream=1,tma=1,u1=32,u2=32", "stream=1,tma=1,u1=64,u2=64",
+                        "stream=1,dyn=1,res=0,ch=1"}) {
+    const ScopedPlanOverride force(o);
+    const std::string name = std::string("tiled[") + o + "]";
+    std::vector<Case> cases;
+    for (const int t : {1, 3, 17, 64}) cases.push_back(small_case(name, tiled(small_stream_spec()), t));
+    for (const int t : {1, 4, 33}) cases.push_back(small_case(name + "-multi-stage", multi, t));
+    cases.push_back(small_case(name + "-ep", grouped_rank(tiled(small_stream_spec()), 5, 6, true), 3));
+    run_cases(cases);
+  }
+  MoeSpec pre = tiled(small_stream_spec());
+  pre.routing = RoutingMethod::Precomputed;
+  pre.gate_up_order = GateUpOrder::UpGate;
+  Case p = small_case("tiled-precomputed-up-gate", pre, 9);
+  p.inputs.invalid_ids = true;
+  MoeSpec wide = tiled(small_stream_spec());
+  wide.hidden = 2304;
+  wide.intermediate = 768;
+  wide.num_experts = 64;
+  wide.top_k = 8;
+  Case large = small_case("tiled-large", tiled(small_stream_spec()), 200);
+  large.max_tokens = 0;
+  run_cases({p, small_case("tiled-wide-resident", wide, 1), large,
+             grouped_deepseek_ep_case("tiled-ep", tiled(small_stream_spec()))});
+  std::vector<Case> presets = preset_cases("qwen3-30b-a3b", {1, 8, 64, 200}, 8);
+  for (const Case& c : preset_cases("kimi-k2-tp8", {1, 2, 33}, 4)) presets.push_back(c);
+  for (Case& c : presets) {
+    c.spec = tiled(c.spec);
+    c.name += "-tiled";
+  }
+  run_cases(presets);
 }
 
 // The shapes of the upstream MXINT4 regression test (FlashInfer's): m in {1, 33}, H 512,

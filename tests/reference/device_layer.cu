@@ -20,6 +20,25 @@ void DeviceLayer::upload_weights(const HostLayer& l) {
   alpha = DeviceBuffer::upload(l.alpha);
   beta = DeviceBuffer::upload(l.beta);
   limit = DeviceBuffer::upload(l.limit);
+  w13_tiled = DeviceBuffer();
+  w2_tiled = DeviceBuffer();
+  prepare_tiled(l.spec);
+}
+
+void DeviceLayer::prepare_tiled(const MoeSpec& spec) {
+  if (spec.weight_format != WeightFormat::MxInt4G32Tiled || w13_tiled.bytes() > 0) return;
+  MoeSpec all = spec;  // every expert
+  all.local_expert_offset = 0;
+  all.local_num_experts = 0;
+  w13_tiled = DeviceBuffer(w13.bytes());
+  w2_tiled = DeviceBuffer(w2.bytes());
+  auto prepare = [&](const Layer& layer) {
+    layer.prepare_weights(w13.get<uint8_t>(), w2.get<uint8_t>(), w13_tiled.get<uint8_t>(),
+                          w2_tiled.get<uint8_t>(), nullptr);
+  };
+  if (all.finalize) prepare(compile_finalized(all));
+  else prepare(compile_unfinalized(all));
+  CUDA_OK(cudaDeviceSynchronize());
 }
 
 void DeviceLayer::upload_inputs(const HostLayer& l) {
@@ -38,9 +57,10 @@ MoeInputs DeviceLayer::inputs(const MoeSpec& spec) const {
   in.routing_bias = spec.has_routing_bias ? bias.get() : nullptr;
   in.topk_ids = pre ? topk_ids.get<int32_t>() : nullptr;
   in.topk_weights = pre ? topk_weights.get<float>() : nullptr;
-  in.w13 = w13.get<uint8_t>();
+  const bool tiled = spec.weight_format == WeightFormat::MxInt4G32Tiled;
+  in.w13 = (tiled ? w13_tiled : w13).get<uint8_t>();
   in.w13_scale = w13_scale.get();
-  in.w2 = w2.get<uint8_t>();
+  in.w2 = (tiled ? w2_tiled : w2).get<uint8_t>();
   in.w2_scale = w2_scale.get();
   in.swiglu_alpha = spec.swiglu_alpha ? alpha.get<float>() : nullptr;
   in.swiglu_beta = spec.swiglu_beta ? beta.get<float>() : nullptr;
