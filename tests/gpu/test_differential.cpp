@@ -1166,13 +1166,13 @@ TEST(Differential, SmallResident) {
 // boxes of each unit size (64-row units: one bulk copy per box; 16 and 32: the 4-D map), their
 // cp.async copies (tma=0), the chain, the multi-stage shape whose gemm2 K (768) leaves a partial
 // last stage, expert parallelism, up/gate order with precomputed ids, the older family beyond 64
-// tokens (and for the shapes it takes at every count), and two presets.
+// tokens (and for the shapes it takes at every count); then three presets (TiledWeightsPresets).
 MoeSpec tiled(MoeSpec s) {
   s.weight_format = WeightFormat::MxInt4G32Tiled;
   return s;
 }
 
-TEST(Differential, TiledWeights) {
+TEST(Differential, SmallTiledWeights) {
   MOEJIT_REQUIRE_GPU();
   MoeSpec multi = tiled(small_stream_spec());
   multi.hidden = 2048;
@@ -1203,6 +1203,10 @@ TEST(Differential, TiledWeights) {
   large.max_tokens = 0;
   run_cases({p, small_case("tiled-wide-resident", wide, 1), large,
              grouped_deepseek_ep_case("tiled-ep", tiled(small_stream_spec()))});
+}
+
+TEST(Differential, TiledWeightsPresets) {
+  MOEJIT_REQUIRE_GPU();
   std::vector<Case> presets = preset_cases("qwen3-30b-a3b", {1, 8, 64, 200}, 8);
   for (const Case& c : preset_cases("kimi-k2-tp8", {1, 2, 33}, 4)) presets.push_back(c);
   for (Case& c : presets) {
