@@ -315,11 +315,15 @@ class LayerImpl {
     if (const size_t rk = resident_for(T, outs.final_out != nullptr); rk != kNone) {
       moejit_dev::ResidentParams r{rp, in.hidden_states, in.w13_scale, in.w2_scale,
                                    in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit, act,
-                                   outs.final_out, {}, {}};
+                                   outs.final_out, {}, {}, {}, {}};
       r.tma_w1 = weight_map(in.w13, true, 8, b.res.k_part1);
       // w2: a slot's 8 * units2 rows in one box, of a row-major 3-D map (the rows may straddle
       // blocks of the 4-D one) or, tiled, of the 4-D map (moejit_resident.cuh keeps them in one).
       r.tma_w2 = weight_map(in.w2, false, 8 * b.res.units2, s.intermediate, /*flat=*/!tiled());
+      if (tiled()) {  // (row-major scales are read by plain bulk copies)
+        r.tma_s1 = scale_map(in.w13_scale, true, 8);
+        r.tma_s2 = scale_map(in.w2_scale, false, 8 * b.res.units2);
+      }
       launch(rk, kernels_[rk].grid, 1, &r, stream);
       return;
     }
@@ -438,11 +442,15 @@ class LayerImpl {
                                   static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
     const cuuint32_t box_rows = static_cast<cuuint32_t>(gemm1 ? rows / 2 : rows);
     encode_weights(g.tma_w, g.w, gemm1, box_rows, kc);
-    const cuuint64_t s_dims[2] = {K / 16, total_rows};
-    const cuuint64_t s_strides[1] = {K / 16};
-    const cuuint32_t s_box[2] = {static_cast<cuuint32_t>(kc / 16), box_rows};
-    encode_tiled(g.tma_s, g.w_scale, 2, s_dims, s_strides, s_box, CU_TENSOR_MAP_SWIZZLE_NONE,
-           gemm1 ? "w13_scale" : "w2_scale");
+    if (tiled()) {
+      encode_tiled_scales(g.tma_s, g.w_scale, gemm1, box_rows, kc);
+    } else {
+      const cuuint64_t s_dims[2] = {K / 16, total_rows};
+      const cuuint64_t s_strides[1] = {K / 16};
+      const cuuint32_t s_box[2] = {static_cast<cuuint32_t>(kc / 16), box_rows};
+      encode_tiled(g.tma_s, g.w_scale, 2, s_dims, s_strides, s_box, CU_TENSOR_MAP_SWIZZLE_NONE,
+                   gemm1 ? "w13_scale" : "w2_scale");
+    }
     if (x_map) {
       // The planes lie (x_lo - x) bytes apart: the row capacity of this token count's layout.
       const cuuint64_t row_bytes = K * 2;
@@ -517,6 +525,54 @@ class LayerImpl {
                  tiled() ? CU_TENSOR_MAP_SWIZZLE_NONE : CU_TENSOR_MAP_SWIZZLE_128B, what);
   }
 
+  // Tiled scales (WeightFormat::MxInt4G32Tiled): a block's rows of one chunk are contiguous
+  // (16 bytes each), so the map is {8-byte words of a chunk's block rows, K / 256 chunks, block}
+  // with boxes of {2 box_rows, box_k / 256, 1} (a box row is the box's rows of one chunk: one
+  // run of 16 box_rows bytes), landing as [chunk][row][16 bytes]. Coordinates: (2 (row % B),
+  // chunk, row / B).
+  void encode_tiled_scales(moejit_dev::TmaDesc& out, const void* scales, bool gemm1,
+                           unsigned box_rows, int box_k) const {
+    const MoeSpec& s = plan_.spec;
+    const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
+    const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
+                                  static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
+    const cuuint64_t B = gemm1 ? moejit_dev::kTiledRowsW13 : moejit_dev::kTiledRowsW2;
+    const cuuint64_t dims[3] = {2 * B, K / 256, total_rows / B};
+    const cuuint64_t strides[2] = {B * 16, B * K / 16};
+    const cuuint32_t box[3] = {2 * box_rows, static_cast<cuuint32_t>(box_k / 256), 1};
+    encode_tiled(out, scales, 3, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_NONE,
+                 gemm1 ? "w13_scale" : "w2_scale", CU_TENSOR_MAP_DATA_TYPE_UINT64);
+  }
+
+  // The resident layer's map of tiled scales: {16 bytes, K / 256 chunks, row in block, block}
+  // (the chunk dimension before the row's) with boxes of {16, K / 256, box_rows, 1}: a box of
+  // rows lands row-major, [row][K / 16 bytes], the layout the resident layer reads. Kept like
+  // weight_map's maps (keyed with a null weight pointer).
+  moejit_dev::TmaDesc scale_map(const void* scales, bool gemm1, int box_rows) const {
+    const TmaKey key{nullptr, scales, nullptr, nullptr, box_rows, 0, gemm1};
+    {
+      std::lock_guard<std::mutex> lock(tma_mu_);
+      if (auto it = tma_cache_.find(key); it != tma_cache_.end()) return it->second[0];
+    }
+    moejit_dev::TmaDesc m;
+    {
+      const MoeSpec& s = plan_.spec;
+      const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
+      const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
+                                    static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
+      const cuuint64_t B = gemm1 ? moejit_dev::kTiledRowsW13 : moejit_dev::kTiledRowsW2;
+      const cuuint64_t dims[4] = {16, K / 256, B, total_rows / B};
+      const cuuint64_t strides[3] = {B * 16, 16, B * K / 16};
+      const cuuint32_t box[4] = {16, static_cast<cuuint32_t>(K / 256), static_cast<cuuint32_t>(box_rows), 1};
+      encode_tiled(m, scales, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_NONE,
+                   gemm1 ? "w13_scale" : "w2_scale");
+    }
+    std::lock_guard<std::mutex> lock(tma_mu_);
+    if (tma_cache_.size() >= kTmaCacheEntries) tma_cache_.clear();
+    tma_cache_.emplace(key, std::array<moejit_dev::TmaDesc, 3>{m, {}, {}});
+    return m;
+  }
+
   // The resident layer's weight map of w (encode_weights), kept per pointer and box like the
   // stream GEMMs' maps (scale and activation pointers null in the key).
   moejit_dev::TmaDesc weight_map(const void* w, bool gemm1, int box_rows, int box_k,
@@ -549,41 +605,53 @@ class LayerImpl {
            &fp, stream, after_gemm2, threads);
   }
 
-  // Layer::prepare_weights: w13 and w2 of the local experts, one kernel each.
-  void prepare_weights(const uint8_t* w13, const uint8_t* w2, uint8_t* w13_out, uint8_t* w2_out,
-                       Stream stream) const {
+  // Layer::prepare_weights: the local experts' w13, w13_scale, w2, w2_scale, one kernel each.
+  void prepare_weights(const MoeInputs& in, const TiledWeights& out, Stream stream) const {
     const MoeSpec& s = plan_.spec;
     if (!tiled())
       throw Error(ErrorKind::InvalidArgument,
-                  fmt::format("prepare_weights: weight_format = {} reads w13 and w2 as they are; "
+                  fmt::format("prepare_weights: weight_format = {} reads the weights as they are; "
                               "prepare_weights writes MxInt4G32Tiled",
                               to_string(s.weight_format)));
     const long long first = s.local_expert_offset, local = s.local_experts();
+    const long long H = s.hidden, I = s.intermediate;
     struct Tensor {
       const char* name;
-      const uint8_t* src;
-      uint8_t* dst;
+      const void* src;
+      void* dst;
       long long rows;  // per expert
-      int row_bytes, block;
+      long long row_bytes;
+      int block, chunk_units;
     };
-    const Tensor tensors[2] = {
-        {"w13", w13, w13_out, 2ll * s.intermediate, s.hidden / 2, moejit_dev::kTiledRowsW13},
-        {"w2", w2, w2_out, static_cast<long long>(s.hidden), s.intermediate / 2,
-         moejit_dev::kTiledRowsW2}};
+    const Tensor tensors[4] = {
+        {"w13", in.w13, out.w13, 2 * I, H / 2, moejit_dev::kTiledRowsW13, 8},
+        {"w13_scale", in.w13_scale, out.w13_scale, 2 * I, H / 16, moejit_dev::kTiledRowsW13, 1},
+        {"w2", in.w2, out.w2, H, I / 2, moejit_dev::kTiledRowsW2, 8},
+        {"w2_scale", in.w2_scale, out.w2_scale, H, I / 16, moejit_dev::kTiledRowsW2, 1}};
     for (const Tensor& t : tensors) {
       if (!t.src || !t.dst)
-        throw Error(ErrorKind::InvalidArgument, fmt::format("prepare_weights: {} or its output is null", t.name));
+        throw Error(ErrorKind::InvalidArgument,
+                    fmt::format("prepare_weights: {} or its output is null", t.name));
       if (reinterpret_cast<uintptr_t>(t.src) % 16 != 0 || reinterpret_cast<uintptr_t>(t.dst) % 16 != 0)
         throw Error(ErrorKind::InvalidArgument,
                     fmt::format("prepare_weights: {} or its output is not 16-byte aligned", t.name));
+    }
+    for (const Tensor& t : tensors) {
       const long long expert_bytes = t.rows * t.row_bytes;
-      const uint8_t* src = t.src + first * expert_bytes;
-      uint8_t* dst = t.dst + first * expert_bytes;
+      const uint8_t* src = static_cast<const uint8_t*>(t.src) + first * expert_bytes;
+      uint8_t* dst = static_cast<uint8_t*>(t.dst) + first * expert_bytes;
       const long long bytes = local * expert_bytes;
-      if (src < dst + bytes && dst < src + bytes)
-        throw Error(ErrorKind::InvalidArgument,
-                    fmt::format("prepare_weights: {} and its output overlap (the rewrite is not in place)", t.name));
-      moejit_dev::PrepareParams pp{src, dst, local * t.rows, t.row_bytes, t.block};
+      for (const Tensor& o : tensors) {  // no output may overlap any input
+        const uint8_t* osrc = static_cast<const uint8_t*>(o.src) + first * o.rows * o.row_bytes;
+        const long long obytes = local * o.rows * o.row_bytes;
+        if (osrc < dst + bytes && dst < osrc + obytes)
+          throw Error(ErrorKind::InvalidArgument,
+                      fmt::format("prepare_weights: the output for {} overlaps the input {} (the "
+                                  "rewrite is not in place)",
+                                  t.name, o.name));
+      }
+      moejit_dev::PrepareParams pp{src, dst, local * t.rows, static_cast<int32_t>(t.row_bytes),
+                                   t.block, t.chunk_units};
       const long long blocks = std::min<long long>((bytes / 16 + 255) / 256, 1 << 20);
       launch(prepare_, static_cast<unsigned>(blocks), 1, &pp, stream, /*allow_pdl=*/false);
     }
@@ -727,9 +795,8 @@ const MoeSpec& Layer::spec() const { return impl_->plan().spec; }
 const std::string& Layer::arch() const { return impl_->arch(); }
 size_t Layer::workspace_bytes(int num_tokens) const { return impl_->layout(num_tokens).total; }
 int Layer::launches_per_call(int num_tokens) const { return impl_->launches(num_tokens); }
-void Layer::prepare_weights(const uint8_t* w13, const uint8_t* w2, uint8_t* w13_out,
-                            uint8_t* w2_out, Stream stream) const {
-  impl_->prepare_weights(w13, w2, w13_out, w2_out, stream);
+void Layer::prepare_weights(const MoeInputs& in, const TiledWeights& out, Stream stream) const {
+  impl_->prepare_weights(in, out, stream);
 }
 int Layer::max_tokens() const { return impl_->max_tokens(); }
 int Layer::tile_rows(int num_tokens) const { return impl_->layout(num_tokens).tile; }

@@ -9,19 +9,21 @@ namespace moejit_dev {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 
-// Byte offset of 16-byte unit u (k = 32u .. 32u + 31) of weight row `row` of a tensor whose rows
-// hold kRowBytes bytes: row-major, or with kTiled in blocks of kBlock rows, each block as
-// [chunk of 8 units][kBlock rows][8 units], unit u of a row at u ^ (row % 8) (moejit.h,
-// WeightFormat::MxInt4G32Tiled).
-template <bool kTiled, int kBlock, int kRowBytes>
+// Byte offset of 16-byte unit u of row `row` of a tensor whose rows hold kRowBytes bytes:
+// row-major, or with kTiled in blocks of kBlock rows (moejit.h, WeightFormat::MxInt4G32Tiled),
+// each block as [chunk][kBlock rows][kChunkUnits units]: weights (kChunkUnits 8: unit u holds
+// k = 32u .. 32u + 31, stored at u ^ (row % 8) in its chunk) or scales (kChunkUnits 1: unit u
+// holds the scales of k = 256u .. 256u + 255).
+template <bool kTiled, int kBlock, int kRowBytes, int kChunkUnits = 8>
 __device__ __forceinline__ long long weight_unit_offset(long long row, int u) {
   if constexpr (!kTiled) {
     return row * kRowBytes + u * 16;
   } else {
     const long long blk = row / kBlock;
     const int r = static_cast<int>(row - blk * kBlock);
-    return blk * (kBlock * static_cast<long long>(kRowBytes)) + (u >> 3) * (kBlock * 128) + r * 128 +
-           (((u & 7) ^ (r & 7)) << 4);
+    const int in_chunk = kChunkUnits == 8 ? (u & 7) ^ (r & 7) : 0;
+    return blk * (kBlock * static_cast<long long>(kRowBytes)) + (u / kChunkUnits) * (kBlock * kChunkUnits * 16) +
+           r * (kChunkUnits * 16) + (in_chunk << 4);
   }
 }
 

@@ -235,7 +235,12 @@ __device__ void grouped_gemm(const GemmParams& p) {
                           (((grp & 7) ^ g) << 4)
                     : wexp + row * kRowBytes + grp * 16;
             wq[it][a][h] = load_stream(w);
-            const unsigned short sv = __bfloat16_as_ushort(sexp[row * KG + grp]);
+            // (Tiled scales: [chunk of 8 groups][kWBlock rows][8] per block of rows.)
+            const long long s_idx =
+                Cfg::kTiledW ? (arow[a] / kWBlock) * (kWBlock * static_cast<long long>(KG)) + (grp >> 3) * (kWBlock * 8) +
+                                   (arow[a] % kWBlock + g + 8 * h) * 8 + (grp & 7)
+                             : row * KG + grp;
+            const unsigned short sv = __bfloat16_as_ushort(sexp[s_idx]);
             sc[it][a][h] = static_cast<uint32_t>(sv) | (static_cast<uint32_t>(sv) << 16);
           } else {
             wq[it][a][h] = make_uint4(0, 0, 0, 0);

@@ -189,10 +189,15 @@ struct ResidentParams {
   const float* limit;    // [L] or null
   void* act;             // [2][k][I] bf16: the SwiGLU rows' hi and lo planes (act_pos order)
   void* out;             // [1, H] bf16
-  // w13 as {128 bytes, row, H / 256 chunks}, box {128, 8, kKP1 / 256}; w2 as {128 bytes, row,
-  // I / 256}, box {128, 8 * kU2, I / 256}; both with the 128-byte swizzle.
+  // w13 as {128 bytes, row in block, H / 256 chunks, block}, box {128, 8, kKP1 / 256, 1}; w2 as
+  // {128 bytes, row, I / 256}, box {128, 8 * kU2, I / 256} (tiled: the 4-D map, box {128, 8 kU2,
+  // I / 256, 1}); landing with the 128-byte swizzle. Tiled weights only: their scales as {16
+  // bytes, K / 256 chunks, row in block, block}, boxes of every chunk of 8 (w13) and 8 kU2 (w2)
+  // rows, landing row-major ([row][K / 16 bytes]) as the row-major scales' bulk copies do.
   TmaDesc tma_w1;
   TmaDesc tma_w2;
+  TmaDesc tma_s1;
+  TmaDesc tma_s2;
 };
 
 // Finalize: out[t, :] = sum_j w[t*k+j] * y[perm[t*k+j], :] in ascending j, fp32 accumulation.
@@ -204,14 +209,15 @@ struct FinalizeParams {
   int32_t num_tokens;
 };
 
-// Layer::prepare_weights (moejit_prepare.cuh): rows of row_bytes bytes (a multiple of 128) in
-// blocks of `block` rows (rows a multiple of it).
+// Layer::prepare_weights (moejit_prepare.cuh): rows of row_bytes bytes in blocks of `block` rows
+// (rows a multiple of it), chunks of chunk_units 16-byte units per row (8: weights, 1: scales).
 struct PrepareParams {
   const uint8_t* src;  // row-major
   uint8_t* dst;        // tiled
   long long rows;
   int32_t row_bytes;
   int32_t block;
+  int32_t chunk_units;
 };
 
 }  // namespace moejit_dev

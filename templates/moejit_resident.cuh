@@ -37,7 +37,8 @@
 // kWindow, kU1, kU2, kChains1 / kChains2 (the stream GEMMs' consumer warps), kPacked2 (the
 // stream gemm2 packs both activation planes into one MMA), kSmem (the host's dynamic shared
 // memory figure less the 1 KiB alignment slack), kTiledW (WeightFormat::MxInt4G32Tiled: gemm2's
-// units split along the tiled layout's blocks of w2 rows, see resident_layer).
+// units split along the tiled layout's blocks of w2 rows, see resident_layer; the scales by maps
+// that land them in the row-major layout the consumers read).
 #pragma once
 
 #include "moejit_route.cuh"
@@ -273,8 +274,13 @@ __device__ void resident_layer(const ResidentParams& p) {
                     &p.tma_w1, 0, static_cast<unsigned>(row) % kTiledRowsW13, q * (KP / 256),
                     static_cast<unsigned>(row) / kTiledRowsW13, &bars[q]);
       } else {
-        bulk_load(base + Lay::kS1 + (u * 16 + half * 8) * Lay::kS1Row,
-                  s1 + static_cast<long long>(row) * Lay::kS1Row, 8 * Lay::kS1Row, &bars[0]);
+        if constexpr (Cfg::kTiledW)  // (a map that lands tiled scales row-major: [row][H / 16 bytes])
+          tma_load_4d(base + Lay::kS1 + (u * 16 + half * 8) * Lay::kS1Row, &p.tma_s1, 0, 0,
+                      static_cast<unsigned>(row) % kTiledRowsW13, static_cast<unsigned>(row) / kTiledRowsW13,
+                      &bars[0]);
+        else
+          bulk_load(base + Lay::kS1 + (u * 16 + half * 8) * Lay::kS1Row,
+                    s1 + static_cast<long long>(row) * Lay::kS1Row, 8 * Lay::kS1Row, &bars[0]);
       }
     } else {
       const int r = c - n1 * kJobs1, j = r >> 1;
@@ -289,9 +295,14 @@ __device__ void resident_layer(const ResidentParams& p) {
         } else {
           tma_load_3d(base + Lay::kW2 + j * Lay::kW2Slot, &p.tma_w2, 0, row, 0, &bars[P]);
         }
-      } else
+      } else if constexpr (Cfg::kTiledW) {  // (landing row-major: [kR2 rows][I / 16 bytes])
+        tma_load_4d(base + Lay::kS2 + j * Lay::kR2 * Lay::kS2Row, &p.tma_s2, 0, 0,
+                    static_cast<unsigned>(row) % kTiledRowsW2, static_cast<unsigned>(row) / kTiledRowsW2,
+                    &bars[P]);
+      } else {
         bulk_load(base + Lay::kS2 + j * Lay::kR2 * Lay::kS2Row,
                   s2 + static_cast<long long>(row) * Lay::kS2Row, n2 * I / 2, &bars[P]);
+      }
     }
   };
   // When this thread's copy goes out: -1 now, q >= 0 once gemm1's part q has landed (-2: none).
@@ -316,7 +327,8 @@ __device__ void resident_layer(const ResidentParams& p) {
     for (int j = 0; j < S; ++j) local2 += local_of(j) >= 0;
     for (int q = 0; q < P; ++q)
       mbar_expect_tx(&bars[q], local1 * 8 * KP + (q == 0 ? local1 * H : 0));
-    mbar_expect_tx(&bars[P], n2 > 0 ? local2 * (Lay::kW2Slot + n2 * I / 2) : 0);
+    // (Tiled scales: the whole box of kR2 rows.)
+    mbar_expect_tx(&bars[P], n2 > 0 ? local2 * (Lay::kW2Slot + (Cfg::kTiledW ? Lay::kR2 : 8 * n2) * Lay::kS2Row) : 0);
   }
   if (issue_at == -1) issue(tid);
   if (tid == 0) tl[kIssued] = tl_now();

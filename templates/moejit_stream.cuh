@@ -243,6 +243,28 @@ __device__ __forceinline__ void weight_box(uint32_t dst, const GemmParams& p, in
   }
 }
 
+// A stage's scale box (kBytes: rows x the stage's chunks x 16 bytes) as weight_box: canonical
+// scales by the 2-D map {K / 16 bytes, row} (landing as [row][chunks x 16 bytes]), tiled ones by
+// the 3-D map {8-byte words of a chunk's block rows, chunk, block} (landing as [chunk][row][16
+// bytes]) or, for a box of a whole block, as one bulk copy.
+template <bool kTiled, bool kTiledBlockCopy, int kBlock, int kRowBytes, uint32_t kBytes>
+__device__ __forceinline__ void scale_box(uint32_t dst, const GemmParams& p, int row, int k0,
+                                          uint64_t* bar, bool hint, uint64_t policy) {
+  if constexpr (kTiledBlockCopy) {
+    const unsigned char* src = static_cast<const unsigned char*>(p.w_scale) +
+                               static_cast<long long>(row) * kRowBytes + (k0 / 256) * (kBlock * 16);
+    if (hint) bulk_load(dst, src, kBytes, bar, policy);
+    else bulk_load(dst, src, kBytes, bar);
+  } else if constexpr (kTiled) {
+    const int r = static_cast<unsigned>(row) % kBlock, blk = static_cast<unsigned>(row) / kBlock;
+    if (hint) tma_load_3d(dst, &p.tma_s, 2 * r, k0 / 256, blk, bar, policy);
+    else tma_load_3d(dst, &p.tma_s, 2 * r, k0 / 256, blk, bar);
+  } else {
+    if (hint) tma_load_2d(dst, &p.tma_s, k0 / 16, row, bar, policy);
+    else tma_load_2d(dst, &p.tma_s, k0 / 16, row, bar);
+  }
+}
+
 // Not volatile: the compiler may interleave independent MMA chains.
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
@@ -557,6 +579,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   constexpr uint32_t kBoxBytes = kWHalves ? kHalfBytes : kWBytes;
   static_assert(!kTma || kWBlock % kBoxRows == 0, "stream GEMM: a weight box lies in one block of the weight map");
   constexpr bool kBlockCopy = Cfg::kTiledW && kBoxRows == kWBlock && kEven;
+  // Scales of a box (kBoxRows rows, the stage's chunks): canonical ones land as [row][kSRow
+  // bytes], tiled ones as [chunk][row][16 bytes] (8 groups), boxes one after another.
+  constexpr uint32_t kSBoxBytes = kBoxRows * kSRow;
   // cp.async copies of tiled weights: a stage k0 further lies k0 / 2 * kWBlock bytes on.
   constexpr int kWStageMul = Cfg::kTiledW ? kWBlock : 1;
   // Gemm2 by TMA with Cfg::kXBoxes copies its x (both planes) as boxes of 4 rows
@@ -964,15 +989,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
             if constexpr (kWHalves)
               weight_box<kBlockCopy, kWBlock, K / 2, kBoxBytes>(base + so + kHalfBytes, p, row_hi, k0, bar, hint,
                                                                 w_policy);
-            if (hint) {
-              tma_load_2d(base + so + kWBytes, &p.tma_s, k0 / 16, row_lo, bar, w_policy);
-              if constexpr (kWHalves)
-                tma_load_2d(base + so + kWBytes + kHalfRows * kSRow, &p.tma_s, k0 / 16, row_hi, bar, w_policy);
-            } else {
-              tma_load_2d(base + so + kWBytes, &p.tma_s, k0 / 16, row_lo, bar);
-              if constexpr (kWHalves)
-                tma_load_2d(base + so + kWBytes + kHalfRows * kSRow, &p.tma_s, k0 / 16, row_hi, bar);
-            }
+            scale_box<Cfg::kTiledW, kBlockCopy, kWBlock, K / 16, kSBoxBytes>(base + so + kWBytes, p, row_lo, k0,
+                                                                               bar, hint, w_policy);
+            if constexpr (kWHalves)
+              scale_box<Cfg::kTiledW, kBlockCopy, kWBlock, K / 16, kSBoxBytes>(
+                  base + so + kWBytes + kSBoxBytes, p, row_hi, k0, bar, hint, w_policy);
             if (ui == 0 && ks == 0) tl_stamp(tls, kEvIssued);
           }
           if (!waited) wait_for_x(lane == 0);
@@ -1052,7 +1073,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
 #pragma unroll
     for (int j = 0; j < kSj; ++j) {
       const int c = pt + j * PT, r = c / kSc, col = c % kSc;
-      s_dst[j] = base + kWBytes + r * kSRow + col * 16;
+      s_dst[j] = base + kWBytes + (Cfg::kTiledW ? col * (kRows * 16) + r * 16 : r * kSRow + col * 16);
     }
 #pragma unroll
     for (int j = 0; j < kXj; ++j) {
@@ -1089,7 +1110,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
 #pragma unroll
       for (int j = 0; j < kSj; ++j) {
         const int c = pt + j * PT, r = (c / kSc) % kRows, col = c % kSc;
-        s_src[j] = scales + row_of(r) * (K / 16) + col * 16;
+        s_src[j] = scales + weight_unit_offset<Cfg::kTiledW, kWBlock, K / 16, 1>(row_of(r), col);
       }
       // Gemm2 with at most 4 valid rows (most decode tiles): x rows 0-3 of plane 0 take the hi
       // plane, rows 4-7 the lo plane, and plane 1 stays unused (see kPackable).
@@ -1125,7 +1146,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
 #pragma unroll
         for (int j = 0; j < kSj; ++j)
           if (s_mine[j] && (kEven || ((pt + j * PT) % kSc) * 256 < kc))
-            cp_async16(s_dst[j] + so, s_src[j] + k0 / 16);
+            cp_async16(s_dst[j] + so, s_src[j] + k0 / 16 * kWStageMul);
         if (pt == 0 && ui == 0 && ks == 0) tl_stamp(tls, kEvIssued);
         if (!waited) wait_for_x(pt == 0);  // gemm2: everything above is independent of gemm1
 #pragma unroll
@@ -1167,15 +1188,36 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
       lm_off[pi][l] = kWHalves ? (row / kHalfRows) * kHalfBytes + (G >> 3) * (kHalfRows * 128) +
                                  (row % kHalfRows) * 128 + (((G & 7) ^ (row & 7)) << 4)
                            : (G >> 3) * kChunkBytes + row * 128 + (((G & 7) ^ (row & 7)) << 4);
+      if constexpr (Cfg::kTiledW) asm volatile("" : "+r"(lm_off[pi][l]));
     }
   // Scales: row (a * 16 + h * 8 + g), bytes 2G..2G+3 (groups G, G + 1). x: plane q row g,
   // group G + gg at byte (G + gg) * 64, thread t's 16 bytes.
-  const uint32_t s_off = kWBytes + g * kSRow + warp * 4;
+  // Tiled scales (kBoxRows rows per box, [chunk][row][16 bytes]): pair p = warp + pi CW at chunk
+  // p / 4, bytes 4 (p % 4); with CW a multiple of 4, warp's part (in s_off) plus pi CW / 4 chunks.
+  constexpr bool kFours = CW % 4 == 0;
+  uint32_t s_off = !Cfg::kTiledW ? kWBytes + g * kSRow + warp * 4
+                   : kFours      ? kWBytes + g * 16 + (warp >> 2) * (kBoxRows * 16) + (warp & 3) * 4
+                                 : kWBytes + g * 16;
+  // (Opaque registers, here and for lm_off and x_off: without them the compiler recomputed these
+  // offsets inside the consumer loop for tiled weights, +53 SASS instructions per stage of
+  // kimi-k2's gemm1; ncu had the one-token chain kernel at 57.2-57.6 us instead of 54.9-55.1.
+  // bench/RESULTS.md section 28.)
+  if constexpr (Cfg::kTiledW) asm volatile("" : "+r"(s_off));
+  // A's rows a * 16 + h * 8 (+ g) and pair pi's scale offset from s_off.
+  auto s_at = [warp](int a, int h, int pi) -> uint32_t {
+    const int rb = a * 16 + h * 8;
+    const int pair = warp + pi * CW;
+    return !Cfg::kTiledW ? rb * kSRow + pi * CW * 4
+           : kFours      ? (rb / kBoxRows) * kSBoxBytes + (rb % kBoxRows) * 16 + pi * (CW / 4) * (kBoxRows * 16)
+                         : (rb / kBoxRows) * kSBoxBytes + (rb % kBoxRows) * 16 + (pair >> 2) * (kBoxRows * 16) +
+                          (pair & 3) * 4;
+  };
   // Padded x rows: row g of plane q at q * 8 * kXRow; gemm2's boxes (kXBox): column g is row
   // g % 4 of box g / 4, plane q at slot 2 (g / 4) + q, or in a packed unit (hi rows 0-3 in columns
   // 0-3, lo rows 0-3 in 4-7; one box) slot g / 4. Group G at G * 256 there.
-  const uint32_t x_off = kXBox ? kXOff + (g & 3) * 64 + warp * 512 + t * 16
-                               : kXOff + g * kXRow + warp * 128 + t * 16;
+  uint32_t x_off = kXBox ? kXOff + (g & 3) * 64 + warp * 512 + t * 16
+                         : kXOff + g * kXRow + warp * 128 + t * 16;
+  if constexpr (Cfg::kTiledW) asm volatile("" : "+r"(x_off));  // (see s_off)
   constexpr uint32_t kXPair = kXBox ? CW * 512 : CW * 128;  // per pair of the warp
   constexpr uint32_t kXGroup = kXBox ? 256 : 64;            // the pair's second group
   const uint32_t smem_base = kTma ? (smem_u32(smem) + 1023u) & ~1023u : smem_u32(smem);
@@ -1271,7 +1313,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
           for (int a = 0; a < kA; ++a)
   #pragma unroll
             for (int h = 0; h < 2; ++h)
-              sw[a][h] = lds32(st + s_off + (a * 16 + h * 8) * kSRow + pi * CW * 4);
+              sw[a][h] = lds32(st + s_off + s_at(a, h, pi));
           uint4 xv[kPlanes][2];
   #pragma unroll
           for (int q = 0; q < nq; ++q)

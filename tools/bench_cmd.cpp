@@ -365,13 +365,16 @@ void add_bench_cmd(CLI::App& app) {
       while (static_cast<int>(copies.size()) < ncopies) {
         copies.emplace_back();
         auto& c = copies.back();
-        // (Tiled weights: only the tiled w13 and w2 are copied, the row-major ones stay empty.)
+        // (Tiled weights: only the tiled tensors are copied, the row-major ones stay empty.)
         for (auto [dst, src] : {std::pair{&c.w13, &copies[0].w13}, {&c.w13_scale, &copies[0].w13_scale},
                                 {&c.w2, &copies[0].w2}, {&c.w2_scale, &copies[0].w2_scale},
                                 {&c.w13_tiled, &copies[0].w13_tiled}, {&c.w2_tiled, &copies[0].w2_tiled},
+                                {&c.w13_scale_tiled, &copies[0].w13_scale_tiled},
+                                {&c.w2_scale_tiled, &copies[0].w2_scale_tiled},
                                 {&c.alpha, &copies[0].alpha}, {&c.beta, &copies[0].beta},
                                 {&c.limit, &copies[0].limit}}) {
-          if (tiled && (dst == &c.w13 || dst == &c.w2)) continue;
+          if (tiled && (dst == &c.w13 || dst == &c.w2 || dst == &c.w13_scale || dst == &c.w2_scale))
+            continue;
           *dst = DeviceBuffer(src->bytes());
           if (src->bytes())
             CUDA_OK(cudaMemcpy(dst->get(), src->get(), src->bytes(), cudaMemcpyDeviceToDevice));
@@ -400,10 +403,11 @@ void add_bench_cmd(CLI::App& app) {
         std::vector<Graph> graphs;
         for (int c = 0; c < ncopies; ++c) {
           moejit::MoeInputs in = copies[0].inputs(spec);
-          in.w13 = (tiled ? copies[c].w13_tiled : copies[c].w13).get<uint8_t>();
-          in.w13_scale = copies[c].w13_scale.get();
-          in.w2 = (tiled ? copies[c].w2_tiled : copies[c].w2).get<uint8_t>();
-          in.w2_scale = copies[c].w2_scale.get();
+          const moejit::MoeInputs w = copies[c].inputs(spec);  // copy c's weights
+          in.w13 = w.w13;
+          in.w13_scale = w.w13_scale;
+          in.w2 = w.w2;
+          in.w2_scale = w.w2_scale;
           ins.push_back(in);
           graphs.emplace_back(stream, [&] { launch_layer(in); });
         }

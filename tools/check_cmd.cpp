@@ -121,9 +121,8 @@ GpuCheck gpu_reference_check(const moejit::MoeSpec& spec, const moejit::ref::Hos
   GpuCheck g;
 #ifdef MOEJIT_HAVE_GPU_REFERENCE
   const size_t slots = static_cast<size_t>(T) * spec.top_k, H = spec.hidden;
-  moejit::MoeInputs in = dev.inputs(spec);
-  in.w13 = dev.w13.get<uint8_t>();  // the GPU reference reads row-major weights (DESIGN.md)
-  in.w2 = dev.w2.get<uint8_t>();
+  // The GPU reference reads row-major weights (DESIGN.md) whatever the spec's format.
+  const moejit::MoeInputs in = dev.row_major(dev.inputs(spec));
   DeviceBuffer ws(std::max<size_t>(256, moejit::ref::gpu_reference_workspace_bytes(spec, T)));
   // Its own routing first.
   auto r = moejit::ref::gpu_reference_run(spec, in, T, ws.get(), ws.bytes(), nullptr);

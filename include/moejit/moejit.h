@@ -17,11 +17,12 @@
 // Weights are indexed by global expert id; with expert parallelism only the rows of experts in
 // [local_expert_offset, local_expert_offset + local_num_experts) are read.
 //
-// WeightFormat::MxInt4G32Tiled keeps the same values and scales but stores w13 and w2 in the
-// order the decode kernels copy them (Layer::prepare_weights writes it from the layout above):
-// rows in blocks of B (32 for w13, whose gate and up rows form separate blocks; 64 for w2), each
-// block as [K / 256 chunks][B rows][128 bytes], the 16-byte unit u of a row's 128 bytes stored
-// at u ^ (row % 8). The scales stay in the layout above.
+// WeightFormat::MxInt4G32Tiled keeps the same values and scales but stores them in the order the
+// decode kernels copy them (Layer::prepare_weights writes it from the layout above): the rows of
+// w13 and w13_scale in blocks of 32 (gate and up rows form separate blocks), those of w2 and
+// w2_scale in blocks of 64, each block of weights as [K / 256 chunks][rows][128 bytes] with the
+// 16-byte unit u of a row's 128 bytes stored at u ^ (row % 8), each block of scales as
+// [K / 256 chunks][rows][8 scales].
 #pragma once
 
 #include <cstddef>
@@ -145,6 +146,14 @@ struct MoeInputs {
   const float* swiglu_limit = nullptr;   // [local experts], iff spec.swiglu_limit
 };
 
+// Layer::prepare_weights's outputs: the four weight tensors in WeightFormat::MxInt4G32Tiled.
+struct TiledWeights {
+  uint8_t* w13 = nullptr;    // [E, 2I, H/2] bytes
+  void* w13_scale = nullptr;  // [E, 2I, H/32] bf16
+  uint8_t* w2 = nullptr;     // [E, H, I/2] bytes
+  void* w2_scale = nullptr;   // [E, H, I/32] bf16
+};
+
 // out[t] = sum_j w[t, j] * y[t, j]; this rank's partial sum under expert parallelism.
 struct FinalizedOutput {
   void* output = nullptr;          // [T, H] bf16
@@ -191,13 +200,13 @@ class Layer {
   int max_tokens() const;
   // Rows each expert's group is padded to for this token count (the planner's tile).
   int tile_rows(int num_tokens) const;
-  // Writes row-major w13 and w2 (DESIGN.md) in spec().weight_format = MxInt4G32Tiled (the
-  // tiles described at the top of this header; throws InvalidArgument for MxInt4G32, whose
-  // weights are read as they are). One kernel per tensor on `stream`, asynchronous. Pointers are
-  // indexed by global expert id like MoeInputs' weights; only the local experts' bytes are read
-  // and written. The outputs must not overlap the inputs. The scales are not touched.
-  void prepare_weights(const uint8_t* w13, const uint8_t* w2, uint8_t* w13_out, uint8_t* w2_out,
-                       Stream stream) const;
+  // Writes the row-major weights and scales of `in` (w13, w13_scale, w2, w2_scale; DESIGN.md)
+  // in spec().weight_format = MxInt4G32Tiled (the tiles described at the top of this header;
+  // throws InvalidArgument for MxInt4G32, whose weights are read as they are). One kernel per
+  // tensor on `stream`, asynchronous. Pointers are indexed by global expert id as in MoeInputs;
+  // only the local experts' bytes are read and written. The outputs have the inputs' sizes and
+  // must not overlap them. Launch the layer with `out`'s four pointers in MoeInputs.
+  void prepare_weights(const MoeInputs& in, const TiledWeights& out, Stream stream) const;
 
  protected:
   explicit Layer(std::shared_ptr<const LayerImpl> impl) : impl_(std::move(impl)) {}

@@ -499,11 +499,7 @@ Verdict run_case(const Case& c) {
     return in;
   };
   // The GPU reference reads row-major weights (DESIGN.md) whatever the spec's format.
-  auto row_major = [&](MoeInputs in) {
-    in.w13 = W.dev.w13.get<uint8_t>();
-    in.w2 = W.dev.w2.get<uint8_t>();
-    return in;
-  };
+  auto row_major = [&](const MoeInputs& in) { return W.dev.row_major(in); };
 
   std::vector<JitRun> runs;
   for (bool fin : {true, false}) {
@@ -1164,7 +1160,8 @@ TEST(Differential, SmallResident) {
 // that reads weights. The resident layer (one token; gemm2's units split along w2's 64-row
 // blocks: one part per block, two or three uneven parts, four, eight), the stream GEMMs' TMA
 // boxes of each unit size (64-row units: one bulk copy per box; 16 and 32: the 4-D map), their
-// cp.async copies (tma=0), the chain, the multi-stage shape whose gemm2 K (768) leaves a partial
+// cp.async copies (tma=0), 2 and 1 consumer warps (scales read per pair, not per four; the
+// resident layer's chains too), the chain, the multi-stage shape whose gemm2 K (768) leaves a partial
 // last stage, expert parallelism, up/gate order with precomputed ids, the older family beyond 64
 // tokens (and for the shapes it takes at every count); then three presets (TiledWeightsPresets).
 MoeSpec tiled(MoeSpec s) {
@@ -1180,7 +1177,7 @@ TEST(Differential, SmallTiledWeights) {
   multi.num_experts = 32;
   for (const char* o : {"stream=1", "stream=1,res=0", "stream=1,tma=0", "stream=1,tma=1,u1=16,u2=32",
                         "stream=1,tma=1,u1=32,u2=32", "stream=1,tma=1,u1=64,u2=64",
-                        "stream=1,dyn=1,res=0,ch=1"}) {
+                        "stream=1,dyn=1,res=0,ch=1", "stream=1,s1=2x512x3,s2=1x256x4"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("tiled[") + o + "]";
     std::vector<Case> cases;

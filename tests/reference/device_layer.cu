@@ -20,8 +20,7 @@ void DeviceLayer::upload_weights(const HostLayer& l) {
   alpha = DeviceBuffer::upload(l.alpha);
   beta = DeviceBuffer::upload(l.beta);
   limit = DeviceBuffer::upload(l.limit);
-  w13_tiled = DeviceBuffer();
-  w2_tiled = DeviceBuffer();
+  for (DeviceBuffer* b : {&w13_tiled, &w13_scale_tiled, &w2_tiled, &w2_scale_tiled}) *b = DeviceBuffer();
   prepare_tiled(l.spec);
 }
 
@@ -31,11 +30,17 @@ void DeviceLayer::prepare_tiled(const MoeSpec& spec) {
   all.local_expert_offset = 0;
   all.local_num_experts = 0;
   w13_tiled = DeviceBuffer(w13.bytes());
+  w13_scale_tiled = DeviceBuffer(w13_scale.bytes());
   w2_tiled = DeviceBuffer(w2.bytes());
-  auto prepare = [&](const Layer& layer) {
-    layer.prepare_weights(w13.get<uint8_t>(), w2.get<uint8_t>(), w13_tiled.get<uint8_t>(),
-                          w2_tiled.get<uint8_t>(), nullptr);
-  };
+  w2_scale_tiled = DeviceBuffer(w2_scale.bytes());
+  MoeInputs in;
+  in.w13 = w13.get<uint8_t>();
+  in.w13_scale = w13_scale.get();
+  in.w2 = w2.get<uint8_t>();
+  in.w2_scale = w2_scale.get();
+  const TiledWeights out{w13_tiled.get<uint8_t>(), w13_scale_tiled.get(), w2_tiled.get<uint8_t>(),
+                         w2_scale_tiled.get()};
+  auto prepare = [&](const Layer& layer) { layer.prepare_weights(in, out, nullptr); };
   if (all.finalize) prepare(compile_finalized(all));
   else prepare(compile_unfinalized(all));
   CUDA_OK(cudaDeviceSynchronize());
@@ -59,12 +64,20 @@ MoeInputs DeviceLayer::inputs(const MoeSpec& spec) const {
   in.topk_weights = pre ? topk_weights.get<float>() : nullptr;
   const bool tiled = spec.weight_format == WeightFormat::MxInt4G32Tiled;
   in.w13 = (tiled ? w13_tiled : w13).get<uint8_t>();
-  in.w13_scale = w13_scale.get();
+  in.w13_scale = (tiled ? w13_scale_tiled : w13_scale).get();
   in.w2 = (tiled ? w2_tiled : w2).get<uint8_t>();
-  in.w2_scale = w2_scale.get();
+  in.w2_scale = (tiled ? w2_scale_tiled : w2_scale).get();
   in.swiglu_alpha = spec.swiglu_alpha ? alpha.get<float>() : nullptr;
   in.swiglu_beta = spec.swiglu_beta ? beta.get<float>() : nullptr;
   in.swiglu_limit = spec.swiglu_limit ? limit.get<float>() : nullptr;
+  return in;
+}
+
+MoeInputs DeviceLayer::row_major(MoeInputs in) const {
+  in.w13 = w13.get<uint8_t>();
+  in.w13_scale = w13_scale.get();
+  in.w2 = w2.get<uint8_t>();
+  in.w2_scale = w2_scale.get();
   return in;
 }
 
