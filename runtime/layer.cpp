@@ -641,14 +641,18 @@ class LayerImpl {
       const uint8_t* src = static_cast<const uint8_t*>(t.src) + first * expert_bytes;
       uint8_t* dst = static_cast<uint8_t*>(t.dst) + first * expert_bytes;
       const long long bytes = local * expert_bytes;
-      for (const Tensor& o : tensors) {  // no output may overlap any input
-        const uint8_t* osrc = static_cast<const uint8_t*>(o.src) + first * o.rows * o.row_bytes;
+      for (const Tensor& o : tensors) {  // no output may overlap any input or another output
         const long long obytes = local * o.rows * o.row_bytes;
+        const uint8_t* osrc = static_cast<const uint8_t*>(o.src) + first * o.rows * o.row_bytes;
+        const uint8_t* odst = static_cast<const uint8_t*>(o.dst) + first * o.rows * o.row_bytes;
         if (osrc < dst + bytes && dst < osrc + obytes)
           throw Error(ErrorKind::InvalidArgument,
                       fmt::format("prepare_weights: the output for {} overlaps the input {} (the "
                                   "rewrite is not in place)",
                                   t.name, o.name));
+        if (&o != &t && odst < dst + bytes && dst < odst + obytes)
+          throw Error(ErrorKind::InvalidArgument,
+                      fmt::format("prepare_weights: the outputs for {} and {} overlap", t.name, o.name));
       }
       moejit_dev::PrepareParams pp{src, dst, local * t.rows, static_cast<int32_t>(t.row_bytes),
                                    t.block, t.chunk_units};

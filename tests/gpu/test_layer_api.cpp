@@ -20,6 +20,18 @@ moejit::MoeSpec small_spec() {
   return s;
 }
 
+// fn() throws moejit::Error of kind InvalidArgument whose message contains needle.
+template <class Fn>
+void expect_error(Fn&& fn, const char* needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "no error for " << needle;
+  } catch (const moejit::Error& e) {
+    EXPECT_EQ(e.kind(), moejit::ErrorKind::InvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr(needle));
+  }
+}
+
 struct Fixture {
   moejit::MoeSpec spec = small_spec();
   moejit::ref::HostLayer host;
@@ -91,15 +103,6 @@ TEST(GpuLayerApi, LaunchRejectsBadArguments) {
   DeviceBuffer ws(layer.workspace_bytes(f.T));
   DeviceBuffer out(static_cast<size_t>(f.T) * f.spec.hidden * 2);
   auto in = f.dev.inputs(f.spec);
-  auto expect_error = [&](auto&& fn, const char* needle) {
-    try {
-      fn();
-      ADD_FAILURE() << "no error for " << needle;
-    } catch (const moejit::Error& e) {
-      EXPECT_EQ(e.kind(), moejit::ErrorKind::InvalidArgument);
-      EXPECT_THAT(e.what(), HasSubstr(needle));
-    }
-  };
   expect_error([&] { layer.launch(in, f.T, {out.get()}, {ws.get(), ws.bytes() - 1}, nullptr); },
                "workspace.bytes");
   expect_error([&] { layer.launch(in, -1, {out.get()}, {ws.get(), ws.bytes()}, nullptr); },
@@ -114,6 +117,82 @@ TEST(GpuLayerApi, LaunchRejectsBadArguments) {
                "routing_bias");
   // Zero tokens: nothing to do, no error.
   EXPECT_NO_THROW(layer.launch(in, 0, {out.get()}, {ws.get(), ws.bytes()}, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+}
+
+// Layer::prepare_weights against the layout moejit.h describes, computed here byte by byte
+// (blocks of 32 rows for w13 and its scales, 64 for w2 and its scales; [chunk][row][chunk bytes
+// of a row], the weights' 16-byte units at u ^ (row % 8)), with expert parallelism (only the
+// local experts' bytes written), and its argument errors.
+TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
+  MOEJIT_REQUIRE_GPU();
+  moejit::MoeSpec spec = small_spec();
+  spec.intermediate = 256;
+  spec.weight_format = moejit::WeightFormat::MxInt4G32Tiled;
+  spec.local_expert_offset = 3;
+  spec.local_num_experts = 5;
+  const moejit::ref::HostLayer host = moejit::ref::make_weights(spec, 9);
+  moejit::ref::DeviceLayer dev;
+  dev.upload_weights(host);  // (a tiled spec: also prepares, which this test repeats by hand)
+  const auto layer = moejit::compile_finalized(spec);
+  moejit::MoeInputs in = dev.row_major(dev.inputs(spec));
+  DeviceBuffer o13(dev.w13.bytes()), s13(dev.w13_scale.bytes()), o2(dev.w2.bytes()), s2(dev.w2_scale.bytes());
+  for (DeviceBuffer* b : {&o13, &s13, &o2, &s2}) b->poison();
+  const moejit::TiledWeights out{o13.get<uint8_t>(), s13.get(), o2.get<uint8_t>(), s2.get()};
+  layer.prepare_weights(in, out, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const long long E = spec.num_experts, H = spec.hidden, I = spec.intermediate;
+  struct Tensor {
+    const char* name;
+    std::vector<uint8_t> want, got;
+    long long rows, row_bytes, block, chunk_bytes;
+  };
+  auto bytes_of = [](const auto& v) {
+    const auto* p = reinterpret_cast<const uint8_t*>(v.data());
+    return std::vector<uint8_t>(p, p + v.size() * sizeof(v[0]));
+  };
+  Tensor tensors[4] = {{"w13", bytes_of(host.w13), o13.download<uint8_t>(), 2 * I, H / 2, 32, 128},
+                       {"w13_scale", bytes_of(host.w13_scale), s13.download<uint8_t>(), 2 * I, H / 16, 32, 16},
+                       {"w2", bytes_of(host.w2), o2.download<uint8_t>(), H, I / 2, 64, 128},
+                       {"w2_scale", bytes_of(host.w2_scale), s2.download<uint8_t>(), H, I / 16, 64, 16}};
+  for (const Tensor& t : tensors) {
+    SCOPED_TRACE(t.name);
+    ASSERT_EQ(t.want.size(), static_cast<size_t>(E * t.rows * t.row_bytes));
+    ASSERT_EQ(t.got.size(), t.want.size());
+    size_t wrong = 0, untouched_wrong = 0;
+    for (long long e = 0; e < E; ++e) {
+      const bool local = e >= spec.local_expert_offset && e < spec.local_expert_offset + spec.local_num_experts;
+      for (long long row = e * t.rows; row < (e + 1) * t.rows; ++row)
+        for (long long b = 0; b < t.row_bytes; ++b) {
+          const long long blk = row / t.block, r = row % t.block;
+          const long long chunk = b / t.chunk_bytes, in_chunk = b % t.chunk_bytes;
+          const long long unit = in_chunk / 16, swz = t.chunk_bytes == 128 ? (unit ^ (r % 8)) : unit;
+          const long long at = blk * t.block * t.row_bytes + chunk * t.block * t.chunk_bytes +
+                               r * t.chunk_bytes + swz * 16 + in_chunk % 16;
+          const uint8_t want = t.want[static_cast<size_t>(row * t.row_bytes + b)];
+          if (local) wrong += t.got[static_cast<size_t>(at)] != want;
+          else untouched_wrong += t.got[static_cast<size_t>(at)] != 0xff;  // poison: 0xff bytes
+        }
+    }
+    EXPECT_EQ(wrong, 0u);
+    EXPECT_EQ(untouched_wrong, 0u);
+  }
+  moejit::TiledWeights bad = out;
+  bad.w2_scale = nullptr;
+  expect_error([&] { layer.prepare_weights(in, bad, nullptr); }, "w2_scale or its output is null");
+  bad = out;
+  bad.w13 = o13.get<uint8_t>() + 1;
+  expect_error([&] { layer.prepare_weights(in, bad, nullptr); }, "w13 or its output is not 16-byte aligned");
+  bad = out;
+  bad.w2 = const_cast<uint8_t*>(in.w2);
+  expect_error([&] { layer.prepare_weights(in, bad, nullptr); }, "overlaps the input w2");
+  bad = out;
+  bad.w2 = o13.get<uint8_t>();  // local w2 bytes [98304, 262144) of it, w13's [196608, 524288)
+  expect_error([&] { layer.prepare_weights(in, bad, nullptr); }, "outputs for w13 and w2 overlap");
+  moejit::MoeSpec row_major = spec;
+  row_major.weight_format = moejit::WeightFormat::MxInt4G32;
+  expect_error([&] { moejit::compile_finalized(row_major).prepare_weights(in, out, nullptr); },
+               "weight_format = MxInt4G32 reads the weights as they are");
   CUDA_OK(cudaDeviceSynchronize());
 }
 
