@@ -416,7 +416,6 @@ class LayerImpl {
   // of two rows of one group are 128 contiguous bytes).
   void encode_stream_tma(moejit_dev::GemmParams& g, const compiler::StreamConfig& c,
                          bool gemm1) const {
-    const MoeSpec& s = plan_.spec;
     const int rows = g.unit_rows == 16 || g.unit_rows == 32 || g.unit_rows == 64 ? g.unit_rows
                                                                                 : c.unit_rows;
     const int kc = c.k_stage_for(rows);
@@ -437,9 +436,7 @@ class LayerImpl {
         return;
       }
     }
-    const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
-    const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
-                                  static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
+    const auto [K, total_rows, B] = weight_shape(gemm1);
     const cuuint32_t box_rows = static_cast<cuuint32_t>(gemm1 ? rows / 2 : rows);
     encode_weights(g.tma_w, g.w, gemm1, box_rows, kc);
     if (tiled()) {
@@ -494,6 +491,19 @@ class LayerImpl {
 
   bool tiled() const { return plan_.spec.weight_format == WeightFormat::MxInt4G32Tiled; }
 
+  // A GEMM's weight tensor (w13, or w2) as its maps see it: K, rows up to the last local
+  // expert (rows are indexed by global expert id), and the rows per block of the tiled layout.
+  struct WeightShape {
+    cuuint64_t K, rows, block;
+  };
+  WeightShape weight_shape(bool gemm1) const {
+    const MoeSpec& s = plan_.spec;
+    return {static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate),
+            static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
+                static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden),
+            static_cast<cuuint64_t>(gemm1 ? moejit_dev::kTiledRowsW13 : moejit_dev::kTiledRowsW2)};
+  }
+
   // The weights of a GEMM (w13, or w2) as {128 bytes, row in block, K / 256 chunks, block}
   // (blocks of kTiledRowsW13 / kTiledRowsW2 rows, moejit_params.h) with boxes of {128, box_rows,
   // box_k / 256, 1}, landing as [chunk][row][128 bytes] with the 128-byte swizzle: the layout
@@ -503,10 +513,7 @@ class LayerImpl {
   // blocks. Rows are indexed by global expert id.
   void encode_weights(moejit_dev::TmaDesc& out, const void* w, bool gemm1, unsigned box_rows,
                       int box_k, bool flat = false) const {
-    const MoeSpec& s = plan_.spec;
-    const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
-    const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
-                                  static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
+    const auto [K, total_rows, B] = weight_shape(gemm1);
     const char* what = gemm1 ? "w13" : "w2";
     const cuuint32_t chunks = static_cast<cuuint32_t>(box_k / 256);
     if (flat) {
@@ -516,7 +523,6 @@ class LayerImpl {
       encode_tiled(out, w, 3, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_128B, what);
       return;
     }
-    const cuuint64_t B = gemm1 ? moejit_dev::kTiledRowsW13 : moejit_dev::kTiledRowsW2;
     const cuuint64_t dims[4] = {128, B, K / 256, total_rows / B};
     const cuuint64_t row_major[3] = {K / 2, 128, B * K / 2};
     const cuuint64_t tiled_strides[3] = {128, B * 128, B * K / 2};
@@ -532,11 +538,7 @@ class LayerImpl {
   // chunk, row / B).
   void encode_tiled_scales(moejit_dev::TmaDesc& out, const void* scales, bool gemm1,
                            unsigned box_rows, int box_k) const {
-    const MoeSpec& s = plan_.spec;
-    const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
-    const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
-                                  static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
-    const cuuint64_t B = gemm1 ? moejit_dev::kTiledRowsW13 : moejit_dev::kTiledRowsW2;
+    const auto [K, total_rows, B] = weight_shape(gemm1);
     const cuuint64_t dims[3] = {2 * B, K / 256, total_rows / B};
     const cuuint64_t strides[2] = {B * 16, B * K / 16};
     const cuuint32_t box[3] = {2 * box_rows, static_cast<cuuint32_t>(box_k / 256), 1};
@@ -549,46 +551,25 @@ class LayerImpl {
   // rows lands row-major, [row][K / 16 bytes], the layout the resident layer reads. Kept like
   // weight_map's maps (keyed with a null weight pointer).
   moejit_dev::TmaDesc scale_map(const void* scales, bool gemm1, int box_rows) const {
-    const TmaKey key{nullptr, scales, nullptr, nullptr, box_rows, 0, gemm1};
-    {
-      std::lock_guard<std::mutex> lock(tma_mu_);
-      if (auto it = tma_cache_.find(key); it != tma_cache_.end()) return it->second[0];
-    }
-    moejit_dev::TmaDesc m;
-    {
-      const MoeSpec& s = plan_.spec;
-      const cuuint64_t K = static_cast<cuuint64_t>(gemm1 ? s.hidden : s.intermediate);
-      const cuuint64_t total_rows = static_cast<cuuint64_t>(s.local_expert_offset + s.local_experts()) *
-                                    static_cast<cuuint64_t>(gemm1 ? 2 * s.intermediate : s.hidden);
-      const cuuint64_t B = gemm1 ? moejit_dev::kTiledRowsW13 : moejit_dev::kTiledRowsW2;
+    return cached_map({nullptr, scales, nullptr, nullptr, box_rows, 0, gemm1}, [&](moejit_dev::TmaDesc& m) {
+      const auto [K, total_rows, B] = weight_shape(gemm1);
       const cuuint64_t dims[4] = {16, K / 256, B, total_rows / B};
       const cuuint64_t strides[3] = {B * 16, 16, B * K / 16};
       const cuuint32_t box[4] = {16, static_cast<cuuint32_t>(K / 256), static_cast<cuuint32_t>(box_rows), 1};
       encode_tiled(m, scales, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_NONE,
                    gemm1 ? "w13_scale" : "w2_scale");
-    }
-    std::lock_guard<std::mutex> lock(tma_mu_);
-    if (tma_cache_.size() >= kTmaCacheEntries) tma_cache_.clear();
-    tma_cache_.emplace(key, std::array<moejit_dev::TmaDesc, 3>{m, {}, {}});
-    return m;
+    });
   }
 
   // The resident layer's weight map of w (encode_weights), kept per pointer and box like the
-  // stream GEMMs' maps (scale and activation pointers null in the key).
+  // stream GEMMs' maps (scale and activation pointers null in the key; a flat map keyed by
+  // -box_rows, apart from a 4-D map of the same box).
   moejit_dev::TmaDesc weight_map(const void* w, bool gemm1, int box_rows, int box_k,
                                  bool flat = false) const {
-    // (A flat map is keyed by -box_rows: apart from a 4-D map of the same box.)
-    const TmaKey key{w, nullptr, nullptr, nullptr, flat ? -box_rows : box_rows, box_k, gemm1};
-    {
-      std::lock_guard<std::mutex> lock(tma_mu_);
-      if (auto it = tma_cache_.find(key); it != tma_cache_.end()) return it->second[0];
-    }
-    moejit_dev::TmaDesc m;
-    encode_weights(m, w, gemm1, static_cast<unsigned>(box_rows), box_k, flat);
-    std::lock_guard<std::mutex> lock(tma_mu_);
-    if (tma_cache_.size() >= kTmaCacheEntries) tma_cache_.clear();
-    tma_cache_.emplace(key, std::array<moejit_dev::TmaDesc, 3>{m, {}, {}});
-    return m;
+    return cached_map({w, nullptr, nullptr, nullptr, flat ? -box_rows : box_rows, box_k, gemm1},
+                      [&](moejit_dev::TmaDesc& m) {
+                        encode_weights(m, w, gemm1, static_cast<unsigned>(box_rows), box_k, flat);
+                      });
   }
 
   // after_gemm2: launched right behind this layer's gemm2, with PDL (the kernel reads the row
@@ -791,6 +772,21 @@ class LayerImpl {
   static constexpr size_t kTmaCacheEntries = 4096;  // ~1.8 MB
   mutable std::mutex tma_mu_;
   mutable std::map<TmaKey, std::array<moejit_dev::TmaDesc, 3>> tma_cache_;
+
+  // One map kept in tma_cache_ under `key`, encoded by encode(desc) the first time.
+  template <class Encode>
+  moejit_dev::TmaDesc cached_map(const TmaKey& key, Encode&& encode) const {
+    {
+      std::lock_guard<std::mutex> lock(tma_mu_);
+      if (auto it = tma_cache_.find(key); it != tma_cache_.end()) return it->second[0];
+    }
+    moejit_dev::TmaDesc m;
+    encode(m);
+    std::lock_guard<std::mutex> lock(tma_mu_);
+    if (tma_cache_.size() >= kTmaCacheEntries) tma_cache_.clear();
+    tma_cache_.emplace(key, std::array<moejit_dev::TmaDesc, 3>{m, {}, {}});
+    return m;
+  }
 };
 
 // ---- Layer -----------------------------------------------------------------------------------
