@@ -185,7 +185,8 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           "  static constexpr int kSlotBytes = {};  // a chain's ring slot\n"
           "  static constexpr bool kPackedOnly = {};  // gemm2: one x plane, packed units only\n"
           "  static constexpr bool kRoutedIds = {};  // gemm1: up to 8 routed ids packed beside the fused block's word\n"
-          "  static constexpr bool kTiledW = {};  // weights in WeightFormat::MxInt4G32Tiled\n",
+          "  static constexpr bool kTiledW = {};  // weights in WeightFormat::MxInt4G32Tiled\n"
+          "  static constexpr bool kChainFinalize = {};  // a chain's gemm2 finalizes the output at its end\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
           s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
           bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
@@ -194,7 +195,7 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           b(c.tma && c.dynamic_units), b(c.tma && !g1 && c.x_boxes),
           b(g1 && c.early_unit), b(g1 && c.early_unit && bk.fused_route), b(c.tile_ready), b(c.tma && c.dynamic_units && c.early_fetch),
           b(c.tma && c.evict_first), c.chain, c.chain ? c.slot_bytes : stage_bytes,
-          b(!g1 && c.packed_only), b(g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff), b(tiled(s))) +
+          b(!g1 && c.packed_only), b(g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff), b(tiled(s)), b(!g1 && c.chain == 2 && c.chain_finalize)) +
          swiglu_cfg(s, g1);
 }
 

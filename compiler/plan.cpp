@@ -700,6 +700,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         c1.ring_bytes = c2.ring_bytes = c1.stages * slot;
         c1.chain = 1;
         c2.chain = 2;
+        // The finalize at the end of the chain's blocks ("chx=0": the finalize kernel after it).
+        c2.chain_finalize = spec.finalize && flag_of("chx", true, "the chain's finalize in its blocks");
         b.c1 = c1;
         b.c2 = c2;
         b.chain_tokens = po ? std::min(4, hi) : hi;
@@ -730,7 +732,10 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       plan.kernels.push_back({fmt::format("resident_b{}", i), KernelRole::Resident,
                               {"route", "gemm1", "gemm2", "finalize"}, bi});
     if (plan.buckets[i].chain_tokens > 0)
-      plan.kernels.push_back({fmt::format("chain_b{}", i), KernelRole::Chain, {"gemm1", "gemm2"}, bi});
+      plan.kernels.push_back({fmt::format("chain_b{}", i), KernelRole::Chain,
+                              plan.buckets[i].c2.chain_finalize ? std::vector<std::string>{"gemm1", "gemm2", "finalize"}
+                                                                : std::vector<std::string>{"gemm1", "gemm2"},
+                              bi});
   }
   // The finalize kernel is also what moejit::finalize() launches for an unfinalized layer.
   plan.kernels.push_back({"finalize", KernelRole::Finalize, {"finalize"}, -1});
@@ -781,9 +786,10 @@ std::string describe(const Plan& plan) {
                                   b.res.grid, b.res.warps, b.res.k_part1, b.res.window, b.res.units1,
                                   b.res.units2, b.res.smem)
                       : std::string()) +
-            (b.chain_tokens > 0 ? fmt::format(" chain(tokens<={} k_stage1={} k_stage2={} stages={} slot_bytes={}{})",
+            (b.chain_tokens > 0 ? fmt::format(" chain(tokens<={} k_stage1={} k_stage2={} stages={} slot_bytes={}{}{})",
                                               b.chain_tokens, b.c1.k_stage, b.c2.k_stage, b.c1.stages,
-                                              b.c1.slot_bytes, b.c2.packed_only ? " packed_only=1" : "")
+                                              b.c1.slot_bytes, b.c2.packed_only ? " packed_only=1" : "",
+                                              b.c2.chain_finalize ? " finalize=1" : "")
                                 : std::string()));
   }
   for (const KernelPlan& k : plan.kernels) {

@@ -97,6 +97,10 @@ struct StreamConfig {
   // Gemm1 with early_unit behind the fused route+dispatch block: up to 8 routed slots, the ids
   // read packed beside the block's word (RouteDispatchParams::routed) instead of after it.
   bool routed_ids = true;
+  // A chain's gemm2 (chain 2) of a finalized layer: each block, after its last unit, counts its
+  // units per feature slice and finalizes the slices it completes (stream::chain_finalize), so
+  // that the layer has no finalize kernel.
+  bool chain_finalize = false;
 
   // Gemm1 with tile_ready has one more warp, which publishes its finished units.
   int threads(bool gemm1) const { return 32 * (consumer_warps + producer_warps + (gemm1 && tile_ready)); }
@@ -113,7 +117,7 @@ struct StreamConfig {
            x_boxes == o.x_boxes && early_unit == o.early_unit && tile_ready == o.tile_ready &&
            early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks &&
            chain == o.chain && slot_bytes == o.slot_bytes && packed_only == o.packed_only &&
-           routed_ids == o.routed_ids;
+           routed_ids == o.routed_ids && chain_finalize == o.chain_finalize;
   }
 };
 

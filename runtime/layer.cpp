@@ -252,9 +252,10 @@ class LayerImpl {
     l.act = take(static_cast<size_t>(l.rows) * s.intermediate * 4);  // bf16 hi + lo planes
     l.y = take(static_cast<size_t>(l.rows) * s.hidden * 4);  // fp32 gemm2 rows
     // The fused finalize's per-token counters, or the stream GEMMs' unit counters (words 0 and
-    // 32: one 128-byte line each) and, from word 64, their tiles' ready words (tile_ready).
+    // 32: one 128-byte line each) and, from word 64, their tiles' ready words (tile_ready), then
+    // a chain's finished units per 64-feature slice of the output (StreamConfig::chain_finalize).
     l.counters = take(std::max<size_t>(static_cast<size_t>(T) * (s.hidden / 16),
-                                       64 + static_cast<size_t>(l.max_tiles)) * 4);
+                                       64 + static_cast<size_t>(l.max_tiles) + s.hidden / 64) * 4);
     // The fused route+dispatch block's word for gemm1's early first unit (its own line: dispatch
     // zeroes the counters after setting it).
     l.routed = take(128);
@@ -334,15 +335,18 @@ class LayerImpl {
     const int feature_blocks = s.hidden / (16 * b.gemm2.warps_n);
     const bool tile_ready = b.s1.tile_ready;  // (the planner sets it on stream buckets only)
     int32_t* ready = tile_ready ? counters + 64 : nullptr;
-    // Both GEMMs as one chain kernel (64-row units, its own stage depths), or the two kernels.
+    // Both GEMMs as one chain kernel (64-row units, its own stage depths), or the two kernels;
+    // a chain of a finalized launch may finalize in its blocks (counts per 64-feature slice).
     const size_t chain = chain_for(T);
+    const bool chain_final = chain != kNone && b.c2.chain_finalize && outs.final_out;
     // The stream GEMMs' weights with the L2 evict-first policy, where their kernels carry it.
     const bool evict_first = b.stream && compiler::evict_first_for(plan_, T);
     moejit_dev::DispatchParams dp{topk_ids, counts, offsets, tile_expert, e2p, p2s, T,
                                   l.tile, static_cast<int32_t>(l.max_tiles),
                                   fused || b.stream ? counters : nullptr,
                                   fused ? T * feature_blocks
-                                        : b.stream ? 64 + (tile_ready ? static_cast<int>(l.max_tiles) : 0)
+                                        : b.stream ? 64 + (tile_ready ? static_cast<int>(l.max_tiles) : 0) +
+                                                         (chain_final ? s.hidden / 64 : 0)
                                                    : 0,
                                   fused ? outs.final_out : nullptr, s.hidden, tile_rows};
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
@@ -368,6 +372,10 @@ class LayerImpl {
                               fused ? counters : nullptr, e2p, weights,
                               fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32, nullptr,
                               ready, 0, nullptr};
+    if (chain_final) {
+      g2.token_counters = counters + 64 + l.max_tiles;
+      g2.final_out = outs.final_out;
+    }
     if (b.stream) {
       g2.unit_rows = chain != kNone ? c2.unit_rows
                                     : compiler::choose_unit_rows(b.s2, s, false, T,
@@ -401,7 +409,7 @@ class LayerImpl {
                   s.intermediate / (16 * b.gemm1.warps_n), &g1, stream);
       launch_gemm(gemm2_[bucket], static_cast<unsigned>(l.max_tiles), feature_blocks, &g2, stream);
     }
-    if (outs.final_out && !fused)
+    if (outs.final_out && !fused && !chain_final)
       run_finalize(y, weights, e2p, outs.final_out, T, stream, /*after_gemm2=*/true);
   }
 
@@ -646,8 +654,9 @@ class LayerImpl {
     if (T == 0) return 0;
     if (resident_for(T, plan_.spec.finalize) != kNone) return 1;
     const compiler::Bucket& b = plan_.buckets[plan_.bucket_for(T)];
-    return (b.fused_route ? 1 : 2) + (chain_for(T) != kNone ? 1 : 2) +
-           (plan_.spec.finalize && !b.fused_finalize ? 1 : 0);
+    const bool chain = chain_for(T) != kNone;
+    return (b.fused_route ? 1 : 2) + (chain ? 1 : 2) +
+           (plan_.spec.finalize && !b.fused_finalize && !(chain && b.c2.chain_finalize) ? 1 : 0);
   }
 
   const Plan& plan() const { return plan_; }

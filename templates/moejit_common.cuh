@@ -67,6 +67,13 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
   asm volatile("ld.acquire.gpu.global.s32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+// An addition that returns the old value, ordered after this thread's earlier writes (and those
+// ordered before them, e.g. by a barrier: release) and before its later accesses (acquire).
+__device__ __forceinline__ int atom_add_acq_rel_gpu(int* p, int v) {
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;\n" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
 // A count taken by one thread that waits for the old value where it is first used. ptxas turns
 // an integer add at a uniform address (atomicAdd, atom.add or atom.inc in inline PTX, 32 or 64
 // bits) into a warp-aggregated atomic whose result is shuffled to the lanes right after it, so
@@ -221,6 +228,34 @@ __device__ __forceinline__ void split_bf16(float v, __nv_bfloat16& hi, __nv_bflo
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The finalize of 8 features h .. h + 7 of one token: bf16(sum_j ws[j] * y[rows[j], h ..]) over
+// ascending j in fp32, slots with rows[j] < 0 skipped. Shared by the finalize kernel and a chain
+// kernel's finalize (moejit_stream.cuh), which must give the same bits. y: fp32 rows of H
+// features; kL2: loads not served from L1 (rows other blocks wrote during the launch).
+template <int H, int K, bool kL2>
+__device__ __forceinline__ uint4 weighted_rows8(const float* y, const int (&rows)[K], const float (&ws)[K], int h) {
+  float acc[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
+#pragma unroll
+  for (int j = 0; j < K; ++j) {
+    const int row = rows[j];
+    if (row < 0) continue;
+    const float w = ws[j];
+    const float4* r = reinterpret_cast<const float4*>(y + static_cast<long long>(row) * H + h);
+    const float4 a = kL2 ? __ldcg(r) : r[0], b = kL2 ? __ldcg(r + 1) : r[1];
+    const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[i] += w * f[i];
+  }
+  uint4 o;
+  o.x = pack_bf16x2(acc[0], acc[1]);
+  o.y = pack_bf16x2(acc[2], acc[3]);
+  o.z = pack_bf16x2(acc[4], acc[5]);
+  o.w = pack_bf16x2(acc[6], acc[7]);
+  return o;
 }
 
 }  // namespace moejit_dev

@@ -37,26 +37,7 @@ __device__ void finalize_kernel(const FinalizeParams& p) {
   if (threadIdx.x == 0) tl_stamp(tls, kTlFinWaited);
   if (t >= p.num_tokens || h >= H) return;
 
-  float acc[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
-#pragma unroll
-  for (int j = 0; j < K; ++j) {
-    const int row = rows[j];
-    if (row < 0) continue;
-    const float w = ws[j];
-    const float4* y = reinterpret_cast<const float4*>(static_cast<const float*>(p.y) +
-                                                      static_cast<long long>(row) * H + h);
-    const float4 a = y[0], b = y[1];
-    const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) acc[i] += w * f[i];
-  }
-  uint4 o;
-  o.x = pack_bf16x2(acc[0], acc[1]);
-  o.y = pack_bf16x2(acc[2], acc[3]);
-  o.z = pack_bf16x2(acc[4], acc[5]);
-  o.w = pack_bf16x2(acc[6], acc[7]);
+  const uint4 o = weighted_rows8<H, K, false>(static_cast<const float*>(p.y), rows, ws, h);
   *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + static_cast<long long>(t) * H + h) = o;
   if (threadIdx.x == 0) tl_stamp(tls, kTlFinEnd);
 }

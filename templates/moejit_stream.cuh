@@ -502,6 +502,7 @@ struct Smem {
   int4* unit_q;
   int* early;
   int* epi_tile;
+  unsigned short* fin_count = nullptr;  // a chain's gemm2 with Cfg::kChainFinalize: units per slice
 };
 template <class Cfg>
 struct Shared {
@@ -512,6 +513,74 @@ struct Shared {
   int early[Cfg::kGemm1 && Cfg::kTma && Cfg::kDynamicUnits && Cfg::kEarlyUnit ? Cfg::kLocalExperts + 8 : 1];
   __device__ Smem view() { return {bars, red, unit_q, early, epi_tile}; }
 };
+// A chain's finalize (Cfg::kChainFinalize, stream_chain): per slice of gemm2's output (a unit's
+// features), the units this block wrote (its consumer thread 0 counts them during the phase);
+// at the end, in the reduction buffer (free by then), the slices the block finalizes and the
+// launch's first kFinSlots row map entries and routing weights.
+constexpr int kFinSlots = 32;
+template <int kSlices>
+struct FinEnd {
+  int list[kSlices];
+  int n_list;
+  int rows[kFinSlots];
+  float ws[kFinSlots];
+};
+
+// The end of a chain's gemm2 phase with Cfg::kChainFinalize, by its CW consumer warps (the
+// finalize kernel's work without its launch): after the block's last unit, each slice it wrote
+// adds the block's units of it to the slice's word (GemmParams::token_counters, zeroed by
+// dispatch; one acq_rel atomic per slice, all at once: the release covers the block's y rows,
+// ordered before it by the consumers' barrier), and the block whose addition completes a slice
+// (n_tiles units) finalizes that slice for every token with the finalize kernel's arithmetic
+// (weighted_rows8: the same bits). No hand-off per unit, which bench/RESULTS.md section 26e
+// measured at 1-2.3 us. With no row tile at all (no local slot) no unit counts a slice: block b
+// then writes the zeros of slices b, b + grid, ... . (H200, one to four kimi-k2 tokens: the same
+// time as the finalize kernel behind the chain, one launch fewer; section 29.)
+template <class Cfg, int kRows>
+__device__ void chain_finalize(const GemmParams& p, const unsigned short* count, float* red, int n_tiles, int tid) {
+  constexpr int N = Cfg::kN, K = Cfg::kTopK, kSlices = N / kRows, kThreads = Cfg::kConsumerWarps * 32;
+  constexpr int kPer = kRows / 8;  // items (8 features) per slice and token
+  static_assert(sizeof(FinEnd<kSlices>) <= sizeof(float) * Cfg::kConsumerWarps * (Cfg::kUnitRows / 4) * 32,
+                "chain finalize: its list fits in the reduction buffer");
+  FinEnd<kSlices>& f = *reinterpret_cast<FinEnd<kSlices>*>(red);
+  const int slots = p.num_tokens * K;
+  // Dispatch's row map and the routing weights (complete: every block waited for dispatch).
+  for (int i = tid; i < slots && i < kFinSlots; i += kThreads) {
+    f.rows[i] = __ldcg(p.expanded_to_permuted + i);
+    f.ws[i] = __ldcg(p.weights + i);
+  }
+  if (tid == 0) f.n_list = 0;
+  consumer_barrier(kThreads);  // the block's y rows, all written
+  if (n_tiles == 0) {
+    if (tid == 0)
+      for (int s = blockIdx.x; s < kSlices; s += gridDim.x) f.list[f.n_list++] = s;
+  } else {
+    for (int s = tid; s < kSlices; s += kThreads) {
+      const int c = count[s];
+      if (c > 0 && atom_add_acq_rel_gpu(p.token_counters + s, c) + c == n_tiles) f.list[atomicAdd(&f.n_list, 1)] = s;
+    }
+  }
+  consumer_barrier(kThreads);  // (the list; and the acquires before the other threads' loads)
+  const int items = f.n_list * p.num_tokens * kPer;
+  const float* y = static_cast<const float*>(p.out);
+  __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.final_out);
+  for (int item = tid; item < items; item += kThreads) {
+    const int per_slice = p.num_tokens * kPer;
+    const int s = f.list[item / per_slice], r = item % per_slice;
+    const int t = r / kPer, h = s * kRows + (r % kPer) * 8;
+    int rows[K];
+    float ws[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      const int i = t * K + j;
+      rows[j] = i < kFinSlots ? f.rows[i] : __ldcg(p.expanded_to_permuted + i);
+      ws[j] = i < kFinSlots ? f.ws[i] : __ldcg(p.weights + i);
+    }
+    const uint4 o = weighted_rows8<N, K, true>(y, rows, ws, h);
+    *reinterpret_cast<uint4*>(out + static_cast<long long>(t) * N + h) = o;
+  }
+  if (tid == 0 && items > 0) tl_stamp(tl_slot(), kTlFinEnd);
+}
 }  // namespace stream
 
 // One unit-size path. kRows: weight rows per unit (Cfg::kUnitRows, or a smaller size of
@@ -630,6 +699,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   // entry. So no consumer waits for the release (a fence: one L2 round trip per unit).
   constexpr bool kReady = Cfg::kTileReady;
   constexpr bool kSignal = kGemm1 && kReady;
+  // A chain's gemm2 that finalizes the layer's output at its end (stream::chain_finalize).
+  constexpr bool kFinal = kChain == 2 && Cfg::kChainFinalize;
   uint64_t* epi_bar = bars + 2 * kMaxStages;
   uint64_t* epi_free = epi_bar + 2;
 
@@ -1509,6 +1580,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
 
     if constexpr (kSignal)
       if (kSplit || warp == 0) signal_unit(ui, u.tile);  // the unit's features are written
+    if constexpr (kFinal)
+      if (tid == 0) ++sm.fin_count[u.slice];
 
     (void)alpha;
     (void)beta;
@@ -1528,6 +1601,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   if (tid == 0 && ui > 0) tl_stamp(tls, kEvEnd);
   if (tid == 0) tl_block(kTlK, kTbEnd, tl_now());
   if (dyn && tid == 0) tl_block(kTlK, kTbUnits, ui);
+  if constexpr (kFinal)
+    if (warp < CW && p.final_out != nullptr) stream::chain_finalize<Cfg, kRows>(p, sm.fin_count, red, n_tiles, tid);
 }
 
 // Takes the unit-size path of p.unit_rows where it is compiled (Cfg::kAltRows), else the default.
@@ -1558,7 +1633,8 @@ __device__ void stream_gemm(const GemmParams& p) {
 // gemm1's last, and gemm2 needs no blocks of its own to start on the SMs gemm1's blocks leave.
 // Gemm2's units wait for their tiles as with Cfg::kTileReady. The phases share the static shared
 // memory (the mbarriers, the unit queue with gemm2's entries marked, stream::kChainG2Rows, and
-// the reduction buffer); the signal warp publishes gemm1's tiles and leaves.
+// the reduction buffer); the signal warp publishes gemm1's tiles and leaves. With
+// Cfg2::kChainFinalize the blocks also finalize the output at their end (stream::chain_finalize).
 template <class Cfg1, class Cfg2>
 __device__ void stream_chain(const ChainParams& p) {
   static_assert(Cfg1::kChain == 1 && Cfg2::kChain == 2 && Cfg1::kGemm1 && !Cfg2::kGemm1,
@@ -1568,9 +1644,17 @@ __device__ void stream_chain(const ChainParams& p) {
                     Cfg1::kUnitRows == Cfg2::kUnitRows && Cfg1::kAltRows == 0 && Cfg2::kAltRows == 0,
                 "stream chain: one ring, the same consumer warps and unit rows, one path each");
   __shared__ stream::Shared<Cfg1> sh;  // (gemm1's: its early plan; the reduction buffer fits both)
+  // Gemm2's finalize (Cfg2::kChainFinalize): its per-slice unit counts start at zero (gemm1's
+  // first block barrier orders this before them).
+  constexpr int kFinSlices = Cfg2::kChainFinalize ? Cfg2::kN / Cfg2::kUnitRows : 1;
+  __shared__ unsigned short fin_count[kFinSlices];
+  if constexpr (Cfg2::kChainFinalize)
+    for (int i = threadIdx.x; i < kFinSlices; i += blockDim.x) fin_count[i] = 0;
   stream::ChainState chain;
   stream_gemm_rows<Cfg1, Cfg1::kUnitRows, Cfg1::kKC>(p.g1, sh.view(), &chain);
-  stream_gemm_rows<Cfg2, Cfg2::kUnitRows, Cfg2::kKC>(p.g2, sh.view(), &chain);
+  stream::Smem v2 = sh.view();
+  v2.fin_count = fin_count;
+  stream_gemm_rows<Cfg2, Cfg2::kUnitRows, Cfg2::kKC>(p.g2, v2, &chain);
 }
 
 }  // namespace moejit_dev

@@ -1074,7 +1074,7 @@ TEST(Differential, SmallStreamChain) {
   for (const char* o : {"stream=1,dyn=1,res=0,ch=1", "stream=1,dyn=1,res=0,ch=1,sep=0", "stream=1,dyn=1,res=0,ch=1,eu=0",
                         "stream=1,dyn=1,res=0,ch=1,uf=0", "stream=1,dyn=1,res=0,ch=1,ef=0", "stream=1,dyn=1,res=0,ch=1,fr=0",
                         "stream=1,dyn=1,res=0,ch=1,chpo=1", "stream=1,dyn=1,res=0,ch=1,idw=0",
-                        "stream=1,dyn=1,res=0,ch=0"}) {
+                        "stream=1,dyn=1,res=0,ch=1,chx=0", "stream=1,dyn=1,res=0,ch=0"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("stream-chain[") + o + "]";
     std::vector<Case> cases;
@@ -1089,6 +1089,16 @@ TEST(Differential, SmallStreamChain) {
     multi.num_experts = 32;
     for (const int t : {1, 3, 8, 17}) cases.push_back(small_case(name + "-multi-stage", multi, t));
     for (const int t : {1, 3}) cases.push_back(small_case(name + "-ep", grouped_rank(small_stream_spec(), 5, 6, true), t));
+    // A rank none of whose experts is routed: no row tile at all, the output all zeros (the
+    // chain's finalize writes them without any unit counting a slice).
+    MoeSpec rank = small_stream_spec();
+    rank.local_expert_offset = 4;
+    rank.local_num_experts = 4;
+    for (const int t : {1, 3}) {
+      Case c = small_case(name + "-ep-unrouted", rank, t);
+      c.inputs.empty_experts = {4, 5, 6, 7};
+      cases.push_back(c);
+    }
     MoeSpec pre = small_stream_spec();
     pre.routing = RoutingMethod::Precomputed;
     for (const int t : {1, 2}) {
