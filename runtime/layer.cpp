@@ -554,18 +554,13 @@ class LayerImpl {
                  gemm1 ? "w13_scale" : "w2_scale", CU_TENSOR_MAP_DATA_TYPE_UINT64);
   }
 
-  // The resident layer's map of tiled scales: {16 bytes, K / 256 chunks, row in block, block}
-  // (the chunk dimension before the row's) with boxes of {16, K / 256, box_rows, 1}: a box of
-  // rows lands row-major, [row][K / 16 bytes], the layout the resident layer reads. Kept like
-  // weight_map's maps (keyed with a null weight pointer).
+  // The resident layer's map of tiled scales: encode_tiled_scales' map with boxes of box_rows
+  // rows and all of K, landing as [chunk][row][16 bytes] (moejit_resident.cuh Layout::s_at).
+  // Kept like weight_map's maps (keyed with a null weight pointer).
   moejit_dev::TmaDesc scale_map(const void* scales, bool gemm1, int box_rows) const {
     return cached_map({nullptr, scales, nullptr, nullptr, box_rows, 0, gemm1}, [&](moejit_dev::TmaDesc& m) {
-      const auto [K, total_rows, B] = weight_shape(gemm1);
-      const cuuint64_t dims[4] = {16, K / 256, B, total_rows / B};
-      const cuuint64_t strides[3] = {B * 16, 16, B * K / 16};
-      const cuuint32_t box[4] = {16, static_cast<cuuint32_t>(K / 256), static_cast<cuuint32_t>(box_rows), 1};
-      encode_tiled(m, scales, 4, dims, strides, box, CU_TENSOR_MAP_SWIZZLE_NONE,
-                   gemm1 ? "w13_scale" : "w2_scale");
+      encode_tiled_scales(m, scales, gemm1, static_cast<unsigned>(box_rows),
+                          static_cast<int>(weight_shape(gemm1).K));
     });
   }
 

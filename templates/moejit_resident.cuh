@@ -38,7 +38,7 @@
 // stream gemm2 packs both activation planes into one MMA), kSmem (the host's dynamic shared
 // memory figure less the 1 KiB alignment slack), kTiledW (WeightFormat::MxInt4G32Tiled: gemm2's
 // units split along the tiled layout's blocks of w2 rows, see resident_layer; the scales by maps
-// that land them in the row-major layout the consumers read).
+// that land them as they lie there, [chunk][row][16 bytes] per box: Layout::s_at).
 #pragma once
 
 #include "moejit_route.cuh"
@@ -102,6 +102,12 @@ struct Layout {
   static constexpr int kCorrFloats = H / 32 > 2 * S * (I / 32) ? H / 32 : 2 * S * (I / 32);
   static constexpr int kRed = kCorr + 4 * kCorrFloats;
   static constexpr int kPP1 = Cfg::kKP1 / 64;                      // gemm1 group pairs per part
+  // The scale word of groups G, G + 1 (G even) of row r of a box of R rows at offset 0: row-major
+  // [row][K / 16 bytes] (row bytes rb), or tiled [chunk][row][16 bytes] (one run per chunk of
+  // the box's rows, 16-byte rows: the 8 rows of an ldmatrix-sized read hit different banks).
+  __device__ static constexpr uint32_t s_at(int R, int rb, int r, int G) {
+    return Cfg::kTiledW ? (G >> 3) * (R * 16) + r * 16 + (G & 7) * 2 : r * rb + G * 2;
+  }
   static constexpr int kPairs2 = I / 64;
   // Gemm2 items (slot, A tile, chain set): all chains of a tile per item where the (slot, tile)
   // pairs keep every warp busy, else one chain per item.
@@ -274,10 +280,10 @@ __device__ void resident_layer(const ResidentParams& p) {
                     &p.tma_w1, 0, static_cast<unsigned>(row) % kTiledRowsW13, q * (KP / 256),
                     static_cast<unsigned>(row) / kTiledRowsW13, &bars[q]);
       } else {
-        if constexpr (Cfg::kTiledW)  // (a map that lands tiled scales row-major: [row][H / 16 bytes])
-          tma_load_4d(base + Lay::kS1 + (u * 16 + half * 8) * Lay::kS1Row, &p.tma_s1, 0, 0,
-                      static_cast<unsigned>(row) % kTiledRowsW13, static_cast<unsigned>(row) / kTiledRowsW13,
-                      &bars[0]);
+        if constexpr (Cfg::kTiledW)  // (the 8 rows' run of each chunk: [chunk][8 rows][16 bytes])
+          tma_load_3d(base + Lay::kS1 + (u * 16 + half * 8) * Lay::kS1Row, &p.tma_s1,
+                      2 * (static_cast<unsigned>(row) % kTiledRowsW13), 0,
+                      static_cast<unsigned>(row) / kTiledRowsW13, &bars[0]);
         else
           bulk_load(base + Lay::kS1 + (u * 16 + half * 8) * Lay::kS1Row,
                     s1 + static_cast<long long>(row) * Lay::kS1Row, 8 * Lay::kS1Row, &bars[0]);
@@ -295,10 +301,10 @@ __device__ void resident_layer(const ResidentParams& p) {
         } else {
           tma_load_3d(base + Lay::kW2 + j * Lay::kW2Slot, &p.tma_w2, 0, row, 0, &bars[P]);
         }
-      } else if constexpr (Cfg::kTiledW) {  // (landing row-major: [kR2 rows][I / 16 bytes])
-        tma_load_4d(base + Lay::kS2 + j * Lay::kR2 * Lay::kS2Row, &p.tma_s2, 0, 0,
-                    static_cast<unsigned>(row) % kTiledRowsW2, static_cast<unsigned>(row) / kTiledRowsW2,
-                    &bars[P]);
+      } else if constexpr (Cfg::kTiledW) {  // ([chunk][kR2 rows][16 bytes])
+        tma_load_3d(base + Lay::kS2 + j * Lay::kR2 * Lay::kS2Row, &p.tma_s2,
+                    2 * (static_cast<unsigned>(row) % kTiledRowsW2), 0,
+                    static_cast<unsigned>(row) / kTiledRowsW2, &bars[P]);
       } else {
         bulk_load(base + Lay::kS2 + j * Lay::kR2 * Lay::kS2Row,
                   s2 + static_cast<long long>(row) * Lay::kS2Row, n2 * I / 2, &bars[P]);
@@ -392,7 +398,7 @@ __device__ void resident_layer(const ResidentParams& p) {
         const int i = warp + m * W, u = i / CW1, c = i % CW1;
         if (i >= Cfg::kU1 * CW1 || u >= n1 || local_of((a1 + u) / (I / 8)) < 0) continue;
         const uint32_t wrow = base + Lay::kW1 + (u * 2 + lm_half) * Lay::kRB1 + lm_r * 128;
-        const uint32_t srow = base + Lay::kS1 + (u * 16 + g) * Lay::kS1Row;
+        const uint32_t srow = base + Lay::kS1 + u * 16 * Lay::kS1Row;  // the gate rows' box, then the up rows'
         // This part's first pair of chain c (its pairs are numbered from q * kPP1).
         const int pp0 = ((c - q * Lay::kPP1) % CW1 + CW1) % CW1;
 #pragma unroll 2
@@ -401,7 +407,8 @@ __device__ void resident_layer(const ResidentParams& p) {
           const int Gm = Gp + lm_gg;
           uint32_t r4[4];
           ldmatrix_x4(wrow + (Gm >> 3) * 1024 + (((Gm & 7) ^ lm_r) << 4), r4);
-          const uint32_t sg = lds32(srow + Gp * 2), su = lds32(srow + 8 * Lay::kS1Row + Gp * 2);
+          const uint32_t sg = lds32(srow + Lay::s_at(8, Lay::kS1Row, g, Gp)),
+                         su = lds32(srow + 8 * Lay::kS1Row + Lay::s_at(8, Lay::kS1Row, g, Gp));
           resident::PairB xv;
           xv.load(xb + Gp * 64, g == 0);
 #pragma unroll
@@ -510,7 +517,7 @@ __device__ void resident_layer(const ResidentParams& p) {
       if (16 * tile >= 8 * n2 || local_of(j) < 0) continue;
       const uint32_t wslot = base + Lay::kW2 + j * Lay::kW2Slot;
       const int row = 16 * tile + 8 * lm_half + lm_r;
-      const uint32_t srow = base + Lay::kS2 + (j * Lay::kR2 + 16 * tile + g) * Lay::kS2Row;
+      const uint32_t srow = base + Lay::kS2 + j * Lay::kR2 * Lay::kS2Row;  // the slot's box
       float acc[kPerItem][4];  // rows g, g + 8 x (hi, lo): C registers 0, 2 (hi) and 1, 3 (lo)
 #pragma unroll
       for (int k = 0; k < kPerItem; ++k)
@@ -523,7 +530,8 @@ __device__ void resident_layer(const ResidentParams& p) {
           const int Gp = 2 * pp, Gm = Gp + lm_gg;
           uint32_t r4[4];
           ldmatrix_x4(wslot + (Gm >> 3) * (Lay::kR2 * 128) + row * 128 + (((Gm & 7) ^ lm_r) << 4), r4);
-          const uint32_t s0 = lds32(srow + Gp * 2), s8 = lds32(srow + 8 * Lay::kS2Row + Gp * 2);
+          const uint32_t s0 = lds32(srow + Lay::s_at(Lay::kR2, Lay::kS2Row, 16 * tile + g, Gp)),
+                         s8 = lds32(srow + Lay::s_at(Lay::kR2, Lay::kS2Row, 16 * tile + g + 8, Gp));
           const uint32_t plane = j * I * 2 + Gp * 64;
           resident::PairB hv, lv;  // packed: hv has hi (g = 0) and lo (g = 1); else hi, lo (g = 0)
           if constexpr (Cfg::kPacked2) {
