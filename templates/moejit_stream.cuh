@@ -536,18 +536,20 @@ struct FinEnd {
 // measured at 1-2.3 us. With no row tile at all (no local slot) no unit counts a slice: block b
 // then writes the zeros of slices b, b + grid, ... . (H200, one to four kimi-k2 tokens: the same
 // time as the finalize kernel behind the chain, one launch fewer; section 29.)
+// pre_row / pre_w: thread tid's entry of the row map and routing weights (tid < kFinSlots),
+// loaded at the start of the gemm2 phase so that their round trip is not in the tail.
 template <class Cfg, int kRows>
-__device__ void chain_finalize(const GemmParams& p, const unsigned short* count, float* red, int n_tiles, int tid) {
+__device__ void chain_finalize(const GemmParams& p, const unsigned short* count, float* red, int n_tiles, int tid,
+                               int pre_row, float pre_w) {
   constexpr int N = Cfg::kN, K = Cfg::kTopK, kSlices = N / kRows, kThreads = Cfg::kConsumerWarps * 32;
   constexpr int kPer = kRows / 8;  // items (8 features) per slice and token
   static_assert(sizeof(FinEnd<kSlices>) <= sizeof(float) * Cfg::kConsumerWarps * (Cfg::kUnitRows / 4) * 32,
                 "chain finalize: its list fits in the reduction buffer");
   FinEnd<kSlices>& f = *reinterpret_cast<FinEnd<kSlices>*>(red);
-  const int slots = p.num_tokens * K;
-  // Dispatch's row map and the routing weights (complete: every block waited for dispatch).
-  for (int i = tid; i < slots && i < kFinSlots; i += kThreads) {
-    f.rows[i] = __ldcg(p.expanded_to_permuted + i);
-    f.ws[i] = __ldcg(p.weights + i);
+  static_assert(kFinSlots <= kThreads, "chain finalize: one staged entry per consumer thread");
+  if (tid < p.num_tokens * K && tid < kFinSlots) {
+    f.rows[tid] = pre_row;
+    f.ws[tid] = pre_w;
   }
   if (tid == 0) f.n_list = 0;
   consumer_barrier(kThreads);  // the block's y rows, all written
@@ -707,6 +709,15 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;
+  // kFinal: consumer thread tid's entry of dispatch's row map and of the routing weights
+  // (complete: every consumer waited for dispatch in the gemm1 phase), loaded now, used at the end.
+  [[maybe_unused]] int fin_row = -1;
+  [[maybe_unused]] float fin_w = 0.0f;
+  if constexpr (kFinal)
+    if (warp < CW && tid < p.num_tokens * Cfg::kTopK && tid < stream::kFinSlots && p.final_out != nullptr) {
+      fin_row = __ldcg(p.expanded_to_permuted + tid);
+      fin_w = __ldcg(p.weights + tid);
+    }
   // Timeline events (diagnostic builds only; see moejit_common.cuh).
   constexpr int kEvStart = kGemm1 ? kTlG1Start : kTlG2Start;
   constexpr int kEvWaited = kGemm1 ? kTlG1Waited : kTlG2Waited;
@@ -1602,7 +1613,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   if (tid == 0) tl_block(kTlK, kTbEnd, tl_now());
   if (dyn && tid == 0) tl_block(kTlK, kTbUnits, ui);
   if constexpr (kFinal)
-    if (warp < CW && p.final_out != nullptr) stream::chain_finalize<Cfg, kRows>(p, sm.fin_count, red, n_tiles, tid);
+    if (warp < CW && p.final_out != nullptr) stream::chain_finalize<Cfg, kRows>(p, sm.fin_count, red, n_tiles, tid, fin_row, fin_w);
 }
 
 // Takes the unit-size path of p.unit_rows where it is compiled (Cfg::kAltRows), else the default.
