@@ -97,9 +97,11 @@ struct StreamConfig {
   // Gemm1 with early_unit behind the fused route+dispatch block: up to 8 routed slots, the ids
   // read packed beside the block's word (RouteDispatchParams::routed) instead of after it.
   bool routed_ids = true;
-  // A chain's gemm2 (chain 2) of a finalized layer: each block, after its last unit, counts its
-  // units per feature slice and finalizes the slices it completes (stream::chain_finalize), so
-  // that the layer has no finalize kernel.
+  // A chain's gemm2 (chain 2) of a finalized layer: each block counts its units per 64-feature
+  // slice as it writes them, adds the counts to the slices' words after its last unit and
+  // finalizes the slices it completes (stream::chain_finalize), so that the layer has no
+  // finalize kernel. (The host's slice words follow the tile-ready words: the chain needs
+  // tile_ready and 64-row units, which runtime/layer.cpp checks.)
   bool chain_finalize = false;
 
   // Gemm1 with tile_ready has one more warp, which publishes its finished units.

@@ -339,6 +339,9 @@ class LayerImpl {
     // a chain of a finalized launch may finalize in its blocks (counts per 64-feature slice).
     const size_t chain = chain_for(T);
     const bool chain_final = chain != kNone && b.c2.chain_finalize && outs.final_out;
+    // (Its slice words follow the tile-ready words, H / 64 of them: 64-row units.)
+    if (chain_final && (!b.s1.tile_ready || b.c2.unit_rows != 64))
+      throw Error(ErrorKind::Internal, "the chain's finalize needs tile_ready and 64-row gemm2 units");
     // The stream GEMMs' weights with the L2 evict-first policy, where their kernels carry it.
     const bool evict_first = b.stream && compiler::evict_first_for(plan_, T);
     moejit_dev::DispatchParams dp{topk_ids, counts, offsets, tile_expert, e2p, p2s, T,

@@ -128,7 +128,9 @@ struct GemmParams {
   int32_t max_tiles;
   // Gemm2 with the finalize fused (Cfg::kFuseFinalize): the last block to write a token's rows
   // of a feature block sums them: final_out[t, f] = sum_j weights[t*k+j] * y[perm[t*k+j], f].
-  int32_t* token_counters;         // [T, gridDim.y], zeroed by dispatch
+  // A chain's gemm2 with Cfg::kChainFinalize: the block completing a 64-feature slice does
+  // (stream::chain_finalize); token_counters then holds one word per slice.
+  int32_t* token_counters;         // [T, gridDim.y] or [H / 64] (chain), zeroed by dispatch
   const int32_t* expanded_to_permuted;
   const float* weights;
   void* final_out;                 // [T, H] bf16

@@ -203,7 +203,8 @@ __device__ void resident_layer(const ResidentParams& p) {
   static_assert(!Cfg::kTiledW || kP2 >= 1, "resident layer: tiled w2 needs a block per 64 rows of H");
   static_assert(H % 256 == 0 && I % 256 == 0 && H % KP == 0 && KP % 256 == 0 && KP <= 65536,
                 "resident layer: H, I and the K part are multiples of 256");
-  static_assert(Lay::kR2 <= 256 && P <= 30 && S <= 32, "resident layer: TMA box rows, parts, slots");
+  static_assert(Lay::kR2 <= (Cfg::kTiledW ? 128 : 256) && P <= 30 && S <= 32,
+                "resident layer: TMA box rows (tiled scales: 2 words per row), parts, slots");
   static_assert(Lay::kBytes == Cfg::kSmem, "resident layer: host and device layouts differ");
   static_assert(Cfg::kWarpsPerBlock == 1, "resident layer: warp 0 routes");
 
