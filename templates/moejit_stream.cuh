@@ -989,10 +989,6 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
       auto load_ready = [&](int tile) {
         if (kWaitTiles && lane == 0) ready_ahead = ld_acquire_gpu(p.tile_ready + tile);
       };
-      // Lane 0 takes the next unit from the counter; the count (with Cfg::kEarlyFetch a float's
-      // bits, see atom_take_gpu) is read where the next unit's tables are loaded.
-      auto take_unit = [&]() -> int { return stream::take_unit<Cfg>(p.unit_counter); };
-      auto count_of = [](int taken) -> int { return stream::count_of<Cfg>(taken); };
       auto wait_tile = [&](int tile, bool stamp) {
         if (lane == 0)
           while (ready_ahead < K) ready_ahead = ld_acquire_gpu(p.tile_ready + tile);
@@ -1026,9 +1022,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
           ready_ahead = ready_first;
         else if (!dyn)
           load_ready(u.tile);  // (later dynamic units: loaded ahead, below)
-        int taken = 0;  // lane 0: the count at which it took the next unit (take_unit)
+        // Lane 0 takes the next unit from the counter; the count (with Cfg::kEarlyFetch a float's
+        // bits, see atom_take_gpu) is read where the next unit's tables are loaded.
+        int taken = 0;
         if (dyn && lane == 0 && !(take_after_wait && ui == 0))
-          taken = take_unit();
+          taken = stream::take_unit<Cfg>(p.unit_counter);
         int id_next = n_units;
         const int x_src = x_src_next;
         if (!dyn && !kXBox) x_src_next = x_src_of(ui + 1);
@@ -1096,9 +1094,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
               pdl_wait();
               if (lane == 0) tl_stamp(tls, kTlG1PWaited);
               pdl_trigger();
-              if (take_after_wait && lane == 0) taken = take_unit();
+              if (take_after_wait && lane == 0) taken = stream::take_unit<Cfg>(p.unit_counter);
             }
-            id_next = (kTakeFirst ? 0 : static_cast<int>(gridDim.x)) + count_of(__shfl_sync(kFullMask, taken, 0));
+            id_next = (kTakeFirst ? 0 : static_cast<int>(gridDim.x)) + stream::count_of<Cfg>(__shfl_sync(kFullMask, taken, 0));
             const int tile_next = Unit::tile_of(id_next, n_tiles);
             if (id_next < n_units) {
               e_cur = p.tile_expert[tile_next];
