@@ -74,7 +74,7 @@ std::string unit(const KernelPlan& k, const MoeSpec& s, const std::string& inclu
 }
 
 // Routing constants; warps = routing warps per block.
-std::string route_cfg(const MoeSpec& s, int warps) {
+std::string route_cfg(const MoeSpec& s, int warps, bool block_route = false) {
   return fmt::format(
       "  static constexpr int kExperts = {};\n"
       "  static constexpr int kTopK = {};\n"
@@ -85,10 +85,11 @@ std::string route_cfg(const MoeSpec& s, int warps) {
       "  static constexpr bool kHasBias = {};\n"
       "  static constexpr bool kLogitsBF16 = {};\n"
       "  static constexpr bool kBiasBF16 = {};\n"
-      "  static constexpr int kWarpsPerBlock = {};\n",
+      "  static constexpr int kWarpsPerBlock = {};\n"
+      "  static constexpr bool kBlockRoute = {};  // one token routed by the whole block\n",
       s.num_experts, s.top_k, static_cast<int>(s.routing), moejit::to_string(s.routing),
       s.n_group, s.topk_group, float_literal(s.routed_scaling_factor), b(s.has_routing_bias),
-      b(s.logits_dtype == DType::BF16), b(s.bias_dtype == DType::BF16), warps);
+      b(s.logits_dtype == DType::BF16), b(s.bias_dtype == DType::BF16), warps, b(block_route));
 }
 
 // Dispatch constants (kTopK comes from route_cfg when both are present).
@@ -116,7 +117,8 @@ KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
 KernelSource route_dispatch_unit(const Plan& plan, const KernelPlan& k) {
   const MoeSpec& s = plan.spec;
   const int threads = 32 * plan.route_dispatch_warps;
-  const std::string cfg = route_cfg(s, plan.route_dispatch_warps) + dispatch_cfg(plan, false, threads);
+  const std::string cfg = route_cfg(s, plan.route_dispatch_warps, plan.fused_block_route) +
+                          dispatch_cfg(plan, false, threads);
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_route_dispatch.cuh", cfg, "RouteDispatchParams",
                "route_dispatch_kernel", threads),
@@ -300,7 +302,7 @@ KernelSource resident_unit(const Plan& plan, const KernelPlan& k) {
   const MoeSpec& s = plan.spec;
   const ResidentConfig& r = plan.buckets.at(k.bucket).res;
   const std::string cfg =
-      route_cfg(s, 1) +
+      route_cfg(s, 1, r.block_route) +
       fmt::format(
           "  static constexpr int kH = {};\n"
           "  static constexpr int kI = {};\n"

@@ -306,8 +306,12 @@ int resident_smem_bytes(const MoeSpec& spec, const ResidentConfig& c) {
   return bytes > (1ll << 30) ? (1 << 30) : static_cast<int>(bytes);
 }
 
+long long block_route_smem_bytes(const MoeSpec& spec) {
+  return 12ll * spec.num_experts + 8 * 32 + 4ll * spec.top_k + 4;
+}
+
 ResidentConfig pick_resident(const MoeSpec& spec, int grid, int k_part1, int window, int warps,
-                             int chains1, int chains2, bool packed2) {
+                             int chains1, int chains2, bool packed2, bool block_route) {
   ResidentConfig c;
   c.chains1 = chains1;
   c.chains2 = chains2;
@@ -359,6 +363,9 @@ ResidentConfig pick_resident(const MoeSpec& spec, int grid, int k_part1, int win
   const bool grouped = spec.routing == RoutingMethod::DeepSeekV3 && spec.n_group > 1;
   const long long static_bytes =
       8 * (H / kp + 1) + 8ll * spec.top_k + (grouped ? 4ll * spec.num_experts + 5 * spec.n_group : 0) + 256;
+  // The whole block routes where its static shared memory fits too, else warp 0.
+  c.block_route = block_route && c.warps <= 16 &&
+                  c.smem + 1024 + static_bytes + block_route_smem_bytes(spec) <= 227 * 1024;
   if (c.smem + 1024 + static_bytes > 227 * 1024) return c;
   c.grid = grid;
   return c;
@@ -380,12 +387,14 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   // DeepSeekV3's score and group rows, dispatch's per-warp counts). H200 (bench/RESULTS.md
   // section 11): at 16 tokens 16 warps beat 8 by 1-2 us; at one token they tie.
   const bool grouped = spec.routing == RoutingMethod::DeepSeekV3 && spec.n_group > 1;
+  long long fused_smem = 0;
   for (const long long w : {16, 8}) {
     const long long smem = (grouped ? w * (4 * spec.num_experts + 5 * spec.n_group) : 0) +
                            4ll * (4 * local + 1) + 2 * w * local + 4ll * 64 * spec.top_k +
                            648;  // dispatch_small's list
     if (smem <= 44 * 1024) {
       plan.route_dispatch_warps = static_cast<int>(w);
+      fused_smem = smem;
       break;
     }
   }
@@ -413,6 +422,11 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   // H200, bench/RESULTS.md section 15: the general dispatch block took 2.9 us of a one-token
   // kimi-k2-tp8 layer.
   if (override_text.find("sd=0") != std::string::npos) plan.small_dispatch = false;
+  // The fused block routes one token with all its warps only where the routing's shared memory
+  // fits beside the dispatch's in 44 KiB (the resident blocks decide for themselves).
+  plan.block_route = flag_of("brt", spec.num_experts > 4 * 32, "one token routed by the whole block");
+  plan.fused_block_route =
+      plan.block_route && fused_smem + block_route_smem_bytes(spec) <= 44 * 1024;
   static const std::regex fth("(^|[^A-Za-z0-9_])fth=([^,;\\s]*)");
   if (std::smatch m; std::regex_search(override_text, m, fth)) {
     if (m[2] != "32" && m[2] != "64" && m[2] != "128")
@@ -632,7 +646,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         return std::regex_search(override_text, m, re) ? std::stoi(m[2]) : 0;
       };
       b.res = pick_resident(spec, 132, value_of("rkp"), value_of("rwin"), value_of("rw"),
-                            b.s1.consumer_warps, b.s2.consumer_warps, b.s2.pack_planes);
+                            b.s1.consumer_warps, b.s2.consumer_warps, b.s2.pack_planes,
+                            plan.block_route);
     }
     // Both GEMMs as one chain kernel: a block streams its gemm1 units, then gemm2's, through
     // gemm1's ring (slots of gemm1's stage), so that gemm2 starts as each block's gemm1 ends.
@@ -782,9 +797,9 @@ std::string describe(const Plan& plan) {
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,
         b.gemm2.k_chunk_groups, b.gemm2.double_buffer ? 1 : 0, b.gemm2.direct_x ? 1 : 0,
         (b.resident() ? fmt::format(" resident(tokens=1 grid={} warps={} k_part1={} window={} "
-                                  "units1={} units2={} smem={})",
+                                  "units1={} units2={} smem={}{})",
                                   b.res.grid, b.res.warps, b.res.k_part1, b.res.window, b.res.units1,
-                                  b.res.units2, b.res.smem)
+                                  b.res.units2, b.res.smem, b.res.block_route ? " block_route=1" : "")
                       : std::string()) +
             (b.chain_tokens > 0 ? fmt::format(" chain(tokens<={} k_stage1={} k_stage2={} stages={} slot_bytes={}{}{})",
                                               b.chain_tokens, b.c1.k_stage, b.c2.k_stage, b.c1.stages,

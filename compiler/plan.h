@@ -166,12 +166,16 @@ struct ResidentConfig {
   int chains1 = 4, chains2 = 4;
   bool packed2 = true;
   int smem = 0;        // dynamic shared memory, less the 1 KiB alignment slack
+  // The token routed by the whole block (moejit_route.cuh, route_token_block; Plan::block_route,
+  // at most 16 warps, where its static shared memory fits too).
+  bool block_route = false;
 
   int threads() const { return 32 * warps; }
   bool operator==(const ResidentConfig& o) const {
     return grid == o.grid && warps == o.warps && k_part1 == o.k_part1 && window == o.window &&
            units1 == o.units1 && units2 == o.units2 && chains1 == o.chains1 &&
-           chains2 == o.chains2 && packed2 == o.packed2 && smem == o.smem;
+           chains2 == o.chains2 && packed2 == o.packed2 && smem == o.smem &&
+           block_route == o.block_route;
   }
 };
 
@@ -184,9 +188,14 @@ int resident_smem_bytes(const MoeSpec& spec, const ResidentConfig& c);
 // k_part1 > 0 forces gemm1's K part (override "rkp=N"), window > 0 the parts in flight
 // ("rwin=N"), warps > 0 the block's warps ("rw=N": 8, 16 or 32).
 // chains1 / chains2 / packed2: the bucket's stream GEMMs' (StreamConfig::consumer_warps,
-// gemm2's pack_planes).
+// gemm2's pack_planes); block_route: Plan::block_route.
 ResidentConfig pick_resident(const MoeSpec& spec, int grid = 132, int k_part1 = 0, int window = 0,
-                             int warps = 0, int chains1 = 4, int chains2 = 4, bool packed2 = true);
+                             int warps = 0, int chains1 = 4, int chains2 = 4, bool packed2 = true,
+                             bool block_route = false);
+
+// Static shared memory of route_token_block (moejit_route.cuh) at most: the logits, the
+// candidates (at most one per expert), the group maxima and the selection.
+long long block_route_smem_bytes(const MoeSpec& spec);
 
 struct Bucket {
   int min_tokens = 1;
@@ -242,6 +251,14 @@ struct Plan {
   // Dispatch of at most 32 slots by one warp and one block barrier (moejit_dispatch.cuh,
   // dispatch_small); "sd=0" keeps the general block dispatch for them.
   bool small_dispatch = true;
+  // One token routed by the whole fused route+dispatch block or resident block of at most 16
+  // warps (moejit_route.cuh, route_token_block) instead of its first warp: where a lane of that
+  // warp would hold more than 4 experts (H200, bench/RESULTS.md section 30: kimi-k2 and
+  // kimi-k2-tp8, 384 experts, 1.0-1.3 us faster at one token; qwen3-30b-a3b, 128, no faster).
+  // "brt=0|1" forces it. fused_block_route: the fused block's, where its static shared memory
+  // fits (ResidentConfig::block_route: the resident layer's).
+  bool block_route = false;
+  bool fused_block_route = false;
   // Threads per finalize block, 8 features each, at most kFinalizeThreads (0: by token count,
   // finalize_threads_for); "fth=N" (32, 64 or 128) forces N.
   int finalize_threads = 0;

@@ -4,11 +4,12 @@
 // At one token a small layer (kimi-k2-tp8, qwen3-30b-a3b: 21-25 MB for 8 experts) is mostly fixed
 // costs in the four-launch pipeline: routing, dispatch, two GEMM grids that each ramp up and drain,
 // and the finalize (bench/RESULTS.md sections 12 and 15). Here every block (one per SM, grid
-// Cfg::kGrid, one cooperative launch) routes the token itself (warp 0; the same result in every
-// block), then copies every weight it needs into its own shared memory, one copy per thread: its
-// gemm1 units' weights in Cfg::kKP1-deep K parts, each with its own mbarrier, Cfg::kWindow parts
-// in flight (a part is issued when the one kWindow before it has landed: copies requested together
-// land together, bench/RESULTS.md section 19), then gemm2's rows of every routed slot. The warps
+// Cfg::kGrid, one cooperative launch) routes the token itself (with all its warps where
+// Cfg::kBlockRoute, else warp 0; the same result in every block), then copies every weight it
+// needs into its own shared memory, one copy per thread: its gemm1 units' weights in
+// Cfg::kKP1-deep K parts, each with its own mbarrier, Cfg::kWindow parts in flight (a part is
+// issued when the one kWindow before it has landed: copies requested together land together,
+// bench/RESULTS.md section 19), then gemm2's rows of every routed slot. The warps
 // consume each gemm1 part as it lands. After gemm1's SwiGLU rows are written (global memory, two
 // bf16 planes) one grid-wide barrier; gemm2's weights are in shared memory by then, and each block
 // owns whole output features across every routed slot, so it also applies the routing weights
@@ -244,12 +245,19 @@ __device__ void resident_layer(const ResidentParams& p) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(&p.tma_w2)) : "memory");
   }
 
-  // ---- routing: warp 0 of every block, into shared memory; block 0 also publishes it ----
-  if (warp == 0) {
+  // ---- routing: every block (the whole block where Cfg::kBlockRoute, else warp 0), into shared
+  // memory; block 0 also publishes it ----
+  {
     RouteParams rp = p.route;
     rp.topk_ids = s_ids;  // generic pointers to shared memory
     rp.topk_weights = s_w;
-    route_token<Cfg>(rp, 0);
+    // Not with 32 warps: inlined there, the routing made the kernel spill (64 registers), and
+    // as a call it took qwen3-30b-a3b's routing from 1.8 to 3.1 us (H200, bench/RESULTS.md
+    // section 30).
+    if constexpr (block_route_serves<Cfg>() && W <= 16)
+      route_token_block<Cfg, kThreads>(rp, 0, nullptr);
+    else if (warp == 0)
+      route_token<Cfg>(rp, 0);
   }
   __syncthreads();
   if (tid == 0) tl[kRouted] = tl_now();

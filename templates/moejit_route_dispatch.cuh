@@ -53,8 +53,15 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   // memory (a round trip per pass over the slots).
   __shared__ int s_ids[kMaxTokens * Cfg::kTopK];
   int* ids = p.route.num_tokens <= kMaxTokens ? s_ids : nullptr;
-  for (int t = threadIdx.x >> 5; t < p.route.num_tokens; t += Cfg::kWarpsPerBlock)
-    route_token<Cfg>(p.route, t, ids, tls);
+  // One token: every warp routes it (route_token_block; the same ids and weights).
+  bool one = false;
+  if constexpr (block_route_serves<Cfg>()) one = p.route.num_tokens == 1;
+  if (one) {
+    if constexpr (block_route_serves<Cfg>()) route_token_block<Cfg, Cfg::kThreads>(p.route, 0, ids, tls);
+  } else {
+    for (int t = threadIdx.x >> 5; t < p.route.num_tokens; t += Cfg::kWarpsPerBlock)
+      route_token<Cfg>(p.route, t, ids, tls);
+  }
   __syncthreads();
   if (threadIdx.x == 0) tl_stamp(tls, kTlRouted);
   // The ids are written (the barrier orders every warp's writes before the release). Released

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <functional>
 #include <iterator>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -1018,6 +1019,57 @@ TEST(PlanRoute, FusedUpToSixteenTokens) {
   }
 }
 
+// One token is routed by the whole fused route+dispatch block and by every resident block
+// (kBlockRoute) where a lane of one warp would hold more than 4 experts (kimi-k2-tp8's 384, not
+// qwen3-30b-a3b's 128); the multi-token route kernel keeps one warp per token; "brt=0|1" forces
+// it, any other value is an error.
+TEST(PlanOverride, BlockRouting) {
+  auto block_route_of = [](const Plan& p) {
+    std::map<std::string, bool> out;
+    for (const KernelSource& k : generate_all(p)) {
+      const bool on = k.source.find("kBlockRoute = true") != std::string::npos;
+      const bool off = k.source.find("kBlockRoute = false") != std::string::npos;
+      if (on || off) out[k.name] = on;
+    }
+    return out;
+  };
+  using Kinds = std::map<std::string, bool>;
+  EXPECT_TRUE(make_plan(preset("kimi-k2-tp8")).block_route);
+  EXPECT_TRUE(make_plan(preset("kimi-k2")).block_route);
+  EXPECT_FALSE(make_plan(preset("qwen3-30b-a3b")).block_route);
+  EXPECT_EQ(block_route_of(make_plan(preset("kimi-k2-tp8"))),
+            (Kinds{{"route", false}, {"route_dispatch", true}, {"resident_b0", true}}));
+  EXPECT_TRUE(make_plan(preset("kimi-k2-tp8")).fused_block_route);
+  EXPECT_EQ(block_route_of(make_plan(preset("qwen3-30b-a3b"))),
+            (Kinds{{"route", false}, {"route_dispatch", false}, {"resident_b0", false}}));
+  {
+    const ScopedOverride o("brt=0");
+    const Plan p = make_plan(preset("kimi-k2-tp8"));
+    EXPECT_FALSE(p.block_route);
+    EXPECT_EQ(block_route_of(p), (Kinds{{"route", false}, {"route_dispatch", false}, {"resident_b0", false}}));
+  }
+  {
+    // qwen3-30b-a3b's resident blocks have 32 warps: warp 0 routes there.
+    const ScopedOverride o("brt=1");
+    const Plan p = make_plan(preset("qwen3-30b-a3b"));
+    EXPECT_EQ(p.buckets[0].res.warps, 32);
+    EXPECT_EQ(block_route_of(p), (Kinds{{"route", false}, {"route_dispatch", true}, {"resident_b0", false}}));
+  }
+  {
+    // 1024 experts: the fused block (8 warps, 35468 B) has no room for the block's routing
+    // (12580 B more than 44 KiB allows); the resident blocks have.
+    MoeSpec wide = preset("kimi-k2-tp8");
+    wide.num_experts = 1024;
+    const Plan p = make_plan(wide);
+    EXPECT_EQ(p.route_dispatch_warps, 8);
+    EXPECT_TRUE(p.block_route);
+    EXPECT_FALSE(p.fused_block_route);
+    EXPECT_TRUE(p.buckets[0].res.block_route);
+  }
+  const ScopedOverride bad("brt=2");
+  EXPECT_THROW(make_plan(preset("kimi-k2-tp8")), moejit::Error);
+}
+
 // sd=0 keeps the general dispatch block for up to 32 slots (the default places them with one
 // warp); tl=0xADDRESS compiles the timeline stamps into every kernel, and nothing else does.
 TEST(PlanOverride, SmallDispatchAndTimeline) {
@@ -1063,7 +1115,7 @@ TEST(PlanResident, ChosenWhereTheRoutedWeightsFit) {
   // kimi-k2-tp8: 2 x 256 gemm1 units of 8 features and 7168 / 8 gemm2 ones over 132 blocks.
   const Bucket tp8 = res(preset("kimi-k2-tp8"));
   ASSERT_TRUE(tp8.resident());
-  EXPECT_EQ(tp8.res, (ResidentConfig{132, 16, 3584, 1, 2, 7, 4, 4, true, 214912}));
+  EXPECT_EQ(tp8.res, (ResidentConfig{132, 16, 3584, 1, 2, 7, 4, 4, true, 214912, true}));
   EXPECT_EQ(tp8.res.smem, resident_smem_bytes(preset("kimi-k2-tp8"), tp8.res));
   // qwen3-30b-a3b: 8 x 96 gemm1 units (6 per block: 24 (unit, chain) items, so 32 warps),
   // 2048 / 8 gemm2 ones (2 per block).

@@ -1166,6 +1166,88 @@ TEST(Differential, SmallResident) {
   run_cases(preset_cases("qwen3-30b-a3b", {1}, 1));
 }
 
+// One token routed by the whole block (moejit_route.cuh, route_token_block: the fused
+// route+dispatch block of the unfinalized layer and the resident blocks of the finalized one where
+// they are at most 16 warps), forced with "brt=1", against one warp ("brt=0"): the same ids,
+// weights and output bit for bit, and the block path against the references. Every method it
+// serves, at 384 experts (one per thread), 1024 (two per thread of the fused block's 512) and 8
+// (fewer lane groups than top_k: every expert is a candidate); ties, and bf16 logits with NaN/Inf.
+std::vector<JitRun> launch_both_kinds(const Case& c, const char* override_value) {
+  const ScopedPlanOverride force(override_value);
+  Weights& W = weights_for(c.spec, c.seed);
+  HostLayer& L = W.host;
+  L.spec = c.spec;
+  moejit::ref::make_inputs(L, c.tokens, input_seed(c), c.inputs);
+  W.dev.upload_inputs(L);
+  std::vector<JitRun> runs;
+  for (bool fin : {true, false}) {
+    MoeSpec s = c.spec;
+    s.finalize = fin;
+    runs.push_back(launch_jit(s, W.dev.inputs(s), c.tokens, c.max_tokens));
+  }
+  return runs;
+}
+
+TEST(Differential, OneTokenBlockRouting) {
+  MOEJIT_REQUIRE_GPU();
+  std::vector<Case> cases;
+  auto add = [&](const std::string& name, MoeSpec s, InputOptions o) {
+    Case c = small_case(name, s, 1);
+    c.max_tokens = 1;
+    c.inputs = o;
+    cases.push_back(c);
+  };
+  MoeSpec base = small_stream_spec();
+  base.num_experts = 384;
+  base.top_k = 8;
+  InputOptions ties;
+  ties.ties = true;
+  InputOptions nonfinite;
+  nonfinite.nonfinite_logits = true;
+  for (RoutingMethod m : kSweepMethods) {
+    if (m == RoutingMethod::Precomputed) continue;
+    MoeSpec s = base;
+    s.routing = m;
+    if (m == RoutingMethod::Llama4) s.top_k = 1;
+    if (m == RoutingMethod::DeepSeekV3) {
+      s.has_routing_bias = true;
+      s.routed_scaling_factor = 2.5;
+    }
+    const std::string name = std::string("block-route-") + to_string(m);
+    add(name, s, {});
+    add(name + "-ties", s, ties);
+    if (m == RoutingMethod::DeepSeekV3 || m == RoutingMethod::RenormalizeNaive || m == RoutingMethod::TopK) {
+      s.logits_dtype = DType::BF16;
+      s.bias_dtype = DType::BF16;
+      add(name + "-nonfinite", s, nonfinite);
+    }
+  }
+  MoeSpec wide = base;
+  wide.num_experts = 1024;
+  wide.top_k = 6;
+  wide.routing = RoutingMethod::DeepSeekV3;
+  wide.has_routing_bias = true;
+  add("block-route-1024", wide, {});
+  add("block-route-1024-ties", wide, ties);
+  MoeSpec few = base;
+  few.num_experts = 8;
+  few.top_k = 8;
+  add("block-route-8", few, {});
+  {
+    const ScopedPlanOverride force("brt=1");
+    run_cases(cases);
+  }
+  for (const Case& c : cases) {
+    const std::vector<JitRun> block = launch_both_kinds(c, "brt=1"), warp = launch_both_kinds(c, "brt=0");
+    for (size_t i = 0; i < block.size(); ++i) {
+      const std::string what = fmt::format("{} finalize={}", case_line(c), block[i].finalize ? "on" : "off");
+      EXPECT_TRUE(same_routing(block[i], warp[i])) << what << ": ids or weights differ from brt=0's";
+      EXPECT_EQ(bitwise_differences(block[i].out, warp[i].out), 0u) << what << ": output differs from brt=0's";
+      EXPECT_FALSE(block[i].ids.empty() || block[i].ids[0] < 0) << what << ": no expert selected";
+    }
+  }
+}
+
 // Tiled weights (WeightFormat::MxInt4G32Tiled, written by Layer::prepare_weights): every kernel
 // that reads weights. The resident layer (one token; gemm2's units split along w2's 64-row
 // blocks: one part per block, two or three uneven parts, four, eight), the stream GEMMs' TMA
