@@ -57,7 +57,10 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   bool one = false;
   if constexpr (block_route_serves<Cfg>()) one = p.route.num_tokens == 1;
   if (one) {
-    if constexpr (block_route_serves<Cfg>()) route_token_block<Cfg, Cfg::kThreads>(p.route, 0, ids, tls);
+    // (It stores the packed ids itself, as soon as it has them.)
+    if constexpr (block_route_serves<Cfg>())
+      route_token_block<Cfg, Cfg::kThreads>(p.route, 0, ids, tls,
+                                            kPackIds && p.routed != nullptr ? p.routed + 4 : nullptr);
   } else {
     for (int t = threadIdx.x >> 5; t < p.route.num_tokens; t += Cfg::kWarpsPerBlock)
       route_token<Cfg>(p.route, t, ids, tls);
@@ -68,7 +71,7 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   // by the last warp: up to 32 slots the dispatch runs on warp 0 alone, which this keeps off
   // the fence.
   if (p.routed != nullptr && threadIdx.x == Cfg::kThreads - 32) {
-    if (kPackIds && ids != nullptr && slots <= kRoutedIdSlots) {
+    if (kPackIds && ids != nullptr && slots <= kRoutedIdSlots && !one) {
       auto code = [&](int s) -> uint32_t {
         const int id = s < slots ? ids[s] : -1;
         return id >= 0 && id < kRoutedIdNone ? static_cast<uint32_t>(id) : kRoutedIdNone;
