@@ -307,7 +307,7 @@ int resident_smem_bytes(const MoeSpec& spec, const ResidentConfig& c) {
 }
 
 long long block_route_smem_bytes(const MoeSpec& spec) {
-  return 12ll * spec.num_experts + 8 * 32 + 4ll * spec.top_k + 4;
+  return 12ll * spec.num_experts + 8 * 32 + 4ll * spec.top_k + 4 + 8;  // (+ alignment)
 }
 
 ResidentConfig pick_resident(const MoeSpec& spec, int grid, int k_part1, int window, int warps,
@@ -424,7 +424,9 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   if (override_text.find("sd=0") != std::string::npos) plan.small_dispatch = false;
   // The fused block routes one token with all its warps only where the routing's shared memory
   // fits beside the dispatch's in 44 KiB (the resident blocks decide for themselves).
-  plan.block_route = flag_of("brt", spec.num_experts > 4 * 32, "one token routed by the whole block");
+  // (Not Precomputed or grouped DeepSeekV3 routing: route_token_block does not serve them.)
+  plan.block_route = flag_of("brt", spec.num_experts > 4 * 32, "one token routed by the whole block") &&
+                     spec.routing != RoutingMethod::Precomputed && !grouped;
   plan.fused_block_route =
       plan.block_route && fused_smem + block_route_smem_bytes(spec) <= 44 * 1024;
   static const std::regex fth("(^|[^A-Za-z0-9_])fth=([^,;\\s]*)");

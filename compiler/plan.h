@@ -194,7 +194,7 @@ ResidentConfig pick_resident(const MoeSpec& spec, int grid = 132, int k_part1 = 
                              bool block_route = false);
 
 // Static shared memory of route_token_block (moejit_route.cuh) at most: the logits, the
-// candidates (at most one per expert), the group maxima and the selection.
+// candidates (at most one per expert), the group maxima, the selection and alignment.
 long long block_route_smem_bytes(const MoeSpec& spec);
 
 struct Bucket {
@@ -255,7 +255,7 @@ struct Plan {
   // warps (moejit_route.cuh, route_token_block) instead of its first warp: where a lane of that
   // warp would hold more than 4 experts (H200, bench/RESULTS.md section 30: kimi-k2 and
   // kimi-k2-tp8, 384 experts, 1.0-1.3 us faster at one token; qwen3-30b-a3b, 128, no faster).
-  // "brt=0|1" forces it. fused_block_route: the fused block's, where its static shared memory
+  // "brt=0|1" forces it (never for Precomputed or grouped DeepSeekV3). fused_block_route: the fused block's, where its static shared memory
   // fits (ResidentConfig::block_route: the resident layer's).
   bool block_route = false;
   bool fused_block_route = false;

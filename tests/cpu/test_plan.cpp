@@ -1057,7 +1057,7 @@ TEST(PlanOverride, BlockRouting) {
   }
   {
     // 1024 experts: the fused block (8 warps, 35468 B) has no room for the block's routing
-    // (12580 B more than 44 KiB allows); the resident blocks have.
+    // (12588 B more than 44 KiB allows); the resident blocks have.
     MoeSpec wide = preset("kimi-k2-tp8");
     wide.num_experts = 1024;
     const Plan p = make_plan(wide);
@@ -1065,6 +1065,18 @@ TEST(PlanOverride, BlockRouting) {
     EXPECT_TRUE(p.block_route);
     EXPECT_FALSE(p.fused_block_route);
     EXPECT_TRUE(p.buckets[0].res.block_route);
+  }
+  // Never for the routings it does not serve, even forced.
+  for (const char* name : {"deepseek-v3"}) {
+    const ScopedOverride o("brt=1");
+    EXPECT_FALSE(make_plan(preset(name)).block_route) << name;
+  }
+  {
+    MoeSpec pre = preset("kimi-k2-tp8");
+    pre.routing = RoutingMethod::Precomputed;
+    pre.has_routing_bias = false;
+    EXPECT_FALSE(make_plan(pre).block_route);
+    EXPECT_FALSE(make_plan(pre).buckets[0].res.block_route);
   }
   const ScopedOverride bad("brt=2");
   EXPECT_THROW(make_plan(preset("kimi-k2-tp8")), moejit::Error);

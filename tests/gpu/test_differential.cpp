@@ -1170,8 +1170,9 @@ TEST(Differential, SmallResident) {
 // route+dispatch block of the unfinalized layer and the resident blocks of the finalized one where
 // they are at most 16 warps), forced with "brt=1", against one warp ("brt=0"): the same ids,
 // weights and output bit for bit, and the block path against the references. Every method it
-// serves, at 384 experts (one per thread), 1024 (two per thread of the fused block's 512) and 8
-// (fewer lane groups than top_k: every expert is a candidate); ties, and bf16 logits with NaN/Inf.
+// serves, at 384 experts (one per thread), 1024 (two per thread of a 16-warp resident block; the
+// fused block, 8 warps there, has no room for it and keeps one warp), 8, 200 with top-32, 100
+// with top-10 and 385; ties, and bf16 logits with NaN/Inf.
 std::vector<JitRun> launch_both_kinds(const Case& c, const char* override_value) {
   const ScopedPlanOverride force(override_value);
   Weights& W = weights_for(c.spec, c.seed);
@@ -1233,6 +1234,23 @@ TEST(Differential, OneTokenBlockRouting) {
   few.num_experts = 8;
   few.top_k = 8;
   add("block-route-8", few, {});
+  // Fewer lane groups than top_k with more experts than it (T = 1: every expert a candidate),
+  // more than 8 slots (no packed ids), expert counts that are not multiples of 32.
+  MoeSpec k32 = base;
+  k32.num_experts = 200;
+  k32.top_k = 32;
+  k32.routing = RoutingMethod::DeepSeekV3;
+  k32.has_routing_bias = true;
+  add("block-route-200-k32", k32, ties);
+  MoeSpec k10 = base;
+  k10.num_experts = 100;
+  k10.top_k = 10;
+  k10.routing = RoutingMethod::Renormalize;
+  add("block-route-100-k10", k10, {});
+  MoeSpec odd = base;
+  odd.num_experts = 385;
+  odd.routing = RoutingMethod::TopKSigmoid;
+  add("block-route-385", odd, {});
   {
     const ScopedPlanOverride force("brt=1");
     run_cases(cases);
