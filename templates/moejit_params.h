@@ -193,9 +193,9 @@ struct ResidentParams {
   void* out;             // [1, H] bf16
   // w13 as {128 bytes, row in block, H / 256 chunks, block}, box {128, 8, kKP1 / 256, 1}; w2 as
   // {128 bytes, row, I / 256}, box {128, 8 * kU2, I / 256} (tiled: the 4-D map, box {128, 8 kU2,
-  // I / 256, 1}); landing with the 128-byte swizzle. Tiled weights only: their scales as {16
-  // bytes, K / 256 chunks, row in block, block}, boxes of every chunk of 8 (w13) and 8 kU2 (w2)
-  // rows, landing row-major ([row][K / 16 bytes]) as the row-major scales' bulk copies do.
+  // I / 256, 1}); landing with the 128-byte swizzle. Tiled weights only: their scales as 8-byte
+  // words {2 rows in block, K / 256 chunks, block}, boxes of 8 (w13) or 8 kU2 (w2) rows and every
+  // chunk, landing as [chunk][row][16 bytes] (moejit_resident.cuh, Layout::s_at).
   TmaDesc tma_w1;
   TmaDesc tma_w2;
   TmaDesc tma_s1;

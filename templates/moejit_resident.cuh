@@ -207,7 +207,7 @@ __device__ void resident_layer(const ResidentParams& p) {
   static_assert(Lay::kR2 <= (Cfg::kTiledW ? 128 : 256) && P <= 30 && S <= 32,
                 "resident layer: TMA box rows (tiled scales: 2 words per row), parts, slots");
   static_assert(Lay::kBytes == Cfg::kSmem, "resident layer: host and device layouts differ");
-  static_assert(Cfg::kWarpsPerBlock == 1, "resident layer: warp 0 routes");
+  static_assert(Cfg::kWarpsPerBlock == 1, "resident layer: route_token's arrays for one warp");
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ uint64_t bars[P + 1];  // gemm1 parts, then gemm2 (each completes once per launch)
@@ -251,10 +251,11 @@ __device__ void resident_layer(const ResidentParams& p) {
     RouteParams rp = p.route;
     rp.topk_ids = s_ids;  // generic pointers to shared memory
     rp.topk_weights = s_w;
-    // Not with 32 warps: inlined there, the routing made the kernel spill (64 registers), and
-    // as a call it took qwen3-30b-a3b's routing from 1.8 to 3.1 us (H200, bench/RESULTS.md
-    // section 30).
-    if constexpr (block_route_serves<Cfg>() && W <= 16)
+    // (The planner keeps it to 16 warps: with 32 the inlined routing made the kernel spill at
+    // its 64 registers, and as a call it took qwen3-30b-a3b's routing from 1.8 to 3.1 us; H200,
+    // bench/RESULTS.md section 30.)
+    static_assert(!Cfg::kBlockRoute || W <= 16, "resident layer: the whole block routes with at most 16 warps");
+    if constexpr (block_route_serves<Cfg>())
       route_token_block<Cfg, kThreads>(rp, 0, nullptr);
     else if (warp == 0)
       route_token<Cfg>(rp, 0);
