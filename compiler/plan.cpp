@@ -138,6 +138,13 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
 // H200 (bench/RESULTS.md section 9): k_stage 1024 beat 512 by 2-5% for gemm1, and 3 + 4 stages
 // of 104 KiB beat 2 + 2 of ~70 / 52 KiB by 3-6% at 1-33 tokens. (Section 8's older finding,
 // fewer stages beat deeper rings, was made with 4-6 blocks per SM competing for the copies.)
+// The ring bytes of one stream GEMM block at min_blocks blocks per SM: 104 KiB at two (TMA: 102
+// KiB, leaving room for the 1 KiB alignment slack beside the static shared memory: mbarriers and
+// 8 KiB of partial sums), 64 KiB at three, 40 KiB at four (gemm2 only: two 256-deep stages).
+int stream_ring_budget(int min_blocks, bool tma) {
+  return min_blocks >= 4 ? 40 * 1024 : min_blocks >= 3 ? 64 * 1024 : tma ? 102 * 1024 : 104 * 1024;
+}
+
 StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64, bool tma = false, int min_blocks = 2,
                          bool x_boxes = false) {
   StreamConfig c;
@@ -157,10 +164,7 @@ StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64, bool tma = false
     c.k_stage = gemm1 && k % 1024 == 0 ? 1024 : k % 512 == 0 ? 512 : 256;
   else
     c.k_stage = gemm1 && k % 512 == 0 ? 512 : 256;
-  // 104 KiB of stages per block at two blocks per SM (TMA: 102 KiB, leaving room for the 1 KiB
-  // alignment slack beside the static shared memory: mbarriers and 8 KiB of partial sums); at
-  // three, 64 KiB.
-  const int budget = min_blocks >= 3 ? 64 * 1024 : tma ? 102 * 1024 : 104 * 1024;
+  const int budget = stream_ring_budget(min_blocks, tma);
   const int sb = stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, tma, x_boxes);
   c.stages = std::clamp(budget / sb, 2, kMaxStreamStages);
   c.ring_bytes = c.stages * sb;
@@ -239,7 +243,7 @@ void apply_stream_override(const std::string& text, const char* which, int k, bo
   set_unit_paths(c, c.alt_rows, k, gemm1);  // the ring covers the smaller paths' rings too
   c.stages = o.stages;
   // A ring beyond the three-block budget runs at two blocks per SM: compile for that.
-  if (c.min_blocks >= 3 && c.ring_bytes > 64 * 1024) c.min_blocks = 2;
+  while (c.min_blocks >= 3 && c.ring_bytes > stream_ring_budget(c.min_blocks, c.tma)) --c.min_blocks;
 }
 
 bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm_90a"; }
@@ -489,10 +493,12 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         const std::regex re(std::string(key) + "=([0-9]+)");
         std::smatch m;
         if (!std::regex_search(override_text, m, re)) return fallback;
-        if (m[1] != "2" && m[1] != "3")
+        // Four only for gemm2 (its 256-deep stages; gemm1's would be too shallow).
+        const bool four = std::string(key) == "bps2" && m[1] == "4";
+        if (m[1] != "2" && m[1] != "3" && !four)
           throw Error(ErrorKind::InvalidArgument,
                       fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} (stream blocks per SM) must be 2 "
-                                  "or 3", key, m[1].str()));
+                                  "or 3{}", key, m[1].str(), std::string(key) == "bps2" ? " (or 4)" : ""));
         return with_tma ? std::stoi(m[1]) : 2;
       };
       // Gemm2 of the TMA buckets at three blocks per SM (H200, bench/RESULTS.md section 14:
@@ -520,8 +526,22 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       const double touched = experts * (1.0 - std::pow(1.0 - spec.top_k / experts, top_tokens));
       const bool full_boxes = slots >= 3.0 * touched;
       const bool xb2 = flag_of("xb", tma2 && lo > 16 && short_units && full_boxes, "gemm2 x by 4-row TMA boxes");
-      if (xb2 != b.s2.x_boxes)
-        b.s2 = pick_stream(spec.intermediate, false, 64, tma2, blocks_per_sm("bps2", bps2, tma2), xb2);
+      // Gemm2 at four blocks per SM (two 256-deep stages, 96 registers) where it copies tiled
+      // weights by TMA and its units are at most three stages deep (with row-major weights
+      // some of these kernels spill at 96 registers). H200 (bench/RESULTS.md section 31; four /
+      // three): qwen3-30b-a3b 25.2 / 25.7 us at 2 tokens, 64.8 / 65.5 at 16, 78.0 / 79.5 at 24,
+      // 101.8 / 103.7 at 64, the same at 8; kimi-k2-tp8 60.9 / 62.3 at 8, 185.2 / 188.2 at 33,
+      // 251.6 / 258.9 at 64; kimi-k2-tp4 306.2 / 314.8 at 33, 435.0 / 448.6 at 64; kimi-k2
+      // (eight-stage units) 1-4 us slower at 8-16. A short unit's fixed costs (its tables, the
+      // reduction, the epilogue) are latency that more blocks per SM overlap; the ring's depth
+      // did not matter (two stages measured as three). "bps=N" / "bps2=N" override.
+      const auto given = [&](const char* key) {
+        return std::regex_search(override_text, std::regex(std::string("(^|[^a-z0-9])") + key + "="));
+      };
+      const bool four2 = tma2 && short_units && spec.weight_format == WeightFormat::MxInt4G32Tiled &&
+                         !given("bps") && !given("bps2");
+      if (four2 || xb2 != b.s2.x_boxes)
+        b.s2 = pick_stream(spec.intermediate, false, 64, tma2, four2 ? 4 : blocks_per_sm("bps2", bps2, tma2), xb2);
       // Gemm1 also carries every smaller unit size some token count of the bucket takes on a
       // 132-SM card.
       StreamConfig all = b.s1;

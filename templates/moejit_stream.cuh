@@ -1297,7 +1297,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   // 0-3, lo rows 0-3 in 4-7; one box) slot g / 4. Group G at G * 256 there.
   uint32_t x_off = kXBox ? kXOff + (g & 3) * 64 + warp * 512 + t * 16
                          : kXOff + g * kXRow + warp * 128 + t * 16;
-  if constexpr (Cfg::kTiledW) asm volatile("" : "+r"(x_off));  // (see s_off)
+  // (See s_off. Not with gemm2's x boxes: at four blocks per SM, 96 registers, that kernel
+  // spilled 8 bytes with x_off held opaque, and measured no slower without it; bench/RESULTS.md
+  // section 31.)
+  if constexpr (Cfg::kTiledW && !kXBox) asm volatile("" : "+r"(x_off));
   constexpr uint32_t kXPair = kXBox ? CW * 512 : CW * 128;  // per pair of the warp
   constexpr uint32_t kXGroup = kXBox ? 256 : 64;            // the pair's second group
   const uint32_t smem_base = kTma ? (smem_u32(smem) + 1023u) & ~1023u : smem_u32(smem);

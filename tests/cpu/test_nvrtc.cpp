@@ -343,6 +343,13 @@ const std::vector<VariantGroup>& variant_groups() {
            s = preset("qwen3-30b-a3b");
            s.weight_format = WeightFormat::MxInt4G32Tiled;
          }},
+        // (Gemm2 at four blocks per SM, 96 registers, with the largest SwiGLU epilogue.)
+        {"qwen3-30b-a3b tiled swiglu alpha+beta+limit",
+         [](MoeSpec& s) {
+           s = preset("qwen3-30b-a3b");
+           s.weight_format = WeightFormat::MxInt4G32Tiled;
+           s.swiglu_alpha = s.swiglu_beta = s.swiglu_limit = true;
+         }},
         {"kimi-k2-tp8 tiled experts [96, 144)",
          [](MoeSpec& s) {
            s = preset("kimi-k2-tp8");

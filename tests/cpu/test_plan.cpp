@@ -808,6 +808,55 @@ TEST(PlanStream, TmaRuleAndOverrides) {
   }
 }
 
+// Gemm2 at four blocks per SM (two 256-deep stages, rings within 40 KiB) where it copies tiled
+// weights by TMA and its units are at most three stages deep: both decode buckets of
+// qwen3-30b-a3b (x boxes above 16 tokens) and kimi-k2-tp8, not row-major weights, not kimi-k2's
+// eight-stage units; bps= / bps2= keep their value; four only for gemm2.
+TEST(PlanStream, FourGemm2BlocksRule) {
+  auto tiled = [](const char* name) {
+    MoeSpec s = preset(name);
+    s.weight_format = WeightFormat::MxInt4G32Tiled;
+    return s;
+  };
+  const Plan q = make_plan(tiled("qwen3-30b-a3b"), 64, "sm_90a");
+  EXPECT_EQ(q.buckets[0].s2.min_blocks, 4);
+  EXPECT_EQ(q.buckets[0].s2.stages, 2);
+  EXPECT_EQ(q.buckets[0].s2.k_stage, 256);
+  EXPECT_LE(q.buckets[0].s2.ring_bytes, 40 * 1024);
+  // Rings, alignment slack, static shared memory and the driver's 1 KiB: four fit in 228 KiB.
+  EXPECT_LE(4 * (q.buckets[0].s2.ring_bytes + 1024 + 8192 + 128 + 1024), 228 * 1024);
+  EXPECT_TRUE(q.buckets[1].s2.x_boxes);
+  EXPECT_EQ(q.buckets[1].s2.min_blocks, 4);
+  EXPECT_LE(q.buckets[1].s2.ring_bytes, 40 * 1024);
+  EXPECT_NE(describe(q).find("blocks_per_sm=4"), std::string::npos);
+  const Plan t = make_plan(tiled("kimi-k2-tp8"), 64, "sm_90a");
+  EXPECT_EQ(t.buckets[0].s2.min_blocks, 4);
+  EXPECT_EQ(t.buckets[1].s2.min_blocks, 4);
+  EXPECT_EQ(t.buckets[0].s1.min_blocks, 2);
+  for (const char* name : {"qwen3-30b-a3b", "kimi-k2-tp8"}) {
+    const Plan r = make_plan(preset(name), 64, "sm_90a");  // row-major
+    EXPECT_EQ(r.buckets[0].s2.min_blocks, 3) << name;
+  }
+  // Gemm2's blocks per SM of a spec's bucket, with an override.
+  auto blocks2 = [](const MoeSpec& s, const char* o, int bucket = 0) {
+    const ScopedOverride scoped(o);
+    return make_plan(s, 64, "sm_90a").buckets[bucket].s2.min_blocks;
+  };
+  EXPECT_EQ(blocks2(tiled("kimi-k2"), "", 0), 3);
+  EXPECT_EQ(blocks2(tiled("kimi-k2"), "", 1), 3);
+  EXPECT_EQ(blocks2(tiled("kimi-k2-tp8"), "bps2=3"), 3);
+  EXPECT_EQ(blocks2(tiled("qwen3-30b-a3b"), "bps=3"), 3);
+  EXPECT_EQ(blocks2(preset("kimi-k2"), "bps2=4"), 4);
+  {
+    const ScopedOverride four("bps2=4");
+    EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].s2.stages, 2);
+  }
+  for (const char* bad : {"bps=4", "bps1=4", "bps2=5"}) {
+    const ScopedOverride o(bad);
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error) << bad;
+  }
+}
+
 TEST(PlanStream, OverrideSwitchesAndShapes) {
   {
     const ScopedOverride off("stream=0");

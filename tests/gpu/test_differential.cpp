@@ -1273,7 +1273,8 @@ TEST(Differential, OneTokenBlockRouting) {
 // cp.async copies (tma=0), 2 and 1 consumer warps (scales read per pair, not per four; the
 // resident layer's chains too), the chain, the multi-stage shape whose gemm2 K (768) leaves a partial
 // last stage, expert parallelism, up/gate order with precomputed ids, the older family beyond 64
-// tokens (and for the shapes it takes at every count); then three presets (TiledWeightsPresets).
+// tokens (and for the shapes it takes at every count); gemm2 at three blocks per SM where the
+// planner takes four (bps2=3); then three presets (TiledWeightsPresets).
 MoeSpec tiled(MoeSpec s) {
   s.weight_format = WeightFormat::MxInt4G32Tiled;
   return s;
@@ -1287,7 +1288,8 @@ TEST(Differential, SmallTiledWeights) {
   multi.num_experts = 32;
   for (const char* o : {"stream=1", "stream=1,res=0", "stream=1,tma=0", "stream=1,tma=1,u1=16,u2=32",
                         "stream=1,tma=1,u1=32,u2=32", "stream=1,tma=1,u1=64,u2=64",
-                        "stream=1,dyn=1,res=0,ch=1", "stream=1,s1=2x512x3,s2=1x256x4"}) {
+                        "stream=1,dyn=1,res=0,ch=1", "stream=1,s1=2x512x3,s2=1x256x4",
+                        "stream=1,res=0,bps2=3"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("tiled[") + o + "]";
     std::vector<Case> cases;
