@@ -131,13 +131,6 @@ void apply_override(const std::string& text, const char* which, int n, int k, in
   c = o;
 }
 
-// Stream stages: gemm1 takes k_stage = 1024 where it divides K (4 group pairs per consumer warp
-// and stage: more independent work per wait), else 512 where it divides K, else 256; gemm2 at
-// most 512 (at 1024 its two activation planes push it past 128 registers). As many stages as
-// fit in 104 KiB of shared memory, so that two blocks share an SM (228 KiB). Measured on an
-// H200 (bench/RESULTS.md section 9): k_stage 1024 beat 512 by 2-5% for gemm1, and 3 + 4 stages
-// of 104 KiB beat 2 + 2 of ~70 / 52 KiB by 3-6% at 1-33 tokens. (Section 8's older finding,
-// fewer stages beat deeper rings, was made with 4-6 blocks per SM competing for the copies.)
 // The ring bytes of one stream GEMM block at min_blocks blocks per SM: 104 KiB at two (TMA: 102
 // KiB, leaving room for the 1 KiB alignment slack beside the static shared memory: mbarriers and
 // 8 KiB of partial sums), 64 KiB at three, 40 KiB at four (gemm2 only: two 256-deep stages).
@@ -145,6 +138,13 @@ int stream_ring_budget(int min_blocks, bool tma) {
   return min_blocks >= 4 ? 40 * 1024 : min_blocks >= 3 ? 64 * 1024 : tma ? 102 * 1024 : 104 * 1024;
 }
 
+// Stream stages: gemm1 takes k_stage = 1024 where it divides K (4 group pairs per consumer warp
+// and stage: more independent work per wait), else 512 where it divides K, else 256; gemm2 at
+// most 512 (at 1024 its two activation planes push it past 128 registers). As many stages as
+// fit in 104 KiB of shared memory, so that two blocks share an SM (228 KiB). Measured on an
+// H200 (bench/RESULTS.md section 9): k_stage 1024 beat 512 by 2-5% for gemm1, and 3 + 4 stages
+// of 104 KiB beat 2 + 2 of ~70 / 52 KiB by 3-6% at 1-33 tokens. (Section 8's older finding,
+// fewer stages beat deeper rings, was made with 4-6 blocks per SM competing for the copies.)
 StreamConfig pick_stream(int k, bool gemm1, int unit_rows = 64, bool tma = false, int min_blocks = 2,
                          bool x_boxes = false) {
   StreamConfig c;
@@ -242,7 +242,7 @@ void apply_stream_override(const std::string& text, const char* which, int k, bo
   c = o;
   set_unit_paths(c, c.alt_rows, k, gemm1);  // the ring covers the smaller paths' rings too
   c.stages = o.stages;
-  // A ring beyond the three-block budget runs at two blocks per SM: compile for that.
+  // A ring beyond its blocks-per-SM budget runs at fewer blocks per SM: compile for that.
   while (c.min_blocks >= 3 && c.ring_bytes > stream_ring_budget(c.min_blocks, c.tma)) --c.min_blocks;
 }
 
@@ -529,8 +529,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // Gemm2 at four blocks per SM (two 256-deep stages, 96 registers) where it copies tiled
       // weights by TMA and its units are at most three stages deep (with row-major weights
       // some of these kernels spill at 96 registers). H200 (bench/RESULTS.md section 31; four /
-      // three): qwen3-30b-a3b 25.2 / 25.7 us at 2 tokens, 64.8 / 65.5 at 16, 78.0 / 79.5 at 24,
-      // 101.8 / 103.7 at 64, the same at 8; kimi-k2-tp8 60.9 / 62.3 at 8, 185.2 / 188.2 at 33,
+      // three): qwen3-30b-a3b 25.2 / 25.7 us at 2 tokens, 64.8 / 65.5 at 16, 78.3 / 79.0 at 24,
+      // 101.4 / 104.9 at 64, the same at 8; kimi-k2-tp8 60.9 / 62.3 at 8, 185.2 / 188.2 at 33,
       // 251.6 / 258.9 at 64; kimi-k2-tp4 306.2 / 314.8 at 33, 435.0 / 448.6 at 64; kimi-k2
       // (eight-stage units) 1-4 us slower at 8-16. A short unit's fixed costs (its tables, the
       // reduction, the epilogue) are latency that more blocks per SM overlap; the ring's depth
