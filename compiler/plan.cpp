@@ -535,11 +535,9 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // (eight-stage units) 1-4 us slower at 8-16. A short unit's fixed costs (its tables, the
       // reduction, the epilogue) are latency that more blocks per SM overlap; the ring's depth
       // did not matter (two stages measured as three). "bps=N" / "bps2=N" override.
-      const auto given = [&](const char* key) {
-        return std::regex_search(override_text, std::regex(std::string("(^|[^a-z0-9])") + key + "="));
-      };
+      // (blocks_per_sm returns the fallback, 0, where neither key is given.)
       const bool four2 = tma2 && short_units && spec.weight_format == WeightFormat::MxInt4G32Tiled &&
-                         !given("bps") && !given("bps2");
+                         blocks_per_sm("bps2", blocks_per_sm("bps", 0, true), true) == 0;
       if (four2 || xb2 != b.s2.x_boxes)
         b.s2 = pick_stream(spec.intermediate, false, 64, tma2, four2 ? 4 : blocks_per_sm("bps2", bps2, tma2), xb2);
       // Gemm1 also carries every smaller unit size some token count of the bucket takes on a
