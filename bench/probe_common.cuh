@@ -1,5 +1,5 @@
 // Shared pieces of the hand-run probes (bench/probe_stream.cu, probe_tma.cu, probe_layout.cu,
-// probe_fixed.cu): error checks, the mbarrier wait, a plain linear read, the event timing, the
+// probe_order.cu, probe_fixed.cu): error checks, the mbarrier wait, a plain linear read, the event timing, the
 // consumers' read of a stage, the weights' fill pattern and the ring probes' setup. Not part of
 // the library.
 #pragma once
@@ -143,6 +143,52 @@ __device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty, int n
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   __syncthreads();
+}
+
+// The unit-queue ring probes (probe_layout.cu, probe_order.cu): thread 128 (warp 4) issues each
+// stage of the block's units into an NS-slot ring and writes a unit's id into the queue with its
+// first stage (-1 after the last); the consumer warps 0-3 read the queue and every stage.
+
+// The dynamic shared memory aligned to 1 KiB (TMA destinations).
+__device__ __forceinline__ unsigned char* align_1k(unsigned char* p) {
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(p) + 1023) & ~uintptr_t(1023));
+}
+
+// The producer's claim of a slot for a stage of stage_bytes: waits for it to be free, puts unit u
+// in the queue with a unit's first stage, and arms the slot's "full" barrier for the bytes.
+__device__ __forceinline__ void ring_claim(uint64_t* full, uint64_t* empty, int* unit_q, int slot,
+                                           uint32_t parity, int i, int ks, int u, int stage_bytes) {
+  mwait(&empty[slot], parity);
+  if (ks == 0) unit_q[i % 64] = u;
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(su32(&full[slot])),
+               "r"(stage_bytes)
+               : "memory");
+}
+
+// The producer's end: one more "full" arrival with -1 in the queue.
+__device__ __forceinline__ void ring_end(uint64_t* full, uint64_t* empty, int* unit_q, int slot,
+                                         uint32_t parity, int i) {
+  mwait(&empty[slot], parity);
+  unit_q[i % 64] = -1;
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(&full[slot])) : "memory");
+}
+
+// The consumers: each queued unit's stages_per_unit stages, read and released in ring order.
+template <int kStageW, int NS>
+__device__ void consume_queue(const unsigned char* smem, uint64_t* full, uint64_t* empty,
+                              const int* unit_q, int stages_per_unit, uint32_t* sink) {
+  int slot = 0;
+  uint32_t parity = 0, acc = 0;
+  for (int i = 0;; ++i) {
+    mwait(&full[slot], parity);
+    if (unit_q[i % 64] < 0) break;
+    for (int ks = 0; ks < stages_per_unit; ++ks) {
+      if (ks > 0) mwait(&full[slot], parity);
+      consume_stage<kStageW>(smem + slot * kStageW, &empty[slot], acc);
+      if (++slot == NS) slot = 0, parity ^= 1;
+    }
+  }
+  if (acc == 0x12345678u) sink[0] = acc;
 }
 
 // The probes' expert sets on the device: set s holds experts s * top_k .. s * top_k + top_k - 1

@@ -42,8 +42,7 @@ __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap
   const int kSlices = rows / R;
   const long long kRowBytes = k / 2;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  unsigned char* smem =
-      reinterpret_cast<unsigned char*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  unsigned char* smem = align_1k(smem_raw);
   __shared__ uint64_t full[NS], empty[NS];
   __shared__ int unit_q[64];
   const int tid = threadIdx.x, warp = tid >> 5;
@@ -60,11 +59,7 @@ __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap
       const int row0 = static_cast<int>(e * rows + (u % kSlices) * R);
       for (int ks = 0; ks < kStages; ++ks) {
         const uint32_t dst = su32(smem) + slot * kStageW;
-        mwait(&empty[slot], parity);
-        if (ks == 0) unit_q[i % 64] = u;
-        asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(su32(&full[slot])),
-                     "r"(kStageW)
-                     : "memory");
+        ring_claim(full, empty, unit_q, slot, parity, i, ks, u, kStageW);
         if constexpr (kMode == kLinear) {
           const uint8_t* src = w + row0 * kRowBytes + static_cast<long long>(ks) * kStageW;
           asm volatile(
@@ -105,26 +100,10 @@ __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap
       }
       u = next;
     }
-    // No more units: a last "full" arrival with -1 in the queue.
-    mwait(&empty[slot], parity);
-    unit_q[i % 64] = -1;
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(&full[slot])) : "memory");
+    ring_end(full, empty, unit_q, slot, parity, i);  // no more units
     return;
   }
-  // Consumers (warps 0-3): read each stage, release it.
-  int slot = 0;
-  uint32_t parity = 0;
-  uint32_t acc = 0;
-  for (int i = 0;; ++i) {
-    mwait(&full[slot], parity);
-    if (unit_q[i % 64] < 0) break;
-    for (int ks = 0; ks < kStages; ++ks) {
-      if (ks > 0) mwait(&full[slot], parity);
-      consume_stage<kStageW>(smem + slot * kStageW, &empty[slot], acc);
-      if (++slot == NS) slot = 0, parity ^= 1;
-    }
-  }
-  if (acc == 0x12345678u) sink[0] = acc;
+  consume_queue<kStageW, NS>(smem, full, empty, unit_q, kStages, sink);  // consumers (warps 0-3)
 }
 
 int main(int argc, char** argv) {
