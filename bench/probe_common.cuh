@@ -1,7 +1,7 @@
 // Shared pieces of the hand-run probes (bench/probe_stream.cu, probe_tma.cu, probe_layout.cu,
-// probe_order.cu, probe_fixed.cu): error checks, the mbarrier wait, a plain linear read, the event timing, the
-// consumers' read of a stage, the weights' fill pattern and the ring probes' setup. Not part of
-// the library.
+// probe_order.cu, probe_fixed.cu): error checks, the mbarrier wait, a plain linear read, the event
+// timing, the consumers' read of a stage, the weights' fill pattern, the unit-queue ring's
+// producer and consumer steps and the ring probes' setup. Not part of the library.
 #pragma once
 
 #include <cuda_runtime.h>

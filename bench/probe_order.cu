@@ -6,12 +6,13 @@
 //   unit-major  ([expert][unit][stage]: the library's tiled layout),
 //   stage-major ([expert][stage][unit]: the blocks on one expert's units read neighbouring stages),
 //   lockstep    (block b's i-th stage is stage i * grid + b of the whole range: all blocks read
-//                one window of grid stages at a time),
+//                one window of grid stages at a time; where the units do not fill the last round,
+//                its windows reach up to ~7 MB past the range, inside the buffer: the same bytes
+//                in count),
 // and a plain linear read of the range (16-byte loads, 4 blocks of 512 threads per SM). Each is
 // timed for 8 and 16 experts of kimi-k2's gemm1 (4096 x 7168 int4: 14.7 MB each), so that the
 // difference gives the marginal rate without the launch; then the library's order and the plain
-// read alone for 1, 2, 13 and 14 experts. Not part of the library; build and run
-// by hand:
+// read alone for 1, 2, 13 and 14 experts. Not part of the library; build and run by hand:
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90a -o probe_order bench/probe_order.cu && ./probe_order
 #include "probe_common.cuh"
