@@ -197,7 +197,9 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           b(c.tma && c.dynamic_units), b(c.tma && !g1 && c.x_boxes),
           b(g1 && c.early_unit), b(g1 && c.early_unit && bk.fused_route), b(c.tile_ready), b(c.tma && c.dynamic_units && c.early_fetch),
           b(c.tma && c.evict_first), c.chain, c.chain ? c.slot_bytes : stage_bytes,
-          b(!g1 && c.packed_only), b(g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff), b(tiled(s)), b(!g1 && c.chain == 2 && c.chain_finalize)) +
+          b(!g1 && c.packed_only),
+          b(g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff), b(tiled(s)),
+          b(!g1 && c.chain == 2 && c.chain_finalize)) +
          swiglu_cfg(s, g1);
 }
 

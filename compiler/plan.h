@@ -255,8 +255,9 @@ struct Plan {
   // warps (moejit_route.cuh, route_token_block) instead of its first warp: where a lane of that
   // warp would hold more than 4 experts (H200, bench/RESULTS.md section 30: kimi-k2 and
   // kimi-k2-tp8, 384 experts, 1.0-1.3 us faster at one token; qwen3-30b-a3b, 128, no faster).
-  // "brt=0|1" forces it (never for Precomputed or grouped DeepSeekV3). fused_block_route: the fused block's, where its static shared memory
-  // fits (ResidentConfig::block_route: the resident layer's).
+  // "brt=0|1" forces it (never for Precomputed or grouped DeepSeekV3). fused_block_route: the
+  // fused block's, where its static shared memory fits (ResidentConfig::block_route: the
+  // resident layer's).
   bool block_route = false;
   bool fused_block_route = false;
   // Threads per finalize block, 8 features each, at most kFinalizeThreads (0: by token count,
