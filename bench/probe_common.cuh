@@ -1,7 +1,8 @@
 // Shared pieces of the hand-run probes (bench/probe_stream.cu, probe_tma.cu, probe_layout.cu,
-// probe_order.cu, probe_fixed.cu): error checks, the mbarrier wait, a plain linear read, the event
-// timing, the consumers' read of a stage, the weights' fill pattern, the unit-queue ring's
-// producer and consumer steps and the ring probes' setup. Not part of the library.
+// probe_order.cu, probe_fixed.cu, probe_timing.cu): error checks, the mbarrier wait, a plain
+// linear read, the event timings (one run at a time, or queued as the bench does), the
+// consumers' read of a stage, the weights' fill pattern, the unit-queue ring's producer and
+// consumer steps and the ring probes' setup. Not part of the library.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -80,6 +81,33 @@ double median_us(F&& launch, int reps, P&& pre) {
 template <class F>
 double median_us(F&& launch, int reps) {
   return median_us(launch, reps, [](int) {});
+}
+
+// Median microseconds of launch(i) on stream s over `reps` runs enqueued back to back after 5
+// warm-ups, each between its own two events, with one synchronisation at the end: as `moejit
+// bench` times its graph replays (tools/bench_cmd.cpp, timed_ms). Once the queue runs ahead of
+// the GPU, an event fires when the GPU reaches it, so the host's submission latency is not in the
+// figure, where median_us (one run at a time on an idle GPU) has it.
+template <class F>
+double queued_us(F&& launch, int reps, cudaStream_t s) {
+  for (int i = 0; i < 5; ++i) launch(i);
+  std::vector<cudaEvent_t> ev(2 * reps);
+  for (auto& e : ev) CK(cudaEventCreate(&e));
+  for (int i = 0; i < reps; ++i) {
+    CK(cudaEventRecord(ev[2 * i], s));
+    launch(5 + i);
+    CK(cudaEventRecord(ev[2 * i + 1], s));
+  }
+  CK(cudaStreamSynchronize(s));
+  CK(cudaGetLastError());
+  std::vector<float> t(reps);
+  for (int i = 0; i < reps; ++i) {
+    CK(cudaEventElapsedTime(&t[i], ev[2 * i], ev[2 * i + 1]));
+    t[i] *= 1000.0f;
+  }
+  for (auto& e : ev) CK(cudaEventDestroy(e));
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
 }
 
 // The probes' consumer warps (threads 0-127): for each of the block's units and each of its
@@ -171,6 +199,33 @@ __device__ __forceinline__ void ring_end(uint64_t* full, uint64_t* empty, int* u
   mwait(&empty[slot], parity);
   unit_q[i % 64] = -1;
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(&full[slot])) : "memory");
+}
+
+// One bulk copy of `bytes` contiguous bytes, global -> shared, completing its bytes on `bar`.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(su32(bar))
+               : "memory");
+}
+
+// The producer thread of a ring probe whose stages are single bulk copies: the block's units from
+// blockIdx.x on, each next one taken from `counter` (or u + grid where it is null) when the one
+// before starts; stage ks of unit u is stage_bytes at src_of(u, ks); then the queue's end.
+template <int NS, class Src>
+__device__ void ring_produce(const unsigned char* smem, uint64_t* full, uint64_t* empty, int* unit_q, int n_units,
+                             int stages_per_unit, int stage_bytes, int* counter, Src&& src_of) {
+  uint32_t parity = 1;
+  int slot = 0, i = 0;
+  for (int u = blockIdx.x; u < n_units; ++i) {
+    const int next = static_cast<int>(gridDim.x) + (counter ? atomicAdd(counter, 1) : u);
+    for (int ks = 0; ks < stages_per_unit; ++ks) {
+      ring_claim(full, empty, unit_q, slot, parity, i, ks, u, stage_bytes);
+      bulk_copy(su32(smem) + slot * stage_bytes, src_of(u, ks), stage_bytes, &full[slot]);
+      if (++slot == NS) slot = 0, parity ^= 1;
+    }
+    u = next;
+  }
+  ring_end(full, empty, unit_q, slot, parity, i);
 }
 
 // The consumers: each queued unit's stages_per_unit stages, read and released in ring order.

@@ -62,18 +62,11 @@ __global__ void __launch_bounds__(160) probe(const __grid_constant__ CUtensorMap
         ring_claim(full, empty, unit_q, slot, parity, i, ks, u, kStageW);
         if constexpr (kMode == kLinear) {
           const uint8_t* src = w + row0 * kRowBytes + static_cast<long long>(ks) * kStageW;
-          asm volatile(
-              "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-              "l"(src), "r"(kStageW), "r"(su32(&full[slot]))
-              : "memory");
+          bulk_copy(dst, src, kStageW, &full[slot]);
         } else if constexpr (kMode == kRowCopies) {
           for (int r = 0; r < R; ++r) {
             const uint8_t* src = w + (row0 + r) * kRowBytes + static_cast<long long>(ks) * (KC / 2);
-            asm volatile(
-                "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
-                    dst + r * (KC / 2)),
-                "l"(src), "r"(KC / 2), "r"(su32(&full[slot]))
-                : "memory");
+            bulk_copy(dst + r * (KC / 2), src, KC / 2, &full[slot]);
           }
         } else if constexpr (kMode == kChunkedE) {
           asm volatile(

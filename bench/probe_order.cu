@@ -36,30 +36,18 @@ __global__ void __launch_bounds__(160) ring(const uint8_t* w, int n_experts, uin
   const int n_units = n_experts * kSlices;
   if (warp == 4) {
     if (tid != 128) return;
-    uint32_t parity = 1;
-    int slot = 0, i = 0;
-    for (int u = blockIdx.x; u < n_units; ++i) {
-      const int next = kMode == kLockstep ? u + static_cast<int>(gridDim.x)
-                                          : static_cast<int>(gridDim.x) + atomicAdd(counter, 1);
-      const long long e = u / kSlices, s = u % kSlices;
-      for (int ks = 0; ks < kStagesPerUnit; ++ks) {
-        long long off;
-        if constexpr (kMode == kUnitMajor) off = e * kExpertBytes + (s * kStagesPerUnit + ks) * kStageW;
-        else if constexpr (kMode == kStageMajor) off = e * kExpertBytes + (ks * kSlices + s) * kStageW;
-        else  // lockstep: the block's units are u, u + grid, ...; stage g of the range
-          off = ((static_cast<long long>(u - blockIdx.x) * kStagesPerUnit + ks * static_cast<long long>(gridDim.x)) +
-                 blockIdx.x) * kStageW;
-        const uint32_t dst = su32(smem) + slot * kStageW;
-        ring_claim(full, empty, unit_q, slot, parity, i, ks, u, kStageW);
-        asm volatile(
-            "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-            "l"(w + off), "r"(kStageW), "r"(su32(&full[slot]))
-            : "memory");
-        if (++slot == kNS) slot = 0, parity ^= 1;
-      }
-      u = next;
-    }
-    ring_end(full, empty, unit_q, slot, parity, i);
+    // Lockstep deals units round-robin (no counter): the block's units are u, u + grid, ...
+    ring_produce<kNS>(smem, full, empty, unit_q, n_units, kStagesPerUnit, kStageW,
+                      kMode == kLockstep ? nullptr : counter, [&](int u, int ks) {
+                        const long long e = u / kSlices, s = u % kSlices;
+                        long long off;
+                        if constexpr (kMode == kUnitMajor) off = e * kExpertBytes + (s * kStagesPerUnit + ks) * kStageW;
+                        else if constexpr (kMode == kStageMajor) off = e * kExpertBytes + (ks * kSlices + s) * kStageW;
+                        else  // lockstep: stage g of the range
+                          off = ((static_cast<long long>(u - blockIdx.x) * kStagesPerUnit +
+                                  ks * static_cast<long long>(gridDim.x)) + blockIdx.x) * kStageW;
+                        return w + off;
+                      });
     return;
   }
   consume_queue<kStageW, kNS>(smem, full, empty, unit_q, kStagesPerUnit, sink);
