@@ -1,8 +1,8 @@
 // Shared pieces of the hand-run probes (bench/probe_stream.cu, probe_tma.cu, probe_layout.cu,
-// probe_order.cu, probe_fixed.cu, probe_timing.cu): error checks, the mbarrier wait, a plain
-// linear read, the event timings (one run at a time, or queued as the bench does), the
-// consumers' read of a stage, the weights' fill pattern, the unit-queue ring's producer and
-// consumer steps and the ring probes' setup. Not part of the library.
+// probe_order.cu, probe_fixed.cu, probe_timing.cu, probe_launch.cu): error checks, the mbarrier
+// wait, a plain linear read, the event timings (one run at a time, or queued as the bench does),
+// a graph capture, the consumers' read of a stage, the weights' fill pattern, the unit-queue
+// ring's producer and consumer steps and the ring probes' setup. Not part of the library.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -81,6 +81,19 @@ double median_us(F&& launch, int reps, P&& pre) {
 template <class F>
 double median_us(F&& launch, int reps) {
   return median_us(launch, reps, [](int) {});
+}
+
+// A CUDA graph of what body() enqueues on s (instantiated; the graph itself released).
+template <class F>
+cudaGraphExec_t capture(cudaStream_t s, F&& body) {
+  cudaGraph_t g;
+  cudaGraphExec_t exec;
+  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
+  body();
+  CK(cudaStreamEndCapture(s, &g));
+  CK(cudaGraphInstantiate(&exec, g, 0));
+  CK(cudaGraphDestroy(g));
+  return exec;
 }
 
 // Median microseconds of launch(i) on stream s over `reps` runs enqueued back to back after 5

@@ -47,19 +47,6 @@ __global__ void __launch_bounds__(160) empty_kernel(uint32_t* sink, int never) {
   if (never == 12345) sink[0] = 1;
 }
 
-// A CUDA graph of what body() enqueues on s.
-template <class F>
-cudaGraphExec_t capture(cudaStream_t s, F&& body) {
-  cudaGraph_t g;
-  cudaGraphExec_t exec;
-  CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeGlobal));
-  body();
-  CK(cudaStreamEndCapture(s, &g));
-  CK(cudaGraphInstantiate(&exec, g, 0));
-  CK(cudaGraphDestroy(g));
-  return exec;
-}
-
 int main() {
   const ProbeSetup ps = probe_setup(kSets * kSetStride, kSets, 8);
   cudaStream_t s;
