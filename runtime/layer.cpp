@@ -609,12 +609,13 @@ class LayerImpl {
       long long rows;  // per expert
       long long row_bytes;
       int block, chunk_units;
+      bool pair_order;  // nibbles of each word in pair order (moejit.h)
     };
     const Tensor tensors[4] = {
-        {"w13", in.w13, out.w13, 2 * I, H / 2, moejit_dev::kTiledRowsW13, 8},
-        {"w13_scale", in.w13_scale, out.w13_scale, 2 * I, H / 16, moejit_dev::kTiledRowsW13, 1},
-        {"w2", in.w2, out.w2, H, I / 2, moejit_dev::kTiledRowsW2, 8},
-        {"w2_scale", in.w2_scale, out.w2_scale, H, I / 16, moejit_dev::kTiledRowsW2, 1}};
+        {"w13", in.w13, out.w13, 2 * I, H / 2, moejit_dev::kTiledRowsW13, 8, true},
+        {"w13_scale", in.w13_scale, out.w13_scale, 2 * I, H / 16, moejit_dev::kTiledRowsW13, 1, false},
+        {"w2", in.w2, out.w2, H, I / 2, moejit_dev::kTiledRowsW2, 8, false},
+        {"w2_scale", in.w2_scale, out.w2_scale, H, I / 16, moejit_dev::kTiledRowsW2, 1, false}};
     for (const Tensor& t : tensors) {
       if (!t.src || !t.dst)
         throw Error(ErrorKind::InvalidArgument,
@@ -642,7 +643,7 @@ class LayerImpl {
                       fmt::format("prepare_weights: the outputs for {} and {} overlap", t.name, o.name));
       }
       moejit_dev::PrepareParams pp{src, dst, local * t.rows, static_cast<int32_t>(t.row_bytes),
-                                   t.block, t.chunk_units};
+                                   t.block, t.chunk_units, t.pair_order ? 1 : 0};
       const long long blocks = std::min<long long>((bytes / 16 + 255) / 256, 1 << 20);
       launch(prepare_, static_cast<unsigned>(blocks), 1, &pp, stream, /*allow_pdl=*/false);
     }

@@ -51,14 +51,16 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Pair j (k = 2j, 2j+1 of a 32-k group held as 16 bytes) as bf16x2 of v * scale.
-template <int J>
+// Pair j (k = 2j, 2j+1 of a 32-k group held as 16 bytes) as bf16x2 of v * scale. kPairOrder:
+// the words hold their nibbles in pair order (tiled w13, moejit.h), k = 2j, 2j + 1 at nibbles
+// j % 4 and j % 4 + 4 of word j / 4.
+template <int J, bool kPairOrder>
 __device__ __forceinline__ uint32_t dequant_pair(const uint4& q16, uint32_t scale2) {
   const uint32_t q = word_of(q16, J / 4);
   constexpr uint32_t b = J % 4;
   constexpr uint32_t sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12);
   // Low nibble of byte b to bits 0-3, high nibble to bits 16-19, then bf16 136 + v (nib_pair).
-  const uint32_t x = nib_pair(__byte_perm(q, q >> 4, sel));
+  const uint32_t x = kPairOrder ? nib_pair(q >> (4 * b)) : nib_pair(__byte_perm(q, q >> 4, sel));
   __nv_bfloat162 r = *reinterpret_cast<const __nv_bfloat162*>(&x);
   const uint32_t k136 = 0x43084308u;  // bf16x2 (136, 136)
   r = __hsub2(r, *reinterpret_cast<const __nv_bfloat162*>(&k136));
@@ -121,6 +123,7 @@ __device__ void grouped_gemm(const GemmParams& p) {
   constexpr int kStride = CK + 8;          // bf16 per shared row: 16 bytes of padding
   constexpr int kIters = CG / (4 * WK);    // 4-group blocks per warp per chunk
   constexpr bool kGemm1 = Cfg::kGemm1;
+  constexpr bool kPairW = kGemm1 && Cfg::kTiledW;  // w13 words in pair order (moejit.h)
   constexpr int AT = kGemm1 ? 2 : 1;       // A tiles per warp: (gate, up) or (down)
   constexpr int kThreads = 32 * WN * WK;
   constexpr int kRowBytes = K / 2;
@@ -305,12 +308,12 @@ __device__ void grouped_gemm(const GemmParams& p) {
           uint32_t af[4];
           // Unrolled s makes the pair index a compile-time constant.
           switch (s) {
-#define MOEJIT_DEQ_CASE(S)                                        \
-  case S:                                                         \
-    af[0] = dequant_pair<2 * S>(wq[it][a][0], sc[it][a][0]);      \
-    af[1] = dequant_pair<2 * S>(wq[it][a][1], sc[it][a][1]);      \
-    af[2] = dequant_pair<2 * S + 1>(wq[it][a][0], sc[it][a][0]);  \
-    af[3] = dequant_pair<2 * S + 1>(wq[it][a][1], sc[it][a][1]);  \
+#define MOEJIT_DEQ_CASE(S)                                                  \
+  case S:                                                                   \
+    af[0] = dequant_pair<2 * S, kPairW>(wq[it][a][0], sc[it][a][0]);        \
+    af[1] = dequant_pair<2 * S, kPairW>(wq[it][a][1], sc[it][a][1]);        \
+    af[2] = dequant_pair<2 * S + 1, kPairW>(wq[it][a][0], sc[it][a][0]);    \
+    af[3] = dequant_pair<2 * S + 1, kPairW>(wq[it][a][1], sc[it][a][1]);    \
     break;
             MOEJIT_DEQ_CASE(0)
             MOEJIT_DEQ_CASE(1)

@@ -26,7 +26,8 @@
 // The arithmetic, and its order, is the stream GEMMs' (moejit_stream.cuh), so that the output is
 // bitwise the unfinalized layer's plus moejit::finalize: one lop3 turns a nibble pair into bf16x2
 // (136 + v), per group part = (-136 sum_k b, by MMA of a constant A operand) + the group's MMAs
-// against b in the matching k order (act_pos), and an output row is the sum over chains c = 0, 1,
+// against b in the matching k order (act_pos; gemm1's x as it lies with tiled weights, whose w13
+// nibbles are in pair order), and an output row is the sum over chains c = 0, 1,
 // ..., CW - 1 (CW: that stream GEMM's consumer warps) of fmaf(scale, part, acc) over the groups
 // of the pairs c, c + CW, ... . With one token, x is MMA column 0 (gemm1) and the activation's hi
 // and lo planes are columns 0 and 1 (gemm2, packed like the stream gemm2's tiles of at most 4
@@ -120,7 +121,7 @@ struct Layout {
   static constexpr int kBytes = kRed + 4 * kRedFloats;
 };
 
-// x or an activation row (bf16, act_pos order) as MMA B registers of a group pair: 16 bytes per
+// x or an activation row (bf16, act_pos order; x as it lies for tiled weights) as MMA B registers of a group pair: 16 bytes per
 // group, thread t's 8 values; zeros where ok == 0.
 struct PairB {
   uint4 v[2];
@@ -349,17 +350,20 @@ __device__ void resident_layer(const ResidentParams& p) {
   if (issue_at == -1) issue(tid);
   if (tid == 0) tl[kIssued] = tl_now();
 
-  // ---- x in act_pos order (while the copies stream) ----
+  // ---- x in act_pos order, or as it lies for tiled weights (w13's nibbles in pair order,
+  // moejit.h), while the copies stream ----
   {
     const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
     __nv_bfloat16* xs = reinterpret_cast<__nv_bfloat16*>(smem + Lay::kX);
     for (int i = tid; i < H / 8; i += kThreads) {
       const uint4 v = *reinterpret_cast<const uint4*>(x + 8 * i);
-      uint4 o;  // (x0, x4), (x1, x5), (x2, x6), (x3, x7)
-      o.x = __byte_perm(v.x, v.z, 0x5410);
-      o.y = __byte_perm(v.x, v.z, 0x7632);
-      o.z = __byte_perm(v.y, v.w, 0x5410);
-      o.w = __byte_perm(v.y, v.w, 0x7632);
+      uint4 o = v;
+      if constexpr (!Cfg::kTiledW) {  // (x0, x4), (x1, x5), (x2, x6), (x3, x7)
+        o.x = __byte_perm(v.x, v.z, 0x5410);
+        o.y = __byte_perm(v.x, v.z, 0x7632);
+        o.z = __byte_perm(v.y, v.w, 0x5410);
+        o.w = __byte_perm(v.y, v.w, 0x7632);
+      }
       *reinterpret_cast<uint4*>(xs + 8 * i) = o;
     }
   }

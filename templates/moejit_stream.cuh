@@ -29,9 +29,12 @@
 // Consumers split a stage's MXINT4 groups in pairs. Per group, a thread holds word t of the
 // 16-byte group row (8 nibbles, k = 8t..8t+7) for rows g and g+8 (ldmatrix). One lop3 turns
 // nibbles (j, j+4) of a word, shifted by 4j, into bf16x2 (136 + v): exact integers. The MMA sums
-// over k in any order shared by both operands, so x is fed in the matching order (x_j, x_{j+4})
-// (gemm1: two prmt per register pair; gemm2: gemm1 stores the activation already in that order,
-// see act_pos). The 136 offset is removed by one MMA per k-step of a constant -136 A operand
+// over k in any order shared by both operands, so x is fed in the matching order: row-major
+// gemm1 weights hold k = 8t + j at nibble j, so x is paired as (x_j, x_{j+4}) by two prmt per
+// register pair; tiled gemm1 weights hold their nibbles in pair order (k = 8t + 2m at nibble m,
+// 8t + 2m + 1 at m + 4; moejit.h), so the pairs are consecutive k and x is used as it lies (no
+// prmt: bench/RESULTS.md section 36); gemm2's weights keep the row-major order and gemm1 stores
+// the activation already paired that way (act_pos). The 136 offset is removed by one MMA per k-step of a constant -136 A operand
 // (= -136 * sum x over the group, per row), and the group's result is scaled in fp32 once:
 // acc += scale[f, group] * (sum_k (136 + v) x - 136 sum_k x). No bf16 rounding of v * scale.
 // Non-finite x: an Inf in a group makes that group's sum NaN (Inf - Inf) where v * x alone would
@@ -1403,14 +1406,17 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   #pragma unroll
             for (int gg = 0; gg < 2; ++gg)
               xv[q][gg] = lds128_if(st + x_off + x_plane(q) + pi * kXPair + gg * kXGroup, x_ok);
-          // B registers [group][plane][k-step][b0/b1]: x_(8t + j) paired with x_(8t + j + 4).
+          // B registers [group][plane][k-step][b0/b1]: the x of weight nibble pair (j, j + 4) of
+          // word t. Row-major gemm1 weights: x_(8t + j) paired with x_(8t + j + 4). Gemm2 (x in
+          // act_pos order) and tiled gemm1 weights (nibbles in pair order, moejit.h): the x words
+          // as they lie.
           uint32_t b[2][kPlanes][2][2];
   #pragma unroll
           for (int gg = 0; gg < 2; ++gg)
   #pragma unroll
             for (int q = 0; q < nq; ++q) {
               const uint4 v = xv[q][gg];
-              if constexpr (kGemm1) {
+              if constexpr (kGemm1 && !Cfg::kTiledW) {
                 b[gg][q][0][0] = __byte_perm(v.x, v.z, 0x5410);
                 b[gg][q][0][1] = __byte_perm(v.x, v.z, 0x7632);
                 b[gg][q][1][0] = __byte_perm(v.y, v.w, 0x5410);

@@ -122,8 +122,9 @@ TEST(GpuLayerApi, LaunchRejectsBadArguments) {
 
 // Layer::prepare_weights against the layout moejit.h describes, computed here byte by byte
 // (blocks of 32 rows for w13 and its scales, 64 for w2 and its scales; [chunk][row][chunk bytes
-// of a row], the weights' 16-byte units at u ^ (row % 8)), with expert parallelism (only the
-// local experts' bytes written), and its argument errors.
+// of a row], the weights' 16-byte units at u ^ (row % 8); w13's words with k = 2m of the word at
+// nibble m and k = 2m + 1 at nibble m + 4), with expert parallelism (only the local experts'
+// bytes written), and its argument errors.
 TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
   MOEJIT_REQUIRE_GPU();
   moejit::MoeSpec spec = small_spec();
@@ -146,15 +147,26 @@ TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
     const char* name;
     std::vector<uint8_t> want, got;
     long long rows, row_bytes, block, chunk_bytes;
+    bool pair_order;
+  };
+  // Byte `b` of a row-major tensor as the tiled layout holds it: w13's weights in pair order.
+  auto want_byte = [](const Tensor& t, long long row, long long b) -> uint8_t {
+    const uint8_t* word = t.want.data() + row * t.row_bytes + (b & ~3LL);
+    if (!t.pair_order) return word[b & 3];
+    uint32_t w = 0, r = 0;
+    for (int i = 0; i < 4; ++i) w |= static_cast<uint32_t>(word[i]) << (8 * i);
+    for (int m = 0; m < 4; ++m)  // k = 2m: low nibble of byte m; k = 2m + 1: its high nibble
+      r |= ((w >> (8 * m)) & 0xfu) << (4 * m) | ((w >> (8 * m + 4)) & 0xfu) << (16 + 4 * m);
+    return static_cast<uint8_t>(r >> (8 * (b & 3)));
   };
   auto bytes_of = [](const auto& v) {
     const auto* p = reinterpret_cast<const uint8_t*>(v.data());
     return std::vector<uint8_t>(p, p + v.size() * sizeof(v[0]));
   };
-  Tensor tensors[4] = {{"w13", bytes_of(host.w13), o13.download<uint8_t>(), 2 * I, H / 2, 32, 128},
-                       {"w13_scale", bytes_of(host.w13_scale), s13.download<uint8_t>(), 2 * I, H / 16, 32, 16},
-                       {"w2", bytes_of(host.w2), o2.download<uint8_t>(), H, I / 2, 64, 128},
-                       {"w2_scale", bytes_of(host.w2_scale), s2.download<uint8_t>(), H, I / 16, 64, 16}};
+  Tensor tensors[4] = {{"w13", bytes_of(host.w13), o13.download<uint8_t>(), 2 * I, H / 2, 32, 128, true},
+                       {"w13_scale", bytes_of(host.w13_scale), s13.download<uint8_t>(), 2 * I, H / 16, 32, 16, false},
+                       {"w2", bytes_of(host.w2), o2.download<uint8_t>(), H, I / 2, 64, 128, false},
+                       {"w2_scale", bytes_of(host.w2_scale), s2.download<uint8_t>(), H, I / 16, 64, 16, false}};
   for (const Tensor& t : tensors) {
     SCOPED_TRACE(t.name);
     ASSERT_EQ(t.want.size(), static_cast<size_t>(E * t.rows * t.row_bytes));
@@ -169,7 +181,7 @@ TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
           const long long unit = in_chunk / 16, swz = t.chunk_bytes == 128 ? (unit ^ (r % 8)) : unit;
           const long long at = blk * t.block * t.row_bytes + chunk * t.block * t.chunk_bytes +
                                r * t.chunk_bytes + swz * 16 + in_chunk % 16;
-          const uint8_t want = t.want[static_cast<size_t>(row * t.row_bytes + b)];
+          const uint8_t want = want_byte(t, row, b);
           if (local) wrong += t.got[static_cast<size_t>(at)] != want;
           else untouched_wrong += t.got[static_cast<size_t>(at)] != 0xff;  // poison: 0xff bytes
         }
