@@ -613,7 +613,8 @@ class LayerImpl {
     };
     const Tensor tensors[4] = {
         {"w13", in.w13, out.w13, 2 * I, H / 2, moejit_dev::kTiledRowsW13, 8, true},
-        {"w13_scale", in.w13_scale, out.w13_scale, 2 * I, H / 16, moejit_dev::kTiledRowsW13, 1, false},
+        {"w13_scale", in.w13_scale, out.w13_scale, 2 * I, H / 16, moejit_dev::kTiledRowsW13, 1,
+         false},
         {"w2", in.w2, out.w2, H, I / 2, moejit_dev::kTiledRowsW2, 8, false},
         {"w2_scale", in.w2_scale, out.w2_scale, H, I / 16, moejit_dev::kTiledRowsW2, 1, false}};
     for (const Tensor& t : tensors) {

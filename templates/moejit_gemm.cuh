@@ -59,7 +59,8 @@ __device__ __forceinline__ uint32_t dequant_pair(const uint4& q16, uint32_t scal
   const uint32_t q = word_of(q16, J / 4);
   constexpr uint32_t b = J % 4;
   constexpr uint32_t sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12);
-  // Low nibble of byte b to bits 0-3, high nibble to bits 16-19, then bf16 136 + v (nib_pair).
+  // Row-major: the low nibble of byte b to bits 0-3, its high nibble to bits 16-19 (a prmt);
+  // pair order: one shift. Then bf16 136 + v (nib_pair).
   const uint32_t x = kPairOrder ? nib_pair(q >> (4 * b)) : nib_pair(__byte_perm(q, q >> 4, sel));
   __nv_bfloat162 r = *reinterpret_cast<const __nv_bfloat162*>(&x);
   const uint32_t k136 = 0x43084308u;  // bf16x2 (136, 136)

@@ -220,7 +220,7 @@ struct PrepareParams {
   int32_t row_bytes;
   int32_t block;
   int32_t chunk_units;
-  int32_t pair_order;  // w13's weights: each 32-bit word's nibbles in pair order (kPairOrderW13)
+  int32_t pair_order;  // w13's weights: each 32-bit word's nibbles in pair order (moejit.h)
 };
 
 }  // namespace moejit_dev

@@ -5,10 +5,10 @@
 // of the decode kernels' boxes, so a box of a whole block is one contiguous run
 // (moejit_stream.cuh, weight_box). One thread per 16-byte unit of the output, in output order:
 // stores are contiguous, loads gather whole 128-byte lines (weights) or 16-byte pieces (scales).
-// With PrepareParams::pair_order (w13's weights) each 32-bit word's eight nibbles, k = 8t .. 8t + 7,
-// are also reordered: k = 8t + 2m to nibble m, k = 8t + 2m + 1 to nibble m + 4 (m = 0..3), so that
-// the decode kernels' one-lop3 nibble pairs (m, m + 4) are consecutive k, which they multiply by x
-// as it lies in memory (moejit_stream.cuh).
+// With PrepareParams::pair_order (w13's weights) each 32-bit word's eight nibbles, k = 8t ..
+// 8t + 7, are also reordered: k = 8t + 2m to nibble m, k = 8t + 2m + 1 to nibble m + 4 (m = 0..3),
+// so that the decode kernels' one-lop3 nibble pairs (m, m + 4) are consecutive k, which they
+// multiply by x as it lies in memory (moejit_stream.cuh).
 #pragma once
 
 #include "moejit_common.cuh"
@@ -19,7 +19,10 @@ namespace moejit_dev {
 __device__ __forceinline__ uint32_t pair_order_word(uint32_t w) {
   uint32_t r = 0;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) r |= ((w >> (4 * i)) & 0xfu) << (4 * ((i & 1) ? 4 + (i >> 1) : (i >> 1)));
+  for (int i = 0; i < 8; ++i) {
+    const int to = (i & 1) ? 4 + (i >> 1) : (i >> 1);
+    r |= ((w >> (4 * i)) & 0xfu) << (4 * to);
+  }
   return r;
 }
 

@@ -27,8 +27,8 @@
 // bitwise the unfinalized layer's plus moejit::finalize: one lop3 turns a nibble pair into bf16x2
 // (136 + v), per group part = (-136 sum_k b, by MMA of a constant A operand) + the group's MMAs
 // against b in the matching k order (act_pos; gemm1's x as it lies with tiled weights, whose w13
-// nibbles are in pair order), and an output row is the sum over chains c = 0, 1,
-// ..., CW - 1 (CW: that stream GEMM's consumer warps) of fmaf(scale, part, acc) over the groups
+// nibbles are in pair order), and an output row is the sum over chains c = 0, 1, ..., CW - 1
+// (CW: that stream GEMM's consumer warps) of fmaf(scale, part, acc) over the groups
 // of the pairs c, c + CW, ... . With one token, x is MMA column 0 (gemm1) and the activation's hi
 // and lo planes are columns 0 and 1 (gemm2, packed like the stream gemm2's tiles of at most 4
 // rows) or both column 0 (Cfg::kPacked2 false); the other columns are zeros.
@@ -121,8 +121,8 @@ struct Layout {
   static constexpr int kBytes = kRed + 4 * kRedFloats;
 };
 
-// x or an activation row (bf16, act_pos order; x as it lies for tiled weights) as MMA B registers of a group pair: 16 bytes per
-// group, thread t's 8 values; zeros where ok == 0.
+// x or an activation row (bf16, act_pos order; x as it lies for tiled weights) as MMA B
+// registers of a group pair: 16 bytes per group, thread t's 8 values; zeros where ok == 0.
 struct PairB {
   uint4 v[2];
   __device__ void load(uint32_t addr, uint32_t ok) {

@@ -34,8 +34,9 @@
 // register pair; tiled gemm1 weights hold their nibbles in pair order (k = 8t + 2m at nibble m,
 // 8t + 2m + 1 at m + 4; moejit.h), so the pairs are consecutive k and x is used as it lies (no
 // prmt: bench/RESULTS.md section 36); gemm2's weights keep the row-major order and gemm1 stores
-// the activation already paired that way (act_pos). The 136 offset is removed by one MMA per k-step of a constant -136 A operand
-// (= -136 * sum x over the group, per row), and the group's result is scaled in fp32 once:
+// the activation already paired that way (act_pos). The 136 offset is removed by one MMA per
+// k-step of a constant -136 A operand (= -136 * sum x over the group, per row), and the group's
+// result is scaled in fp32 once:
 // acc += scale[f, group] * (sum_k (136 + v) x - 136 sum_k x). No bf16 rounding of v * scale.
 // Non-finite x: an Inf in a group makes that group's sum NaN (Inf - Inf) where v * x alone would
 // give +-Inf, and |x| above ~1e36 overflows the -136 sum x term; the layer's output for such a

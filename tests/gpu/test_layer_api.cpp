@@ -163,10 +163,11 @@ TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
     const auto* p = reinterpret_cast<const uint8_t*>(v.data());
     return std::vector<uint8_t>(p, p + v.size() * sizeof(v[0]));
   };
-  Tensor tensors[4] = {{"w13", bytes_of(host.w13), o13.download<uint8_t>(), 2 * I, H / 2, 32, 128, true},
-                       {"w13_scale", bytes_of(host.w13_scale), s13.download<uint8_t>(), 2 * I, H / 16, 32, 16, false},
-                       {"w2", bytes_of(host.w2), o2.download<uint8_t>(), H, I / 2, 64, 128, false},
-                       {"w2_scale", bytes_of(host.w2_scale), s2.download<uint8_t>(), H, I / 16, 64, 16, false}};
+  Tensor tensors[4] = {
+      {"w13", bytes_of(host.w13), o13.download<uint8_t>(), 2 * I, H / 2, 32, 128, true},
+      {"w13_scale", bytes_of(host.w13_scale), s13.download<uint8_t>(), 2 * I, H / 16, 32, 16, false},
+      {"w2", bytes_of(host.w2), o2.download<uint8_t>(), H, I / 2, 64, 128, false},
+      {"w2_scale", bytes_of(host.w2_scale), s2.download<uint8_t>(), H, I / 16, 64, 16, false}};
   for (const Tensor& t : tensors) {
     SCOPED_TRACE(t.name);
     ASSERT_EQ(t.want.size(), static_cast<size_t>(E * t.rows * t.row_bytes));
