@@ -24,7 +24,8 @@
 // 16-byte unit u of a row's 128 bytes stored at u ^ (row % 8), each block of scales as
 // [K / 256 chunks][rows][8 scales]. In w13 (not w2) each 32-bit word, k = 8t .. 8t + 7 (nibble i
 // at bits 4i in the row-major layout), holds its nibbles in pair order: k = 8t + 2m at bits 4m and
-// k = 8t + 2m + 1 at bits 16 + 4m, m = 0..3.
+// k = 8t + 2m + 1 at bits 16 + 4m, m = 0..3 (since commit f05dd81: tiled weights written by an
+// earlier version must be prepared again).
 #pragma once
 
 #include <cstddef>
