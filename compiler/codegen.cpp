@@ -117,8 +117,13 @@ KernelSource route_unit(const Plan& plan, const KernelPlan& k) {
 KernelSource route_dispatch_unit(const Plan& plan, const KernelPlan& k) {
   const MoeSpec& s = plan.spec;
   const int threads = 32 * plan.route_dispatch_warps;
+  bool convert_x = false;  // a chain with fp16 operands (StreamConfig::f16) behind this block
+  for (const Bucket& b : plan.buckets) convert_x = convert_x || (b.chain_tokens > 0 && b.c1.f16);
   const std::string cfg = route_cfg(s, plan.route_dispatch_warps, plan.fused_block_route) +
-                          dispatch_cfg(plan, false, threads);
+                          dispatch_cfg(plan, false, threads) +
+                          fmt::format("  static constexpr bool kConvertX = {};  // block 1 writes x as fp16 (f16 chains)\n"
+                                      "  static constexpr int kH = {};\n",
+                                      b(convert_x), s.hidden);
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_route_dispatch.cuh", cfg, "RouteDispatchParams",
                "route_dispatch_kernel", threads),
@@ -188,7 +193,8 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           "  static constexpr bool kPackedOnly = {};  // gemm2: one x plane, packed units only\n"
           "  static constexpr bool kRoutedIds = {};  // gemm1: up to 8 routed ids packed beside the fused block's word\n"
           "  static constexpr bool kTiledW = {};  // weights in WeightFormat::MxInt4G32Tiled\n"
-          "  static constexpr bool kChainFinalize = {};  // a chain's gemm2 finalizes the output at its end\n",
+          "  static constexpr bool kChainFinalize = {};  // a chain's gemm2 finalizes the output at its end\n"
+          "  static constexpr bool kF16 = {};  // a chain's fp16 operands (StreamConfig::f16)\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
           s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
           bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
@@ -199,7 +205,7 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           b(c.tma && c.evict_first), c.chain, c.chain ? c.slot_bytes : stage_bytes,
           b(!g1 && c.packed_only),
           b(g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff), b(tiled(s)),
-          b(!g1 && c.chain == 2 && c.chain_finalize)) +
+          b(!g1 && c.chain == 2 && c.chain_finalize), b(c.chain != 0 && c.f16)) +
          swiglu_cfg(s, g1);
 }
 

@@ -250,19 +250,21 @@ bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm
 
 }  // namespace
 
-int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows, bool tma, bool x_boxes, bool packed_only) {
+int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows, bool tma, bool x_boxes, bool packed_only,
+                       bool f16_magic) {
   const int planes = gemm1 || packed_only ? 1 : 2;
   const int weights_scales = k_stage / 256 * unit_rows * 128 + unit_rows * (k_stage / 16);
   // x: 8 rows per plane, padded by 64 bytes (gemm1, and gemm2 by cp.async or row copies; one
   // plane where gemm2's units are all packed); gemm2 by TMA boxes: two boxes of 4 rows x both
   // planes, unpadded.
   const int x = tma && !gemm1 && x_boxes ? 2 * 4 * planes * k_stage * 2 : planes * 8 * (k_stage * 2 + 64);
-  const int bytes = weights_scales + x;
+  const int bytes = weights_scales + x + (f16_magic ? k_stage / 2 : 0);
   return tma ? (bytes + 1023) / 1024 * 1024 : bytes;
 }
 
 int stream_stage_bytes(const StreamConfig& c, bool gemm1) {
-  return stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, c.tma, c.x_boxes, !gemm1 && c.packed_only);
+  return stream_stage_bytes(c.k_stage, gemm1, c.unit_rows, c.tma, c.x_boxes, !gemm1 && c.packed_only,
+                            !gemm1 && c.f16);
 }
 
 long long stream_units(const MoeSpec& spec, bool gemm1, int unit_rows, int tokens) {
@@ -729,6 +731,13 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
           flag_of("ch", faster, "both GEMMs as one chain kernel")) {
         c2.k_stage = k2;
         c2.packed_only = po;
+        // fp16 operands (StreamConfig::f16) where gemm2's units are all packed, the fused block
+        // can publish x's conversion on its word and w13's nibbles lie in pair order. "f16=0|1"
+        // overrides.
+        c1.f16 = c2.f16 = po && b.fused_route && c1.early_unit && c1.split_epilogue && c2.split_epilogue &&
+                          c1.consumer_warps == 4 &&
+                          spec.weight_format == WeightFormat::MxInt4G32Tiled &&
+                          flag_of("f16", true, "fp16 operands in the chain");
         const int slot = std::max(slot1, stream_stage_bytes(c2, false));
         c1.stages = c2.stages = std::clamp(102 * 1024 / slot, 2, kMaxStreamStages);
         c1.slot_bytes = c2.slot_bytes = slot;
@@ -821,9 +830,9 @@ std::string describe(const Plan& plan) {
                                   b.res.grid, b.res.warps, b.res.k_part1, b.res.window, b.res.units1,
                                   b.res.units2, b.res.smem, b.res.block_route ? " block_route=1" : "")
                       : std::string()) +
-            (b.chain_tokens > 0 ? fmt::format(" chain(tokens<={} k_stage1={} k_stage2={} stages={} slot_bytes={}{}{})",
+            (b.chain_tokens > 0 ? fmt::format(" chain(tokens<={} k_stage1={} k_stage2={} stages={} slot_bytes={}{}{}{})",
                                               b.chain_tokens, b.c1.k_stage, b.c2.k_stage, b.c1.stages,
-                                              b.c1.slot_bytes, b.c2.packed_only ? " packed_only=1" : "",
+                                              b.c1.slot_bytes, b.c2.packed_only ? " packed_only=1" : "", b.c2.f16 ? " f16=1" : "",
                                               b.c2.chain_finalize ? " finalize=1" : "")
                                 : std::string()));
   }

@@ -103,6 +103,14 @@ struct StreamConfig {
   // finalize kernel. (The host's slice words follow the tile-ready words: the chain needs
   // tile_ready and 64-row units, which runtime/layer.cpp checks.)
   bool chain_finalize = false;
+  // Both GEMMs of a chain with packed-only gemm2 stages, tiled weights and the fused
+  // route+dispatch block: fp16 MMA operands (bench/RESULTS.md section 37). A second block of the
+  // fused kernel writes x as fp16 times one power of two per launch (k = 2, 3 mod 4 by a further
+  // 1/16); gemm1's epilogue multiplies the factor back and writes the activation as fp16 hi and
+  // lo planes times a power of two per (tile, 8 features), whose dequantisation constants gemm2
+  // copies beside the activation. The weights' nibbles take 4 LOP3 + 1 SHF per word instead of
+  // 4 + 3.
+  bool f16 = false;
 
   // Gemm1 with tile_ready has one more warp, which publishes its finished units.
   int threads(bool gemm1) const { return 32 * (consumer_warps + producer_warps + (gemm1 && tile_ready)); }
@@ -119,7 +127,7 @@ struct StreamConfig {
            x_boxes == o.x_boxes && early_unit == o.early_unit && tile_ready == o.tile_ready &&
            early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks &&
            chain == o.chain && slot_bytes == o.slot_bytes && packed_only == o.packed_only &&
-           routed_ids == o.routed_ids && chain_finalize == o.chain_finalize;
+           routed_ids == o.routed_ids && chain_finalize == o.chain_finalize && f16 == o.f16;
   }
 };
 
@@ -130,8 +138,10 @@ constexpr int kMaxStreamStages = 8;
 // generated code static_asserts it).
 // x_boxes: gemm2's x by 4-row TMA boxes (StreamConfig::x_boxes; with tma only).
 // packed_only: gemm2's x as one plane of 8 padded rows (StreamConfig::packed_only).
+// f16_magic: gemm2 with StreamConfig::f16, whose stage also holds the activation's
+// dequantisation words (one per 8 features: k_stage / 2 bytes).
 int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows = 32, bool tma = false,
-                       bool x_boxes = false, bool packed_only = false);
+                       bool x_boxes = false, bool packed_only = false, bool f16_magic = false);
 int stream_stage_bytes(const StreamConfig& c, bool gemm1);
 
 // Upper bound on the work units of a stream GEMM with `unit_rows`-row units at `tokens` tokens:

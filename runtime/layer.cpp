@@ -223,7 +223,8 @@ class LayerImpl {
     long long max_tiles = 0;
     long long rows = 0;  // max_tiles * tile
     size_t topk_ids = 0, topk_weights = 0, counts = 0, offsets = 0, tile_expert = 0, tile_rows = 0, e2p = 0,
-           p2s = 0, act = 0, y = 0, counters = 0, routed = 0, total = 0;
+           p2s = 0, act = 0, y = 0, counters = 0, routed = 0, x16 = 0, act_magic = 0, total = 0;
+    bool f16 = false;  // a chain with fp16 operands runs (StreamConfig::f16): x16 and act_magic
   };
 
   Layout layout(int T) const {
@@ -259,6 +260,13 @@ class LayerImpl {
     // The fused route+dispatch block's word for gemm1's early first unit (its own line: dispatch
     // zeroes the counters after setting it).
     l.routed = take(128);
+    // A chain with fp16 operands: x as fp16 [T, H] and the activation's dequantisation words
+    // [max_tiles, I / 8].
+    l.f16 = chain_for(T) != kNone && plan_.buckets[plan_.bucket_for(T)].c1.f16;
+    if (l.f16) {
+      l.x16 = take(static_cast<size_t>(T) * s.hidden * 2);
+      l.act_magic = take(static_cast<size_t>(l.max_tiles) * (s.intermediate / 8) * 4);
+    }
     l.total = at;
     return l;
   }
@@ -355,7 +363,7 @@ class LayerImpl {
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
-                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready, 0, nullptr};
+                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready, 0, nullptr, nullptr};
     const compiler::StreamConfig& c1 = chain != kNone ? b.c1 : b.s1;
     const compiler::StreamConfig& c2 = chain != kNone ? b.c2 : b.s2;
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
@@ -370,11 +378,17 @@ class LayerImpl {
       if (b.s1.early_unit) g1.topk_ids = topk_ids;
       if (b.s1.early_unit && b.fused_route) g1.routed = routed;
     }
+    if (l.f16) {  // (the planner's conditions for StreamConfig::f16)
+      if (!g1.routed || !b.fused_route || T > 4)
+        throw Error(ErrorKind::Internal, "a chain with fp16 operands needs the fused block's word and at most 4 tokens");
+      g1.x = at(l.x16);
+      g1.act_magic = reinterpret_cast<uint32_t*>(at(l.act_magic));
+    }
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
                               fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32, nullptr,
-                              ready, 0, nullptr};
+                              ready, 0, nullptr, g1.act_magic};
     if (chain_final) {
       g2.token_counters = counters + 64 + l.max_tiles;
       g2.final_out = outs.final_out;
@@ -391,14 +405,18 @@ class LayerImpl {
     if (b.fused_route) {
       // With gemm1's early first units, the block zeroes gemm1's unit counter (word 0) itself,
       // before gemm1 launches; dispatch zeroes the rest.
-      moejit_dev::RouteDispatchParams rdp{rp, dp, nullptr, nullptr};
+      moejit_dev::RouteDispatchParams rdp{rp, dp, nullptr, nullptr, nullptr, nullptr};
       if (g1.routed) {
         rdp.routed = routed;
         rdp.gemm1_counter = g1.unit_counter;
         rdp.dispatch.token_counters += 32;
         rdp.dispatch.num_counters -= 32;
       }
-      launch(route_dispatch_, 1, 1, &rdp, stream);
+      if (l.f16) {  // the second block converts x (moejit_route_dispatch.cuh, convert_x_block)
+        rdp.x = in.hidden_states;
+        rdp.x16 = at(l.x16);
+      }
+      launch(route_dispatch_, l.f16 ? 2 : 1, 1, &rdp, stream);
     } else {
       launch(route_, (T + compiler::kRouteWarpsPerBlock - 1) / compiler::kRouteWarpsPerBlock, 1,
              &rp, stream);

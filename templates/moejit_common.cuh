@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "moejit_params.h"
 
@@ -147,6 +148,22 @@ __device__ __forceinline__ uint32_t nib_pair(uint32_t w) {
   uint32_t r;
   asm("lop3.b32 %0, %1, %2, %3, 0x6a;\n" : "=r"(r) : "r"(w), "n"(0x000f000f), "n"(0x43084308));
   return r;  // lut 0x6a = (a & b) ^ c
+}
+
+// (w & mask) ^ c as one lop3 with c in a register: the fp16 operands' dequantisation
+// (StreamConfig::f16), whose constant may differ per group.
+template <uint32_t kMask>
+__device__ __forceinline__ uint32_t lop3_and_xor(uint32_t w, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0x6a;\n" : "=r"(r) : "r"(w), "n"(kMask), "r"(c));
+  return r;
+}
+
+// A relaxed load at gpu scope (L2): no ordering of what follows, unlike ld_acquire_gpu.
+__device__ __forceinline__ int ld_relaxed_gpu(const int* p) {
+  int v;
+  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p));
+  return v;
 }
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }

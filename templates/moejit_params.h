@@ -83,6 +83,13 @@ struct RouteDispatchParams {
   // before it lets gemm1 launch.
   int32_t* routed;
   int32_t* gemm1_counter;
+  // A chain with fp16 operands (Cfg::kConvertX, StreamConfig::f16): x16 non-null launches a
+  // second block, which writes the tokens' x [T, H] as fp16 times 2^-e (k = 2, 3 mod 4 by a
+  // further 1/16) to x16 and publishes the factor 2^e as float bits in word 1 of the routed line
+  // (zeroed before the block lets gemm1 launch; gemm1's producer waits for it before its first x
+  // copy).
+  const void* x;
+  void* x16;
 };
 // With at most kRoutedIdSlots slots and expert ids below 0x7fff, the fused block also packs the
 // routed ids into words 4-7 of the word's line (RouteDispatchParams::routed): word 4 + i holds
@@ -170,6 +177,10 @@ struct GemmParams {
   // Gemm1 with Cfg::kEarlyRouted (early first units behind the fused route+dispatch block): the
   // producer reads topk_ids once this word reads 1 (acquire); null otherwise.
   const int32_t* routed;
+  // A chain with fp16 operands (Cfg::kF16): gemm1 writes, gemm2 copies beside its activation, one
+  // word per (row tile, 8 activation features) [max_tiles, I / 8]: fp16x2 (1032 * 2^d), the
+  // dequantisation constant of w2 nibbles at bits 0-3 for activations stored times 2^-d.
+  uint32_t* act_magic;
 };
 
 // Both stream GEMMs of a bucket in one persistent kernel (moejit_stream.cuh, stream_chain): the

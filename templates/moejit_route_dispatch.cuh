@@ -14,9 +14,96 @@ namespace moejit_dev {
 
 constexpr int kMaxTokens = 64;  // at most the tokens the planner fuses route and dispatch for (16)
 
+// fn(index, words) for each 16-byte vector of the T tokens' x rows this thread takes.
+template <int kPer, int kVec, int kThreads, class Fn>
+__device__ __forceinline__ void for_each_x_vector(const uint4* x, int T, const Fn& fn) {
+#pragma unroll 1
+  for (int tok = 0; tok < T; ++tok)
+#pragma unroll
+    for (int j = 0; j < kPer; ++j) {
+      const int i = threadIdx.x + j * kThreads;
+      if (i >= kVec) continue;
+      const long long at = static_cast<long long>(tok) * kVec + i;
+      const uint4 v = __ldg(x + at);
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+      fn(at, w);
+    }
+}
+
+// A chain with fp16 operands (Cfg::kConvertX; StreamConfig::f16): block 1, beside the routing
+// block, writes the tokens' x as fp16 for gemm1. One factor 2^-e for the launch maps the largest
+// finite |x| into [2^14, 2^15) (fp16 keeps 11 significant bits at any scale; only elements below
+// 2^-29 of that largest one lose bits as subnormals). Elements k = 2, 3 (mod 4) take a further
+// 1/16: gemm1's consumers decode those weight nibbles as 16x (moejit_stream.cuh). Non-finite x
+// stays non-finite. The factor 2^e goes to word 1 of the routed line as float bits (never 0),
+// which the block zeroed before it let gemm1 launch; gemm1's producer waits for it before its
+// first x copy and its epilogue multiplies it back. On its own SM the conversion overlaps the
+// routing instead of delaying it (bench/RESULTS.md section 36h: +1.3 us at one kimi-k2 token
+// done first in the routing block, +0.8-1.0 overlapped there).
+template <class Cfg>
+__device__ void convert_x_block(const RouteDispatchParams& p) {
+  constexpr int kMaxT = 4;  // chains with packed gemm2 units: at most 4 tokens
+  constexpr int kVec = Cfg::kH / 8;  // 16-byte vectors per token
+  constexpr int kPer = (kVec + Cfg::kThreads - 1) / Cfg::kThreads;  // per thread and token
+  static_assert(Cfg::kH % 8 == 0, "x16: whole 16-byte vectors");
+  const int T = p.route.num_tokens;
+  if (T > kMaxT || p.routed == nullptr) __trap();  // (the host's checks)
+  int* flag = p.routed + 1;
+  if (threadIdx.x == 0) {
+    *flag = 0;
+    __threadfence();
+    pdl_trigger();  // gemm1 may launch now: it reads 0 or the factor below
+  }
+  const uint4* x = static_cast<const uint4*>(p.x);
+  // Two passes over the tokens, the second's loads served by L1: the largest finite |x|, then
+  // the conversion (the values of every token at once would not fit in the registers).
+  float m = 0.0f;
+  for_each_x_vector<kPer, kVec, Cfg::kThreads>(x, T, [&](long long, const uint32_t(&w)[4]) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float a = fabsf(__uint_as_float(w[q] << 16)), b = fabsf(__uint_as_float(w[q] & 0xffff0000u));
+      if (a <= 3.4e38f) m = fmaxf(m, a);  // finite only (NaN and Inf compare false)
+      if (b <= 3.4e38f) m = fmaxf(m, b);
+    }
+  });
+  __shared__ float s_max[Cfg::kThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if ((threadIdx.x & 31) == 0) s_max[threadIdx.x >> 5] = m;
+  __syncthreads();
+  m = 0.0f;
+#pragma unroll
+  for (int w = 0; w < Cfg::kThreads / 32; ++w) m = fmaxf(m, s_max[w]);
+  // floor(log2 m) - 14 from the exponent field (subnormal m: clamped; m = 0: factor 1).
+  int e = m > 0.0f ? static_cast<int>((__float_as_uint(m) >> 23) & 0xff) - 127 - 14 : 0;
+  e = e < -100 ? -100 : e;
+  const float f = __uint_as_float(static_cast<uint32_t>(127 - e) << 23);  // 2^-e
+  uint4* x16 = static_cast<uint4*>(p.x16);
+  for_each_x_vector<kPer, kVec, Cfg::kThreads>(x, T, [&](long long at, const uint32_t(&w)[4]) {
+    uint32_t o[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float g = (q & 1) ? f * 0.0625f : f;  // words 1 and 3: k = 2, 3 (mod 4)
+      const __half2 h = __floats2half2_rn(__uint_as_float(w[q] << 16) * g, __uint_as_float(w[q] & 0xffff0000u) * g);
+      o[q] = *reinterpret_cast<const uint32_t*>(&h);
+    }
+    x16[at] = make_uint4(o[0], o[1], o[2], o[3]);
+  });
+  // gemm1 reads x16 by bulk copies (the async proxy).
+  __threadfence();
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x == 0) st_release_gpu(flag, static_cast<int>(static_cast<uint32_t>(127 + e) << 23));
+}
+
 template <class Cfg>
 __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   static_assert(Cfg::kThreads == 32 * Cfg::kWarpsPerBlock, "one block of routing warps");
+  if constexpr (Cfg::kConvertX)
+    if (blockIdx.x != 0) {
+      convert_x_block<Cfg>(p);
+      return;
+    }
   [[maybe_unused]] int tls = 0;  // timeline slot (diagnostic builds only)
 #ifdef MOEJIT_TIMELINE
   const unsigned long long t0 = tl_now();

@@ -42,6 +42,21 @@
 // give +-Inf, and |x| above ~1e36 overflows the -136 sum x term; the layer's output for such a
 // token is NaN either way once gemm2 sums over I (the differential NaN/Inf cases pass).
 //
+// fp16 operands (Cfg::kF16, StreamConfig::f16: a chain of 64-row units, tiled w13, packed gemm2
+// units, behind the fused route+dispatch block). An fp16 mantissa holds two nibbles of a half
+// in place: bits 0-3 as 1032 + v and bits 4-7 as 1152 + 16 v (exponent 25, bit 3 of the nibble
+// flipped), so a word takes 4 LOP3 + 1 SHF instead of 4 + 3 (bench/RESULTS.md section 37). The
+// B operand pays for it: x arrives as fp16 times 2^-e, one factor per launch written by the
+// fused kernel's second block (moejit_route_dispatch.cuh), with the k = 2, 3 (mod 4) elements
+// (those the hi nibbles multiply) by a further 1/16; gemm1's epilogue multiplies 2^e back.
+// Gemm1 writes the activation as fp16 hi and lo planes times 2^-d per (row tile, 8 features)
+// (odd features by a further 1/16) and the word fp16x2 (1032 2^d) to GemmParams::act_magic;
+// gemm2 copies the words of its tile beside the activation and XORs its nibbles with them,
+// which makes its A operand 2^d (1032 + v), so the MMA undoes the factor. The corrections are
+// -1032 and -1152 (times 2^d). d is clamped to [-24, 5]: activations beyond about 2^21 become
+// +-Inf; x keeps 11 significant bits at any scale (elements below 2^-29 of a launch's largest
+// finite |x| lose bits as subnormals).
+//
 // Consumer warps sum their partial accumulators through shared memory in a fixed order
 // (deterministic), consumer warp 0 runs the epilogue. The finalize is its own kernel: fusing it
 // (a fence and an atomic per unit, then the last unit of a token sums its rows) stalled the
@@ -51,7 +66,7 @@
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
 // kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes, kEarlyUnit, kTileReady, kEarlyFetch,
-// kEvictFirst, kTiledW (weights in WeightFormat::MxInt4G32Tiled; see weight_box).
+// kEvictFirst, kTiledW (weights in WeightFormat::MxInt4G32Tiled; see weight_box), kF16.
 //
 // Tile-ready hand-off (Cfg::kTileReady, both GEMMs of a bucket): units are numbered tile-major
 // (a tile's units one after another, so tiles complete one after another instead of all at the
@@ -269,15 +284,22 @@ __device__ __forceinline__ void scale_box(uint32_t dst, const GemmParams& p, int
   }
 }
 
-// Not volatile: the compiler may interleave independent MMA chains.
+// Not volatile: the compiler may interleave independent MMA chains. bf16 operands, or fp16 ones
+// (kFp16: StreamConfig::f16).
+#define MOEJIT_MMA16816(T)                                                                    \
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." T "." T ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, " \
+      "{%8,%9}, {%0,%1,%2,%3};\n"                                                           \
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                      \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+template <bool kFp16 = false>
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
-  asm(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  if constexpr (kFp16)
+    MOEJIT_MMA16816("f16");
+  else
+    MOEJIT_MMA16816("bf16");
 }
+#undef MOEJIT_MMA16816
 
 // Storage position of activation feature f inside its 8-feature block: the order
 // (0, 4, 1, 5, 2, 6, 3, 7), so one 16-byte load gives the B registers of a group's two k-steps.
@@ -676,8 +698,16 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   constexpr int kXSlot = kXBoxRows * KC * 2;     // 4 rows of one plane
   constexpr int kXBoxBytes = kPlanes * kXSlot;  // one box
   constexpr int kXBytes = kXBox ? 2 * kXBoxBytes : kPackedOnly ? 8 * kXRow : kPlanes * 8 * kXRow;
-  constexpr int kStageBytes =
-      kTma ? (kXOff + kXBytes + 1023) / 1024 * 1024 : kXOff + kXBytes;  // = stream_stage_bytes
+  // fp16 operands (Cfg::kF16, StreamConfig::f16; the top of this file): gemm2's stage also holds
+  // the activation's dequantisation words of its tile, one per 8 features (GemmParams::act_magic).
+  constexpr bool kF16 = Cfg::kF16;
+  static_assert(!kF16 || (kChain != 0 && kRows == 64 && Cfg::kSplitEpilogue && CW == 4 &&
+                          (kGemm1 ? Cfg::kTiledW && Cfg::kEarlyRouted : kPackedOnly)),
+                "stream GEMM: fp16 operands in a chain of 64-row units, tiled w13, packed gemm2 units");
+  constexpr int kMagicOff = kXOff + kXBytes;
+  constexpr int kMagicBytes = kF16 && !kGemm1 ? KC / 2 : 0;
+  constexpr int kStageBytes = kTma ? (kXOff + kXBytes + kMagicBytes + 1023) / 1024 * 1024
+                                   : kXOff + kXBytes + kMagicBytes;  // = stream_stage_bytes
   constexpr int kFit = Cfg::kRingBytes / kStageBytes;
   constexpr int NS = kRows == Cfg::kUnitRows ? Cfg::kStages : (kFit < kMaxStages ? kFit : kMaxStages);
   static_assert(kRows != Cfg::kUnitRows || kStageBytes == Cfg::kStageBytes,
@@ -1068,7 +1098,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
             unit_q[(q_base + ui) % kUnitQ] =
                 make_int4(id, u.e, u.rows_valid | (kChain == 2 ? stream::kChainG2Rows : 0), n_tiles);
           if (lane == 0) {
-            mbar_expect_tx(bar, kWBytes + kSBytes + x_bytes);
+            mbar_expect_tx(bar, kWBytes + kSBytes + x_bytes + (kMagicBytes > 0 ? kc / 2 : 0));
             weight_box<kBlockCopy, kWBlock, K / 2, kBoxBytes>(base + so, p, row_lo, k0, bar, hint, w_policy);
             if constexpr (kWHalves)
               weight_box<kBlockCopy, kWBlock, K / 2, kBoxBytes>(base + so + kHalfBytes, p, row_hi, k0, bar, hint,
@@ -1089,8 +1119,18 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
                 tma_load_4d(base + so + kXOff + kXBoxBytes, &p.tma_x, 0, u.row0 + kXBoxRows, k0 / kXBoxGroup, 0, bar);
             }
           } else if (copy) {
+            // fp16 x (kF16): written by the fused kernel's second block, whose word (the factor)
+            // turns nonzero once it is out; every block waits before its first copy.
+            if constexpr (kF16 && kGemm1)
+              if (ui == 0 && ks == 0)
+                while (ld_acquire_gpu(p.routed + 1) == 0) {
+                }
+            if constexpr (kF16 && kGemm1)
+              if (ui == 0 && ks == 0) asm volatile("fence.proxy.async.global;\n" ::: "memory");
             bulk_load(x_dst + so, xrow + k0, kc * 2, bar);
           }
+          if constexpr (kMagicBytes > 0)  // after wait_tile: gemm1 wrote them before the tile's word
+            if (lane == 8) bulk_load(base + so + kMagicOff, p.act_magic + static_cast<long long>(u.tile) * (K / 8) + k0 / 8, kc / 2, bar);
           ring.advance();
           // The next unit: its id, then what it needs (kFetchStage, above).
           if (dyn && ks == ((take_after_wait && ui == 0) ? kStagesPerUnit - 1 : kFetchStage)) {
@@ -1351,6 +1391,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[a][i] = 0.0f;
 
+    int xf_bits = 0;  // gemm1 with kF16: the launch's x factor (float bits), read at its first stage
     // The unit's stages; nq = activation planes multiplied per stage (1 for gemm1 and packed
     // gemm2 units, 2 otherwise). Called with constants: once inlined, the tests on nq fold away.
     auto run_stages = [&](const int nq) {
@@ -1369,6 +1410,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         const uint32_t st = smem_base + slot * kSlot;
         const int pairs = kEven ? KC / 64 : min(KC, K - ks * KC) / 64;
         mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);
+        // (The producer waited for the factor's word before the stage's x copy; relaxed: nothing
+        // here waits for the load until the epilogue, which reads it again should it be 0.)
+        if constexpr (kF16 && kGemm1)
+          if (ks == 0) xf_bits = ld_relaxed_gpu(p.routed + 1);
         if (tid == 0 && ui == 0 && ks == 0) tl_stamp(tls, kEvFirst);
         if (tid == 0 && ui == 0 && ks == 0) tl_block(kTlK, kTbFirst, tl_now());
   #pragma unroll
@@ -1401,6 +1446,21 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   #pragma unroll
             for (int h = 0; h < 2; ++h)
               sw[a][h] = lds32(st + s_off + s_at(a, h, pi));
+          // fp16 operands (kF16): the dequantisation constants of group G + gg, word t: nibbles
+          // at bits 0-3 (lo, k-step registers a0/a1) as (w & 0x000f000f) ^ mlo, at bits 4-7 (hi,
+          // a2/a3) as (w & 0x00f000f0) ^ mhi, and the correction operands (the same with the
+          // sign set: -1032 and -1152 times 2^d). Gemm1: d = 0 (x carries the launch's factor);
+          // gemm2: the tile's word of the thread's 8 features, from the stage.
+          uint32_t mlo[2], mhi[2], clo[2], chi[2];
+          if constexpr (kF16) {
+  #pragma unroll
+            for (int gg = 0; gg < 2; ++gg) {
+              mlo[gg] = kGemm1 ? 0x64086408u : lds32(st + kMagicOff + ((2 * (warp + pi * CW) + gg) * 4 + t) * 4);
+              mhi[gg] = mlo[gg] ^ 0x00880088u;
+              clo[gg] = mlo[gg] | 0x80008000u;
+              chi[gg] = mhi[gg] | 0x80008000u;
+            }
+          }
           uint4 xv[kPlanes][2];
   #pragma unroll
           for (int q = 0; q < nq; ++q)
@@ -1447,8 +1507,15 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   #pragma unroll
               for (int q = 0; q < nq; ++q)
   #pragma unroll
-                for (int j = 0; j < kGS; ++j)
-                  mma16816(corr[j], neg, b[g0 + j][q][s][0], b[g0 + j][q][s][1]);
+                for (int j = 0; j < kGS; ++j) {
+                  if constexpr (kF16) {
+                    const int gg = g0 + j;
+                    const uint32_t cn[4] = {clo[gg], clo[gg], chi[gg], chi[gg]};
+                    mma16816<true>(corr[j], cn, b[gg][q][s][0], b[gg][q][s][1]);
+                  } else {
+                    mma16816(corr[j], neg, b[g0 + j][q][s][0], b[g0 + j][q][s][1]);
+                  }
+                }
             float part[kGS][kA][4];
   #pragma unroll
             for (int j = 0; j < kGS; ++j)
@@ -1465,11 +1532,20 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
                 for (int a = 0; a < kA; ++a) {
                   const int gg = g0 + j;
                   const uint32_t w0 = wq[gg][2 * a], w1 = wq[gg][2 * a + 1];  // rows g, g + 8
-                  const uint32_t af[4] = {nib_pair(w0 >> sh), nib_pair(w1 >> sh),
-                                          nib_pair(w0 >> (sh + 4)), nib_pair(w1 >> (sh + 4))};
+                  if constexpr (kF16) {
+                    const uint32_t v0 = w0 >> sh, v1 = w1 >> sh;
+                    const uint32_t af[4] = {lop3_and_xor<0x000f000fu>(v0, mlo[gg]), lop3_and_xor<0x000f000fu>(v1, mlo[gg]),
+                                            lop3_and_xor<0x00f000f0u>(v0, mhi[gg]), lop3_and_xor<0x00f000f0u>(v1, mhi[gg])};
   #pragma unroll
-                  for (int q = 0; q < nq; ++q)
-                    mma16816(part[j][a], af, b[gg][q][s][0], b[gg][q][s][1]);
+                    for (int q = 0; q < nq; ++q)
+                      mma16816<true>(part[j][a], af, b[gg][q][s][0], b[gg][q][s][1]);
+                  } else {
+                    const uint32_t af[4] = {nib_pair(w0 >> sh), nib_pair(w1 >> sh),
+                                            nib_pair(w0 >> (sh + 4)), nib_pair(w1 >> (sh + 4))};
+  #pragma unroll
+                    for (int q = 0; q < nq; ++q)
+                      mma16816(part[j][a], af, b[gg][q][s][0], b[gg][q][s][1]);
+                  }
                 }
             }
   #pragma unroll
@@ -1553,7 +1629,62 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         for (int a = 0; a < kA; ++a)
 #pragma unroll
           for (int ii = 0; ii < kSlots; ++ii) acc[a][ii] += __shfl_xor_sync(kFullMask, acc[a][ii], 2);
-      if constexpr (kGemm1) {
+      if constexpr (kGemm1 && kF16) {
+        // fp16 operands: the launch's x factor back in, SwiGLU, then per 8-feature block of the
+        // unit (warp w, a = 0, 1: features 16a + 8 (w >> 1) + g of rows 2t + (w & 1), block
+        // 2a + (w >> 1); warps w and w ^ 1 share a block) the largest finite |h| over the tile's
+        // valid rows sets d: h 2^-d (odd features, the hi nibbles, a further 1/16) lands in
+        // [2^14, 2^15), written as fp16 hi and lo planes (about 22 significant bits), and the
+        // block's word (1032 2^d as fp16x2: exponent 25 + d) goes to GemmParams::act_magic.
+        // d is clamped to [-24, 5] (the constant's exponent range): activations beyond about
+        // 2^21 overflow to +-Inf, tiny blocks keep their bits. Non-finite h stays non-finite.
+        int xb = xf_bits;
+        while (xb == 0) xb = ld_relaxed_gpu(p.routed + 1);
+        const float xf = __int_as_float(xb);
+        const int r = 2 * t + (warp & 1);
+        const bool valid = r < u.rows_valid;
+        float h[2], mx[2];
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+          float gate = acc[a][0] * xf, up = acc[a + 2][0] * xf;
+          if constexpr (Cfg::kHasLimit) {
+            gate = gate > limit ? limit : gate;
+            up = up > limit ? limit : (up < -limit ? -limit : up);
+          }
+          h[a] = gate * sigmoidf_(alpha * gate) * (up + beta);
+          const float ah = fabsf(h[a]);
+          mx[a] = valid && ah <= 3.4e38f ? ah : 0.0f;
+#pragma unroll
+          for (int o = 16; o > 0; o >>= 1) mx[a] = fmaxf(mx[a], __shfl_xor_sync(kFullMask, mx[a], o));
+        }
+        __shared__ float s_mx[2][4][2];  // [unit parity][warp][a]
+        if (lane == 0) {
+          s_mx[ui & 1][warp][0] = mx[0];
+          s_mx[ui & 1][warp][1] = mx[1];
+        }
+        consumer_barrier(CW * 32);
+        __half* out = static_cast<__half*>(p.out);
+        __half* out_lo = static_cast<__half*>(p.x_lo);
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+          const float m = fmaxf(mx[a], s_mx[ui & 1][warp ^ 1][a]);
+          int d = m > 0.0f ? static_cast<int>((__float_as_uint(m) >> 23) & 0xff) - 127 - 14 : -24;
+          d = d < -24 ? -24 : (d > 5 ? 5 : d);
+          const int f = u.slice * kUnitFeatures + a * 16 + 8 * (warp >> 1) + g;
+          if (valid) {
+            const float sc = __uint_as_float(static_cast<uint32_t>(127 - d - ((f & 1) ? 4 : 0)) << 23);
+            const float v = h[a] * sc;
+            const __half hi = __float2half_rn(v);
+            const float hv = __half2float(hi);
+            const long long o = static_cast<long long>(u.row0 + r) * N + act_pos(f);
+            out[o] = hi;
+            out_lo[o] = __float2half_rn(isfinite(hv) ? v - hv : 0.0f);
+          }
+          if ((warp & 1) == 0 && lane == 0)
+            p.act_magic[static_cast<long long>(u.tile) * (N / 8) + u.slice * (kUnitFeatures / 8) + 2 * a + (warp >> 1)] =
+                (static_cast<uint32_t>(25 + d) << 10 | 8u) * 0x10001u;
+        }
+      } else if constexpr (kGemm1) {
         __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
         __nv_bfloat16* out_lo = static_cast<__nv_bfloat16*>(p.x_lo);
         // 32/64-row units: gate in A tiles [0, kA/2), up in [kA/2, kA); tile a holds features

@@ -1314,6 +1314,48 @@ TEST(Differential, SmallTiledWeights) {
              grouped_deepseek_ep_case("tiled-ep", tiled(small_stream_spec()))});
 }
 
+// Chains with fp16 operands (StreamConfig::f16: tiled weights, packed gemm2 units behind the
+// fused route+dispatch block; x converted by the fused kernel's second block, the activation
+// with a factor per tile and 8 features), against the same chains with bf16 operands ("f16=0")
+// and without the fused block ("fr=0", which turns f16 off); 5 tokens take the pipeline.
+TEST(Differential, SmallTiledChainFp16) {
+  MOEJIT_REQUIRE_GPU();
+  for (const char* o : {"stream=1,dyn=1,res=0,ch=1,chpo=1", "stream=1,dyn=1,res=0,ch=1,chpo=1,f16=0",
+                        "stream=1,dyn=1,res=0,ch=1,chpo=1,chx=0", "stream=1,dyn=1,res=0,ch=1,chpo=1,fr=0"}) {
+    const ScopedPlanOverride force(o);
+    const std::string name = std::string("tiled-chain[") + o + "]";
+    std::vector<Case> cases;
+    for (const int t : {1, 2, 3, 4, 5}) cases.push_back(small_case(name, tiled(small_stream_spec()), t));
+    MoeSpec wide = tiled(small_stream_spec());
+    wide.hidden = 1024;
+    wide.intermediate = 512;
+    for (const int t : {1, 4}) cases.push_back(small_case(name + "-i512", wide, t));
+    MoeSpec multi = tiled(small_stream_spec());
+    multi.hidden = 2048;
+    multi.intermediate = 768;
+    multi.num_experts = 32;
+    for (const int t : {1, 3}) cases.push_back(small_case(name + "-multi-stage", multi, t));
+    for (const int t : {1, 3}) cases.push_back(small_case(name + "-ep", grouped_rank(tiled(small_stream_spec()), 5, 6, true), t));
+    MoeSpec pre = tiled(small_stream_spec());
+    pre.routing = RoutingMethod::Precomputed;
+    pre.gate_up_order = GateUpOrder::UpGate;
+    for (const int t : {1, 4}) {
+      Case c = small_case(name + "-precomputed-nonfinite", pre, t);
+      c.inputs.invalid_ids = true;
+      c.inputs.nonfinite_hidden = true;
+      cases.push_back(c);
+    }
+    run_cases(cases);
+  }
+  // The preset the path is for, at the token counts its chain runs.
+  std::vector<Case> kimi = preset_cases("kimi-k2", {1, 3}, 1);
+  for (Case& c : kimi) {
+    c.spec = tiled(c.spec);
+    c.name += "-tiled";
+  }
+  run_cases(kimi);
+}
+
 TEST(Differential, TiledWeightsPresets) {
   MOEJIT_REQUIRE_GPU();
   std::vector<Case> presets = preset_cases("qwen3-30b-a3b", {1, 8, 64, 200}, 8);
