@@ -731,13 +731,16 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
           flag_of("ch", faster, "both GEMMs as one chain kernel")) {
         c2.k_stage = k2;
         c2.packed_only = po;
-        // fp16 operands (StreamConfig::f16) where gemm2's units are all packed, the fused block
-        // can publish x's conversion on its word and w13's nibbles lie in pair order. "f16=0|1"
-        // overrides.
-        c1.f16 = c2.f16 = po && b.fused_route && c1.early_unit && c1.split_epilogue && c2.split_epilogue &&
-                          c1.consumer_warps == 4 &&
-                          spec.weight_format == WeightFormat::MxInt4G32Tiled &&
-                          flag_of("f16", true, "fp16 operands in the chain");
+        // fp16 operands (StreamConfig::f16) in gemm1 where gemm2's units are all packed, the
+        // fused block can publish x's conversion on its word and w13's nibbles lie in pair order;
+        // in gemm2 too only with "f16a=1": there its per-block words cost about what its
+        // cheaper dequantisation saves (H200, bench/RESULTS.md section 37k: kimi-k2 at one token
+        // 55.1 / 55.1 us with gemm1's alone, 55.3 / 55.1 with both, 56.7 / 56.9 with neither).
+        // "f16=0|1" overrides.
+        c1.f16 = po && b.fused_route && c1.early_unit && c1.split_epilogue && c2.split_epilogue &&
+                 c1.consumer_warps == 4 && spec.weight_format == WeightFormat::MxInt4G32Tiled &&
+                 flag_of("f16", true, "fp16 operands in the chain");
+        c2.f16 = c1.f16 && flag_of("f16a", false, "fp16 operands in the chain's gemm2 as well");
         const int slot = std::max(slot1, stream_stage_bytes(c2, false));
         c1.stages = c2.stages = std::clamp(102 * 1024 / slot, 2, kMaxStreamStages);
         c1.slot_bytes = c2.slot_bytes = slot;
@@ -832,7 +835,8 @@ std::string describe(const Plan& plan) {
                       : std::string()) +
             (b.chain_tokens > 0 ? fmt::format(" chain(tokens<={} k_stage1={} k_stage2={} stages={} slot_bytes={}{}{}{})",
                                               b.chain_tokens, b.c1.k_stage, b.c2.k_stage, b.c1.stages,
-                                              b.c1.slot_bytes, b.c2.packed_only ? " packed_only=1" : "", b.c2.f16 ? " f16=1" : "",
+                                              b.c1.slot_bytes, b.c2.packed_only ? " packed_only=1" : "",
+                                              b.c1.f16 ? (b.c2.f16 ? " f16=2" : " f16=1") : "",
                                               b.c2.chain_finalize ? " finalize=1" : "")
                                 : std::string()));
   }

@@ -103,13 +103,13 @@ struct StreamConfig {
   // finalize kernel. (The host's slice words follow the tile-ready words: the chain needs
   // tile_ready and 64-row units, which runtime/layer.cpp checks.)
   bool chain_finalize = false;
-  // Both GEMMs of a chain with packed-only gemm2 stages, tiled weights and the fused
-  // route+dispatch block: fp16 MMA operands (bench/RESULTS.md section 37). A second block of the
-  // fused kernel writes x as fp16 times one power of two per launch (k = 2, 3 mod 4 by a further
-  // 1/16); gemm1's epilogue multiplies the factor back and writes the activation as fp16 hi and
-  // lo planes times a power of two per (tile, 8 features), whose dequantisation constants gemm2
-  // copies beside the activation. The weights' nibbles take 4 LOP3 + 1 SHF per word instead of
-  // 4 + 3.
+  // A chain's GEMM (packed-only gemm2 stages, tiled weights, the fused route+dispatch block)
+  // with fp16 MMA operands (bench/RESULTS.md section 37): the weights' nibbles take 4 LOP3 + 1
+  // SHF per word instead of 4 + 3. Gemm1 (c1): a second block of the fused kernel writes x as
+  // fp16 times one power of two per launch (k = 2, 3 mod 4 by a further 1/16), which gemm1's
+  // epilogue multiplies back. Gemm2 (c2, only with c1's): gemm1 writes the activation as fp16 hi
+  // and lo planes times a power of two per (tile, 8 features), whose dequantisation constants
+  // gemm2 copies beside the activation; otherwise the activation stays bf16.
   bool f16 = false;
 
   // Gemm1 with tile_ready has one more warp, which publishes its finished units.

@@ -224,7 +224,7 @@ class LayerImpl {
     long long rows = 0;  // max_tiles * tile
     size_t topk_ids = 0, topk_weights = 0, counts = 0, offsets = 0, tile_expert = 0, tile_rows = 0, e2p = 0,
            p2s = 0, act = 0, y = 0, counters = 0, routed = 0, x16 = 0, act_magic = 0, total = 0;
-    bool f16 = false;  // a chain with fp16 operands runs (StreamConfig::f16): x16 and act_magic
+    bool f16 = false;  // a chain with fp16 operands runs (StreamConfig::f16): x16 (and act_magic)
   };
 
   Layout layout(int T) const {
@@ -260,13 +260,12 @@ class LayerImpl {
     // The fused route+dispatch block's word for gemm1's early first unit (its own line: dispatch
     // zeroes the counters after setting it).
     l.routed = take(128);
-    // A chain with fp16 operands: x as fp16 [T, H] and the activation's dequantisation words
-    // [max_tiles, I / 8].
+    // A chain with fp16 operands: x as fp16 [T, H] and, where gemm2's are fp16 too, the
+    // activation's dequantisation words [max_tiles, I / 8].
     l.f16 = chain_for(T) != kNone && plan_.buckets[plan_.bucket_for(T)].c1.f16;
-    if (l.f16) {
-      l.x16 = take(static_cast<size_t>(T) * s.hidden * 2);
+    if (l.f16) l.x16 = take(static_cast<size_t>(T) * s.hidden * 2);
+    if (l.f16 && plan_.buckets[plan_.bucket_for(T)].c2.f16)
       l.act_magic = take(static_cast<size_t>(l.max_tiles) * (s.intermediate / 8) * 4);
-    }
     l.total = at;
     return l;
   }
@@ -382,7 +381,7 @@ class LayerImpl {
       if (!g1.routed || !b.fused_route || T > 4)
         throw Error(ErrorKind::Internal, "a chain with fp16 operands needs the fused block's word and at most 4 tokens");
       g1.x = at(l.x16);
-      g1.act_magic = reinterpret_cast<uint32_t*>(at(l.act_magic));
+      if (b.c2.f16) g1.act_magic = reinterpret_cast<uint32_t*>(at(l.act_magic));
     }
     moejit_dev::GemmParams g2{act, act_lo, p2s, in.w2, in.w2_scale, counts, offsets, tile_expert,
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),

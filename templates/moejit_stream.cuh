@@ -48,14 +48,15 @@
 // flipped), so a word takes 4 LOP3 + 1 SHF instead of 4 + 3 (bench/RESULTS.md section 37). The
 // B operand pays for it: x arrives as fp16 times 2^-e, one factor per launch written by the
 // fused kernel's second block (moejit_route_dispatch.cuh), with the k = 2, 3 (mod 4) elements
-// (those the hi nibbles multiply) by a further 1/16; gemm1's epilogue multiplies 2^e back.
-// Gemm1 writes the activation as fp16 hi and lo planes times 2^-d per (row tile, 8 features)
-// (odd features by a further 1/16) and the word fp16x2 (1032 2^d) to GemmParams::act_magic;
-// gemm2 copies the words of its tile beside the activation and XORs its nibbles with them,
-// which makes its A operand 2^d (1032 + v), so the MMA undoes the factor. The corrections are
-// -1032 and -1152 (times 2^d). d is clamped to [-24, 5]: activations beyond about 2^21 become
-// +-Inf; x keeps 11 significant bits at any scale (elements below 2^-29 of a launch's largest
-// finite |x| lose bits as subnormals).
+// (those the hi nibbles multiply) by a further 1/16; gemm1's epilogue multiplies 2^e back. x
+// keeps 11 significant bits at any scale (elements below 2^-29 of a launch's largest finite |x|
+// lose bits as subnormals). By default gemm2 keeps bf16 operands. With an fp16 gemm2 as well
+// (its Cfg::kF16, gemm1's Cfg::kF16Act; "f16a=1"), gemm1 writes the activation as fp16 hi and
+// lo planes times 2^-d per (row tile, 8 features) (odd features by a further 1/16) and the word
+// fp16x2 (1032 2^d) to GemmParams::act_magic; gemm2 copies the words of its tile beside the
+// activation and XORs its nibbles with them, which makes its A operand 2^d (1032 + v), so the
+// MMA undoes the factor. The corrections are -1032 and -1152 (times 2^d). d is clamped to [-24,
+// 5]: activations beyond about 2^21 become +-Inf.
 //
 // Consumer warps sum their partial accumulators through shared memory in a fixed order
 // (deterministic), consumer warp 0 runs the epilogue. The finalize is its own kernel: fusing it
@@ -66,7 +67,7 @@
 // kConsumerWarps, kProducerWarps, kStageBytes (the host's figure, checked), kGateFirst,
 // kHasAlpha, kHasBeta, kHasLimit, kSuspendNs, kPackPlanes, kUnitRows, kAltRows, kKC16, kKC32,
 // kRingBytes, kSplitEpilogue, kTma, kDynamicUnits, kXBoxes, kEarlyUnit, kTileReady, kEarlyFetch,
-// kEvictFirst, kTiledW (weights in WeightFormat::MxInt4G32Tiled; see weight_box), kF16.
+// kEvictFirst, kTiledW (weights in WeightFormat::MxInt4G32Tiled; see weight_box), kF16, kF16Act.
 //
 // Tile-ready hand-off (Cfg::kTileReady, both GEMMs of a bucket): units are numbered tile-major
 // (a tile's units one after another, so tiles complete one after another instead of all at the
@@ -704,6 +705,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   static_assert(!kF16 || (kChain != 0 && kRows == 64 && Cfg::kSplitEpilogue && CW == 4 &&
                           (kGemm1 ? Cfg::kTiledW && Cfg::kEarlyRouted : kPackedOnly)),
                 "stream GEMM: fp16 operands in a chain of 64-row units, tiled w13, packed gemm2 units");
+  static_assert(!Cfg::kF16Act || (kGemm1 && kF16), "stream GEMM: an fp16 gemm2 behind an fp16 gemm1");
   constexpr int kMagicOff = kXOff + kXBytes;
   constexpr int kMagicBytes = kF16 && !kGemm1 ? KC / 2 : 0;
   constexpr int kStageBytes = kTma ? (kXOff + kXBytes + kMagicBytes + 1023) / 1024 * 1024
@@ -1629,7 +1631,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         for (int a = 0; a < kA; ++a)
 #pragma unroll
           for (int ii = 0; ii < kSlots; ++ii) acc[a][ii] += __shfl_xor_sync(kFullMask, acc[a][ii], 2);
-      if constexpr (kGemm1 && kF16) {
+      if constexpr (kGemm1 && kF16 && Cfg::kF16Act) {
         // fp16 operands: the launch's x factor back in, SwiGLU, then per 8-feature block of the
         // unit (warp w, a = 0, 1: features 16a + 8 (w >> 1) + g of rows 2t + (w & 1), block
         // 2a + (w >> 1); warps w and w ^ 1 share a block) the largest finite |h| over the tile's
@@ -1685,6 +1687,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
                 (static_cast<uint32_t>(25 + d) << 10 | 8u) * 0x10001u;
         }
       } else if constexpr (kGemm1) {
+        float xf = 1.0f;  // fp16 gemm1 (kF16) with a bf16 activation: x's factor back in
+        if constexpr (kF16) {
+          int xb = xf_bits;
+          while (xb == 0) xb = ld_relaxed_gpu(p.routed + 1);
+          xf = __int_as_float(xb);
+        }
         __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
         __nv_bfloat16* out_lo = static_cast<__nv_bfloat16*>(p.x_lo);
         // 32/64-row units: gate in A tiles [0, kA/2), up in [kA/2, kA); tile a holds features
@@ -1699,11 +1707,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
           const int r = 2 * t + (i & 1);
           if (r >= u.rows_valid) continue;
           const int f = u.slice * kUnitFeatures + a * 16 + g + 8 * (i >> 1);
-          float gate = acc[a][ii], up;
+          float gate = acc[a][ii] * xf, up;
           if constexpr (kA >= 2)
-            up = acc[a + kGateTiles][ii];
+            up = acc[a + kGateTiles][ii] * xf;
           else
-            up = acc[0][ii + 2];
+            up = acc[0][ii + 2] * xf;
           if constexpr (Cfg::kHasLimit) {
             gate = gate > limit ? limit : gate;
             up = up > limit ? limit : (up < -limit ? -limit : up);

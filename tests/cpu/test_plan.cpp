@@ -560,9 +560,10 @@ TEST(PlanStream, ChainRuleAndOverrides) {
 }
 
 // fp16 operands (StreamConfig::f16) in the chains of tiled weights with packed gemm2 units behind
-// the fused route+dispatch block: gemm2's stage holds k_stage / 2 bytes of dequantisation words
-// more (kimi-k2: 27136 + 256 bytes, still one 27 KiB slot); not for row-major weights, two-plane
-// chains, "f16=0", or without the fused block ("fr=0") or the split epilogue ("sep=0").
+// the fused route+dispatch block: gemm1's by default, gemm2's too with "f16a=1", whose stage then
+// holds k_stage / 2 bytes of dequantisation words more (kimi-k2: 27136 + 256 bytes, still one
+// 27 KiB slot); not for row-major weights, two-plane chains, "f16=0", or without the fused block
+// ("fr=0") or the split epilogue ("sep=0").
 TEST(PlanStream, ChainFp16Rule) {
   EXPECT_EQ(stream_stage_bytes(512, false, 64, true, false, true, true), 27648);
   EXPECT_EQ(stream_stage_bytes(512, false, 64, false, false, true, true), 27136 + 256);
@@ -573,14 +574,22 @@ TEST(PlanStream, ChainFp16Rule) {
     const Bucket& b = p.buckets[0];
     ASSERT_EQ(b.chain_tokens, 4);
     EXPECT_TRUE(b.c1.f16);
-    EXPECT_TRUE(b.c2.f16);
+    EXPECT_FALSE(b.c2.f16);
     EXPECT_EQ(b.c1.slot_bytes, 27648);
     EXPECT_FALSE(b.s1.f16);  // the bucket's two-kernel path beyond 4 tokens
     EXPECT_FALSE(b.s2.f16);
-    EXPECT_NE(describe(p).find("f16=1"), std::string::npos);
+    EXPECT_NE(describe(p).find(" f16=1"), std::string::npos);
+  }
+  {
+    const ScopedOverride both("f16a=1");
+    const Plan p = make_plan(tiled, 64, "sm_90a");
+    EXPECT_TRUE(p.buckets[0].c1.f16);
+    EXPECT_TRUE(p.buckets[0].c2.f16);
+    EXPECT_EQ(p.buckets[0].c1.slot_bytes, 27648);
+    EXPECT_NE(describe(p).find(" f16=2"), std::string::npos);
   }
   EXPECT_FALSE(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].c1.f16);  // row-major
-  for (const char* off : {"f16=0", "fr=0", "sep=0", "ch=1,chk2=256"}) {
+  for (const char* off : {"f16=0", "f16=0,f16a=1", "fr=0", "sep=0", "ch=1,chk2=256"}) {
     const ScopedOverride o(off);
     const Plan p = make_plan(tiled, 64, "sm_90a");
     EXPECT_FALSE(p.buckets[0].c1.f16 || p.buckets[0].c2.f16) << off;

@@ -1315,13 +1315,15 @@ TEST(Differential, SmallTiledWeights) {
 }
 
 // Chains with fp16 operands (StreamConfig::f16: tiled weights, packed gemm2 units behind the
-// fused route+dispatch block; x converted by the fused kernel's second block, the activation
-// with a factor per tile and 8 features), against the same chains with bf16 operands ("f16=0")
-// and without the fused block ("fr=0", which turns f16 off); 5 tokens take the pipeline.
+// fused route+dispatch block; x converted by the fused kernel's second block): gemm1's (the
+// default) and both GEMMs' ("f16a=1": the activation with a factor per tile and 8 features),
+// against the same chains with bf16 operands ("f16=0") and without the fused block ("fr=0",
+// which turns f16 off); 5 tokens take the pipeline.
 TEST(Differential, SmallTiledChainFp16) {
   MOEJIT_REQUIRE_GPU();
-  for (const char* o : {"stream=1,dyn=1,res=0,ch=1,chpo=1", "stream=1,dyn=1,res=0,ch=1,chpo=1,f16=0",
-                        "stream=1,dyn=1,res=0,ch=1,chpo=1,chx=0", "stream=1,dyn=1,res=0,ch=1,chpo=1,fr=0"}) {
+  for (const char* o : {"stream=1,dyn=1,res=0,ch=1,chpo=1", "stream=1,dyn=1,res=0,ch=1,chpo=1,f16a=1",
+                        "stream=1,dyn=1,res=0,ch=1,chpo=1,f16=0", "stream=1,dyn=1,res=0,ch=1,chpo=1,f16a=1,chx=0",
+                        "stream=1,dyn=1,res=0,ch=1,chpo=1,fr=0"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("tiled-chain[") + o + "]";
     std::vector<Case> cases;
@@ -1353,12 +1355,15 @@ TEST(Differential, SmallTiledChainFp16) {
 // which the sanitizer script runs).
 TEST(Differential, TiledChainFp16KimiK2) {
   MOEJIT_REQUIRE_GPU();
-  std::vector<Case> kimi = preset_cases("kimi-k2", {1, 3}, 1);
-  for (Case& c : kimi) {
-    c.spec = tiled(c.spec);
-    c.name += "-tiled";
+  for (const char* o : {"", "f16a=1"}) {
+    const ScopedPlanOverride force(o);
+    std::vector<Case> kimi = preset_cases("kimi-k2", {1, 3}, 1);
+    for (Case& c : kimi) {
+      c.spec = tiled(c.spec);
+      c.name += std::string("-tiled[") + o + "]";
+    }
+    run_cases(kimi);
   }
-  run_cases(kimi);
 }
 
 TEST(Differential, TiledWeightsPresets) {
