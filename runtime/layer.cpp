@@ -262,10 +262,12 @@ class LayerImpl {
     l.routed = take(128);
     // A chain with fp16 operands: x as fp16 [T, H] and, where gemm2's are fp16 too, the
     // activation's dequantisation words [max_tiles, I / 8].
-    l.f16 = chain_for(T) != kNone && plan_.buckets[plan_.bucket_for(T)].c1.f16;
-    if (l.f16) l.x16 = take(static_cast<size_t>(T) * s.hidden * 2);
-    if (l.f16 && plan_.buckets[plan_.bucket_for(T)].c2.f16)
-      l.act_magic = take(static_cast<size_t>(l.max_tiles) * (s.intermediate / 8) * 4);
+    if (chain_for(T) != kNone) {
+      const compiler::Bucket& b = plan_.buckets[plan_.bucket_for(T)];
+      l.f16 = b.c1.f16;
+      if (b.c1.f16) l.x16 = take(static_cast<size_t>(T) * s.hidden * 2);
+      if (b.c2.f16) l.act_magic = take(static_cast<size_t>(l.max_tiles) * (s.intermediate / 8) * 4);
+    }
     l.total = at;
     return l;
   }

@@ -1124,11 +1124,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
             // fp16 x (kF16): written by the fused kernel's second block, whose word (the factor)
             // turns nonzero once it is out; every block waits before its first copy.
             if constexpr (kF16 && kGemm1)
-              if (ui == 0 && ks == 0)
+              if (ui == 0 && ks == 0) {
                 while (ld_acquire_gpu(p.routed + 1) == 0) {
                 }
-            if constexpr (kF16 && kGemm1)
-              if (ui == 0 && ks == 0) asm volatile("fence.proxy.async.global;\n" ::: "memory");
+                asm volatile("fence.proxy.async.global;\n" ::: "memory");
+              }
             bulk_load(x_dst + so, xrow + k0, kc * 2, bar);
           }
           if constexpr (kMagicBytes > 0)  // after wait_tile: gemm1 wrote them before the tile's word
@@ -1394,6 +1394,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
       for (int i = 0; i < 4; ++i) acc[a][i] = 0.0f;
 
     int xf_bits = 0;  // gemm1 with kF16: the launch's x factor (float bits), read at its first stage
+    // The factor for the epilogue (the load above normally has it; read again should it be 0).
+    auto x_factor = [&]() {
+      int xb = xf_bits;
+      while (xb == 0) xb = ld_relaxed_gpu(p.routed + 1);
+      return __int_as_float(xb);
+    };
     // The unit's stages; nq = activation planes multiplied per stage (1 for gemm1 and packed
     // gemm2 units, 2 otherwise). Called with constants: once inlined, the tests on nq fold away.
     auto run_stages = [&](const int nq) {
@@ -1640,9 +1646,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         // block's word (1032 2^d as fp16x2: exponent 25 + d) goes to GemmParams::act_magic.
         // d is clamped to [-24, 5] (the constant's exponent range): activations beyond about
         // 2^21 overflow to +-Inf, tiny blocks keep their bits. Non-finite h stays non-finite.
-        int xb = xf_bits;
-        while (xb == 0) xb = ld_relaxed_gpu(p.routed + 1);
-        const float xf = __int_as_float(xb);
+        const float xf = x_factor();
         const int r = 2 * t + (warp & 1);
         const bool valid = r < u.rows_valid;
         float h[2], mx[2];
@@ -1688,11 +1692,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         }
       } else if constexpr (kGemm1) {
         float xf = 1.0f;  // fp16 gemm1 (kF16) with a bf16 activation: x's factor back in
-        if constexpr (kF16) {
-          int xb = xf_bits;
-          while (xb == 0) xb = ld_relaxed_gpu(p.routed + 1);
-          xf = __int_as_float(xb);
-        }
+        if constexpr (kF16) xf = x_factor();
         __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
         __nv_bfloat16* out_lo = static_cast<__nv_bfloat16*>(p.x_lo);
         // 32/64-row units: gate in A tiles [0, kA/2), up in [kA/2, kA); tile a holds features
