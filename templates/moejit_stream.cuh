@@ -579,7 +579,9 @@ __device__ void chain_finalize(const GemmParams& p, const unsigned short* count,
     f.ws[tid] = pre_w;
   }
   if (tid == 0) f.n_list = 0;
+  [[maybe_unused]] const int tls = tl_slot();  // (timeline builds: a load, back by the end)
   consumer_barrier(kThreads);  // the block's y rows, all written
+  [[maybe_unused]] const unsigned long long t_rows = tl_now();
   if (n_tiles == 0) {
     if (tid == 0)
       for (int s = blockIdx.x; s < kSlices; s += gridDim.x) f.list[f.n_list++] = s;
@@ -590,6 +592,7 @@ __device__ void chain_finalize(const GemmParams& p, const unsigned short* count,
     }
   }
   consumer_barrier(kThreads);  // (the list; and the acquires before the other threads' loads)
+  [[maybe_unused]] const unsigned long long t_list = tl_now();
   const int items = f.n_list * p.num_tokens * kPer;
   const float* y = static_cast<const float*>(p.out);
   __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.final_out);
@@ -608,7 +611,14 @@ __device__ void chain_finalize(const GemmParams& p, const unsigned short* count,
     const uint4 o = weighted_rows8<N, K, true>(y, rows, ws, h);
     *reinterpret_cast<uint4*>(out + static_cast<long long>(t) * N + h) = o;
   }
-  if (tid == 0 && items > 0) tl_stamp(tl_slot(), kTlFinEnd);
+  // Timeline: a finalizing block's rows written (the first barrier), its list known (the second:
+  // the release and the counts' round trips) and its output stores issued (the y loads'),
+  // reported as the finalize kernel's block start, gemm2 waited and block end.
+  if (tid == 0 && items > 0) {
+    tl_stamp(tls, kTlFinStart, t_rows);
+    tl_stamp(tls, kTlFinWaited, t_list);
+    tl_stamp(tls, kTlFinEnd);
+  }
 }
 }  // namespace stream
 

@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <string>
 
 #include "moejit/moejit.h"
@@ -14,3 +15,8 @@
     if (!moejit::has_gpu(&why_)) GTEST_SKIP() << "no GPU, skipping: " << why_;     \
   } while (0)
 
+// Plan overrides (MOEJIT_PLAN_OVERRIDE) for the layers compiled in a scope.
+struct ScopedPlanOverride {
+  explicit ScopedPlanOverride(const char* value) { setenv("MOEJIT_PLAN_OVERRIDE", value, 1); }
+  ~ScopedPlanOverride() { unsetenv("MOEJIT_PLAN_OVERRIDE"); }
+};

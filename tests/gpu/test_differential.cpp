@@ -915,10 +915,6 @@ TEST(Differential, SmallPrecomputedInvalidIdsAndNonFinite) {
 // decode buckets run templates/moejit_stream.cuh (the default there; MOEJIT_PLAN_OVERRIDE=stream=1
 // keeps these cases on it should the rule change). The shapes above (H or I not a multiple of
 // 256) use the older family, as do most shapes of the random sweep.
-struct ScopedPlanOverride {
-  explicit ScopedPlanOverride(const char* value) { setenv("MOEJIT_PLAN_OVERRIDE", value, 1); }
-  ~ScopedPlanOverride() { unsetenv("MOEJIT_PLAN_OVERRIDE"); }
-};
 struct ForceStream : ScopedPlanOverride {
   ForceStream() : ScopedPlanOverride("stream=1") {}
 };

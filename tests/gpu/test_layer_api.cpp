@@ -1,6 +1,8 @@
 // GPU tests of the launch API: graph capture, determinism, argument errors, cached layers.
 #include <gmock/gmock.h>
 
+#include <algorithm>
+
 #include "gpu_env.h"
 #include "reference/device_layer.h"
 #include "reference/layer_data.h"
@@ -87,6 +89,43 @@ TEST(GpuLayerApi, RepeatedLaunchesAreDeterministic) {
   layer.launch(in, f.T, {b.get()}, {ws.get(), ws.bytes()}, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   EXPECT_EQ(a.download<uint16_t>(), b.download<uint16_t>());
+}
+
+// A workspace that held another launch's tables and rows gives the bits of a fresh one: the
+// chain kernel, whose blocks finalize the slices they complete (StreamConfig::chain_finalize),
+// reads no row or count of the launch before (H 512, I 256: the chain at 1-4 tokens, gemm2's
+// stages with two x planes and with one).
+TEST(GpuLayerApi, ReusedWorkspaceMatchesAFreshOneBitwise) {
+  MOEJIT_REQUIRE_GPU();
+  for (const char* o : {"stream=1,dyn=1,res=0,ch=1", "stream=1,dyn=1,res=0,ch=1,chpo=1"}) {
+    const ScopedPlanOverride force(o);
+    for (const int T : {1, 3}) {
+      Fixture f(T);
+      f.spec.hidden = 512;
+      f.spec.intermediate = 256;
+      f.host = moejit::ref::make_weights(f.spec, 7);
+      f.dev.upload_weights(f.host);
+      const auto layer = moejit::compile_finalized(f.spec);
+      DeviceBuffer reused(layer.workspace_bytes(T)), fresh(reused.bytes());
+      DeviceBuffer a(static_cast<size_t>(T) * f.spec.hidden * 2), b(a.bytes()), c(a.bytes());
+      for (const DeviceBuffer* d : {&reused, &fresh, &a, &b, &c}) d->poison();
+      for (int round = 0; round < 3; ++round) {  // inputs of seed 11 + round, then of seed 100
+        moejit::ref::make_inputs(f.host, T, 11 + round);
+        f.dev.upload_inputs(f.host);
+        layer.launch(f.dev.inputs(f.spec), T, {a.get()}, {reused.get(), reused.bytes()}, nullptr);
+      }
+      moejit::ref::make_inputs(f.host, T, 100);
+      f.dev.upload_inputs(f.host);
+      const auto in = f.dev.inputs(f.spec);
+      layer.launch(in, T, {b.get()}, {reused.get(), reused.bytes()}, nullptr);
+      layer.launch(in, T, {c.get()}, {fresh.get(), fresh.bytes()}, nullptr);
+      CUDA_OK(cudaDeviceSynchronize());
+      const auto got = b.download<uint16_t>(), want = c.download<uint16_t>();
+      EXPECT_EQ(got, want) << o << ", " << T << " tokens";
+      EXPECT_NE(got, a.download<uint16_t>()) << o << ", " << T << " tokens: the inputs differ";
+      EXPECT_EQ(std::count(want.begin(), want.end(), uint16_t{0xffff}), 0) << o << ", " << T << " tokens";
+    }
+  }
 }
 
 TEST(GpuLayerApi, SecondRequestReturnsTheCachedLayer) {
