@@ -93,8 +93,9 @@ TEST(GpuLayerApi, RepeatedLaunchesAreDeterministic) {
 
 // A workspace that held another launch's tables and rows gives the bits of a fresh one: the
 // chain kernel, whose blocks finalize the slices they complete (StreamConfig::chain_finalize),
-// reads no row or count of the launch before (H 512, I 256: the chain at 1-4 tokens, gemm2's
-// stages with two x planes and with one).
+// reads no row or count of the launch before (H 512, I 256, the overrides of
+// Differential.SmallStreamChain: the chain at 1 and 3 tokens, gemm2's stages with two x planes
+// and with one).
 TEST(GpuLayerApi, ReusedWorkspaceMatchesAFreshOneBitwise) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,dyn=1,res=0,ch=1", "stream=1,dyn=1,res=0,ch=1,chpo=1"}) {
