@@ -658,6 +658,12 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     if (b.stream && b.s1.tma && b.s2.tma)
       b.s1.tile_ready = b.s2.tile_ready =
           flag_of("trd", b.fused_route || multi_stage2, "gemm2 per tile behind gemm1");
+    // Gemm1's units whose tile has one valid row with the stage's groups as MMA columns
+    // (StreamConfig::group_cols; its 64-row, 512-deep path; a chain's gemm1 inherits it).
+    // "gc=0|1" overrides.
+    if (b.stream && b.s1.tma && b.s1.split_epilogue && b.s1.consumer_warps == 4 && b.s1.k_stage == 512 &&
+        spec.weight_format == WeightFormat::MxInt4G32Tiled)
+      b.s1.group_cols = flag_of("gc", true, "group columns for gemm1's one-row tiles");
     // One token of a finalized layer whose routed weights fit in the grid's shared memory: the
     // resident layer (one launch; bench/RESULTS.md section 19). "res=0|1" overrides.
     if (b.stream && lo == 1 && resident_wanted) {
@@ -812,7 +818,8 @@ std::string describe(const Plan& plan) {
                                    (b.s1.tma && b.s1.dynamic_units && !b.s1.early_fetch ? " early_fetch=0" : "") +
                                    (b.s1.tma && b.s1.evict_first ? " evict_first=1" : "") +
                                    (b.s1.tma && b.s1.early_unit ? " early_unit=1" : "") +
-                                   (b.s1.tile_ready ? " tile_ready=1" : ""),
+                                   (b.s1.tile_ready ? " tile_ready=1" : "") +
+                                   (b.s1.group_cols ? " group_cols=1" : ""),
                                b.s2.consumer_warps,
                                b.s2.producer_warps, b.s2.k_stage, b.s2.stages,
                                (b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns)) +

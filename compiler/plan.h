@@ -111,6 +111,10 @@ struct StreamConfig {
   // and lo planes times a power of two per (tile, 8 features), whose dequantisation constants
   // gemm2 copies beside the activation; otherwise the activation stays bf16.
   bool f16 = false;
+  // Gemm1 (TMA, tiled w13, 512-deep stages, the split epilogue): units of 64 rows whose tile
+  // has one valid row put groups in the MMA's columns instead of the tile's rows (stream GEMM,
+  // Cfg::kGroupCols), so that a warp scales 4 partial sums per 8 MMAs instead of 16.
+  bool group_cols = false;
 
   // Gemm1 with tile_ready has one more warp, which publishes its finished units.
   int threads(bool gemm1) const { return 32 * (consumer_warps + producer_warps + (gemm1 && tile_ready)); }
@@ -127,7 +131,8 @@ struct StreamConfig {
            x_boxes == o.x_boxes && early_unit == o.early_unit && tile_ready == o.tile_ready &&
            early_fetch == o.early_fetch && evict_first == o.evict_first && min_blocks == o.min_blocks &&
            chain == o.chain && slot_bytes == o.slot_bytes && packed_only == o.packed_only &&
-           routed_ids == o.routed_ids && chain_finalize == o.chain_finalize && f16 == o.f16;
+           routed_ids == o.routed_ids && chain_finalize == o.chain_finalize && f16 == o.f16 &&
+           group_cols == o.group_cols;
   }
 };
 

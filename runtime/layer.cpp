@@ -364,7 +364,7 @@ class LayerImpl {
     moejit_dev::GemmParams g1{in.hidden_states, act_lo, p2s, in.w13, in.w13_scale, counts, offsets,
                               tile_expert, in.swiglu_alpha, in.swiglu_beta, in.swiglu_limit,
                               act, T, static_cast<int32_t>(l.max_tiles), nullptr, nullptr,
-                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready, 0, nullptr, nullptr};
+                              nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready, 0, nullptr, nullptr, 0};
     const compiler::StreamConfig& c1 = chain != kNone ? b.c1 : b.s1;
     const compiler::StreamConfig& c2 = chain != kNone ? b.c2 : b.s2;
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
@@ -373,6 +373,9 @@ class LayerImpl {
                                     : compiler::choose_unit_rows(b.s1, s, true, T,
                                                                  kernels_[gemm1_[bucket]].persistent_blocks);
       if (c1.tma) encode_stream_tma(g1, c1, true);
+      // (Not at one token outside a chain: there the finalized layer may be the resident one,
+      // whose output the unfinalized layer plus moejit::finalize must equal bitwise.)
+      g1.group_cols = c1.group_cols && (chain != kNone || T > 1) ? 1 : 0;
       g1.evict_first = c1.evict_first && evict_first;
       // Early first units read the routed ids of the route kernel two launches back, or those
       // of the fused route+dispatch block once its word reads 1.
@@ -389,7 +392,7 @@ class LayerImpl {
                               nullptr, nullptr, nullptr, y, T, static_cast<int32_t>(l.max_tiles),
                               fused ? counters : nullptr, e2p, weights,
                               fused ? outs.final_out : nullptr, 0, {}, {}, {}, tile_rows, counters + 32, nullptr,
-                              ready, 0, nullptr, g1.act_magic};
+                              ready, 0, nullptr, g1.act_magic, 0};
     if (chain_final) {
       g2.token_counters = counters + 64 + l.max_tiles;
       g2.final_out = outs.final_out;

@@ -150,6 +150,16 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   asm("ld.shared.u32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
   return v;
 }
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm("ld.shared.v2.u32 {%0,%1}, [%2];\n" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint4 lds128(uint32_t addr) {
+  uint4 v;
+  asm("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
 // A 16-byte shared-memory load where ok != 0, else zeros (no access).
 __device__ __forceinline__ uint4 lds128_if(uint32_t addr, uint32_t ok) {
   uint4 v = make_uint4(0u, 0u, 0u, 0u);
@@ -301,6 +311,22 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
     MOEJIT_MMA16816("bf16");
 }
 #undef MOEJIT_MMA16816
+// d = a b + c (c not overwritten); bf16 operands, or fp16 ones.
+#define MOEJIT_MMA16816C(T)                                                                              \
+  asm("mma.sync.aligned.m16n8k16.row.col.f32." T "." T ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "    \
+      "{%10,%11,%12,%13};\n"                                                                              \
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                                                   \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]), \
+        "f"(c[3]))
+template <bool kFp16>
+__device__ __forceinline__ void mma16816_c(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
+                                           const float (&c)[4]) {
+  if constexpr (kFp16)
+    MOEJIT_MMA16816C("f16");
+  else
+    MOEJIT_MMA16816C("bf16");
+}
+#undef MOEJIT_MMA16816C
 
 // Storage position of activation feature f inside its 8-feature block: the order
 // (0, 4, 1, 5, 2, 6, 3, 7), so one 16-byte load gives the B registers of a group's two k-steps.
@@ -530,6 +556,7 @@ struct Smem {
   int* early;
   int* epi_tile;
   unsigned short* fin_count = nullptr;  // a chain's gemm2 with Cfg::kChainFinalize: units per slice
+  const uint4* zero = nullptr;          // gemm1 with Cfg::kGroupCols: 64 zero bytes
 };
 template <class Cfg>
 struct Shared {
@@ -716,6 +743,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
                           (kGemm1 ? Cfg::kTiledW && Cfg::kEarlyRouted : kPackedOnly)),
                 "stream GEMM: fp16 operands in a chain of 64-row units, tiled w13, packed gemm2 units");
   static_assert(!Cfg::kF16Act || (kGemm1 && kF16), "stream GEMM: an fp16 gemm2 behind an fp16 gemm1");
+  // Group columns (Cfg::kGroupCols; the unit loop's `gc` path) on this path: 64-row units of
+  // 512-deep stages by TMA, tiled w13, the split epilogue.
+  constexpr bool kGroupCols = Cfg::kGemm1 && Cfg::kGroupCols && kRows == 64 && KC == 512;
   constexpr int kMagicOff = kXOff + kXBytes;
   constexpr int kMagicBytes = kF16 && !kGemm1 ? KC / 2 : 0;
   constexpr int kStageBytes = kTma ? (kXOff + kXBytes + kMagicBytes + 1023) / 1024 * 1024
@@ -739,6 +769,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   // kSplit (four consumer warps, 32- or 64-row units): every consumer warp writes part of a
   // unit's epilogue; otherwise warp 0 writes all of it.
   constexpr bool kSplit = Cfg::kSplitEpilogue && CW == 4 && kA >= 2;
+  static_assert(!kGroupCols || (kEven && kSplit && kWHalves && Cfg::kTiledW && !kXBox),
+                "stream GEMM: group columns in a gemm1 of whole stages, the split epilogue, tiled w13 by TMA");
   // Tile-ready hand-off (see the top), gemm1: the unit's writers arrive on epi_bar[i % 2] for
   // the block's i-th unit after their stores (thread 0 first puts the unit's tile, or -1 after
   // the last unit, in epi_tile[i % 2]); the signal warp (warp CW + 1) then adds the unit's
@@ -1591,18 +1623,150 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         }
       }
     };
+    // One-row tiles with groups as MMA columns (Cfg::kGroupCols, where the launch's
+    // GemmParams::group_cols allows; gemm1's 64-row path of 512-deep stages, bf16 or fp16 operands).
+    // The tile's MMA columns would be x rows 0-7, of which only row 0 is valid. Instead warp w
+    // takes a quarter of the stage's groups for all four A tiles: chunk c = w & 1, groups
+    // 8 c + 2 j + e (j = 0..3, e = w >> 1), so that the 16-byte loads of a phase (rows 2p, 2p + 1;
+    // groups of one parity) hit 8 different units of the swizzle. MMA column j is group
+    // 8 c + 2 j + e: k-pairs j and j + 4 carry its weights in every row (thread (g, t): a0 / a1 its
+    // rows g / g + 8, a2 / a3 the same rows' next nibble pair, of word m / 2 in MMA m = 0..7), and B
+    // holds x row 0 of group j in column j only (thread (n, t) with n == t holds its words 2m,
+    // 2m + 1 as b0, b1; every other thread zeros, read from a zero block). So 8 MMAs give a 16-row
+    // x 4-group block whose sums lie in threads t = 0, 1 (columns 4-7 are not used), scaled by 4
+    // FFMA per 8 MMAs instead of 16; the chains start from the groups' corrections (2 MMAs of the
+    // constant A against x in the dense order, column j = group j), so there are no correction
+    // MMAs per A tile. The sums' order differs from the default path's (the outputs agree to
+    // rounding, not bitwise). H200, bench/RESULTS.md section 41: 17% fewer SASS instructions per
+    // stage in kimi-k2's chain (no faster there); 0.9-1.4 us less at 8 qwen3-30b-a3b tokens in
+    // A/B runs of one process.
+    bool gc = false;
+    if constexpr (kGroupCols) gc = u.rows_valid == 1 && p.group_cols != 0;
+    if constexpr (kGroupCols) {
+      if (gc) {
+        const int c = warp & 1, e = warp >> 1;
+        const int gq = t;                                   // the thread's weight group (column t)
+        const int gx = g & 3;                               // the group of its correction column
+        const uint32_t x_b = t == g ? kXOff + (8 * c + 2 * gq + e) * 64 : 0xffffffffu;
+        const uint32_t x_c = kXOff + (8 * c + 2 * gx + e) * 64 + t * 16;
+        const uint32_t zero = smem_u32(sm.zero);
+        const uint32_t w_off = c * (kHalfRows * 128) + g * 128 + (((2 * gq + e) ^ g) << 4);
+        // Scales of rows g and g + 8: groups 8 c + 4 t .. + 3 (8 bytes), of which the thread's
+        // columns 2t, 2t + 1 take groups 4t + e and 4t + 2 + e (t = 0, 1).
+        const uint32_t s_off8 = kWBytes + g * 16 + c * (kBoxRows * 16) + (t & 1) * 8;
+        const uint32_t s_sel = e ? 0x3276u : 0x1054u;  // prmt: that bf16 as the high half, zeros below
+        // The corrections' constant A: fp16 -1032 (lo nibbles) and -1152 (hi), or bf16 -136.
+        const uint32_t cn[4] = {kF16 ? 0xE408E408u : kNeg136, kF16 ? 0xE408E408u : kNeg136,
+                                kF16 ? 0xE480E480u : kNeg136, kF16 ? 0xE480E480u : kNeg136};
+  #pragma unroll 1
+        for (int ks = 0; ks < kStagesPerUnit; ++ks) {
+          const uint32_t st = smem_base + slot * kSlot;
+          mbar_wait<Cfg::kSuspendNs>(&full_bar[slot], parity);
+          if constexpr (kF16)
+            if (ks == 0) xf_bits = ld_relaxed_gpu(p.routed + 1);
+          if (tid == 0 && ui == 0 && ks == 0) tl_stamp(tls, kEvFirst);
+          if (tid == 0 && ui == 0 && ks == 0) tl_block(kTlK, kTbFirst, tl_now());
+          const uint32_t xb = x_b != 0xffffffffu ? st + x_b : zero;
+          uint4 bx[4];  // B: words 2m, 2m + 1 of x (group gq) in MMA m, or zeros
+  #pragma unroll
+          for (int v = 0; v < 4; ++v) bx[v] = lds128(xb + 16 * v);
+          float corr[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          {
+            const uint4 xc = lds128(st + x_c);
+            mma16816<kF16>(corr, cn, xc.x, xc.y);
+            mma16816<kF16>(corr, cn, xc.z, xc.w);
+          }
+          uint4 wv[kA][2];  // [A tile][row g, g + 8]: the 4 words of group gq
+  #pragma unroll
+          for (int a = 0; a < kA; ++a)
+  #pragma unroll
+            for (int rr = 0; rr < 2; ++rr)
+              wv[a][rr] = lds128(st + w_off + (a / 2) * kHalfBytes + ((a % 2) * 16 + rr * 8) * 128);
+          float part[kA][4];
+  #pragma unroll
+          for (int m = 0; m < 8; ++m) {
+            const int sh = 8 * (m & 1);
+            const uint32_t b0 = (m & 1) ? bx[m >> 1].z : bx[m >> 1].x;
+            const uint32_t b1 = (m & 1) ? bx[m >> 1].w : bx[m >> 1].y;
+  #pragma unroll
+            for (int a = 0; a < kA; ++a) {
+              const uint4& w0 = wv[a][0];
+              const uint4& w8 = wv[a][1];
+              const int u2 = m >> 1;
+              const uint32_t v0 = (u2 == 0 ? w0.x : u2 == 1 ? w0.y : u2 == 2 ? w0.z : w0.w) >> sh;
+              const uint32_t v8 = (u2 == 0 ? w8.x : u2 == 1 ? w8.y : u2 == 2 ? w8.z : w8.w) >> sh;
+              // fp16: nibbles at bits 0-3 and 4-7 in place (the top of this file); bf16: the
+              // nibble pairs of the word shifted by 8 (m % 2) and by 4 more (nib_pair).
+              uint32_t af[4];
+              if constexpr (kF16) {
+                af[0] = lop3_and_xor<0x000f000fu>(v0, 0x64086408u);
+                af[1] = lop3_and_xor<0x000f000fu>(v8, 0x64086408u);
+                af[2] = lop3_and_xor<0x00f000f0u>(v0, 0x64806480u);
+                af[3] = lop3_and_xor<0x00f000f0u>(v8, 0x64806480u);
+              } else {
+                af[0] = nib_pair(v0);
+                af[1] = nib_pair(v8);
+                af[2] = nib_pair(v0 >> 4);
+                af[3] = nib_pair(v8 >> 4);
+              }
+              if (m == 0)
+                mma16816_c<kF16>(part[a], af, b0, b1, corr);
+              else
+                mma16816<kF16>(part[a], af, b0, b1);
+            }
+          }
+  #pragma unroll
+          for (int a = 0; a < kA; ++a) {
+            const uint32_t so = st + s_off8 + (a / 2) * kSBoxBytes + (a % 2) * 256;
+            const uint2 s0 = lds64(so), s8 = lds64(so + 128);
+            acc[a][0] = fmaf(__uint_as_float(__byte_perm(s0.x, 0u, s_sel)), part[a][0], acc[a][0]);
+            acc[a][1] = fmaf(__uint_as_float(__byte_perm(s0.y, 0u, s_sel)), part[a][1], acc[a][1]);
+            acc[a][2] = fmaf(__uint_as_float(__byte_perm(s8.x, 0u, s_sel)), part[a][2], acc[a][2]);
+            acc[a][3] = fmaf(__uint_as_float(__byte_perm(s8.y, 0u, s_sel)), part[a][3], acc[a][3]);
+          }
+          mbar_arrive(&empty_bar[slot]);
+          if (++slot == NS) {
+            slot = 0;
+            parity ^= 1;
+          }
+        }
+        // Rows 16 a + g (+ 8): the thread's two columns, then threads t = 0, 1 (groups 0-3 of
+        // the warp's quarter), then the four quarters in order through shared memory; every
+        // warp then holds what the split epilogue reads (acc[a][0]: A row 16 a + g + 8 (w >> 1),
+        // the tile's row 0).
+  #pragma unroll
+        for (int a = 0; a < kA; ++a)
+  #pragma unroll
+          for (int rr = 0; rr < 2; ++rr) {
+            float r = acc[a][2 * rr] + acc[a][2 * rr + 1];
+            r += __shfl_xor_sync(kFullMask, r, 1);
+            if (t == 0) red[warp * 64 + 16 * a + 8 * rr + g] = r;
+          }
+        consumer_barrier(CW * 32);
+  #pragma unroll
+        for (int a = 0; a < kA; ++a) {
+          const int row = 16 * a + g + 8 * (warp >> 1);
+          acc[a][0] = ((red[row] + red[64 + row]) + red[128 + row]) + red[192 + row];
+        }
+        consumer_barrier(CW * 32);
+      }
+    }
     const bool packed = kPackable && u.rows_valid <= 4;
-    if (packed)
-      run_stages(1);
-    else
-      run_stages(kPlanes);
+    if (!gc) {
+      if (packed)
+        run_stages(1);
+      else
+        run_stages(kPlanes);
+    }
 
     // Sum the consumer warps in a fixed order (warp 0, 1, ...). The second barrier keeps the
     // next unit's writes out of the buffer until every sum has read it. kSplit (four consumer
     // warps, 32- or 64-row units): warp w sums and stores accumulator index i = w of every A
     // tile (rows 2t + (w & 1), features g + 8 (w >> 1)), so the four epilogues run in parallel;
     // otherwise warp 0 sums everything and runs the whole epilogue.
-    if constexpr (kSplit) {
+    if (gc) {
+      // (summed above)
+    } else if constexpr (kSplit) {
 #pragma unroll
       for (int a = 0; a < kA; ++a)
 #pragma unroll
@@ -1778,20 +1942,26 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
 template <class Cfg>
 __device__ void stream_gemm(const GemmParams& p) {
   __shared__ stream::Shared<Cfg> sh;
+  // Gemm1's one-row tiles with Cfg::kGroupCols read B's zero registers from here (the path's
+  // first block barrier orders these stores before them).
+  __shared__ uint4 zero16[Cfg::kGemm1 && Cfg::kGroupCols ? 4 : 1];
+  if (Cfg::kGemm1 && Cfg::kGroupCols && threadIdx.x < 4) zero16[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
+  stream::Smem v = sh.view();
+  v.zero = zero16;
   static_assert((Cfg::kAltRows & ~(16 | 32)) == 0 && (Cfg::kGemm1 || (Cfg::kAltRows & 16) == 0) &&
                     (Cfg::kAltRows == 0 || Cfg::kAltRows < Cfg::kUnitRows),
                 "stream GEMM: smaller paths of 16 (gemm1) or 32 rows below the default");
   if constexpr ((Cfg::kAltRows & 16) != 0)
     if (p.unit_rows == 16) {
-      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, sh.view());
+      stream_gemm_rows<Cfg, 16, Cfg::kKC16>(p, v);
       return;
     }
   if constexpr ((Cfg::kAltRows & 32) != 0)
     if (p.unit_rows == 32) {
-      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, sh.view());
+      stream_gemm_rows<Cfg, 32, Cfg::kKC32>(p, v);
       return;
     }
-  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, sh.view());
+  stream_gemm_rows<Cfg, Cfg::kUnitRows, Cfg::kKC>(p, v);
 }
 
 // Both GEMMs in one persistent kernel (StreamConfig::chain; where gemm2's stages hold one x
@@ -1812,6 +1982,9 @@ __device__ void stream_chain(const ChainParams& p) {
                     Cfg1::kUnitRows == Cfg2::kUnitRows && Cfg1::kAltRows == 0 && Cfg2::kAltRows == 0,
                 "stream chain: one ring, the same consumer warps and unit rows, one path each");
   __shared__ stream::Shared<Cfg1> sh;  // (gemm1's: its early plan; the reduction buffer fits both)
+  // Gemm1's one-row tiles with Cfg1::kGroupCols read B's zero registers from here.
+  __shared__ uint4 zero16[Cfg1::kGroupCols ? 4 : 1];  // (ordered as in stream_gemm)
+  if (Cfg1::kGroupCols && threadIdx.x < 4) zero16[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
   // Gemm2's finalize (Cfg2::kChainFinalize): its per-slice unit counts start at zero (gemm1's
   // first block barrier orders this before them).
   constexpr int kFinSlices = Cfg2::kChainFinalize ? Cfg2::kN / Cfg2::kUnitRows : 1;
@@ -1819,7 +1992,9 @@ __device__ void stream_chain(const ChainParams& p) {
   if constexpr (Cfg2::kChainFinalize)
     for (int i = threadIdx.x; i < kFinSlices; i += blockDim.x) fin_count[i] = 0;
   stream::ChainState chain;
-  stream_gemm_rows<Cfg1, Cfg1::kUnitRows, Cfg1::kKC>(p.g1, sh.view(), &chain);
+  stream::Smem v1 = sh.view();
+  v1.zero = zero16;
+  stream_gemm_rows<Cfg1, Cfg1::kUnitRows, Cfg1::kKC>(p.g1, v1, &chain);
   stream::Smem v2 = sh.view();
   v2.fin_count = fin_count;
   stream_gemm_rows<Cfg2, Cfg2::kUnitRows, Cfg2::kKC>(p.g2, v2, &chain);

@@ -894,6 +894,44 @@ TEST(PlanStream, FourGemm2BlocksRule) {
   }
 }
 
+// Group columns for gemm1's one-row tiles (StreamConfig::group_cols): stream buckets whose gemm1
+// copies tiled w13 by TMA in 512-deep stages with the split epilogue, a chain's gemm1 as well;
+// not row-major weights; "gc=0" switches it off. The kernels carry it as Cfg::kGroupCols.
+TEST(PlanStream, GroupColumnsRule) {
+  auto tiled = [](const char* name) {
+    MoeSpec s = preset(name);
+    s.weight_format = WeightFormat::MxInt4G32Tiled;
+    return s;
+  };
+  auto in_gemm1 = [](const Plan& p, const char* kernel) {
+    for (const KernelSource& k : generate_all(p))
+      if (k.name == kernel) return k.source.find("kGroupCols = true;") != std::string::npos;
+    ADD_FAILURE() << "no kernel " << kernel;
+    return false;
+  };
+  for (const char* name : {"qwen3-30b-a3b", "kimi-k2-tp8", "kimi-k2"}) {
+    const Plan t = make_plan(tiled(name), 64, "sm_90a");
+    EXPECT_TRUE(t.buckets[0].s1.group_cols) << name;
+    EXPECT_FALSE(t.buckets[0].s2.group_cols) << name;
+    EXPECT_NE(describe(t).find("group_cols=1"), std::string::npos) << name;
+    EXPECT_TRUE(in_gemm1(t, "gemm1_b0")) << name;
+    EXPECT_FALSE(in_gemm1(t, "gemm2_b0")) << name;
+    const Plan r = make_plan(preset(name), 64, "sm_90a");  // row-major
+    EXPECT_FALSE(r.buckets[0].s1.group_cols) << name;
+    EXPECT_FALSE(in_gemm1(r, "gemm1_b0")) << name;
+  }
+  const Plan k = make_plan(tiled("kimi-k2"), 64, "sm_90a");
+  ASSERT_GT(k.buckets[0].chain_tokens, 0);
+  EXPECT_TRUE(k.buckets[0].c1.group_cols);
+  EXPECT_TRUE(in_gemm1(k, "chain_b0"));
+  {
+    const ScopedOverride off("gc=0");
+    const Plan o = make_plan(tiled("qwen3-30b-a3b"), 64, "sm_90a");
+    EXPECT_FALSE(o.buckets[0].s1.group_cols);
+    EXPECT_FALSE(in_gemm1(o, "gemm1_b0"));
+  }
+}
+
 TEST(PlanStream, OverrideSwitchesAndShapes) {
   {
     const ScopedOverride off("stream=0");
