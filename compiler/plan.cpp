@@ -664,6 +664,11 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     if (b.stream && b.s1.tma && b.s1.split_epilogue && b.s1.consumer_warps == 4 && b.s1.k_stage == 512 &&
         spec.weight_format == WeightFormat::MxInt4G32Tiled)
       b.s1.group_cols = flag_of("gc", true, "group columns for gemm1's one-row tiles");
+    // The same for gemm2's packed units (bf16 operands; 256- or 512-deep stages; a chain's gemm2
+    // inherits it where its operands stay bf16). "gc2=0|1" overrides.
+    if (b.stream && b.s2.tma && b.s2.split_epilogue && b.s2.consumer_warps == 4 && b.s2.pack_planes &&
+        (b.s2.k_stage == 256 || b.s2.k_stage == 512) && spec.weight_format == WeightFormat::MxInt4G32Tiled)
+      b.s2.group_cols = flag_of("gc2", true, "group columns for gemm2's one-row tiles");
     // One token of a finalized layer whose routed weights fit in the grid's shared memory: the
     // resident layer (one launch; bench/RESULTS.md section 19). "res=0|1" overrides.
     if (b.stream && lo == 1 && resident_wanted) {
@@ -747,6 +752,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
                  c1.consumer_warps == 4 && spec.weight_format == WeightFormat::MxInt4G32Tiled &&
                  flag_of("f16", true, "fp16 operands in the chain");
         c2.f16 = c1.f16 && flag_of("f16a", false, "fp16 operands in the chain's gemm2 as well");
+        c2.group_cols = c2.group_cols && !c2.f16;  // (group columns with bf16 operands only)
         const int slot = std::max(slot1, stream_stage_bytes(c2, false));
         c1.stages = c2.stages = std::clamp(102 * 1024 / slot, 2, kMaxStreamStages);
         c1.slot_bytes = c2.slot_bytes = slot;
@@ -830,7 +836,8 @@ std::string describe(const Plan& plan) {
                                    (b.s2.tma && !b.s2.dynamic_units ? " dynamic_units=0" : "") +
                                    (b.s2.tma && b.s2.dynamic_units && !b.s2.early_fetch ? " early_fetch=0" : "") +
                                    (b.s2.tma && b.s2.evict_first ? " evict_first=1" : "") +
-                                   (b.s2.tma && b.s2.x_boxes ? " x_boxes=1" : ""))
+                                   (b.s2.tma && b.s2.x_boxes ? " x_boxes=1" : "") +
+                                   (b.s2.group_cols ? " group_cols=1" : ""))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,

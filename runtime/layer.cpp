@@ -402,6 +402,7 @@ class LayerImpl {
                                     : compiler::choose_unit_rows(b.s2, s, false, T,
                                                                  kernels_[gemm2_[bucket]].persistent_blocks);
       if (c2.tma) encode_stream_tma(g2, c2, false);
+      g2.group_cols = c2.group_cols && (chain != kNone || T > 1) ? 1 : 0;  // (as gemm1's)
       g2.evict_first = c2.evict_first && evict_first;
     }
     // Every parameter block is complete (the TMA descriptors can fail to encode) before the

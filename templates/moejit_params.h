@@ -181,7 +181,7 @@ struct GemmParams {
   // word per (row tile, 8 activation features) [max_tiles, I / 8]: fp16x2 (1032 * 2^d), the
   // dequantisation constant of w2 nibbles at bits 0-3 for activations stored times 2^-d.
   uint32_t* act_magic;
-  // Gemm1 with Cfg::kGroupCols: nonzero takes the group-column path for one-row tiles. The host
+  // With Cfg::kGroupCols: nonzero takes the group-column path for one-row tiles. The host
   // clears it for one-token launches outside a chain: a finalized one-token layer may be the
   // resident one, whose arithmetic order the unfinalized layer must keep (its output plus
   // moejit::finalize equals the resident's bitwise).

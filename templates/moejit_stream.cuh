@@ -556,7 +556,7 @@ struct Smem {
   int* early;
   int* epi_tile;
   unsigned short* fin_count = nullptr;  // a chain's gemm2 with Cfg::kChainFinalize: units per slice
-  const uint4* zero = nullptr;          // gemm1 with Cfg::kGroupCols: 64 zero bytes
+  const uint4* zero = nullptr;          // with Cfg::kGroupCols: 64 zero bytes
 };
 template <class Cfg>
 struct Shared {
@@ -743,9 +743,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
                           (kGemm1 ? Cfg::kTiledW && Cfg::kEarlyRouted : kPackedOnly)),
                 "stream GEMM: fp16 operands in a chain of 64-row units, tiled w13, packed gemm2 units");
   static_assert(!Cfg::kF16Act || (kGemm1 && kF16), "stream GEMM: an fp16 gemm2 behind an fp16 gemm1");
-  // Group columns (Cfg::kGroupCols; the unit loop's `gc` path) on this path: 64-row units of
-  // 512-deep stages by TMA, tiled w13, the split epilogue.
-  constexpr bool kGroupCols = Cfg::kGemm1 && Cfg::kGroupCols && kRows == 64 && KC == 512;
+  // Group columns (Cfg::kGroupCols; the unit loop's `gc` path) on this path: 64-row units with
+  // tiled weights and the split epilogue; gemm1: 512-deep stages by TMA; gemm2: packed units
+  // (bf16 operands) of 256- or 512-deep stages.
+  constexpr bool kGroupCols = Cfg::kGroupCols && kRows == 64 &&
+                              (Cfg::kGemm1 ? KC == 512 : (KC == 256 || KC == 512) && Cfg::kPackPlanes && !Cfg::kF16);
   constexpr int kMagicOff = kXOff + kXBytes;
   constexpr int kMagicBytes = kF16 && !kGemm1 ? KC / 2 : 0;
   constexpr int kStageBytes = kTma ? (kXOff + kXBytes + kMagicBytes + 1023) / 1024 * 1024
@@ -769,8 +771,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   // kSplit (four consumer warps, 32- or 64-row units): every consumer warp writes part of a
   // unit's epilogue; otherwise warp 0 writes all of it.
   constexpr bool kSplit = Cfg::kSplitEpilogue && CW == 4 && kA >= 2;
-  static_assert(!kGroupCols || (kEven && kSplit && kWHalves && Cfg::kTiledW && !kXBox),
-                "stream GEMM: group columns in a gemm1 of whole stages, the split epilogue, tiled w13 by TMA");
+  static_assert(!kGroupCols || (kEven && kSplit && Cfg::kTiledW && (kGemm1 ? kWHalves && !kXBox : kPackable)),
+                "stream GEMM: group columns in whole stages, the split epilogue, tiled weights (w13 by TMA)");
   // Tile-ready hand-off (see the top), gemm1: the unit's writers arrive on epi_bar[i % 2] for
   // the block's i-th unit after their stores (thread 0 first puts the unit's tile, or -1 after
   // the last unit, in epi_tile[i % 2]); the signal warp (warp CW + 1) then adds the unit's
@@ -1624,7 +1626,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
       }
     };
     // One-row tiles with groups as MMA columns (Cfg::kGroupCols, where the launch's
-    // GemmParams::group_cols allows; gemm1's 64-row path of 512-deep stages, bf16 or fp16 operands).
+    // GemmParams::group_cols allows; gemm1's 64-row path of 512-deep stages, bf16 or fp16 operands;
+    // gemm2's 64-row packed units, bf16 operands).
     // The tile's MMA columns would be x rows 0-7, of which only row 0 is valid. Instead warp w
     // takes a quarter of the stage's groups for all four A tiles: chunk c = w & 1, groups
     // 8 c + 2 j + e (j = 0..3, e = w >> 1), so that the 16-byte loads of a phase (rows 2p, 2p + 1;
@@ -1640,20 +1643,36 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
     // rounding, not bitwise). H200, bench/RESULTS.md section 41: 17% fewer SASS instructions per
     // stage in kimi-k2's chain (no faster there); 0.9-1.4 us less at 8 qwen3-30b-a3b tokens in
     // A/B runs of one process.
+    // Gemm2 (packed units: x's hi plane in column j, its lo plane in column j + 4, both group j,
+    // so every thread's two columns carry sums) multiplies the same weights by both planes; its
+    // 256-deep stages hold 8 groups, so warp w takes groups 2 j + (w & 1) of the A tiles
+    // 2 (w >> 1) and 2 (w >> 1) + 1 (chunk 0); 512-deep ones are split as gemm1's.
     bool gc = false;
     if constexpr (kGroupCols) gc = u.rows_valid == 1 && p.group_cols != 0;
     if constexpr (kGroupCols) {
       if (gc) {
-        const int c = warp & 1, e = warp >> 1;
+        constexpr bool kHalfA = !kGemm1 && KC == 256;  // a warp takes half the A tiles
+        constexpr int kGA = kHalfA ? kA / 2 : kA;       // A tiles per warp
+        const int c = kHalfA ? 0 : warp & 1, e = kHalfA ? warp & 1 : warp >> 1;
+        const int a0 = kHalfA ? kGA * (warp >> 1) : 0;  // the warp's first A tile
         const int gq = t;                                   // the thread's weight group (column t)
         const int gx = g & 3;                               // the group of its correction column
-        const uint32_t x_b = t == g ? kXOff + (8 * c + 2 * gq + e) * 64 : 0xffffffffu;
-        const uint32_t x_c = kXOff + (8 * c + 2 * gx + e) * 64 + t * 16;
+        // x row 0 (gemm2: column g's plane, packed: hi row 0, lo row 4) and a group's stride.
+        constexpr uint32_t kXGStride = kXBox ? 256 : 64;
+        const uint32_t x_row = kGemm1 ? 0u : (g >> 2) * (kXBox ? kXSlot : 4 * kXRow);
+        const uint32_t x_b = (kGemm1 ? t == g : t == gx) ? kXOff + x_row + (8 * c + 2 * gq + e) * kXGStride
+                                                         : 0xffffffffu;
+        const uint32_t x_c = kXOff + x_row + (8 * c + 2 * gx + e) * kXGStride + t * 16;
         const uint32_t zero = smem_u32(sm.zero);
-        const uint32_t w_off = c * (kHalfRows * 128) + g * 128 + (((2 * gq + e) ^ g) << 4);
+        // Weights: gemm1 [half][chunk][32 rows][128 bytes], gemm2 [chunk][64 rows][128 bytes].
+        const uint32_t w_off = c * (kBoxRows * 128) + (16 * a0 + g) * 128 + (((2 * gq + e) ^ g) << 4);
+        auto w_tile = [](int i, int rr) -> uint32_t {
+          return kGemm1 ? (i / 2) * kHalfBytes + ((i % 2) * 16 + rr * 8) * 128 : (i * 16 + rr * 8) * 128;
+        };
         // Scales of rows g and g + 8: groups 8 c + 4 t .. + 3 (8 bytes), of which the thread's
-        // columns 2t, 2t + 1 take groups 4t + e and 4t + 2 + e (t = 0, 1).
-        const uint32_t s_off8 = kWBytes + g * 16 + c * (kBoxRows * 16) + (t & 1) * 8;
+        // columns 2t, 2t + 1 take groups 4t + e and 4t + 2 + e (t = 0, 1; gemm2's t = 2, 3 as 0, 1).
+        const uint32_t s_off8 = kWBytes + (16 * a0 + g) * 16 + c * (kBoxRows * 16) + (t & 1) * 8;
+        auto s_tile = [](int i) -> uint32_t { return kGemm1 ? (i / 2) * kSBoxBytes + (i % 2) * 256 : i * 256; };
         const uint32_t s_sel = e ? 0x3276u : 0x1054u;  // prmt: that bf16 as the high half, zeros below
         // The corrections' constant A: fp16 -1032 (lo nibbles) and -1152 (hi), or bf16 -136.
         const uint32_t cn[4] = {kF16 ? 0xE408E408u : kNeg136, kF16 ? 0xE408E408u : kNeg136,
@@ -1676,20 +1695,19 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
             mma16816<kF16>(corr, cn, xc.x, xc.y);
             mma16816<kF16>(corr, cn, xc.z, xc.w);
           }
-          uint4 wv[kA][2];  // [A tile][row g, g + 8]: the 4 words of group gq
+          uint4 wv[kGA][2];  // [A tile][row g, g + 8]: the 4 words of group gq
   #pragma unroll
-          for (int a = 0; a < kA; ++a)
+          for (int i = 0; i < kGA; ++i)
   #pragma unroll
-            for (int rr = 0; rr < 2; ++rr)
-              wv[a][rr] = lds128(st + w_off + (a / 2) * kHalfBytes + ((a % 2) * 16 + rr * 8) * 128);
-          float part[kA][4];
+            for (int rr = 0; rr < 2; ++rr) wv[i][rr] = lds128(st + w_off + w_tile(i, rr));
+          float part[kGA][4];
   #pragma unroll
           for (int m = 0; m < 8; ++m) {
             const int sh = 8 * (m & 1);
             const uint32_t b0 = (m & 1) ? bx[m >> 1].z : bx[m >> 1].x;
             const uint32_t b1 = (m & 1) ? bx[m >> 1].w : bx[m >> 1].y;
   #pragma unroll
-            for (int a = 0; a < kA; ++a) {
+            for (int a = 0; a < kGA; ++a) {
               const uint4& w0 = wv[a][0];
               const uint4& w8 = wv[a][1];
               const int u2 = m >> 1;
@@ -1716,8 +1734,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
             }
           }
   #pragma unroll
-          for (int a = 0; a < kA; ++a) {
-            const uint32_t so = st + s_off8 + (a / 2) * kSBoxBytes + (a % 2) * 256;
+          for (int a = 0; a < kGA; ++a) {
+            const uint32_t so = st + s_off8 + s_tile(a);
             const uint2 s0 = lds64(so), s8 = lds64(so + 128);
             acc[a][0] = fmaf(__uint_as_float(__byte_perm(s0.x, 0u, s_sel)), part[a][0], acc[a][0]);
             acc[a][1] = fmaf(__uint_as_float(__byte_perm(s0.y, 0u, s_sel)), part[a][1], acc[a][1]);
@@ -1731,22 +1749,26 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
           }
         }
         // Rows 16 a + g (+ 8): the thread's two columns, then threads t = 0, 1 (groups 0-3 of
-        // the warp's quarter), then the four quarters in order through shared memory; every
-        // warp then holds what the split epilogue reads (acc[a][0]: A row 16 a + g + 8 (w >> 1),
-        // the tile's row 0).
+        // the warp's quarter; gemm2: then t = 2, 3, the lo plane's), then the warps that took the
+        // row's groups in order through shared memory; every warp then holds what the split
+        // epilogue reads (acc[a][0]: A row 16 a + g + 8 (w >> 1), the tile's row 0).
   #pragma unroll
-        for (int a = 0; a < kA; ++a)
+        for (int a = 0; a < kGA; ++a)
   #pragma unroll
           for (int rr = 0; rr < 2; ++rr) {
             float r = acc[a][2 * rr] + acc[a][2 * rr + 1];
             r += __shfl_xor_sync(kFullMask, r, 1);
-            if (t == 0) red[warp * 64 + 16 * a + 8 * rr + g] = r;
+            if constexpr (!kGemm1) r += __shfl_xor_sync(kFullMask, r, 2);
+            if (t == 0) red[warp * 64 + 16 * (a0 + a) + 8 * rr + g] = r;
           }
         consumer_barrier(CW * 32);
   #pragma unroll
         for (int a = 0; a < kA; ++a) {
           const int row = 16 * a + g + 8 * (warp >> 1);
-          acc[a][0] = ((red[row] + red[64 + row]) + red[128 + row]) + red[192 + row];
+          if constexpr (kHalfA)  // warps 2 (a / 2) and 2 (a / 2) + 1
+            acc[a][0] = red[(a / kGA) * 128 + row] + red[(a / kGA) * 128 + 64 + row];
+          else
+            acc[a][0] = ((red[row] + red[64 + row]) + red[128 + row]) + red[192 + row];
         }
         consumer_barrier(CW * 32);
       }
@@ -1806,7 +1828,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
     // packed unit's lo-plane sums sit in columns 4-7, two threads over (t ^ 2): add them in.
     constexpr int kSlots = kSplit ? 1 : 4;  // accumulators per A tile this warp stores
     if (kSplit || warp == 0) {
-      if (packed)
+      if (packed && !gc)  // (group columns: summed above)
 #pragma unroll
         for (int a = 0; a < kA; ++a)
 #pragma unroll
@@ -1942,10 +1964,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
 template <class Cfg>
 __device__ void stream_gemm(const GemmParams& p) {
   __shared__ stream::Shared<Cfg> sh;
-  // Gemm1's one-row tiles with Cfg::kGroupCols read B's zero registers from here (the path's
+  // One-row tiles with Cfg::kGroupCols read B's zero registers from here (the path's
   // first block barrier orders these stores before them).
-  __shared__ uint4 zero16[Cfg::kGemm1 && Cfg::kGroupCols ? 4 : 1];
-  if (Cfg::kGemm1 && Cfg::kGroupCols && threadIdx.x < 4) zero16[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
+  __shared__ uint4 zero16[Cfg::kGroupCols ? 4 : 1];
+  if (Cfg::kGroupCols && threadIdx.x < 4) zero16[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
   stream::Smem v = sh.view();
   v.zero = zero16;
   static_assert((Cfg::kAltRows & ~(16 | 32)) == 0 && (Cfg::kGemm1 || (Cfg::kAltRows & 16) == 0) &&
@@ -1982,9 +2004,10 @@ __device__ void stream_chain(const ChainParams& p) {
                     Cfg1::kUnitRows == Cfg2::kUnitRows && Cfg1::kAltRows == 0 && Cfg2::kAltRows == 0,
                 "stream chain: one ring, the same consumer warps and unit rows, one path each");
   __shared__ stream::Shared<Cfg1> sh;  // (gemm1's: its early plan; the reduction buffer fits both)
-  // Gemm1's one-row tiles with Cfg1::kGroupCols read B's zero registers from here.
-  __shared__ uint4 zero16[Cfg1::kGroupCols ? 4 : 1];  // (ordered as in stream_gemm)
-  if (Cfg1::kGroupCols && threadIdx.x < 4) zero16[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
+  // One-row tiles with Cfg1::kGroupCols or Cfg2::kGroupCols read B's zero registers from here.
+  constexpr bool kZero = Cfg1::kGroupCols || Cfg2::kGroupCols;
+  __shared__ uint4 zero16[kZero ? 4 : 1];  // (ordered as in stream_gemm)
+  if (kZero && threadIdx.x < 4) zero16[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
   // Gemm2's finalize (Cfg2::kChainFinalize): its per-slice unit counts start at zero (gemm1's
   // first block barrier orders this before them).
   constexpr int kFinSlices = Cfg2::kChainFinalize ? Cfg2::kN / Cfg2::kUnitRows : 1;
@@ -1996,6 +2019,7 @@ __device__ void stream_chain(const ChainParams& p) {
   v1.zero = zero16;
   stream_gemm_rows<Cfg1, Cfg1::kUnitRows, Cfg1::kKC>(p.g1, v1, &chain);
   stream::Smem v2 = sh.view();
+  v2.zero = zero16;
   v2.fin_count = fin_count;
   stream_gemm_rows<Cfg2, Cfg2::kUnitRows, Cfg2::kKC>(p.g2, v2, &chain);
 }

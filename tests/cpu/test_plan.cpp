@@ -894,41 +894,62 @@ TEST(PlanStream, FourGemm2BlocksRule) {
   }
 }
 
-// Group columns for gemm1's one-row tiles (StreamConfig::group_cols): stream buckets whose gemm1
-// copies tiled w13 by TMA in 512-deep stages with the split epilogue, a chain's gemm1 as well;
-// not row-major weights; "gc=0" switches it off. The kernels carry it as Cfg::kGroupCols.
+// Group columns for one-row tiles (StreamConfig::group_cols): stream buckets whose gemm1 copies
+// tiled w13 by TMA in 512-deep stages with the split epilogue, and whose gemm2 copies tiled w2 by
+// TMA in packed units of 256- or 512-deep stages; a chain's GEMMs as well (its gemm2 only with
+// bf16 operands); not row-major weights; "gc=0" / "gc2=0" switch each off. The kernels carry it
+// as Cfg::kGroupCols.
 TEST(PlanStream, GroupColumnsRule) {
   auto tiled = [](const char* name) {
     MoeSpec s = preset(name);
     s.weight_format = WeightFormat::MxInt4G32Tiled;
     return s;
   };
-  auto in_gemm1 = [](const Plan& p, const char* kernel) {
+  auto has_gc = [](const Plan& p, const char* kernel) {
     for (const KernelSource& k : generate_all(p))
       if (k.name == kernel) return k.source.find("kGroupCols = true;") != std::string::npos;
     ADD_FAILURE() << "no kernel " << kernel;
     return false;
   };
+  auto count = [](const std::string& text, const std::string& word) {
+    size_t n = 0;
+    for (size_t at = text.find(word); at != std::string::npos; at = text.find(word, at + 1)) ++n;
+    return n;
+  };
   for (const char* name : {"qwen3-30b-a3b", "kimi-k2-tp8", "kimi-k2"}) {
     const Plan t = make_plan(tiled(name), 64, "sm_90a");
     EXPECT_TRUE(t.buckets[0].s1.group_cols) << name;
-    EXPECT_FALSE(t.buckets[0].s2.group_cols) << name;
-    EXPECT_NE(describe(t).find("group_cols=1"), std::string::npos) << name;
-    EXPECT_TRUE(in_gemm1(t, "gemm1_b0")) << name;
-    EXPECT_FALSE(in_gemm1(t, "gemm2_b0")) << name;
+    EXPECT_TRUE(t.buckets[0].s2.group_cols) << name;
+    EXPECT_GE(count(describe(t), "group_cols=1"), 4u) << name;  // both GEMMs of buckets 0 and 1
+    EXPECT_TRUE(has_gc(t, "gemm1_b0")) << name;
+    EXPECT_TRUE(has_gc(t, "gemm2_b0")) << name;
+    EXPECT_TRUE(has_gc(t, "gemm2_b1")) << name;
     const Plan r = make_plan(preset(name), 64, "sm_90a");  // row-major
     EXPECT_FALSE(r.buckets[0].s1.group_cols) << name;
-    EXPECT_FALSE(in_gemm1(r, "gemm1_b0")) << name;
+    EXPECT_FALSE(r.buckets[0].s2.group_cols) << name;
+    EXPECT_FALSE(has_gc(r, "gemm1_b0")) << name;
+    EXPECT_FALSE(has_gc(r, "gemm2_b0")) << name;
   }
   const Plan k = make_plan(tiled("kimi-k2"), 64, "sm_90a");
   ASSERT_GT(k.buckets[0].chain_tokens, 0);
   EXPECT_TRUE(k.buckets[0].c1.group_cols);
-  EXPECT_TRUE(in_gemm1(k, "chain_b0"));
+  EXPECT_TRUE(k.buckets[0].c2.group_cols);  // bf16 operands in the chain's gemm2 by default
+  EXPECT_TRUE(has_gc(k, "chain_b0"));
   {
-    const ScopedOverride off("gc=0");
+    const ScopedOverride f16a("f16a=1");  // fp16 operands in the chain's gemm2: no group columns
+    const Plan o = make_plan(tiled("kimi-k2"), 64, "sm_90a");
+    ASSERT_TRUE(o.buckets[0].c2.f16);
+    EXPECT_TRUE(o.buckets[0].c1.group_cols);
+    EXPECT_FALSE(o.buckets[0].c2.group_cols);
+  }
+  // Each override switches its GEMM off and leaves the other on.
+  for (const bool first : {true, false}) {
+    const ScopedOverride off(first ? "gc=0" : "gc2=0");
     const Plan o = make_plan(tiled("qwen3-30b-a3b"), 64, "sm_90a");
-    EXPECT_FALSE(o.buckets[0].s1.group_cols);
-    EXPECT_FALSE(in_gemm1(o, "gemm1_b0"));
+    EXPECT_EQ(o.buckets[0].s1.group_cols, !first);
+    EXPECT_EQ(o.buckets[0].s2.group_cols, first);
+    EXPECT_EQ(has_gc(o, "gemm1_b0"), !first);
+    EXPECT_EQ(has_gc(o, "gemm2_b0"), first);
   }
 }
 
