@@ -208,7 +208,7 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           b(!g1 && c.packed_only),
           b(g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff), b(tiled(s)),
           b(!g1 && c.chain == 2 && c.chain_finalize), b(c.chain != 0 && c.f16), b(g1 && c.chain != 0 && bk.c2.f16),
-          b(c.group_cols)) +
+          b(c.group_cols > 0)) +
          swiglu_cfg(s, g1);
 }
 

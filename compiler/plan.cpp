@@ -663,12 +663,20 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // "gc=0|1" overrides.
     if (b.stream && b.s1.tma && b.s1.split_epilogue && b.s1.consumer_warps == 4 && b.s1.k_stage == 512 &&
         spec.weight_format == WeightFormat::MxInt4G32Tiled)
-      b.s1.group_cols = flag_of("gc", true, "group columns for gemm1's one-row tiles");
+      b.s1.group_cols = flag_of("gc", true, "group columns for gemm1's one-row tiles") ? 2 : 0;
+    // Gemm1 takes tiles of up to two valid rows (x row 1 in the MMA's columns 4-7); "gcr=1"
+    // keeps it to one-row tiles.
+    if (std::smatch m; b.s1.group_cols > 0 && std::regex_search(override_text, m, std::regex("(^|[^A-Za-z0-9_])gcr=([^,;\\s]*)"))) {
+      if (m[2] != "1" && m[2] != "2")
+        throw Error(ErrorKind::InvalidArgument,
+                    fmt::format("MOEJIT_PLAN_OVERRIDE: gcr={} (gemm1's most rows with group columns) must be 1 or 2", m[2].str()));
+      b.s1.group_cols = std::stoi(m[2]);
+    }
     // The same for gemm2's packed units (bf16 operands; 256- or 512-deep stages; a chain's gemm2
     // inherits it where its operands stay bf16). "gc2=0|1" overrides.
     if (b.stream && b.s2.tma && b.s2.split_epilogue && b.s2.consumer_warps == 4 && b.s2.pack_planes &&
         (b.s2.k_stage == 256 || b.s2.k_stage == 512) && spec.weight_format == WeightFormat::MxInt4G32Tiled)
-      b.s2.group_cols = flag_of("gc2", true, "group columns for gemm2's one-row tiles");
+      b.s2.group_cols = flag_of("gc2", true, "group columns for gemm2's one-row tiles") ? 1 : 0;
     // One token of a finalized layer whose routed weights fit in the grid's shared memory: the
     // resident layer (one launch; bench/RESULTS.md section 19). "res=0|1" overrides.
     if (b.stream && lo == 1 && resident_wanted) {
@@ -752,7 +760,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
                  c1.consumer_warps == 4 && spec.weight_format == WeightFormat::MxInt4G32Tiled &&
                  flag_of("f16", true, "fp16 operands in the chain");
         c2.f16 = c1.f16 && flag_of("f16a", false, "fp16 operands in the chain's gemm2 as well");
-        c2.group_cols = c2.group_cols && !c2.f16;  // (group columns with bf16 operands only)
+        if (c2.f16) c2.group_cols = 0;  // (group columns with bf16 operands only)
         const int slot = std::max(slot1, stream_stage_bytes(c2, false));
         c1.stages = c2.stages = std::clamp(102 * 1024 / slot, 2, kMaxStreamStages);
         c1.slot_bytes = c2.slot_bytes = slot;
@@ -825,7 +833,7 @@ std::string describe(const Plan& plan) {
                                    (b.s1.tma && b.s1.evict_first ? " evict_first=1" : "") +
                                    (b.s1.tma && b.s1.early_unit ? " early_unit=1" : "") +
                                    (b.s1.tile_ready ? " tile_ready=1" : "") +
-                                   (b.s1.group_cols ? " group_cols=1" : ""),
+                                   (b.s1.group_cols ? fmt::format(" group_cols={}", b.s1.group_cols) : ""),
                                b.s2.consumer_warps,
                                b.s2.producer_warps, b.s2.k_stage, b.s2.stages,
                                (b.s2.suspend_ns == StreamConfig{}.suspend_ns ? std::string() : fmt::format(" suspend_ns={}", b.s2.suspend_ns)) +
@@ -837,7 +845,7 @@ std::string describe(const Plan& plan) {
                                    (b.s2.tma && b.s2.dynamic_units && !b.s2.early_fetch ? " early_fetch=0" : "") +
                                    (b.s2.tma && b.s2.evict_first ? " evict_first=1" : "") +
                                    (b.s2.tma && b.s2.x_boxes ? " x_boxes=1" : "") +
-                                   (b.s2.group_cols ? " group_cols=1" : ""))
+                                   (b.s2.group_cols ? fmt::format(" group_cols={}", b.s2.group_cols) : ""))
                  : std::string(),
         b.gemm1.warps_n, b.gemm1.warps_k, b.gemm1.k_chunk_groups,
         b.gemm1.double_buffer ? 1 : 0, b.gemm1.direct_x ? 1 : 0, b.gemm2.warps_n, b.gemm2.warps_k,

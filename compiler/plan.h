@@ -113,10 +113,12 @@ struct StreamConfig {
   bool f16 = false;
   // Gemm1 (TMA, tiled w13, 512-deep stages, the split epilogue): units of 64 rows whose tile
   // has one valid row put groups in the MMA's columns instead of the tile's rows (stream GEMM,
-  // Cfg::kGroupCols), so that a warp scales 4 partial sums per 8 MMAs instead of 16. Gemm2
-  // (TMA, tiled w2, packed units, bf16 operands, 256- or 512-deep stages): the same for its
-  // one-row tiles, x's hi plane in columns 0-3 and its lo plane in columns 4-7.
-  bool group_cols = false;
+  // Cfg::kGroupCols), so that a warp scales 4 partial sums per 8 MMAs instead of 16; with two
+  // valid rows, row 1 takes columns 4-7. Gemm2 (TMA, tiled w2, packed units, bf16 operands, 256-
+  // or 512-deep stages): the same for its one-row tiles, x's hi plane in columns 0-3 and its lo
+  // plane in 4-7. The value: the most valid rows of a tile that takes the path (0: off; gemm1
+  // 1 or 2, gemm2 1), passed to the kernel as GemmParams::group_cols.
+  int group_cols = 0;
 
   // Gemm1 with tile_ready has one more warp, which publishes its finished units.
   int threads(bool gemm1) const { return 32 * (consumer_warps + producer_warps + (gemm1 && tile_ready)); }

@@ -375,7 +375,7 @@ class LayerImpl {
       if (c1.tma) encode_stream_tma(g1, c1, true);
       // (Not at one token outside a chain: there the finalized layer may be the resident one,
       // whose output the unfinalized layer plus moejit::finalize must equal bitwise.)
-      g1.group_cols = c1.group_cols && (chain != kNone || T > 1) ? 1 : 0;
+      g1.group_cols = chain != kNone || T > 1 ? c1.group_cols : 0;
       g1.evict_first = c1.evict_first && evict_first;
       // Early first units read the routed ids of the route kernel two launches back, or those
       // of the fused route+dispatch block once its word reads 1.
@@ -402,7 +402,7 @@ class LayerImpl {
                                     : compiler::choose_unit_rows(b.s2, s, false, T,
                                                                  kernels_[gemm2_[bucket]].persistent_blocks);
       if (c2.tma) encode_stream_tma(g2, c2, false);
-      g2.group_cols = c2.group_cols && (chain != kNone || T > 1) ? 1 : 0;  // (as gemm1's)
+      g2.group_cols = chain != kNone || T > 1 ? c2.group_cols : 0;  // (as gemm1's)
       g2.evict_first = c2.evict_first && evict_first;
     }
     // Every parameter block is complete (the TMA descriptors can fail to encode) before the

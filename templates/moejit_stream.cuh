@@ -1625,7 +1625,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         }
       }
     };
-    // One-row tiles with groups as MMA columns (Cfg::kGroupCols, where the launch's
+    // One-row tiles (gemm1: up to two rows) with groups as MMA columns (Cfg::kGroupCols, where the launch's
     // GemmParams::group_cols allows; gemm1's 64-row path of 512-deep stages, bf16 or fp16 operands;
     // gemm2's 64-row packed units, bf16 operands).
     // The tile's MMA columns would be x rows 0-7, of which only row 0 is valid. Instead warp w
@@ -1643,12 +1643,15 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
     // rounding, not bitwise). H200, bench/RESULTS.md section 41: 17% fewer SASS instructions per
     // stage in kimi-k2's chain (no faster there); 0.9-1.4 us less at 8 qwen3-30b-a3b tokens in
     // A/B runs of one process.
+    // Gemm1's tiles of two valid rows take the same path with x row 1 in columns 4-7 (column
+    // j + 4 is row 1 of group j; threads t = 2, 3 hold its sums), which costs the one-row units
+    // nothing: their columns 4-7 are zeros or discarded.
     // Gemm2 (packed units: x's hi plane in column j, its lo plane in column j + 4, both group j,
     // so every thread's two columns carry sums) multiplies the same weights by both planes; its
     // 256-deep stages hold 8 groups, so warp w takes groups 2 j + (w & 1) of the A tiles
     // 2 (w >> 1) and 2 (w >> 1) + 1 (chunk 0); 512-deep ones are split as gemm1's.
     bool gc = false;
-    if constexpr (kGroupCols) gc = u.rows_valid == 1 && p.group_cols != 0;
+    if constexpr (kGroupCols) gc = u.rows_valid <= min(p.group_cols, kGemm1 ? 2 : 1);
     if constexpr (kGroupCols) {
       if (gc) {
         constexpr bool kHalfA = !kGemm1 && KC == 256;  // a warp takes half the A tiles
@@ -1657,11 +1660,13 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         const int a0 = kHalfA ? kGA * (warp >> 1) : 0;  // the warp's first A tile
         const int gq = t;                                   // the thread's weight group (column t)
         const int gx = g & 3;                               // the group of its correction column
-        // x row 0 (gemm2: column g's plane, packed: hi row 0, lo row 4) and a group's stride.
+        // Column g's x row (gemm1: row g / 4; gemm2: x row 0 of plane g / 4, packed: hi row 0,
+        // lo row 4) and a group's stride.
         constexpr uint32_t kXGStride = kXBox ? 256 : 64;
-        const uint32_t x_row = kGemm1 ? 0u : (g >> 2) * (kXBox ? kXSlot : 4 * kXRow);
-        const uint32_t x_b = (kGemm1 ? t == g : t == gx) ? kXOff + x_row + (8 * c + 2 * gq + e) * kXGStride
-                                                         : 0xffffffffu;
+        const uint32_t x_row = (g >> 2) * (kGemm1 ? kXRow : kXBox ? kXSlot : 4 * kXRow);
+        const uint32_t x_b = t == gx && (!kGemm1 || (g >> 2) < u.rows_valid)
+                                 ? kXOff + x_row + (8 * c + 2 * gq + e) * kXGStride
+                                 : 0xffffffffu;
         const uint32_t x_c = kXOff + x_row + (8 * c + 2 * gx + e) * kXGStride + t * 16;
         const uint32_t zero = smem_u32(sm.zero);
         // Weights: gemm1 [half][chunk][32 rows][128 bytes], gemm2 [chunk][64 rows][128 bytes].
@@ -1749,9 +1754,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
           }
         }
         // Rows 16 a + g (+ 8): the thread's two columns, then threads t = 0, 1 (groups 0-3 of
-        // the warp's quarter; gemm2: then t = 2, 3, the lo plane's), then the warps that took the
-        // row's groups in order through shared memory; every warp then holds what the split
-        // epilogue reads (acc[a][0]: A row 16 a + g + 8 (w >> 1), the tile's row 0).
+        // the warp's quarter; gemm1: t = 2, 3 hold x row 1's; gemm2: then t = 2, 3, the lo plane's),
+        // then the warps that took the row's groups in order through shared memory; every warp
+        // then holds what the split epilogue reads (acc[a][0]: A row 16 a + g + 8 (w >> 1), gemm1's
+        // tile row w & 1, gemm2's row 0).
   #pragma unroll
         for (int a = 0; a < kGA; ++a)
   #pragma unroll
@@ -1759,12 +1765,12 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
             float r = acc[a][2 * rr] + acc[a][2 * rr + 1];
             r += __shfl_xor_sync(kFullMask, r, 1);
             if constexpr (!kGemm1) r += __shfl_xor_sync(kFullMask, r, 2);
-            if (t == 0) red[warp * 64 + 16 * (a0 + a) + 8 * rr + g] = r;
+            if (kGemm1 ? (t & 1) == 0 : t == 0) red[(t >> 1) * 256 + warp * 64 + 16 * (a0 + a) + 8 * rr + g] = r;
           }
         consumer_barrier(CW * 32);
   #pragma unroll
         for (int a = 0; a < kA; ++a) {
-          const int row = 16 * a + g + 8 * (warp >> 1);
+          const int row = (kGemm1 ? (warp & 1) * 256 : 0) + 16 * a + g + 8 * (warp >> 1);
           if constexpr (kHalfA)  // warps 2 (a / 2) and 2 (a / 2) + 1
             acc[a][0] = red[(a / kGA) * 128 + row] + red[(a / kGA) * 128 + 64 + row];
           else

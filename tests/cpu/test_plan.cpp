@@ -894,11 +894,11 @@ TEST(PlanStream, FourGemm2BlocksRule) {
   }
 }
 
-// Group columns for one-row tiles (StreamConfig::group_cols): stream buckets whose gemm1 copies
-// tiled w13 by TMA in 512-deep stages with the split epilogue, and whose gemm2 copies tiled w2 by
-// TMA in packed units of 256- or 512-deep stages; a chain's GEMMs as well (its gemm2 only with
-// bf16 operands); not row-major weights; "gc=0" / "gc2=0" switch each off. The kernels carry it
-// as Cfg::kGroupCols.
+// Group columns for tiles of few rows (StreamConfig::group_cols: gemm1 up to two rows, "gcr=1"
+// one; gemm2 one): stream buckets whose gemm1 copies tiled w13 by TMA in 512-deep stages with the
+// split epilogue, and whose gemm2 copies tiled w2 by TMA in packed units of 256- or 512-deep
+// stages; a chain's GEMMs as well (its gemm2 only with bf16 operands); not row-major weights;
+// "gc=0" / "gc2=0" switch each off. The kernels carry it as Cfg::kGroupCols.
 TEST(PlanStream, GroupColumnsRule) {
   auto tiled = [](const char* name) {
     MoeSpec s = preset(name);
@@ -918,38 +918,49 @@ TEST(PlanStream, GroupColumnsRule) {
   };
   for (const char* name : {"qwen3-30b-a3b", "kimi-k2-tp8", "kimi-k2"}) {
     const Plan t = make_plan(tiled(name), 64, "sm_90a");
-    EXPECT_TRUE(t.buckets[0].s1.group_cols) << name;
-    EXPECT_TRUE(t.buckets[0].s2.group_cols) << name;
-    EXPECT_GE(count(describe(t), "group_cols=1"), 4u) << name;  // both GEMMs of buckets 0 and 1
+    EXPECT_EQ(t.buckets[0].s1.group_cols, 2) << name;  // gemm1: tiles of up to two rows
+    EXPECT_EQ(t.buckets[0].s2.group_cols, 1) << name;
+    EXPECT_GE(count(describe(t), "group_cols=2"), 2u) << name;  // both GEMMs of buckets 0 and 1
+    EXPECT_GE(count(describe(t), "group_cols=1"), 2u) << name;
     EXPECT_TRUE(has_gc(t, "gemm1_b0")) << name;
     EXPECT_TRUE(has_gc(t, "gemm2_b0")) << name;
     EXPECT_TRUE(has_gc(t, "gemm2_b1")) << name;
     const Plan r = make_plan(preset(name), 64, "sm_90a");  // row-major
-    EXPECT_FALSE(r.buckets[0].s1.group_cols) << name;
-    EXPECT_FALSE(r.buckets[0].s2.group_cols) << name;
+    EXPECT_EQ(r.buckets[0].s1.group_cols, 0) << name;
+    EXPECT_EQ(r.buckets[0].s2.group_cols, 0) << name;
     EXPECT_FALSE(has_gc(r, "gemm1_b0")) << name;
     EXPECT_FALSE(has_gc(r, "gemm2_b0")) << name;
   }
   const Plan k = make_plan(tiled("kimi-k2"), 64, "sm_90a");
   ASSERT_GT(k.buckets[0].chain_tokens, 0);
-  EXPECT_TRUE(k.buckets[0].c1.group_cols);
-  EXPECT_TRUE(k.buckets[0].c2.group_cols);  // bf16 operands in the chain's gemm2 by default
+  EXPECT_EQ(k.buckets[0].c1.group_cols, 2);
+  EXPECT_EQ(k.buckets[0].c2.group_cols, 1);  // bf16 operands in the chain's gemm2 by default
   EXPECT_TRUE(has_gc(k, "chain_b0"));
   {
     const ScopedOverride f16a("f16a=1");  // fp16 operands in the chain's gemm2: no group columns
     const Plan o = make_plan(tiled("kimi-k2"), 64, "sm_90a");
     ASSERT_TRUE(o.buckets[0].c2.f16);
-    EXPECT_TRUE(o.buckets[0].c1.group_cols);
-    EXPECT_FALSE(o.buckets[0].c2.group_cols);
+    EXPECT_EQ(o.buckets[0].c1.group_cols, 2);
+    EXPECT_EQ(o.buckets[0].c2.group_cols, 0);
   }
   // Each override switches its GEMM off and leaves the other on.
   for (const bool first : {true, false}) {
     const ScopedOverride off(first ? "gc=0" : "gc2=0");
     const Plan o = make_plan(tiled("qwen3-30b-a3b"), 64, "sm_90a");
-    EXPECT_EQ(o.buckets[0].s1.group_cols, !first);
-    EXPECT_EQ(o.buckets[0].s2.group_cols, first);
+    EXPECT_EQ(o.buckets[0].s1.group_cols, first ? 0 : 2);
+    EXPECT_EQ(o.buckets[0].s2.group_cols, first ? 1 : 0);
     EXPECT_EQ(has_gc(o, "gemm1_b0"), !first);
     EXPECT_EQ(has_gc(o, "gemm2_b0"), first);
+  }
+  {  // "gcr=1": gemm1's one-row tiles only (the same kernels; GemmParams::group_cols says 1)
+    const ScopedOverride one("gcr=1");
+    const Plan o = make_plan(tiled("qwen3-30b-a3b"), 64, "sm_90a");
+    EXPECT_EQ(o.buckets[0].s1.group_cols, 1);
+    EXPECT_TRUE(has_gc(o, "gemm1_b0"));
+  }
+  {
+    const ScopedOverride bad("gcr=3");
+    EXPECT_THROW(make_plan(tiled("qwen3-30b-a3b"), 64, "sm_90a"), Error);
   }
 }
 

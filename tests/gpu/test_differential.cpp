@@ -1310,6 +1310,27 @@ TEST(Differential, SmallTiledWeights) {
              grouped_deepseek_ep_case("tiled-ep", tiled(small_stream_spec()))});
 }
 
+// Group columns (StreamConfig::group_cols: gemm1's tiles of one or two valid rows, gemm2's
+// packed one-row units, with the MMA's columns holding groups instead of rows). 64 experts at
+// top-4 put 8-64 slots on them at 2-16 tokens, so most tiles have one or two rows; 40 tokens take
+// the 17-64 bucket. Against the same layers without them ("gc=0,gc2=0"), with gemm1's one-row
+// tiles only ("gcr=1"), and in a chain whose gemm2 keeps bf16 operands ("f16=0").
+TEST(Differential, SmallTiledGroupColumns) {
+  MOEJIT_REQUIRE_GPU();
+  MoeSpec s = tiled(small_stream_spec());
+  s.hidden = 2048;        // gemm1: four 512-deep stages
+  s.intermediate = 768;   // gemm2: three 256-deep stages
+  s.num_experts = 64;
+  for (const char* o : {"stream=1,res=0", "stream=1,res=0,gc=0,gc2=0", "stream=1,res=0,gcr=1",
+                        "stream=1,dyn=1,res=0,ch=1,chpo=1,f16=0"}) {
+    const ScopedPlanOverride force(o);
+    const std::string name = std::string("tiled-gc[") + o + "]";
+    std::vector<Case> cases;
+    for (const int t : {2, 3, 5, 9, 16, 40}) cases.push_back(small_case(name, s, t));
+    run_cases(cases);
+  }
+}
+
 // Chains with fp16 operands (StreamConfig::f16: tiled weights, packed gemm2 units behind the
 // fused route+dispatch block; x converted by the fused kernel's second block): gemm1's (the
 // default) and both GEMMs' ("f16a=1": the activation with a factor per tile and 8 features),
