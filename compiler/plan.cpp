@@ -666,10 +666,12 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       b.s1.group_cols = flag_of("gc", true, "group columns for gemm1's one-row tiles") ? 2 : 0;
     // Gemm1 takes tiles of up to two valid rows (x row 1 in the MMA's columns 4-7); "gcr=1"
     // keeps it to one-row tiles.
-    if (std::smatch m; b.s1.group_cols > 0 && std::regex_search(override_text, m, std::regex("(^|[^A-Za-z0-9_])gcr=([^,;\\s]*)"))) {
+    static const std::regex gcr("(^|[^A-Za-z0-9_])gcr=([^,;\\s]*)");
+    if (std::smatch m; b.s1.group_cols > 0 && std::regex_search(override_text, m, gcr)) {
       if (m[2] != "1" && m[2] != "2")
         throw Error(ErrorKind::InvalidArgument,
-                    fmt::format("MOEJIT_PLAN_OVERRIDE: gcr={} (gemm1's most rows with group columns) must be 1 or 2", m[2].str()));
+                    fmt::format("MOEJIT_PLAN_OVERRIDE: gcr={} (gemm1's most rows with group columns) "
+                                "must be 1 or 2", m[2].str()));
       b.s1.group_cols = std::stoi(m[2]);
     }
     // The same for gemm2's packed units (bf16 operands; 256- or 512-deep stages; a chain's gemm2

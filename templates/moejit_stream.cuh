@@ -746,8 +746,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   // Group columns (Cfg::kGroupCols; the unit loop's `gc` path) on this path: 64-row units with
   // tiled weights and the split epilogue; gemm1: 512-deep stages by TMA; gemm2: packed units
   // (bf16 operands) of 256- or 512-deep stages.
-  constexpr bool kGroupCols = Cfg::kGroupCols && kRows == 64 &&
-                              (Cfg::kGemm1 ? KC == 512 : (KC == 256 || KC == 512) && Cfg::kPackPlanes && !Cfg::kF16);
+  constexpr bool kGroupCols =
+      Cfg::kGroupCols && kRows == 64 &&
+      (Cfg::kGemm1 ? KC == 512 : (KC == 256 || KC == 512) && Cfg::kPackPlanes && !Cfg::kF16);
   constexpr int kMagicOff = kXOff + kXBytes;
   constexpr int kMagicBytes = kF16 && !kGemm1 ? KC / 2 : 0;
   constexpr int kStageBytes = kTma ? (kXOff + kXBytes + kMagicBytes + 1023) / 1024 * 1024
@@ -1625,9 +1626,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         }
       }
     };
-    // One-row tiles (gemm1: up to two rows) with groups as MMA columns (Cfg::kGroupCols, where the launch's
-    // GemmParams::group_cols allows; gemm1's 64-row path of 512-deep stages, bf16 or fp16 operands;
-    // gemm2's 64-row packed units, bf16 operands).
+    // One-row tiles (gemm1: up to two rows) with groups as MMA columns (Cfg::kGroupCols, where
+    // the launch's GemmParams::group_cols allows; gemm1's 64-row path of 512-deep stages, bf16 or
+    // fp16 operands; gemm2's 64-row packed units, bf16 operands).
     // The tile's MMA columns would be x rows 0-7, of which only row 0 is valid. Instead warp w
     // takes a quarter of the stage's groups for all four A tiles: chunk c = w & 1, groups
     // 8 c + 2 j + e (j = 0..3, e = w >> 1), so that the 16-byte loads of a phase (rows 2p, 2p + 1;
@@ -1765,7 +1766,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
             float r = acc[a][2 * rr] + acc[a][2 * rr + 1];
             r += __shfl_xor_sync(kFullMask, r, 1);
             if constexpr (!kGemm1) r += __shfl_xor_sync(kFullMask, r, 2);
-            if (kGemm1 ? (t & 1) == 0 : t == 0) red[(t >> 1) * 256 + warp * 64 + 16 * (a0 + a) + 8 * rr + g] = r;
+            if (kGemm1 ? (t & 1) == 0 : t == 0)
+              red[(t >> 1) * 256 + warp * 64 + 16 * (a0 + a) + 8 * rr + g] = r;
           }
         consumer_barrier(CW * 32);
   #pragma unroll
@@ -1970,7 +1972,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
 template <class Cfg>
 __device__ void stream_gemm(const GemmParams& p) {
   __shared__ stream::Shared<Cfg> sh;
-  // One-row tiles with Cfg::kGroupCols read B's zero registers from here (the path's
+  // Tiles with Cfg::kGroupCols read B's zero registers from here (the path's
   // first block barrier orders these stores before them).
   __shared__ uint4 zero16[Cfg::kGroupCols ? 4 : 1];
   if (Cfg::kGroupCols && threadIdx.x < 4) zero16[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
@@ -2010,7 +2012,7 @@ __device__ void stream_chain(const ChainParams& p) {
                     Cfg1::kUnitRows == Cfg2::kUnitRows && Cfg1::kAltRows == 0 && Cfg2::kAltRows == 0,
                 "stream chain: one ring, the same consumer warps and unit rows, one path each");
   __shared__ stream::Shared<Cfg1> sh;  // (gemm1's: its early plan; the reduction buffer fits both)
-  // One-row tiles with Cfg1::kGroupCols or Cfg2::kGroupCols read B's zero registers from here.
+  // Tiles with Cfg1::kGroupCols or Cfg2::kGroupCols read B's zero registers from here.
   constexpr bool kZero = Cfg1::kGroupCols || Cfg2::kGroupCols;
   __shared__ uint4 zero16[kZero ? 4 : 1];  // (ordered as in stream_gemm)
   if (kZero && threadIdx.x < 4) zero16[threadIdx.x] = make_uint4(0u, 0u, 0u, 0u);
