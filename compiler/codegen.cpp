@@ -196,7 +196,7 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           "  static constexpr bool kChainFinalize = {};  // a chain's gemm2 finalizes the output at its end\n"
           "  static constexpr bool kF16 = {};  // a chain's fp16 operands (StreamConfig::f16)\n"
           "  static constexpr bool kF16Act = {};  // gemm1: the activation for an fp16 gemm2\n"
-          "  static constexpr bool kGroupCols = {};  // tiles of one or two rows with groups as MMA columns\n",
+          "  static constexpr int kGroupCols = {};  // most valid rows of a tile whose groups go in the MMA's columns (0: none)\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
           s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
           bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
@@ -208,7 +208,7 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           b(!g1 && c.packed_only),
           b(g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff), b(tiled(s)),
           b(!g1 && c.chain == 2 && c.chain_finalize), b(c.chain != 0 && c.f16), b(g1 && c.chain != 0 && bk.c2.f16),
-          b(c.group_cols > 0)) +
+          c.group_cols) +
          swiglu_cfg(s, g1);
 }
 

@@ -658,7 +658,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     if (b.stream && b.s1.tma && b.s2.tma)
       b.s1.tile_ready = b.s2.tile_ready =
           flag_of("trd", b.fused_route || multi_stage2, "gemm2 per tile behind gemm1");
-    // Gemm1's units whose tile has one valid row with the stage's groups as MMA columns
+    // Gemm1's units whose tile has one or two valid rows with the stage's groups as MMA columns
     // (StreamConfig::group_cols; its 64-row, 512-deep path; a chain's gemm1 inherits it).
     // "gc=0|1" overrides.
     if (b.stream && b.s1.tma && b.s1.split_epilogue && b.s1.consumer_warps == 4 && b.s1.k_stage == 512 &&

@@ -117,7 +117,8 @@ struct StreamConfig {
   // valid rows, row 1 takes columns 4-7. Gemm2 (TMA, tiled w2, packed units, bf16 operands, 256-
   // or 512-deep stages): the same for its one-row tiles, x's hi plane in columns 0-3 and its lo
   // plane in 4-7. The value: the most valid rows of a tile that takes the path (0: off; gemm1
-  // 1 or 2, gemm2 1), passed to the kernel as GemmParams::group_cols.
+  // 1 or 2, gemm2 1), compiled into the kernel as Cfg::kGroupCols; GemmParams::group_cols
+  // switches the path per launch.
   int group_cols = 0;
 
   // Gemm1 with tile_ready has one more warp, which publishes its finished units.

@@ -367,15 +367,17 @@ class LayerImpl {
                               nullptr, nullptr, 0, {}, {}, {}, tile_rows, counters, nullptr, ready, 0, nullptr, nullptr, 0};
     const compiler::StreamConfig& c1 = chain != kNone ? b.c1 : b.s1;
     const compiler::StreamConfig& c2 = chain != kNone ? b.c2 : b.s2;
+    // Group columns (StreamConfig::group_cols), but not at one token outside a chain: there the
+    // finalized layer may be the resident one, whose output the unfinalized layer plus
+    // moejit::finalize must equal bitwise.
+    const bool group_cols = chain != kNone || T > 1;
     // Stream GEMMs: smaller units where the default ones would leave blocks idle.
     if (b.stream) {
       g1.unit_rows = chain != kNone ? c1.unit_rows
                                     : compiler::choose_unit_rows(b.s1, s, true, T,
                                                                  kernels_[gemm1_[bucket]].persistent_blocks);
       if (c1.tma) encode_stream_tma(g1, c1, true);
-      // (Not at one token outside a chain: there the finalized layer may be the resident one,
-      // whose output the unfinalized layer plus moejit::finalize must equal bitwise.)
-      g1.group_cols = chain != kNone || T > 1 ? c1.group_cols : 0;
+      g1.group_cols = group_cols && c1.group_cols > 0 ? 1 : 0;
       g1.evict_first = c1.evict_first && evict_first;
       // Early first units read the routed ids of the route kernel two launches back, or those
       // of the fused route+dispatch block once its word reads 1.
@@ -402,7 +404,7 @@ class LayerImpl {
                                     : compiler::choose_unit_rows(b.s2, s, false, T,
                                                                  kernels_[gemm2_[bucket]].persistent_blocks);
       if (c2.tma) encode_stream_tma(g2, c2, false);
-      g2.group_cols = chain != kNone || T > 1 ? c2.group_cols : 0;  // (as gemm1's)
+      g2.group_cols = group_cols && c2.group_cols > 0 ? 1 : 0;
       g2.evict_first = c2.evict_first && evict_first;
     }
     // Every parameter block is complete (the TMA descriptors can fail to encode) before the

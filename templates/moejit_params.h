@@ -181,8 +181,8 @@ struct GemmParams {
   // word per (row tile, 8 activation features) [max_tiles, I / 8]: fp16x2 (1032 * 2^d), the
   // dequantisation constant of w2 nibbles at bits 0-3 for activations stored times 2^-d.
   uint32_t* act_magic;
-  // With Cfg::kGroupCols: tiles of at most this many valid rows (gemm1 up to 2, gemm2 1) take
-  // the group-column path (0: none). The host clears it for one-token launches outside a chain:
+  // With Cfg::kGroupCols > 0: nonzero lets tiles of at most that many valid rows take the
+  // group-column path. The host clears it for one-token launches outside a chain:
   // a finalized one-token layer may be the resident one, whose arithmetic order the unfinalized
   // layer must keep (its output plus moejit::finalize equals the resident's bitwise).
   int32_t group_cols;

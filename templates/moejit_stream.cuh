@@ -746,8 +746,10 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
   // Group columns (Cfg::kGroupCols; the unit loop's `gc` path) on this path: 64-row units with
   // tiled weights and the split epilogue; gemm1: 512-deep stages by TMA; gemm2: packed units
   // (bf16 operands) of 256- or 512-deep stages.
+  static_assert(Cfg::kGroupCols >= 0 && Cfg::kGroupCols <= (kGemm1 ? 2 : 1),
+                "stream GEMM: group columns for tiles of at most 2 (gemm1) or 1 (gemm2) valid rows");
   constexpr bool kGroupCols =
-      Cfg::kGroupCols && kRows == 64 &&
+      Cfg::kGroupCols > 0 && kRows == 64 &&
       (Cfg::kGemm1 ? KC == 512 : (KC == 256 || KC == 512) && Cfg::kPackPlanes && !Cfg::kF16);
   constexpr int kMagicOff = kXOff + kXBytes;
   constexpr int kMagicBytes = kF16 && !kGemm1 ? KC / 2 : 0;
@@ -1626,8 +1628,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         }
       }
     };
-    // One-row tiles (gemm1: up to two rows) with groups as MMA columns (Cfg::kGroupCols, where
-    // the launch's GemmParams::group_cols allows; gemm1's 64-row path of 512-deep stages, bf16 or
+    // Tiles of at most Cfg::kGroupCols valid rows (gemm1: 1 or 2; gemm2: 1) with groups as MMA
+    // columns (where the launch's GemmParams::group_cols allows; gemm1's 64-row path of 512-deep stages, bf16 or
     // fp16 operands; gemm2's 64-row packed units, bf16 operands).
     // The tile's MMA columns would be x rows 0-7, of which only row 0 is valid. Instead warp w
     // takes a quarter of the stage's groups for all four A tiles: chunk c = w & 1, groups
@@ -1652,7 +1654,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
     // 256-deep stages hold 8 groups, so warp w takes groups 2 j + (w & 1) of the A tiles
     // 2 (w >> 1) and 2 (w >> 1) + 1 (chunk 0); 512-deep ones are split as gemm1's.
     bool gc = false;
-    if constexpr (kGroupCols) gc = u.rows_valid <= min(p.group_cols, kGemm1 ? 2 : 1);
+    if constexpr (kGroupCols) gc = p.group_cols != 0 && u.rows_valid <= Cfg::kGroupCols;
     if constexpr (kGroupCols) {
       if (gc) {
         constexpr bool kHalfA = !kGemm1 && KC == 256;  // a warp takes half the A tiles

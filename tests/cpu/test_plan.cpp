@@ -9,6 +9,7 @@
 #include <functional>
 #include <iterator>
 #include <map>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -905,11 +906,18 @@ TEST(PlanStream, GroupColumnsRule) {
     s.weight_format = WeightFormat::MxInt4G32Tiled;
     return s;
   };
-  auto has_gc = [](const Plan& p, const char* kernel) {
+  // Cfg::kGroupCols of each stream configuration in a kernel's source ("2,1" for a chain).
+  auto gc_rows = [](const Plan& p, const char* kernel) {
+    static const std::regex re("kGroupCols = ([0-9]+);");
     for (const KernelSource& k : generate_all(p))
-      if (k.name == kernel) return k.source.find("kGroupCols = true;") != std::string::npos;
+      if (k.name == kernel) {
+        std::string rows;
+        for (std::sregex_iterator it(k.source.begin(), k.source.end(), re), end; it != end; ++it)
+          rows += (rows.empty() ? "" : ",") + (*it)[1].str();
+        return rows;
+      }
     ADD_FAILURE() << "no kernel " << kernel;
-    return false;
+    return std::string();
   };
   auto count = [](const std::string& text, const std::string& word) {
     size_t n = 0;
@@ -922,20 +930,20 @@ TEST(PlanStream, GroupColumnsRule) {
     EXPECT_EQ(t.buckets[0].s2.group_cols, 1) << name;
     EXPECT_GE(count(describe(t), "group_cols=2"), 2u) << name;  // both GEMMs of buckets 0 and 1
     EXPECT_GE(count(describe(t), "group_cols=1"), 2u) << name;
-    EXPECT_TRUE(has_gc(t, "gemm1_b0")) << name;
-    EXPECT_TRUE(has_gc(t, "gemm2_b0")) << name;
-    EXPECT_TRUE(has_gc(t, "gemm2_b1")) << name;
+    EXPECT_EQ(gc_rows(t, "gemm1_b0"), "2") << name;
+    EXPECT_EQ(gc_rows(t, "gemm2_b0"), "1") << name;
+    EXPECT_EQ(gc_rows(t, "gemm2_b1"), "1") << name;
     const Plan r = make_plan(preset(name), 64, "sm_90a");  // row-major
     EXPECT_EQ(r.buckets[0].s1.group_cols, 0) << name;
     EXPECT_EQ(r.buckets[0].s2.group_cols, 0) << name;
-    EXPECT_FALSE(has_gc(r, "gemm1_b0")) << name;
-    EXPECT_FALSE(has_gc(r, "gemm2_b0")) << name;
+    EXPECT_EQ(gc_rows(r, "gemm1_b0"), "0") << name;
+    EXPECT_EQ(gc_rows(r, "gemm2_b0"), "0") << name;
   }
   const Plan k = make_plan(tiled("kimi-k2"), 64, "sm_90a");
   ASSERT_GT(k.buckets[0].chain_tokens, 0);
   EXPECT_EQ(k.buckets[0].c1.group_cols, 2);
   EXPECT_EQ(k.buckets[0].c2.group_cols, 1);  // bf16 operands in the chain's gemm2 by default
-  EXPECT_TRUE(has_gc(k, "chain_b0"));
+  EXPECT_EQ(gc_rows(k, "chain_b0"), "2,1");
   {
     const ScopedOverride f16a("f16a=1");  // fp16 operands in the chain's gemm2: no group columns
     const Plan o = make_plan(tiled("kimi-k2"), 64, "sm_90a");
@@ -949,14 +957,14 @@ TEST(PlanStream, GroupColumnsRule) {
     const Plan o = make_plan(tiled("qwen3-30b-a3b"), 64, "sm_90a");
     EXPECT_EQ(o.buckets[0].s1.group_cols, first ? 0 : 2);
     EXPECT_EQ(o.buckets[0].s2.group_cols, first ? 1 : 0);
-    EXPECT_EQ(has_gc(o, "gemm1_b0"), !first);
-    EXPECT_EQ(has_gc(o, "gemm2_b0"), first);
+    EXPECT_EQ(gc_rows(o, "gemm1_b0"), first ? "0" : "2");
+    EXPECT_EQ(gc_rows(o, "gemm2_b0"), first ? "1" : "0");
   }
-  {  // "gcr=1": gemm1's one-row tiles only (the same kernels; GemmParams::group_cols says 1)
+  {  // "gcr=1": gemm1's one-row tiles only
     const ScopedOverride one("gcr=1");
     const Plan o = make_plan(tiled("qwen3-30b-a3b"), 64, "sm_90a");
     EXPECT_EQ(o.buckets[0].s1.group_cols, 1);
-    EXPECT_TRUE(has_gc(o, "gemm1_b0"));
+    EXPECT_EQ(gc_rows(o, "gemm1_b0"), "1");
   }
   {
     const ScopedOverride bad("gcr=3");
