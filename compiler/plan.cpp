@@ -3,10 +3,12 @@
 #include "moejit_params.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <initializer_list>
 #include <regex>
 
 namespace moejit::compiler {
@@ -404,7 +406,6 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       break;
     }
   }
-  static const std::regex rdw("rdw=([0-9]+)");  // tuning: at most this many warps
   const std::string override_text = plan_override();
   // A 0|1 switch of the override ("key=0" / "key=1"), else fallback; any other value is an error.
   auto flag_of = [&](const char* key, bool fallback, const char* what) {
@@ -417,14 +418,20 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
                               what));
     return m[2] == "1";
   };
-  if (std::smatch m; std::regex_search(override_text, m, rdw)) {
-    if (m[1] != "8" && m[1] != "16")
-      throw Error(ErrorKind::InvalidArgument,
-                  fmt::format("MOEJIT_PLAN_OVERRIDE: rdw={} (route+dispatch warps) must be 8 "
-                              "or 16", m[1].str()));
-    if (plan.route_dispatch_warps > 0)
-      plan.route_dispatch_warps = std::min(plan.route_dispatch_warps, std::stoi(m[1]));
-  }
+  // One of a few numbers ("key=N"), else fallback; any other value is an error.
+  auto choice_of = [&](const char* key, std::initializer_list<int> allowed, int fallback, const char* what) {
+    const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([^,;\\s]*)");
+    std::smatch m;
+    if (!std::regex_search(override_text, m, re)) return fallback;
+    for (const int v : allowed)
+      if (m[2] == std::to_string(v)) return v;
+    throw Error(ErrorKind::InvalidArgument,
+                fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} ({}) must be one of {}", key, m[2].str(), what,
+                            fmt::join(allowed, ", ")));
+  };
+  // Tuning: at most this many warps in the fused route+dispatch block.
+  if (const int w = choice_of("rdw", {8, 16}, 0, "route+dispatch warps"); w > 0 && plan.route_dispatch_warps > 0)
+    plan.route_dispatch_warps = std::min(plan.route_dispatch_warps, w);
   // H200, bench/RESULTS.md section 15: the general dispatch block took 2.9 us of a one-token
   // kimi-k2-tp8 layer.
   if (override_text.find("sd=0") != std::string::npos) plan.small_dispatch = false;
@@ -435,13 +442,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
                      spec.routing != RoutingMethod::Precomputed && !grouped;
   plan.fused_block_route =
       plan.block_route && fused_smem + block_route_smem_bytes(spec) <= 44 * 1024;
-  static const std::regex fth("(^|[^A-Za-z0-9_])fth=([^,;\\s]*)");
-  if (std::smatch m; std::regex_search(override_text, m, fth)) {
-    if (m[2] != "32" && m[2] != "64" && m[2] != "128")
-      throw Error(ErrorKind::InvalidArgument,
-                  fmt::format("MOEJIT_PLAN_OVERRIDE: fth={} (finalize threads) must be 32, 64 or 128", m[2].str()));
-    plan.finalize_threads = std::stoi(m[2]);
-  }
+  plan.finalize_threads = choice_of("fth", {32, 64, 128}, plan.finalize_threads, "finalize threads");
   if (std::regex_search(override_text, std::regex("(^|[^A-Za-z0-9_])ef=")))
     plan.evict_first = flag_of("ef", false, "weights with an L2 evict-first policy") ? 1 : 0;
   const bool resident_wanted = flag_of("res", true, "the resident one-token layer");
@@ -666,14 +667,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       b.s1.group_cols = flag_of("gc", true, "group columns for gemm1's one-row tiles") ? 2 : 0;
     // Gemm1 takes tiles of up to two valid rows (x row 1 in the MMA's columns 4-7); "gcr=1"
     // keeps it to one-row tiles.
-    static const std::regex gcr("(^|[^A-Za-z0-9_])gcr=([^,;\\s]*)");
-    if (std::smatch m; b.s1.group_cols > 0 && std::regex_search(override_text, m, gcr)) {
-      if (m[2] != "1" && m[2] != "2")
-        throw Error(ErrorKind::InvalidArgument,
-                    fmt::format("MOEJIT_PLAN_OVERRIDE: gcr={} (gemm1's most rows with group columns) "
-                                "must be 1 or 2", m[2].str()));
-      b.s1.group_cols = std::stoi(m[2]);
-    }
+    if (b.s1.group_cols > 0)
+      b.s1.group_cols = choice_of("gcr", {1, 2}, b.s1.group_cols, "gemm1's most rows with group columns");
     // The same for gemm2's packed units (bf16 operands; 256- or 512-deep stages; a chain's gemm2
     // inherits it where its operands stay bf16). "gc2=0|1" overrides.
     if (b.stream && b.s2.tma && b.s2.split_epilogue && b.s2.consumer_warps == 4 && b.s2.pack_planes &&
@@ -724,14 +719,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         return spec.intermediate % k_stage == 0 && (k_stage / 64) % t.consumer_warps == 0 &&
                stream_stage_bytes(t, false) <= slot1;
       };
-      static const std::regex chk2("(^|[^A-Za-z0-9_])chk2=([0-9]+)");
-      int forced_k = 0;
-      if (std::smatch m; std::regex_search(override_text, m, chk2)) {
-        if (m[2] != "256" && m[2] != "512")
-          throw Error(ErrorKind::InvalidArgument,
-                      fmt::format("MOEJIT_PLAN_OVERRIDE: chk2={} (the chain's gemm2 k_stage) must be 256 or 512", m[2].str()));
-        forced_k = std::stoi(m[2]);
-      }
+      const int forced_k = choice_of("chk2", {256, 512}, 0, "the chain's gemm2 k_stage");
       const bool forced_po = std::regex_search(override_text, std::regex("(^|[^A-Za-z0-9_])chpo="));
       int k2 = 0;
       bool po = false;

@@ -554,7 +554,7 @@ TEST(PlanStream, ChainRuleAndOverrides) {
     const ScopedOverride off("ch=0");
     EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").buckets[0].chain_tokens, 0);
   }
-  for (const char* bad : {"chk2=128", "ch=2", "chpo=3"}) {
+  for (const char* bad : {"chk2=128", "chk2=x", "ch=2", "chpo=3"}) {
     const ScopedOverride o(bad);
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error) << bad;
   }
