@@ -122,8 +122,9 @@ KernelSource route_dispatch_unit(const Plan& plan, const KernelPlan& k) {
   const std::string cfg = route_cfg(s, plan.route_dispatch_warps, plan.fused_block_route) +
                           dispatch_cfg(plan, false, threads) +
                           fmt::format("  static constexpr bool kConvertX = {};  // block 1 writes x as fp16 (f16 chains)\n"
-                                      "  static constexpr int kH = {};\n",
-                                      b(convert_x), s.hidden);
+                                      "  static constexpr int kH = {};\n"
+                                      "  static constexpr int kPackedIdSlots = {};  // routed ids packed beside the word (Plan::routed_id_slots)\n",
+                                      b(convert_x), s.hidden, plan.routed_id_slots);
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_route_dispatch.cuh", cfg, "RouteDispatchParams",
                "route_dispatch_kernel", threads),
@@ -158,7 +159,8 @@ std::string tiled_cfg(const MoeSpec& s) {
 }
 
 // The Cfg body of a stream GEMM (templates/moejit_stream.cuh) with configuration c.
-std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c, bool g1) {
+std::string stream_cfg(const Plan& plan, const Bucket& bk, const StreamConfig& c, bool g1) {
+  const MoeSpec& s = plan.spec;
   const int stage_bytes = stream_stage_bytes(c, g1);
   return fmt::format(
           "  static constexpr bool kGemm1 = {};\n"
@@ -191,7 +193,7 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           "  static constexpr int kChain = {};  // phase in a chain kernel (0: none)\n"
           "  static constexpr int kSlotBytes = {};  // a chain's ring slot\n"
           "  static constexpr bool kPackedOnly = {};  // gemm2: one x plane, packed units only\n"
-          "  static constexpr bool kRoutedIds = {};  // gemm1: up to 8 routed ids packed beside the fused block's word\n"
+          "  static constexpr int kRoutedIds = {};  // gemm1: up to this many routed ids packed beside the fused block's word (0: none)\n"
           "  static constexpr bool kTiledW = {};  // weights in WeightFormat::MxInt4G32Tiled\n"
           "  static constexpr bool kChainFinalize = {};  // a chain's gemm2 finalizes the output at its end\n"
           "  static constexpr bool kF16 = {};  // a chain's fp16 operands (StreamConfig::f16)\n"
@@ -206,7 +208,7 @@ std::string stream_cfg(const MoeSpec& s, const Bucket& bk, const StreamConfig& c
           b(g1 && c.early_unit), b(g1 && c.early_unit && bk.fused_route), b(c.tile_ready), b(c.tma && c.dynamic_units && c.early_fetch),
           b(c.tma && c.evict_first), c.chain, c.chain ? c.slot_bytes : stage_bytes,
           b(!g1 && c.packed_only),
-          b(g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff), b(tiled(s)),
+          g1 && c.early_unit && bk.fused_route && c.routed_ids && s.num_experts < 0x7fff ? plan.routed_id_slots : 0, b(tiled(s)),
           b(!g1 && c.chain == 2 && c.chain_finalize), b(c.chain != 0 && c.f16), b(g1 && c.chain != 0 && bk.c2.f16),
           c.group_cols) +
          swiglu_cfg(s, g1);
@@ -217,7 +219,7 @@ KernelSource stream_unit(const Plan& plan, const KernelPlan& k) {
   const Bucket& bk = plan.buckets.at(k.bucket);
   const bool g1 = k.role == KernelRole::Gemm1;
   const StreamConfig& c = g1 ? bk.s1 : bk.s2;
-  const std::string cfg = stream_cfg(s, bk, c, g1);
+  const std::string cfg = stream_cfg(plan, bk, c, g1);
   KernelSource src{k.name, "moejit_" + k.name,
                    unit(k, s, "moejit_stream.cuh", cfg, "GemmParams", "stream_gemm", c.threads(g1),
                         c.min_blocks),
@@ -250,7 +252,7 @@ KernelSource chain_unit(const Plan& plan, const KernelPlan& k) {
       "}}\n",
       fmt::arg("name", k.name), fmt::arg("timeline", timeline_define()), fmt::arg("h", s.hidden),
       fmt::arg("i", s.intermediate), fmt::arg("e", s.num_experts), fmt::arg("k", s.top_k),
-      fmt::arg("cfg1", stream_cfg(s, bk, bk.c1, true)), fmt::arg("cfg2", stream_cfg(s, bk, bk.c2, false)),
+      fmt::arg("cfg1", stream_cfg(plan, bk, bk.c1, true)), fmt::arg("cfg2", stream_cfg(plan, bk, bk.c2, false)),
       fmt::arg("threads", threads), fmt::arg("blocks", bk.c1.min_blocks));
   KernelSource src{k.name, "moejit_" + k.name, text, threads};
   src.dynamic_smem = bk.c1.ring_bytes + 1024;  // slack to align the ring to 1 KiB

@@ -647,7 +647,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // before the block ends (section 24). "eu=0|1" overrides.
     if (b.stream && b.s1.tma && b.s1.dynamic_units)
       b.s1.early_unit = flag_of("eu", true, "gemm1's first unit before its wait");
-    // Up to 8 routed slots gemm1 reads the ids packed beside the fused block's word
+    // Up to 64 routed slots gemm1 reads the ids packed beside the fused block's word
     // (StreamConfig::routed_ids). "idw=0|1" overrides.
     b.s1.routed_ids = flag_of("idw", true, "routed ids packed beside the fused block's word");
     // Gemm2 per tile behind gemm1 (StreamConfig::tile_ready) where both GEMMs copy by TMA, up to
@@ -767,6 +767,9 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     plan.buckets.push_back(b);
   }
 
+  bool any_chain = false;
+  for (const Bucket& b : plan.buckets) any_chain = any_chain || b.chain_tokens > 0;
+  plan.routed_id_slots = choice_of("ids", {8, 64}, any_chain ? 8 : 64, "routed slots packed beside the fused block's word");
   auto any_bucket = [&](bool fused_route) {
     for (const Bucket& b : plan.buckets)
       if (b.fused_route == fused_route) return true;
@@ -855,8 +858,10 @@ std::string describe(const Plan& plan) {
   for (const KernelPlan& k : plan.kernels) {
     std::string stages;
     for (const auto& s : k.stages) stages += (stages.empty() ? "" : "+") + s;
-    out += fmt::format("kernel {} role={} stages={} bucket={}\n", k.name, to_string(k.role),
-                       stages, k.bucket);
+    out += fmt::format("kernel {} role={} stages={} bucket={}{}\n", k.name, to_string(k.role),
+                       stages, k.bucket,
+                       k.role == KernelRole::RouteDispatch ? fmt::format(" routed_id_slots={}", plan.routed_id_slots)
+                                                           : std::string());
   }
   return out;
 }

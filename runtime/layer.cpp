@@ -258,8 +258,9 @@ class LayerImpl {
     l.counters = take(std::max<size_t>(static_cast<size_t>(T) * (s.hidden / 16),
                                        64 + static_cast<size_t>(l.max_tiles) + s.hidden / 64) * 4);
     // The fused route+dispatch block's word for gemm1's early first unit (its own line: dispatch
-    // zeroes the counters after setting it).
-    l.routed = take(128);
+    // zeroes the counters after setting it); with more than 8 slots packed (Plan::routed_id_slots)
+    // the next line holds packed ids too (moejit_params.h, kRoutedIdWord).
+    l.routed = take(plan_.routed_id_slots > 8 ? 256 : 128);
     // A chain with fp16 operands: x as fp16 [T, H] and, where gemm2's are fp16 too, the
     // activation's dequantisation words [max_tiles, I / 8].
     if (chain_for(T) != kNone) {

@@ -54,6 +54,9 @@ __device__ __forceinline__ uint64_t l2_evict_first_policy() {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
+// The first word of packed routed-id vector i < kRoutedIdSlots / 8 (moejit_params.h).
+__device__ __forceinline__ int routed_id_word(int i) { return i == 0 ? 4 : kRoutedIdWord + 4 * i; }
+
 // A word other blocks update: red_release_gpu / st_release_gpu order this thread's earlier
 // writes (and those ordered before them, e.g. by a barrier) before the addition or store; ld_acquire_gpu (not served from
 // L1) orders this thread's later accesses after the writes released into the value it reads.

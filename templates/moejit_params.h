@@ -91,11 +91,16 @@ struct RouteDispatchParams {
   const void* x;
   void* x16;
 };
-// With at most kRoutedIdSlots slots and expert ids below 0x7fff, the fused block also packs the
-// routed ids into words 4-7 of the word's line (RouteDispatchParams::routed): word 4 + i holds
-// slots 2i (bits 0-14) and 2i + 1 (bits 16-30), 0x7fff for none or an id out of range, and bit 31
-// set, so that gemm1 (Cfg::kRoutedIds) reads the ids with the word instead of after it.
-enum : int { kRoutedIdSlots = 8, kRoutedIdNone = 0x7fff };
+// With at most Cfg::kPackedIdSlots (8, or kRoutedIdSlots where the planner chose it:
+// Plan::routed_id_slots) slots and expert ids below 0x7fff, the fused block also packs the
+// routed ids beside its word (RouteDispatchParams::routed) in vectors of four words: a word holds
+// two slots (bits 0-14 and 16-30; 0x7fff for none or an id out of range) and bit 31 set, vector i
+// slots 8i..8i + 7 at word routed_id_word(i) (moejit_common.cuh): vector 0 in words 4-7 of the
+// word's own line (one token of top-8 reads only that line), vectors 1-7 in words
+// kRoutedIdWord + 4i of the next one. Gemm1 (Cfg::kRoutedIds, the same count) then reads the ids
+// with its poll (lane i < 8 of its producer polls vector i) instead of after the word. The host
+// gives the word 128 bytes, 256 with more than 8 slots.
+enum : int { kRoutedIdSlots = 64, kRoutedIdWord = 32, kRoutedIdNone = 0x7fff };
 
 // Gemm2's x boxes (GemmParams::tma_x): rows of a tile per box, and bf16 elements per innermost
 // box row (one MXINT4 group: 64 bytes, so that a quarter-warp's 16-byte loads of two rows of one

@@ -255,11 +255,11 @@ __host__ __device__ constexpr int block_route_lanes(int experts, int threads, in
 //   4. each candidate's rank among the candidates is its selection slot where it is below K.
 // Warp 0 ranks them and ends the routing as route_token does (route_finish), from shared memory.
 //
-// packed (optional: the fused block's RouteDispatchParams::routed + 4, with at most
-// kRoutedIdSlots slots and ids below kRoutedIdNone): warp 0 also stores the ids packed there as
-// soon as they are selected, before the weights, so that gemm1's blocks polling those words
-// plan their first units that much earlier.
-template <class Cfg, int kThreads>
+// packed (optional: the fused block's RouteDispatchParams::routed + 4, vector 0 of the packed
+// ids, with at most kPackSlots (8 or 64) slots and ids below kRoutedIdNone; moejit_params.h):
+// warp 0 also stores the ids packed there as soon as they are selected, before the weights, so
+// that gemm1's blocks polling those words plan their first units that much earlier.
+template <class Cfg, int kThreads, int kPackSlots = 8>
 __device__ __forceinline__ void route_token_block(const RouteParams& p, int t, int* s_ids, int tls = 0,
                                                   int* packed = nullptr) {
   static_assert(block_route_serves<Cfg>(), "route_token_block: route_token serves this method");
@@ -361,18 +361,20 @@ __device__ __forceinline__ void route_token_block(const RouteParams& p, int t, i
     const int sel_id = lane < K ? s_sel[lane] : -1;
     const float sel_logit = lane < K && sel_id >= 0 ? s_logit[sel_id] : 0.0f;
     if (t == 0 && lane == 0) tl_stamp_after(tls, kTlRTopK, static_cast<uint32_t>(sel_id));
-    if constexpr (K <= kRoutedIdSlots && E < kRoutedIdNone) {
+    if constexpr (K <= kPackSlots && E < kRoutedIdNone) {
       if (packed != nullptr) {  // (the same words route_dispatch_kernel would store)
         auto code = [&](int s) {
           const int id = __shfl_sync(kFullMask, sel_id, s);
           return s < K && id >= 0 ? static_cast<uint32_t>(id) : static_cast<uint32_t>(kRoutedIdNone);
         };
+        constexpr bool kOneVector = K <= 8;
+        const int v = kOneVector ? 0 : lane;  // lane v < ceil(K / 8) stores vector v
         uint32_t w[4];
 #pragma unroll
-        for (int i = 0; i < 4; ++i) w[i] = 0x80000000u | (code(2 * i + 1) << 16) | code(2 * i);
-        if (lane == 0)
-          asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(packed), "r"(w[0]),
-                       "r"(w[1]), "r"(w[2]), "r"(w[3])
+        for (int i = 0; i < 4; ++i) w[i] = 0x80000000u | (code(8 * v + 2 * i + 1) << 16) | code(8 * v + 2 * i);
+        if (kOneVector ? lane == 0 : lane < (K + 7) / 8)
+          asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(packed + (routed_id_word(v) - 4)),
+                       "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
                        : "memory");
       }
     }

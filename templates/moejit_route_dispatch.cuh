@@ -124,12 +124,20 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   // and acquire of the 1 order everything else. This kernel is launched without PDL: the
   // previous layer's gemm1 has completed.
   const bool trigger_here = p.routed == nullptr || threadIdx.x >= Cfg::kThreads - 32;
-  constexpr bool kPackIds = Cfg::kExperts < kRoutedIdNone;  // (moejit_params.h, kRoutedIdSlots)
+  // The ids packed beside the word (moejit_params.h): up to Cfg::kPackedIdSlots slots; more than
+  // 8 (kWide) are packed and cleared by the last warp's lanes, vector i by lane i, else by its
+  // lane 0 alone.
+  constexpr bool kPackIds = Cfg::kExperts < kRoutedIdNone;
+  constexpr bool kWide = Cfg::kPackedIdSlots > 8;
+  static_assert(Cfg::kPackedIdSlots == 8 || Cfg::kPackedIdSlots == kRoutedIdSlots, "route+dispatch: 8 or 64 packed slots");
   const int slots = p.route.num_tokens * Cfg::kTopK;
-  if (p.routed != nullptr && threadIdx.x == Cfg::kThreads - 32) {
-    *p.routed = 0;
-    if (kPackIds) *reinterpret_cast<uint4*>(p.routed + 4) = make_uint4(0u, 0u, 0u, 0u);
-    *p.gemm1_counter = 0;
+  if (p.routed != nullptr && (kWide ? threadIdx.x >= Cfg::kThreads - 32 : threadIdx.x == Cfg::kThreads - 32)) {
+    const int lane = kWide ? threadIdx.x & 31 : 0;
+    if (lane == 0) *p.routed = 0;
+    // The vectors of packed ids gemm1 may poll in this launch (vector 0 always).
+    if (kPackIds && (!kWide || lane == 0 || (slots <= kRoutedIdSlots && lane < (slots + 7) / 8)))
+      *reinterpret_cast<uint4*>(p.routed + routed_id_word(lane)) = make_uint4(0u, 0u, 0u, 0u);
+    if (lane == 0) *p.gemm1_counter = 0;
     __threadfence();
   }
   if (trigger_here) {
@@ -146,31 +154,32 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
   if (one) {
     // (It stores the packed ids itself, as soon as it has them.)
     if constexpr (block_route_serves<Cfg>())
-      route_token_block<Cfg, Cfg::kThreads>(p.route, 0, ids, tls,
-                                            kPackIds && p.routed != nullptr ? p.routed + 4 : nullptr);
+      route_token_block<Cfg, Cfg::kThreads, Cfg::kPackedIdSlots>(
+          p.route, 0, ids, tls, kPackIds && p.routed != nullptr ? p.routed + 4 : nullptr);
   } else {
     for (int t = threadIdx.x >> 5; t < p.route.num_tokens; t += Cfg::kWarpsPerBlock)
       route_token<Cfg>(p.route, t, ids, tls);
   }
   __syncthreads();
   if (threadIdx.x == 0) tl_stamp(tls, kTlRouted);
-  // The ids are written (the barrier orders every warp's writes before the release). Released
-  // by the last warp: up to 32 slots the dispatch runs on warp 0 alone, which this keeps off
-  // the fence.
-  if (p.routed != nullptr && threadIdx.x == Cfg::kThreads - 32) {
-    if (kPackIds && ids != nullptr && slots <= kRoutedIdSlots && !one) {
+  // The ids are written (the barrier orders every warp's writes before the release). Packed
+  // (lane i < ceil(slots / 8): vector i) and released by the last warp: up to 32 slots
+  // the dispatch runs on warp 0 alone, which this keeps off the fence.
+  if (p.routed != nullptr && (kWide ? threadIdx.x >= Cfg::kThreads - 32 : threadIdx.x == Cfg::kThreads - 32)) {
+    const int lane = kWide ? threadIdx.x & 31 : 0;
+    if (kPackIds && ids != nullptr && slots <= Cfg::kPackedIdSlots && !one && (!kWide || lane < (slots + 7) / 8)) {
       auto code = [&](int s) -> uint32_t {
         const int id = s < slots ? ids[s] : -1;
         return id >= 0 && id < kRoutedIdNone ? static_cast<uint32_t>(id) : kRoutedIdNone;
       };
       uint32_t w[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) w[i] = 0x80000000u | (code(2 * i + 1) << 16) | code(2 * i);
-      asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p.routed + 4), "r"(w[0]),
-                   "r"(w[1]), "r"(w[2]), "r"(w[3])
+      for (int i = 0; i < 4; ++i) w[i] = 0x80000000u | (code(8 * lane + 2 * i + 1) << 16) | code(8 * lane + 2 * i);
+      asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p.routed + routed_id_word(lane)),
+                   "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
                    : "memory");
     }
-    st_release_gpu(p.routed, 1);
+    if (lane == 0) st_release_gpu(p.routed, 1);
   }
   dispatch_block<Cfg>(p.dispatch, ids ? ids : p.route.topk_ids, tls);
   if (threadIdx.x == 0) tl_stamp(tls, kTlRouteEnd);

@@ -385,8 +385,9 @@ struct EarlyUnit {
 };
 constexpr int kEarlySlotRegs = 16;  // routed ids per lane held in registers
 
-// The fused block's packed ids (RouteDispatchParams::routed, words 4-7), read until every word
-// carries its bit 31 (each word is written whole; the block clears them before gemm1 launches).
+// The fused block's packed ids (beside RouteDispatchParams::routed: lane i < 8 reads vector i,
+// moejit_params.h), read until every word carries its bit 31 (each word is written whole; the
+// block clears them before gemm1 launches).
 __device__ __forceinline__ uint4 ld_volatile_v4(const int* p) {
   uint4 v;
   asm volatile("ld.volatile.global.v4.u32 {%0, %1, %2, %3}, [%4];\n"
@@ -409,9 +410,27 @@ __device__ __forceinline__ int count_of(int taken) {
   else return taken;
 }
 
-// packed: ids is lane 0's copy of the packed ids (Cfg::kRoutedIds, at most kRoutedIdSlots
-// slots); else the slots' ids come from GemmParams::topk_ids. unit: with kUnitGiven (a chain's
-// gemm1) the block's first unit, taken from the counter; else the first unit is blockIdx.x.
+// Slot 32 j + lane's local expert (-1: none, or not this rank's) from the packed ids, of which
+// lane i < 8 holds vector i (slots 8i..8i + 7); kOne: at most 8 slots, all in lane 0's. Every
+// lane takes part (shuffles).
+template <class Cfg, bool kOne>
+__device__ __forceinline__ int packed_slot_expert(const uint4& ids, int j, int lane, int slots) {
+  const int src = kOne ? 0 : 4 * j + (lane >> 3);  // the lane that holds the slot's word
+  const uint32_t w0 = __shfl_sync(kFullMask, ids.x, src), w1 = __shfl_sync(kFullMask, ids.y, src);
+  const uint32_t w2 = __shfl_sync(kFullMask, ids.z, src), w3 = __shfl_sync(kFullMask, ids.w, src);
+  const int q = (lane >> 1) & 3;
+  const uint32_t word = q == 0 ? w0 : q == 1 ? w1 : q == 2 ? w2 : w3;
+  const int code = static_cast<int>((lane & 1 ? word >> 16 : word) & kRoutedIdNone);
+  int l = -1;
+  if (slots > (kOne ? lane : 32 * j + lane) && code != kRoutedIdNone) l = code - Cfg::kLocalOffset;
+  if (l < 0 || l >= Cfg::kLocalExperts) l = -1;
+  return l;
+}
+
+// packed: ids is this lane's part of the packed ids (at most Cfg::kRoutedIds slots; lanes >= 8
+// hold none); else the slots' ids come from GemmParams::topk_ids. unit: with
+// kUnitGiven (a chain's gemm1) the block's first unit, taken from the counter; else the first
+// unit is blockIdx.x.
 template <class Cfg, int kRows, bool kUnitGiven = false>
 __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scratch, int lane, int unit,
                                                  EarlyUnit& out, bool packed = false,
@@ -432,13 +451,7 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
     static_assert(L < (1 << 22), "early first unit: local expert ids must fit in 22 bits");
     int l = -1;
     if (packed) {
-      const uint32_t w0 = __shfl_sync(kFullMask, ids.x, 0), w1 = __shfl_sync(kFullMask, ids.y, 0);
-      const uint32_t w2 = __shfl_sync(kFullMask, ids.z, 0), w3 = __shfl_sync(kFullMask, ids.w, 0);
-      const int q = (lane >> 1) & 3;  // lanes >= 8 (no slot) take any word
-      const uint32_t word = q == 0 ? w0 : q == 1 ? w1 : q == 2 ? w2 : w3;
-      const int code = static_cast<int>((lane & 1 ? word >> 16 : word) & kRoutedIdNone);
-      if (lane < slots && code != kRoutedIdNone) l = code - Cfg::kLocalOffset;
-      if (l < 0 || l >= L) l = -1;
+      l = packed_slot_expert<Cfg, kUnitGiven || Cfg::kRoutedIds <= 8>(ids, 0, lane, slots);
     } else if (lane < slots) {
       l = __ldcg(p.topk_ids + lane) - Cfg::kLocalOffset;
       if (l < 0 || l >= L) l = -1;
@@ -479,11 +492,19 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
   if (lane < 8) tok[lane] = 0;
   __syncwarp();
   int id[kEarlySlotRegs];  // local expert of slot 32 j + lane, -1: none
+  bool from_packed = false;  // (more than 8 slots packed: a chain's gemm1 reads at most 8)
+  if constexpr (!kUnitGiven && Cfg::kRoutedIds > 8) from_packed = packed;
+  if (from_packed) {
 #pragma unroll
-  for (int j = 0; j < kEarlySlotRegs; ++j) {
-    const int s = j * 32 + lane;
-    const int l = s < slots ? __ldcg(p.topk_ids + s) - Cfg::kLocalOffset : -1;
-    id[j] = l >= 0 && l < L ? l : -1;
+    for (int j = 0; j < kEarlySlotRegs; ++j)
+      id[j] = j * 32 < Cfg::kRoutedIds ? packed_slot_expert<Cfg, false>(ids, j, lane, slots) : -1;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kEarlySlotRegs; ++j) {
+      const int s = j * 32 + lane;
+      const int l = s < slots ? __ldcg(p.topk_ids + s) - Cfg::kLocalOffset : -1;
+      id[j] = l >= 0 && l < L ? l : -1;
+    }
   }
 #pragma unroll
   for (int j = 0; j < kEarlySlotRegs; ++j)
@@ -865,16 +886,29 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
       // Behind the fused route+dispatch block (Cfg::kEarlyRouted; the host sets p.routed), the
       // ids are readable once its word reads 1: lane 0 polls, its acquire orders what follows
       // after the block's writes, and the warp barrier passes that on to the other lanes.
-      // With Cfg::kRoutedIds and at most kRoutedIdSlots slots the ids come packed in the word's
-      // line (moejit_params.h): lane 0 polls them instead of the word, and no load of the ids
-      // follows (one L2 round trip less before the first copy).
-      const bool packed_ids = Cfg::kRoutedIds && p.num_tokens * Cfg::kTopK <= kRoutedIdSlots;
+      // With at most Cfg::kRoutedIds slots the ids come packed beside the word
+      // (moejit_params.h): up to 8 lanes poll them instead of the word, and no load of the ids
+      // follows (one L2 round trip less before the first copy, and no wait for the block's
+      // release). A chain's gemm1 reads them packed up to 8 slots only (and the planner packs
+      // more only where no bucket runs a chain: Plan::routed_id_slots).
+      const int n_slots = p.num_tokens * Cfg::kTopK;
+      constexpr int kPackedSlots = kTakeFirst && Cfg::kRoutedIds > 8 ? 8 : Cfg::kRoutedIds;
+      const bool packed_ids = Cfg::kRoutedIds && n_slots <= kPackedSlots;
       uint4 ids = make_uint4(0u, 0u, 0u, 0u);
       if (Cfg::kEarlyRouted) {
-        if (lane == 0) {
+        if (kPackedSlots > 8 && packed_ids && n_slots > 8) {  // lane i < ceil(slots / 8) polls vector i
+          bool have = lane >= (n_slots + 7) / 8;
+          do {
+            if (!have) {
+              ids = stream::ld_volatile_v4(p.routed + routed_id_word(lane));
+              have = (ids.x & ids.y & ids.z & ids.w & 0x80000000u) != 0u;
+            }
+          } while (!__all_sync(kFullMask, have));
+          if (lane == 0) tl_stamp(tls, kTlG1PRouted);
+        } else if (lane == 0) {
           if (packed_ids) {
             do {
-              ids = stream::ld_volatile_v4(p.routed + 4);
+              ids = stream::ld_volatile_v4(p.routed + 4);  // (vector 0: routed_id_word(0))
             } while ((ids.x & ids.y & ids.z & ids.w & 0x80000000u) == 0u);
           } else {
             while (ld_acquire_gpu(p.routed) != 1) {

@@ -473,7 +473,7 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
             "blocks_per_sm=3 evict_first=1) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
             "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1) "
             "chain(tokens<=4 k_stage1=512 k_stage2=512 stages=3 slot_bytes=27648 packed_only=1 finalize=1)\n"
-            "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1\n"
+            "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1 routed_id_slots=8\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
             "kernel gemm2_b0 role=gemm2 stages=gemm2 bucket=0\n"
             "kernel chain_b0 role=chain stages=gemm1+gemm2+finalize bucket=0\n"
@@ -557,6 +557,62 @@ TEST(PlanStream, ChainRuleAndOverrides) {
   for (const char* bad : {"chk2=128", "chk2=x", "ch=2", "chpo=3"}) {
     const ScopedOverride o(bad);
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error) << bad;
+  }
+}
+
+// The routed slots the fused route+dispatch block packs beside its word (Plan::routed_id_slots):
+// 64 where no bucket runs the chain kernel, 8 beside one; "ids=8|64" forces it. The kernels
+// carry it: the block as Cfg::kPackedIdSlots, gemm1 behind it as Cfg::kRoutedIds (0 with
+// "idw=0"; a chain's gemm1 reads at most 8 of them whatever the count).
+TEST(PlanStream, RoutedIdSlots) {
+  auto constant = [](const Plan& p, const std::string& kernel, const std::string& name) {
+    const std::regex re("static constexpr (?:int|bool) " + name + " = ([a-z0-9]+);");
+    for (const KernelSource& k : generate_all(p))
+      if (k.name == kernel) {
+        std::smatch m;
+        if (std::regex_search(k.source, m, re)) return m[1].str();
+      }
+    return std::string("(none)");
+  };
+  for (const char* name : {"qwen3-30b-a3b", "kimi-k2-tp8", "kimi-k2-tp4"}) {
+    const Plan p = make_plan(preset(name), 64, "sm_90a");
+    EXPECT_EQ(p.routed_id_slots, 64) << name;
+    EXPECT_EQ(constant(p, "route_dispatch", "kPackedIdSlots"), "64") << name;
+    EXPECT_EQ(constant(p, "gemm1_b0", "kRoutedIds"), "64") << name;
+    EXPECT_EQ(constant(p, "gemm1_b1", "kRoutedIds"), "0") << name;  // (17-64 tokens: no fused block)
+    EXPECT_NE(describe(p).find("kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1 "
+                               "routed_id_slots=64\n"),
+              std::string::npos)
+        << name;
+  }
+  for (const char* name : {"kimi-k2", "deepseek-v3"}) {
+    const Plan p = make_plan(preset(name), 64, "sm_90a");
+    EXPECT_EQ(p.routed_id_slots, 8) << name;
+    EXPECT_EQ(constant(p, "route_dispatch", "kPackedIdSlots"), "8") << name;
+    EXPECT_EQ(constant(p, "gemm1_b0", "kRoutedIds"), "8") << name;
+    EXPECT_EQ(constant(p, "chain_b0", "kRoutedIds"), "8") << name;
+  }
+  {
+    const ScopedOverride wide("ids=64");
+    EXPECT_EQ(make_plan(preset("kimi-k2"), 64, "sm_90a").routed_id_slots, 64);
+  }
+  {
+    const ScopedOverride narrow("ids=8");
+    const Plan p = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
+    EXPECT_EQ(p.routed_id_slots, 8);
+    EXPECT_EQ(constant(p, "gemm1_b0", "kRoutedIds"), "8");
+  }
+  {
+    const ScopedOverride chain("ch=1");  // a chain on qwen3-30b-a3b: the narrow block
+    EXPECT_EQ(make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a").routed_id_slots, 8);
+  }
+  {
+    const ScopedOverride off("idw=0");
+    EXPECT_EQ(constant(make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a"), "gemm1_b0", "kRoutedIds"), "0");
+  }
+  for (const char* bad : {"ids=16", "ids=x", "ids="}) {
+    const ScopedOverride o(bad);
+    EXPECT_THROW(make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a"), Error) << bad;
   }
 }
 
