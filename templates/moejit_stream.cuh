@@ -506,9 +506,16 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
       id[j] = l >= 0 && l < L ? l : -1;
     }
   }
+  // Registers that hold a slot (warp-uniform): behind the fused block (up to 16 tokens) the
+  // loops over them stop there (H200, bench/RESULTS.md section 44: 0.5 us of 8 qwen3-30b-a3b
+  // tokens; above 16 tokens no change was measured, and a chain's gemm1 (kUnitGiven), which
+  // plans here only above 32 slots, keeps its code).
+  const int n_regs = Cfg::kEarlyRouted && !kUnitGiven ? (slots + 31) / 32 : kEarlySlotRegs;
 #pragma unroll
-  for (int j = 0; j < kEarlySlotRegs; ++j)
+  for (int j = 0; j < kEarlySlotRegs; ++j) {
+    if (j >= n_regs) break;
     if (id[j] >= 0) atomicAdd(&cnt[id[j]], 1);
+  }
   __syncwarp();
   int tiles = 0;
 #pragma unroll
@@ -548,6 +555,7 @@ __device__ __forceinline__ void early_first_unit(const GemmParams& p, int* scrat
   int before = 0;  // slots of expert e in the registers before j
 #pragma unroll
   for (int j = 0; j < kEarlySlotRegs; ++j) {
+    if (j >= n_regs) break;
     const unsigned m = __ballot_sync(kFullMask, id[j] == e);
     const int r = before + __popc(m & ((1u << lane) - 1u)) - rank0;
     if (id[j] == e && r >= 0 && r < 8) tok[r] = (j * 32 + lane) / Cfg::kTopK;
