@@ -647,8 +647,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // before the block ends (section 24). "eu=0|1" overrides.
     if (b.stream && b.s1.tma && b.s1.dynamic_units)
       b.s1.early_unit = flag_of("eu", true, "gemm1's first unit before its wait");
-    // Up to 64 routed slots gemm1 reads the ids packed beside the fused block's word
-    // (StreamConfig::routed_ids). "idw=0|1" overrides.
+    // Up to Plan::routed_id_slots routed slots gemm1 reads the ids packed beside the fused
+    // block's word (StreamConfig::routed_ids). "idw=0|1" overrides.
     b.s1.routed_ids = flag_of("idw", true, "routed ids packed beside the fused block's word");
     // Gemm2 per tile behind gemm1 (StreamConfig::tile_ready) where both GEMMs copy by TMA, up to
     // 16 tokens, and above where gemm2's units are more than one stage. H200 (bench/RESULTS.md
@@ -767,6 +767,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     plan.buckets.push_back(b);
   }
 
+  // The fused block packs up to 64 routed slots where no bucket runs a chain (Plan::routed_id_slots).
   bool any_chain = false;
   for (const Bucket& b : plan.buckets) any_chain = any_chain || b.chain_tokens > 0;
   plan.routed_id_slots = choice_of("ids", {8, 64}, any_chain ? 8 : 64, "routed slots packed beside the fused block's word");

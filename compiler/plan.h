@@ -94,9 +94,9 @@ struct StreamConfig {
   // Gemm2 whose tiles have at most 4 valid rows (a chain's): its stages hold one x plane of 8
   // padded rows, the packed units' (pack_planes) hi and lo rows.
   bool packed_only = false;
-  // Gemm1 with early_unit behind the fused route+dispatch block: up to 64 routed slots, the ids
-  // read packed in the line after the block's word (RouteDispatchParams::routed) instead of
-  // after the word.
+  // Gemm1 with early_unit behind the fused route+dispatch block: up to Plan::routed_id_slots
+  // routed slots, the ids read packed beside the block's word (RouteDispatchParams::routed)
+  // instead of after it.
   bool routed_ids = true;
   // A chain's gemm2 (chain 2) of a finalized layer: each block counts its units per 64-feature
   // slice as it writes them, adds the counts to the slices' words after its last unit and
@@ -289,10 +289,10 @@ struct Plan {
   int evict_first = -1;
   // The most routed slots the fused route+dispatch block packs beside its word for gemm1
   // (StreamConfig::routed_ids; moejit_params.h): 8 (one vector, one token of top-8) or 64
-  // (eight vectors, 8 tokens of top-8). 64 where no bucket runs the chain kernel: H200,
-  // bench/RESULTS.md section 43, 0.2-0.7 us faster at 4-8 qwen3-30b-a3b and 8 kimi-k2-tp8
-  // tokens; 8 beside a chain, where the wider block cost one kimi-k2 token 0.3-0.4 us.
-  // "ids=8|64" forces it.
+  // (eight vectors, 8 tokens of top-8). 64 where no bucket runs the chain kernel (H200,
+  // bench/RESULTS.md section 44a: 0.9 / 0.3 us off 4 / 8 qwen3-30b-a3b tokens); 8 beside a
+  // chain, where a wider block cost one kimi-k2 token 0.3-0.4 us (section 43b) and the block
+  // compiles as before. "ids=8|64" forces it.
   int routed_id_slots = 8;
 
   int bucket_for(int tokens) const;  // throws InvalidArgument if no bucket covers it
