@@ -1028,11 +1028,10 @@ TEST(Differential, SmallStreamMultiStageUnits) {
 // (Cfg::kEarlyRouted: dyn=1 gives the small shape's 1-16 bucket units from a counter, hence
 // early_unit there): one routed slot per lane up to 32 slots (1, 4, 8 tokens of top-4), the
 // per-expert counts above (9, 16); the ids packed beside the block's word (by default up to 64
-// slots, every count here; with ids=8, as beside a chain, up to 8: 1 token, 2 of top-4) and, with
-// idw=0, loaded after it; one rank of a grouped DeepSeekV3 layer (ids of
-// other ranks' experts skipped); Precomputed ids out of range with non-finite hidden rows,
-// non-finite logits. eu=0: the same launches with the first unit from dispatch's tables after
-// the wait.
+// slots, every count here; with ids=8, as beside a chain, up to 8 slots, of these cases the one
+// token) and, with idw=0, loaded after it; one rank of a grouped DeepSeekV3 layer (ids of other
+// ranks' experts skipped); Precomputed ids out of range with non-finite hidden rows, non-finite
+// logits. eu=0: the same launches with the first unit from dispatch's tables after the wait.
 TEST(Differential, SmallStreamEarlyUnitBehindFusedBlock) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,dyn=1", "stream=1,dyn=1,ids=8", "stream=1,dyn=1,idw=0", "stream=1,dyn=1,eu=0"}) {
@@ -1064,10 +1063,11 @@ TEST(Differential, SmallStreamEarlyUnitBehindFusedBlock) {
 // (sep=0), gemm1's first unit from dispatch's tables (eu=0), the integer atomic (uf=0), no L2
 // hint (ef=0), behind a separate dispatch kernel (fr=0), the routed ids read after the fused
 // block's word instead of packed beside it (idw=0; beside a chain the block packs up to 8 slots,
-// with ids=64 up to 64, of which the chain's gemm1 reads at most 8), and ch=0 (the two kernels); multi-stage units (gemm1 four 512-deep stages, gemm2 three
-// 256-deep ones); one rank of a grouped DeepSeekV3 layer; Precomputed ids (out of range, with
-// non-finite hidden rows) at one and two tokens of top-4: with one plane only the 4 slots of one
-// token take the chain (an expert may repeat within a token).
+// with ids=64 up to 64, of which the chain's gemm1 reads at most 8), and ch=0 (the two
+// kernels); multi-stage units (gemm1 four 512-deep stages, gemm2 three 256-deep ones); one rank
+// of a grouped DeepSeekV3 layer; Precomputed ids (out of range, with non-finite hidden rows) at
+// one and two tokens of top-4: with one plane only the 4 slots of one token take the chain (an
+// expert may repeat within a token).
 TEST(Differential, SmallStreamChain) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,dyn=1,res=0,ch=1", "stream=1,dyn=1,res=0,ch=1,sep=0", "stream=1,dyn=1,res=0,ch=1,eu=0",
