@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
+#include <optional>
 #include <regex>
 
 namespace moejit::compiler {
@@ -407,26 +408,31 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     }
   }
   const std::string override_text = plan_override();
-  // A 0|1 switch of the override ("key=0" / "key=1"), else fallback; any other value is an error.
-  auto flag_of = [&](const char* key, bool fallback, const char* what) {
+  // The value of "key=value" in the override (up to the next ',', ';' or space), if the key is
+  // there.
+  auto value_text = [&](const char* key) -> std::optional<std::string> {
     const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([^,;\\s]*)");
     std::smatch m;
-    if (!std::regex_search(override_text, m, re)) return fallback;
-    if (m[2] != "0" && m[2] != "1")
+    if (!std::regex_search(override_text, m, re)) return std::nullopt;
+    return m[2].str();
+  };
+  // A 0|1 switch of the override ("key=0" / "key=1"), else fallback; any other value is an error.
+  auto flag_of = [&](const char* key, bool fallback, const char* what) {
+    const auto v = value_text(key);
+    if (!v) return fallback;
+    if (*v != "0" && *v != "1")
       throw Error(ErrorKind::InvalidArgument,
-                  fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} ({}) must be 0 or 1", key, m[2].str(),
-                              what));
-    return m[2] == "1";
+                  fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} ({}) must be 0 or 1", key, *v, what));
+    return *v == "1";
   };
   // One of a few numbers ("key=N"), else fallback; any other value is an error.
   auto choice_of = [&](const char* key, std::initializer_list<int> allowed, int fallback, const char* what) {
-    const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([^,;\\s]*)");
-    std::smatch m;
-    if (!std::regex_search(override_text, m, re)) return fallback;
-    for (const int v : allowed)
-      if (m[2] == std::to_string(v)) return v;
+    const auto v = value_text(key);
+    if (!v) return fallback;
+    for (const int n : allowed)
+      if (*v == std::to_string(n)) return n;
     throw Error(ErrorKind::InvalidArgument,
-                fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} ({}) must be one of {}", key, m[2].str(), what,
+                fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} ({}) must be one of {}", key, *v, what,
                             fmt::join(allowed, ", ")));
   };
   // Tuning: at most this many warps in the fused route+dispatch block.
@@ -443,7 +449,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   plan.fused_block_route =
       plan.block_route && fused_smem + block_route_smem_bytes(spec) <= 44 * 1024;
   plan.finalize_threads = choice_of("fth", {32, 64, 128}, plan.finalize_threads, "finalize threads");
-  if (std::regex_search(override_text, std::regex("(^|[^A-Za-z0-9_])ef=")))
+  if (value_text("ef"))
     plan.evict_first = flag_of("ef", false, "weights with an L2 evict-first policy") ? 1 : 0;
   const bool resident_wanted = flag_of("res", true, "the resident one-token layer");
   for (auto [lo, hi] : bucket_ranges()) {
@@ -720,7 +726,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
                stream_stage_bytes(t, false) <= slot1;
       };
       const int forced_k = choice_of("chk2", {256, 512}, 0, "the chain's gemm2 k_stage");
-      const bool forced_po = std::regex_search(override_text, std::regex("(^|[^A-Za-z0-9_])chpo="));
+      const bool forced_po = value_text("chpo").has_value();
       int k2 = 0;
       bool po = false;
       for (const int k : {512, 256}) {
