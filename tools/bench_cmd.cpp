@@ -256,6 +256,7 @@ void add_bench_cmd(CLI::App& app) {
   static int runs = 100;
   static uint64_t seed = 1;
   static bool no_cublas_layer = false, timeline = false, warm_inputs = false;
+  static std::string l2_prep = "write";
   spec_args.add(*cmd);
   cmd->add_option("--tokens", tokens, "token counts, comma-separated");
   cmd->add_option("--json", json, "also write the rows as JSON to this file");
@@ -270,6 +271,14 @@ void add_bench_cmd(CLI::App& app) {
                 "they start in L2 as in a model, where the kernels before the layer wrote them; by "
                 "default they come from DRAM (the previous replay's weights evicted them). Times "
                 "with it compare only with each other (chain_us and --timeline stay cold)");
+  cmd->add_option("--l2-prep", l2_prep,
+                  "before timing each configuration: write = write 64 MiB (a memset, outside the "
+                  "timed replays), so that every row starts from the L2 state a process starts in "
+                  "(large read-only streams before the layer, e.g. the previous row's bf16 cuBLAS "
+                  "layer, leave a state in which the layer's evict-first weight stream runs 1-3% "
+                  "slower until some 16 MiB are written; bench/RESULTS.md section 45); none = "
+                  "nothing (each row then follows whatever ran before it)")
+      ->check(CLI::IsMember({"write", "none"}));
   cmd->add_flag("--timeline", timeline,
                 "also replay each configuration compiled with in-kernel %globaltimer stamps and "
                 "print when each kernel's phases start and end (a diagnostic; slower layers)");
@@ -329,6 +338,14 @@ void add_bench_cmd(CLI::App& app) {
       fmt::print("timing floor: a graph of 1 / 4 dependent 4-byte memsets {:.1f} / {:.1f} us\n",
                  floor_us[0], floor_us[1]);
     }
+
+    // --l2-prep write: 64 MiB written before each configuration is timed.
+    DeviceBuffer l2_prep_buf(l2_prep == "write" ? size_t(64) << 20 : 16);
+    auto prepare_l2 = [&] {
+      if (l2_prep != "write") return;
+      CUDA_OK(cudaMemsetAsync(l2_prep_buf.get(), 0, l2_prep_buf.bytes(), stream));
+      CUDA_OK(cudaStreamSynchronize(stream));
+    };
 
     // Weights, rotated over enough copies that one run's weights are evicted before reuse.
     moejit::ref::HostLayer host = moejit::ref::make_weights(spec, seed);
@@ -436,6 +453,7 @@ void add_bench_cmd(CLI::App& app) {
             rest += topk_bytes;
           }
         };
+        prepare_l2();
         const std::vector<float> all =
             timed_ms(runs, stream, [&](int i) { graphs[i % ncopies].launch(stream); }, warm);
         const double ms = median_of(all);
@@ -527,8 +545,9 @@ void add_bench_cmd(CLI::App& app) {
       fmt::print("per weight copy, tokens {} {}: {:.1f} us\n", r.tokens, plan_name(r),
                  fmt::join(r.copy_us, " / "));
     fmt::print("card: {}; copy {:.0f} GB/s; cuBLAS bf16 {:.0f} TFLOP/s; graph floor {:.1f} / {:.1f} us "
-               "(1 / 4 memsets); runs {} (median), CUDA graphs, weights rotated over >= 3x L2{}\n",
-               card, copy_gbs, cublas_tflops, floor_us[0], floor_us[1], runs,
+               "(1 / 4 memsets); runs {} (median), CUDA graphs, weights rotated over >= 3x L2; "
+               "L2 prep {}{}\n",
+               card, copy_gbs, cublas_tflops, floor_us[0], floor_us[1], runs, l2_prep,
                warm_inputs ? "; time_us with the inputs copied once before each timed layer "
                              "(--warm-inputs; chain_us and the timeline without)"
                            : "");
@@ -537,7 +556,8 @@ void add_bench_cmd(CLI::App& app) {
       f << "{\n  \"card\": \"" << card << "\",\n  \"copy_gbs\": " << copy_gbs
         << ",\n  \"cublas_bf16_tflops\": " << cublas_tflops << ",\n  \"graph_floor_us\": ["
         << floor_us[0] << ", " << floor_us[1] << "],\n  \"warm_inputs\": "
-        << (warm_inputs ? "true" : "false") << ",\n  \"weight_format\": \""
+        << (warm_inputs ? "true" : "false") << ",\n  \"l2_prep\": \"" << l2_prep
+        << "\",\n  \"weight_format\": \""
         << moejit::to_string(spec.weight_format) << "\",\n  \"rows\": [\n";
       for (size_t i = 0; i < rows.size(); ++i) {
         const auto& r = rows[i];
