@@ -180,6 +180,18 @@ TEST(Cli, RunRejectsABadTokenList) {
   EXPECT_THAT(r.err, HasSubstr("--tokens")) << describe(r);
 }
 
+// bench --l2-prep takes write (the default) or none; anything else is refused before the GPU
+// is looked for, naming the choices.
+TEST(Cli, BenchRejectsABadL2Prep) {
+  const CliResult r = run_cli({"bench", "--preset", "qwen3-30b-a3b", "--l2-prep", "flush"});
+  EXPECT_NE(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("--l2-prep")) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("write")) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("none")) << describe(r);
+  const CliResult ok = run_cli({"bench", "--preset", "qwen3-30b-a3b", "--l2-prep", "none"});
+  EXPECT_THAT(ok.out + ok.err, Not(HasSubstr("--l2-prep"))) << describe(ok);
+}
+
 TEST(Cli, VersionPrintsTheLibraryVersion) {
   const CliResult r = run_cli({"--version"});
   EXPECT_EQ(r.exit_code, 0) << describe(r);
