@@ -763,8 +763,12 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         c1.ring_bytes = c2.ring_bytes = c1.stages * slot;
         c1.chain = 1;
         c2.chain = 2;
-        // The finalize at the end of the chain's blocks ("chx=0": the finalize kernel after it).
-        c2.chain_finalize = spec.finalize && flag_of("chx", true, "the chain's finalize in its blocks");
+        // The finalize kernel after the chain; "chx=1": the chain's blocks finalize the slices
+        // they complete (StreamConfig::chain_finalize). Their counts are added after each block's
+        // last unit, so most slices complete in the last blocks, which then finalize many each:
+        // H200, kimi-k2 at 1 / 2 / 4 tokens 55.6 / 101.6 / 173.4 us with it against 55.4 / 100.9 /
+        // 171.6 after it (bench/RESULTS.md section 46).
+        c2.chain_finalize = spec.finalize && flag_of("chx", false, "the chain's finalize in its blocks");
         b.c1 = c1;
         b.c2 = c2;
         b.chain_tokens = po ? std::min(4, hi) : hi;

@@ -618,7 +618,8 @@ struct FinEnd {
 // (weighted_rows8: the same bits). No hand-off per unit, which bench/RESULTS.md section 26e
 // measured at 1-2.3 us. With no row tile at all (no local slot) no unit counts a slice: block b
 // then writes the zeros of slices b, b + grid, ... . (H200, one to four kimi-k2 tokens: the same
-// time as the finalize kernel behind the chain, one launch fewer; section 29.)
+// time as the finalize kernel behind the chain in section 29, slower since: the planner leaves it
+// off by default, bench/RESULTS.md section 46.)
 // pre_row / pre_w: thread tid's entry of the row map and routing weights (tid < kFinSlots),
 // loaded at the start of the gemm2 phase so that their round trip is not in the tail.
 template <class Cfg, int kRows>

@@ -367,8 +367,8 @@ TEST(PlanKernels, FullList) {
       {"route_dispatch", KernelRole::RouteDispatch, {"route", "dispatch"}, -1},
       {"gemm1_b0", KernelRole::Gemm1, {"gemm1"}, 0},
       {"gemm2_b0", KernelRole::Gemm2, {"gemm2"}, 0},
-      // Up to 4 tokens both GEMMs as one kernel (Bucket::chain_tokens), which also finalizes.
-      {"chain_b0", KernelRole::Chain, {"gemm1", "gemm2", "finalize"}, 0},
+      // Up to 4 tokens both GEMMs as one kernel (Bucket::chain_tokens), the finalize kernel after it.
+      {"chain_b0", KernelRole::Chain, {"gemm1", "gemm2"}, 0},
       {"gemm1_b1", KernelRole::Gemm1, {"gemm1"}, 1},
       {"gemm2_b1", KernelRole::Gemm2, {"gemm2"}, 1},
       {"gemm1_b2", KernelRole::Gemm1, {"gemm1"}, 2},
@@ -472,11 +472,11 @@ TEST(PlanDescribe, OneLinePerBucketAndKernel) {
             "stream2(consumer_warps=4 producer_warps=1 k_stage=256 stages=3 tma=1 "
             "blocks_per_sm=3 evict_first=1) gemm1(warps_n=1 warps_k=4 k_chunk=32 double_buffer=1 "
             "direct_x=1) gemm2(warps_n=4 warps_k=2 k_chunk=32 double_buffer=1 direct_x=1) "
-            "chain(tokens<=4 k_stage1=512 k_stage2=512 stages=3 slot_bytes=27648 packed_only=1 finalize=1)\n"
+            "chain(tokens<=4 k_stage1=512 k_stage2=512 stages=3 slot_bytes=27648 packed_only=1)\n"
             "kernel route_dispatch role=route_dispatch stages=route+dispatch bucket=-1 routed_id_slots=8\n"
             "kernel gemm1_b0 role=gemm1 stages=gemm1 bucket=0\n"
             "kernel gemm2_b0 role=gemm2 stages=gemm2 bucket=0\n"
-            "kernel chain_b0 role=chain stages=gemm1+gemm2+finalize bucket=0\n"
+            "kernel chain_b0 role=chain stages=gemm1+gemm2 bucket=0\n"
             "kernel finalize role=finalize stages=finalize bucket=-1\n");
 }
 
@@ -520,14 +520,16 @@ TEST(PlanStream, ChainRuleAndOverrides) {
     EXPECT_FALSE(b.chain_for(5, 8, false));
     EXPECT_FALSE(b.chain_for(1, 8, true));  // 8 slots
     EXPECT_TRUE(b.chain_for(1, 4, true));   // 4 slots
-    // The chain finalizes a finalized layer in its blocks (no finalize kernel), unless chx=0.
-    EXPECT_TRUE(b.c2.chain_finalize) << name;
+    // The finalize kernel follows the chain; with chx=1 the chain finalizes a finalized layer in
+    // its blocks (no finalize kernel), never an unfinalized one.
+    EXPECT_FALSE(b.c2.chain_finalize) << name;
     EXPECT_FALSE(b.c1.chain_finalize) << name;
+    const ScopedOverride on("chx=1");
+    EXPECT_TRUE(make_plan(preset(name), 64, "sm_90a").buckets[0].c2.chain_finalize) << name;
+    EXPECT_FALSE(make_plan(preset(name), 64, "sm_90a").buckets[0].c1.chain_finalize) << name;
     MoeSpec unfinalized = preset(name);
     unfinalized.finalize = false;
     EXPECT_FALSE(make_plan(unfinalized, 64, "sm_90a").buckets[0].c2.chain_finalize) << name;
-    const ScopedOverride off("chx=0");
-    EXPECT_FALSE(make_plan(preset(name), 64, "sm_90a").buckets[0].c2.chain_finalize) << name;
   }
   for (const char* name : {"qwen3-30b-a3b", "kimi-k2-tp8", "kimi-k2-tp4"}) {
     const Plan p = make_plan(preset(name), 64, "sm_90a");

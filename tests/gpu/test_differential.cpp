@@ -1063,8 +1063,9 @@ TEST(Differential, SmallStreamEarlyUnitBehindFusedBlock) {
 // (sep=0), gemm1's first unit from dispatch's tables (eu=0), the integer atomic (uf=0), no L2
 // hint (ef=0), behind a separate dispatch kernel (fr=0), the routed ids read after the fused
 // block's word instead of packed beside it (idw=0; beside a chain the block packs up to 8 slots,
-// with ids=64 up to 64, of which the chain's gemm1 reads at most 8), and ch=0 (the two
-// kernels); multi-stage units (gemm1 four 512-deep stages, gemm2 three 256-deep ones); one rank
+// with ids=64 up to 64, of which the chain's gemm1 reads at most 8), the chain's blocks
+// finalizing the slices they complete (chx=1; by default the finalize kernel follows the chain),
+// and ch=0 (the two kernels); multi-stage units (gemm1 four 512-deep stages, gemm2 three 256-deep ones); one rank
 // of a grouped DeepSeekV3 layer; Precomputed ids (out of range, with non-finite hidden rows) at
 // one and two tokens of top-4: with one plane only the 4 slots of one token take the chain (an
 // expert may repeat within a token).
@@ -1074,7 +1075,7 @@ TEST(Differential, SmallStreamChain) {
                         "stream=1,dyn=1,res=0,ch=1,uf=0", "stream=1,dyn=1,res=0,ch=1,ef=0", "stream=1,dyn=1,res=0,ch=1,fr=0",
                         "stream=1,dyn=1,res=0,ch=1,chpo=1", "stream=1,dyn=1,res=0,ch=1,idw=0",
                         "stream=1,dyn=1,res=0,ch=1,ids=64",
-                        "stream=1,dyn=1,res=0,ch=1,chx=0", "stream=1,dyn=1,res=0,ch=0"}) {
+                        "stream=1,dyn=1,res=0,ch=1,chx=1", "stream=1,dyn=1,res=0,ch=0"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("stream-chain[") + o + "]";
     std::vector<Case> cases;
@@ -1089,8 +1090,8 @@ TEST(Differential, SmallStreamChain) {
     multi.num_experts = 32;
     for (const int t : {1, 3, 8, 17}) cases.push_back(small_case(name + "-multi-stage", multi, t));
     for (const int t : {1, 3}) cases.push_back(small_case(name + "-ep", grouped_rank(small_stream_spec(), 5, 6, true), t));
-    // A rank none of whose experts is routed: no row tile at all, the output all zeros (the
-    // chain's finalize writes them without any unit counting a slice).
+    // A rank none of whose experts is routed: no row tile at all, the output all zeros (with
+    // chx=1 the chain's finalize writes them without any unit counting a slice).
     MoeSpec rank = small_stream_spec();
     rank.local_expert_offset = 4;
     rank.local_num_experts = 4;
@@ -1337,13 +1338,14 @@ TEST(Differential, SmallTiledGroupColumns) {
 
 // Chains with fp16 operands (StreamConfig::f16: tiled weights, packed gemm2 units behind the
 // fused route+dispatch block; x converted by the fused kernel's second block): gemm1's (the
-// default) and both GEMMs' ("f16a=1": the activation with a factor per tile and 8 features),
+// default) and both GEMMs' ("f16a=1": the activation with a factor per tile and 8 features; with
+// "chx=1" also finalizing in the chain's blocks),
 // against the same chains with bf16 operands ("f16=0") and without the fused block ("fr=0",
 // which turns f16 off); 5 tokens take the pipeline.
 TEST(Differential, SmallTiledChainFp16) {
   MOEJIT_REQUIRE_GPU();
   for (const char* o : {"stream=1,dyn=1,res=0,ch=1,chpo=1", "stream=1,dyn=1,res=0,ch=1,chpo=1,f16a=1",
-                        "stream=1,dyn=1,res=0,ch=1,chpo=1,f16=0", "stream=1,dyn=1,res=0,ch=1,chpo=1,f16a=1,chx=0",
+                        "stream=1,dyn=1,res=0,ch=1,chpo=1,f16=0", "stream=1,dyn=1,res=0,ch=1,chpo=1,f16a=1,chx=1",
                         "stream=1,dyn=1,res=0,ch=1,chpo=1,fr=0"}) {
     const ScopedPlanOverride force(o);
     const std::string name = std::string("tiled-chain[") + o + "]";

@@ -92,13 +92,14 @@ TEST(GpuLayerApi, RepeatedLaunchesAreDeterministic) {
 }
 
 // A workspace that held another launch's tables and rows gives the bits of a fresh one: the
-// chain kernel, whose blocks finalize the slices they complete (StreamConfig::chain_finalize),
-// reads no row or count of the launch before (H 512, I 256, the overrides of
-// Differential.SmallStreamChain: the chain at 1 and 3 tokens, gemm2's stages with two x planes
-// and with one).
+// chain kernel, with the finalize kernel after it (the default) or with its blocks finalizing the
+// slices they complete (chx=1, StreamConfig::chain_finalize), reads no row or count of the launch
+// before (H 512, I 256, the overrides of Differential.SmallStreamChain: the chain at 1 and 3
+// tokens, gemm2's stages with two x planes and with one).
 TEST(GpuLayerApi, ReusedWorkspaceMatchesAFreshOneBitwise) {
   MOEJIT_REQUIRE_GPU();
-  for (const char* o : {"stream=1,dyn=1,res=0,ch=1", "stream=1,dyn=1,res=0,ch=1,chpo=1"}) {
+  for (const char* o : {"stream=1,dyn=1,res=0,ch=1", "stream=1,dyn=1,res=0,ch=1,chpo=1", "stream=1,dyn=1,res=0,ch=1,chx=1",
+                        "stream=1,dyn=1,res=0,ch=1,chpo=1,chx=1"}) {
     const ScopedPlanOverride force(o);
     for (const int T : {1, 3}) {
       Fixture f(T);
