@@ -101,8 +101,9 @@ struct StreamConfig {
   // A chain's gemm2 (chain 2) of a finalized layer: each block counts its units per 64-feature
   // slice as it writes them, adds the counts to the slices' words after its last unit and
   // finalizes the slices it completes (stream::chain_finalize), so that the layer has no
-  // finalize kernel. Off unless "chx=1" (slower: bench/RESULTS.md section 46). (The host's slice words follow the tile-ready words: the chain needs
-  // tile_ready and 64-row units, which runtime/layer.cpp checks.)
+  // finalize kernel. Off unless "chx=1" (slower: bench/RESULTS.md section 46). (The host's
+  // slice words follow the tile-ready words: the chain needs tile_ready and 64-row units, which
+  // runtime/layer.cpp checks.)
   bool chain_finalize = false;
   // A chain's GEMM (packed-only gemm2 stages, tiled weights, the fused route+dispatch block)
   // with fp16 MMA operands (bench/RESULTS.md section 37): the weights' nibbles take 4 LOP3 + 1

@@ -489,7 +489,8 @@ void add_bench_cmd(CLI::App& app) {
         r.tflops = 2.0 * slots * (2.0 * I * H + double(I) * H) / (ms * 1e-3) / 1e12;
         r.verified = true;
         rows.push_back(r);
-        if (timeline)
+        if (timeline) {
+          prepare_l2();  // (the same starting state as the timed replays)
           print_timeline(
               fmt::format("{} tokens {} {}", r.preset, T, plan.empty() ? "default" : plan), plan,
               ncopies, stream,
@@ -500,6 +501,7 @@ void add_bench_cmd(CLI::App& app) {
               [&](const auto& l, int c) {
                 l.launch(ins[c], T, {out.get()}, {ws.get(), ws.bytes()}, stream);
               });
+        }
       }
       unsetenv("MOEJIT_PLAN_OVERRIDE");
       // The bf16 cuBLAS layer of the same shape: per touched expert, [n_e, H] x [H, 2I] and
