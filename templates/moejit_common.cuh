@@ -56,6 +56,20 @@ __device__ __forceinline__ uint64_t l2_evict_first_policy() {
 }
 // The first word of packed routed-id vector i < kRoutedIdSlots / 8 (moejit_params.h).
 __device__ __forceinline__ int routed_id_word(int i) { return i == 0 ? 4 : kRoutedIdWord + 4 * i; }
+// Packed routed-id vector v's four words (moejit_params.h): code(s) is slot s's id, or
+// kRoutedIdNone; two slots per word, bit 31 set. Every lane that calls it evaluates code for
+// its slots (code may shuffle).
+template <class Code>
+__device__ __forceinline__ void packed_id_words(int v, Code code, uint32_t (&w)[4]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) w[i] = 0x80000000u | (code(8 * v + 2 * i + 1) << 16) | code(8 * v + 2 * i);
+}
+// Stores the four words whole (gemm1's pollers read them with one 16-byte volatile load).
+__device__ __forceinline__ void st_volatile_v4(int* p, const uint32_t (&w)[4]) {
+  asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(w[0]), "r"(w[1]), "r"(w[2]),
+               "r"(w[3])
+               : "memory");
+}
 
 // A word other blocks update: red_release_gpu / st_release_gpu order this thread's earlier
 // writes (and those ordered before them, e.g. by a barrier) before the addition or store; ld_acquire_gpu (not served from

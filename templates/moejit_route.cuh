@@ -370,12 +370,8 @@ __device__ __forceinline__ void route_token_block(const RouteParams& p, int t, i
         constexpr bool kOneVector = K <= 8;
         const int v = kOneVector ? 0 : lane;  // lane v < ceil(K / 8) stores vector v
         uint32_t w[4];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) w[i] = 0x80000000u | (code(8 * v + 2 * i + 1) << 16) | code(8 * v + 2 * i);
-        if (kOneVector ? lane == 0 : lane < (K + 7) / 8)
-          asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(packed + (routed_id_word(v) - 4)),
-                       "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-                       : "memory");
+        packed_id_words(v, code, w);
+        if (kOneVector ? lane == 0 : lane < (K + 7) / 8) st_volatile_v4(packed + (routed_id_word(v) - 4), w);
       }
     }
     route_finish<Cfg>(p, t, sel_id, sel_logit, [&](int i) { return s_logit[lane + 32 * i]; }, s_ids);

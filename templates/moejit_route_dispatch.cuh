@@ -173,11 +173,8 @@ __device__ void route_dispatch_kernel(const RouteDispatchParams& p) {
         return id >= 0 && id < kRoutedIdNone ? static_cast<uint32_t>(id) : kRoutedIdNone;
       };
       uint32_t w[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) w[i] = 0x80000000u | (code(8 * lane + 2 * i + 1) << 16) | code(8 * lane + 2 * i);
-      asm volatile("st.volatile.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p.routed + routed_id_word(lane)),
-                   "r"(w[0]), "r"(w[1]), "r"(w[2]), "r"(w[3])
-                   : "memory");
+      packed_id_words(lane, code, w);
+      st_volatile_v4(p.routed + routed_id_word(lane), w);
     }
     if (lane == 0) st_release_gpu(p.routed, 1);
   }
