@@ -11,6 +11,7 @@
 #include <initializer_list>
 #include <optional>
 #include <regex>
+#include <set>
 
 namespace moejit::compiler {
 
@@ -385,6 +386,25 @@ std::string plan_override() {
   return v ? v : "";
 }
 
+void check_plan_override(const std::string& text) {
+  // Every key make_plan and the code generator (tl) read; a new override key goes here too.
+  static const std::set<std::string> known = {
+      "bps", "bps1", "bps2", "brt",  "ch",   "chk2", "chpo", "chx", "dyn",  "dyn1", "dyn2", "ef",
+      "eu",  "f16",  "f16a", "ff",   "fr",   "fth",  "g1",   "g2",  "gc",   "gc2",  "gcr",  "ids",
+      "idw", "mb1",  "mb2",  "pack", "rdw",  "res",  "rkp",  "rw",  "rwin", "s1",   "s2",   "sd",
+      "sep", "sns",  "stream", "tl", "tma",  "tma1", "tma2", "trd", "u1",   "u2",   "uf",   "xb"};
+  static const std::regex item("[^,;\\s]+");
+  for (auto it = std::sregex_iterator(text.begin(), text.end(), item); it != std::sregex_iterator(); ++it) {
+    const std::string kv = it->str();
+    const size_t eq = kv.find('=');
+    const std::string key = kv.substr(0, eq);
+    if (eq == std::string::npos || eq == 0 || !known.count(key))
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("MOEJIT_PLAN_OVERRIDE: '{}' is not KEY=VALUE with a known key (known: {})", kv,
+                              fmt::join(known, " ")));
+  }
+}
+
 Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   spec.validate();
   Plan plan;
@@ -408,6 +428,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     }
   }
   const std::string override_text = plan_override();
+  check_plan_override(override_text);
   // The value of "key=value" in the override (up to the next ',', ';' or space), if the key is
   // there.
   auto value_text = [&](const char* key) -> std::optional<std::string> {

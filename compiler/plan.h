@@ -334,6 +334,11 @@ Plan make_plan(const MoeSpec& spec, int max_tokens = 0, const std::string& arch 
 // The override in force ("" when none); part of a compiled layer's identity.
 std::string plan_override();
 
+// Throws InvalidArgument unless every item of an override text (items separated by ',', ';' or
+// white space) is KEY=VALUE with a key the planner or the code generator reads; make_plan checks
+// the override in force, so that a mistyped key is an error, not a plan left as it was.
+void check_plan_override(const std::string& text);
+
 // A one-line-per-kernel description (used by `moejit dump --emit plan` and tests).
 std::string describe(const Plan& plan);
 

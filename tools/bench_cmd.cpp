@@ -13,7 +13,6 @@
 #include <fstream>
 #include <iterator>
 #include <map>
-#include <sstream>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -286,6 +285,24 @@ void add_bench_cmd(CLI::App& app) {
     runs = std::max(runs, 50);
     moejit::MoeSpec spec = spec_args.load();
     const std::vector<int> counts = parse_int_list(tokens, "--tokens");
+    // The configurations to compare: an empty item (also a leading or trailing ';') is the
+    // default plan. Each is planned here first, so that a bad override fails before any timing.
+    std::vector<std::string> plans = {""};
+    if (!overrides.empty()) {
+      plans.clear();
+      size_t from = 0;
+      for (size_t at; (at = overrides.find(';', from)) != std::string::npos; from = at + 1)
+        plans.push_back(overrides.substr(from, at - from));
+      plans.push_back(overrides.substr(from));
+      std::string names;
+      for (const std::string& plan : plans) {
+        setenv("MOEJIT_PLAN_OVERRIDE", plan.c_str(), 1);
+        moejit::dump(spec, moejit::DumpKind::Plan, "sm_90a");  // throws moejit::Error
+        names += (names.empty() ? "" : "; ") + (plan.empty() ? std::string("default") : plan);
+      }
+      unsetenv("MOEJIT_PLAN_OVERRIDE");
+      fmt::print("plans: {}\n", names);
+    }
     std::string why;
     if (!moejit::has_gpu(&why)) {
       fmt::print("no GPU: {}\n", why);
@@ -356,13 +373,6 @@ void add_bench_cmd(CLI::App& app) {
     copies[0].upload_weights(host);
     const bool tiled = spec.weight_format == moejit::WeightFormat::MxInt4G32Tiled;
 
-    std::vector<std::string> plans = {""};
-    if (!overrides.empty()) {
-      std::stringstream ss(overrides);
-      std::string p;
-      plans.clear();
-      while (std::getline(ss, p, ';')) plans.push_back(p);
-    }
     std::vector<Row> rows;
     for (int T : counts) {
       // Uniform routing (no shared bias), as in a balanced serving workload.

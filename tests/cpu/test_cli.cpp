@@ -192,6 +192,19 @@ TEST(Cli, BenchRejectsABadL2Prep) {
   EXPECT_THAT(ok.out + ok.err, Not(HasSubstr("--l2-prep"))) << describe(ok);
 }
 
+// --plans: an empty item, leading or trailing, is the default plan; every plan is made before the
+// GPU is looked for, so a bad override fails on any machine.
+TEST(Cli, BenchPlansKeepEmptyItemsAndRejectUnknownKeys) {
+  const CliResult r = run_cli({"bench", "--preset", "qwen3-30b-a3b", "--plans", "gc=0;"});
+  EXPECT_THAT(r.out, HasSubstr("plans: gc=0; default")) << describe(r);
+  const CliResult lead = run_cli({"bench", "--preset", "qwen3-30b-a3b", "--plans", ";gc=0"});
+  EXPECT_THAT(lead.out, HasSubstr("plans: default; gc=0")) << describe(lead);
+  const CliResult typo = run_cli({"bench", "--preset", "qwen3-30b-a3b", "--plans", "gc=0;gcc=0"});
+  EXPECT_NE(typo.exit_code, 0) << describe(typo);
+  EXPECT_THAT(typo.err, HasSubstr("'gcc=0'")) << describe(typo);
+  EXPECT_THAT(typo.out, Not(HasSubstr("plans:"))) << describe(typo);
+}
+
 TEST(Cli, VersionPrintsTheLibraryVersion) {
   const CliResult r = run_cli({"--version"});
   EXPECT_EQ(r.exit_code, 0) << describe(r);

@@ -1340,6 +1340,35 @@ TEST(PlanOverride, SmallDispatchAndTimeline) {
   }
 }
 
+// Every item of the override is KEY=VALUE with a key the planner or the code generator reads: a
+// mistyped key is an error instead of a plan left as it was (a tuning run then compares the
+// default with itself).
+TEST(PlanOverride, UnknownKeysAreErrors) {
+  {
+    const ScopedOverride typo("chx=1,gcc=0");
+    try {
+      make_plan(preset("kimi-k2"), 64, "sm_90a");
+      ADD_FAILURE() << "a plan with the unknown key gcc";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+      EXPECT_THAT(e.what(), HasSubstr("'gcc=0'"));
+      EXPECT_THAT(e.what(), HasSubstr("chx"));  // the known keys are listed
+    }
+  }
+  for (const char* bad : {"ch", "=1", "ch=1;;bogus=2", "res=0 tma", "ltf=1"}) {
+    const ScopedOverride o(bad);
+    EXPECT_THROW(make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a"), Error) << bad;
+    EXPECT_THROW(check_plan_override(bad), Error) << bad;
+  }
+  // Items separated by ',', ';' or spaces; keys of every kind (flags, choices, shapes, the
+  // older family's gN / mbN, the timeline's address).
+  const char* good = "ch=1;chx=1 sd=0,ef=1,s1=4x512x3,u2=64,mb1=2,g1=1x8x64,sns=0,tl=0x10,rkp=3584";
+  EXPECT_NO_THROW(check_plan_override(good));
+  EXPECT_NO_THROW(check_plan_override(""));
+  const ScopedOverride o(good);
+  EXPECT_NO_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"));
+}
+
 // The resident one-token layer (templates/moejit_resident.cuh): bucket 0 of finalized layers on
 // sm_90 whose routed weights fit in 132 blocks' shared memory, one extra kernel.
 TEST(PlanResident, ChosenWhereTheRoutedWeightsFit) {
