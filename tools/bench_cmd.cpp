@@ -297,7 +297,7 @@ void add_bench_cmd(CLI::App& app) {
       std::string names;
       for (const std::string& plan : plans) {
         setenv("MOEJIT_PLAN_OVERRIDE", plan.c_str(), 1);
-        moejit::dump(spec, moejit::DumpKind::Plan, "sm_90a");  // throws moejit::Error
+        moejit::dump(spec, moejit::DumpKind::Plan);  // the layer's plan; throws moejit::Error
         names += (names.empty() ? "" : "; ") + (plan.empty() ? std::string("default") : plan);
       }
       unsetenv("MOEJIT_PLAN_OVERRIDE");
