@@ -3,7 +3,6 @@
 #include <fmt/format.h>
 
 #include <cstddef>
-#include <regex>
 
 namespace moejit::compiler {
 
@@ -35,16 +34,9 @@ std::string float_literal(double v) {
 // The timeline diagnostic (moejit bench --timeline): plan override "tl=0xADDRESS", the device
 // address of the buffer the kernels stamp (templates/moejit_common.cuh). "" when off.
 std::string timeline_define() {
-  static const std::regex tl("(^|[^A-Za-z0-9_])tl=([^,;\\s]*)");
-  const std::string o = plan_override();
-  std::smatch m;
-  if (!std::regex_search(o, m, tl)) return "";
-  static const std::regex hex("0x[0-9a-fA-F]{1,16}");
-  if (!std::regex_match(m[2].str(), hex))
-    throw Error(ErrorKind::InvalidArgument,
-                fmt::format("MOEJIT_PLAN_OVERRIDE: tl={} must be a device address in hex (0x...)",
-                            m[2].str()));
-  return fmt::format("#define MOEJIT_TIMELINE {}ull\n", m[2].str());
+  // (Its form, 0x and 1-16 hex digits, is checked by parse_plan_override.)
+  const std::optional<std::string> tl = plan_override_value("tl");
+  return tl ? fmt::format("#define MOEJIT_TIMELINE {}ull\n", *tl) : "";
 }
 
 // The translation unit: Cfg constants, then an entry taking the parameter block by value that

@@ -11,7 +11,7 @@
 #include <initializer_list>
 #include <optional>
 #include <regex>
-#include <set>
+#include <map>
 
 namespace moejit::compiler {
 
@@ -110,15 +110,18 @@ GemmConfig pick_gemm(int n, int k, int tile_rows, bool swiglu) {
   return c;
 }
 
-// Applies "g1=WNxWKxCG,g2=WNxWKxCG" (either part optional) to a GEMM of n features, k length.
-void apply_override(const std::string& text, const char* which, int n, int k, int tile,
+// Applies "g1=WNxWKxCG,g2=WNxWKxCG" (either part optional) and "mb1=N,mb2=N" to a GEMM of n
+// features, k length.
+void apply_override(const OverrideItems& items, const char* which, int n, int k, int tile,
                     GemmConfig& c) {
   const int planes = which[1] == '1' ? 1 : 2;
-  const std::regex mb(std::string("mb") + which[1] + "=([0-9]+)");
+  if (const auto mb = items.find(std::string("mb") + which[1]); mb != items.end())
+    c.min_blocks = std::stoi(mb->second);
+  const auto it = items.find(which);
+  if (it == items.end()) return;
+  static const std::regex re("([0-9]+)x([0-9]+)x([0-9]+)");
   std::smatch m;
-  if (std::regex_search(text, m, mb)) c.min_blocks = std::stoi(m[1]);
-  const std::regex re(std::string(which) + "=([0-9]+)x([0-9]+)x([0-9]+)");
-  if (!std::regex_search(text, m, re)) return;
+  std::regex_match(it->second, m, re);  // (the form is checked by parse_plan_override)
   GemmConfig o = c;
   o.warps_n = std::stoi(m[1]);
   o.warps_k = std::stoi(m[2]);
@@ -205,24 +208,25 @@ void set_unit_rows(StreamConfig& c, int rows, int k, bool gemm1) {
 }
 
 // "u1=R" / "u2=R": force the unit rows of gemm1 (16, 32, 64) or gemm2 (32, 64).
-void apply_unit_override(const std::string& text, bool gemm1, int k, StreamConfig& c) {
-  static const std::regex u1("u1=([0-9]+)"), u2("u2=([0-9]+)");
-  std::smatch m;
-  if (!std::regex_search(text, m, gemm1 ? u1 : u2)) return;
-  const bool ok = m[1] == "32" || m[1] == "64" || (gemm1 && m[1] == "16");
+void apply_unit_override(const OverrideItems& items, bool gemm1, int k, StreamConfig& c) {
+  const auto it = items.find(gemm1 ? "u1" : "u2");
+  if (it == items.end()) return;
+  const std::string& v = it->second;
+  const bool ok = v == "32" || v == "64" || (gemm1 && v == "16");
   if (!ok)
     throw Error(ErrorKind::InvalidArgument,
                 fmt::format("MOEJIT_PLAN_OVERRIDE: u{}={} ({} unit rows) must be {}", gemm1 ? 1 : 2,
-                            m[1].str(), gemm1 ? "gemm1" : "gemm2",
-                            gemm1 ? "16, 32 or 64" : "32 or 64"));
-  set_unit_rows(c, std::stoi(m[1]), k, gemm1);
+                            v, gemm1 ? "gemm1" : "gemm2", gemm1 ? "16, 32 or 64" : "32 or 64"));
+  set_unit_rows(c, std::stoi(v), k, gemm1);
 }
 
-void apply_stream_override(const std::string& text, const char* which, int k, bool gemm1,
+void apply_stream_override(const OverrideItems& items, const char* which, int k, bool gemm1,
                            StreamConfig& c) {
-  const std::regex re(std::string(which) + "=([0-9]+)x([0-9]+)x([0-9]+)(x([0-9]+))?");
+  const auto it = items.find(which);
+  if (it == items.end()) return;
+  static const std::regex re("([0-9]+)x([0-9]+)x([0-9]+)(x([0-9]+))?");
   std::smatch m;
-  if (!std::regex_search(text, m, re)) return;
+  std::regex_match(it->second, m, re);  // (the form is checked by parse_plan_override)
   StreamConfig o = c;
   o.consumer_warps = std::stoi(m[1]);
   o.k_stage = std::stoi(m[2]);
@@ -386,23 +390,60 @@ std::string plan_override() {
   return v ? v : "";
 }
 
-void check_plan_override(const std::string& text) {
-  // Every key make_plan and the code generator (tl) read; a new override key goes here too.
-  static const std::set<std::string> known = {
-      "bps", "bps1", "bps2", "brt",  "ch",   "chk2", "chpo", "chx", "dyn",  "dyn1", "dyn2", "ef",
-      "eu",  "f16",  "f16a", "ff",   "fr",   "fth",  "g1",   "g2",  "gc",   "gc2",  "gcr",  "ids",
-      "idw", "mb1",  "mb2",  "pack", "rdw",  "res",  "rkp",  "rw",  "rwin", "s1",   "s2",   "sd",
-      "sep", "sns",  "stream", "tl", "tma",  "tma1", "tma2", "trd", "u1",   "u2",   "uf",   "xb"};
+OverrideItems parse_plan_override(const std::string& text) {
+  // Every key make_plan and the code generator (tl) read, and the form of its value; a new
+  // override key goes here too.
+  enum Form { kFlag, kNumber, kShape, kStreamShape, kAddress };
+  static const std::map<std::string, Form> keys = {
+      {"bps", kNumber},  {"bps1", kNumber}, {"bps2", kNumber},   {"brt", kFlag},   {"ch", kFlag},
+      {"chk2", kNumber}, {"chpo", kFlag},   {"chx", kFlag},      {"dyn", kFlag},   {"dyn1", kFlag},
+      {"dyn2", kFlag},   {"ef", kFlag},     {"eu", kFlag},       {"f16", kFlag},   {"f16a", kFlag},
+      {"ff", kFlag},     {"fr", kFlag},     {"fth", kNumber},    {"g1", kShape},   {"g2", kShape},
+      {"gc", kFlag},     {"gc2", kFlag},    {"gcr", kNumber},    {"ids", kNumber}, {"idw", kFlag},
+      {"mb1", kNumber},  {"mb2", kNumber},  {"pack", kFlag},     {"rdw", kNumber}, {"res", kFlag},
+      {"rkp", kNumber},  {"rw", kNumber},   {"rwin", kNumber},   {"s1", kStreamShape},
+      {"s2", kStreamShape}, {"sd", kFlag},  {"sep", kFlag},      {"sns", kNumber}, {"stream", kFlag},
+      {"tl", kAddress},  {"tma", kFlag},    {"tma1", kFlag},     {"tma2", kFlag},  {"trd", kFlag},
+      {"u1", kNumber},   {"u2", kNumber},   {"uf", kFlag},       {"xb", kFlag}};
+  // (Numbers of at most 9 digits fit an int; shapes' parts as well.)
+  static const std::regex forms[] = {std::regex("0|1"), std::regex("[0-9]{1,9}"),
+                                     std::regex("[0-9]{1,4}x[0-9]{1,6}x[0-9]{1,4}"),
+                                     std::regex("[0-9]{1,4}x[0-9]{1,6}x[0-9]{1,4}(x[0-9]{1,4})?"),
+                                     std::regex("0x[0-9a-fA-F]{1,16}")};
+  static const char* const form_names[] = {"0 or 1", "a number (at most 9 digits)", "AxBxC",
+                                           "AxBxC or AxBxCxD", "a hex address 0x..."};
   static const std::regex item("[^,;\\s]+");
+  OverrideItems items;
   for (auto it = std::sregex_iterator(text.begin(), text.end(), item); it != std::sregex_iterator(); ++it) {
     const std::string kv = it->str();
     const size_t eq = kv.find('=');
-    const std::string key = kv.substr(0, eq);
-    if (eq == std::string::npos || eq == 0 || !known.count(key))
+    const auto key = keys.find(kv.substr(0, eq));
+    if (eq == std::string::npos || eq == 0 || key == keys.end()) {
+      std::string known;
+      for (const auto& [name, form] : keys) known += (known.empty() ? "" : " ") + name;
       throw Error(ErrorKind::InvalidArgument,
-                  fmt::format("MOEJIT_PLAN_OVERRIDE: '{}' is not KEY=VALUE with a known key (known: {})", kv,
-                              fmt::join(known, " ")));
+                  fmt::format("MOEJIT_PLAN_OVERRIDE: '{}' is not KEY=VALUE with a known key (known: {})",
+                              kv, known));
+    }
+    const std::string value = kv.substr(eq + 1);
+    if (!std::regex_match(value, forms[key->second]))
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("MOEJIT_PLAN_OVERRIDE: '{}': {} takes {}", kv, key->first,
+                              form_names[key->second]));
+    if (!items.emplace(key->first, value).second)
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("MOEJIT_PLAN_OVERRIDE: '{}': {} is given twice", kv, key->first));
   }
+  return items;
+}
+
+void check_plan_override(const std::string& text) { parse_plan_override(text); }
+
+std::optional<std::string> plan_override_value(const char* key) {
+  const OverrideItems items = parse_plan_override(plan_override());
+  const auto it = items.find(key);
+  if (it == items.end()) return std::nullopt;
+  return it->second;
 }
 
 Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
@@ -427,15 +468,12 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       break;
     }
   }
-  const std::string override_text = plan_override();
-  check_plan_override(override_text);
-  // The value of "key=value" in the override (up to the next ',', ';' or space), if the key is
-  // there.
+  const OverrideItems overrides = parse_plan_override(plan_override());
+  // The value of "key=value" in the override, if the key is there (its form already checked).
   auto value_text = [&](const char* key) -> std::optional<std::string> {
-    const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([^,;\\s]*)");
-    std::smatch m;
-    if (!std::regex_search(override_text, m, re)) return std::nullopt;
-    return m[2].str();
+    const auto it = overrides.find(key);
+    if (it == overrides.end()) return std::nullopt;
+    return it->second;
   };
   // A 0|1 switch of the override ("key=0" / "key=1"), else fallback; any other value is an error.
   auto flag_of = [&](const char* key, bool fallback, const char* what) {
@@ -461,7 +499,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     plan.route_dispatch_warps = std::min(plan.route_dispatch_warps, w);
   // H200, bench/RESULTS.md section 15: the general dispatch block took 2.9 us of a one-token
   // kimi-k2-tp8 layer.
-  if (override_text.find("sd=0") != std::string::npos) plan.small_dispatch = false;
+  if (!flag_of("sd", true, "the small dispatch")) plan.small_dispatch = false;
   // The fused block routes one token with all its warps only where the routing's shared memory
   // fits beside the dispatch's in 44 KiB (the resident blocks decide for themselves).
   // (Not Precomputed or grouped DeepSeekV3 routing: route_token_block does not serve them.)
@@ -520,16 +558,15 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // one of them (cp.async GEMMs stay at two: with four producer warps, 256-thread blocks
       // leave too few registers at three).
       auto blocks_per_sm = [&](const char* key, int fallback, bool with_tma) {
-        const std::regex re(std::string(key) + "=([0-9]+)");
-        std::smatch m;
-        if (!std::regex_search(override_text, m, re)) return fallback;
+        const auto v = value_text(key);
+        if (!v) return fallback;
         // Four only for gemm2 (its 256-deep stages; gemm1's would be too shallow).
-        const bool four = std::string(key) == "bps2" && m[1] == "4";
-        if (m[1] != "2" && m[1] != "3" && !four)
+        const bool four = std::string(key) == "bps2" && *v == "4";
+        if (*v != "2" && *v != "3" && !four)
           throw Error(ErrorKind::InvalidArgument,
                       fmt::format("MOEJIT_PLAN_OVERRIDE: {}={} (stream blocks per SM) must be 2 "
-                                  "or 3{}", key, m[1].str(), std::string(key) == "bps2" ? " (or 4)" : ""));
-        return with_tma ? std::stoi(m[1]) : 2;
+                                  "or 3{}", key, *v, std::string(key) == "bps2" ? " (or 4)" : ""));
+        return with_tma ? std::stoi(*v) : 2;
       };
       // Gemm2 of the TMA buckets at three blocks per SM (H200, bench/RESULTS.md section 14:
       // layers 1-4% faster at 8 and 16 tokens for kimi-k2, qwen3-30b-a3b and kimi-k2-tp8, and
@@ -628,36 +665,28 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         b.s2.evict_first = ef && b.s2.tma;
       }
     }
-    if (const std::string o = plan_override(); !o.empty() && b.tile_rows == 8) {
-      apply_override(o, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);
-      apply_override(o, "g2", spec.hidden, spec.intermediate, b.tile_rows, b.gemm2);
-      if (o.find("stream=0") != std::string::npos) b.stream = false;
-      if (o.find("stream=1") != std::string::npos) b.stream = stream_ok;
+    if (!overrides.empty() && b.tile_rows == 8) {
+      apply_override(overrides, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);
+      apply_override(overrides, "g2", spec.hidden, spec.intermediate, b.tile_rows, b.gemm2);
+      if (value_text("stream")) b.stream = flag_of("stream", true, "the stream family") && stream_ok;
       if (b.stream) {
-        apply_unit_override(o, true, spec.hidden, b.s1);
-        apply_unit_override(o, false, spec.intermediate, b.s2);
-        apply_stream_override(o, "s1", spec.hidden, true, b.s1);
-        apply_stream_override(o, "s2", spec.intermediate, false, b.s2);
-        static const std::regex sns("sns=([0-9]+)");
-        if (std::smatch m; std::regex_search(o, m, sns)) {
-          if (m[1].length() > 9)  // the hint is a 32-bit count of ns; 10^9 = one second
-            throw Error(ErrorKind::InvalidArgument,
-                        fmt::format("MOEJIT_PLAN_OVERRIDE: sns={} is above 999999999 ns",
-                                    m[1].str()));
-          b.s1.suspend_ns = b.s2.suspend_ns = std::stoi(m[1]);
-        }
-        if (o.find("pack=0") != std::string::npos) b.s2.pack_planes = false;
-        if (o.find("sep=0") != std::string::npos) b.s1.split_epilogue = b.s2.split_epilogue = false;
-        if (o.find("dyn=0") != std::string::npos) b.s1.dynamic_units = b.s2.dynamic_units = false;
-        if (o.find("dyn=1") != std::string::npos) b.s1.dynamic_units = b.s2.dynamic_units = true;
-        if (o.find("dyn1=0") != std::string::npos) b.s1.dynamic_units = false;
-        if (o.find("dyn2=0") != std::string::npos) b.s2.dynamic_units = false;
+        apply_unit_override(overrides, true, spec.hidden, b.s1);
+        apply_unit_override(overrides, false, spec.intermediate, b.s2);
+        apply_stream_override(overrides, "s1", spec.hidden, true, b.s1);
+        apply_stream_override(overrides, "s2", spec.intermediate, false, b.s2);
+        // (The hint is a 32-bit count of ns; at most 9 digits, below one second.)
+        if (const auto sns = value_text("sns")) b.s1.suspend_ns = b.s2.suspend_ns = std::stoi(*sns);
+        if (!flag_of("pack", true, "gemm2's hi and lo planes packed")) b.s2.pack_planes = false;
+        if (!flag_of("sep", true, "the split epilogue")) b.s1.split_epilogue = b.s2.split_epilogue = false;
+        if (value_text("dyn")) b.s1.dynamic_units = b.s2.dynamic_units = flag_of("dyn", true, "dynamic units");
+        b.s1.dynamic_units = flag_of("dyn1", b.s1.dynamic_units, "gemm1's dynamic units");
+        b.s2.dynamic_units = flag_of("dyn2", b.s2.dynamic_units, "gemm2's dynamic units");
       }
     }
     // Decode: the last gemm2 block of a token sums its rows, saving the finalize launch.
     // (Not with the stream family: its units would stall on the fence and atomic; measured.)
     b.fused_finalize = spec.finalize && !b.stream && b.gemm2.direct_x;
-    if (b.tile_rows == 8 && plan_override().find("ff=0") != std::string::npos)
+    if (b.tile_rows == 8 && !flag_of("ff", true, "the older family's fused finalize"))
       b.fused_finalize = false;
     // Up to 16 tokens one block routes (a token per warp) and dispatches, when the two kernels'
     // static shared memory fits in one block (see route_dispatch_warps). Above, routing on one
@@ -665,7 +694,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // warps, 21.6 with 32 (it issues ~1300 warp-instructions per token on one SM), against
     // route 4.8 us (16 blocks) + dispatch 7.0; layer times in bench/RESULTS.md section 11.
     b.fused_route = hi != 0 && hi <= 16 && plan.route_dispatch_warps > 0;
-    if (plan_override().find("fr=0") != std::string::npos) b.fused_route = false;
+    if (!flag_of("fr", true, "the fused route+dispatch block")) b.fused_route = false;
     // Gemm1 plans its blocks' first units from the routed ids and copies them before its wait
     // for dispatch (StreamConfig::early_unit): at 17-64 tokens DRAM otherwise idles from the
     // route kernel's start to gemm1's first copy, ~8 us, 3.6 of them dispatch's (H200,
@@ -706,9 +735,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     if (b.stream && lo == 1 && resident_wanted) {
       // "rkp=N", "rwin=N", "rw=N": gemm1's K part, the parts in flight, the warps.
       auto value_of = [&](const char* key) {
-        const std::regex re(std::string("(^|[^A-Za-z0-9_])") + key + "=([0-9]{1,6})");
-        std::smatch m;
-        return std::regex_search(override_text, m, re) ? std::stoi(m[2]) : 0;
+        const auto v = value_text(key);
+        return v ? std::stoi(*v) : 0;
       };
       b.res = pick_resident(spec, 132, value_of("rkp"), value_of("rwin"), value_of("rw"),
                             b.s1.consumer_warps, b.s2.consumer_warps, b.s2.pack_planes,

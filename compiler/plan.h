@@ -2,6 +2,8 @@
 // The token count is a run-time argument; a bucket covers a range of it.
 #pragma once
 
+#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -334,10 +336,16 @@ Plan make_plan(const MoeSpec& spec, int max_tokens = 0, const std::string& arch 
 // The override in force ("" when none); part of a compiled layer's identity.
 std::string plan_override();
 
-// Throws InvalidArgument unless every item of an override text (items separated by ',', ';' or
-// white space) is KEY=VALUE with a key the planner or the code generator reads; make_plan checks
-// the override in force, so that a mistyped key is an error, not a plan left as it was.
+// An override text's items (separated by ',', ';' or white space) as KEY -> VALUE. Throws
+// InvalidArgument unless every item is KEY=VALUE with a key the planner or the code generator
+// reads, given once, and a value of that key's form (0 or 1, a number, AxBxC, AxBxC[xD], a hex
+// address); make_plan parses the override in force, so that a mistyped item is an error, not a
+// plan left as it was. Values of the right form are checked where they are used.
+using OverrideItems = std::map<std::string, std::string>;
+OverrideItems parse_plan_override(const std::string& text);
 void check_plan_override(const std::string& text);
+// The value of `key` in the override in force (parsed as above), if it is there.
+std::optional<std::string> plan_override_value(const char* key);
 
 // A one-line-per-kernel description (used by `moejit dump --emit plan` and tests).
 std::string describe(const Plan& plan);

@@ -13,6 +13,7 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <regex>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -285,17 +286,26 @@ void add_bench_cmd(CLI::App& app) {
     runs = std::max(runs, 50);
     moejit::MoeSpec spec = spec_args.load();
     const std::vector<int> counts = parse_int_list(tokens, "--tokens");
-    // The configurations to compare: an empty item (also a leading or trailing ';') is the
-    // default plan. Each is planned here first, so that a bad override fails before any timing.
+    // The configurations to compare: an empty item (also a leading or trailing ';', or one of
+    // spaces) is the default plan. Each is planned here first, so that a bad override fails
+    // before any timing; tl= is --timeline's own.
     std::vector<std::string> plans = {""};
     if (!overrides.empty()) {
       plans.clear();
+      auto trimmed = [](const std::string& t) {
+        const size_t a = t.find_first_not_of(" \t\n"), b = t.find_last_not_of(" \t\n");
+        return a == std::string::npos ? std::string() : t.substr(a, b - a + 1);
+      };
       size_t from = 0;
       for (size_t at; (at = overrides.find(';', from)) != std::string::npos; from = at + 1)
-        plans.push_back(overrides.substr(from, at - from));
-      plans.push_back(overrides.substr(from));
+        plans.push_back(trimmed(overrides.substr(from, at - from)));
+      plans.push_back(trimmed(overrides.substr(from)));
       std::string names;
+      static const std::regex own_tl("(^|[,\\s])tl=");
       for (const std::string& plan : plans) {
+        if (std::regex_search(plan, own_tl))
+          throw moejit::Error(moejit::ErrorKind::InvalidArgument,
+                              fmt::format("--plans '{}': tl= is set by --timeline", plan));
         setenv("MOEJIT_PLAN_OVERRIDE", plan.c_str(), 1);
         moejit::dump(spec, moejit::DumpKind::Plan);  // the layer's plan; throws moejit::Error
         names += (names.empty() ? "" : "; ") + (plan.empty() ? std::string("default") : plan);

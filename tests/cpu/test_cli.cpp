@@ -203,6 +203,11 @@ TEST(Cli, BenchPlansKeepEmptyItemsAndRejectUnknownKeys) {
   EXPECT_NE(typo.exit_code, 0) << describe(typo);
   EXPECT_THAT(typo.err, HasSubstr("'gcc=0'")) << describe(typo);
   EXPECT_THAT(typo.out, Not(HasSubstr("plans:"))) << describe(typo);
+  const CliResult spaces = run_cli({"bench", "--preset", "qwen3-30b-a3b", "--plans", "gc=0;  ; ef=0 "});
+  EXPECT_THAT(spaces.out, HasSubstr("plans: gc=0; default; ef=0\n")) << describe(spaces);
+  const CliResult own = run_cli({"bench", "--preset", "qwen3-30b-a3b", "--plans", "gc=0,tl=0x10"});
+  EXPECT_NE(own.exit_code, 0) << describe(own);
+  EXPECT_THAT(own.err, HasSubstr("--timeline")) << describe(own);
 }
 
 TEST(Cli, VersionPrintsTheLibraryVersion) {

@@ -1355,10 +1355,30 @@ TEST(PlanOverride, UnknownKeysAreErrors) {
       EXPECT_THAT(e.what(), HasSubstr("chx"));  // the known keys are listed
     }
   }
-  for (const char* bad : {"ch", "=1", "ch=1;;bogus=2", "res=0 tma", "ltf=1"}) {
+  // Unknown, bare or empty keys; a key given twice; a value not of the key's form (0 or 1, a
+  // number, AxBxC, AxBxC[xD], a hex address), which the older substring and prefix matches took
+  // in part (sns=5us as 5, sd=00 as sd=0) or ignored (stream=2).
+  for (const char* bad : {"ch", "=1", "ch=1;;bogus=2", "res=0 tma", "ltf=1", "gc=0,gc=1", "stream=2",
+                          "sd=00", "sns=5us", "bps=3abc", "u1=32x", "bps1=2x512x3", "s1=4x512", "tl=zz",
+                          "g1=1x8x64x2", "rkp=", "sns=1234567890"}) {
     const ScopedOverride o(bad);
     EXPECT_THROW(make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a"), Error) << bad;
     EXPECT_THROW(check_plan_override(bad), Error) << bad;
+  }
+  // Keys match whole: bps1 does not also set s1 (the s1= regex used to match inside it).
+  {
+    const Plan plain = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
+    const ScopedOverride o("bps1=2");
+    const Plan p = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
+    EXPECT_EQ(p.buckets[0].s1.consumer_warps, plain.buckets[0].s1.consumer_warps);
+    EXPECT_EQ(p.buckets[0].s1.k_stage, plain.buckets[0].s1.k_stage);
+  }
+  {
+    const OverrideItems items = parse_plan_override(" ch=1; s1=4x512x3x1,tl=0xAb ");
+    ASSERT_EQ(items.size(), 3u);
+    EXPECT_EQ(items.at("ch"), "1");
+    EXPECT_EQ(items.at("s1"), "4x512x3x1");
+    EXPECT_EQ(items.at("tl"), "0xAb");
   }
   // Items separated by ',', ';' or spaces; keys of every kind (flags, choices, shapes, the
   // older family's gN / mbN, the timeline's address).
