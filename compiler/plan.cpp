@@ -9,9 +9,9 @@
 #include <cmath>
 #include <cstdlib>
 #include <initializer_list>
+#include <map>
 #include <optional>
 #include <regex>
-#include <map>
 
 namespace moejit::compiler {
 
@@ -436,8 +436,6 @@ OverrideItems parse_plan_override(const std::string& text) {
   }
   return items;
 }
-
-void check_plan_override(const std::string& text) { parse_plan_override(text); }
 
 std::optional<std::string> plan_override_value(const char* key) {
   const OverrideItems items = parse_plan_override(plan_override());

@@ -343,7 +343,6 @@ std::string plan_override();
 // plan left as it was. Values of the right form are checked where they are used.
 using OverrideItems = std::map<std::string, std::string>;
 OverrideItems parse_plan_override(const std::string& text);
-void check_plan_override(const std::string& text);
 // The value of `key` in the override in force (parsed as above), if it is there.
 std::optional<std::string> plan_override_value(const char* key);
 

@@ -1363,7 +1363,7 @@ TEST(PlanOverride, UnknownKeysAreErrors) {
                           "g1=1x8x64x2", "rkp=", "sns=1234567890"}) {
     const ScopedOverride o(bad);
     EXPECT_THROW(make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a"), Error) << bad;
-    EXPECT_THROW(check_plan_override(bad), Error) << bad;
+    EXPECT_THROW(parse_plan_override(bad), Error) << bad;
   }
   // Keys match whole: bps1 does not also set s1 (the s1= regex used to match inside it).
   {
@@ -1383,8 +1383,8 @@ TEST(PlanOverride, UnknownKeysAreErrors) {
   // Items separated by ',', ';' or spaces; keys of every kind (flags, choices, shapes, the
   // older family's gN / mbN, the timeline's address).
   const char* good = "ch=1;chx=1 sd=0,ef=1,s1=4x512x3,u2=64,mb1=2,g1=1x8x64,sns=0,tl=0x10,rkp=3584";
-  EXPECT_NO_THROW(check_plan_override(good));
-  EXPECT_NO_THROW(check_plan_override(""));
+  EXPECT_NO_THROW(parse_plan_override(good));
+  EXPECT_NO_THROW(parse_plan_override(""));
   const ScopedOverride o(good);
   EXPECT_NO_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"));
 }
