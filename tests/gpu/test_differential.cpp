@@ -40,10 +40,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <set>
+#include <sstream>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -642,6 +644,72 @@ int sweep_groups() { return static_cast<int>(std::min<uint64_t>(env_u64("MOEJIT_
 // One shape group (H, I, E, k, order, SwiGLU flags: what the GEMM kernels are specialised on)
 // with kVariantsPerGroup routing variants of two token counts each. Deterministic in
 // (master seed, g); every draw is printed with the case, so a failure names its spec and seed.
+// Variant n's routing on s (its experts and top-k set): kSweepMethods in turn (Llama4 where
+// llama_first asks for it at top-1, else DeepSeekV3 in its place), logits fp32 or bf16, and for
+// DeepSeekV3 a random grouping, scale and bias. pick(m) draws a number below m.
+template <class Pick>
+void draw_routing(MoeSpec& s, int n, bool llama_first, Pick&& pick) {
+  const int E = s.num_experts, k = s.top_k;
+  s.routing = kSweepMethods[n % 10];
+  if (k == 1 && llama_first) s.routing = RoutingMethod::Llama4;
+  if (s.routing == RoutingMethod::Llama4 && k != 1) s.routing = RoutingMethod::DeepSeekV3;
+  s.logits_dtype = pick(2) ? DType::BF16 : DType::FP32;
+  if (s.routing == RoutingMethod::DeepSeekV3) {
+    std::vector<int> groups = {1};
+    for (int ng : {2, 4, 8, 16})
+      if (E % ng == 0 && E / ng >= 2) groups.push_back(ng);
+    s.n_group = groups[pick(groups.size())];
+    const int per = E / s.n_group;
+    s.topk_group = 1 + static_cast<int>(pick(static_cast<uint64_t>(s.n_group)));
+    while (s.topk_group * per < k) ++s.topk_group;
+    s.routed_scaling_factor = std::vector<double>{1.0, 2.5, 2.827}[pick(3)];
+    s.has_routing_bias = n % 4 != 3;
+    s.bias_dtype = pick(2) ? DType::BF16 : DType::FP32;
+  }
+}
+
+// Input options of draw j of a sweep (a forced top-1, empty experts, exact ties, non-finite
+// hidden states or logits, invalid precomputed ids, or none), for c's spec.
+template <class Pick>
+void draw_inputs(Case& c, int j, Pick&& pick) {
+  const int E = c.spec.num_experts, k = c.spec.top_k;
+  const bool pre = c.spec.routing == RoutingMethod::Precomputed;
+  InputOptions& o = c.inputs;
+  switch (j % 7) {
+    case 1: o.force_expert = static_cast<int>(pick(static_cast<uint64_t>(E))); break;
+    case 2:
+      if (E >= k + 3) o.empty_experts = {0, E / 2, E - 1};
+      break;
+    case 3: o.ties = !pre && E >= 2; break;
+    case 4: o.nonfinite_hidden = true; break;
+    case 5:
+      o.nonfinite_logits = !pre;
+      o.invalid_ids = pre;
+      break;
+    case 6: o.invalid_ids = pre; break;
+    default: break;
+  }
+}
+
+// The group's largest token count is every case's max_tokens; the expert-parallel split (ranks
+// >= 2) runs on its largest count up to `split_max`.
+void finish_group(std::vector<Case>& out, int ep_ranks, int split_max) {
+  int max_t = 1;
+  for (const Case& c : out) max_t = std::max(max_t, c.tokens);
+  for (Case& c : out) c.max_tokens = max_t;
+  Case* split = nullptr;
+  for (Case& c : out)
+    if (c.tokens <= split_max && (!split || c.tokens > split->tokens)) split = &c;
+  if (split) split->ep_ranks = ep_ranks;
+}
+
+// SwiGLU's optional alpha, beta and limit, each on for some of every four groups.
+void swiglu_of_group(MoeSpec& s, int g) {
+  s.swiglu_alpha = g % 4 == 1 || g % 4 == 3;
+  s.swiglu_beta = g % 4 == 1 || g % 4 == 3;
+  s.swiglu_limit = g % 4 == 1 || g % 4 == 2;
+}
+
 std::vector<Case> sweep_group(uint64_t master, int g) {
   uint64_t draw = 0;
   auto pick = [&](uint64_t n) { return moejit::ref::hash64(master, static_cast<uint64_t>(g), draw++) % n; };
@@ -655,9 +723,7 @@ std::vector<Case> sweep_group(uint64_t master, int g) {
   base.hidden = kSweepDims[g % 6];
   base.intermediate = kSweepDims[(5 * g + 2) % 6];
   base.gate_up_order = g % 2 ? GateUpOrder::UpGate : GateUpOrder::GateUp;
-  base.swiglu_alpha = g % 4 == 1 || g % 4 == 3;
-  base.swiglu_beta = g % 4 == 1 || g % 4 == 3;
-  base.swiglu_limit = g % 4 == 1 || g % 4 == 2;
+  swiglu_of_group(base, g);
   const uint64_t seed = 1000 + static_cast<uint64_t>(g);
   // Expert-parallel splits on two groups (each rank is its own compile).
   const int ep_ranks = g % 8 == 3 && E >= 8 ? 3 + g / 8 % 2 : 0;
@@ -666,22 +732,7 @@ std::vector<Case> sweep_group(uint64_t master, int g) {
   for (int v = 0; v < kVariantsPerGroup; ++v) {
     const int n = g * kVariantsPerGroup + v;
     MoeSpec s = base;
-    s.routing = kSweepMethods[n % 10];
-    if (k == 1 && v == 0) s.routing = RoutingMethod::Llama4;
-    if (s.routing == RoutingMethod::Llama4 && k != 1) s.routing = RoutingMethod::DeepSeekV3;
-    s.logits_dtype = pick(2) ? DType::BF16 : DType::FP32;
-    if (s.routing == RoutingMethod::DeepSeekV3) {
-      std::vector<int> groups = {1};
-      for (int ng : {2, 4, 8, 16})
-        if (E % ng == 0 && E / ng >= 2) groups.push_back(ng);
-      s.n_group = groups[pick(groups.size())];
-      const int per = E / s.n_group;
-      s.topk_group = 1 + static_cast<int>(pick(static_cast<uint64_t>(s.n_group)));
-      while (s.topk_group * per < k) ++s.topk_group;
-      s.routed_scaling_factor = std::vector<double>{1.0, 2.5, 2.827}[pick(3)];
-      s.has_routing_bias = n % 4 != 3;
-      s.bias_dtype = pick(2) ? DType::BF16 : DType::FP32;
-    }
+    draw_routing(s, n, v == 0, pick);
     const Mode mode = std::vector<Mode>{Mode::Both, Mode::Finalized, Mode::Unfinalized}[sz((g + v) % 3)];
     for (int i = 0; i < 2; ++i) {
       Case c;
@@ -691,33 +742,11 @@ std::vector<Case> sweep_group(uint64_t master, int g) {
       c.seed = seed;
       c.mode = mode;
       c.cpu_tokens = 32;
-      InputOptions& o = c.inputs;
-      const bool pre = s.routing == RoutingMethod::Precomputed;
-      switch ((2 * n + i) % 7) {
-        case 1: o.force_expert = static_cast<int>(pick(static_cast<uint64_t>(E))); break;
-        case 2:
-          if (E >= k + 3) o.empty_experts = {0, E / 2, E - 1};
-          break;
-        case 3: o.ties = !pre && E >= 2; break;
-        case 4: o.nonfinite_hidden = true; break;
-        case 5:
-          o.nonfinite_logits = !pre;
-          o.invalid_ids = pre;
-          break;
-        case 6: o.invalid_ids = pre; break;
-        default: break;
-      }
+      draw_inputs(c, 2 * n + i, pick);
       out.push_back(c);
     }
   }
-  int max_t = 1;
-  for (const Case& c : out) max_t = std::max(max_t, c.tokens);
-  for (Case& c : out) c.max_tokens = max_t;
-  // The split runs on the group's largest token count up to 1000.
-  Case* split = nullptr;
-  for (Case& c : out)
-    if (c.tokens <= 1000 && (!split || c.tokens > split->tokens)) split = &c;
-  if (split) split->ep_ranks = ep_ranks;
+  finish_group(out, ep_ranks, 1000);
   return out;
 }
 
@@ -1497,6 +1526,145 @@ TEST(DifferentialSweepPlan, SpecsAreValidAndCoverEveryDimension) {
                         "alpha", "beta", "limit", "ep", "force_expert", "empty_experts", "ties",
                         "nonfinite_hidden", "nonfinite_logits", "invalid_ids"})
     EXPECT_TRUE(features.count(f)) << "the sweep never exercises " << f;
+}
+
+// ---- the random sweep of tiled decode shapes --------------------------------------------------
+// Tiled weights (WeightFormat::MxInt4G32Tiled: H and I multiples of 256) at the token counts of
+// the decode buckets, where the planner builds the stream GEMMs and what it adds to them per
+// shape: the resident one-token layer, the chain kernel (fp16 operands or bf16), the pipeline
+// behind the fused route+dispatch block (routed ids packed beside its word), four gemm2 blocks per
+// SM, group columns, the 17-64 bucket, and the older family just above 64 tokens. The random
+// sweep above draws H and I that are not multiples of 128 and so reaches none of these; the
+// Small* tests and the presets reach them on fixed shapes. Each group is one weight shape (E, H,
+// I, k, order, SwiGLU flags) with two routing variants of two token counts each; the first
+// variant has one token and runs both layer kinds, whose outputs must agree bitwise.
+// MOEJIT_DIFF_TILED_SEED=N draws another sample (default 20261130), MOEJIT_DIFF_TILED_GROUPS=N
+// sets the number of groups (default 8); MOEJIT_DIFF_LIST=1 makes DifferentialTiledSweepPlan.*
+// (no GPU needed) print every case with the kernel family its token count takes.
+constexpr int kTiledDims[] = {256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 7168};
+constexpr int kTiledExperts[] = {4, 16, 40, 64, 96, 128, 160, 256, 384};
+constexpr int kTiledTopK[] = {1, 2, 4, 6, 8, 10};
+constexpr int kTiledTokens[] = {2, 3, 4, 5, 8, 9, 16, 17, 24, 33, 64, 65};
+
+uint64_t tiled_seed() { return env_u64("MOEJIT_DIFF_TILED_SEED", 20261130); }
+int tiled_groups() { return static_cast<int>(std::min<uint64_t>(env_u64("MOEJIT_DIFF_TILED_GROUPS", 8), 256)); }
+
+std::vector<Case> tiled_group(uint64_t master, int g) {
+  uint64_t draw = 0;
+  auto pick = [&](uint64_t n) { return moejit::ref::hash64(master, static_cast<uint64_t>(g), draw++) % n; };
+  auto pick_of = [&](const auto& values) { return values[pick(std::size(values))]; };
+  // At most 2^31 weights per projection over all experts and 2^23 per expert (the CPU
+  // reference's fp64 work per token). Every fourth group draws the kind of shape the chain
+  // kernel is for (H and I multiples of 512, I at least 1024, top-8 or top-10: 512-deep stages
+  // in both GEMMs and enough 64-row gemm1 units at one token to fill the grid).
+  const bool chain_like = g % 4 == 0;
+  constexpr int kChainDims[] = {1024, 2048, 3072, 4096};
+  constexpr int kChainTopK[] = {8, 10};
+  MoeSpec base;
+  do {
+    base.hidden = chain_like ? pick_of(kChainDims) : pick_of(kTiledDims);
+    base.intermediate = chain_like ? pick_of(kChainDims) : pick_of(kTiledDims);
+    base.num_experts = pick_of(kTiledExperts);
+  } while (static_cast<long long>(base.hidden) * base.intermediate > (1ll << 23) ||
+           static_cast<long long>(base.hidden) * base.intermediate * base.num_experts > (1ll << 31) ||
+           (chain_like && base.num_experts < 16));
+  base.top_k = std::min(chain_like ? pick_of(kChainTopK) : pick_of(kTiledTopK), base.num_experts);
+  base.weight_format = WeightFormat::MxInt4G32Tiled;
+  base.gate_up_order = g % 2 ? GateUpOrder::UpGate : GateUpOrder::GateUp;
+  swiglu_of_group(base, g);
+  const int ep_ranks = g % 4 == 2 && base.num_experts >= 8 ? 2 + g / 4 % 2 : 0;
+
+  std::vector<Case> out;
+  for (int v = 0; v < 2; ++v) {
+    const int n = 2 * g + v;
+    MoeSpec s = base;
+    draw_routing(s, 3 * g + v, v == 0, pick);
+    for (int i = 0; i < 2; ++i) {
+      Case c;
+      c.name = fmt::format("tiled-sweep{}.{}", g, v);
+      c.spec = s;
+      c.tokens = v == 0 && i == 0 ? 1 : pick_of(kTiledTokens);
+      c.seed = 2000 + static_cast<uint64_t>(g);
+      c.mode = v == 0 ? Mode::Both : std::vector<Mode>{Mode::Finalized, Mode::Unfinalized}[sz(g % 2)];
+      c.cpu_tokens = 8;
+      draw_inputs(c, 2 * n + i, pick);
+      out.push_back(c);
+    }
+  }
+  finish_group(out, ep_ranks, 64);
+  return out;
+}
+
+class DifferentialTiledSweep : public ::testing::TestWithParam<int> {};
+
+TEST_P(DifferentialTiledSweep, Group) {
+  MOEJIT_REQUIRE_GPU();
+  run_cases(tiled_group(tiled_seed(), GetParam()));
+}
+
+INSTANTIATE_TEST_SUITE_P(Random, DifferentialTiledSweep, ::testing::Range(0, tiled_groups()));
+
+// The kernel family a launch of T tokens takes under `plan` (moejit::dump's plan text of a
+// finalized or unfinalized layer): "resident", "chain", "chain-f16", "stream" (the pipeline of
+// stream GEMMs), "older"; with " gemm2x4" where the pipeline's gemm2 runs four blocks per SM, "
+// ids64" where its routed ids come packed beside the fused block's word beyond 8 slots, and "
+// b17" in a bucket that starts at 17 tokens.
+std::string decode_family(const std::string& plan, int T, int top_k) {
+  std::istringstream lines(plan);
+  std::string line, bucket;
+  bool ids64 = false;
+  while (std::getline(lines, line)) {
+    if (line.rfind("kernel route_dispatch ", 0) == 0) ids64 = line.find("routed_id_slots=64") != std::string::npos;
+    int lo = 0;
+    char hi[16] = {};
+    if (std::sscanf(line.c_str(), "bucket %*d tokens=[%d,%15[^]]]", &lo, hi) == 2 && T >= lo &&
+        (std::strcmp(hi, "inf") == 0 || T <= std::atoi(hi)))
+      bucket = line;
+  }
+  if (bucket.empty()) return "none";
+  const std::string b17 = bucket.find("tokens=[17,") != std::string::npos ? " b17" : "";
+  if (T == 1 && bucket.find(" resident(tokens=1 ") != std::string::npos) return "resident";
+  const size_t chain = bucket.find(" chain(tokens<=");
+  if (chain != std::string::npos && T <= std::atoi(bucket.c_str() + chain + 15))
+    return (bucket.find(" f16=", chain) != std::string::npos ? "chain-f16" : "chain") + b17;
+  const size_t s2 = bucket.find(" stream2(");
+  if (bucket.find(" stream1(") == std::string::npos || s2 == std::string::npos) return "older" + b17;
+  std::string f = "stream" + b17;
+  if (bucket.find("blocks_per_sm=4", s2) < bucket.find(')', s2)) f += " gemm2x4";
+  if (ids64 && T * top_k > 8) f += " ids64";
+  return f;
+}
+
+// Host-only (runs without a GPU): every tiled sweep spec is valid, and the default sample reaches
+// each kernel family of the decode buckets.
+TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
+  std::set<std::string> reached;
+  int cases = 0;
+  for (int g = 0; g < tiled_groups(); ++g)
+    for (const Case& c : tiled_group(tiled_seed(), g)) {
+      ++cases;
+      SCOPED_TRACE(case_line(c));
+      std::string families;
+      for (bool fin : {true, false}) {
+        if ((fin && c.mode == Mode::Unfinalized) || (!fin && c.mode == Mode::Finalized)) continue;
+        MoeSpec s = c.spec;
+        s.finalize = fin;
+        EXPECT_NO_THROW(s.validate());
+        const std::string f = decode_family(moejit::dump(s, moejit::DumpKind::Plan), c.tokens, s.top_k);
+        families += (families.empty() ? "" : " / ") + f;
+        std::istringstream words(f);
+        for (std::string w; words >> w;) reached.insert(w);
+      }
+      if (c.ep_ranks >= 2) reached.insert("ep");
+      if (std::getenv("MOEJIT_DIFF_LIST"))
+        std::printf("[diff] plan: %s -> %s\n", case_line(c).c_str(), families.c_str());
+    }
+  std::printf("[diff] tiled sweep plan: seed %llu, %d groups, %d cases, reached: %s\n",
+              static_cast<unsigned long long>(tiled_seed()), tiled_groups(), cases,
+              fmt::format("{}", fmt::join(reached, " ")).c_str());
+  if (tiled_seed() != 20261130 || tiled_groups() != 8) GTEST_SKIP() << "coverage is checked for the default sample";
+  for (const char* f : {"resident", "chain-f16", "stream", "older", "gemm2x4", "ids64", "b17", "ep"})
+    EXPECT_TRUE(reached.count(f)) << "the tiled sweep never reaches " << f;
 }
 
 }  // namespace
