@@ -730,15 +730,22 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       b.s2.group_cols = flag_of("gc2", true, "group columns for gemm2's one-row tiles") ? 1 : 0;
     // One token of a finalized layer whose routed weights fit in the grid's shared memory: the
     // resident layer (one launch; bench/RESULTS.md section 19). "res=0|1" overrides.
+    // one_token_resident: the finalized layer of this shape has one (an unfinalized layer's
+    // chain then leaves it one token: Bucket::chain_min_tokens).
+    bool one_token_resident = false;
     if (b.stream && lo == 1 && resident_wanted) {
       // "rkp=N", "rwin=N", "rw=N": gemm1's K part, the parts in flight, the warps.
       auto value_of = [&](const char* key) {
         const auto v = value_text(key);
         return v ? std::stoi(*v) : 0;
       };
-      b.res = pick_resident(spec, 132, value_of("rkp"), value_of("rwin"), value_of("rw"),
-                            b.s1.consumer_warps, b.s2.consumer_warps, b.s2.pack_planes,
-                            plan.block_route);
+      MoeSpec finalized = spec;
+      finalized.finalize = true;
+      const ResidentConfig res = pick_resident(finalized, 132, value_of("rkp"), value_of("rwin"), value_of("rw"),
+                                               b.s1.consumer_warps, b.s2.consumer_warps, b.s2.pack_planes,
+                                               plan.block_route);
+      one_token_resident = res.grid > 0;
+      if (spec.finalize) b.res = res;
     }
     // Both GEMMs as one chain kernel: a block streams its gemm1 units, then gemm2's, through
     // gemm1's ring (slots of gemm1's stage), so that gemm2 starts as each block's gemm1 ends.
@@ -819,6 +826,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
         b.c1 = c1;
         b.c2 = c2;
         b.chain_tokens = po ? std::min(4, hi) : hi;
+        b.chain_min_tokens = one_token_resident ? 2 : 1;
       }
     }
     plan.buckets.push_back(b);
@@ -906,8 +914,10 @@ std::string describe(const Plan& plan) {
                                   b.res.grid, b.res.warps, b.res.k_part1, b.res.window, b.res.units1,
                                   b.res.units2, b.res.smem, b.res.block_route ? " block_route=1" : "")
                       : std::string()) +
-            (b.chain_tokens > 0 ? fmt::format(" chain(tokens<={} k_stage1={} k_stage2={} stages={} slot_bytes={}{}{}{})",
-                                              b.chain_tokens, b.c1.k_stage, b.c2.k_stage, b.c1.stages,
+            (b.chain_tokens > 0 ? fmt::format(" chain(tokens<={}{} k_stage1={} k_stage2={} stages={} slot_bytes={}{}{}{})",
+                                              b.chain_tokens,
+                                              b.chain_min_tokens > 1 ? fmt::format(" tokens>={}", b.chain_min_tokens) : "",
+                                              b.c1.k_stage, b.c2.k_stage, b.c1.stages,
                                               b.c1.slot_bytes, b.c2.packed_only ? " packed_only=1" : "",
                                               b.c1.f16 ? (b.c2.f16 ? " f16=2" : " f16=1") : "",
                                               b.c2.chain_finalize ? " finalize=1" : "")

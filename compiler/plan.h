@@ -241,9 +241,13 @@ struct Bucket {
   // of at most 4 valid rows), chain_tokens is at most 4 and Precomputed routing, which may repeat
   // an expert within a token, takes the chain only up to 4 slots.
   int chain_tokens = 0;
+  // The chain's fewest tokens: 2 where one token of the finalized layer of this shape runs the
+  // resident layer, whose sums follow the pipeline's order and not the chain's; one token of the
+  // unfinalized layer then takes the pipeline too, so that the two layer kinds stay equal bitwise.
+  int chain_min_tokens = 1;
   StreamConfig c1, c2;
   bool chain_for(int tokens, int top_k, bool precomputed) const {
-    return tokens <= chain_tokens &&
+    return tokens >= chain_min_tokens && tokens <= chain_tokens &&
            (!c2.packed_only || !precomputed || static_cast<long long>(tokens) * top_k <= 4);
   }
 

@@ -497,6 +497,36 @@ TEST(PlanStream, StageBytes) {
 // (kimi-k2-tp4) do not, unless forced (ch=1), and then with both planes up to the bucket's end.
 // Precomputed routing (an expert may repeat within a token) takes a one-plane chain only up to 4
 // slots.
+// Where the finalized layer's one token runs the resident layer and the bucket also has a chain
+// (tiled H = I = 1024, top-8: both fit), the chain starts at two tokens in both layer kinds, so
+// that one token of the unfinalized layer runs the pipeline, whose sums the resident layer
+// follows (bitwise equal outputs; found by Differential's random sweep of tiled shapes).
+TEST(PlanStream, ChainLeavesOneTokenToTheResidentLayer) {
+  MoeSpec s = preset("qwen3-30b-a3b");
+  s.hidden = 1024;
+  s.intermediate = 1024;
+  s.num_experts = 64;
+  s.weight_format = WeightFormat::MxInt4G32Tiled;
+  for (const bool fin : {true, false}) {
+    s.finalize = fin;
+    const Plan p = make_plan(s, 64, "sm_90a");
+    const Bucket& b = p.buckets[0];
+    EXPECT_EQ(b.resident(), fin);
+    EXPECT_EQ(b.chain_tokens, 4);
+    EXPECT_EQ(b.chain_min_tokens, 2);
+    EXPECT_FALSE(b.chain_for(1, 8, false));
+    EXPECT_TRUE(b.chain_for(2, 8, false));
+    EXPECT_NE(describe(p).find(" chain(tokens<=4 tokens>=2 "), std::string::npos);
+    const ScopedOverride no_resident("res=0");
+    EXPECT_EQ(make_plan(s, 64, "sm_90a").buckets[0].chain_min_tokens, 1);
+  }
+  for (const char* name : {"kimi-k2", "deepseek-v3"}) {
+    MoeSpec k = preset(name);
+    k.weight_format = WeightFormat::MxInt4G32Tiled;
+    EXPECT_EQ(make_plan(k, 64, "sm_90a").buckets[0].chain_min_tokens, 1) << name;
+  }
+}
+
 TEST(PlanStream, ChainRuleAndOverrides) {
   EXPECT_EQ(stream_stage_bytes(512, false, 64, true, false, true), 27648);  // 27136 padded
   EXPECT_EQ(stream_stage_bytes(512, false, 64, true, false, false), 35840);  // both planes: > 27 KiB

@@ -1403,6 +1403,22 @@ TEST(Differential, SmallTiledChainFp16) {
   }
 }
 
+// A shape where the finalized layer's one token runs the resident layer and the bucket also has a
+// chain (tiled H = I = 1024, 64 experts, top-8): one token of both layer kinds runs kernels that
+// sum in the same order (Bucket::chain_min_tokens; before it, the unfinalized layer's chain
+// differed from the resident layer in a few elements, bitwise), two and four tokens the chain.
+TEST(Differential, TiledResidentBesideChain) {
+  MOEJIT_REQUIRE_GPU();
+  MoeSpec s = tiled(small_stream_spec());
+  s.hidden = 1024;
+  s.intermediate = 1024;
+  s.num_experts = 64;
+  s.top_k = 8;
+  std::vector<Case> cases;
+  for (const int t : {1, 2, 4}) cases.push_back(small_case("tiled-resident-beside-chain", s, t));
+  run_cases(cases);
+}
+
 // The preset the fp16 chain is for, at token counts its chain runs (not in Differential.Small*,
 // which the sanitizer script runs).
 TEST(Differential, TiledChainFp16KimiK2) {
