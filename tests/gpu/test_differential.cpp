@@ -1310,12 +1310,19 @@ MoeSpec tiled(MoeSpec s) {
   return s;
 }
 
+// The small stream spec, tiled, with H, I, E and top-k of its own.
+MoeSpec tiled_shape(int hidden, int intermediate, int experts, int top_k = 4) {
+  MoeSpec s = tiled(small_stream_spec());
+  s.hidden = hidden;
+  s.intermediate = intermediate;
+  s.num_experts = experts;
+  s.top_k = top_k;
+  return s;
+}
+
 TEST(Differential, SmallTiledWeights) {
   MOEJIT_REQUIRE_GPU();
-  MoeSpec multi = tiled(small_stream_spec());
-  multi.hidden = 2048;
-  multi.intermediate = 768;
-  multi.num_experts = 32;
+  const MoeSpec multi = tiled_shape(2048, 768, 32);
   for (const char* o : {"stream=1", "stream=1,res=0", "stream=1,tma=0", "stream=1,tma=1,u1=16,u2=32",
                         "stream=1,tma=1,u1=32,u2=32", "stream=1,tma=1,u1=64,u2=64",
                         "stream=1,dyn=1,res=0,ch=1", "stream=1,s1=2x512x3,s2=1x256x4",
@@ -1333,11 +1340,7 @@ TEST(Differential, SmallTiledWeights) {
   pre.gate_up_order = GateUpOrder::UpGate;
   Case p = small_case("tiled-precomputed-up-gate", pre, 9);
   p.inputs.invalid_ids = true;
-  MoeSpec wide = tiled(small_stream_spec());
-  wide.hidden = 2304;
-  wide.intermediate = 768;
-  wide.num_experts = 64;
-  wide.top_k = 8;
+  const MoeSpec wide = tiled_shape(2304, 768, 64, 8);
   Case large = small_case("tiled-large", tiled(small_stream_spec()), 200);
   large.max_tokens = 0;
   run_cases({p, small_case("tiled-wide-resident", wide, 1), large,
@@ -1351,10 +1354,7 @@ TEST(Differential, SmallTiledWeights) {
 // tiles only ("gcr=1"), and in a chain whose gemm2 keeps bf16 operands ("f16=0").
 TEST(Differential, SmallTiledGroupColumns) {
   MOEJIT_REQUIRE_GPU();
-  MoeSpec s = tiled(small_stream_spec());
-  s.hidden = 2048;        // gemm1: four 512-deep stages
-  s.intermediate = 768;   // gemm2: three 256-deep stages
-  s.num_experts = 64;
+  const MoeSpec s = tiled_shape(2048, 768, 64);  // gemm1: four 512-deep stages, gemm2: three 256-deep ones
   for (const char* o : {"stream=1,res=0", "stream=1,res=0,gc=0,gc2=0", "stream=1,res=0,gcr=1",
                         "stream=1,dyn=1,res=0,ch=1,chpo=1,f16=0"}) {
     const ScopedPlanOverride force(o);
@@ -1380,14 +1380,9 @@ TEST(Differential, SmallTiledChainFp16) {
     const std::string name = std::string("tiled-chain[") + o + "]";
     std::vector<Case> cases;
     for (const int t : {1, 2, 3, 4, 5}) cases.push_back(small_case(name, tiled(small_stream_spec()), t));
-    MoeSpec wide = tiled(small_stream_spec());
-    wide.hidden = 1024;
-    wide.intermediate = 512;
+    const MoeSpec wide = tiled_shape(1024, 512, 16);
     for (const int t : {1, 4}) cases.push_back(small_case(name + "-i512", wide, t));
-    MoeSpec multi = tiled(small_stream_spec());
-    multi.hidden = 2048;
-    multi.intermediate = 768;
-    multi.num_experts = 32;
+    const MoeSpec multi = tiled_shape(2048, 768, 32);
     for (const int t : {1, 3}) cases.push_back(small_case(name + "-multi-stage", multi, t));
     for (const int t : {1, 3}) cases.push_back(small_case(name + "-ep", grouped_rank(tiled(small_stream_spec()), 5, 6, true), t));
     MoeSpec pre = tiled(small_stream_spec());
@@ -1409,11 +1404,7 @@ TEST(Differential, SmallTiledChainFp16) {
 // differed from the resident layer in a few elements, bitwise), two and four tokens the chain.
 TEST(Differential, TiledResidentBesideChain) {
   MOEJIT_REQUIRE_GPU();
-  MoeSpec s = tiled(small_stream_spec());
-  s.hidden = 1024;
-  s.intermediate = 1024;
-  s.num_experts = 64;
-  s.top_k = 8;
+  const MoeSpec s = tiled_shape(1024, 1024, 64, 8);
   std::vector<Case> cases;
   for (const int t : {1, 2, 4}) cases.push_back(small_case("tiled-resident-beside-chain", s, t));
   run_cases(cases);
