@@ -7,11 +7,23 @@
 // W = w2, no epilogue, fp32 rows. Padding rows of a tile read zeros; Gemm2 writes zeros there.
 //
 // Tensor cores: mma.sync m16n8k16 bf16 with weights as the A operand (16 features) and rows as
-// B (8 rows per n-tile), fp32 accumulation. Because the MMA sums over k, both operands may use
-// any common permutation of k: thread t of a quad owns one whole MXINT4 group (32 k = 16 bytes
-// of a weight row, one 16-byte load, one scale) and feeds it over the 8 k-steps of a 4-group
-// block. A weight nibble becomes a bf16 with one prmt and one lop3 (magic exponent 0x43,
-// 136 + v), then (r - 136) * scale in bf16x2.
+// B (8 rows per n-tile), fp32 accumulation. Thread t of a quad loads one whole MXINT4 group (32 k
+// = 16 bytes of a weight row, one 16-byte load, one scale) of a 4-group block. A nibble pair
+// becomes the exact bf16 integers v with one prmt (or shift), one lop3 (magic exponent 0x43,
+// 136 + v) and one subtraction of 136. The weight v * scale is never rounded to bf16 (the
+// reference does not round it either; rounding cost gemm2 rows ~2.5e-3 rel L2 and failed the
+// differential bounds on some shapes: bench/RESULTS.md section 49). Two ways, by tile size
+// (the faster of the exact variants measured on an H200 for each, section 49):
+//  * kGroupMma (tiles of >= 32 rows): a 4x4 transpose of words inside the quad (four shuffles)
+//    gives thread t word t (k = 8t..8t+7) of each of the 4 groups, so that every MMA sums over
+//    one group: two k-steps into a fresh fp32 accumulator, added to the result times the group's
+//    scale in fp32 (acc += scale[f, group] * sum_k v x). x is read as the matching 8 k.
+//  * Otherwise each thread feeds its own group over the 8 k-steps of the block (the MMA sums
+//    over k in any order shared by both operands), as v * scale split exactly into bf16 hi + lo
+//    (hi = bf16(v s), lo = v s - hi, which has at most 4 significant bits): one MMA more per
+//    k-step (gemm2: lo times x's hi plane only; lo x lo is below 2^-16 of the product), into
+//    accumulators of its own on direct-x tiles, into the hi chain on 16-row tiles (chains of
+//    their own there cost registers, and with them blocks per SM, or spilled).
 //
 // Weights for chunk c+1 are loaded into a second register set while chunk c is multiplied, so
 // every thread keeps kIters * AT * 2 16-byte loads in flight.
@@ -51,22 +63,51 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// Pair j (k = 2j, 2j+1 of a 32-k group held as 16 bytes) as bf16x2 of v * scale. kPairOrder:
-// the words hold their nibbles in pair order (tiled w13, moejit.h), k = 2j, 2j + 1 at nibbles
-// j % 4 and j % 4 + 4 of word j / 4.
-template <int J, bool kPairOrder>
-__device__ __forceinline__ uint32_t dequant_pair(const uint4& q16, uint32_t scale2) {
-  const uint32_t q = word_of(q16, J / 4);
-  constexpr uint32_t b = J % 4;
-  constexpr uint32_t sel = b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12);
-  // Row-major: the low nibble of byte b to bits 0-3, its high nibble to bits 16-19 (a prmt);
-  // pair order: one shift. Then bf16 136 + v (nib_pair).
-  const uint32_t x = kPairOrder ? nib_pair(q >> (4 * b)) : nib_pair(__byte_perm(q, q >> 4, sel));
+// Pair P of a word as bf16x2 of the exact integers v. Row-major words hold k = 2P, 2P + 1 (of the
+// word's 8) in the low and high nibble of byte P; kPairOrder (tiled w13, moejit.h): at nibbles P
+// and P + 4. Both become bf16 136 + v (nib_pair), then 136 is subtracted (exact).
+template <int P, bool kPairOrder>
+__device__ __forceinline__ uint32_t dequant_pair(uint32_t q) {
+  constexpr uint32_t sel = P | (P << 4) | ((4 + P) << 8) | ((4 + P) << 12);
+  // Row-major: the low nibble of byte P to bits 0-3, its high nibble to bits 16-19 (a prmt);
+  // pair order: one shift.
+  const uint32_t x = kPairOrder ? nib_pair(q >> (4 * P)) : nib_pair(__byte_perm(q, q >> 4, sel));
   __nv_bfloat162 r = *reinterpret_cast<const __nv_bfloat162*>(&x);
   const uint32_t k136 = 0x43084308u;  // bf16x2 (136, 136)
   r = __hsub2(r, *reinterpret_cast<const __nv_bfloat162*>(&k136));
-  r = __hmul2(r, *reinterpret_cast<const __nv_bfloat162*>(&scale2));
   return *reinterpret_cast<uint32_t*>(&r);
+}
+
+// v * scale (bf16x2 each) as hi + lo, both bf16x2 and exact together.
+__device__ __forceinline__ void split_scaled(uint32_t v2, uint32_t scale2, uint32_t& hi_out,
+                                             uint32_t& lo_out) {
+  const __nv_bfloat162 v = *reinterpret_cast<const __nv_bfloat162*>(&v2);
+  const __nv_bfloat162 s = *reinterpret_cast<const __nv_bfloat162*>(&scale2);
+  const __nv_bfloat162 hi = __hmul2(v, s);
+  const __nv_bfloat162 lo = __hfma2(v, s, __hneg2(hi));
+  hi_out = *reinterpret_cast<const uint32_t*>(&hi);
+  lo_out = *reinterpret_cast<const uint32_t*>(&lo);
+}
+
+// One step of quad_transpose: threads t and t ^ kLane exchange two words. The thread with bit
+// kLane of t sends (a0, a1) and receives into them, its partner sends and receives (b0, b1).
+template <int kLane>
+__device__ __forceinline__ void quad_swap(uint32_t& a0, uint32_t& a1, uint32_t& b0, uint32_t& b1,
+                                          int t) {
+  const bool up = t & kLane;
+  const uint32_t r0 = __shfl_xor_sync(0xffffffffu, up ? a0 : b0, kLane);
+  const uint32_t r1 = __shfl_xor_sync(0xffffffffu, up ? a1 : b1, kLane);
+  (up ? a0 : b0) = r0;
+  (up ? a1 : b1) = r1;
+}
+
+// 4x4 transpose of 32-bit words across the 4 threads of a quad (t = lane % 4): on entry word j of
+// thread t is M[t][j], on return it is M[j][t]. Threads t and t ^ 2 swap the off-diagonal 2x2
+// blocks, then threads t and t ^ 1 swap inside each block.
+__device__ __forceinline__ uint4 quad_transpose(uint4 v, int t) {
+  quad_swap<2>(v.x, v.y, v.z, v.w, t);
+  quad_swap<1>(v.x, v.z, v.y, v.w, t);
+  return v;
 }
 
 // The finalize fused into gemm2 (decode): after this block's y rows are written, it counts them
@@ -121,7 +162,10 @@ __device__ void grouped_gemm(const GemmParams& p) {
   constexpr int WK = Cfg::kWarpsK;
   constexpr int CG = Cfg::kChunkGroups;    // groups per shared-memory chunk
   constexpr int CK = CG * 32;
-  constexpr int kStride = CK + 8;          // bf16 per shared row: 16 bytes of padding
+  constexpr bool kGroupMma = NT >= 4;
+  // bf16 per shared row, padded (kGroupMma: by 64 bytes, so that the 16-byte x reads of a quarter
+  // warp, rows g and g + 1 at 16 t bytes, hit every bank once; otherwise by 16 bytes).
+  constexpr int kStride = CK + (kGroupMma ? 32 : 8);
   constexpr int kIters = CG / (4 * WK);    // 4-group blocks per warp per chunk
   constexpr bool kGemm1 = Cfg::kGemm1;
   constexpr bool kPairW = kGemm1 && Cfg::kTiledW;  // w13 words in pair order (moejit.h)
@@ -190,11 +234,14 @@ __device__ void grouped_gemm(const GemmParams& p) {
   }
 
   // Independent accumulator chains: consecutive MMAs into one accumulator serialise on the MMA
-  // latency. Gemm2 keeps its hi and lo planes apart and, on direct-x tiles (one n-tile, one A
-  // tile), alternates two chains by k-step parity (gemm1 already has its gate and up chains);
-  // the chains are summed in a fixed order after the K loop.
+  // latency. Without kGroupMma, gemm2 keeps its hi and lo planes apart and, on direct-x tiles
+  // (one n-tile, one A tile), alternates two chains by k-step parity (gemm1 already has its gate
+  // and up chains); there the lo weights have chains of their own (from kLoChain). kGroupMma adds each group's
+  // accumulator into chain 0 (fp32 FMAs in ascending group order within a thread's K share). The
+  // chains are summed in a fixed order after the K loop.
   constexpr int kPar = kDirectX && !kGemm1 ? 2 : 1;
-  constexpr int kChains = kPlanes * kPar;
+  constexpr int kLoChain = kDirectX ? kPlanes * kPar : 0;
+  constexpr int kChains = kGroupMma ? 1 : kPlanes * kPar + (kDirectX ? kPar : 0);
   float accs[kChains][AT][NT][4];
 #pragma unroll
   for (int c = 0; c < kChains; ++c)
@@ -245,7 +292,7 @@ __device__ void grouped_gemm(const GemmParams& p) {
                                    (arow[a] % kWBlock + g + 8 * h) * 8 + (grp & 7)
                              : row * KG + grp;
             const unsigned short sv = __bfloat16_as_ushort(sexp[s_idx]);
-            sc[it][a][h] = static_cast<uint32_t>(sv) | (static_cast<uint32_t>(sv) << 16);
+            sc[it][a][h] = sv;
           } else {
             wq[it][a][h] = make_uint4(0, 0, 0, 0);
             sc[it][a][h] = 0;
@@ -272,8 +319,81 @@ __device__ void grouped_gemm(const GemmParams& p) {
       }
     }
   };
-  // MMAs of one chunk: 8 k-steps per 4-group block.
-  auto compute = [&](int c0, const WRegs& wq, const SRegs& sc) {
+  // MMAs of one chunk: per 4-group block, the quad's words transposed (thread t: word t of each
+  // group), then per group two k-steps into a fresh accumulator and one scaled add.
+  constexpr int kGroupUnroll = AT * NT <= 4 ? 4 : 1;
+  auto compute_groups = [&](int c0, const WRegs& wq, const SRegs& sc) {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      uint4 wt[AT][2];
+      uint32_t sp[AT];  // this thread's group's scales: row g in bits 0-15, row g + 8 in 16-31
+#pragma unroll
+      for (int a = 0; a < AT; ++a) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) wt[a][h] = quad_transpose(wq[it][a][h], t);
+        sp[a] = sc[it][a][0] | (sc[it][a][1] << 16);
+      }
+      // Groups one after another where their accumulators are large (64-row tiles hold 64 floats
+      // per group and would spill); small tiles unroll them, so the groups' MMA chains overlap.
+#pragma unroll(kGroupUnroll)
+      for (int j = 0; j < 4; ++j) {
+        const int gi = (wk + it * WK) * 4 + j;  // chunk-relative group
+        // x: k = 8t..8t+7 of group gi per row (k-step 0 takes the first four), both planes.
+        uint4 xv[kPlanes][NT];
+#pragma unroll
+        for (int q = 0; q < kPlanes; ++q)
+#pragma unroll
+          for (int n = 0; n < NT; ++n) {
+            xv[q][n] = make_uint4(0, 0, 0, 0);
+            if constexpr (kDirectX) {
+              // Row g of the tile from global memory (L1 hits after the first warp).
+              if (x_row_valid && c0 + gi < KG)
+                xv[q][n] = __ldg(reinterpret_cast<const uint4*>(
+                    (q ? x_lo : x) + static_cast<long long>(x_row) * K +
+                    static_cast<long long>(c0 + gi) * 32 + 8 * t));
+            } else if (n * 8 + g < rows_valid) {
+              xv[q][n] = *reinterpret_cast<const uint4*>(
+                  xs + (q * kTile + n * 8 + g) * kStride + gi * 32 + 8 * t);
+            }
+          }
+        float part[AT][NT][4] = {};
+#pragma unroll
+        for (int s = 0; s < 2; ++s)
+#pragma unroll
+          for (int a = 0; a < AT; ++a) {
+            const uint32_t w0 = word_of(wt[a][0], j);
+            const uint32_t w1 = word_of(wt[a][1], j);
+            uint32_t af[4];
+            af[0] = s ? dequant_pair<2, kPairW>(w0) : dequant_pair<0, kPairW>(w0);
+            af[1] = s ? dequant_pair<2, kPairW>(w1) : dequant_pair<0, kPairW>(w1);
+            af[2] = s ? dequant_pair<3, kPairW>(w0) : dequant_pair<1, kPairW>(w0);
+            af[3] = s ? dequant_pair<3, kPairW>(w1) : dequant_pair<1, kPairW>(w1);
+#pragma unroll
+            for (int q = 0; q < kPlanes; ++q)
+#pragma unroll
+              for (int n = 0; n < NT; ++n)
+                if (n * 8 < rows_valid)
+                  mma_bf16_16816(part[a][n], af, s ? xv[q][n].z : xv[q][n].x,
+                                 s ? xv[q][n].w : xv[q][n].y);
+          }
+#pragma unroll
+        for (int a = 0; a < AT; ++a) {
+          // Group gi's scales of rows g and g + 8 from thread j of the quad.
+          const uint32_t sj = __shfl_sync(0xffffffffu, sp[a], j, 4);
+          const float s_lo = __uint_as_float(sj << 16);
+          const float s_hi = __uint_as_float(sj & 0xffff0000u);
+#pragma unroll
+          for (int n = 0; n < NT; ++n)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+              accs[0][a][n][i] = fmaf(i < 2 ? s_lo : s_hi, part[a][n][i], accs[0][a][n][i]);
+        }
+      }
+    }
+  };
+
+  // MMAs of one chunk without kGroupMma: 8 k-steps per 4-group block, each thread's own group.
+  auto compute_split = [&](int c0, const WRegs& wq, const SRegs& sc) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int gi = group_of(it);  // chunk-relative group of this thread
@@ -283,58 +403,58 @@ __device__ void grouped_gemm(const GemmParams& p) {
       const uint2* xr = reinterpret_cast<const uint2*>(x + x_at);
       const uint2* xr_lo = reinterpret_cast<const uint2*>(x_lo + x_at);
       const bool x_ok = kDirectX && x_row_valid && c0 + gi < KG;
+      uint32_t s2[AT][2];  // the scales as bf16x2 (s, s)
+#pragma unroll
+      for (int a = 0; a < AT; ++a)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) s2[a][h] = __byte_perm(sc[it][a][h], 0, 0x1010);
 #pragma unroll
       for (int s = 0; s < 8; ++s) {
         uint32_t b[kPlanes][NT][2];
 #pragma unroll
         for (int q = 0; q < kPlanes; ++q)
 #pragma unroll
-        for (int n = 0; n < NT; ++n) {
-          b[q][n][0] = b[q][n][1] = 0;
-          if constexpr (kDirectX) {
-            if (x_ok) {
-              const uint2 v = __ldg((q ? xr_lo : xr) + s);
+          for (int n = 0; n < NT; ++n) {
+            b[q][n][0] = b[q][n][1] = 0;
+            if constexpr (kDirectX) {
+              if (x_ok) {
+                const uint2 v = __ldg((q ? xr_lo : xr) + s);
+                b[q][n][0] = v.x;
+                b[q][n][1] = v.y;
+              }
+            } else if (n * 8 + g < rows_valid) {
+              const uint2 v = *reinterpret_cast<const uint2*>(
+                  xs + (q * kTile + n * 8 + g) * kStride + gi * 32 + 4 * s);
               b[q][n][0] = v.x;
               b[q][n][1] = v.y;
             }
-          } else if (n * 8 + g < rows_valid) {
-            const uint2 v = *reinterpret_cast<const uint2*>(
-                xs + (q * kTile + n * 8 + g) * kStride + gi * 32 + 4 * s);
-            b[q][n][0] = v.x;
-            b[q][n][1] = v.y;
           }
-        }
 #pragma unroll
         for (int a = 0; a < AT; ++a) {
-          uint32_t af[4];
-          // Unrolled s makes the pair index a compile-time constant.
-          switch (s) {
-#define MOEJIT_DEQ_CASE(S)                                                  \
-  case S:                                                                   \
-    af[0] = dequant_pair<2 * S, kPairW>(wq[it][a][0], sc[it][a][0]);        \
-    af[1] = dequant_pair<2 * S, kPairW>(wq[it][a][1], sc[it][a][1]);        \
-    af[2] = dequant_pair<2 * S + 1, kPairW>(wq[it][a][0], sc[it][a][0]);    \
-    af[3] = dequant_pair<2 * S + 1, kPairW>(wq[it][a][1], sc[it][a][1]);    \
-    break;
-            MOEJIT_DEQ_CASE(0)
-            MOEJIT_DEQ_CASE(1)
-            MOEJIT_DEQ_CASE(2)
-            MOEJIT_DEQ_CASE(3)
-            MOEJIT_DEQ_CASE(4)
-            MOEJIT_DEQ_CASE(5)
-            MOEJIT_DEQ_CASE(6)
-            MOEJIT_DEQ_CASE(7)
-#undef MOEJIT_DEQ_CASE
-          }
+          // Pairs 2s and 2s + 1 of the group (k = 4s..4s+3): word s / 2, pairs 2 (s % 2) + 0, 1.
+          uint32_t af[4], al[4];
+          const uint32_t w0 = word_of(wq[it][a][0], s / 2);
+          const uint32_t w1 = word_of(wq[it][a][1], s / 2);
+          split_scaled(s % 2 ? dequant_pair<2, kPairW>(w0) : dequant_pair<0, kPairW>(w0), s2[a][0], af[0], al[0]);
+          split_scaled(s % 2 ? dequant_pair<2, kPairW>(w1) : dequant_pair<0, kPairW>(w1), s2[a][1], af[1], al[1]);
+          split_scaled(s % 2 ? dequant_pair<3, kPairW>(w0) : dequant_pair<1, kPairW>(w0), s2[a][0], af[2], al[2]);
+          split_scaled(s % 2 ? dequant_pair<3, kPairW>(w1) : dequant_pair<1, kPairW>(w1), s2[a][1], af[3], al[3]);
 #pragma unroll
           for (int q = 0; q < kPlanes; ++q)
 #pragma unroll
             for (int n = 0; n < NT; ++n)
-              if (n * 8 < rows_valid)
+              if (n * 8 < rows_valid) {
                 mma_bf16_16816(accs[q * kPar + (s % kPar)][a][n], af, b[q][n][0], b[q][n][1]);
+                if (q == 0)
+                  mma_bf16_16816(accs[kLoChain + (s % kPar)][a][n], al, b[0][n][0], b[0][n][1]);
+              }
         }
       }
     }
+  };
+  auto compute = [&](int c0, const WRegs& wq, const SRegs& sc) {
+    if constexpr (kGroupMma) compute_groups(c0, wq, sc);
+    else compute_split(c0, wq, sc);
   };
 
   constexpr int kChunks = (KG + CG - 1) / CG;
