@@ -176,6 +176,7 @@ __device__ void grouped_gemm(const GemmParams& p) {
   // 8-row tiles read x straight from global memory (L1) into registers: no staging, no barriers.
   constexpr bool kDirectX = Cfg::kDirectX;
   static_assert(!kDirectX || (kTile == 8 && Cfg::kDoubleBuffer), "direct x needs 8-row tiles");
+  static_assert(!(kDirectX && kGroupMma), "kGroupMma reads x from shared memory");
   // Gemm2 reads the activation as hi and lo bf16 planes (two MMAs per k-step); gemm1's x is
   // bf16 input, exact in one plane.
   constexpr int kPlanes = kGemm1 ? 1 : 2;
@@ -338,23 +339,17 @@ __device__ void grouped_gemm(const GemmParams& p) {
 #pragma unroll(kGroupUnroll)
       for (int j = 0; j < 4; ++j) {
         const int gi = (wk + it * WK) * 4 + j;  // chunk-relative group
-        // x: k = 8t..8t+7 of group gi per row (k-step 0 takes the first four), both planes.
+        // x from shared memory: k = 8t..8t+7 of group gi per row (k-step 0 takes the first
+        // four), both planes.
         uint4 xv[kPlanes][NT];
 #pragma unroll
         for (int q = 0; q < kPlanes; ++q)
 #pragma unroll
           for (int n = 0; n < NT; ++n) {
             xv[q][n] = make_uint4(0, 0, 0, 0);
-            if constexpr (kDirectX) {
-              // Row g of the tile from global memory (L1 hits after the first warp).
-              if (x_row_valid && c0 + gi < KG)
-                xv[q][n] = __ldg(reinterpret_cast<const uint4*>(
-                    (q ? x_lo : x) + static_cast<long long>(x_row) * K +
-                    static_cast<long long>(c0 + gi) * 32 + 8 * t));
-            } else if (n * 8 + g < rows_valid) {
+            if (n * 8 + g < rows_valid)
               xv[q][n] = *reinterpret_cast<const uint4*>(
                   xs + (q * kTile + n * 8 + g) * kStride + gi * 32 + 8 * t);
-            }
           }
         float part[AT][NT][4] = {};
 #pragma unroll
