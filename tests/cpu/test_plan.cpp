@@ -60,7 +60,7 @@ std::vector<MoeSpec> specs_under_test() {
 }
 
 TEST(PlanBuckets, Ranges) {
-  const std::vector<std::pair<int, int>> expected = {{1, 16}, {17, 64}, {65, 512}, {513, 0}};
+  const std::vector<std::pair<int, int>> expected = {{1, 16}, {17, 64}, {65, 128}, {129, 512}, {513, 0}};
   EXPECT_EQ(bucket_ranges(), expected);
   const Plan plan = make_plan(preset("kimi-k2"));
   ASSERT_EQ(plan.buckets.size(), expected.size());
@@ -73,19 +73,19 @@ TEST(PlanBuckets, Ranges) {
 // rows per expert = ceil(top * k / local experts), top = the bucket's max (4096 when open);
 // tile_rows = the smallest of 8, 16, 32, 64 that holds them, else 64.
 TEST(PlanTiles, ChosenFromRowsPerExpert) {
-  // kimi-k2, 384 experts, k = 8: rows 1, 2, 11, 86.
-  EXPECT_EQ(tile_rows_of(make_plan(preset("kimi-k2"))), (std::vector<int>{8, 8, 16, 64}));
-  // qwen3, 128 experts, k = 8: rows 1, 4, 32, 256.
-  EXPECT_EQ(tile_rows_of(make_plan(preset("qwen3-30b-a3b"))), (std::vector<int>{8, 8, 32, 64}));
-  // kimi-k2 with 48 local experts: rows 3, 11, 86, 683.
+  // kimi-k2, 384 experts, k = 8: rows 1, 2, 3, 11, 86.
+  EXPECT_EQ(tile_rows_of(make_plan(preset("kimi-k2"))), (std::vector<int>{8, 8, 8, 16, 64}));
+  // qwen3, 128 experts, k = 8: rows 1, 4, 8, 32, 256.
+  EXPECT_EQ(tile_rows_of(make_plan(preset("qwen3-30b-a3b"))), (std::vector<int>{8, 8, 8, 32, 64}));
+  // kimi-k2 with 48 local experts: rows 3, 11, 22, 86, 683.
   MoeSpec ep = preset("kimi-k2");
   ep.local_num_experts = 48;
-  EXPECT_EQ(tile_rows_of(make_plan(ep)), (std::vector<int>{8, 16, 64, 64}));
-  // 1 expert, k = 1: rows 16, 64, 512, 4096.
+  EXPECT_EQ(tile_rows_of(make_plan(ep)), (std::vector<int>{8, 16, 32, 64, 64}));
+  // 1 expert, k = 1: rows 16, 64, 128, 512, 4096.
   MoeSpec one = preset("qwen3-30b-a3b");
   one.num_experts = 1;
   one.top_k = 1;
-  EXPECT_EQ(tile_rows_of(make_plan(one)), (std::vector<int>{16, 64, 64, 64}));
+  EXPECT_EQ(tile_rows_of(make_plan(one)), (std::vector<int>{16, 64, 64, 64, 64}));
 }
 
 TEST(PlanTiles, SmallestPowerOfTwoThatHoldsTheRows) {
@@ -321,27 +321,31 @@ TEST(PlanGemm, KimiK2Configs) {
   }
   EXPECT_EQ(stream_stage_bytes(512, true, 64), 27136);
   EXPECT_EQ(stream_stage_bytes(256, false, 64), 18432);
-  EXPECT_FALSE(plan.buckets[2].stream);
+  // 65-128 tokens: still 8-row tiles (3 rows per expert at 128), so the stream family; from 129
+  // tokens the older family.
+  EXPECT_TRUE(plan.buckets[2].stream);
+  EXPECT_EQ(plan.buckets[2].tile_rows, 8);
+  EXPECT_FALSE(plan.buckets[3].stream);
   // For sm_80 the older family keeps the finalize fused into gemm2.
   const Plan ampere = make_plan(preset("kimi-k2"), 0, "sm_80");
   EXPECT_FALSE(ampere.buckets[0].stream);
   EXPECT_TRUE(ampere.buckets[0].fused_finalize);
   // Tile 16: 32 groups fit in shared memory; the split is capped at 32 / 4 = 8 warps.
-  EXPECT_EQ(plan.buckets[2].gemm1, (GemmConfig{1, 8, 32, true, false}));
-  EXPECT_FALSE(plan.buckets[2].fused_finalize);
+  EXPECT_EQ(plan.buckets[3].gemm1, (GemmConfig{1, 8, 32, true, false}));
+  EXPECT_FALSE(plan.buckets[3].fused_finalize);
   // Tile 64: 4 warps of features (N % 64 == 0), no K split, 8 groups (64 x 8 x 64 B = 32 KiB).
-  EXPECT_EQ(plan.buckets[3].gemm1, (GemmConfig{4, 1, 8, false, false}));
+  EXPECT_EQ(plan.buckets[4].gemm1, (GemmConfig{4, 1, 8, false, false}));
   // gemm2 stages its activation as two bf16 planes (hi + lo): half the groups.
-  EXPECT_EQ(plan.buckets[3].gemm2, (GemmConfig{4, 1, 4, false, false}));
+  EXPECT_EQ(plan.buckets[4].gemm2, (GemmConfig{4, 1, 4, false, false}));
 }
 
 TEST(PlanGemm, NarrowOutputUsesTwoWarps) {
   MoeSpec s = preset("qwen3-30b-a3b");
   s.intermediate = 96;  // 96 % 64 != 0
   const Plan plan = make_plan(s);
-  EXPECT_EQ(plan.buckets[3].tile_rows, 64);
-  EXPECT_EQ(plan.buckets[3].gemm1.warps_n, 2);
-  EXPECT_EQ(plan.buckets[3].gemm2.warps_n, 4);  // N = 2048
+  EXPECT_EQ(plan.buckets[4].tile_rows, 64);
+  EXPECT_EQ(plan.buckets[4].gemm1.warps_n, 2);
+  EXPECT_EQ(plan.buckets[4].gemm2.warps_n, 4);  // N = 2048
 }
 
 TEST(PlanGemm, ShortKSplitsLess) {
@@ -375,6 +379,8 @@ TEST(PlanKernels, FullList) {
       {"gemm2_b2", KernelRole::Gemm2, {"gemm2"}, 2},
       {"gemm1_b3", KernelRole::Gemm1, {"gemm1"}, 3},
       {"gemm2_b3", KernelRole::Gemm2, {"gemm2"}, 3},
+      {"gemm1_b4", KernelRole::Gemm1, {"gemm1"}, 4},
+      {"gemm2_b4", KernelRole::Gemm2, {"gemm2"}, 4},
       {"finalize", KernelRole::Finalize, {"finalize"}, -1},
   };
   ASSERT_EQ(plan.kernels.size(), std::size(expected));
@@ -411,8 +417,9 @@ TEST(PlanKernels, NamesUniqueAndRolesNamed) {
 
 TEST(PlanMaxTokens, DropsBucketsAbove) {
   const MoeSpec s = preset("qwen3-30b-a3b");
-  const std::pair<int, size_t> cases[] = {{0, 4},  {1, 1},   {16, 1},  {17, 2},  {64, 2},
-                                          {65, 3}, {100, 3}, {512, 3}, {513, 4}, {100000, 4}};
+  const std::pair<int, size_t> cases[] = {{0, 5},   {1, 1},   {16, 1},  {17, 2},  {64, 2},
+                                          {65, 3},  {100, 3}, {128, 3}, {129, 4}, {512, 4},
+                                          {513, 5}, {100000, 5}};
   for (auto [max_tokens, buckets] : cases) {
     const Plan plan = make_plan(s, max_tokens);
     EXPECT_EQ(plan.buckets.size(), buckets) << max_tokens;
@@ -426,22 +433,22 @@ TEST(PlanMaxTokens, DropsBucketsAbove) {
 
 TEST(PlanMaxTokens, TokensAboveTheLastBucketAreRejected) {
   const Plan plan = make_plan(preset("qwen3-30b-a3b"), 100);
-  EXPECT_EQ(plan.bucket_for(512), 2);
+  EXPECT_EQ(plan.bucket_for(128), 2);
   try {
-    plan.bucket_for(513);
+    plan.bucket_for(129);
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
-    EXPECT_THAT(e.what(), HasSubstr("num_tokens = 513"));
+    EXPECT_THAT(e.what(), HasSubstr("num_tokens = 129"));
     EXPECT_THAT(e.what(), HasSubstr("max_tokens = 100"));
-    EXPECT_THAT(e.what(), HasSubstr("end at 512 tokens"));
+    EXPECT_THAT(e.what(), HasSubstr("end at 128 tokens"));
   }
 }
 
 TEST(PlanBucketFor, Boundaries) {
   const Plan plan = make_plan(preset("kimi-k2"));
-  const std::pair<int, int> cases[] = {{1, 0},  {16, 0},  {17, 1},  {64, 1},
-                                       {65, 2}, {512, 2}, {513, 3}, {1 << 20, 3}};
+  const std::pair<int, int> cases[] = {{1, 0},   {16, 0},  {17, 1},  {64, 1},  {65, 2},
+                                       {128, 2}, {129, 3}, {512, 3}, {513, 4}, {1 << 20, 4}};
   for (auto [tokens, bucket] : cases) EXPECT_EQ(plan.bucket_for(tokens), bucket) << tokens;
 }
 

@@ -1683,4 +1683,31 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
     EXPECT_TRUE(reached.count(f)) << "the tiled sweep never reaches " << f;
 }
 
+// The stream family's 65-128 bucket (bench/RESULTS.md section 50): 8-row tiles, at 128 tokens up
+// to 8 rows per expert on average. Tiled weights of qwen3-30b-a3b's kind (128 experts, top-8) and
+// row-major ones (64 experts, top-4), both layer kinds, at the bucket's ends and inside it;
+// expert parallelism with grouped DeepSeekV3 routing at 100 tokens. The plans are checked first
+// (no GPU needed for that part): every case runs the stream GEMMs.
+TEST(Differential, StreamBucket65To128) {
+  MoeSpec row_major = small_stream_spec();
+  row_major.num_experts = 64;
+  std::vector<Case> cases;
+  for (const MoeSpec& s : {tiled_shape(2048, 768, 128, 8), row_major})
+    for (int t : {65, 100, 128}) cases.push_back(small_case("bucket65-128", s, t));
+  Case ep = grouped_deepseek_ep_case("bucket65-128-ep", row_major);
+  ep.tokens = 100;
+  cases.push_back(ep);
+  for (Case& c : cases) {
+    c.max_tokens = 128;
+    SCOPED_TRACE(case_line(c));
+    for (bool fin : {true, false}) {
+      MoeSpec s = c.spec;
+      s.finalize = fin;
+      EXPECT_EQ(decode_family(moejit::dump(s, moejit::DumpKind::Plan), c.tokens, s.top_k).rfind("stream", 0), 0u);
+    }
+  }
+  MOEJIT_REQUIRE_GPU();
+  run_cases(cases);
+}
+
 }  // namespace
