@@ -237,9 +237,9 @@ __device__ void grouped_gemm(const GemmParams& p) {
   // Independent accumulator chains: consecutive MMAs into one accumulator serialise on the MMA
   // latency. Without kGroupMma, gemm2 keeps its hi and lo planes apart and, on direct-x tiles
   // (one n-tile, one A tile), alternates two chains by k-step parity (gemm1 already has its gate
-  // and up chains); there the lo weights have chains of their own (from kLoChain). kGroupMma adds each group's
-  // accumulator into chain 0 (fp32 FMAs in ascending group order within a thread's K share). The
-  // chains are summed in a fixed order after the K loop.
+  // and up chains); there the lo weights have chains of their own (from kLoChain). kGroupMma
+  // adds each group's accumulator into chain 0 (fp32 FMAs in ascending group order within a
+  // thread's K share). The chains are summed in a fixed order after the K loop.
   constexpr int kPar = kDirectX && !kGemm1 ? 2 : 1;
   constexpr int kLoChain = kDirectX ? kPlanes * kPar : 0;
   constexpr int kChains = kGroupMma ? 1 : kPlanes * kPar + (kDirectX ? kPar : 0);
