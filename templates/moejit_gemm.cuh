@@ -267,7 +267,8 @@ __device__ void grouped_gemm(const GemmParams& p) {
   // interleave, so a block's warps read whole lines together. (Giving each thread kIters
   // consecutive groups instead measured 15% slower on an H200: half-sector loads that bypass
   // L1 fetch each sector twice from L2. bench/RESULTS.md.)
-  auto group_of = [&](int it) { return (wk + it * WK) * 4 + t; };
+  auto block_of = [&](int it) { return (wk + it * WK) * 4; };  // the block's first group
+  auto group_of = [&](int it) { return block_of(it) + t; };
   auto load_weights = [&](int c0, WRegs& wq, SRegs& sc) {
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
@@ -338,7 +339,7 @@ __device__ void grouped_gemm(const GemmParams& p) {
       // per group and would spill); small tiles unroll them, so the groups' MMA chains overlap.
 #pragma unroll(kGroupUnroll)
       for (int j = 0; j < 4; ++j) {
-        const int gi = (wk + it * WK) * 4 + j;  // chunk-relative group
+        const int gi = block_of(it) + j;  // chunk-relative group
         // x from shared memory: k = 8t..8t+7 of group gi per row (k-step 0 takes the first
         // four), both planes.
         uint4 xv[kPlanes][NT];
