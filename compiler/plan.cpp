@@ -39,7 +39,8 @@ const std::vector<std::pair<int, int>>& bucket_ranges() {
 }
 
 bool evict_first_rule(const MoeSpec& spec, int tokens) {
-  return tokens <= 8 || (spec.hidden <= 4096 && static_cast<long long>(tokens) * spec.hidden <= 131072);
+  const long long th = static_cast<long long>(tokens) * spec.hidden;
+  return tokens <= 8 || (spec.hidden <= 4096 && th <= 131072) || (spec.hidden <= 2048 && th <= 262144);
 }
 
 bool evict_first_for(const Plan& plan, int tokens) {

@@ -316,12 +316,15 @@ int finalize_threads_for(const Plan& plan, int tokens);
 
 // Whether a launch of T tokens copies the stream GEMMs' weights with the L2 evict-first policy
 // (where the bucket's kernels carry it, StreamConfig::evict_first): plan.evict_first where an
-// override forced it, else up to 8 tokens, and for layers with H <= 4096 up to T * H = 131072
-// (qwen3-30b-a3b's 64 tokens, 32 at H = 4096). A rule fitted to measurements, not derived (H200,
-// bench/RESULTS.md section 23): 1.3-4.6 us faster at 1-8 tokens for kimi-k2, kimi-k2-tp8,
-// kimi-k2-tp4 and deepseek-v3, 1.5-2.5 us at 8-64 tokens for qwen3-30b-a3b (H 2048), 2-3 us at
-// 8-33 for an H = 4096 shape; but H = 7168 layers 0.5-7% slower from 10-16 tokens up (kimi-k2
-// +27 us at 16, +80 at 33) and the H = 4096 shape 0.7% at 64.
+// override forced it, else up to 8 tokens, for layers with H <= 4096 up to T * H = 131072
+// (qwen3-30b-a3b's 64 tokens, 32 at H = 4096), and for H <= 2048 up to T * H = 262144 (128 tokens
+// at H = 2048). A rule fitted to measurements, not derived (H200, bench/RESULTS.md section 23):
+// 1.3-4.6 us faster at 1-8 tokens for kimi-k2, kimi-k2-tp8, kimi-k2-tp4 and deepseek-v3, 1.5-2.5
+// us at 8-64 tokens for qwen3-30b-a3b (H 2048), 2-3 us at 8-33 for an H = 4096 shape; but H = 7168
+// layers 0.5-7% slower from 10-16 tokens up (kimi-k2 +27 us at 16, +80 at 33) and the H = 4096
+// shape 0.7% at 64. At 65-128 tokens (section 51) qwen3-30b-a3b with tiled weights gained 3.0-4.0
+// us at 65, 1.4-2.8 at 96 and 0.3-1.0 at 128 (row-major: 2.0, 0.8, none); kimi-k2 and kimi-k2-tp8
+// lost up to 3% there.
 bool evict_first_for(const Plan& plan, int tokens);
 bool evict_first_rule(const MoeSpec& spec, int tokens);
 

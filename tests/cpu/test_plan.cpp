@@ -237,29 +237,38 @@ TEST(PlanGemm, KimiK2Configs) {
     EXPECT_THROW(make_plan(preset("kimi-k2"), 64, "sm_90a"), Error);
   }
   {
-    // Weights with an L2 evict-first policy (per launch: evict_first_for) up to 8 tokens, and
-    // where H <= 4096 up to T * H = 131072: the kernels of qwen3-30b-a3b's two stream buckets
-    // (H 2048: to 64 tokens) and of the 1-16 bucket of kimi-k2 and kimi-k2-tp8 carry it, not
-    // their 17-64 one; at H = 4096 launches up to 32 tokens take it. "ef=0|1" forces it off / on
-    // for every launch.
-    const Plan q = make_plan(preset("qwen3-30b-a3b"), 64, "sm_90a");
-    for (int i = 0; i < 2; ++i) EXPECT_TRUE(q.buckets[i].s1.evict_first && q.buckets[i].s2.evict_first);
+    // Weights with an L2 evict-first policy (per launch: evict_first_for) up to 8 tokens, where
+    // H <= 4096 up to T * H = 131072, and where H <= 2048 up to T * H = 262144: the kernels of
+    // qwen3-30b-a3b's three stream buckets (H 2048: to 128 tokens) and of the 1-16 bucket of
+    // kimi-k2 and kimi-k2-tp8 carry it, not their 17-64 or 65-128 ones; at H = 4096 launches up to
+    // 32 tokens take it. "ef=0|1" forces it off / on for every launch.
+    const Plan q = make_plan(preset("qwen3-30b-a3b"), 128, "sm_90a");
+    for (int i = 0; i < 3; ++i)
+      EXPECT_TRUE(q.buckets[i].s1.evict_first && q.buckets[i].s2.evict_first) << i;
     for (const char* name : {"kimi-k2", "kimi-k2-tp8"}) {
       const Plan k = make_plan(preset(name), 64, "sm_90a");
       EXPECT_TRUE(k.buckets[0].s1.evict_first && k.buckets[0].s2.evict_first) << name;
       EXPECT_FALSE(k.buckets[1].s1.evict_first || k.buckets[1].s2.evict_first) << name;
+      const Plan k128 = make_plan(preset(name), 128, "sm_90a");
+      EXPECT_FALSE(k128.buckets[2].s1.evict_first || k128.buckets[2].s2.evict_first) << name;
     }
     const Plan k = make_plan(preset("kimi-k2"), 64, "sm_90a");
     EXPECT_TRUE(evict_first_for(k, 1) && evict_first_for(k, 8));
     EXPECT_FALSE(evict_first_for(k, 9) || evict_first_for(k, 16) || evict_first_for(k, 64));
-    EXPECT_TRUE(evict_first_for(q, 16) && evict_first_for(q, 64));
+    EXPECT_TRUE(evict_first_for(q, 16) && evict_first_for(q, 64) && evict_first_for(q, 128));
+    EXPECT_FALSE(evict_first_for(q, 129));
     MoeSpec h4096 = preset("qwen3-30b-a3b");
     h4096.hidden = 4096;
     h4096.intermediate = 1536;
     const Plan w = make_plan(h4096, 64, "sm_90a");
     EXPECT_TRUE(w.buckets[1].s1.evict_first && w.buckets[1].s2.evict_first);  // 17-32 take it
     EXPECT_TRUE(evict_first_for(w, 32));
-    EXPECT_FALSE(evict_first_for(w, 33) || evict_first_for(w, 64));
+    EXPECT_FALSE(evict_first_for(w, 33) || evict_first_for(w, 64) || evict_first_for(w, 128));
+    MoeSpec h2304 = h4096;
+    h2304.hidden = 2304;  // above 2048: the 128-token bound does not apply (T * H = 131072 does)
+    const Plan w3 = make_plan(h2304, 128, "sm_90a");
+    EXPECT_TRUE(evict_first_for(w3, 56));
+    EXPECT_FALSE(evict_first_for(w3, 57) || evict_first_for(w3, 100));
     h4096.hidden = 4352;  // above 4096: up to 8 tokens only
     const Plan w2 = make_plan(h4096, 64, "sm_90a");
     EXPECT_TRUE(evict_first_for(w2, 8));
