@@ -30,11 +30,12 @@ const char* to_string(KernelRole role) {
   return "?";
 }
 
-// 65-128 is a bucket of its own so that the stream family can take it where its tiles stay 8
-// rows (bench/RESULTS.md section 50).
+// 65-128 and 129-256 are buckets of their own so that the stream family can take them where
+// its tiles stay 8 rows (bench/RESULTS.md sections 50 and 52); make_plan merges 129-256 and
+// 257-512 into one bucket for a layer whose 129-256 bucket would not run it.
 const std::vector<std::pair<int, int>>& bucket_ranges() {
   static const std::vector<std::pair<int, int>> ranges = {
-      {1, 16}, {17, 64}, {65, 128}, {129, 512}, {513, 0}};
+      {1, 16}, {17, 64}, {65, 128}, {129, 256}, {257, 512}, {513, 0}};
   return ranges;
 }
 
@@ -513,13 +514,28 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   if (value_text("ef"))
     plan.evict_first = flag_of("ef", false, "weights with an L2 evict-first policy") ? 1 : 0;
   const bool resident_wanted = flag_of("res", true, "the resident one-token layer");
+  // The stream family's conditions on the shape and the card (the bucket's own: 8-row tiles
+  // and at most 256 tokens, below). "stream=0" turns it off.
+  const bool stream_shape = arch_is_90(arch) && spec.hidden % 256 == 0 && spec.intermediate % 256 == 0 &&
+                            (!value_text("stream") || flag_of("stream", true, "the stream family"));
+  auto rows_per_expert_at = [&](long long top) { return (top * spec.top_k + local - 1) / local; };
+  bool merged = false;  // 257-512 went into 129-256 (bucket_ranges)
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;
+    if (merged) {
+      merged = false;
+      continue;
+    }
+    // 129-256 stays a bucket where the stream family takes it; elsewhere it and 257-512 are
+    // one bucket, 129-512, whose older-family tile is chosen for 512 tokens as before.
+    if (lo == 129 && !(stream_shape && rows_per_expert_at(hi) <= 8)) {
+      hi = 512;
+      merged = true;
+    }
     Bucket b;
     b.min_tokens = lo;
     b.max_tokens = hi;
-    const long long top = hi == 0 ? 4096 : hi;
-    const long long rows_per_expert = (top * spec.top_k + local - 1) / local;
+    const long long rows_per_expert = rows_per_expert_at(hi == 0 ? 4096 : hi);
     b.tile_rows = 8;
     while (b.tile_rows < 64 && b.tile_rows < rows_per_expert) b.tile_rows *= 2;
     b.gemm1 = pick_gemm(spec.intermediate, spec.hidden, b.tile_rows, true);
@@ -528,12 +544,14 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // H200, bench/RESULTS.md section 9: faster than the older family for kimi-k2 at 1-64 tokens
     // by 16-22%, for kimi-k2-tp8 by 5-10% and for qwen3-30b-a3b at 1 and 64 tokens; 5% slower
     // for qwen3 at 8 tokens). "stream=0" turns it off.
-    // Only buckets of at most 128 tokens (what was measured; it also keeps the kernel's 32-bit
+    // Only buckets of at most 256 tokens (what was measured; it also keeps the kernel's 32-bit
     // row offsets far from overflow) and only sm_90 (the Hopper family it was tuned and
     // validated on). At 65-128 tokens, where the 8-row tiles hold (top-k x 128 / experts
     // rounded up to 8) rows, it took kimi-k2 2.2-2.4x and qwen3-30b-a3b 2.1-2.6x less time
-    // than the older family's 16- and 32-row tiles (H200, bench/RESULTS.md section 50).
-    const bool stream_ok = b.tile_rows == 8 && hi != 0 && hi <= 128 && arch_is_90(arch) &&
+    // than the older family's 16- and 32-row tiles (H200, bench/RESULTS.md section 50); at
+    // 129-256 tokens kimi-k2 2.2-2.5x, kimi-k2-tp8 2.2-2.3x and deepseek-v3 2.0-2.4x less than
+    // its 16-row tiles (section 52).
+    const bool stream_ok = b.tile_rows == 8 && hi != 0 && hi <= 256 && arch_is_90(arch) &&
                            spec.hidden % 256 == 0 && spec.intermediate % 256 == 0;
     b.stream = stream_ok;
     if (stream_ok) {

@@ -60,7 +60,8 @@ std::vector<MoeSpec> specs_under_test() {
 }
 
 TEST(PlanBuckets, Ranges) {
-  const std::vector<std::pair<int, int>> expected = {{1, 16}, {17, 64}, {65, 128}, {129, 512}, {513, 0}};
+  const std::vector<std::pair<int, int>> expected = {{1, 16},    {17, 64},   {65, 128},
+                                                     {129, 256}, {257, 512}, {513, 0}};
   EXPECT_EQ(bucket_ranges(), expected);
   const Plan plan = make_plan(preset("kimi-k2"));
   ASSERT_EQ(plan.buckets.size(), expected.size());
@@ -68,14 +69,34 @@ TEST(PlanBuckets, Ranges) {
     EXPECT_EQ(plan.buckets[i].min_tokens, expected[i].first);
     EXPECT_EQ(plan.buckets[i].max_tokens, expected[i].second);
   }
+  // 129-256 is a bucket only where the stream family takes it (8-row tiles at 256 tokens, sm_90,
+  // H and I multiples of 256); elsewhere 129-512 is one bucket, with the older family's tile
+  // for 512 tokens. qwen3-30b-a3b: 16 rows per expert at 256 tokens.
+  const std::vector<std::pair<int, int>> merged = {{1, 16}, {17, 64}, {65, 128}, {129, 512}, {513, 0}};
+  auto ranges_of = [](const Plan& p) {
+    std::vector<std::pair<int, int>> r;
+    for (const Bucket& b : p.buckets) r.emplace_back(b.min_tokens, b.max_tokens);
+    return r;
+  };
+  EXPECT_EQ(ranges_of(make_plan(preset("qwen3-30b-a3b"))), merged);
+  EXPECT_EQ(ranges_of(make_plan(preset("kimi-k2"), 0, "sm_80")), merged);
+  {
+    const ScopedOverride off("stream=0");
+    EXPECT_EQ(ranges_of(make_plan(preset("kimi-k2"))), merged);
+  }
+  // A limit inside the merged bucket keeps it whole; one below 257 drops 257-512.
+  EXPECT_EQ(ranges_of(make_plan(preset("qwen3-30b-a3b"), 200)),
+            (std::vector<std::pair<int, int>>{{1, 16}, {17, 64}, {65, 128}, {129, 512}}));
+  EXPECT_EQ(ranges_of(make_plan(preset("kimi-k2"), 200)),
+            (std::vector<std::pair<int, int>>{{1, 16}, {17, 64}, {65, 128}, {129, 256}}));
 }
 
 // rows per expert = ceil(top * k / local experts), top = the bucket's max (4096 when open);
 // tile_rows = the smallest of 8, 16, 32, 64 that holds them, else 64.
 TEST(PlanTiles, ChosenFromRowsPerExpert) {
-  // kimi-k2, 384 experts, k = 8: rows 1, 2, 3, 11, 86.
-  EXPECT_EQ(tile_rows_of(make_plan(preset("kimi-k2"))), (std::vector<int>{8, 8, 8, 16, 64}));
-  // qwen3, 128 experts, k = 8: rows 1, 4, 8, 32, 256.
+  // kimi-k2, 384 experts, k = 8: rows 1, 2, 3, 6, 11, 86.
+  EXPECT_EQ(tile_rows_of(make_plan(preset("kimi-k2"))), (std::vector<int>{8, 8, 8, 8, 16, 64}));
+  // qwen3, 128 experts, k = 8: rows 1, 4, 8, 32 (129-512: 16 rows at 256 keep one bucket), 256.
   EXPECT_EQ(tile_rows_of(make_plan(preset("qwen3-30b-a3b"))), (std::vector<int>{8, 8, 8, 32, 64}));
   // kimi-k2 with 48 local experts: rows 3, 11, 22, 86, 683.
   MoeSpec ep = preset("kimi-k2");
@@ -330,22 +351,24 @@ TEST(PlanGemm, KimiK2Configs) {
   }
   EXPECT_EQ(stream_stage_bytes(512, true, 64), 27136);
   EXPECT_EQ(stream_stage_bytes(256, false, 64), 18432);
-  // 65-128 tokens: still 8-row tiles (3 rows per expert at 128), so the stream family; from 129
-  // tokens the older family.
-  EXPECT_TRUE(plan.buckets[2].stream);
-  EXPECT_EQ(plan.buckets[2].tile_rows, 8);
-  EXPECT_FALSE(plan.buckets[3].stream);
+  // 65-128 and 129-256 tokens: still 8-row tiles (3 and 6 rows per expert at 128 and 256), so
+  // the stream family; from 257 tokens the older family.
+  for (int i : {2, 3}) {
+    EXPECT_TRUE(plan.buckets[i].stream) << i;
+    EXPECT_EQ(plan.buckets[i].tile_rows, 8) << i;
+  }
+  EXPECT_FALSE(plan.buckets[4].stream);
   // For sm_80 the older family keeps the finalize fused into gemm2.
   const Plan ampere = make_plan(preset("kimi-k2"), 0, "sm_80");
   EXPECT_FALSE(ampere.buckets[0].stream);
   EXPECT_TRUE(ampere.buckets[0].fused_finalize);
   // Tile 16: 32 groups fit in shared memory; the split is capped at 32 / 4 = 8 warps.
-  EXPECT_EQ(plan.buckets[3].gemm1, (GemmConfig{1, 8, 32, true, false}));
-  EXPECT_FALSE(plan.buckets[3].fused_finalize);
+  EXPECT_EQ(plan.buckets[4].gemm1, (GemmConfig{1, 8, 32, true, false}));
+  EXPECT_FALSE(plan.buckets[4].fused_finalize);
   // Tile 64: 4 warps of features (N % 64 == 0), no K split, 8 groups (64 x 8 x 64 B = 32 KiB).
-  EXPECT_EQ(plan.buckets[4].gemm1, (GemmConfig{4, 1, 8, false, false}));
+  EXPECT_EQ(plan.buckets[5].gemm1, (GemmConfig{4, 1, 8, false, false}));
   // gemm2 stages its activation as two bf16 planes (hi + lo): half the groups.
-  EXPECT_EQ(plan.buckets[4].gemm2, (GemmConfig{4, 1, 4, false, false}));
+  EXPECT_EQ(plan.buckets[5].gemm2, (GemmConfig{4, 1, 4, false, false}));
 }
 
 TEST(PlanGemm, NarrowOutputUsesTwoWarps) {
@@ -390,6 +413,8 @@ TEST(PlanKernels, FullList) {
       {"gemm2_b3", KernelRole::Gemm2, {"gemm2"}, 3},
       {"gemm1_b4", KernelRole::Gemm1, {"gemm1"}, 4},
       {"gemm2_b4", KernelRole::Gemm2, {"gemm2"}, 4},
+      {"gemm1_b5", KernelRole::Gemm1, {"gemm1"}, 5},
+      {"gemm2_b5", KernelRole::Gemm2, {"gemm2"}, 5},
       {"finalize", KernelRole::Finalize, {"finalize"}, -1},
   };
   ASSERT_EQ(plan.kernels.size(), std::size(expected));
@@ -456,9 +481,12 @@ TEST(PlanMaxTokens, TokensAboveTheLastBucketAreRejected) {
 
 TEST(PlanBucketFor, Boundaries) {
   const Plan plan = make_plan(preset("kimi-k2"));
-  const std::pair<int, int> cases[] = {{1, 0},   {16, 0},  {17, 1},  {64, 1},  {65, 2},
-                                       {128, 2}, {129, 3}, {512, 3}, {513, 4}, {1 << 20, 4}};
+  const std::pair<int, int> cases[] = {{1, 0},   {16, 0},  {17, 1},  {64, 1},  {65, 2},   {128, 2},
+                                       {129, 3}, {256, 3}, {257, 4}, {512, 4}, {513, 5}, {1 << 20, 5}};
   for (auto [tokens, bucket] : cases) EXPECT_EQ(plan.bucket_for(tokens), bucket) << tokens;
+  const Plan qwen3 = make_plan(preset("qwen3-30b-a3b"));
+  for (auto [tokens, bucket] : {std::pair<int, int>{128, 2}, {129, 3}, {256, 3}, {257, 3}, {512, 3}, {513, 4}})
+    EXPECT_EQ(qwen3.bucket_for(tokens), bucket) << tokens;
 }
 
 TEST(PlanBucketFor, NonPositiveTokensAreRejected) {

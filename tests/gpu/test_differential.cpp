@@ -1683,22 +1683,21 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
     EXPECT_TRUE(reached.count(f)) << "the tiled sweep never reaches " << f;
 }
 
-// The stream family's 65-128 bucket (bench/RESULTS.md section 50): 8-row tiles, at 128 tokens up
-// to 8 rows per expert on average. Tiled weights of qwen3-30b-a3b's kind (128 experts, top-8) and
-// row-major ones (64 experts, top-4), both layer kinds, at the bucket's ends and inside it;
-// expert parallelism with grouped DeepSeekV3 routing at 100 tokens. The plans are checked first
-// (no GPU needed for that part): every case runs the stream GEMMs.
-TEST(Differential, StreamBucket65To128) {
-  MoeSpec row_major = small_stream_spec();
-  row_major.num_experts = 64;
+// The cases of a stream bucket's test: `tiled` and `row_major` at each of `tokens`, and expert
+// parallelism with grouped DeepSeekV3 routing on `ep_spec` at `ep_tokens`, compiled for up to
+// `max_tokens`. Their plans are checked first (no GPU needed for that part): every case runs the
+// stream GEMMs, finalized and not.
+std::vector<Case> stream_bucket_cases(const std::string& name, const MoeSpec& tiled, const MoeSpec& row_major,
+                                      std::initializer_list<int> tokens, const MoeSpec& ep_spec, int ep_tokens,
+                                      int max_tokens) {
   std::vector<Case> cases;
-  for (const MoeSpec& s : {tiled_shape(2048, 768, 128, 8), row_major})
-    for (int t : {65, 100, 128}) cases.push_back(small_case("bucket65-128", s, t));
-  Case ep = grouped_deepseek_ep_case("bucket65-128-ep", row_major);
-  ep.tokens = 100;
+  for (const MoeSpec& s : {tiled, row_major})
+    for (int t : tokens) cases.push_back(small_case(name, s, t));
+  Case ep = grouped_deepseek_ep_case(name + "-ep", ep_spec);
+  ep.tokens = ep_tokens;
   cases.push_back(ep);
   for (Case& c : cases) {
-    c.max_tokens = 128;
+    c.max_tokens = max_tokens;
     SCOPED_TRACE(case_line(c));
     for (bool fin : {true, false}) {
       MoeSpec s = c.spec;
@@ -1706,6 +1705,38 @@ TEST(Differential, StreamBucket65To128) {
       EXPECT_EQ(decode_family(moejit::dump(s, moejit::DumpKind::Plan), c.tokens, s.top_k).rfind("stream", 0), 0u);
     }
   }
+  return cases;
+}
+
+// The stream family's 65-128 bucket (bench/RESULTS.md section 50): 8-row tiles, at 128 tokens up
+// to 8 rows per expert on average. Tiled weights of qwen3-30b-a3b's kind (128 experts, top-8) and
+// row-major ones (64 experts, top-4), both layer kinds, at the bucket's ends and inside it;
+// expert parallelism with grouped DeepSeekV3 routing at 100 tokens.
+TEST(Differential, StreamBucket65To128) {
+  MoeSpec row_major = small_stream_spec();
+  row_major.num_experts = 64;
+  const std::vector<Case> cases =
+      stream_bucket_cases("bucket65-128", tiled_shape(2048, 768, 128, 8), row_major, {65, 100, 128}, row_major, 100, 128);
+  MOEJIT_REQUIRE_GPU();
+  run_cases(cases);
+}
+
+// The stream family's 129-256 bucket (bench/RESULTS.md section 52), where a layer's tiles stay 8
+// rows at 256 tokens: tiled weights of 256 experts at top-8 and row-major ones of 128 experts at
+// top-4, both layer kinds, at the bucket's ends and inside it; expert parallelism with grouped
+// DeepSeekV3 routing at 200 tokens (256 experts, 128 per rank). A layer whose tiles would grow
+// past 8 rows there (qwen3-30b-a3b's 128 experts at top-8) keeps one older-family bucket for
+// 129-512.
+TEST(Differential, StreamBucket129To256) {
+  MoeSpec row_major = small_stream_spec();
+  row_major.num_experts = 128;
+  MoeSpec ep_spec = row_major;
+  ep_spec.num_experts = 256;
+  const std::vector<Case> cases = stream_bucket_cases("bucket129-256", tiled_shape(2048, 768, 256, 8), row_major,
+                                                      {129, 200, 256}, ep_spec, 200, 256);
+  const std::string qwen3 = moejit::dump(tiled_shape(2048, 768, 128, 8), moejit::DumpKind::Plan);
+  EXPECT_NE(qwen3.find("tokens=[129,512] tile_rows=32"), std::string::npos) << qwen3;
+  EXPECT_EQ(decode_family(qwen3, 200, 8).rfind("stream", 0), std::string::npos);
   MOEJIT_REQUIRE_GPU();
   run_cases(cases);
 }
