@@ -514,24 +514,18 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   if (value_text("ef"))
     plan.evict_first = flag_of("ef", false, "weights with an L2 evict-first policy") ? 1 : 0;
   const bool resident_wanted = flag_of("res", true, "the resident one-token layer");
-  // The stream family's conditions on the shape and the card (the bucket's own: 8-row tiles
-  // and at most 256 tokens, below). "stream=0" turns it off.
-  const bool stream_shape = arch_is_90(arch) && spec.hidden % 256 == 0 && spec.intermediate % 256 == 0 &&
-                            (!value_text("stream") || flag_of("stream", true, "the stream family"));
+  // The stream family's conditions on the shape and the card (a bucket's own, below: 8-row
+  // tiles, at most 256 tokens); "stream=0" turns it off.
+  const bool stream_fits = arch_is_90(arch) && spec.hidden % 256 == 0 && spec.intermediate % 256 == 0;
+  const bool stream_wanted = !value_text("stream") || flag_of("stream", true, "the stream family");
   auto rows_per_expert_at = [&](long long top) { return (top * spec.top_k + local - 1) / local; };
-  bool merged = false;  // 257-512 went into 129-256 (bucket_ranges)
+  // 129-256 stays a bucket where the stream family takes it; elsewhere it and 257-512 are one
+  // bucket, 129-512, whose older-family tile is chosen for 512 tokens as before.
+  const bool split_129 = stream_fits && stream_wanted && rows_per_expert_at(256) <= 8;
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;
-    if (merged) {
-      merged = false;
-      continue;
-    }
-    // 129-256 stays a bucket where the stream family takes it; elsewhere it and 257-512 are
-    // one bucket, 129-512, whose older-family tile is chosen for 512 tokens as before.
-    if (lo == 129 && !(stream_shape && rows_per_expert_at(hi) <= 8)) {
-      hi = 512;
-      merged = true;
-    }
+    if (lo == 257 && !split_129) continue;
+    if (lo == 129 && !split_129) hi = 512;
     Bucket b;
     b.min_tokens = lo;
     b.max_tokens = hi;
@@ -551,9 +545,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // than the older family's 16- and 32-row tiles (H200, bench/RESULTS.md section 50); at
     // 129-256 tokens kimi-k2 2.2-2.5x, kimi-k2-tp8 2.2-2.3x and deepseek-v3 2.0-2.4x less than
     // its 16-row tiles (section 52).
-    const bool stream_ok = b.tile_rows == 8 && hi != 0 && hi <= 256 && arch_is_90(arch) &&
-                           spec.hidden % 256 == 0 && spec.intermediate % 256 == 0;
-    b.stream = stream_ok;
+    const bool stream_ok = b.tile_rows == 8 && hi != 0 && hi <= 256 && stream_fits;
+    b.stream = stream_wanted && stream_ok;
     if (stream_ok) {
       // The bucket's largest token count a launch can have (hi of a stream bucket is finite).
       const int top_tokens = max_tokens > 0 ? std::min(hi, max_tokens) : hi;
@@ -690,7 +683,6 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     if (!overrides.empty() && b.tile_rows == 8) {
       apply_override(overrides, "g1", spec.intermediate, spec.hidden, b.tile_rows, b.gemm1);
       apply_override(overrides, "g2", spec.hidden, spec.intermediate, b.tile_rows, b.gemm2);
-      if (value_text("stream")) b.stream = flag_of("stream", true, "the stream family") && stream_ok;
       if (b.stream) {
         apply_unit_override(overrides, true, spec.hidden, b.s1);
         apply_unit_override(overrides, false, spec.intermediate, b.s2);

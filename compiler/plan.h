@@ -246,8 +246,9 @@ struct Bucket {
   // unfinalized layer then takes the pipeline too, so that the two layer kinds stay equal bitwise.
   int chain_min_tokens = 1;
   StreamConfig c1, c2;
+  bool chain_covers(int tokens) const { return tokens >= chain_min_tokens && tokens <= chain_tokens; }
   bool chain_for(int tokens, int top_k, bool precomputed) const {
-    return tokens >= chain_min_tokens && tokens <= chain_tokens &&
+    return chain_covers(tokens) &&
            (!c2.packed_only || !precomputed || static_cast<long long>(tokens) * top_k <= 4);
   }
 

@@ -922,9 +922,7 @@ std::string dump(const MoeSpec& spec, DumpKind kind, const std::string& arch_in,
   for (const auto& k : plan.kernels) {
     if (bucket >= 0 && k.bucket >= 0 && k.bucket != bucket) continue;
     if (tokens > 1 && k.role == KernelRole::Resident) continue;  // one token only
-    if (tokens > 0 && k.role == KernelRole::Chain &&
-        (tokens > plan.buckets[k.bucket].chain_tokens || tokens < plan.buckets[k.bucket].chain_min_tokens))
-      continue;
+    if (tokens > 0 && k.role == KernelRole::Chain && !plan.buckets[k.bucket].chain_covers(tokens)) continue;
     const compiler::KernelSource src = compiler::generate(plan, k);
     if (kind == DumpKind::Cuda) {
       out += fmt::format("// ---- kernel {} (entry {}, {} threads) ----\n{}\n", src.name,
