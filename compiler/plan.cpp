@@ -514,38 +514,43 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   if (value_text("ef"))
     plan.evict_first = flag_of("ef", false, "weights with an L2 evict-first policy") ? 1 : 0;
   const bool resident_wanted = flag_of("res", true, "the resident one-token layer");
-  // The stream family's conditions on the shape and the card (a bucket's own, below: 8-row
-  // tiles, at most 256 tokens); "stream=0" turns it off.
+  // The stream family's conditions on the shape and the card; "stream=0" turns it off. Where it
+  // takes a layer (stream_takes) it runs every bucket up to 512 tokens with 8-row tiles, however
+  // many rows an expert gets: an expert with more rows takes more tiles, each of which streams its
+  // weights again, and still measured faster than the older family's 16- to 64-row tiles at every
+  // token count and shape tried but one (H200, bench/RESULTS.md section 53: 1.5-2.5x for the
+  // presets at 129-512 tokens; 2.3x at 24 tokens for 32 experts at top-8, 1.0-1.3x at 192-512;
+  // Mixtral's 8 experts at top-2 1.8x at 48 tokens, 1.0x at 512; 32 experts at 448 tokens 2%
+  // slower). Elsewhere the older family's tile holds each bucket's rows per expert, and 129-512
+  // is one bucket.
   const bool stream_fits = arch_is_90(arch) && spec.hidden % 256 == 0 && spec.intermediate % 256 == 0;
   const bool stream_wanted = !value_text("stream") || flag_of("stream", true, "the stream family");
+  const bool stream_takes = stream_fits && stream_wanted;
   auto rows_per_expert_at = [&](long long top) { return (top * spec.top_k + local - 1) / local; };
-  // 129-256 stays a bucket where the stream family takes it; elsewhere it and 257-512 are one
-  // bucket, 129-512, whose older-family tile is chosen for 512 tokens as before.
-  const bool split_129 = stream_fits && stream_wanted && rows_per_expert_at(256) <= 8;
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;
-    if (lo == 257 && !split_129) continue;
-    if (lo == 129 && !split_129) hi = 512;
+    if (lo == 257 && !stream_takes) continue;
+    if (lo == 129 && !stream_takes) hi = 512;
     Bucket b;
     b.min_tokens = lo;
     b.max_tokens = hi;
+    const bool stream_range = hi != 0 && hi <= (stream_takes ? 512 : 256);
     const long long rows_per_expert = rows_per_expert_at(hi == 0 ? 4096 : hi);
     b.tile_rows = 8;
-    while (b.tile_rows < 64 && b.tile_rows < rows_per_expert) b.tile_rows *= 2;
+    while (b.tile_rows < 64 && b.tile_rows < rows_per_expert && !(stream_takes && stream_range)) b.tile_rows *= 2;
     b.gemm1 = pick_gemm(spec.intermediate, spec.hidden, b.tile_rows, true);
     b.gemm2 = pick_gemm(spec.hidden, spec.intermediate, b.tile_rows, false);
     // Stream family: decode buckets on sm_90 with H and I multiples of 256 (measured on an
     // H200, bench/RESULTS.md section 9: faster than the older family for kimi-k2 at 1-64 tokens
     // by 16-22%, for kimi-k2-tp8 by 5-10% and for qwen3-30b-a3b at 1 and 64 tokens; 5% slower
     // for qwen3 at 8 tokens). "stream=0" turns it off.
-    // Only buckets of at most 256 tokens (what was measured; it also keeps the kernel's 32-bit
-    // row offsets far from overflow) and only sm_90 (the Hopper family it was tuned and
-    // validated on). At 65-128 tokens, where the 8-row tiles hold (top-k x 128 / experts
-    // rounded up to 8) rows, it took kimi-k2 2.2-2.4x and qwen3-30b-a3b 2.1-2.6x less time
-    // than the older family's 16- and 32-row tiles (H200, bench/RESULTS.md section 50); at
+    // Only buckets of at most 512 tokens (what was measured; the unit counter's float count
+    // stays exact, see early_fetch below) and only sm_90 (the Hopper family it was tuned and
+    // validated on). At 65-128 tokens it took kimi-k2 2.2-2.4x and qwen3-30b-a3b 2.1-2.6x less
+    // time than the older family's 16- and 32-row tiles (H200, bench/RESULTS.md section 50); at
     // 129-256 tokens kimi-k2 2.2-2.5x, kimi-k2-tp8 2.2-2.3x and deepseek-v3 2.0-2.4x less than
-    // its 16-row tiles (section 52).
-    const bool stream_ok = b.tile_rows == 8 && hi != 0 && hi <= 256 && stream_fits;
+    // its 16-row tiles (section 52); section 53 for the rest.
+    const bool stream_ok = b.tile_rows == 8 && stream_range && stream_fits;
     b.stream = stream_wanted && stream_ok;
     if (stream_ok) {
       // The bucket's largest token count a launch can have (hi of a stream bucket is finite).

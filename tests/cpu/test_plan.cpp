@@ -69,51 +69,69 @@ TEST(PlanBuckets, Ranges) {
     EXPECT_EQ(plan.buckets[i].min_tokens, expected[i].first);
     EXPECT_EQ(plan.buckets[i].max_tokens, expected[i].second);
   }
-  // 129-256 is a bucket only where the stream family takes it (8-row tiles at 256 tokens, sm_90,
-  // H and I multiples of 256); elsewhere 129-512 is one bucket, with the older family's tile
-  // for 512 tokens. qwen3-30b-a3b: 16 rows per expert at 256 tokens.
+  // 129-256 and 257-512 are buckets where the stream family takes the layer (sm_90, H and I
+  // multiples of 256, however many rows an expert gets: qwen3-30b-a3b has 16 and 32 at 256 and
+  // 512 tokens); elsewhere 129-512 is one bucket, with the older family's tile for 512 tokens.
   const std::vector<std::pair<int, int>> merged = {{1, 16}, {17, 64}, {65, 128}, {129, 512}, {513, 0}};
   auto ranges_of = [](const Plan& p) {
     std::vector<std::pair<int, int>> r;
     for (const Bucket& b : p.buckets) r.emplace_back(b.min_tokens, b.max_tokens);
     return r;
   };
-  EXPECT_EQ(ranges_of(make_plan(preset("qwen3-30b-a3b"))), merged);
+  EXPECT_EQ(ranges_of(make_plan(preset("qwen3-30b-a3b"))), expected);
   EXPECT_EQ(ranges_of(make_plan(preset("kimi-k2"), 0, "sm_80")), merged);
+  MoeSpec odd = preset("qwen3-30b-a3b");
+  odd.intermediate = 640;  // not a multiple of 256: no stream family
+  EXPECT_EQ(ranges_of(make_plan(odd)), merged);
   {
     const ScopedOverride off("stream=0");
     EXPECT_EQ(ranges_of(make_plan(preset("kimi-k2"))), merged);
   }
   // A limit inside the merged bucket keeps it whole; one below 257 drops 257-512.
-  EXPECT_EQ(ranges_of(make_plan(preset("qwen3-30b-a3b"), 200)),
+  EXPECT_EQ(ranges_of(make_plan(odd, 200)),
             (std::vector<std::pair<int, int>>{{1, 16}, {17, 64}, {65, 128}, {129, 512}}));
   EXPECT_EQ(ranges_of(make_plan(preset("kimi-k2"), 200)),
             (std::vector<std::pair<int, int>>{{1, 16}, {17, 64}, {65, 128}, {129, 256}}));
 }
 
-// rows per expert = ceil(top * k / local experts), top = the bucket's max (4096 when open);
-// tile_rows = the smallest of 8, 16, 32, 64 that holds them, else 64.
+// The older family (sm_80 here): rows per expert = ceil(top * k / local experts), top = the
+// bucket's max (4096 when open); tile_rows = the smallest of 8, 16, 32, 64 that holds them, else
+// 64. Where the stream family takes the layer (sm_90, H and I multiples of 256) every bucket up to
+// 512 tokens has 8-row tiles, and the open one the older family's.
 TEST(PlanTiles, ChosenFromRowsPerExpert) {
-  // kimi-k2, 384 experts, k = 8: rows 1, 2, 3, 6, 11, 86.
-  EXPECT_EQ(tile_rows_of(make_plan(preset("kimi-k2"))), (std::vector<int>{8, 8, 8, 8, 16, 64}));
-  // qwen3, 128 experts, k = 8: rows 1, 4, 8, 32 (129-512: 16 rows at 256 keep one bucket), 256.
-  EXPECT_EQ(tile_rows_of(make_plan(preset("qwen3-30b-a3b"))), (std::vector<int>{8, 8, 8, 32, 64}));
+  // kimi-k2, 384 experts, k = 8: rows 1, 2, 3, 11 (129-512), 86.
+  EXPECT_EQ(tile_rows_of(make_plan(preset("kimi-k2"), 0, "sm_80")), (std::vector<int>{8, 8, 8, 16, 64}));
+  // qwen3, 128 experts, k = 8: rows 1, 4, 8, 32, 256.
+  EXPECT_EQ(tile_rows_of(make_plan(preset("qwen3-30b-a3b"), 0, "sm_80")), (std::vector<int>{8, 8, 8, 32, 64}));
   // kimi-k2 with 48 local experts: rows 3, 11, 22, 86, 683.
   MoeSpec ep = preset("kimi-k2");
   ep.local_num_experts = 48;
-  EXPECT_EQ(tile_rows_of(make_plan(ep)), (std::vector<int>{8, 16, 32, 64, 64}));
+  EXPECT_EQ(tile_rows_of(make_plan(ep, 0, "sm_80")), (std::vector<int>{8, 16, 32, 64, 64}));
   // 1 expert, k = 1: rows 16, 64, 128, 512, 4096.
   MoeSpec one = preset("qwen3-30b-a3b");
   one.num_experts = 1;
   one.top_k = 1;
-  EXPECT_EQ(tile_rows_of(make_plan(one)), (std::vector<int>{16, 64, 64, 64, 64}));
+  EXPECT_EQ(tile_rows_of(make_plan(one, 0, "sm_80")), (std::vector<int>{16, 64, 64, 64, 64}));
+  for (const MoeSpec& s : {preset("kimi-k2"), preset("qwen3-30b-a3b"), ep, one}) {
+    EXPECT_EQ(tile_rows_of(make_plan(s)), (std::vector<int>{8, 8, 8, 8, 8, 64}));
+    const ScopedOverride off("stream=0");
+    EXPECT_EQ(tile_rows_of(make_plan(s)), tile_rows_of(make_plan(s, 0, "sm_80")));
+  }
 }
 
+// The older family's buckets; the stream family's have 8-row tiles and end at most at 512 tokens.
 TEST(PlanTiles, SmallestPowerOfTwoThatHoldsTheRows) {
-  for (const MoeSpec& spec : specs_under_test()) {
-    const Plan plan = make_plan(spec);
+  for (const MoeSpec& spec : specs_under_test())
+  for (const char* arch : {"sm_90a", "sm_80"}) {
+    const Plan plan = make_plan(spec, 0, arch);
     int previous = 0;
     for (const Bucket& b : plan.buckets) {
+      if (b.stream) {
+        EXPECT_EQ(b.tile_rows, 8);
+        EXPECT_TRUE(b.max_tokens > 0 && b.max_tokens <= 512) << b.max_tokens;
+        previous = 8;
+        continue;
+      }
       const long long top = b.max_tokens == 0 ? 4096 : b.max_tokens;
       const long long rows = (top * spec.top_k + spec.local_experts() - 1) / spec.local_experts();
       EXPECT_TRUE(b.tile_rows == 8 || b.tile_rows == 16 || b.tile_rows == 32 || b.tile_rows == 64);
@@ -351,20 +369,22 @@ TEST(PlanGemm, KimiK2Configs) {
   }
   EXPECT_EQ(stream_stage_bytes(512, true, 64), 27136);
   EXPECT_EQ(stream_stage_bytes(256, false, 64), 18432);
-  // 65-128 and 129-256 tokens: still 8-row tiles (3 and 6 rows per expert at 128 and 256), so
-  // the stream family; from 257 tokens the older family.
-  for (int i : {2, 3}) {
+  // 65-128, 129-256 and 257-512 tokens: 8-row tiles (3, 6 and 11 rows per expert at 128, 256
+  // and 512), the stream family; from 513 tokens the older family.
+  for (int i : {2, 3, 4}) {
     EXPECT_TRUE(plan.buckets[i].stream) << i;
     EXPECT_EQ(plan.buckets[i].tile_rows, 8) << i;
   }
-  EXPECT_FALSE(plan.buckets[4].stream);
+  EXPECT_FALSE(plan.buckets[5].stream);
   // For sm_80 the older family keeps the finalize fused into gemm2.
   const Plan ampere = make_plan(preset("kimi-k2"), 0, "sm_80");
   EXPECT_FALSE(ampere.buckets[0].stream);
   EXPECT_TRUE(ampere.buckets[0].fused_finalize);
-  // Tile 16: 32 groups fit in shared memory; the split is capped at 32 / 4 = 8 warps.
-  EXPECT_EQ(plan.buckets[4].gemm1, (GemmConfig{1, 8, 32, true, false}));
-  EXPECT_FALSE(plan.buckets[4].fused_finalize);
+  // Tile 16 (sm_80's 129-512): 32 groups fit in shared memory; the split is capped at 32 / 4 = 8
+  // warps.
+  EXPECT_EQ(ampere.buckets[3].tile_rows, 16);
+  EXPECT_EQ(ampere.buckets[3].gemm1, (GemmConfig{1, 8, 32, true, false}));
+  EXPECT_FALSE(ampere.buckets[3].fused_finalize);
   // Tile 64: 4 warps of features (N % 64 == 0), no K split, 8 groups (64 x 8 x 64 B = 32 KiB).
   EXPECT_EQ(plan.buckets[5].gemm1, (GemmConfig{4, 1, 8, false, false}));
   // gemm2 stages its activation as two bf16 planes (hi + lo): half the groups.
@@ -451,9 +471,9 @@ TEST(PlanKernels, NamesUniqueAndRolesNamed) {
 
 TEST(PlanMaxTokens, DropsBucketsAbove) {
   const MoeSpec s = preset("qwen3-30b-a3b");
-  const std::pair<int, size_t> cases[] = {{0, 5},   {1, 1},   {16, 1},  {17, 2},  {64, 2},
-                                          {65, 3},  {100, 3}, {128, 3}, {129, 4}, {512, 4},
-                                          {513, 5}, {100000, 5}};
+  const std::pair<int, size_t> cases[] = {{0, 6},   {1, 1},   {16, 1},  {17, 2},   {64, 2},
+                                          {65, 3},  {100, 3}, {128, 3}, {129, 4},  {256, 4},
+                                          {257, 5}, {512, 5}, {513, 6}, {100000, 6}};
   for (auto [max_tokens, buckets] : cases) {
     const Plan plan = make_plan(s, max_tokens);
     EXPECT_EQ(plan.buckets.size(), buckets) << max_tokens;
@@ -485,8 +505,12 @@ TEST(PlanBucketFor, Boundaries) {
                                        {129, 3}, {256, 3}, {257, 4}, {512, 4}, {513, 5}, {1 << 20, 5}};
   for (auto [tokens, bucket] : cases) EXPECT_EQ(plan.bucket_for(tokens), bucket) << tokens;
   const Plan qwen3 = make_plan(preset("qwen3-30b-a3b"));
-  for (auto [tokens, bucket] : {std::pair<int, int>{128, 2}, {129, 3}, {256, 3}, {257, 3}, {512, 3}, {513, 4}})
+  for (auto [tokens, bucket] : {std::pair<int, int>{128, 2}, {129, 3}, {256, 3}, {257, 4}, {512, 4}, {513, 5}})
     EXPECT_EQ(qwen3.bucket_for(tokens), bucket) << tokens;
+  // Without the stream family 129-512 is one bucket.
+  const Plan ampere = make_plan(preset("qwen3-30b-a3b"), 0, "sm_80");
+  for (auto [tokens, bucket] : {std::pair<int, int>{128, 2}, {129, 3}, {256, 3}, {257, 3}, {512, 3}, {513, 4}})
+    EXPECT_EQ(ampere.bucket_for(tokens), bucket) << tokens;
 }
 
 TEST(PlanBucketFor, NonPositiveTokensAreRejected) {

@@ -1302,8 +1302,9 @@ TEST(Differential, OneTokenBlockRouting) {
 // boxes of each unit size (64-row units: one bulk copy per box; 16 and 32: the 4-D map), their
 // cp.async copies (tma=0), 2 and 1 consumer warps (scales read per pair, not per four; the
 // resident layer's chains too), the chain, the multi-stage shape whose gemm2 K (768) leaves a partial
-// last stage, expert parallelism, up/gate order with precomputed ids, the older family beyond 64
-// tokens (and for the shapes it takes at every count); gemm2 at three blocks per SM where the
+// last stage, expert parallelism, up/gate order with precomputed ids, 200 tokens (the stream family
+// since bench/RESULTS.md section 53), the older family beyond 512 tokens (and for the shapes it
+// takes at every count); gemm2 at three blocks per SM where the
 // planner takes four (bps2=3); then three presets (TiledWeightsPresets).
 MoeSpec tiled(MoeSpec s) {
   s.weight_format = WeightFormat::MxInt4G32Tiled;
@@ -1343,7 +1344,9 @@ TEST(Differential, SmallTiledWeights) {
   const MoeSpec wide = tiled_shape(2304, 768, 64, 8);
   Case large = small_case("tiled-large", tiled(small_stream_spec()), 200);
   large.max_tokens = 0;
-  run_cases({p, small_case("tiled-wide-resident", wide, 1), large,
+  Case larger = large;
+  larger.tokens = 600;
+  run_cases({p, small_case("tiled-wide-resident", wide, 1), large, larger,
              grouped_deepseek_ep_case("tiled-ep", tiled(small_stream_spec()))});
 }
 
@@ -1540,7 +1543,8 @@ TEST(DifferentialSweepPlan, SpecsAreValidAndCoverEveryDimension) {
 // the decode buckets, where the planner builds the stream GEMMs and what it adds to them per
 // shape: the resident one-token layer, the chain kernel (fp16 operands or bf16), the pipeline
 // behind the fused route+dispatch block (routed ids packed beside its word), four gemm2 blocks per
-// SM, group columns, the 17-64 bucket, and the older family just above 64 tokens. The random
+// SM, group columns and the 17-64 bucket. (Its shapes' H and I are multiples of 256 and its token
+// counts at most 65, so since bench/RESULTS.md section 53 no case runs the older family.) The random
 // sweep above draws H and I that are not multiples of 128 and so reaches none of these; the
 // Small* tests and the presets reach them on fixed shapes. Each group is one weight shape (E, H,
 // I, k, order, SwiGLU flags) with two routing variants of two token counts each; the first
@@ -1615,8 +1619,11 @@ INSTANTIATE_TEST_SUITE_P(Random, DifferentialTiledSweep, ::testing::Range(0, til
 // ranks): rank [0, 8) runs the older family on 64-row tiles. While that family rounded each
 // dequantised weight v * scale to bf16, the rank's partial output had 99.85% of its elements
 // within the bound (99.9% required); exact since commit abd0eb5 (bench/RESULTS.md section 49).
+// Since section 53 the stream family takes that rank by default; stream=0 keeps the case on the
+// older family.
 TEST(Differential, OlderFamilyWeightsNotRounded) {
   MOEJIT_REQUIRE_GPU();
+  const ScopedPlanOverride older("stream=0");
   run_cases(tiled_group(10, 30));
 }
 
@@ -1679,7 +1686,7 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
               static_cast<unsigned long long>(tiled_seed()), tiled_groups(), cases,
               fmt::format("{}", fmt::join(reached, " ")).c_str());
   if (tiled_seed() != 20261130 || tiled_groups() != 8) GTEST_SKIP() << "coverage is checked for the default sample";
-  for (const char* f : {"resident", "chain-f16", "stream", "older", "gemm2x4", "ids64", "b17", "ep"})
+  for (const char* f : {"resident", "chain-f16", "stream", "gemm2x4", "ids64", "b17", "ep"})
     EXPECT_TRUE(reached.count(f)) << "the tiled sweep never reaches " << f;
 }
 
@@ -1687,6 +1694,13 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
 // parallelism with grouped DeepSeekV3 routing on `ep_spec` at `ep_tokens`, compiled for up to
 // `max_tokens`. Their plans are checked first (no GPU needed for that part): every case runs the
 // stream GEMMs, finalized and not.
+// The small stream spec (row-major) with `experts` experts.
+MoeSpec small_stream_experts(int experts) {
+  MoeSpec s = small_stream_spec();
+  s.num_experts = experts;
+  return s;
+}
+
 std::vector<Case> stream_bucket_cases(const std::string& name, const MoeSpec& tiled, const MoeSpec& row_major,
                                       std::initializer_list<int> tokens, const MoeSpec& ep_spec, int ep_tokens,
                                       int max_tokens) {
@@ -1713,30 +1727,57 @@ std::vector<Case> stream_bucket_cases(const std::string& name, const MoeSpec& ti
 // row-major ones (64 experts, top-4), both layer kinds, at the bucket's ends and inside it;
 // expert parallelism with grouped DeepSeekV3 routing at 100 tokens.
 TEST(Differential, StreamBucket65To128) {
-  MoeSpec row_major = small_stream_spec();
-  row_major.num_experts = 64;
+  const MoeSpec row_major = small_stream_experts(64);
   const std::vector<Case> cases =
       stream_bucket_cases("bucket65-128", tiled_shape(2048, 768, 128, 8), row_major, {65, 100, 128}, row_major, 100, 128);
   MOEJIT_REQUIRE_GPU();
   run_cases(cases);
 }
 
-// The stream family's 129-256 bucket (bench/RESULTS.md section 52), where a layer's tiles stay 8
-// rows at 256 tokens: tiled weights of 256 experts at top-8 and row-major ones of 128 experts at
-// top-4, both layer kinds, at the bucket's ends and inside it; expert parallelism with grouped
-// DeepSeekV3 routing at 200 tokens (256 experts, 128 per rank). A layer whose tiles would grow
-// past 8 rows there (qwen3-30b-a3b's 128 experts at top-8) keeps one older-family bucket for
-// 129-512.
+// The stream family's 129-256 bucket (bench/RESULTS.md section 52): tiled weights of 256 experts
+// at top-8 and row-major ones of 128 experts at top-4, both layer kinds, at the bucket's ends and
+// inside it; expert parallelism with grouped DeepSeekV3 routing at 200 tokens (256 experts, 128
+// per rank). Since section 53 the stream family keeps its 8-row tiles where an expert gets more
+// rows (qwen3-30b-a3b's 128 experts at top-8: 16 rows per expert at 256 tokens, two tiles).
 TEST(Differential, StreamBucket129To256) {
-  MoeSpec row_major = small_stream_spec();
-  row_major.num_experts = 128;
-  MoeSpec ep_spec = row_major;
-  ep_spec.num_experts = 256;
-  const std::vector<Case> cases = stream_bucket_cases("bucket129-256", tiled_shape(2048, 768, 256, 8), row_major,
-                                                      {129, 200, 256}, ep_spec, 200, 256);
-  const std::string qwen3 = moejit::dump(tiled_shape(2048, 768, 128, 8), moejit::DumpKind::Plan);
-  EXPECT_NE(qwen3.find("tokens=[129,512] tile_rows=32"), std::string::npos) << qwen3;
-  EXPECT_EQ(decode_family(qwen3, 200, 8).rfind("stream", 0), std::string::npos);
+  const MoeSpec row_major = small_stream_experts(128), ep_spec = small_stream_experts(256);
+  std::vector<Case> cases = stream_bucket_cases("bucket129-256", tiled_shape(2048, 768, 256, 8), row_major,
+                                                {129, 200, 256}, ep_spec, 200, 256);
+  const std::vector<Case> qwen3 =
+      stream_bucket_cases("bucket129-256-q", tiled_shape(2048, 768, 128, 8), row_major, {200}, ep_spec, 129, 256);
+  cases.insert(cases.end(), qwen3.begin(), qwen3.begin() + 1);
+  MOEJIT_REQUIRE_GPU();
+  run_cases(cases);
+}
+
+// The stream family's 257-512 bucket (bench/RESULTS.md section 53): tiled weights of
+// qwen3-30b-a3b's kind (128 experts at top-8: up to 32 rows per expert, four 8-row tiles) and
+// row-major ones of 32 experts at top-4 (up to 64 rows per expert), both layer kinds, at the
+// bucket's ends and inside it; expert parallelism with grouped DeepSeekV3 routing at 400 tokens
+// (256 experts, 128 per rank).
+TEST(Differential, StreamBucket257To512) {
+  const std::vector<Case> cases = stream_bucket_cases("bucket257-512", tiled_shape(2048, 768, 128, 8),
+                                                      small_stream_experts(32), {257, 400, 512},
+                                                      small_stream_experts(256), 400, 512);
+  MOEJIT_REQUIRE_GPU();
+  run_cases(cases);
+}
+
+// Few experts, many rows each (bench/RESULTS.md section 53): 8 experts at top-2 (Mixtral's
+// routing), tiled, up to 128 rows per expert at 512 tokens, in every stream bucket from 17
+// tokens; each expert's weights stream once per 8-row tile. And 4 experts at top-1, row-major.
+TEST(Differential, StreamFewExpertsManyRows) {
+  std::vector<Case> cases;
+  MoeSpec row_major = small_stream_experts(4);
+  row_major.top_k = 1;
+  for (const MoeSpec& s : {tiled_shape(1024, 512, 8, 2), row_major})
+    for (int t : {24, 64, 100, 200, 300, 512}) {
+      Case c = small_case("few-experts", s, t);
+      c.max_tokens = 512;
+      SCOPED_TRACE(case_line(c));
+      EXPECT_EQ(decode_family(moejit::dump(s, moejit::DumpKind::Plan), t, s.top_k).rfind("stream", 0), 0u);
+      cases.push_back(c);
+    }
   MOEJIT_REQUIRE_GPU();
   run_cases(cases);
 }
