@@ -30,12 +30,12 @@ const char* to_string(KernelRole role) {
   return "?";
 }
 
-// 65-128 and 129-256 are buckets of their own so that the stream family can take them where
-// its tiles stay 8 rows (bench/RESULTS.md sections 50 and 52); make_plan merges 129-256 and
-// 257-512 into one bucket for a layer whose 129-256 bucket would not run it.
+// The stream family's buckets (bench/RESULTS.md sections 50, 52 and 53); make_plan merges
+// 129-256 and 257-512 into one bucket for a layer the stream family does not take, and 513-1024
+// and 1025 up where it does not take 513-1024.
 const std::vector<std::pair<int, int>>& bucket_ranges() {
   static const std::vector<std::pair<int, int>> ranges = {
-      {1, 16}, {17, 64}, {65, 128}, {129, 256}, {257, 512}, {513, 0}};
+      {1, 16}, {17, 64}, {65, 128}, {129, 256}, {257, 512}, {513, 1024}, {1025, 0}};
   return ranges;
 }
 
@@ -518,23 +518,29 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   // takes a layer (stream_takes) it runs every bucket up to 512 tokens with 8-row tiles, however
   // many rows an expert gets: an expert with more rows takes more tiles, each of which streams its
   // weights again, and still measured faster than the older family's 16- to 64-row tiles at every
-  // token count and shape tried but one (H200, bench/RESULTS.md section 53: 1.5-2.5x for the
+  // token count and shape tried but one (H200, bench/RESULTS.md section 53: 1.3-2.5x for the
   // presets at 129-512 tokens; 2.3x at 24 tokens for 32 experts at top-8, 1.0-1.3x at 192-512;
   // Mixtral's 8 experts at top-2 1.8x at 48 tokens, 1.0x at 512; 32 experts at 448 tokens 2%
-  // slower). Elsewhere the older family's tile holds each bucket's rows per expert, and 129-512
-  // is one bucket.
+  // slower, at 112 rows per expert). It also takes 513-1024 tokens where an expert gets at most
+  // 128 rows at 1024 (split_513; section 53: the presets 1.1-2.6x faster there, 64 experts at
+  // top-6 1.1x); elsewhere 513 up is one older-family bucket. Where the stream family does not
+  // take the layer, the older family's tile holds each bucket's rows per expert, and 129-512 is
+  // one bucket.
   const bool stream_fits = arch_is_90(arch) && spec.hidden % 256 == 0 && spec.intermediate % 256 == 0;
   const bool stream_wanted = !value_text("stream") || flag_of("stream", true, "the stream family");
   const bool stream_takes = stream_fits && stream_wanted;
   auto rows_per_expert_at = [&](long long top) { return (top * spec.top_k + local - 1) / local; };
+  const bool split_513 = stream_takes && rows_per_expert_at(1024) <= 128;
   for (auto [lo, hi] : bucket_ranges()) {
     if (max_tokens > 0 && lo > max_tokens) break;
     if (lo == 257 && !stream_takes) continue;
     if (lo == 129 && !stream_takes) hi = 512;
+    if (lo == 1025 && !split_513) continue;
+    if (lo == 513 && !split_513) hi = 0;
     Bucket b;
     b.min_tokens = lo;
     b.max_tokens = hi;
-    const bool stream_range = hi != 0 && hi <= (stream_takes ? 512 : 256);
+    const bool stream_range = hi != 0 && hi <= (stream_takes ? 1024 : 256);
     const long long rows_per_expert = rows_per_expert_at(hi == 0 ? 4096 : hi);
     b.tile_rows = 8;
     while (b.tile_rows < 64 && b.tile_rows < rows_per_expert && !(stream_takes && stream_range)) b.tile_rows *= 2;
@@ -544,7 +550,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // H200, bench/RESULTS.md section 9: faster than the older family for kimi-k2 at 1-64 tokens
     // by 16-22%, for kimi-k2-tp8 by 5-10% and for qwen3-30b-a3b at 1 and 64 tokens; 5% slower
     // for qwen3 at 8 tokens). "stream=0" turns it off.
-    // Only buckets of at most 512 tokens (what was measured; the unit counter's float count
+    // Only buckets of at most 1024 tokens (what was measured; the unit counter's float count
     // stays exact, see early_fetch below) and only sm_90 (the Hopper family it was tuned and
     // validated on). At 65-128 tokens it took kimi-k2 2.2-2.4x and qwen3-30b-a3b 2.1-2.6x less
     // time than the older family's 16- and 32-row tiles (H200, bench/RESULTS.md section 50); at

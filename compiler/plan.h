@@ -329,14 +329,15 @@ int finalize_threads_for(const Plan& plan, int tokens);
 bool evict_first_for(const Plan& plan, int tokens);
 bool evict_first_rule(const MoeSpec& spec, int tokens);
 
-// Bucket boundaries: [1,16], [17,64], [65,128], [129,256], [257,512], [513, inf); a plan without
-// the stream family (not sm_90, H or I not a multiple of 256, or stream=0) has [129,512] instead
-// of the two.
+// Bucket boundaries: [1,16], [17,64], [65,128], [129,256], [257,512], [513,1024], [1025, inf); a
+// plan without the stream family (not sm_90, H or I not a multiple of 256, or stream=0) has
+// [129,512] instead of the two, and [513, inf) instead of the last two, as does a plan whose
+// experts would get more than 128 rows each at 1024 tokens.
 const std::vector<std::pair<int, int>>& bucket_ranges();
 
 // Picks the tile and GEMM shapes for each bucket; max_tokens > 0 drops buckets above it.
-// On sm_90, when H and I are multiples of 256, every bucket up to 512 tokens has 8-row tiles and
-// uses the stream family. MOEJIT_PLAN_OVERRIDE (a tuning switch, e.g. "g1=1x8x64,g2=2x4x64,mb1=5" or
+// On sm_90, when H and I are multiples of 256, every bucket up to 512 tokens (1024 where an
+// expert gets at most 128 rows at 1024 tokens) has 8-row tiles and uses the stream family. MOEJIT_PLAN_OVERRIDE (a tuning switch, e.g. "g1=1x8x64,g2=2x4x64,mb1=5" or
 // "s1=4x512x5x4,s2=4x512x4", "sns=0", "pack=0", or "stream=0") replaces the GEMM shapes of the decode buckets:
 // gN = warps_n x warps_k x k_chunk_groups, mbN = minimum blocks per SM, sN = consumer warps x
 // k_stage x stages [x producer warps], at most 8 warps; stream=0 selects the older family, stream=1 the stream

@@ -60,8 +60,8 @@ std::vector<MoeSpec> specs_under_test() {
 }
 
 TEST(PlanBuckets, Ranges) {
-  const std::vector<std::pair<int, int>> expected = {{1, 16},    {17, 64},   {65, 128},
-                                                     {129, 256}, {257, 512}, {513, 0}};
+  const std::vector<std::pair<int, int>> expected = {{1, 16},    {17, 64},   {65, 128},  {129, 256},
+                                                     {257, 512}, {513, 1024}, {1025, 0}};
   EXPECT_EQ(bucket_ranges(), expected);
   const Plan plan = make_plan(preset("kimi-k2"));
   ASSERT_EQ(plan.buckets.size(), expected.size());
@@ -72,7 +72,11 @@ TEST(PlanBuckets, Ranges) {
   // 129-256 and 257-512 are buckets where the stream family takes the layer (sm_90, H and I
   // multiples of 256, however many rows an expert gets: qwen3-30b-a3b has 16 and 32 at 256 and
   // 512 tokens); elsewhere 129-512 is one bucket, with the older family's tile for 512 tokens.
+  // 513-1024 is one where an expert also gets at most 128 rows at 1024 tokens (qwen3-30b-a3b 64);
+  // elsewhere 513 up is one bucket.
   const std::vector<std::pair<int, int>> merged = {{1, 16}, {17, 64}, {65, 128}, {129, 512}, {513, 0}};
+  const std::vector<std::pair<int, int>> open_513 = {{1, 16},   {17, 64},   {65, 128},
+                                                     {129, 256}, {257, 512}, {513, 0}};
   auto ranges_of = [](const Plan& p) {
     std::vector<std::pair<int, int>> r;
     for (const Bucket& b : p.buckets) r.emplace_back(b.min_tokens, b.max_tokens);
@@ -87,6 +91,11 @@ TEST(PlanBuckets, Ranges) {
     const ScopedOverride off("stream=0");
     EXPECT_EQ(ranges_of(make_plan(preset("kimi-k2"))), merged);
   }
+  MoeSpec few = preset("qwen3-30b-a3b");
+  few.num_experts = 32;  // 256 rows per expert at 1024 tokens
+  EXPECT_EQ(ranges_of(make_plan(few)), open_513);
+  few.num_experts = 64;  // 128
+  EXPECT_EQ(ranges_of(make_plan(few)), expected);
   // A limit inside the merged bucket keeps it whole; one below 257 drops 257-512.
   EXPECT_EQ(ranges_of(make_plan(odd, 200)),
             (std::vector<std::pair<int, int>>{{1, 16}, {17, 64}, {65, 128}, {129, 512}}));
@@ -97,7 +106,8 @@ TEST(PlanBuckets, Ranges) {
 // The older family (sm_80 here): rows per expert = ceil(top * k / local experts), top = the
 // bucket's max (4096 when open); tile_rows = the smallest of 8, 16, 32, 64 that holds them, else
 // 64. Where the stream family takes the layer (sm_90, H and I multiples of 256) every bucket up to
-// 512 tokens has 8-row tiles, and the open one the older family's.
+// 512 tokens (1024 where an expert gets at most 128 rows there) has 8-row tiles, and the open one
+// the older family's.
 TEST(PlanTiles, ChosenFromRowsPerExpert) {
   // kimi-k2, 384 experts, k = 8: rows 1, 2, 3, 11 (129-512), 86.
   EXPECT_EQ(tile_rows_of(make_plan(preset("kimi-k2"), 0, "sm_80")), (std::vector<int>{8, 8, 8, 16, 64}));
@@ -112,8 +122,13 @@ TEST(PlanTiles, ChosenFromRowsPerExpert) {
   one.num_experts = 1;
   one.top_k = 1;
   EXPECT_EQ(tile_rows_of(make_plan(one, 0, "sm_80")), (std::vector<int>{16, 64, 64, 64, 64}));
-  for (const MoeSpec& s : {preset("kimi-k2"), preset("qwen3-30b-a3b"), ep, one}) {
+  // 513-1024 too where an expert gets at most 128 rows at 1024 tokens (kimi-k2 22, qwen3 64);
+  // ep (171) and one (1024) have one bucket from 513 tokens.
+  for (const MoeSpec& s : {preset("kimi-k2"), preset("qwen3-30b-a3b")})
+    EXPECT_EQ(tile_rows_of(make_plan(s)), (std::vector<int>{8, 8, 8, 8, 8, 8, 64}));
+  for (const MoeSpec& s : {ep, one})
     EXPECT_EQ(tile_rows_of(make_plan(s)), (std::vector<int>{8, 8, 8, 8, 8, 64}));
+  for (const MoeSpec& s : {preset("kimi-k2"), preset("qwen3-30b-a3b"), ep, one}) {
     const ScopedOverride off("stream=0");
     EXPECT_EQ(tile_rows_of(make_plan(s)), tile_rows_of(make_plan(s, 0, "sm_80")));
   }
@@ -128,7 +143,7 @@ TEST(PlanTiles, SmallestPowerOfTwoThatHoldsTheRows) {
     for (const Bucket& b : plan.buckets) {
       if (b.stream) {
         EXPECT_EQ(b.tile_rows, 8);
-        EXPECT_TRUE(b.max_tokens > 0 && b.max_tokens <= 512) << b.max_tokens;
+        EXPECT_TRUE(b.max_tokens > 0 && b.max_tokens <= 1024) << b.max_tokens;
         previous = 8;
         continue;
       }
@@ -369,13 +384,13 @@ TEST(PlanGemm, KimiK2Configs) {
   }
   EXPECT_EQ(stream_stage_bytes(512, true, 64), 27136);
   EXPECT_EQ(stream_stage_bytes(256, false, 64), 18432);
-  // 65-128, 129-256 and 257-512 tokens: 8-row tiles (3, 6 and 11 rows per expert at 128, 256
-  // and 512), the stream family; from 513 tokens the older family.
-  for (int i : {2, 3, 4}) {
+  // 65-128 up to 513-1024 tokens: 8-row tiles (3, 6, 11 and 22 rows per expert at 128, 256, 512
+  // and 1024), the stream family; from 1025 tokens the older family.
+  for (int i : {2, 3, 4, 5}) {
     EXPECT_TRUE(plan.buckets[i].stream) << i;
     EXPECT_EQ(plan.buckets[i].tile_rows, 8) << i;
   }
-  EXPECT_FALSE(plan.buckets[5].stream);
+  EXPECT_FALSE(plan.buckets[6].stream);
   // For sm_80 the older family keeps the finalize fused into gemm2.
   const Plan ampere = make_plan(preset("kimi-k2"), 0, "sm_80");
   EXPECT_FALSE(ampere.buckets[0].stream);
@@ -386,9 +401,9 @@ TEST(PlanGemm, KimiK2Configs) {
   EXPECT_EQ(ampere.buckets[3].gemm1, (GemmConfig{1, 8, 32, true, false}));
   EXPECT_FALSE(ampere.buckets[3].fused_finalize);
   // Tile 64: 4 warps of features (N % 64 == 0), no K split, 8 groups (64 x 8 x 64 B = 32 KiB).
-  EXPECT_EQ(plan.buckets[5].gemm1, (GemmConfig{4, 1, 8, false, false}));
+  EXPECT_EQ(plan.buckets[6].gemm1, (GemmConfig{4, 1, 8, false, false}));
   // gemm2 stages its activation as two bf16 planes (hi + lo): half the groups.
-  EXPECT_EQ(plan.buckets[5].gemm2, (GemmConfig{4, 1, 4, false, false}));
+  EXPECT_EQ(plan.buckets[6].gemm2, (GemmConfig{4, 1, 4, false, false}));
 }
 
 TEST(PlanGemm, NarrowOutputUsesTwoWarps) {
@@ -435,6 +450,8 @@ TEST(PlanKernels, FullList) {
       {"gemm2_b4", KernelRole::Gemm2, {"gemm2"}, 4},
       {"gemm1_b5", KernelRole::Gemm1, {"gemm1"}, 5},
       {"gemm2_b5", KernelRole::Gemm2, {"gemm2"}, 5},
+      {"gemm1_b6", KernelRole::Gemm1, {"gemm1"}, 6},
+      {"gemm2_b6", KernelRole::Gemm2, {"gemm2"}, 6},
       {"finalize", KernelRole::Finalize, {"finalize"}, -1},
   };
   ASSERT_EQ(plan.kernels.size(), std::size(expected));
@@ -471,9 +488,10 @@ TEST(PlanKernels, NamesUniqueAndRolesNamed) {
 
 TEST(PlanMaxTokens, DropsBucketsAbove) {
   const MoeSpec s = preset("qwen3-30b-a3b");
-  const std::pair<int, size_t> cases[] = {{0, 6},   {1, 1},   {16, 1},  {17, 2},   {64, 2},
-                                          {65, 3},  {100, 3}, {128, 3}, {129, 4},  {256, 4},
-                                          {257, 5}, {512, 5}, {513, 6}, {100000, 6}};
+  const std::pair<int, size_t> cases[] = {{0, 7},    {1, 1},   {16, 1},   {17, 2},   {64, 2},
+                                          {65, 3},    {100, 3}, {128, 3},  {129, 4},  {256, 4},
+                                          {257, 5},   {512, 5}, {513, 6},  {1024, 6}, {1025, 7},
+                                          {100000, 7}};
   for (auto [max_tokens, buckets] : cases) {
     const Plan plan = make_plan(s, max_tokens);
     EXPECT_EQ(plan.buckets.size(), buckets) << max_tokens;
@@ -501,11 +519,12 @@ TEST(PlanMaxTokens, TokensAboveTheLastBucketAreRejected) {
 
 TEST(PlanBucketFor, Boundaries) {
   const Plan plan = make_plan(preset("kimi-k2"));
-  const std::pair<int, int> cases[] = {{1, 0},   {16, 0},  {17, 1},  {64, 1},  {65, 2},   {128, 2},
-                                       {129, 3}, {256, 3}, {257, 4}, {512, 4}, {513, 5}, {1 << 20, 5}};
+  const std::pair<int, int> cases[] = {{1, 0},   {16, 0},  {17, 1},   {64, 1},    {65, 2},   {128, 2},
+                                       {129, 3}, {256, 3}, {257, 4},  {512, 4},   {513, 5},  {1024, 5},
+                                       {1025, 6}, {1 << 20, 6}};
   for (auto [tokens, bucket] : cases) EXPECT_EQ(plan.bucket_for(tokens), bucket) << tokens;
   const Plan qwen3 = make_plan(preset("qwen3-30b-a3b"));
-  for (auto [tokens, bucket] : {std::pair<int, int>{128, 2}, {129, 3}, {256, 3}, {257, 4}, {512, 4}, {513, 5}})
+  for (auto [tokens, bucket] : {std::pair<int, int>{128, 2}, {129, 3}, {256, 3}, {257, 4}, {512, 4}, {513, 5}, {1025, 6}})
     EXPECT_EQ(qwen3.bucket_for(tokens), bucket) << tokens;
   // Without the stream family 129-512 is one bucket.
   const Plan ampere = make_plan(preset("qwen3-30b-a3b"), 0, "sm_80");

@@ -1750,17 +1750,30 @@ TEST(Differential, StreamBucket129To256) {
   run_cases(cases);
 }
 
+// A stream bucket above 256 tokens: stream_bucket_cases with tiled weights of qwen3-30b-a3b's
+// shape, row-major ones of `row_major_experts` experts and expert parallelism over 256.
+void run_upper_stream_bucket(const std::string& name, std::initializer_list<int> tokens, int row_major_experts,
+                             int ep_tokens, int max_tokens) {
+  const std::vector<Case> cases = stream_bucket_cases(name, tiled_shape(2048, 768, 128, 8),
+                                                      small_stream_experts(row_major_experts), tokens,
+                                                      small_stream_experts(256), ep_tokens, max_tokens);
+  MOEJIT_REQUIRE_GPU();
+  run_cases(cases);
+}
+
 // The stream family's 257-512 bucket (bench/RESULTS.md section 53): tiled weights of
 // qwen3-30b-a3b's kind (128 experts at top-8: up to 32 rows per expert, four 8-row tiles) and
 // row-major ones of 32 experts at top-4 (up to 64 rows per expert), both layer kinds, at the
 // bucket's ends and inside it; expert parallelism with grouped DeepSeekV3 routing at 400 tokens
 // (256 experts, 128 per rank).
-TEST(Differential, StreamBucket257To512) {
-  const std::vector<Case> cases = stream_bucket_cases("bucket257-512", tiled_shape(2048, 768, 128, 8),
-                                                      small_stream_experts(32), {257, 400, 512},
-                                                      small_stream_experts(256), 400, 512);
-  MOEJIT_REQUIRE_GPU();
-  run_cases(cases);
+TEST(Differential, StreamBucket257To512) { run_upper_stream_bucket("bucket257-512", {257, 400, 512}, 32, 400, 512); }
+
+// The stream family's 513-1024 bucket (bench/RESULTS.md section 53), where an expert gets at most
+// 128 rows at 1024 tokens: tiled weights of qwen3-30b-a3b's kind (up to 64 rows per expert, eight
+// 8-row tiles) and row-major ones of 64 experts at top-4 (64), both layer kinds, at the bucket's
+// ends and inside it; expert parallelism with grouped DeepSeekV3 routing at 700 tokens.
+TEST(Differential, StreamBucket513To1024) {
+  run_upper_stream_bucket("bucket513-1024", {513, 800, 1024}, 64, 700, 1024);
 }
 
 // Few experts, many rows each (bench/RESULTS.md section 53): 8 experts at top-2 (Mixtral's
