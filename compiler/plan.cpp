@@ -550,9 +550,8 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     // H200, bench/RESULTS.md section 9: faster than the older family for kimi-k2 at 1-64 tokens
     // by 16-22%, for kimi-k2-tp8 by 5-10% and for qwen3-30b-a3b at 1 and 64 tokens; 5% slower
     // for qwen3 at 8 tokens). "stream=0" turns it off.
-    // Only buckets of at most 1024 tokens (what was measured; the unit counter's float count
-    // stays exact, see early_fetch below) and only sm_90 (the Hopper family it was tuned and
-    // validated on). At 65-128 tokens it took kimi-k2 2.2-2.4x and qwen3-30b-a3b 2.1-2.6x less
+    // Only buckets of at most 1024 tokens (what was measured) and only sm_90 (the Hopper family
+    // it was tuned and validated on). At 65-128 tokens it took kimi-k2 2.2-2.4x and qwen3-30b-a3b 2.1-2.6x less
     // time than the older family's 16- and 32-row tiles (H200, bench/RESULTS.md section 50); at
     // 129-256 tokens kimi-k2 2.2-2.5x, kimi-k2-tp8 2.2-2.3x and deepseek-v3 2.0-2.4x less than
     // its 16-row tiles (section 52); section 53 for the rest.
@@ -675,10 +674,11 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       // 22: qwen3-30b-a3b 2-3 us faster at 33-64 tokens, the others within their spread).
       // The float count is exact below 2^24, and the counter's values stay below a launch's
       // units (a take at or past them ends the block's loop): bound those (row tiles at most
-      // P / 8 + E, units at least 8 weight rows of the larger GEMM). "uf=1" cannot force it past
-      // the bound.
+      // P / 8 + E, units at least 8 weight rows of the larger GEMM), at the bucket's own top: a plan
+      // accepts launches up to it even where max_tokens is lower (Plan::bucket_for). "uf=1" cannot
+      // force it past the bound.
       const long long max_units =
-          (static_cast<long long>(top_tokens) * spec.top_k / 8 + spec.local_experts()) *
+          (static_cast<long long>(hi) * spec.top_k / 8 + spec.local_experts()) *
           (std::max(2 * spec.intermediate, spec.hidden) / 8);
       b.s1.early_fetch = b.s2.early_fetch =
           flag_of("uf", true, "dynamic units fetched early") && max_units < (1 << 24);

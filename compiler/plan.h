@@ -329,10 +329,10 @@ int finalize_threads_for(const Plan& plan, int tokens);
 bool evict_first_for(const Plan& plan, int tokens);
 bool evict_first_rule(const MoeSpec& spec, int tokens);
 
-// Bucket boundaries: [1,16], [17,64], [65,128], [129,256], [257,512], [513,1024], [1025, inf); a
+// Bucket boundaries: [1,16], [17,64], [65,128], [129,256], [257,512], [513,1024], [1025, inf). A
 // plan without the stream family (not sm_90, H or I not a multiple of 256, or stream=0) has
-// [129,512] instead of the two, and [513, inf) instead of the last two, as does a plan whose
-// experts would get more than 128 rows each at 1024 tokens.
+// [129,512] and [513, inf) instead of the last four; a plan with it whose experts would get more
+// than 128 rows each at 1024 tokens has [513, inf) instead of the last two.
 const std::vector<std::pair<int, int>>& bucket_ranges();
 
 // Picks the tile and GEMM shapes for each bucket; max_tokens > 0 drops buckets above it.

@@ -90,12 +90,18 @@ TEST(PlanBuckets, Ranges) {
   {
     const ScopedOverride off("stream=0");
     EXPECT_EQ(ranges_of(make_plan(preset("kimi-k2"))), merged);
+    EXPECT_EQ(ranges_of(make_plan(preset("kimi-k2"), 200)),
+              (std::vector<std::pair<int, int>>{{1, 16}, {17, 64}, {65, 128}, {129, 512}}));
   }
   MoeSpec few = preset("qwen3-30b-a3b");
   few.num_experts = 32;  // 256 rows per expert at 1024 tokens
   EXPECT_EQ(ranges_of(make_plan(few)), open_513);
+  // A limit inside 513-1024 keeps the bucket where the layer has it; without, 513 up is open.
+  EXPECT_EQ(ranges_of(make_plan(few, 600)), open_513);
   few.num_experts = 64;  // 128
   EXPECT_EQ(ranges_of(make_plan(few)), expected);
+  EXPECT_EQ(ranges_of(make_plan(few, 600)),
+            (std::vector<std::pair<int, int>>{{1, 16}, {17, 64}, {65, 128}, {129, 256}, {257, 512}, {513, 1024}}));
   // A limit inside the merged bucket keeps it whole; one below 257 drops 257-512.
   EXPECT_EQ(ranges_of(make_plan(odd, 200)),
             (std::vector<std::pair<int, int>>{{1, 16}, {17, 64}, {65, 128}, {129, 512}}));
@@ -134,7 +140,7 @@ TEST(PlanTiles, ChosenFromRowsPerExpert) {
   }
 }
 
-// The older family's buckets; the stream family's have 8-row tiles and end at most at 512 tokens.
+// The older family's buckets; the stream family's have 8-row tiles and end at most at 1024 tokens.
 TEST(PlanTiles, SmallestPowerOfTwoThatHoldsTheRows) {
   for (const MoeSpec& spec : specs_under_test())
   for (const char* arch : {"sm_90a", "sm_80"}) {

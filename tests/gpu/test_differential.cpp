@@ -1690,10 +1690,6 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
     EXPECT_TRUE(reached.count(f)) << "the tiled sweep never reaches " << f;
 }
 
-// The cases of a stream bucket's test: `tiled` and `row_major` at each of `tokens`, and expert
-// parallelism with grouped DeepSeekV3 routing on `ep_spec` at `ep_tokens`, compiled for up to
-// `max_tokens`. Their plans are checked first (no GPU needed for that part): every case runs the
-// stream GEMMs, finalized and not.
 // The small stream spec (row-major) with `experts` experts.
 MoeSpec small_stream_experts(int experts) {
   MoeSpec s = small_stream_spec();
@@ -1701,6 +1697,10 @@ MoeSpec small_stream_experts(int experts) {
   return s;
 }
 
+// The cases of a stream bucket's test: `tiled` and `row_major` at each of `tokens`, and expert
+// parallelism with grouped DeepSeekV3 routing on `ep_spec` at `ep_tokens`, compiled for up to
+// `max_tokens`. Their plans are checked first (no GPU needed for that part): every case runs the
+// stream GEMMs, finalized and not.
 std::vector<Case> stream_bucket_cases(const std::string& name, const MoeSpec& tiled, const MoeSpec& row_major,
                                       std::initializer_list<int> tokens, const MoeSpec& ep_spec, int ep_tokens,
                                       int max_tokens) {
@@ -1788,7 +1788,11 @@ TEST(Differential, StreamFewExpertsManyRows) {
       Case c = small_case("few-experts", s, t);
       c.max_tokens = 512;
       SCOPED_TRACE(case_line(c));
-      EXPECT_EQ(decode_family(moejit::dump(s, moejit::DumpKind::Plan), t, s.top_k).rfind("stream", 0), 0u);
+      for (bool fin : {true, false}) {
+        MoeSpec f = s;
+        f.finalize = fin;
+        EXPECT_EQ(decode_family(moejit::dump(f, moejit::DumpKind::Plan), t, f.top_k).rfind("stream", 0), 0u);
+      }
       cases.push_back(c);
     }
   MOEJIT_REQUIRE_GPU();
