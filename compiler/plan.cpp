@@ -540,24 +540,20 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     Bucket b;
     b.min_tokens = lo;
     b.max_tokens = hi;
-    const bool stream_range = hi != 0 && hi <= (stream_takes ? 1024 : 256);
+    // A stream bucket: 8-row tiles. Else the older family's tile holds the rows per expert.
+    b.stream = stream_takes && hi != 0 && hi <= 1024;
     const long long rows_per_expert = rows_per_expert_at(hi == 0 ? 4096 : hi);
     b.tile_rows = 8;
-    while (b.tile_rows < 64 && b.tile_rows < rows_per_expert && !(stream_takes && stream_range)) b.tile_rows *= 2;
+    while (!b.stream && b.tile_rows < 64 && b.tile_rows < rows_per_expert) b.tile_rows *= 2;
     b.gemm1 = pick_gemm(spec.intermediate, spec.hidden, b.tile_rows, true);
     b.gemm2 = pick_gemm(spec.hidden, spec.intermediate, b.tile_rows, false);
-    // Stream family: decode buckets on sm_90 with H and I multiples of 256 (measured on an
-    // H200, bench/RESULTS.md section 9: faster than the older family for kimi-k2 at 1-64 tokens
-    // by 16-22%, for kimi-k2-tp8 by 5-10% and for qwen3-30b-a3b at 1 and 64 tokens; 5% slower
-    // for qwen3 at 8 tokens). "stream=0" turns it off.
-    // Only buckets of at most 1024 tokens (what was measured) and only sm_90 (the Hopper family
-    // it was tuned and validated on). At 65-128 tokens it took kimi-k2 2.2-2.4x and qwen3-30b-a3b 2.1-2.6x less
-    // time than the older family's 16- and 32-row tiles (H200, bench/RESULTS.md section 50); at
-    // 129-256 tokens kimi-k2 2.2-2.5x, kimi-k2-tp8 2.2-2.3x and deepseek-v3 2.0-2.4x less than
-    // its 16-row tiles (section 52); section 53 for the rest.
-    const bool stream_ok = b.tile_rows == 8 && stream_range && stream_fits;
-    b.stream = stream_wanted && stream_ok;
-    if (stream_ok) {
+    // Stream family (the conditions above): measured on an H200 against the older family,
+    // bench/RESULTS.md section 9 (kimi-k2 16-22% faster at 1-64 tokens, kimi-k2-tp8 5-10%,
+    // qwen3-30b-a3b at 1 and 64 tokens; 5% slower for qwen3 at 8), section 50 (65-128 tokens:
+    // kimi-k2 2.2-2.4x, qwen3-30b-a3b 2.1-2.6x), section 52 (129-256: kimi-k2 2.2-2.5x,
+    // kimi-k2-tp8 2.2-2.3x, deepseek-v3 2.0-2.4x) and section 53 (the rest). Only up to 1024
+    // tokens (what was measured) and only sm_90 (the Hopper family it was tuned and validated on).
+    if (b.stream) {
       // The bucket's largest token count a launch can have (hi of a stream bucket is finite).
       const int top_tokens = max_tokens > 0 ? std::min(hi, max_tokens) : hi;
       // 64-row units: measured on an H200 against 32-row ones (bench/RESULTS.md section 11),
