@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <cstddef>
+#include <map>
 
 namespace moejit::compiler {
 
@@ -161,7 +162,7 @@ std::string stream_cfg(const Plan& plan, const Bucket& bk, const StreamConfig& c
           "  static constexpr int kTopK = {};\n"
           "  static constexpr int kLocalOffset = {};\n"
           "  static constexpr int kLocalExperts = {};\n"
-          "  static constexpr int kKC = {};  // K per stage; 8-row tiles, tokens [{}, {}]\n"
+          "  static constexpr int kKC = {};  // K per stage; 8-row tiles\n"
           "  static constexpr int kStages = {};\n"
           "  static constexpr int kConsumerWarps = {};\n"
           "  static constexpr int kProducerWarps = {};\n"
@@ -192,8 +193,7 @@ std::string stream_cfg(const Plan& plan, const Bucket& bk, const StreamConfig& c
           "  static constexpr bool kF16Act = {};  // gemm1: the activation for an fp16 gemm2\n"
           "  static constexpr int kGroupCols = {};  // most valid rows of a tile whose groups go in the MMA's columns (0: none)\n",
           b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
-          s.local_expert_offset, s.local_experts(), c.k_stage, bk.min_tokens,
-          bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.stages,
+          s.local_expert_offset, s.local_experts(), c.k_stage, c.stages,
           c.consumer_warps, c.producer_warps, stage_bytes, c.suspend_ns, b(c.pack_planes),
           c.unit_rows, c.alt_rows, c.k_stage16, c.k_stage32, c.ring_bytes, b(c.split_epilogue), b(c.tma),
           b(c.tma && c.dynamic_units), b(c.tma && !g1 && c.x_boxes),
@@ -264,7 +264,7 @@ KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
       "  static constexpr int kK = {};  // reduction length\n"
       "  static constexpr int kTopK = {};\n"
       "  static constexpr int kLocalOffset = {};\n"
-      "  static constexpr int kTile = {};  // rows per tile, tokens [{}, {}]\n"
+      "  static constexpr int kTile = {};  // rows per tile\n"
       "  static constexpr int kWarpsN = {};\n"
       "  static constexpr int kWarpsK = {};\n"
       "  static constexpr int kChunkGroups = {};\n"
@@ -272,8 +272,7 @@ KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
       "  static constexpr bool kDirectX = {};\n"
       "  static constexpr bool kFuseFinalize = {};\n",
       b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
-      s.local_expert_offset, bk.tile_rows, bk.min_tokens,
-      bk.max_tokens == 0 ? std::string("inf") : std::to_string(bk.max_tokens), c.warps_n,
+      s.local_expert_offset, bk.tile_rows, c.warps_n,
       c.warps_k, c.k_chunk_groups, b(c.double_buffer), b(c.direct_x),
       b(!g1 && bk.fused_finalize));
   return {k.name, "moejit_" + k.name,
@@ -355,7 +354,29 @@ KernelSource generate(const Plan& plan, const KernelPlan& kernel) {
 
 std::vector<KernelSource> generate_all(const Plan& plan) {
   std::vector<KernelSource> out;
-  for (const KernelPlan& k : plan.kernels) out.push_back(generate(plan, k));
+  // A kernel's code apart from its name: generated again under one fixed name. Kernels are
+  // shared only where that text and every launch attribute are equal.
+  std::map<std::string, size_t> first_of;
+  for (const KernelPlan& k : plan.kernels) {
+    KernelSource src = generate(plan, k);
+    if (k.bucket < 0) {  // one kernel of its role per plan
+      out.push_back(std::move(src));
+      continue;
+    }
+    KernelPlan anonymous = k;
+    anonymous.name = "kernel";
+    const KernelSource a = generate(plan, anonymous);
+    const std::string key = fmt::format("{} {} {} {} {}\n{}", a.threads, a.dynamic_smem, a.persistent,
+                                        a.cooperative, a.grid, a.source);
+    const auto [it, first] = first_of.emplace(key, out.size());
+    if (!first) {
+      const KernelSource& same = out[it->second];
+      src.entry = same.entry;
+      src.source = same.source;
+      src.same_as = same.name;
+    }
+    out.push_back(std::move(src));
+  }
   return out;
 }
 

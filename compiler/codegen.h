@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "compiler/plan.h"
@@ -11,6 +12,9 @@
 namespace moejit::compiler {
 
 struct KernelSource {
+  KernelSource() = default;
+  KernelSource(std::string name_, std::string entry_, std::string source_, int threads_)
+      : name(std::move(name_)), entry(std::move(entry_)), source(std::move(source_)), threads(threads_) {}
   std::string name;    // plan kernel name ("gemm1_b0")
   std::string entry;   // extern "C" symbol ("moejit_gemm1_b0")
   std::string source;  // the translation unit
@@ -19,9 +23,15 @@ struct KernelSource {
   bool persistent = false;  // grid = blocks that fit on the device (stream GEMMs)
   bool cooperative = false;  // one cooperative launch of a fixed grid (the resident layer)
   int grid = 0;              // that grid
+  // Set where this kernel's code equals an earlier kernel's of the plan but for its name (the
+  // same stream GEMM in several token buckets): that kernel's name. Its entry and source are
+  // then that kernel's, so that the runtime compiles and loads the code once.
+  std::string same_as;
 };
 
 KernelSource generate(const Plan& plan, const KernelPlan& kernel);
+// Every kernel of the plan, in plan order; kernels of equal code share the first one's entry and
+// source (KernelSource::same_as).
 std::vector<KernelSource> generate_all(const Plan& plan);
 
 // Launch constants shared by codegen and the launcher.

@@ -60,17 +60,31 @@ runtime::KernelBinary compile_request(const runtime::KernelRequest& req) {
   return {std::move(out.binary), std::move(out.log), out.ms};
 }
 
-// Compiles (or fetches) every kernel source on `jobs` threads, in plan order.
+// Index in `sources` of the kernel whose code source i shares (i itself where it has its own).
+size_t code_of(const std::vector<compiler::KernelSource>& sources, size_t i) {
+  if (sources[i].same_as.empty()) return i;
+  for (size_t j = 0; j < i; ++j)
+    if (sources[j].name == sources[i].same_as) return j;
+  throw Error(ErrorKind::Internal, fmt::format("kernel {} shares the code of {}, which is not before it",
+                                               sources[i].name, sources[i].same_as));
+}
+
+// Compiles (or fetches) every distinct kernel source on `jobs` threads, in plan order; a kernel
+// that shares another's code (KernelSource::same_as) gets that kernel's binary.
 std::vector<std::shared_ptr<const runtime::KernelBinary>> build_all(
     const std::vector<compiler::KernelSource>& sources, const CompileOptions& opt,
     const std::string& arch) {
+  std::vector<size_t> own;  // the kernels of their own code
+  for (size_t i = 0; i < sources.size(); ++i)
+    if (code_of(sources, i) == i) own.push_back(i);
   std::vector<std::shared_ptr<const runtime::KernelBinary>> bins(sources.size());
   std::vector<std::exception_ptr> errors(sources.size());
   std::atomic<size_t> next{0};
   std::atomic<int> done{0};
   std::mutex progress_mu;
   auto work = [&] {
-    for (size_t i; (i = next++) < sources.size();) {
+    for (size_t n; (n = next++) < own.size();) {
+      const size_t i = own[n];
       try {
         bins[i] = runtime::KernelCache::global().get(request_for(sources[i], arch), compile_request);
       } catch (...) {
@@ -79,19 +93,20 @@ std::vector<std::shared_ptr<const runtime::KernelBinary>> build_all(
       const int d = ++done;
       if (opt.progress) {
         std::lock_guard<std::mutex> lock(progress_mu);
-        opt.progress(d, static_cast<int>(sources.size()), sources[i].name);
+        opt.progress(d, static_cast<int>(own.size()), sources[i].name);
       }
     }
   };
   unsigned jobs = opt.jobs > 0 ? static_cast<unsigned>(opt.jobs)
                                : std::max(1u, std::thread::hardware_concurrency());
-  jobs = std::min<unsigned>(jobs, static_cast<unsigned>(sources.size()));
+  jobs = std::min<unsigned>(jobs, static_cast<unsigned>(own.size()));
   std::vector<std::thread> pool;
   for (unsigned j = 1; j < jobs; ++j) pool.emplace_back(work);
   work();
   for (auto& t : pool) t.join();
   for (auto& e : errors)
     if (e) std::rethrow_exception(e);
+  for (size_t i = 0; i < sources.size(); ++i) bins[i] = bins[code_of(sources, i)];
   return bins;
 }
 
@@ -130,8 +145,13 @@ class LayerImpl {
     kernels_.resize(sources.size());
     for (size_t i = 0; i < sources.size(); ++i) {
       Kernel& k = kernels_[i];
-      MOEJIT_CU_CHECK(d.cuModuleLoadData(&k.module, bins[i]->cubin.data()));
-      MOEJIT_CU_CHECK(d.cuModuleGetFunction(&k.fn, k.module, sources[i].entry.c_str()));
+      const size_t code = code_of(sources, i);
+      if (code == i) {
+        MOEJIT_CU_CHECK(d.cuModuleLoadData(&k.module, bins[i]->cubin.data()));
+        MOEJIT_CU_CHECK(d.cuModuleGetFunction(&k.fn, k.module, sources[i].entry.c_str()));
+      } else {
+        k.fn = kernels_[code].fn;  // the module stays the other kernel's (unloaded once)
+      }
       k.threads = sources[i].threads;
       k.dynamic_smem = sources[i].dynamic_smem;
       k.cooperative = sources[i].cooperative;
@@ -918,18 +938,28 @@ std::string dump(const MoeSpec& spec, DumpKind kind, const std::string& arch_in,
   const Plan plan = compiler::make_plan(spec, 0, arch);
   if (kind == DumpKind::Plan) return compiler::describe(plan);
   const int bucket = tokens > 0 ? plan.bucket_for(tokens) : -1;
+  const auto sources = compiler::generate_all(plan);
   std::string out;
-  for (const auto& k : plan.kernels) {
+  for (size_t i = 0; i < plan.kernels.size(); ++i) {
+    const auto& k = plan.kernels[i];
     if (bucket >= 0 && k.bucket >= 0 && k.bucket != bucket) continue;
     if (tokens > 1 && k.role == KernelRole::Resident) continue;  // one token only
     if (tokens > 0 && k.role == KernelRole::Chain && !plan.buckets[k.bucket].chain_covers(tokens)) continue;
-    const compiler::KernelSource src = compiler::generate(plan, k);
+    const compiler::KernelSource& src = sources[i];
+    // A bucket's kernel: its token range (a kernel of several buckets' code names the first one).
+    std::string range;
+    if (k.bucket >= 0) {
+      const compiler::Bucket& b = plan.buckets[k.bucket];
+      range = fmt::format("tokens [{}, {}], ", b.min_tokens,
+                          b.max_tokens == 0 ? std::string("inf") : std::to_string(b.max_tokens));
+    }
+    const std::string shared = src.same_as.empty() ? "" : fmt::format(", the code of {}", src.same_as);
     if (kind == DumpKind::Cuda) {
-      out += fmt::format("// ---- kernel {} (entry {}, {} threads) ----\n{}\n", src.name,
-                         src.entry, src.threads, src.source);
+      out += fmt::format("// ---- kernel {} ({}entry {}{}, {} threads) ----\n{}\n", src.name, range,
+                         src.entry, shared, src.threads, src.source);
     } else {
       const auto ptx = compiler::nvrtc_compile(src.name, src.source, arch, /*ptx=*/true);
-      out += fmt::format("// ---- kernel {} (entry {}, {}) ----\n", src.name, src.entry, arch);
+      out += fmt::format("// ---- kernel {} ({}entry {}{}, {}) ----\n", src.name, range, src.entry, shared, arch);
       out.append(ptx.binary.begin(), ptx.binary.end());
       out += "\n";
     }
@@ -946,9 +976,10 @@ std::vector<KernelReport> compile_report(const MoeSpec& spec, const CompileOptio
   std::vector<KernelReport> out;
   for (size_t i = 0; i < sources.size(); ++i) {
     const auto usage = compiler::parse_ptxas_log(bins[i]->compile_log);
+    const bool shared = !sources[i].same_as.empty();
     out.push_back({sources[i].name, arch, bins[i]->cubin.size(), usage.registers,
                    usage.spill_store_bytes, usage.spill_load_bytes, usage.stack_bytes,
-                   bins[i]->compile_ms});
+                   shared ? 0 : bins[i]->compile_ms, sources[i].same_as});
   }
   return out;
 }

@@ -235,14 +235,17 @@ void add_warmup(CLI::App& app) {
     const auto t = Clock::now();
     const auto reports = moejit::compile_report(spec.load(), opt);
     const double wall = seconds_since(t);
+    // Kernels that share another's code (KernelReport::same_as) are neither compiled nor looked up.
+    const auto distinct = std::count_if(reports.begin(), reports.end(),
+                                        [](const auto& r) { return r.same_as.empty(); });
     const auto compiled = std::count_if(reports.begin(), reports.end(),
                                         [](const auto& r) { return r.compile_ms > 0; });
     fmt::print(
         "warmed {} kernels for {} on {}: {} compiled, {} from the cache, in {:.2f} s "
-        "(cache: {})\n",
-        reports.size(), spec.preset.empty() ? spec.spec_file : spec.preset,
-        reports.empty() ? arch : reports[0].arch, compiled,
-        static_cast<long>(reports.size()) - compiled, wall, moejit::cache::directory());
+        "(cache: {}; {} layer kernels)\n",
+        distinct, spec.preset.empty() ? spec.spec_file : spec.preset,
+        reports.empty() ? arch : reports[0].arch, compiled, distinct - compiled, wall,
+        moejit::cache::directory(), reports.size());
   });
 }
 
@@ -287,9 +290,12 @@ void add_timing(CLI::App& cache) {
     const double cold = seconds_since(t);
     double serial_ms = 0;
     for (const auto& r : reports) serial_ms += r.compile_ms;
-    const size_t n = reports.size();
-    fmt::print("layer           {} on {}, {} kernels\n",
-               spec.preset.empty() ? spec.spec_file : spec.preset, reports.at(0).arch, n);
+    // Compiled and looked up: the kernels of their own code (the others share one, same_as).
+    const size_t n = static_cast<size_t>(std::count_if(
+        reports.begin(), reports.end(), [](const auto& r) { return r.same_as.empty(); }));
+    fmt::print("layer           {} on {}, {} kernels ({} distinct)\n",
+               spec.preset.empty() ? spec.spec_file : spec.preset, reports.at(0).arch,
+               reports.size(), n);
     fmt::print(
         "cold compile    {:.2f} s wall ({} jobs), {:.0f} ms per kernel of compile time "
         "({:.2f} s in all)\n",

@@ -49,14 +49,19 @@ void add_compile(CLI::App& app) {
     const auto reports = moejit::compile_report(spec.load(), opt);
     fmt::print("{:<15} {:<8} {:>10} {:>5} {:>12} {:>11} {:>6} {:>10}\n", "kernel", "arch",
                "cubin", "regs", "spill_store", "spill_load", "stack", "compile_ms");
-    int spills = 0;
+    int spills = 0, own = 0;
     for (const auto& r : reports) {
+      if (!r.same_as.empty()) {  // compiled once, under the other kernel's row
+        fmt::print("{:<15} {:<8} the code of {}\n", r.name, r.arch, r.same_as);
+        continue;
+      }
       fmt::print("{:<15} {:<8} {:>10} {:>5} {:>12} {:>11} {:>6} {:>10.1f}\n", r.name, r.arch,
                  r.cubin_bytes, r.registers, r.spill_store_bytes, r.spill_load_bytes,
                  r.stack_bytes, r.compile_ms);
       spills += r.spill_store_bytes + r.spill_load_bytes;
+      ++own;
     }
-    fmt::print("{} kernels, {} spill bytes\n", reports.size(), spills);
+    fmt::print("{} kernels ({} distinct), {} spill bytes\n", reports.size(), own, spills);
   });
 }
 

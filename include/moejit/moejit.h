@@ -266,6 +266,9 @@ struct KernelReport {
   int spill_load_bytes = 0;
   int stack_bytes = 0;
   double compile_ms = 0;  // 0 when served from a cache
+  // The kernel whose code this one shares (the same code in several token buckets; compiled
+  // once, its figures repeated here with compile_ms 0); empty for a kernel of its own code.
+  std::string same_as;
 };
 std::vector<KernelReport> compile_report(const MoeSpec& spec, const CompileOptions& options);
 

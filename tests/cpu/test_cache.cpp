@@ -84,13 +84,15 @@ cache::Settings settings_for(const std::string& dir, double lock_timeout_s = 120
   return s;
 }
 
-// The requests the runtime makes for a preset's plan.
+// The requests the runtime makes for a preset's plan: one per distinct kernel (a kernel that
+// shares another's code, KernelSource::same_as, is not requested again).
 std::vector<KernelRequest> preset_requests(const std::string& name, int max_tokens,
                                            const std::string& arch = "sm_90a") {
   std::vector<KernelRequest> out;
   const compiler::Plan plan = compiler::make_plan(preset(name), max_tokens);
   for (const auto& src : compiler::generate_all(plan))
-    out.push_back({src.name, src.entry, src.source, arch, compiler::nvrtc_options(arch, false)});
+    if (src.same_as.empty())
+      out.push_back({src.name, src.entry, src.source, arch, compiler::nvrtc_options(arch, false)});
   return out;
 }
 

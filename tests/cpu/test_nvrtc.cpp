@@ -90,6 +90,16 @@ void expect_clean_compile(const MoeSpec& spec, const std::string& arch, int max_
     }
     const KernelReport& r = it->second;
     EXPECT_EQ(r.arch, arch) << k.name;
+    if (!r.same_as.empty()) {  // compiled once, as the kernel named: the same figures, no compile time
+      auto first = by_name.find(r.same_as);
+      if (first == by_name.end() || !first->second.same_as.empty()) {
+        ADD_FAILURE() << k.name << " shares the code of " << r.same_as << ", which is not a kernel of its own code";
+        continue;
+      }
+      EXPECT_EQ(r.cubin_bytes, first->second.cubin_bytes) << k.name;
+      EXPECT_EQ(r.registers, first->second.registers) << k.name;
+      EXPECT_EQ(r.compile_ms, 0) << k.name;
+    }
     const bool clean = r.cubin_bytes > 0 && r.registers > 0 && r.registers <= 255 &&
                        r.spill_store_bytes == 0 && r.spill_load_bytes == 0 && r.stack_bytes == 0;
     EXPECT_TRUE(clean) << describe(r);

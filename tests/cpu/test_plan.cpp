@@ -1,5 +1,6 @@
 // Planner (compiler/plan.h): token buckets, tile choice, GEMM configuration constraints, the
 // kernel list, max_tokens, Plan::max_tiles laws and bucket_for.
+#include <fmt/format.h>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -1425,6 +1426,66 @@ TEST(PlanOverride, BlockRouting) {
   }
   const ScopedOverride bad("brt=2");
   EXPECT_THROW(make_plan(preset("kimi-k2-tp8")), moejit::Error);
+}
+
+// Kernels whose code differs only in their name share the first one's entry and source
+// (KernelSource::same_as), so that the runtime compiles and loads that code once: kimi-k2's
+// stream GEMMs of buckets 1-5 (17-1024 tokens) are one gemm1 and one gemm2. Kernels of any other
+// difference keep their own: qwen3-30b-a3b's gemm1 of 129-256 tokens copies its weights without
+// the evict-first policy of 17-128, and every own-code kernel of a plan differs from every other
+// (the name put back to one fixed text).
+TEST(Codegen, KernelsOfEqualCodeShareTheFirstOnesEntry) {
+  auto same_as = [](const std::vector<KernelSource>& srcs) {
+    std::map<std::string, std::string> out;
+    for (const KernelSource& s : srcs) out[s.name] = s.same_as;
+    return out;
+  };
+  const Plan kimi = make_plan(preset("kimi-k2"));
+  const std::vector<KernelSource> k = generate_all(kimi);
+  ASSERT_EQ(k.size(), kimi.kernels.size());
+  std::map<std::string, const KernelSource*> by_name;
+  for (size_t i = 0; i < k.size(); ++i) {
+    EXPECT_EQ(k[i].name, kimi.kernels[i].name);
+    by_name[k[i].name] = &k[i];
+  }
+  const auto ks = same_as(k);
+  for (const char* g : {"gemm1", "gemm2"}) {
+    const std::string first = std::string(g) + "_b1";
+    EXPECT_EQ(ks.at(std::string(g) + "_b0"), "");
+    EXPECT_EQ(ks.at(first), "");
+    EXPECT_EQ(ks.at(std::string(g) + "_b6"), "");
+    for (int b = 2; b <= 5; ++b) {
+      const KernelSource& s = *by_name.at(fmt::format("{}_b{}", g, b));
+      EXPECT_EQ(s.same_as, first) << s.name;
+      EXPECT_EQ(s.entry, "moejit_" + first) << s.name;
+      EXPECT_EQ(s.source, by_name.at(first)->source) << s.name;
+      EXPECT_EQ(s.threads, by_name.at(first)->threads) << s.name;
+      EXPECT_EQ(s.dynamic_smem, by_name.at(first)->dynamic_smem) << s.name;
+    }
+  }
+  // Own-code kernels: pairwise different once their names are one text.
+  auto anonymous = [](const KernelSource& s) {
+    std::string t = s.source;
+    for (size_t at; (at = t.find(s.name)) != std::string::npos;) t.replace(at, s.name.size(), "@");
+    return t;
+  };
+  for (const char* name : {"kimi-k2", "qwen3-30b-a3b", "kimi-k2-tp8", "seed-test"}) {
+    std::map<std::string, std::string> seen;
+    for (const KernelSource& s : generate_all(make_plan(preset(name))))
+      if (s.same_as.empty()) {
+        const auto [it, fresh] = seen.emplace(anonymous(s), s.name);
+        EXPECT_TRUE(fresh) << name << ": " << s.name << " has the code of " << it->second;
+      }
+  }
+  const auto q = same_as(generate_all(make_plan(preset("qwen3-30b-a3b"))));
+  EXPECT_EQ(q.at("gemm1_b2"), "gemm1_b1");
+  EXPECT_EQ(q.at("gemm1_b3"), "");
+  EXPECT_EQ(q.at("gemm1_b5"), "gemm1_b3");
+  // Without TMA bucket 1's GEMMs are bucket 0's (no early unit, no tile hand-off).
+  const ScopedOverride o("tma=0");
+  const auto c = same_as(generate_all(make_plan(preset("kimi-k2"))));
+  EXPECT_EQ(c.at("gemm1_b1"), "gemm1_b0");
+  EXPECT_EQ(c.at("gemm2_b1"), "gemm2_b0");
 }
 
 // sd=0 keeps the general dispatch block for up to 32 slots (the default places them with one
