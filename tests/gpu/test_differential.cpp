@@ -1776,6 +1776,39 @@ TEST(Differential, StreamBucket513To1024) {
   run_upper_stream_bucket("bucket513-1024", {513, 800, 1024}, 64, 700, 1024);
 }
 
+// Above the stream family's buckets a layer it takes runs the older family's 64-row tiles: from
+// 1025 tokens, and from 513 where an expert gets more than 128 rows at 1024 tokens (section 53).
+// Tiled weights of qwen3-30b-a3b's kind at 1025 and 1300 tokens; row-major ones of 16 experts at
+// top-4 (256 rows per expert at 1024 tokens) at 513 and 1100; both layer kinds, every bucket
+// compiled. The plans are checked first (no GPU needed for that part).
+TEST(Differential, StreamLayersAboveTheStreamBuckets) {
+  std::vector<Case> cases;
+  struct Shape {
+    MoeSpec spec;
+    std::vector<int> tokens;
+    int stream_top;  // the stream family's last token count
+  };
+  const Shape layers[] = {{tiled_shape(2048, 768, 128, 8), {1025, 1300}, 1024},
+                          {small_stream_experts(16), {513, 1100}, 512}};
+  for (const auto& [s, tokens, stream_top] : layers)
+    for (int t : tokens) {
+      Case c = small_case("above-stream", s, t);
+      c.max_tokens = 0;
+      SCOPED_TRACE(case_line(c));
+      for (bool fin : {true, false}) {
+        MoeSpec f = s;
+        f.finalize = fin;
+        const std::string plan = moejit::dump(f, moejit::DumpKind::Plan);
+        EXPECT_EQ(decode_family(plan, t, f.top_k), "older");
+        EXPECT_EQ(decode_family(plan, stream_top, f.top_k).rfind("stream", 0), 0u)
+            << "the bucket below runs the stream family";
+      }
+      cases.push_back(c);
+    }
+  MOEJIT_REQUIRE_GPU();
+  run_cases(cases);
+}
+
 // Few experts, many rows each (bench/RESULTS.md section 53): 8 experts at top-2 (Mixtral's
 // routing), tiled, up to 128 rows per expert at 512 tokens, in every stream bucket from 17
 // tokens; each expert's weights stream once per 8-row tile. And 4 experts at top-1, row-major.
