@@ -38,6 +38,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -1697,6 +1698,23 @@ MoeSpec small_stream_experts(int experts) {
   return s;
 }
 
+// The decode family (decode_family) a launch of T tokens takes in the finalized and in the
+// unfinalized layer of s, both compiled for every bucket.
+std::array<std::string, 2> families_at(const MoeSpec& s, int T) {
+  std::array<std::string, 2> out;
+  for (int fin : {0, 1}) {
+    MoeSpec f = s;
+    f.finalize = fin == 0;
+    out[fin] = decode_family(moejit::dump(f, moejit::DumpKind::Plan), T, f.top_k);
+  }
+  return out;
+}
+
+// Both layer kinds of s run the stream GEMMs at T tokens.
+void expect_stream_at(const MoeSpec& s, int T) {
+  for (const std::string& f : families_at(s, T)) EXPECT_EQ(f.rfind("stream", 0), 0u) << f << " at " << T;
+}
+
 // The cases of a stream bucket's test: `tiled` and `row_major` at each of `tokens`, and expert
 // parallelism with grouped DeepSeekV3 routing on `ep_spec` at `ep_tokens`, compiled for up to
 // `max_tokens`. Their plans are checked first (no GPU needed for that part): every case runs the
@@ -1713,11 +1731,7 @@ std::vector<Case> stream_bucket_cases(const std::string& name, const MoeSpec& ti
   for (Case& c : cases) {
     c.max_tokens = max_tokens;
     SCOPED_TRACE(case_line(c));
-    for (bool fin : {true, false}) {
-      MoeSpec s = c.spec;
-      s.finalize = fin;
-      EXPECT_EQ(decode_family(moejit::dump(s, moejit::DumpKind::Plan), c.tokens, s.top_k).rfind("stream", 0), 0u);
-    }
+    expect_stream_at(c.spec, c.tokens);
   }
   return cases;
 }
@@ -1795,14 +1809,8 @@ TEST(Differential, StreamLayersAboveTheStreamBuckets) {
       Case c = small_case("above-stream", s, t);
       c.max_tokens = 0;
       SCOPED_TRACE(case_line(c));
-      for (bool fin : {true, false}) {
-        MoeSpec f = s;
-        f.finalize = fin;
-        const std::string plan = moejit::dump(f, moejit::DumpKind::Plan);
-        EXPECT_EQ(decode_family(plan, t, f.top_k), "older");
-        EXPECT_EQ(decode_family(plan, stream_top, f.top_k).rfind("stream", 0), 0u)
-            << "the bucket below runs the stream family";
-      }
+      for (const std::string& f : families_at(s, t)) EXPECT_EQ(f, "older");
+      expect_stream_at(s, stream_top);  // the bucket below
       cases.push_back(c);
     }
   MOEJIT_REQUIRE_GPU();
@@ -1821,11 +1829,7 @@ TEST(Differential, StreamFewExpertsManyRows) {
       Case c = small_case("few-experts", s, t);
       c.max_tokens = 512;
       SCOPED_TRACE(case_line(c));
-      for (bool fin : {true, false}) {
-        MoeSpec f = s;
-        f.finalize = fin;
-        EXPECT_EQ(decode_family(moejit::dump(f, moejit::DumpKind::Plan), t, f.top_k).rfind("stream", 0), 0u);
-      }
+      expect_stream_at(s, t);
       cases.push_back(c);
     }
   MOEJIT_REQUIRE_GPU();
