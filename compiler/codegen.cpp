@@ -354,26 +354,24 @@ KernelSource generate(const Plan& plan, const KernelPlan& kernel) {
 
 std::vector<KernelSource> generate_all(const Plan& plan) {
   std::vector<KernelSource> out;
-  // A kernel's code apart from its name: generated again under one fixed name. Kernels are
-  // shared only where that text and every launch attribute are equal.
-  std::map<std::string, size_t> first_of;
+  // A bucket kernel's code apart from its name: the kernel generated again under one fixed
+  // name. It shares an earlier kernel's code only where that text and the launch are equal.
+  std::map<std::string, std::vector<size_t>> by_text;
   for (const KernelPlan& k : plan.kernels) {
     KernelSource src = generate(plan, k);
-    if (k.bucket < 0) {  // one kernel of its role per plan
-      out.push_back(std::move(src));
-      continue;
-    }
-    KernelPlan anonymous = k;
-    anonymous.name = "kernel";
-    const KernelSource a = generate(plan, anonymous);
-    const std::string key = fmt::format("{} {} {} {} {}\n{}", a.threads, a.dynamic_smem, a.persistent,
-                                        a.cooperative, a.grid, a.source);
-    const auto [it, first] = first_of.emplace(key, out.size());
-    if (!first) {
-      const KernelSource& same = out[it->second];
-      src.entry = same.entry;
-      src.source = same.source;
-      src.same_as = same.name;
+    if (k.bucket >= 0) {  // (the others are one kernel of their role per plan)
+      KernelPlan anonymous = k;
+      anonymous.name = "kernel";
+      std::vector<size_t>& same_text = by_text[generate(plan, anonymous).source];
+      for (size_t i : same_text)
+        if (same_launch(out[i], src)) {
+          src.entry = out[i].entry;
+          src.source = out[i].source;
+          src.same_as = out[i].name;
+          src.same_as_index = static_cast<int>(i);
+          break;
+        }
+      if (src.same_as.empty()) same_text.push_back(out.size());
     }
     out.push_back(std::move(src));
   }

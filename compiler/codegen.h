@@ -24,10 +24,20 @@ struct KernelSource {
   bool cooperative = false;  // one cooperative launch of a fixed grid (the resident layer)
   int grid = 0;              // that grid
   // Set where this kernel's code equals an earlier kernel's of the plan but for its name (the
-  // same stream GEMM in several token buckets): that kernel's name. Its entry and source are
-  // then that kernel's, so that the runtime compiles and loads the code once.
+  // same stream GEMM in several token buckets): that kernel's name and index in generate_all's
+  // list. Its entry and source are then that kernel's, so that the runtime compiles and loads
+  // the code once and both kernels launch one function.
   std::string same_as;
+  int same_as_index = -1;
 };
+
+// What two kernels must have equal to share one function (besides their source): every field
+// the runtime sets on, or launches, a function by. A field added to KernelSource that the
+// runtime reads per kernel belongs here.
+inline bool same_launch(const KernelSource& a, const KernelSource& b) {
+  return a.threads == b.threads && a.dynamic_smem == b.dynamic_smem && a.persistent == b.persistent &&
+         a.cooperative == b.cooperative && a.grid == b.grid;
+}
 
 KernelSource generate(const Plan& plan, const KernelPlan& kernel);
 // Every kernel of the plan, in plan order; kernels of equal code share the first one's entry and

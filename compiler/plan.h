@@ -263,7 +263,8 @@ const char* to_string(KernelRole role);
 
 // One kernel of the plan: the stages it implements and, for GEMMs, its bucket.
 struct KernelPlan {
-  std::string name;   // unique in the plan, e.g. "gemm1_b0"; also the CUDA entry symbol suffix
+  std::string name;   // unique in the plan, e.g. "gemm1_b0"; also the CUDA entry symbol suffix,
+                      // unless its code is an earlier kernel's (KernelSource::same_as)
   KernelRole role;
   std::vector<std::string> stages;  // IR stage names fused into this kernel
   int bucket = -1;    // index into Plan::buckets, -1 for bucket-independent kernels

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <tuple>
 
@@ -62,11 +63,12 @@ runtime::KernelBinary compile_request(const runtime::KernelRequest& req) {
 
 // Index in `sources` of the kernel whose code source i shares (i itself where it has its own).
 size_t code_of(const std::vector<compiler::KernelSource>& sources, size_t i) {
-  if (sources[i].same_as.empty()) return i;
-  for (size_t j = 0; j < i; ++j)
-    if (sources[j].name == sources[i].same_as) return j;
-  throw Error(ErrorKind::Internal, fmt::format("kernel {} shares the code of {}, which is not before it",
-                                               sources[i].name, sources[i].same_as));
+  const int j = sources[i].same_as_index;
+  if (j < 0) return i;
+  if (static_cast<size_t>(j) >= i || !sources[j].same_as.empty())
+    throw Error(ErrorKind::Internal, fmt::format("kernel {} shares the code of kernel {}, which is not an "
+                                                 "earlier kernel of its own code", sources[i].name, j));
+  return static_cast<size_t>(j);
 }
 
 // Compiles (or fetches) every distinct kernel source on `jobs` threads, in plan order; a kernel
@@ -80,7 +82,7 @@ std::vector<std::shared_ptr<const runtime::KernelBinary>> build_all(
   std::vector<std::shared_ptr<const runtime::KernelBinary>> bins(sources.size());
   std::vector<std::exception_ptr> errors(sources.size());
   std::atomic<size_t> next{0};
-  std::atomic<int> done{0};
+  int done = 0;  // (under progress_mu)
   std::mutex progress_mu;
   auto work = [&] {
     for (size_t n; (n = next++) < own.size();) {
@@ -90,10 +92,9 @@ std::vector<std::shared_ptr<const runtime::KernelBinary>> build_all(
       } catch (...) {
         errors[i] = std::current_exception();
       }
-      const int d = ++done;
-      if (opt.progress) {
+      if (opt.progress) {  // (counted under the lock, so that the calls come in order)
         std::lock_guard<std::mutex> lock(progress_mu);
-        opt.progress(d, static_cast<int>(own.size()), sources[i].name);
+        opt.progress(++done, static_cast<int>(own.size()), sources[i].name);
       }
     }
   };
@@ -143,33 +144,12 @@ class LayerImpl {
     const auto sources = compiler::generate_all(plan_);
     const auto bins = build_all(sources, opt, arch_);
     kernels_.resize(sources.size());
-    for (size_t i = 0; i < sources.size(); ++i) {
-      Kernel& k = kernels_[i];
-      const size_t code = code_of(sources, i);
-      if (code == i) {
-        MOEJIT_CU_CHECK(d.cuModuleLoadData(&k.module, bins[i]->cubin.data()));
-        MOEJIT_CU_CHECK(d.cuModuleGetFunction(&k.fn, k.module, sources[i].entry.c_str()));
-      } else {
-        k.fn = kernels_[code].fn;  // the module stays the other kernel's (unloaded once)
-      }
-      k.threads = sources[i].threads;
-      k.dynamic_smem = sources[i].dynamic_smem;
-      k.cooperative = sources[i].cooperative;
-      k.grid = static_cast<unsigned>(sources[i].grid);
-      if (k.dynamic_smem > 0)
-        MOEJIT_CU_CHECK(d.cuFuncSetAttribute(
-            k.fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k.dynamic_smem));
-      if (sources[i].persistent) {
-        int per_sm = 0;
-        MOEJIT_CU_CHECK(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, k.fn, k.threads, static_cast<size_t>(k.dynamic_smem)));
-        if (per_sm < 1)
-          throw Error(ErrorKind::Internal,
-                      fmt::format("kernel {} ({} threads, {} bytes of shared memory) cannot be "
-                                  "resident on this device",
-                                  sources[i].name, k.threads, k.dynamic_smem));
-        k.persistent_blocks = static_cast<unsigned>(per_sm * sms);
-      }
+    // (A constructor that throws runs no destructor: the modules loaded so far go here.)
+    try {
+      load_kernels(sources, bins, sms);
+    } catch (...) {
+      unload_modules();
+      throw;
     }
     // PDL needs sm_90+ and cuLaunchKernelEx; MOEJIT_PDL=0 turns it off (A/B timing).
     const char* pdl_env = std::getenv("MOEJIT_PDL");
@@ -202,6 +182,48 @@ class LayerImpl {
     }
   }
 
+  // Loads each distinct binary's module once (a kernel that shares another's code takes its
+  // function) and sets each kernel's launch attributes.
+  void load_kernels(const std::vector<compiler::KernelSource>& sources,
+                    const std::vector<std::shared_ptr<const runtime::KernelBinary>>& bins, int sms) {
+    const runtime::Driver& d = runtime::driver();
+    for (size_t i = 0; i < sources.size(); ++i) {
+      Kernel& k = kernels_[i];
+      const size_t code = code_of(sources, i);
+      if (code == i) {
+        MOEJIT_CU_CHECK(d.cuModuleLoadData(&k.module, bins[i]->cubin.data()));
+        MOEJIT_CU_CHECK(d.cuModuleGetFunction(&k.fn, k.module, sources[i].entry.c_str()));
+      } else {
+        k.fn = kernels_[code].fn;  // the module stays the other kernel's (unloaded once)
+      }
+      k.threads = sources[i].threads;
+      k.dynamic_smem = sources[i].dynamic_smem;
+      k.cooperative = sources[i].cooperative;
+      k.grid = static_cast<unsigned>(sources[i].grid);
+      if (k.dynamic_smem > 0)
+        MOEJIT_CU_CHECK(d.cuFuncSetAttribute(
+            k.fn, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, k.dynamic_smem));
+      if (sources[i].persistent) {
+        int per_sm = 0;
+        MOEJIT_CU_CHECK(d.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, k.fn, k.threads, static_cast<size_t>(k.dynamic_smem)));
+        if (per_sm < 1)
+          throw Error(ErrorKind::Internal,
+                      fmt::format("kernel {} ({} threads, {} bytes of shared memory) cannot be "
+                                  "resident on this device",
+                                  sources[i].name, k.threads, k.dynamic_smem));
+        k.persistent_blocks = static_cast<unsigned>(per_sm * sms);
+      }
+    }
+  }
+
+  void unload_modules() {
+    const runtime::Driver* d = runtime::driver_or_null(nullptr);
+    if (!d) return;
+    for (auto& k : kernels_)
+      if (k.module) d->cuModuleUnload(k.module);
+  }
+
   static bool resident_usable(const Kernel& k, int sms, CUdevice dev) {
     const runtime::Driver& d = runtime::driver();
     int coop = 0, per_sm = 0;
@@ -230,12 +252,7 @@ class LayerImpl {
     return static_cast<size_t>(bucket) < resident_.size() ? resident_[bucket] : kNone;
   }
 
-  ~LayerImpl() {
-    const runtime::Driver* d = runtime::driver_or_null(nullptr);
-    if (!d) return;
-    for (auto& k : kernels_)
-      if (k.module) d->cuModuleUnload(k.module);
-  }
+  ~LayerImpl() { unload_modules(); }
 
   // Workspace carve-up for T tokens (offsets in bytes from the workspace start).
   struct Layout {
@@ -940,28 +957,36 @@ std::string dump(const MoeSpec& spec, DumpKind kind, const std::string& arch_in,
   const int bucket = tokens > 0 ? plan.bucket_for(tokens) : -1;
   const auto sources = compiler::generate_all(plan);
   std::string out;
+  std::set<std::string> printed;  // entries whose PTX is out
   for (size_t i = 0; i < plan.kernels.size(); ++i) {
     const auto& k = plan.kernels[i];
     if (bucket >= 0 && k.bucket >= 0 && k.bucket != bucket) continue;
     if (tokens > 1 && k.role == KernelRole::Resident) continue;  // one token only
     if (tokens > 0 && k.role == KernelRole::Chain && !plan.buckets[k.bucket].chain_covers(tokens)) continue;
     const compiler::KernelSource& src = sources[i];
-    // A bucket's kernel: its token range (a kernel of several buckets' code names the first one).
+    // A bucket's kernel: the token counts it runs for (its bucket's; the chain kernel's and the
+    // resident layer's within it). A kernel of several buckets' code names the first one.
     std::string range;
     if (k.bucket >= 0) {
       const compiler::Bucket& b = plan.buckets[k.bucket];
-      range = fmt::format("tokens [{}, {}], ", b.min_tokens,
-                          b.max_tokens == 0 ? std::string("inf") : std::to_string(b.max_tokens));
+      const int lo = k.role == KernelRole::Chain ? b.chain_min_tokens : b.min_tokens;
+      const int hi = k.role == KernelRole::Chain ? b.chain_tokens : k.role == KernelRole::Resident ? 1 : b.max_tokens;
+      range = fmt::format("tokens [{}, {}], ", lo, hi == 0 ? std::string("inf") : std::to_string(hi));
     }
     const std::string shared = src.same_as.empty() ? "" : fmt::format(", the code of {}", src.same_as);
     if (kind == DumpKind::Cuda) {
       out += fmt::format("// ---- kernel {} ({}entry {}{}, {} threads) ----\n{}\n", src.name, range,
                          src.entry, shared, src.threads, src.source);
     } else {
-      const auto ptx = compiler::nvrtc_compile(src.name, src.source, arch, /*ptx=*/true);
       out += fmt::format("// ---- kernel {} ({}entry {}{}, {}) ----\n", src.name, range, src.entry, shared, arch);
+      if (!src.same_as.empty() && printed.count(src.entry)) {  // (printed above)
+        out += fmt::format("// (the PTX of {} above)\n", src.same_as);
+        continue;
+      }
+      const auto ptx = compiler::nvrtc_compile(src.name, src.source, arch, /*ptx=*/true);
       out.append(ptx.binary.begin(), ptx.binary.end());
       out += "\n";
+      printed.insert(src.entry);
     }
   }
   return out;

@@ -242,10 +242,10 @@ void add_warmup(CLI::App& app) {
                                         [](const auto& r) { return r.compile_ms > 0; });
     fmt::print(
         "warmed {} kernels for {} on {}: {} compiled, {} from the cache, in {:.2f} s "
-        "(cache: {}; {} layer kernels)\n",
+        "(cache: {}); {} more kernels of the layer share their code\n",
         distinct, spec.preset.empty() ? spec.spec_file : spec.preset,
         reports.empty() ? arch : reports[0].arch, compiled, distinct - compiled, wall,
-        moejit::cache::directory(), reports.size());
+        moejit::cache::directory(), static_cast<long>(reports.size()) - distinct);
   });
 }
 
@@ -299,7 +299,8 @@ void add_timing(CLI::App& cache) {
     fmt::print(
         "cold compile    {:.2f} s wall ({} jobs), {:.0f} ms per kernel of compile time "
         "({:.2f} s in all)\n",
-        cold, jobs > 0 ? jobs : static_cast<int>(std::thread::hardware_concurrency()),
+        cold,
+        std::min<size_t>(n, jobs > 0 ? static_cast<size_t>(jobs) : std::max(1u, std::thread::hardware_concurrency())),
         serial_ms / n, serial_ms / 1000.0);
 
     std::vector<double> warm;

@@ -185,7 +185,9 @@ struct CompileOptions {
   std::string arch;     // "sm_90a", "sm_80", ...; empty = the current device's exact arch
   int max_tokens = 0;   // compile token buckets up to this count; 0 = every bucket
   int jobs = 0;         // parallel NVRTC compiles; 0 = one per hardware thread
-  // Called after each kernel is ready (compiled or found in a cache), from any thread.
+  // Called after each distinct kernel is ready (compiled or found in a cache), from any thread:
+  // `total` counts the plan's kernels of their own code (KernelReport::same_as), `kernel` is
+  // the name of the kernel whose code it is.
   std::function<void(int done, int total, const std::string& kernel)> progress;
 };
 
