@@ -367,11 +367,10 @@ std::vector<KernelSource> generate_all(const Plan& plan) {
         if (same_launch(out[i], src)) {
           src.entry = out[i].entry;
           src.source = out[i].source;
-          src.same_as = out[i].name;
-          src.same_as_index = static_cast<int>(i);
+          src.same_as = static_cast<int>(i);
           break;
         }
-      if (src.same_as.empty()) same_text.push_back(out.size());
+      if (src.same_as < 0) same_text.push_back(out.size());
     }
     out.push_back(std::move(src));
   }

@@ -23,12 +23,11 @@ struct KernelSource {
   bool persistent = false;  // grid = blocks that fit on the device (stream GEMMs)
   bool cooperative = false;  // one cooperative launch of a fixed grid (the resident layer)
   int grid = 0;              // that grid
-  // Set where this kernel's code equals an earlier kernel's of the plan but for its name (the
-  // same stream GEMM in several token buckets): that kernel's name and index in generate_all's
-  // list. Its entry and source are then that kernel's, so that the runtime compiles and loads
-  // the code once and both kernels launch one function.
-  std::string same_as;
-  int same_as_index = -1;
+  // Where this kernel's code equals an earlier kernel's of the plan but for its name (the same
+  // stream GEMM in several token buckets): that kernel's index in generate_all's list, else -1.
+  // Its entry and source are then that kernel's, so that the runtime compiles and loads the code
+  // once and both kernels launch one function.
+  int same_as = -1;
 };
 
 // What two kernels must have equal to share one function (besides their source): every field

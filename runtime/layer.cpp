@@ -63,9 +63,9 @@ runtime::KernelBinary compile_request(const runtime::KernelRequest& req) {
 
 // Index in `sources` of the kernel whose code source i shares (i itself where it has its own).
 size_t code_of(const std::vector<compiler::KernelSource>& sources, size_t i) {
-  const int j = sources[i].same_as_index;
+  const int j = sources[i].same_as;
   if (j < 0) return i;
-  if (static_cast<size_t>(j) >= i || !sources[j].same_as.empty())
+  if (static_cast<size_t>(j) >= i || sources[j].same_as >= 0)
     throw Error(ErrorKind::Internal, fmt::format("kernel {} shares the code of kernel {}, which is not an "
                                                  "earlier kernel of its own code", sources[i].name, j));
   return static_cast<size_t>(j);
@@ -190,12 +190,13 @@ class LayerImpl {
     for (size_t i = 0; i < sources.size(); ++i) {
       Kernel& k = kernels_[i];
       const size_t code = code_of(sources, i);
-      if (code == i) {
-        MOEJIT_CU_CHECK(d.cuModuleLoadData(&k.module, bins[i]->cubin.data()));
-        MOEJIT_CU_CHECK(d.cuModuleGetFunction(&k.fn, k.module, sources[i].entry.c_str()));
-      } else {
-        k.fn = kernels_[code].fn;  // the module stays the other kernel's (unloaded once)
+      if (code != i) {  // the same function, set up alike (compiler::same_launch)
+        k = kernels_[code];
+        k.module = nullptr;  // (unloaded once, as the other kernel's)
+        continue;
       }
+      MOEJIT_CU_CHECK(d.cuModuleLoadData(&k.module, bins[i]->cubin.data()));
+      MOEJIT_CU_CHECK(d.cuModuleGetFunction(&k.fn, k.module, sources[i].entry.c_str()));
       k.threads = sources[i].threads;
       k.dynamic_smem = sources[i].dynamic_smem;
       k.cooperative = sources[i].cooperative;
@@ -973,14 +974,15 @@ std::string dump(const MoeSpec& spec, DumpKind kind, const std::string& arch_in,
       const int hi = k.role == KernelRole::Chain ? b.chain_tokens : k.role == KernelRole::Resident ? 1 : b.max_tokens;
       range = fmt::format("tokens [{}, {}], ", lo, hi == 0 ? std::string("inf") : std::to_string(hi));
     }
-    const std::string shared = src.same_as.empty() ? "" : fmt::format(", the code of {}", src.same_as);
+    const std::string first = src.same_as < 0 ? "" : sources[code_of(sources, i)].name;
+    const std::string shared = first.empty() ? "" : fmt::format(", the code of {}", first);
     if (kind == DumpKind::Cuda) {
       out += fmt::format("// ---- kernel {} ({}entry {}{}, {} threads) ----\n{}\n", src.name, range,
                          src.entry, shared, src.threads, src.source);
     } else {
       out += fmt::format("// ---- kernel {} ({}entry {}{}, {}) ----\n", src.name, range, src.entry, shared, arch);
-      if (!src.same_as.empty() && printed.count(src.entry)) {  // (printed above)
-        out += fmt::format("// (the PTX of {} above)\n", src.same_as);
+      if (!first.empty() && printed.count(src.entry)) {  // (printed above)
+        out += fmt::format("// (the PTX of {} above)\n", first);
         continue;
       }
       const auto ptx = compiler::nvrtc_compile(src.name, src.source, arch, /*ptx=*/true);
@@ -1001,10 +1003,10 @@ std::vector<KernelReport> compile_report(const MoeSpec& spec, const CompileOptio
   std::vector<KernelReport> out;
   for (size_t i = 0; i < sources.size(); ++i) {
     const auto usage = compiler::parse_ptxas_log(bins[i]->compile_log);
-    const bool shared = !sources[i].same_as.empty();
+    const size_t code = code_of(sources, i);
     out.push_back({sources[i].name, arch, bins[i]->cubin.size(), usage.registers,
                    usage.spill_store_bytes, usage.spill_load_bytes, usage.stack_bytes,
-                   shared ? 0 : bins[i]->compile_ms, sources[i].same_as});
+                   code == i ? bins[i]->compile_ms : 0, code == i ? "" : sources[code].name});
   }
   return out;
 }

@@ -91,7 +91,7 @@ std::vector<KernelRequest> preset_requests(const std::string& name, int max_toke
   std::vector<KernelRequest> out;
   const compiler::Plan plan = compiler::make_plan(preset(name), max_tokens);
   for (const auto& src : compiler::generate_all(plan))
-    if (src.same_as.empty())
+    if (src.same_as < 0)
       out.push_back({src.name, src.entry, src.source, arch, compiler::nvrtc_options(arch, false)});
   return out;
 }
