@@ -258,22 +258,39 @@ KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
   const bool g1 = k.role == KernelRole::Gemm1;
   if (bk.stream) return stream_unit(plan, k);
   const GemmConfig& c = g1 ? bk.gemm1 : bk.gemm2;
-  const std::string cfg = fmt::format(
+  // The constants both grouped-GEMM templates read.
+  const std::string shape = fmt::format(
       "  static constexpr bool kGemm1 = {};\n"
       "  static constexpr int kN = {};  // output features\n"
       "  static constexpr int kK = {};  // reduction length\n"
       "  static constexpr int kTopK = {};\n"
       "  static constexpr int kLocalOffset = {};\n"
-      "  static constexpr int kTile = {};  // rows per tile\n"
+      "  static constexpr int kTile = {};  // rows per tile\n",
+      b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
+      s.local_expert_offset, bk.tile_rows);
+  if (c.big) {
+    const std::string cfg = fmt::format(
+        "  static constexpr int kWarpsF = {};  // warps of 64 weight rows\n"
+        "  static constexpr int kWarpsR = {};  // warps of 32 rows\n"
+        "  static constexpr int kStages = {};\n"
+        "  static constexpr bool kTileMajor = {};\n"
+        "  static constexpr bool kFuseFinalize = false;\n",
+        c.big_wf, c.big_wr, c.big_stages, b(c.big_tile_major));
+    KernelSource src{k.name, "moejit_" + k.name,
+                     unit(k, s, "moejit_gemm_big.cuh", shape + cfg + swiglu_cfg(s, g1) + tiled_cfg(s),
+                          "GemmParams", "grouped_gemm_big", c.threads(), 1),
+                     c.threads()};
+    src.dynamic_smem = c.big_smem;
+    return src;
+  }
+  const std::string cfg = shape + fmt::format(
       "  static constexpr int kWarpsN = {};\n"
       "  static constexpr int kWarpsK = {};\n"
       "  static constexpr int kChunkGroups = {};\n"
       "  static constexpr bool kDoubleBuffer = {};\n"
       "  static constexpr bool kDirectX = {};\n"
       "  static constexpr bool kFuseFinalize = {};\n",
-      b(g1), g1 ? s.intermediate : s.hidden, g1 ? s.hidden : s.intermediate, s.top_k,
-      s.local_expert_offset, bk.tile_rows, c.warps_n,
-      c.warps_k, c.k_chunk_groups, b(c.double_buffer), b(c.direct_x),
+      c.warps_n, c.warps_k, c.k_chunk_groups, b(c.double_buffer), b(c.direct_x),
       b(!g1 && bk.fused_finalize));
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_gemm.cuh", cfg + swiglu_cfg(s, g1) + tiled_cfg(s),

@@ -115,6 +115,35 @@ GemmConfig pick_gemm(int n, int k, int tile_rows, bool swiglu) {
   return c;
 }
 
+// A big-tile configuration for tiles of tile_rows (64 or 128) rows: 8 warps where the features
+// split into blocks of 64 * wf weight rows, else 4; as many stages (4 or 3) as fit in 220 KiB.
+// big stays false where no block size divides the features or K is not a multiple of 64.
+GemmConfig pick_big(int n, int k, int tile_rows, bool swiglu, int stages_wanted) {
+  GemmConfig c;
+  const int wr = tile_rows / 32;
+  if (k % 64 != 0 || (tile_rows != 64 && tile_rows != 128)) return c;
+  for (int warps : {8, 4}) {
+    const int wf = warps / wr;
+    const int feat = swiglu ? 32 * wf : 64 * wf;
+    if (wf < 1 || n % feat != 0) continue;
+    for (int st = stages_wanted; st >= 3; --st) {
+      const int bytes = big_smem_bytes(wf, wr, st, swiglu ? 1 : 2);
+      if (bytes > 220 * 1024) continue;
+      c.big = true;
+      c.big_wf = wf;
+      c.big_wr = wr;
+      c.big_stages = st;
+      c.big_smem = bytes;
+      c.warps_n = feat / 16;
+      c.warps_k = 1;
+      c.double_buffer = false;
+      c.min_blocks = 1;
+      return c;
+    }
+  }
+  return c;
+}
+
 // Applies "g1=WNxWKxCG,g2=WNxWKxCG" (either part optional) and "mb1=N,mb2=N" to a GEMM of n
 // features, k length.
 void apply_override(const OverrideItems& items, const char* which, int n, int k, int tile,
@@ -263,6 +292,12 @@ bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm
 
 }  // namespace
 
+int big_smem_bytes(int wf, int wr, int stages, int planes) {
+  const int wrows = 64 * wf;
+  return stages * (wrows * 32 + wrows * 4 + planes * 32 * wr * 144) + 2 * wrows * 144 + 2 * wrows * 2 * 4;
+}
+
+
 int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows, bool tma, bool x_boxes, bool packed_only,
                        bool f16_magic) {
   const int planes = gemm1 || packed_only ? 1 : 2;
@@ -400,7 +435,7 @@ OverrideItems parse_plan_override(const std::string& text) {
   // override key goes here too.
   enum Form { kFlag, kNumber, kShape, kStreamShape, kAddress };
   static const std::map<std::string, Form> keys = {
-      {"bps", kNumber},  {"bps1", kNumber}, {"bps2", kNumber},   {"brt", kFlag},   {"ch", kFlag},
+      {"bps", kNumber},  {"bps1", kNumber}, {"bps2", kNumber},   {"big", kFlag},   {"brt", kFlag},   {"bst", kNumber}, {"bt", kNumber},  {"bo", kFlag},   {"ch", kFlag},
       {"chk2", kNumber}, {"chpo", kFlag},   {"chx", kFlag},      {"dyn", kFlag},   {"dyn1", kFlag},
       {"dyn2", kFlag},   {"ef", kFlag},     {"eu", kFlag},       {"f16", kFlag},   {"f16a", kFlag},
       {"ff", kFlag},     {"fr", kFlag},     {"fth", kNumber},    {"g1", kShape},   {"g2", kShape},
@@ -514,6 +549,7 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   if (value_text("ef"))
     plan.evict_first = flag_of("ef", false, "weights with an L2 evict-first policy") ? 1 : 0;
   const bool resident_wanted = flag_of("res", true, "the resident one-token layer");
+  const bool big_wanted = flag_of("big", true, "the big-tile GEMMs");
   // The stream family's conditions on the shape and the card; "stream=0" turns it off. Where it
   // takes a layer (stream_takes) it runs every bucket up to 512 tokens with 8-row tiles, however
   // many rows an expert gets: an expert with more rows takes more tiles, each of which streams its
@@ -547,6 +583,20 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     while (!b.stream && b.tile_rows < 64 && b.tile_rows < rows_per_expert) b.tile_rows *= 2;
     b.gemm1 = pick_gemm(spec.intermediate, spec.hidden, b.tile_rows, true);
     b.gemm2 = pick_gemm(spec.hidden, spec.intermediate, b.tile_rows, false);
+    // The older family's 64-row buckets on sm_90 take the big-tile GEMMs (both or neither):
+    // tiles of "bt=" 64 (default) or 128 rows, "bst=" stages (default 4), "big=0" off.
+    if (!b.stream && b.tile_rows == 64 && arch_is_90(arch) && big_wanted) {
+      const int tile = choice_of("bt", {64, 128}, 64, "big-tile rows");
+      const int stages = choice_of("bst", {3, 4, 5, 6}, 4, "big-tile stages");
+      const GemmConfig g1 = pick_big(spec.intermediate, spec.hidden, tile, true, stages);
+      const GemmConfig g2 = pick_big(spec.hidden, spec.intermediate, tile, false, stages);
+      if (g1.big && g2.big) {
+        b.tile_rows = tile;
+        b.gemm1 = g1;
+        b.gemm2 = g2;
+        b.gemm1.big_tile_major = b.gemm2.big_tile_major = flag_of("bo", true, "big tiles tile-major");
+      }
+    }
     // Stream family (the conditions above): measured on an H200 against the older family,
     // bench/RESULTS.md section 9 (kimi-k2 16-22% faster at 1-64 tokens, kimi-k2-tp8 5-10%,
     // qwen3-30b-a3b at 1 and 64 tokens; 5% slower for qwen3 at 8), section 50 (65-128 tokens:
@@ -944,7 +994,12 @@ std::string describe(const Plan& plan) {
                                               b.c1.slot_bytes, b.c2.packed_only ? " packed_only=1" : "",
                                               b.c1.f16 ? (b.c2.f16 ? " f16=2" : " f16=1") : "",
                                               b.c2.chain_finalize ? " finalize=1" : "")
-                                : std::string()));
+                                : std::string()) +
+            (b.gemm1.big ? fmt::format(" big(warps={}x{} {}x{} stages={} {} smem={} {})", b.gemm1.big_wf,
+                                       b.gemm1.big_wr, b.gemm2.big_wf, b.gemm2.big_wr,
+                                       b.gemm1.big_stages, b.gemm2.big_stages, b.gemm1.big_smem,
+                                       b.gemm2.big_smem)
+                         : std::string()));
   }
   for (const KernelPlan& k : plan.kernels) {
     std::string stages;

@@ -21,12 +21,21 @@ struct GemmConfig {
   bool double_buffer = true;  // prefetch the next chunk's weights during the current MMAs
   bool direct_x = false;      // 8-row tiles: x through L1 into registers, no shared memory
   int min_blocks = 0;         // __launch_bounds__ minimum blocks per SM (register cap); 0 = none
+  // Tiles of 32 * big_wr rows on sm_90 (templates/moejit_gemm_big.cuh): big_wf x big_wr warps,
+  // each 64 weight rows by 32 rows; the weights of a 64-deep stage dequantised once per block
+  // into shared memory, a ring of big_stages stages (cp.async), big_smem bytes of dynamic shared
+  // memory. warps_n then gives the features per block (16 * warps_n) and warps_k is 1.
+  bool big = false;
+  bool big_tile_major = true;  // blocks numbered tile-major (Cfg::kTileMajor)
+  int big_wf = 0, big_wr = 0, big_stages = 0, big_smem = 0;
 
-  int threads() const { return 32 * warps_n * warps_k; }
+  int threads() const { return big ? 32 * big_wf * big_wr : 32 * warps_n * warps_k; }
   bool operator==(const GemmConfig& o) const {
     return warps_n == o.warps_n && warps_k == o.warps_k && k_chunk_groups == o.k_chunk_groups &&
            double_buffer == o.double_buffer && direct_x == o.direct_x &&
-           min_blocks == o.min_blocks;
+           min_blocks == o.min_blocks && big == o.big && big_wf == o.big_wf &&
+           big_wr == o.big_wr && big_stages == o.big_stages && big_smem == o.big_smem &&
+           big_tile_major == o.big_tile_major;
   }
 };
 
@@ -147,6 +156,12 @@ struct StreamConfig {
 
 // Most stages a stream ring may have (kMaxStages in moejit_stream.cuh: its mbarrier arrays).
 constexpr int kMaxStreamStages = 8;
+
+// Dynamic shared memory of a big-tile GEMM (templates/moejit_gemm_big.cuh, its layout) of wf x wr
+// warps, `stages` stages and `planes` x planes: per stage the raw weights (32 bytes per weight
+// row), scales (4) and x rows (144 bytes per plane), then two converted weight buffers (144 bytes
+// per row) and their fp32 scales.
+int big_smem_bytes(int wf, int wr, int stages, int planes);
 
 // Shared-memory bytes of one stream stage (must equal kStageBytes in moejit_stream.cuh; the
 // generated code static_asserts it).

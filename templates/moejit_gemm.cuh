@@ -151,6 +151,23 @@ __device__ void fused_finalize(const GemmParams& p, int row0, int rows_valid) {
   }
 }
 
+// A row tile's expert (-1: the tile is unused or past max_tiles) and valid rows, and each row's source row of x
+// in src (-1 for padding): gemm1 the token of its slot, gemm2 the permuted row itself. The
+// caller synchronises before reading src.
+template <class Cfg, int kTile>
+__device__ __forceinline__ int tile_rows_of(const GemmParams& p, int tile, int& rows_valid, int (&src)[kTile]) {
+  const int e = tile < p.max_tiles ? p.tile_expert[tile] : -1;
+  if (e < 0) return e;
+  const int row0 = tile * kTile;
+  rows_valid = min(kTile, p.expert_offsets[e] + p.expert_counts[e] - row0);
+  for (int r = threadIdx.x; r < kTile; r += blockDim.x) {
+    int v = -1;
+    if (r < rows_valid) v = Cfg::kGemm1 ? p.permuted_to_slot[row0 + r] / Cfg::kTopK : row0 + r;
+    src[r] = v;
+  }
+  return e;
+}
+
 template <class Cfg>
 __device__ void grouped_gemm(const GemmParams& p) {
   constexpr int N = Cfg::kN;
@@ -198,11 +215,10 @@ __device__ void grouped_gemm(const GemmParams& p) {
     pdl_trigger();
   }
   const int tile = blockIdx.x;
-  if (tile >= p.max_tiles) return;
-  const int e = p.tile_expert[tile];
+  int rows_valid = 0;
+  const int e = tile_rows_of<Cfg, kTile>(p, tile, rows_valid, s_src);
   if (e < 0) return;
   const int row0 = tile * kTile;
-  const int rows_valid = min(kTile, p.expert_offsets[e] + p.expert_counts[e] - row0);
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
@@ -212,13 +228,6 @@ __device__ void grouped_gemm(const GemmParams& p) {
   const int wn = warp % WN;
   const int wk = warp / WN;
   const int f0 = blockIdx.y * (WN * 16) + wn * 16;
-
-  for (int r = tid; r < kTile; r += kThreads) {
-    int src = -1;
-    if (r < rows_valid) src = kGemm1 ? p.permuted_to_slot[row0 + r] / Cfg::kTopK : row0 + r;
-    s_src[r] = src;
-  }
-
   __syncthreads();
   const int x_row = kDirectX && g < rows_valid ? s_src[g] : 0;
   const long long eg = e + Cfg::kLocalOffset;

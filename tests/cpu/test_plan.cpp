@@ -407,10 +407,93 @@ TEST(PlanGemm, KimiK2Configs) {
   EXPECT_EQ(ampere.buckets[3].tile_rows, 16);
   EXPECT_EQ(ampere.buckets[3].gemm1, (GemmConfig{1, 8, 32, true, false}));
   EXPECT_FALSE(ampere.buckets[3].fused_finalize);
-  // Tile 64: 4 warps of features (N % 64 == 0), no K split, 8 groups (64 x 8 x 64 B = 32 KiB).
-  EXPECT_EQ(plan.buckets[6].gemm1, (GemmConfig{4, 1, 8, false, false}));
+  // Tile 64 (sm_80's last bucket, 513 up): 4 warps of features (N % 64 == 0), no K split, 8
+  // groups (64 x 8 x 64 B = 32 KiB).
+  const Bucket& last = ampere.buckets.back();
+  EXPECT_EQ(last.min_tokens, 513);
+  EXPECT_EQ(last.tile_rows, 64);
+  EXPECT_EQ(last.gemm1, (GemmConfig{4, 1, 8, false, false}));
   // gemm2 stages its activation as two bf16 planes (hi + lo): half the groups.
-  EXPECT_EQ(plan.buckets[6].gemm2, (GemmConfig{4, 1, 4, false, false}));
+  EXPECT_EQ(last.gemm2, (GemmConfig{4, 1, 4, false, false}));
+  // On sm_90 that bucket runs the big-tile GEMMs (PlanGemm.BigTiles).
+  EXPECT_TRUE(plan.buckets[6].gemm1.big && plan.buckets[6].gemm2.big);
+}
+
+// The big-tile GEMMs (templates/moejit_gemm_big.cuh) in the older family's 64-row buckets on
+// sm_90: 8 warps of 64 weight rows by 32 rows, the features per block in warps_n (16 each), a ring
+// of 4 stages; "bt=128" 128-row tiles, "bst=" the stages (as many as fit in 220 KiB), "big=0"
+// the older family's kernels, "bo=0" blocks numbered feature-block-major.
+TEST(PlanGemm, BigTiles) {
+  const Plan plan = make_plan(preset("kimi-k2"), 0, "sm_90a");
+  const Bucket& b = plan.buckets[6];
+  EXPECT_EQ(b.tile_rows, 64);
+  GemmConfig g1;
+  g1.big = true;
+  g1.big_wf = 4;
+  g1.big_wr = 2;
+  g1.big_stages = 4;
+  g1.warps_n = 8;  // 128 SwiGLU features: 256 weight rows
+  g1.double_buffer = false;
+  g1.min_blocks = 1;
+  g1.big_smem = 4 * (256 * 32 + 256 * 4 + 64 * 144) + 2 * 256 * 144 + 2 * 256 * 2 * 4;
+  EXPECT_EQ(g1.big_smem, 151552);
+  EXPECT_EQ(b.gemm1, g1);
+  EXPECT_EQ(b.gemm1.threads(), 256);
+  GemmConfig g2 = g1;
+  g2.warps_n = 16;  // 256 output features
+  g2.big_smem = 4 * (256 * 32 + 256 * 4 + 2 * 64 * 144) + 2 * 256 * 144 + 2 * 256 * 2 * 4;
+  EXPECT_EQ(b.gemm2, g2);
+  EXPECT_EQ(big_smem_bytes(4, 2, 4, 2), g2.big_smem);
+  EXPECT_NE(describe(plan).find(" big(warps=4x2 4x2 stages=4 4 smem=151552 188416)"), std::string::npos);
+  {
+    const ScopedOverride o("bt=128");
+    const Bucket& t = make_plan(preset("kimi-k2"), 0, "sm_90a").buckets[6];
+    EXPECT_EQ(t.tile_rows, 128);
+    EXPECT_EQ(t.gemm1.big_wf, 2);
+    EXPECT_EQ(t.gemm1.big_wr, 4);
+    EXPECT_EQ(t.gemm1.warps_n, 4);
+    EXPECT_EQ(t.gemm2.warps_n, 8);
+    EXPECT_EQ(t.gemm2.big_stages, 4);
+    EXPECT_EQ(t.gemm2.big_smem, 204800);
+  }
+  {
+    // Six stages of gemm2 would take 243712 bytes: five.
+    const ScopedOverride o("bst=6");
+    const Bucket& t = make_plan(preset("kimi-k2"), 0, "sm_90a").buckets[6];
+    EXPECT_EQ(t.gemm1.big_stages, 6);
+    EXPECT_EQ(t.gemm2.big_stages, 5);
+    EXPECT_LE(t.gemm2.big_smem, 220 * 1024);
+    EXPECT_GT(big_smem_bytes(4, 2, 6, 2), 220 * 1024);
+  }
+  {
+    const ScopedOverride o("big=0");
+    const Bucket& t = make_plan(preset("kimi-k2"), 0, "sm_90a").buckets[6];
+    EXPECT_FALSE(t.gemm1.big || t.gemm2.big);
+    EXPECT_EQ(t.gemm1, (GemmConfig{4, 1, 8, false, false}));
+  }
+  {
+    const ScopedOverride o("bo=0");
+    EXPECT_FALSE(make_plan(preset("kimi-k2"), 0, "sm_90a").buckets[6].gemm1.big_tile_major);
+    const ScopedOverride bad("bt=96");
+    EXPECT_THROW(make_plan(preset("kimi-k2"), 0, "sm_90a"), Error);
+  }
+  // Features that 8 warps' blocks do not divide: 4 warps (I 192: 64 features per block).
+  MoeSpec narrow = preset("qwen3-30b-a3b");
+  narrow.hidden = 640;
+  narrow.intermediate = 192;
+  const Bucket& n = make_plan(narrow, 0, "sm_90a").buckets.back();
+  EXPECT_TRUE(n.gemm1.big && n.gemm2.big);
+  EXPECT_EQ(n.gemm1.big_wf, 2);
+  EXPECT_EQ(n.gemm1.threads(), 128);
+  EXPECT_EQ(16 * n.gemm1.warps_n, 64);
+  EXPECT_EQ(16 * n.gemm2.warps_n, 128);
+  // K not a multiple of 64, or no block size dividing the features: the older family.
+  MoeSpec odd = preset("qwen3-30b-a3b");
+  odd.intermediate = 96;
+  EXPECT_FALSE(make_plan(odd, 0, "sm_90a").buckets.back().gemm1.big);
+  MoeSpec odd_h = preset("qwen3-30b-a3b");
+  odd_h.hidden = 2080;  // % 64 = 32
+  EXPECT_FALSE(make_plan(odd_h, 0, "sm_90a").buckets.back().gemm2.big);
 }
 
 TEST(PlanGemm, NarrowOutputUsesTwoWarps) {

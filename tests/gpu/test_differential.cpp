@@ -1630,7 +1630,8 @@ TEST(Differential, OlderFamilyWeightsNotRounded) {
 
 // The kernel family a launch of T tokens takes under `plan` (moejit::dump's plan text of a
 // finalized or unfinalized layer): "resident", "chain", "chain-f16", "stream" (the pipeline of
-// stream GEMMs), "older"; with " gemm2x4" where the pipeline's gemm2 runs four blocks per SM, "
+// stream GEMMs), "big" (the older family's buckets on big tiles, templates/moejit_gemm_big.cuh),
+// "older"; with " gemm2x4" where the pipeline's gemm2 runs four blocks per SM, "
 // ids64" where its routed ids come packed beside the fused block's word beyond 8 slots, and "
 // b17" in a bucket that starts at 17 tokens.
 std::string decode_family(const std::string& plan, int T, int top_k) {
@@ -1652,7 +1653,8 @@ std::string decode_family(const std::string& plan, int T, int top_k) {
   if (chain != std::string::npos && T <= std::atoi(bucket.c_str() + chain + 15))
     return (bucket.find(" f16=", chain) != std::string::npos ? "chain-f16" : "chain") + b17;
   const size_t s2 = bucket.find(" stream2(");
-  if (bucket.find(" stream1(") == std::string::npos || s2 == std::string::npos) return "older" + b17;
+  if (bucket.find(" stream1(") == std::string::npos || s2 == std::string::npos)
+    return (bucket.find(" big(") != std::string::npos ? "big" : "older") + b17;
   std::string f = "stream" + b17;
   if (bucket.find("blocks_per_sm=4", s2) < bucket.find(')', s2)) f += " gemm2x4";
   if (ids64 && T * top_k > 8) f += " ids64";
@@ -1790,8 +1792,9 @@ TEST(Differential, StreamBucket513To1024) {
   run_upper_stream_bucket("bucket513-1024", {513, 800, 1024}, 64, 700, 1024);
 }
 
-// Above the stream family's buckets a layer it takes runs the older family's 64-row tiles: from
-// 1025 tokens, and from 513 where an expert gets more than 128 rows at 1024 tokens (section 53).
+// Above the stream family's buckets a layer it takes runs the big-tile GEMMs on 64-row tiles
+// (section 55): from 1025 tokens, and from 513 where an expert gets more than 128 rows at 1024
+// tokens (section 53).
 // Tiled weights of qwen3-30b-a3b's kind at 1025 and 1300 tokens; row-major ones of 16 experts at
 // top-4 (256 rows per expert at 1024 tokens) at 513 and 1100; both layer kinds, every bucket
 // compiled. The plans are checked first (no GPU needed for that part).
@@ -1809,7 +1812,7 @@ TEST(Differential, StreamLayersAboveTheStreamBuckets) {
       Case c = small_case("above-stream", s, t);
       c.max_tokens = 0;
       SCOPED_TRACE(case_line(c));
-      for (const std::string& f : families_at(s, t)) EXPECT_EQ(f, "older");
+      for (const std::string& f : families_at(s, t)) EXPECT_EQ(f, "big");
       expect_stream_at(s, stream_top);  // the bucket below
       cases.push_back(c);
     }
@@ -1834,6 +1837,49 @@ TEST(Differential, StreamFewExpertsManyRows) {
     }
   MOEJIT_REQUIRE_GPU();
   run_cases(cases);
+}
+
+// The big-tile GEMMs (templates/moejit_gemm_big.cuh, bench/RESULTS.md section 55) where the older
+// family's buckets have 64-row tiles on sm_90, and with "bt=128" 128-row ones:
+//  * the small stream spec (16 experts at top-4, about 150 rows per expert at 600 tokens, so
+//    full and partial tiles), row-major, with grouped DeepSeekV3 routing, SwiGLU alpha / beta /
+//    limit, up/gate rows and two expert-parallel ranks (a local expert offset);
+//  * tiled weights of qwen3-30b-a3b's kind at 1100 tokens;
+//  * H 640, I 192 (8 experts at top-2): blocks of 4 warps, since 8 warps' feature blocks do not
+//    divide the features.
+// Both layer kinds, every bucket compiled. The plans are checked first (no GPU needed for that).
+TEST(Differential, BigTiles) {
+  MoeSpec ep = grouped_deepseek_ep_case("big-ep", small_stream_spec()).spec;
+  ep.gate_up_order = GateUpOrder::UpGate;
+  MoeSpec narrow = small_stream_spec();
+  narrow.hidden = 640;
+  narrow.intermediate = 192;
+  narrow.num_experts = 8;
+  narrow.top_k = 2;
+  struct Layer {
+    MoeSpec spec;
+    int tokens;
+    int ep_ranks;
+  };
+  const Layer layers[] = {{ep, 600, 2}, {tiled_shape(2048, 768, 128, 8), 1100, 0}, {narrow, 600, 0}};
+  std::vector<Case> cases;
+  for (const char* tile : {"64", "128"}) {
+    const ScopedPlanOverride o(tile[0] == '6' ? "bt=64" : "bt=128");
+    for (const Layer& l : layers) {
+      Case c = small_case(std::string("big-") + tile, l.spec, l.tokens);
+      c.max_tokens = 0;
+      c.ep_ranks = l.ep_ranks;
+      SCOPED_TRACE(case_line(c));
+      for (const std::string& f : families_at(l.spec, l.tokens)) EXPECT_EQ(f, "big");
+      const std::string plan = moejit::dump(l.spec, moejit::DumpKind::Plan);
+      EXPECT_NE(plan.find(std::string("tile_rows=") + tile + " "), std::string::npos) << plan;
+      cases.push_back(c);
+    }
+  }
+  MOEJIT_REQUIRE_GPU();
+  run_cases({cases.begin(), cases.begin() + 3});
+  const ScopedPlanOverride o("bt=128");
+  run_cases({cases.begin() + 3, cases.end()});
 }
 
 }  // namespace
