@@ -270,15 +270,16 @@ KernelSource gemm_unit(const Plan& plan, const KernelPlan& k) {
       s.local_expert_offset, bk.tile_rows);
   if (c.big) {
     const std::string cfg = fmt::format(
-        "  static constexpr int kWarpsF = {};  // warps of 64 weight rows\n"
+        "  static constexpr int kWarpsF = {};  // warps of kWarpTileRows weight rows\n"
         "  static constexpr int kWarpsR = {};  // warps of 32 rows\n"
+        "  static constexpr int kWarpTileRows = {};\n"
         "  static constexpr int kStages = {};\n"
         "  static constexpr bool kTileMajor = {};\n"
         "  static constexpr bool kFuseFinalize = false;\n",
-        c.big_wf, c.big_wr, c.big_stages, b(c.big_tile_major));
+        c.big_wf, c.big_wr, c.big_warp_rows, c.big_stages, b(c.big_tile_major));
     KernelSource src{k.name, "moejit_" + k.name,
                      unit(k, s, "moejit_gemm_big.cuh", shape + cfg + swiglu_cfg(s, g1) + tiled_cfg(s),
-                          "GemmParams", "grouped_gemm_big", c.threads(), 1),
+                          "GemmParams", "grouped_gemm_big", c.threads(), c.min_blocks),
                      c.threads()};
     src.dynamic_smem = c.big_smem;
     return src;

@@ -115,29 +115,35 @@ GemmConfig pick_gemm(int n, int k, int tile_rows, bool swiglu) {
   return c;
 }
 
-// A big-tile configuration for tiles of tile_rows (64 or 128) rows: 8 warps where the features
-// split into blocks of 64 * wf weight rows, else 4; as many stages (4 or 3) as fit in 220 KiB.
-// big stays false where no block size divides the features or K is not a multiple of 64.
-GemmConfig pick_big(int n, int k, int tile_rows, bool swiglu, int stages_wanted) {
+// A big-tile configuration for tiles of tile_rows (64 or 128) rows and warps of warp_rows (64 or
+// 32) weight rows: 8 warps where the features split into blocks of warp_rows * wf weight rows,
+// else 4; as many stages (stages_wanted down to 3) as fit in 220 KiB, or with 32-row warps, which
+// run two blocks per SM, in 110 KiB. big stays false where no block size divides the features or
+// K is not a multiple of 64.
+GemmConfig pick_big(int n, int k, int tile_rows, bool swiglu, int stages_wanted, int warp_rows) {
   GemmConfig c;
   const int wr = tile_rows / 32;
+  const int blocks = warp_rows == 32 ? 2 : 1;
   if (k % 64 != 0 || (tile_rows != 64 && tile_rows != 128)) return c;
   for (int warps : {8, 4}) {
     const int wf = warps / wr;
-    const int feat = swiglu ? 32 * wf : 64 * wf;
-    if (wf < 1 || n % feat != 0) continue;
+    const int feat = swiglu ? warp_rows / 2 * wf : warp_rows * wf;
+    // (Each thread copies and converts whole weight units: 2 per weight row, a multiple of the
+    // block's threads.)
+    if (wf < 1 || n % feat != 0 || 2 * warp_rows * wf % (32 * warps) != 0) continue;
     for (int st = stages_wanted; st >= 3; --st) {
-      const int bytes = big_smem_bytes(wf, wr, st, swiglu ? 1 : 2);
-      if (bytes > 220 * 1024) continue;
+      const int bytes = big_smem_bytes(wf, wr, st, swiglu ? 1 : 2, warp_rows);
+      if (bytes > 220 * 1024 / blocks) continue;
       c.big = true;
       c.big_wf = wf;
       c.big_wr = wr;
       c.big_stages = st;
       c.big_smem = bytes;
+      c.big_warp_rows = warp_rows;
       c.warps_n = feat / 16;
       c.warps_k = 1;
       c.double_buffer = false;
-      c.min_blocks = 1;
+      c.min_blocks = blocks;
       return c;
     }
   }
@@ -292,8 +298,8 @@ bool arch_is_90(const std::string& arch) { return arch == "sm_90" || arch == "sm
 
 }  // namespace
 
-int big_smem_bytes(int wf, int wr, int stages, int planes) {
-  const int wrows = 64 * wf;
+int big_smem_bytes(int wf, int wr, int stages, int planes, int warp_rows) {
+  const int wrows = warp_rows * wf;
   return stages * (wrows * 32 + wrows * 4 + planes * 32 * wr * 144) + 2 * wrows * 144 + 2 * wrows * 2 * 4;
 }
 
@@ -435,7 +441,7 @@ OverrideItems parse_plan_override(const std::string& text) {
   // override key goes here too.
   enum Form { kFlag, kNumber, kShape, kStreamShape, kAddress };
   static const std::map<std::string, Form> keys = {
-      {"bps", kNumber},  {"bps1", kNumber}, {"bps2", kNumber},   {"big", kFlag},   {"brt", kFlag},   {"bst", kNumber}, {"bt", kNumber},  {"bo", kFlag},   {"ch", kFlag},
+      {"bps", kNumber},  {"bps1", kNumber}, {"bps2", kNumber},   {"big", kFlag},   {"brt", kFlag},   {"bst", kNumber}, {"bt", kNumber},  {"bo", kFlag},   {"bw", kNumber},   {"ch", kFlag},
       {"chk2", kNumber}, {"chpo", kFlag},   {"chx", kFlag},      {"dyn", kFlag},   {"dyn1", kFlag},
       {"dyn2", kFlag},   {"ef", kFlag},     {"eu", kFlag},       {"f16", kFlag},   {"f16a", kFlag},
       {"ff", kFlag},     {"fr", kFlag},     {"fth", kNumber},    {"g1", kShape},   {"g2", kShape},
@@ -588,8 +594,16 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
     if (!b.stream && b.tile_rows == 64 && arch_is_90(arch) && big_wanted) {
       const int tile = choice_of("bt", {64, 128}, 64, "big-tile rows");
       const int stages = choice_of("bst", {3, 4, 5, 6}, 4, "big-tile stages");
-      const GemmConfig g1 = pick_big(spec.intermediate, spec.hidden, tile, true, stages);
-      const GemmConfig g2 = pick_big(spec.hidden, spec.intermediate, tile, false, stages);
+      // 32 weight rows per warp at two blocks per SM (H200, bench/RESULTS.md section 55h: 9-12%
+      // faster than 64 at one block per SM at 2048-8192 tokens); 64 where two blocks' shared
+      // memory does not fit (128-row tiles), or with "bw=64".
+      const int warp_rows = choice_of("bw", {32, 64}, 32, "big-tile weight rows per warp");
+      auto pick = [&](int n, int k, bool swiglu) {
+        GemmConfig c = pick_big(n, k, tile, swiglu, stages, warp_rows);
+        return c.big || warp_rows == 64 ? c : pick_big(n, k, tile, swiglu, stages, 64);
+      };
+      const GemmConfig g1 = pick(spec.intermediate, spec.hidden, true);
+      const GemmConfig g2 = pick(spec.hidden, spec.intermediate, false);
       if (g1.big && g2.big) {
         b.tile_rows = tile;
         b.gemm1 = g1;
@@ -995,10 +1009,11 @@ std::string describe(const Plan& plan) {
                                               b.c1.f16 ? (b.c2.f16 ? " f16=2" : " f16=1") : "",
                                               b.c2.chain_finalize ? " finalize=1" : "")
                                 : std::string()) +
-            (b.gemm1.big ? fmt::format(" big(warps={}x{} {}x{} stages={} {} smem={} {})", b.gemm1.big_wf,
+            (b.gemm1.big ? fmt::format(" big(warps={}x{} {}x{} stages={} {} smem={} {}{})", b.gemm1.big_wf,
                                        b.gemm1.big_wr, b.gemm2.big_wf, b.gemm2.big_wr,
                                        b.gemm1.big_stages, b.gemm2.big_stages, b.gemm1.big_smem,
-                                       b.gemm2.big_smem)
+                                       b.gemm2.big_smem,
+                                       fmt::format(" warp_rows={} {}", b.gemm1.big_warp_rows, b.gemm2.big_warp_rows))
                          : std::string()));
   }
   for (const KernelPlan& k : plan.kernels) {

@@ -28,6 +28,7 @@ struct GemmConfig {
   bool big = false;
   bool big_tile_major = true;  // blocks numbered tile-major (Cfg::kTileMajor)
   int big_wf = 0, big_wr = 0, big_stages = 0, big_smem = 0;
+  int big_warp_rows = 64;  // weight rows per warp (Cfg::kWarpTileRows): 64, or 32 at 2 blocks per SM
 
   int threads() const { return big ? 32 * big_wf * big_wr : 32 * warps_n * warps_k; }
   bool operator==(const GemmConfig& o) const {
@@ -35,7 +36,7 @@ struct GemmConfig {
            double_buffer == o.double_buffer && direct_x == o.direct_x &&
            min_blocks == o.min_blocks && big == o.big && big_wf == o.big_wf &&
            big_wr == o.big_wr && big_stages == o.big_stages && big_smem == o.big_smem &&
-           big_tile_major == o.big_tile_major;
+           big_tile_major == o.big_tile_major && big_warp_rows == o.big_warp_rows;
   }
 };
 
@@ -158,10 +159,10 @@ struct StreamConfig {
 constexpr int kMaxStreamStages = 8;
 
 // Dynamic shared memory of a big-tile GEMM (templates/moejit_gemm_big.cuh, its layout) of wf x wr
-// warps, `stages` stages and `planes` x planes: per stage the raw weights (32 bytes per weight
-// row), scales (4) and x rows (144 bytes per plane), then two converted weight buffers (144 bytes
-// per row) and their fp32 scales.
-int big_smem_bytes(int wf, int wr, int stages, int planes);
+// warps of warp_rows weight rows, `stages` stages and `planes` x planes: per stage the raw weights
+// (32 bytes per weight row), scales (4) and x rows (144 bytes per plane), then two converted
+// weight buffers (144 bytes per row) and their fp32 scales.
+int big_smem_bytes(int wf, int wr, int stages, int planes, int warp_rows = 64);
 
 // Shared-memory bytes of one stream stage (must equal kStageBytes in moejit_stream.cuh; the
 // generated code static_asserts it).

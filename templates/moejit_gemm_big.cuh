@@ -6,8 +6,9 @@
 //
 // A block computes kWRows weight rows (gemm1: the gate and the up rows of kWRows / 2 SwiGLU
 // features; gemm2: kWRows output features) for kTile rows, with kWarpsF x kWarpsR warps, each
-// 64 weight rows (4 MMA row tiles) by 32 rows (4 MMA column tiles). K advances 64 values (two
-// MXINT4 groups) per stage through a ring of kStages stages filled by cp.async:
+// kWarpTileRows (64 or 32) weight rows (4 or 2 MMA row tiles) by 32 rows (4 MMA column tiles).
+// K advances 64 values (two MXINT4 groups) per stage through a ring of kStages stages filled by
+// cp.async:
 //  * the stage's weight words (16 bytes per row and group, either weight format) and scales;
 //  * the tile's x rows (gemm1: gathered tokens; gemm2: both activation planes), padded to
 //    144 bytes per row so that ldmatrix's eight 16-byte rows hit every bank once.
@@ -20,7 +21,7 @@
 //
 // Cfg provides moejit_gemm.cuh's constants (kGemm1, kN, kK, kTopK, kLocalOffset, kTile,
 // kGateFirst, kHasAlpha, kHasBeta, kHasLimit, kTiledW, kFuseFinalize = false) and kWarpsF,
-// kWarpsR (kTile = 32 * kWarpsR), kStages.
+// kWarpsR (kTile = 32 * kWarpsR), kWarpTileRows, kStages, kTileMajor.
 #pragma once
 
 #include "moejit_gemm.cuh"
@@ -63,7 +64,9 @@ __device__ void grouped_gemm_big(const GemmParams& p) {
   constexpr int kTile = Cfg::kTile;
   constexpr int S = Cfg::kStages;
   constexpr int kThreads = 32 * WF * WR;
-  constexpr int kWRows = 64 * WF;                  // weight rows per block
+  constexpr int MT = Cfg::kWarpTileRows / 16;      // a warp's 16-row MMA tiles of weight rows
+  static_assert(MT == 2 || MT == 4, "a warp holds 32 or 64 weight rows");
+  constexpr int kWRows = 16 * MT * WF;             // weight rows per block
   constexpr int kFeat = kGemm1 ? kWRows / 2 : kWRows;  // output features per block
   constexpr int kPlanes = kGemm1 ? 1 : 2;
   constexpr int kRowBytes = K / 2;
@@ -163,17 +166,21 @@ __device__ void grouped_gemm_big(const GemmParams& p) {
       s_src_ptr = sexp + row * (KG * 2);
     }
   }
-  // x: kXR units per plane, the same rows in both planes (x_lo's at x's offset from x_lo).
+  // x: kXR units per plane, the same rows in both planes. 64-row warps keep each unit's offset
+  // (x_lo's at x's offset from x_lo); 32-row warps (128 registers) keep its source row (-1:
+  // padding, filled with zeros) and form the address per stage from the kernel parameters.
   constexpr int kXR = kXI / kPlanes;
   const __nv_bfloat16* x = static_cast<const __nv_bfloat16*>(p.x);
   const long long x_lo_delta = static_cast<const __nv_bfloat16*>(p.x_lo) - x;
   long long x_off[kXR];
+  int x_row[kXR];
   uint32_t x_valid = 0;  // bit j: unit j's row is valid
   const uint32_t x_dst = big::smem_addr(xs + (tid >> 3) * kStride + (tid & 7) * 8);
 #pragma unroll
   for (int j = 0; j < kXR; ++j) {
     const int r = (tid >> 3) + j * (kThreads / 8);
     const int src = s_src[r];
+    x_row[j] = src;
     x_off[j] = src >= 0 ? static_cast<long long>(src) * K + (tid & 7) * 8 : 0;
     x_valid |= (src >= 0 ? 1u : 0u) << j;
   }
@@ -198,9 +205,17 @@ __device__ void grouped_gemm_big(const GemmParams& p) {
 #pragma unroll
       for (int q = 0; q < kPlanes; ++q)
 #pragma unroll
-        for (int j = 0; j < kXR; ++j)
-          big::cp16(x_dst + slot * kXStage + (q * kTile + j * (kThreads / 8)) * kStride * 2,
-                    x + (q ? x_lo_delta : 0) + x_off[j] + ks * 64, (x_valid >> j & 1) * 16);
+        for (int j = 0; j < kXR; ++j) {
+          const uint32_t dst = x_dst + slot * kXStage + (q * kTile + j * (kThreads / 8)) * kStride * 2;
+          if constexpr (MT == 2) {
+            const __nv_bfloat16* base = static_cast<const __nv_bfloat16*>(q ? p.x_lo : p.x);
+            const int row = x_row[j];
+            big::cp16(dst, base + (row >= 0 ? static_cast<long long>(row) * K + (tid & 7) * 8 + ks * 64 : 0),
+                      row >= 0 ? 16 : 0);
+          } else {
+            big::cp16(dst, x + (q ? x_lo_delta : 0) + x_off[j] + ks * 64, (x_valid >> j & 1) * 16);
+          }
+        }
     }
     big::commit();
   };
@@ -233,13 +248,12 @@ __device__ void grouped_gemm_big(const GemmParams& p) {
     }
   };
 
-  // This warp's weight rows: 4 row tiles of 16 (gemm1: gate rows wf*32.. in tiles 0-1, the
-  // same features' up rows in tiles 2-3).
+  // This warp's weight rows: MT row tiles of 16 (gemm1: its features' gate rows in tiles
+  // 0 .. MT / 2 - 1, their up rows in the others).
   auto a_row = [&](int m) -> int {
-    if constexpr (kGemm1) return (m >> 1) * (kWRows / 2) + wf * 32 + (m & 1) * 16;
-    else return wf * 64 + m * 16;
+    if constexpr (kGemm1) return (m / (MT / 2)) * (kWRows / 2) + wf * (8 * MT) + (m % (MT / 2)) * 16;
+    else return wf * (16 * MT) + m * 16;
   };
-  constexpr int MT = 4;
   constexpr int NT = 4;
   float acc[MT][NT][4];
 #pragma unroll
@@ -259,7 +273,8 @@ __device__ void grouped_gemm_big(const GemmParams& p) {
   auto compute = [&](int ks) {
     const int slot = ks % S;
     const int buf = ks & 1;
-#pragma unroll
+    // (With 32-row warps at two blocks per SM, one group at a time: 128 registers.)
+#pragma unroll(MT == 2 ? 1 : 2)
     for (int gi = 0; gi < 2; ++gi) {
       // Both k-steps' x fragments of the group: [plane][k-step][n-tile pair][4].
       uint32_t bf[kPlanes][2][NT / 2][4];
@@ -327,16 +342,16 @@ __device__ void grouped_gemm_big(const GemmParams& p) {
     __nv_bfloat16* out = static_cast<__nv_bfloat16*>(p.out);
     __nv_bfloat16* out_lo = static_cast<__nv_bfloat16*>(p.x_lo);
 #pragma unroll
-    for (int m = 0; m < 2; ++m)
+    for (int m = 0; m < MT / 2; ++m)
 #pragma unroll
       for (int n = 0; n < NT; ++n)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int r = wr * 32 + n * 8 + 2 * t + (i & 1);
           if (r >= rows_valid) continue;
-          const int f = fb * kFeat + wf * 32 + m * 16 + g + 8 * (i >> 1);
+          const int f = fb * kFeat + a_row(m) + g + 8 * (i >> 1);
           float gate = acc[m][n][i];
-          float up = acc[m + 2][n][i];
+          float up = acc[m + MT / 2][n][i];
           if constexpr (Cfg::kHasLimit) {
             gate = gate > limit ? limit : gate;
             up = up > limit ? limit : (up < -limit ? -limit : up);

@@ -262,6 +262,26 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcStreamSwitches,
                                              (o == "uf=0" ? "_uf0" : ""));
                          });
 
+// The big-tile GEMMs' settings (PlanGemm.BigTiles) compile without spills: every bucket, the
+// older family's last one on big tiles.
+class NvrtcBigTileSwitches : public ::testing::TestWithParam<std::tuple<std::string, std::string>> {};
+
+TEST_P(NvrtcBigTileSwitches, EveryBucketCompilesWithoutSpills) {
+  const auto& [name, override_text] = GetParam();
+  const compiler::Plan plan = clean_compile_with(name, override_text);
+  EXPECT_TRUE(plan.buckets.back().gemm1.big && plan.buckets.back().gemm2.big);
+}
+
+INSTANTIATE_TEST_SUITE_P(All, NvrtcBigTileSwitches,
+                         ::testing::Values(std::make_tuple("qwen3-30b-a3b", "bt=128"),
+                                           std::make_tuple("qwen3-30b-a3b", "bw=64"),
+                                           std::make_tuple("kimi-k2", "bw=64,bst=6,bo=0")),
+                         [](const ::testing::TestParamInfo<NvrtcBigTileSwitches::ParamType>& info) {
+                           std::string o = std::get<1>(info.param);
+                           for (char& c : o) c = std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+                           return param_name(std::get<0>(info.param) + "_" + o);
+                         });
+
 // ---- variants ---------------------------------------------------------------------------------
 
 // A named spec change.

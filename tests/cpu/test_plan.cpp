@@ -420,9 +420,11 @@ TEST(PlanGemm, KimiK2Configs) {
 }
 
 // The big-tile GEMMs (templates/moejit_gemm_big.cuh) in the older family's 64-row buckets on
-// sm_90: 8 warps of 64 weight rows by 32 rows, the features per block in warps_n (16 each), a ring
-// of 4 stages; "bt=128" 128-row tiles, "bst=" the stages (as many as fit in 220 KiB), "big=0"
-// the older family's kernels, "bo=0" blocks numbered feature-block-major.
+// sm_90: 8 warps of 32 weight rows by 32 rows at two blocks per SM (as many stages as fit in
+// 110 KiB), the features per block in warps_n (16 each); "bw=64" warps of 64 weight rows at one
+// block per SM (220 KiB), "bt=128" 128-row tiles (whose shared memory only fits one block:
+// 64-row warps), "bst=" the stages, "big=0" the older family's kernels, "bo=0" blocks numbered
+// feature-block-major.
 TEST(PlanGemm, BigTiles) {
   const Plan plan = make_plan(preset("kimi-k2"), 0, "sm_90a");
   const Bucket& b = plan.buckets[6];
@@ -432,33 +434,61 @@ TEST(PlanGemm, BigTiles) {
   g1.big_wf = 4;
   g1.big_wr = 2;
   g1.big_stages = 4;
-  g1.warps_n = 8;  // 128 SwiGLU features: 256 weight rows
+  g1.big_warp_rows = 32;
+  g1.warps_n = 4;  // 64 SwiGLU features: 128 weight rows
   g1.double_buffer = false;
-  g1.min_blocks = 1;
-  g1.big_smem = 4 * (256 * 32 + 256 * 4 + 64 * 144) + 2 * 256 * 144 + 2 * 256 * 2 * 4;
-  EXPECT_EQ(g1.big_smem, 151552);
+  g1.min_blocks = 2;
+  g1.big_smem = 4 * (128 * 32 + 128 * 4 + 64 * 144) + 2 * 128 * 144 + 2 * 128 * 2 * 4;
+  EXPECT_EQ(g1.big_smem, 94208);
   EXPECT_EQ(b.gemm1, g1);
   EXPECT_EQ(b.gemm1.threads(), 256);
+  // Gemm2 (two x planes): four stages would take 131072 bytes, three fit.
   GemmConfig g2 = g1;
-  g2.warps_n = 16;  // 256 output features
-  g2.big_smem = 4 * (256 * 32 + 256 * 4 + 2 * 64 * 144) + 2 * 256 * 144 + 2 * 256 * 2 * 4;
+  g2.warps_n = 8;  // 128 output features
+  g2.big_stages = 3;
+  g2.big_smem = 3 * (128 * 32 + 128 * 4 + 2 * 64 * 144) + 2 * 128 * 144 + 2 * 128 * 2 * 4;
   EXPECT_EQ(b.gemm2, g2);
-  EXPECT_EQ(big_smem_bytes(4, 2, 4, 2), g2.big_smem);
-  EXPECT_NE(describe(plan).find(" big(warps=4x2 4x2 stages=4 4 smem=151552 188416)"), std::string::npos);
+  EXPECT_EQ(big_smem_bytes(4, 2, 3, 2, 32), g2.big_smem);
+  EXPECT_GT(big_smem_bytes(4, 2, 4, 2, 32), 110 * 1024);
+  EXPECT_NE(describe(plan).find(" big(warps=4x2 4x2 stages=4 3 smem=94208 108032 warp_rows=32 32)"),
+            std::string::npos);
+  {
+    const ScopedOverride o("bw=64");
+    const Bucket& t = make_plan(preset("kimi-k2"), 0, "sm_90a").buckets[6];
+    GemmConfig w1 = g1;
+    w1.big_warp_rows = 64;
+    w1.warps_n = 8;  // 128 SwiGLU features: 256 weight rows
+    w1.min_blocks = 1;
+    w1.big_smem = 4 * (256 * 32 + 256 * 4 + 64 * 144) + 2 * 256 * 144 + 2 * 256 * 2 * 4;
+    EXPECT_EQ(w1.big_smem, 151552);
+    EXPECT_EQ(t.gemm1, w1);
+    GemmConfig w2 = w1;
+    w2.warps_n = 16;  // 256 output features
+    w2.big_smem = 4 * (256 * 32 + 256 * 4 + 2 * 64 * 144) + 2 * 256 * 144 + 2 * 256 * 2 * 4;
+    EXPECT_EQ(t.gemm2, w2);
+    EXPECT_EQ(big_smem_bytes(4, 2, 4, 2), w2.big_smem);
+  }
   {
     const ScopedOverride o("bt=128");
     const Bucket& t = make_plan(preset("kimi-k2"), 0, "sm_90a").buckets[6];
     EXPECT_EQ(t.tile_rows, 128);
+    // 32-row warps: 2 x 4 warps hold 64 weight rows, fewer than the block's 256 threads copy
+    // (two 16-byte units per row); and gemm2's two blocks would not fit. 64-row warps at one
+    // block per SM.
+    EXPECT_EQ(t.gemm1.big_warp_rows, 64);
+    EXPECT_EQ(t.gemm1.min_blocks, 1);
     EXPECT_EQ(t.gemm1.big_wf, 2);
     EXPECT_EQ(t.gemm1.big_wr, 4);
     EXPECT_EQ(t.gemm1.warps_n, 4);
+    EXPECT_EQ(t.gemm2.big_warp_rows, 64);
+    EXPECT_EQ(t.gemm2.min_blocks, 1);
     EXPECT_EQ(t.gemm2.warps_n, 8);
     EXPECT_EQ(t.gemm2.big_stages, 4);
     EXPECT_EQ(t.gemm2.big_smem, 204800);
   }
   {
     // Six stages of gemm2 would take 243712 bytes: five.
-    const ScopedOverride o("bst=6");
+    const ScopedOverride o("bst=6,bw=64");
     const Bucket& t = make_plan(preset("kimi-k2"), 0, "sm_90a").buckets[6];
     EXPECT_EQ(t.gemm1.big_stages, 6);
     EXPECT_EQ(t.gemm2.big_stages, 5);
@@ -477,20 +507,34 @@ TEST(PlanGemm, BigTiles) {
     const ScopedOverride bad("bt=96");
     EXPECT_THROW(make_plan(preset("kimi-k2"), 0, "sm_90a"), Error);
   }
-  // Features that 8 warps' blocks do not divide: 4 warps (I 192: 64 features per block).
+  // Features that 8 warps' blocks do not divide: 4 warps (I 192 with 64-row warps: 64 features
+  // per block; 32-row warps divide it with 8).
   MoeSpec narrow = preset("qwen3-30b-a3b");
   narrow.hidden = 640;
   narrow.intermediate = 192;
+  {
+    const ScopedOverride o("bw=64");
+    const Bucket& n = make_plan(narrow, 0, "sm_90a").buckets.back();
+    EXPECT_TRUE(n.gemm1.big && n.gemm2.big);
+    EXPECT_EQ(n.gemm1.big_wf, 2);
+    EXPECT_EQ(n.gemm1.threads(), 128);
+    EXPECT_EQ(16 * n.gemm1.warps_n, 64);
+    EXPECT_EQ(16 * n.gemm2.warps_n, 128);
+  }
+  narrow.hidden = 576;  // 32-row warps: gemm2's 8 warps' 128 features do not divide it, 4 warps' 64 do
   const Bucket& n = make_plan(narrow, 0, "sm_90a").buckets.back();
   EXPECT_TRUE(n.gemm1.big && n.gemm2.big);
-  EXPECT_EQ(n.gemm1.big_wf, 2);
-  EXPECT_EQ(n.gemm1.threads(), 128);
-  EXPECT_EQ(16 * n.gemm1.warps_n, 64);
-  EXPECT_EQ(16 * n.gemm2.warps_n, 128);
+  EXPECT_EQ(n.gemm1.big_wf, 4);
+  EXPECT_EQ(n.gemm2.big_wf, 2);
+  EXPECT_EQ(n.gemm2.big_warp_rows, 32);
+  EXPECT_EQ(n.gemm2.threads(), 128);
+  EXPECT_EQ(16 * n.gemm2.warps_n, 64);
   // K not a multiple of 64, or no block size dividing the features: the older family.
   MoeSpec odd = preset("qwen3-30b-a3b");
   odd.intermediate = 96;
-  EXPECT_FALSE(make_plan(odd, 0, "sm_90a").buckets.back().gemm1.big);
+  EXPECT_FALSE(make_plan(odd, 0, "sm_90a").buckets.back().gemm2.big);  // K = I = 96
+  odd.intermediate = 80;  // not a multiple of 32 features
+  EXPECT_THROW(make_plan(odd, 0, "sm_90a"), Error);
   MoeSpec odd_h = preset("qwen3-30b-a3b");
   odd_h.hidden = 2080;  // % 64 = 32
   EXPECT_FALSE(make_plan(odd_h, 0, "sm_90a").buckets.back().gemm2.big);

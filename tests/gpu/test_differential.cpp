@@ -1845,14 +1845,16 @@ TEST(Differential, StreamFewExpertsManyRows) {
 //    full and partial tiles), row-major, with grouped DeepSeekV3 routing, SwiGLU alpha / beta /
 //    limit, up/gate rows and two expert-parallel ranks (a local expert offset);
 //  * tiled weights of qwen3-30b-a3b's kind at 1100 tokens;
-//  * H 640, I 192 (8 experts at top-2): blocks of 4 warps, since 8 warps' feature blocks do not
-//    divide the features.
+//  * H 576, I 192 (8 experts at top-2): gemm2 on blocks of 4 warps, since 8 warps' feature
+//    blocks do not divide its 576 features.
+// With 64-row tiles the warps hold 32 weight rows at two blocks per SM; with 128-row tiles gemm1's
+// do, gemm2's hold 64 at one block per SM (PlanGemm.BigTiles).
 // Both layer kinds, every bucket compiled. The plans are checked first (no GPU needed for that).
 TEST(Differential, BigTiles) {
   MoeSpec ep = grouped_deepseek_ep_case("big-ep", small_stream_spec()).spec;
   ep.gate_up_order = GateUpOrder::UpGate;
   MoeSpec narrow = small_stream_spec();
-  narrow.hidden = 640;
+  narrow.hidden = 576;
   narrow.intermediate = 192;
   narrow.num_experts = 8;
   narrow.top_k = 2;
