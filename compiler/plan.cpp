@@ -303,7 +303,6 @@ int big_smem_bytes(int wf, int wr, int stages, int planes, int warp_rows) {
   return stages * (wrows * 32 + wrows * 4 + planes * 32 * wr * 144) + 2 * wrows * 144 + 2 * wrows * 2 * 4;
 }
 
-
 int stream_stage_bytes(int k_stage, bool gemm1, int unit_rows, bool tma, bool x_boxes, bool packed_only,
                        bool f16_magic) {
   const int planes = gemm1 || packed_only ? 1 : 2;
@@ -441,7 +440,8 @@ OverrideItems parse_plan_override(const std::string& text) {
   // override key goes here too.
   enum Form { kFlag, kNumber, kShape, kStreamShape, kAddress };
   static const std::map<std::string, Form> keys = {
-      {"bps", kNumber},  {"bps1", kNumber}, {"bps2", kNumber},   {"big", kFlag},   {"brt", kFlag},   {"bst", kNumber}, {"bt", kNumber},  {"bo", kFlag},   {"bw", kNumber},   {"ch", kFlag},
+      {"big", kFlag},    {"bo", kFlag},     {"bps", kNumber},    {"bps1", kNumber}, {"bps2", kNumber},
+      {"brt", kFlag},    {"bst", kNumber},  {"bt", kNumber},     {"bw", kNumber},  {"ch", kFlag},
       {"chk2", kNumber}, {"chpo", kFlag},   {"chx", kFlag},      {"dyn", kFlag},   {"dyn1", kFlag},
       {"dyn2", kFlag},   {"ef", kFlag},     {"eu", kFlag},       {"f16", kFlag},   {"f16a", kFlag},
       {"ff", kFlag},     {"fr", kFlag},     {"fth", kNumber},    {"g1", kShape},   {"g2", kShape},
@@ -1009,11 +1009,10 @@ std::string describe(const Plan& plan) {
                                               b.c1.f16 ? (b.c2.f16 ? " f16=2" : " f16=1") : "",
                                               b.c2.chain_finalize ? " finalize=1" : "")
                                 : std::string()) +
-            (b.gemm1.big ? fmt::format(" big(warps={}x{} {}x{} stages={} {} smem={} {}{})", b.gemm1.big_wf,
-                                       b.gemm1.big_wr, b.gemm2.big_wf, b.gemm2.big_wr,
+            (b.gemm1.big ? fmt::format(" big(warps={}x{} {}x{} stages={} {} smem={} {} warp_rows={} {})",
+                                       b.gemm1.big_wf, b.gemm1.big_wr, b.gemm2.big_wf, b.gemm2.big_wr,
                                        b.gemm1.big_stages, b.gemm2.big_stages, b.gemm1.big_smem,
-                                       b.gemm2.big_smem,
-                                       fmt::format(" warp_rows={} {}", b.gemm1.big_warp_rows, b.gemm2.big_warp_rows))
+                                       b.gemm2.big_smem, b.gemm1.big_warp_rows, b.gemm2.big_warp_rows)
                          : std::string()));
   }
   for (const KernelPlan& k : plan.kernels) {

@@ -242,6 +242,17 @@ __device__ __forceinline__ float warp_max_nan(float v) {
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// SwiGLU of one feature (DESIGN.md): with kLimit, gate clamped from above and up both ways to
+// limit; then gate * sigmoid(alpha * gate) * (up + beta).
+template <bool kLimit>
+__device__ __forceinline__ float swiglu(float gate, float up, float alpha, float beta, float limit) {
+  if constexpr (kLimit) {
+    gate = gate > limit ? limit : gate;
+    up = up > limit ? limit : (up < -limit ? -limit : up);
+  }
+  return gate * sigmoidf_(alpha * gate) * (up + beta);
+}
+
 template <bool kBF16>
 __device__ __forceinline__ float load_as_float(const void* p, long long i) {
   if constexpr (kBF16) {

@@ -573,14 +573,8 @@ __device__ void grouped_gemm(const GemmParams& p) {
       const long long o = static_cast<long long>(row0 + r) * N + f;
       if constexpr (kGemm1) {
         if (r >= rows_valid) continue;
-        float gate = acc[0][n][i];
-        float up = acc[1][n][i];
-        if constexpr (Cfg::kHasLimit) {
-          gate = gate > limit ? limit : gate;
-          up = up > limit ? limit : (up < -limit ? -limit : up);
-        }
         __nv_bfloat16 hi, lo;
-        split_bf16(gate * sigmoidf_(alpha * gate) * (up + beta), hi, lo);
+        split_bf16(swiglu<Cfg::kHasLimit>(acc[0][n][i], acc[1][n][i], alpha, beta, limit), hi, lo);
         out[o] = hi;
         static_cast<__nv_bfloat16*>(p.x_lo)[o] = lo;
       } else {

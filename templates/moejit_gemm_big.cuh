@@ -350,14 +350,8 @@ __device__ void grouped_gemm_big(const GemmParams& p) {
           const int r = wr * 32 + n * 8 + 2 * t + (i & 1);
           if (r >= rows_valid) continue;
           const int f = fb * kFeat + a_row(m) + g + 8 * (i >> 1);
-          float gate = acc[m][n][i];
-          float up = acc[m + MT / 2][n][i];
-          if constexpr (Cfg::kHasLimit) {
-            gate = gate > limit ? limit : gate;
-            up = up > limit ? limit : (up < -limit ? -limit : up);
-          }
           __nv_bfloat16 hi, lo;
-          split_bf16(gate * sigmoidf_(alpha * gate) * (up + beta), hi, lo);
+          split_bf16(swiglu<Cfg::kHasLimit>(acc[m][n][i], acc[m + MT / 2][n][i], alpha, beta, limit), hi, lo);
           const long long o = static_cast<long long>(row0 + r) * N + f;
           out[o] = hi;
           out_lo[o] = lo;

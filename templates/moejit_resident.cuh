@@ -457,16 +457,12 @@ __device__ void resident_layer(const ResidentParams& p) {
         gate += red[(u * 16 + r) * CW1 + c];
         up += red[(u * 16 + 8 + r) * CW1 + c];
       }
-      float alpha = 1.0f, beta = 0.0f;
+      float alpha = 1.0f, beta = 0.0f, limit = 0.0f;
       if constexpr (Cfg::kHasAlpha) alpha = p.alpha[l];
       if constexpr (Cfg::kHasBeta) beta = p.beta[l];
-      if constexpr (Cfg::kHasLimit) {
-        const float limit = p.limit[l];
-        gate = gate > limit ? limit : gate;
-        up = up > limit ? limit : (up < -limit ? -limit : up);
-      }
+      if constexpr (Cfg::kHasLimit) limit = p.limit[l];
       __nv_bfloat16 hi, lo;
-      split_bf16(gate * sigmoidf_(alpha * gate) * (up + beta), hi, lo);
+      split_bf16(swiglu<Cfg::kHasLimit>(gate, up, alpha, beta, limit), hi, lo);
       __nv_bfloat16* act = static_cast<__nv_bfloat16*>(p.act);
       const int o = j * I + act_pos(8 * fb + r);
       act[o] = hi;

@@ -1901,12 +1901,7 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
         float h[2], mx[2];
 #pragma unroll
         for (int a = 0; a < 2; ++a) {
-          float gate = acc[a][0] * xf, up = acc[a + 2][0] * xf;
-          if constexpr (Cfg::kHasLimit) {
-            gate = gate > limit ? limit : gate;
-            up = up > limit ? limit : (up < -limit ? -limit : up);
-          }
-          h[a] = gate * sigmoidf_(alpha * gate) * (up + beta);
+          h[a] = swiglu<Cfg::kHasLimit>(acc[a][0] * xf, acc[a + 2][0] * xf, alpha, beta, limit);
           const float ah = fabsf(h[a]);
           mx[a] = valid && ah <= 3.4e38f ? ah : 0.0f;
 #pragma unroll
@@ -1961,12 +1956,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
             up = acc[a + kGateTiles][ii] * xf;
           else
             up = acc[0][ii + 2] * xf;
-          if constexpr (Cfg::kHasLimit) {
-            gate = gate > limit ? limit : gate;
-            up = up > limit ? limit : (up < -limit ? -limit : up);
-          }
           __nv_bfloat16 hi, lo;
-          split_bf16(gate * sigmoidf_(alpha * gate) * (up + beta), hi, lo);
+          split_bf16(swiglu<Cfg::kHasLimit>(gate, up, alpha, beta, limit), hi, lo);
           const long long o = static_cast<long long>(u.row0 + r) * N + act_pos(f);
           out[o] = hi;
           out_lo[o] = lo;
