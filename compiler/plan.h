@@ -22,7 +22,7 @@ struct GemmConfig {
   bool direct_x = false;      // 8-row tiles: x through L1 into registers, no shared memory
   int min_blocks = 0;         // __launch_bounds__ minimum blocks per SM (register cap); 0 = none
   // Tiles of 32 * big_wr rows on sm_90 (templates/moejit_gemm_big.cuh): big_wf x big_wr warps,
-  // each 64 weight rows by 32 rows; the weights of a 64-deep stage dequantised once per block
+  // each big_warp_rows weight rows by 32 rows; the weights of a 64-deep stage dequantised once per block
   // into shared memory, a ring of big_stages stages (cp.async), big_smem bytes of dynamic shared
   // memory. warps_n then gives the features per block (16 * warps_n) and warps_k is 1.
   bool big = false;

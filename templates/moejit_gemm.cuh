@@ -151,9 +151,9 @@ __device__ void fused_finalize(const GemmParams& p, int row0, int rows_valid) {
   }
 }
 
-// A row tile's expert (-1: the tile is unused or past max_tiles) and valid rows, and each row's source row of x
-// in src (-1 for padding): gemm1 the token of its slot, gemm2 the permuted row itself. The
-// caller synchronises before reading src.
+// A row tile's expert (-1: the tile is unused or past max_tiles) and valid rows, and each row's
+// source row of x in src (-1 for padding): gemm1 the token of its slot, gemm2 the permuted row
+// itself. The caller synchronises before reading src.
 template <class Cfg, int kTile>
 __device__ __forceinline__ int tile_rows_of(const GemmParams& p, int tile, int& rows_valid, int (&src)[kTile]) {
   const int e = tile < p.max_tiles ? p.tile_expert[tile] : -1;
