@@ -36,8 +36,9 @@ enum TlEvent : int {
 // Per-block records of the stream GEMMs (the latest replay's, overwritten by each): after the
 // slots, for gemm1 then gemm2, kTlMaxBlocks blocks x kTlBlockFields words.
 constexpr int kTlMaxBlocks = 1024;
-constexpr int kTlBlockFields = 8;
-enum TlBlockField : int { kTbSlot, kTbSm, kTbStart, kTbWaited, kTbFirst, kTbEnd, kTbUnits };
+constexpr int kTlBlockFields = 10;
+// kTbSigGot / kTbSigEnd: gemm1's signal warp got the block's last unit / released it (and leaves).
+enum TlBlockField : int { kTbSlot, kTbSm, kTbStart, kTbWaited, kTbFirst, kTbEnd, kTbUnits, kTbSigGot, kTbSigEnd };
 
 // Route: logits [T, E] (+ bias [E]) -> topk_ids [T, k] global ids, topk_weights [T, k] fp32.
 // Precomputed routing copies (and range-checks) pre_ids / pre_weights instead.

@@ -1060,7 +1060,9 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
           mbar_wait<Cfg::kSuspendNs>(&epi_bar[i & 1], (i >> 1) & 1);
           const int tile = epi_tile[i & 1];
           if (tile < 0) break;
+          tl_block(kTlK, kTbSigGot, tl_now());
           red_release_gpu(p.tile_ready + tile, kUnitFeatures);
+          tl_block(kTlK, kTbSigEnd, tl_now());
           mbar_arrive(&epi_free[i & 1]);
         }
       return;

@@ -218,7 +218,8 @@ void print_timeline(const std::string& title, const std::string& plan, int ncopi
       const unsigned long long t0 = replay_start(r);
       auto us = [&](unsigned long long t) { return t == 0 ? -1.0 : 1e-3 * double(t - t0); };
       rows += fmt::format("    block {:4} sm {:3} units {:3} start {:7.2f} waited {:7.2f} first {:7.2f} "
-                          "end {:7.2f}\n", b, r[1], r[6], us(r[2]), us(r[3]), us(r[4]), us(r[5]));
+                          "end {:7.2f} sig_got {:7.2f} sig_end {:7.2f}\n", b, r[1], r[6], us(r[2]), us(r[3]),
+                          us(r[4]), us(r[5]), us(r[7]), us(r[8]));
       by_units[static_cast<int>(r[6])].push_back(r);
     }
     if (rows.empty()) continue;
