@@ -37,8 +37,13 @@ enum TlEvent : int {
 // slots, for gemm1 then gemm2, kTlMaxBlocks blocks x kTlBlockFields words.
 constexpr int kTlMaxBlocks = 1024;
 constexpr int kTlBlockFields = 10;
-// kTbSigGot / kTbSigEnd: gemm1's signal warp got the block's last unit / released it (and leaves).
-enum TlBlockField : int { kTbSlot, kTbSm, kTbStart, kTbWaited, kTbFirst, kTbEnd, kTbUnits, kTbSigGot, kTbSigEnd };
+// Gemm1's records: kTbSigGot / kTbSigEnd, its signal warp took the block's latest unit / added
+// it to the tile's word. Gemm2's: kTbP2In, its producer began (a chain's: its gemm2 phase);
+// kTbP2Unit, it knew its first unit; kTbP2Slot, that unit's first slot was free.
+enum TlBlockField : int {
+  kTbSlot, kTbSm, kTbStart, kTbWaited, kTbFirst, kTbEnd, kTbUnits,
+  kTbSigGot = 7, kTbSigEnd = 8, kTbP2Unit = 7, kTbP2Slot = 8, kTbP2In = 9
+};
 
 // Route: logits [T, E] (+ bias [E]) -> topk_ids [T, k] global ids, topk_weights [T, k] fp32.
 // Precomputed routing copies (and range-checks) pre_ids / pre_weights instead.

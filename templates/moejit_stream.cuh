@@ -1084,6 +1084,8 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
     };
     Ring ring{0, 0, 1};  // the first pass finds every slot free ("empty" phase 1)
     if constexpr (kChain == 2) ring = Ring{chain->p_slot, chain->p_so, chain->p_parity};
+    // (A chain's signal warp comes here too, after gemm1's phase.)
+    if (!kGemm1 && warp == CW && lane == 0) tl_block(kTlK, kTbP2In, tl_now());
     // kProducerWarps warps fill each stage with 16-byte cp.async: one warp cannot keep enough
     // copies in flight (measured: a block with one producer warp streamed ~2.4 GB/s whatever the
     // ring depth). Each producer thread's cp.async.mbarrier.arrive completes its share of the
@@ -1185,9 +1187,11 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
           // expect_tx only takes the barrier's tx-count below zero for a moment.
           if (ui == 0 && ks == 0 && lane == 0)
             tl_stamp_after(tls, kGemm1 ? kTlG1PUnit : kTlG2PUnit, x_rows ^ static_cast<uint32_t>(row_lo));
+          if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_block(kTlK, kTbP2Unit, tl_now());
           const uint32_t x_bytes = kXBox ? x_boxes * kXBoxBytes : x_rows * kc * 2;
           mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
           if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
+          if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_block(kTlK, kTbP2Slot, tl_now());
           if (dyn && ks == 0 && lane == 0)
             unit_q[(q_base + ui) % kUnitQ] =
                 make_int4(id, u.e, u.rows_valid | (kChain == 2 ? stream::kChainG2Rows : 0), n_tiles);

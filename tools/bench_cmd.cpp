@@ -217,9 +217,12 @@ void print_timeline(const std::string& title, const std::string& plan, int ncopi
       if (r[2] == 0) continue;  // no such block
       const unsigned long long t0 = replay_start(r);
       auto us = [&](unsigned long long t) { return t == 0 ? -1.0 : 1e-3 * double(t - t0); };
+      // Fields 7-9 (moejit_params.h): gemm1's signal warp, gemm2's producer.
       rows += fmt::format("    block {:4} sm {:3} units {:3} start {:7.2f} waited {:7.2f} first {:7.2f} "
-                          "end {:7.2f} sig_got {:7.2f} sig_end {:7.2f}\n", b, r[1], r[6], us(r[2]), us(r[3]),
-                          us(r[4]), us(r[5]), us(r[7]), us(r[8]));
+                          "end {:7.2f}{}\n", b, r[1], r[6], us(r[2]), us(r[3]), us(r[4]), us(r[5]),
+                          k == 0 ? fmt::format(" sig_got {:7.2f} sig_end {:7.2f}", us(r[7]), us(r[8]))
+                                 : fmt::format(" p_in {:7.2f} p_unit {:7.2f} p_slot {:7.2f}", us(r[9]),
+                                               us(r[7]), us(r[8])));
       by_units[static_cast<int>(r[6])].push_back(r);
     }
     if (rows.empty()) continue;
