@@ -1185,13 +1185,17 @@ __device__ void stream_gemm_rows(const GemmParams& p, const stream::Smem& sm, st
           // Every lane waits for the slot itself (its x copy is then ordered after the
           // consumers' release without a warp barrier); a bulk copy completing before lane 0's
           // expect_tx only takes the barrier's tx-count below zero for a moment.
-          if (ui == 0 && ks == 0 && lane == 0)
+          const bool first_copy = ui == 0 && ks == 0 && lane == 0;  // (timeline stamps)
+          if (first_copy) {
             tl_stamp_after(tls, kGemm1 ? kTlG1PUnit : kTlG2PUnit, x_rows ^ static_cast<uint32_t>(row_lo));
-          if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_block(kTlK, kTbP2Unit, tl_now());
+            if (!kGemm1) tl_block(kTlK, kTbP2Unit, tl_now());
+          }
           const uint32_t x_bytes = kXBox ? x_boxes * kXBoxBytes : x_rows * kc * 2;
           mbar_wait<Cfg::kSuspendNs>(&empty_bar[ring.slot], ring.parity);
-          if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_stamp(tls, kTlG2PSlot);
-          if (!kGemm1 && ui == 0 && ks == 0 && lane == 0) tl_block(kTlK, kTbP2Slot, tl_now());
+          if (!kGemm1 && first_copy) {
+            tl_stamp(tls, kTlG2PSlot);
+            tl_block(kTlK, kTbP2Slot, tl_now());
+          }
           if (dyn && ks == 0 && lane == 0)
             unit_q[(q_base + ui) % kUnitQ] =
                 make_int4(id, u.e, u.rows_valid | (kChain == 2 ? stream::kChainG2Rows : 0), n_tiles);
