@@ -42,7 +42,7 @@ CompareResult compare_output(const double* ref, const double* got, size_t n, con
   size_t within = 0;
   for (size_t i = 0; i < n; ++i) {
     const int kr = kind(ref[i]), kg = kind(got[i]);
-    if (kr != kg) ++r.nonfinite_mismatch;
+    if (kr != kg && r.nonfinite_mismatch++ == 0) r.first_mismatch = i;
     if (kr != 0) continue;
     if (kg != 0) {
       err2 = std::numeric_limits<double>::infinity();
@@ -70,6 +70,9 @@ CompareResult compare_output(const double* ref, const double* got, size_t n, con
       "(ref {:.6g}, got {:.6g}) nonfinite_mismatch={} n={} finite={}",
       r.pass ? "PASS" : "FAIL", r.rel_l2, tol.rel_l2, 100.0 * r.frac_within, 100.0 * tol.min_within,
       r.max_abs_err, w, n ? ref[w] : 0.0, n ? got[w] : 0.0, r.nonfinite_mismatch, n, r.finite);
+  if (r.nonfinite_mismatch)
+    r.summary += fmt::format(" (first at [{}]: ref {:.6g}, got {:.6g})", r.first_mismatch, ref[r.first_mismatch],
+                             got[r.first_mismatch]);
   return r;
 }
 

@@ -36,6 +36,7 @@ struct CompareResult {
   double max_abs_err = 0;         // over finite reference elements with a finite result
   size_t worst_index = 0;         // index of max_abs_err
   size_t nonfinite_mismatch = 0;  // elements whose kind (finite/NaN/+Inf/-Inf) differs
+  size_t first_mismatch = 0;      // index of the first of them (named in the summary)
   bool pass = false;
   std::string summary;            // one line
 };
