@@ -10,7 +10,8 @@
 //   * output: JIT vs CPU fp64 on a subset of tokens (evenly spaced, with the routing the rule
 //     accepts), JIT vs GPU reference on every token (the GPU reference run with
 //     routing = Precomputed and the kernel's ids and weights, so near-ties cannot diverge), and
-//     GPU reference vs CPU on the subset;
+//     GPU reference vs CPU on the subset; non-finite kinds must match, except where an infinite
+//     routing weight meets a y element that is zero to the rows' accuracy (mask_undecided_kinds);
 //   * finalize off: the layout equals reference_dispatch(kernel ids, tile_rows(T)), padding rows
 //     are zero, gemm2_out rows match the GPU reference (every slot) and the CPU reference
 //     (subset), and moejit::finalize equals a host finalize of the downloaded rows;
