@@ -420,6 +420,20 @@ size_t mask_undecided_kinds(std::vector<double>& a, std::vector<double>& b, cons
   return n;
 }
 
+// A reference's rows y [slots, H] (slot t * K + j) as mask_undecided_kinds reads them: output row
+// i is token rows[i]. first_rows(n): rows 0 .. n - 1.
+template <class V>
+auto slot_rows(const V& y, std::vector<int> rows, int K, int H) {
+  return [&y, rows = std::move(rows), K, H](size_t i, int j, int h) {
+    return static_cast<double>(y[(sz(rows[i]) * sz(K) + sz(j)) * sz(H) + sz(h)]);
+  };
+}
+std::vector<int> first_rows(size_t n) {
+  std::vector<int> rows(n);
+  for (size_t i = 0; i < n; ++i) rows[i] = static_cast<int>(i);
+  return rows;
+}
+
 // Everything that can be checked of one launch for `spec` (unsplit or one rank), given the GPU
 // reference with its routing (host only); returns the CPU reference of the subset for the
 // caller's further checks.
@@ -432,14 +446,9 @@ moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec&
   v.require(routing.pass, tag + "routing vs cpu: " + routing.summary);
   if (routing.near_tie_accepted) v.metrics.push_back(fmt::format("{}near_ties={}", tag, routing.near_tie_accepted));
   const auto cpu = moejit::ref::reference_layer(spec, L, T, subset, &routing.accepted);
-  // The references' rows: the CPU's for the subset (row i = subset[i]), the GPU's for every token.
-  auto cpu_y = [&](size_t i, int j, int h) { return cpu.y[(i * sz(K) + sz(j)) * sz(H) + sz(h)]; };
-  auto gpu_y_sub = [&](size_t i, int j, int h) {
-    return static_cast<double>(g.y[(sz(subset[i]) * sz(K) + sz(j)) * sz(H) + sz(h)]);
-  };
-  auto gpu_y = [&](size_t t, int j, int h) { return static_cast<double>(g.y[(t * sz(K) + sz(j)) * sz(H) + sz(h)]); };
-  std::vector<int> all_tokens(sz(T));
-  for (int t = 0; t < T; ++t) all_tokens[sz(t)] = t;
+  // The references' rows: the CPU's are the subset's (its row i is subset[i]), the GPU's every token's.
+  const auto cpu_y = slot_rows(cpu.y, first_rows(subset.size()), K, H);
+  const std::vector<int> all_tokens = first_rows(sz(T));
   {
     std::vector<double> ref = cpu.out, got = moejit::ref::gather_rows_bf16(run.out, H, subset);
     mask_undecided_kinds(ref, got, subset, H, K, run.weights, cpu_y);
@@ -450,7 +459,7 @@ moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec&
   for (size_t i = 0; i < run.out.size(); ++i) jit_all[i] = moejit::ref::bf16_to_float(run.out[i]);
   std::vector<double> gpu_all = as_double(g.out);
   std::vector<double> jit_cmp = jit_all;  // (jit_all unmasked: the host finalize below)
-  const size_t undecided = mask_undecided_kinds(gpu_all, jit_cmp, all_tokens, H, K, run.weights, gpu_y);
+  const size_t undecided = mask_undecided_kinds(gpu_all, jit_cmp, all_tokens, H, K, run.weights, slot_rows(g.y, all_tokens, K, H));
   if (undecided) v.metrics.push_back(fmt::format("{}undecided_kinds={}", tag, undecided));
   CompareResult jit_gpu = moejit::ref::compare_output(gpu_all, jit_cmp);
   if (jit_gpu.nonfinite_mismatch && !run.finalize && !run.e2p.empty()) {
@@ -467,7 +476,7 @@ moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec&
   v.output(tag + "jit~gpu", jit_gpu);
   {
     std::vector<double> ref = cpu.out, got = moejit::ref::gather_rows(g.out, H, subset);
-    mask_undecided_kinds(ref, got, subset, H, K, run.weights, cpu_y, gpu_y_sub);
+    mask_undecided_kinds(ref, got, subset, H, K, run.weights, cpu_y, slot_rows(g.y, subset, K, H));
     v.output(tag + "gpu~cpu", moejit::ref::compare_output(ref, got));
   }
 
@@ -620,8 +629,15 @@ Verdict run_case(const Case& c) {
       for (size_t i = 0; i < unsplit.size(); ++i) unsplit[i] = moejit::ref::bf16_to_float(runs[0].out[i]);
       for (int t : subset) sum_subset.insert(sum_subset.end(), sum.begin() + static_cast<long>(t) * H,
                                              sum.begin() + static_cast<long>(t + 1) * H);
+      // (Undecided kinds as in check_launch, by the unsplit layer's GPU reference and the CPU's.)
+      const GpuRun ref0 = gpu_reference_with(c.spec, in, T, runs[0]);
+      mask_undecided_kinds(unsplit, sum, first_rows(sz(T)), H, c.spec.top_k, runs[0].weights,
+                           slot_rows(ref0.y, first_rows(sz(T)), c.spec.top_k, H));
+      std::vector<double> cpu_out = cpu.out;
+      mask_undecided_kinds(cpu_out, sum_subset, subset, H, c.spec.top_k, runs[0].weights,
+                           slot_rows(cpu.y, first_rows(subset.size()), c.spec.top_k, H));
       v.output("ranks_sum~jit", moejit::ref::compare_output(unsplit, sum));
-      v.output("ranks_sum~cpu", moejit::ref::compare_output(cpu.out, sum_subset));
+      v.output("ranks_sum~cpu", moejit::ref::compare_output(cpu_out, sum_subset));
     }
   }
   v.metrics.push_back(fmt::format("{:.1f}s", std::chrono::duration<double>(
