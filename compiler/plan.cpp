@@ -801,19 +801,22 @@ Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
       b.s1.tile_ready = b.s2.tile_ready =
           flag_of("trd", b.fused_route || multi_stage2, "gemm2 per tile behind gemm1");
     // Gemm1's units whose tile has one or two valid rows with the stage's groups as MMA columns
-    // (StreamConfig::group_cols; its 64-row, 512-deep path; a chain's gemm1 inherits it).
-    // "gc=0|1" overrides.
+    // (StreamConfig::group_cols; its 64-row, 512-deep path in whole stages, so not where an
+    // "s1=" override sets 512-deep stages over an H that is not a multiple of 512; a chain's
+    // gemm1 inherits it). "gc=0|1" overrides.
     if (b.stream && b.s1.tma && b.s1.split_epilogue && b.s1.consumer_warps == 4 && b.s1.k_stage == 512 &&
-        spec.weight_format == WeightFormat::MxInt4G32Tiled)
+        spec.hidden % b.s1.k_stage == 0 && spec.weight_format == WeightFormat::MxInt4G32Tiled)
       b.s1.group_cols = flag_of("gc", true, "group columns for gemm1's one-row tiles") ? 2 : 0;
     // Gemm1 takes tiles of up to two valid rows (x row 1 in the MMA's columns 4-7); "gcr=1"
     // keeps it to one-row tiles.
     if (b.s1.group_cols > 0)
       b.s1.group_cols = choice_of("gcr", {1, 2}, b.s1.group_cols, "gemm1's most rows with group columns");
-    // The same for gemm2's packed units (bf16 operands; 256- or 512-deep stages; a chain's gemm2
-    // inherits it where its operands stay bf16). "gc2=0|1" overrides.
+    // The same for gemm2's packed units (bf16 operands; 256- or 512-deep whole stages, e.g. not
+    // "s2=4x512x2" over qwen3-30b-a3b's I = 768; a chain's gemm2 inherits it where its operands
+    // stay bf16). "gc2=0|1" overrides.
     if (b.stream && b.s2.tma && b.s2.split_epilogue && b.s2.consumer_warps == 4 && b.s2.pack_planes &&
-        (b.s2.k_stage == 256 || b.s2.k_stage == 512) && spec.weight_format == WeightFormat::MxInt4G32Tiled)
+        (b.s2.k_stage == 256 || b.s2.k_stage == 512) && spec.intermediate % b.s2.k_stage == 0 &&
+        spec.weight_format == WeightFormat::MxInt4G32Tiled)
       b.s2.group_cols = flag_of("gc2", true, "group columns for gemm2's one-row tiles") ? 1 : 0;
     // One token of a finalized layer whose routed weights fit in the grid's shared memory: the
     // resident layer (one launch; bench/RESULTS.md section 19). "res=0|1" overrides.

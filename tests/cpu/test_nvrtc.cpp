@@ -324,6 +324,30 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcBigTileShapes, ::testing::Values("bt=64", "bt
                            return param_name(info.param == "bt=64" ? "tile64" : "tile128");
                          });
 
+// Stage depths set by an override that do not divide K: the planner leaves group columns off
+// there, since their paths take whole stages only (an "s2=4x512x2" over qwen3-30b-a3b's I = 768
+// once planned them and failed at NVRTC's static assertion, bench/RESULTS.md section 60). Tiled
+// weights, the decode buckets up to 16 tokens (where the first GEMM's groups can be columns).
+class NvrtcPartialStages : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(NvrtcPartialStages, CompileWithoutSpills) {
+  MoeSpec s = preset("qwen3-30b-a3b");
+  s.weight_format = WeightFormat::MxInt4G32Tiled;
+  if (GetParam().rfind("s1=", 0) == 0) s.hidden = 2304;  // 4.5 stages of 512
+  ::setenv("MOEJIT_PLAN_OVERRIDE", GetParam().c_str(), 1);
+  const compiler::Plan plan = compiler::make_plan(s, 16, "sm_90a");
+  const compiler::StreamConfig& c = GetParam().rfind("s1=", 0) == 0 ? plan.buckets[0].s1 : plan.buckets[0].s2;
+  EXPECT_EQ(c.k_stage, 512);
+  EXPECT_EQ(c.group_cols, 0);
+  expect_clean_compile(s, "sm_90a", 16);
+  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
+}
+
+INSTANTIATE_TEST_SUITE_P(All, NvrtcPartialStages, ::testing::Values("s1=4x512x3", "s2=4x512x2"),
+                         [](const ::testing::TestParamInfo<std::string>& info) {
+                           return param_name(info.param.substr(0, 2));
+                         });
+
 // ---- variants ---------------------------------------------------------------------------------
 
 // A named spec change.

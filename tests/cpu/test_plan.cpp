@@ -1279,6 +1279,27 @@ TEST(PlanStream, GroupColumnsRule) {
     const ScopedOverride bad("gcr=3");
     EXPECT_THROW(make_plan(tiled("qwen3-30b-a3b"), 64, "sm_90a"), Error);
   }
+  // Only in whole stages (the kernels assert it): an "s2=" depth that does not divide I (768 =
+  // 1.5 x 512) or an "s1=" depth that does not divide H (2304 = 4.5 x 512) leaves them off.
+  {
+    const ScopedOverride deep("s2=4x512x2");
+    const Plan o = make_plan(tiled("qwen3-30b-a3b"), 64, "sm_90a");
+    EXPECT_EQ(o.buckets[0].s2.k_stage, 512);
+    EXPECT_EQ(o.buckets[0].s2.group_cols, 0);
+    EXPECT_EQ(o.buckets[0].s1.group_cols, 2);
+    EXPECT_EQ(gc_rows(o, "gemm2_b0"), "0");
+  }
+  {
+    MoeSpec wide = tiled("qwen3-30b-a3b");
+    wide.hidden = 2304;
+    EXPECT_EQ(make_plan(wide, 64, "sm_90a").buckets[0].s1.k_stage, 256);  // (the default divides H)
+    const ScopedOverride deep("s1=4x512x3");
+    const Plan o = make_plan(wide, 64, "sm_90a");
+    EXPECT_EQ(o.buckets[0].s1.k_stage, 512);
+    EXPECT_EQ(o.buckets[0].s1.group_cols, 0);
+    EXPECT_EQ(o.buckets[0].s2.group_cols, 1);
+    EXPECT_EQ(gc_rows(o, "gemm1_b0"), "0");
+  }
 }
 
 TEST(PlanStream, OverrideSwitchesAndShapes) {
