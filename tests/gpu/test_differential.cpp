@@ -589,9 +589,12 @@ Verdict run_case(const Case& c) {
     const std::vector<int> subset = evenly_spaced(T, c.cpu_tokens);
     const MoeInputs in = row_major(inputs_for(c.spec));
     moejit::ref::ReferenceOutput cpu;
-    for (const JitRun& r : runs)
-      cpu = check_launch(runs.size() > 1 ? (r.finalize ? "fin:" : "unfin:") : "", c.spec, L, T,
-                         subset, r, gpu_reference_with(c.spec, in, T, r), v);
+    GpuRun ref0;  // runs[0]'s GPU reference (the expert-parallel sums below read its rows)
+    for (const JitRun& r : runs) {
+      GpuRun g = gpu_reference_with(c.spec, in, T, r);
+      cpu = check_launch(runs.size() > 1 ? (r.finalize ? "fin:" : "unfin:") : "", c.spec, L, T, subset, r, g, v);
+      if (&r == &runs[0]) ref0 = std::move(g);
+    }
     if (runs.size() == 2) {
       v.require(same_routing(runs[0], runs[1]),
                 "finalized and unfinalized launches returned different topk_ids/topk_weights");
@@ -630,7 +633,6 @@ Verdict run_case(const Case& c) {
       for (int t : subset) sum_subset.insert(sum_subset.end(), sum.begin() + static_cast<long>(t) * H,
                                              sum.begin() + static_cast<long>(t + 1) * H);
       // (Undecided kinds as in check_launch, by the unsplit layer's GPU reference and the CPU's.)
-      const GpuRun ref0 = gpu_reference_with(c.spec, in, T, runs[0]);
       mask_undecided_kinds(unsplit, sum, first_rows(sz(T)), H, c.spec.top_k, runs[0].weights,
                            slot_rows(ref0.y, first_rows(sz(T)), c.spec.top_k, H));
       std::vector<double> cpu_out = cpu.out;
