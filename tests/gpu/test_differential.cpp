@@ -31,7 +31,7 @@
 // compute-sanitizer memcheck and racecheck.
 //
 // Environment: MOEJIT_DIFF_SWEEP_SEED=N draws another sample of the random sweep (default
-// 20250607); MOEJIT_DIFF_SWEEP_GROUPS=N changes its number of shape groups (default 16);
+// 20250607): other pairings of E, k, H, I and token counts, routing details, weights and inputs; MOEJIT_DIFF_SWEEP_GROUPS=N changes its number of shape groups (default 16);
 // MOEJIT_DIFF_LIST=1 makes DifferentialSweepPlan.* (no GPU needed) print every sweep case.
 #include <gtest/gtest.h>
 
@@ -718,12 +718,17 @@ uint64_t env_u64(const char* name, uint64_t fallback) {
   return end && *end == '\0' ? x : fallback;
 }
 
-uint64_t sweep_seed() { return env_u64("MOEJIT_DIFF_SWEEP_SEED", 20250607); }
+constexpr uint64_t kDefaultSweepSeed = 20250607;
+uint64_t sweep_seed() { return env_u64("MOEJIT_DIFF_SWEEP_SEED", kDefaultSweepSeed); }
 int sweep_groups() { return static_cast<int>(std::min<uint64_t>(env_u64("MOEJIT_DIFF_SWEEP_GROUPS", 16), 256)); }
 
 // One shape group (H, I, E, k, order, SwiGLU flags: what the GEMM kernels are specialised on)
 // with kVariantsPerGroup routing variants of two token counts each. Deterministic in
 // (master seed, g); every draw is printed with the case, so a failure names its spec and seed.
+// E, k, H, I and the token counts cycle through their lists with g, so that any 16 consecutive
+// groups cover every value; another master seed shifts each cycle by its own offset (which
+// pairs them differently) and draws other weights and inputs (the default seed's offsets are
+// 0 and its data seeds 1000 + g, the sample of the logs before this rule).
 // Variant n's routing on s (its experts and top-k set): kSweepMethods in turn (Llama4 where
 // llama_first asks for it at top-1, else DeepSeekV3 in its place), logits fp32 or bf16, and for
 // DeepSeekV3 a random grouping, scale and bias. pick(m) draws a number below m.
@@ -794,17 +799,27 @@ std::vector<Case> sweep_group(uint64_t master, int g) {
   uint64_t draw = 0;
   auto pick = [&](uint64_t n) { return moejit::ref::hash64(master, static_cast<uint64_t>(g), draw++) % n; };
   const int n_exp = static_cast<int>(std::size(kSweepExperts));
+  const bool fresh = master != kDefaultSweepSeed;
+  // The cycles' offsets: E, k, H, I, token counts (a stream of the hash of its own, so that the
+  // group's other draws do not move).
+  auto offset = [&](int i, int n) {
+    return fresh ? static_cast<int>(moejit::ref::hash64(master, 0x5eedull, static_cast<uint64_t>(i)) % n) : 0;
+  };
+  const int n_k = static_cast<int>(std::size(kSweepTopK)), n_t = static_cast<int>(std::size(kSweepTokens));
   MoeSpec base;
-  base.num_experts = kSweepExperts[g % n_exp];
+  base.num_experts = kSweepExperts[(g + offset(0, n_exp)) % n_exp];
   const int E = base.num_experts;
-  int k = kSweepTopK[g % static_cast<int>(std::size(kSweepTopK))];
+  int k = kSweepTopK[(g + offset(1, n_k)) % n_k];
   if (k > E) k = E;
   base.top_k = k;
-  base.hidden = kSweepDims[g % 6];
-  base.intermediate = kSweepDims[(5 * g + 2) % 6];
+  base.hidden = kSweepDims[(g + offset(2, 6)) % 6];
+  base.intermediate = kSweepDims[(5 * g + 2 + offset(3, 6)) % 6];
   base.gate_up_order = g % 2 ? GateUpOrder::UpGate : GateUpOrder::GateUp;
   swiglu_of_group(base, g);
-  const uint64_t seed = 1000 + static_cast<uint64_t>(g);
+  const int t_off = offset(4, n_t);
+  const uint64_t seed =
+      1000 + static_cast<uint64_t>(g) +
+      (fresh ? 1000 * (1 + moejit::ref::hash64(master, 0x5eedull, 5) % 1000000) : 0);
   // Expert-parallel splits on two groups (each rank is its own compile).
   const int ep_ranks = g % 8 == 3 && E >= 8 ? 3 + g / 8 % 2 : 0;
 
@@ -818,7 +833,7 @@ std::vector<Case> sweep_group(uint64_t master, int g) {
       Case c;
       c.name = fmt::format("sweep{}.{}", g, v);
       c.spec = s;
-      c.tokens = kSweepTokens[(2 * n + i) % 12];
+      c.tokens = kSweepTokens[(2 * n + i + t_off) % n_t];
       c.seed = seed;
       c.mode = mode;
       c.cpu_tokens = 32;
@@ -1629,18 +1644,28 @@ TEST(DifferentialSweepPlan, SpecsAreValidAndCoverEveryDimension) {
 // Small* tests and the presets reach them on fixed shapes. Each group is one weight shape (E, H,
 // I, k, order, SwiGLU flags) with two routing variants of two token counts each; the first
 // variant has one token and runs both layer kinds, whose outputs must agree bitwise.
-// MOEJIT_DIFF_TILED_SEED=N draws another sample (default 20261130), MOEJIT_DIFF_TILED_GROUPS=N
-// sets the number of groups (default 8); MOEJIT_DIFF_LIST=1 makes DifferentialTiledSweepPlan.*
-// (no GPU needed) print every case with the kernel family its token count takes.
+// MOEJIT_DIFF_TILED_SEED=N draws another sample (default 20261130: shapes, routing, weights and
+// inputs), MOEJIT_DIFF_TILED_GROUPS=N sets the number of groups (default 8); MOEJIT_DIFF_LIST=1
+// makes DifferentialTiledSweepPlan.* (no GPU needed) print every case with the kernel family its
+// token count takes.
 constexpr int kTiledDims[] = {256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 7168};
 constexpr int kTiledExperts[] = {4, 16, 40, 64, 96, 128, 160, 256, 384};
 constexpr int kTiledTopK[] = {1, 2, 4, 6, 8, 10};
 constexpr int kTiledTokens[] = {2, 3, 4, 5, 8, 9, 16, 17, 24, 33, 64, 65};
 
-uint64_t tiled_seed() { return env_u64("MOEJIT_DIFF_TILED_SEED", 20261130); }
+constexpr uint64_t kDefaultTiledSeed = 20261130;
+uint64_t tiled_seed() { return env_u64("MOEJIT_DIFF_TILED_SEED", kDefaultTiledSeed); }
 int tiled_groups() { return static_cast<int>(std::min<uint64_t>(env_u64("MOEJIT_DIFF_TILED_GROUPS", 8), 256)); }
 
-std::vector<Case> tiled_group(uint64_t master, int g) {
+// A group's weights and inputs: 2000 + g for the default seed (and for the regression cases
+// drawn before other seeds drew their own, e.g. Differential.OlderFamilyWeightsNotRounded),
+// another seed's own otherwise.
+uint64_t tiled_data_seed(uint64_t master, int g) {
+  return 2000 + static_cast<uint64_t>(g) +
+         (master != kDefaultTiledSeed ? 1000 * (1 + moejit::ref::hash64(master, 0x5eedull, 0) % 1000000) : 0);
+}
+
+std::vector<Case> tiled_group(uint64_t master, int g, uint64_t data_seed) {
   uint64_t draw = 0;
   auto pick = [&](uint64_t n) { return moejit::ref::hash64(master, static_cast<uint64_t>(g), draw++) % n; };
   auto pick_of = [&](const auto& values) { return values[pick(std::size(values))]; };
@@ -1675,7 +1700,7 @@ std::vector<Case> tiled_group(uint64_t master, int g) {
       c.name = fmt::format("tiled-sweep{}.{}", g, v);
       c.spec = s;
       c.tokens = v == 0 && i == 0 ? 1 : pick_of(kTiledTokens);
-      c.seed = 2000 + static_cast<uint64_t>(g);
+      c.seed = data_seed;
       c.mode = v == 0 ? Mode::Both : std::vector<Mode>{Mode::Finalized, Mode::Unfinalized}[sz(g % 2)];
       c.cpu_tokens = 8;
       draw_inputs(c, 2 * n + i, pick);
@@ -1690,13 +1715,13 @@ class DifferentialTiledSweep : public ::testing::TestWithParam<int> {};
 
 TEST_P(DifferentialTiledSweep, Group) {
   MOEJIT_REQUIRE_GPU();
-  run_cases(tiled_group(tiled_seed(), GetParam()));
+  run_cases(tiled_group(tiled_seed(), GetParam(), tiled_data_seed(tiled_seed(), GetParam())));
 }
 
 INSTANTIATE_TEST_SUITE_P(Random, DifferentialTiledSweep, ::testing::Range(0, tiled_groups()));
 
-// Group 30 of seed 10 (H 768, I 1024, 40 experts, top-8, 24 tokens with tied logits, three
-// ranks): rank [0, 8) runs the older family on 64-row tiles. While that family rounded each
+// Group 30 of seed 10 with the data seed it was found with, 2030 (H 768, I 1024, 40 experts,
+// top-8, 24 tokens with tied logits, three ranks): rank [0, 8) runs the older family on 64-row tiles. While that family rounded each
 // dequantised weight v * scale to bf16, the rank's partial output had 99.85% of its elements
 // within the bound (99.9% required); exact since commit abd0eb5 (bench/RESULTS.md section 49).
 // Since section 53 the stream family takes that rank by default; stream=0 keeps the case on the
@@ -1704,7 +1729,7 @@ INSTANTIATE_TEST_SUITE_P(Random, DifferentialTiledSweep, ::testing::Range(0, til
 TEST(Differential, OlderFamilyWeightsNotRounded) {
   MOEJIT_REQUIRE_GPU();
   const ScopedPlanOverride older("stream=0");
-  run_cases(tiled_group(10, 30));
+  run_cases(tiled_group(10, 30, 2030));
 }
 
 // The kernel family a launch of T tokens takes under `plan` (moejit::dump's plan text of a
@@ -1746,7 +1771,7 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
   std::set<std::string> reached;
   int cases = 0;
   for (int g = 0; g < tiled_groups(); ++g)
-    for (const Case& c : tiled_group(tiled_seed(), g)) {
+    for (const Case& c : tiled_group(tiled_seed(), g, tiled_data_seed(tiled_seed(), g))) {
       ++cases;
       SCOPED_TRACE(case_line(c));
       std::string families;
@@ -1767,7 +1792,7 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
   std::printf("[diff] tiled sweep plan: seed %llu, %d groups, %d cases, reached: %s\n",
               static_cast<unsigned long long>(tiled_seed()), tiled_groups(), cases,
               fmt::format("{}", fmt::join(reached, " ")).c_str());
-  if (tiled_seed() != 20261130 || tiled_groups() != 8) GTEST_SKIP() << "coverage is checked for the default sample";
+  if (tiled_seed() != kDefaultTiledSeed || tiled_groups() != 8) GTEST_SKIP() << "coverage is checked for the default sample";
   for (const char* f : {"resident", "chain-f16", "stream", "gemm2x4", "ids64", "b17", "ep"})
     EXPECT_TRUE(reached.count(f)) << "the tiled sweep never reaches " << f;
 }
