@@ -241,8 +241,9 @@ __device__ void ring_produce(const unsigned char* smem, uint64_t* full, uint64_t
   ring_end(full, empty, unit_q, slot, parity, i);
 }
 
-// The consumers: each queued unit's stages_per_unit stages, read and released in ring order.
-template <int kStageW, int NS>
+// The consumers: each queued unit's stages_per_unit stages, read and released in ring order
+// (kStageW bytes read at the start of each kSlotB-byte slot).
+template <int kStageW, int NS, int kSlotB = kStageW>
 __device__ void consume_queue(const unsigned char* smem, uint64_t* full, uint64_t* empty,
                               const int* unit_q, int stages_per_unit, uint32_t* sink) {
   int slot = 0;
@@ -252,7 +253,7 @@ __device__ void consume_queue(const unsigned char* smem, uint64_t* full, uint64_
     if (unit_q[i % 64] < 0) break;
     for (int ks = 0; ks < stages_per_unit; ++ks) {
       if (ks > 0) mwait(&full[slot], parity);
-      consume_stage<kStageW>(smem + slot * kStageW, &empty[slot], acc);
+      consume_stage<kStageW>(smem + slot * kSlotB, &empty[slot], acc);
       if (++slot == NS) slot = 0, parity ^= 1;
     }
   }
