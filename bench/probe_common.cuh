@@ -129,8 +129,17 @@ double queued_us(F&& launch, int reps, cudaStream_t s) {
 // unit there, for a layout check.
 // A consumer thread (of threads 0-127) reads its share of one stage (no arithmetic, folded into
 // acc) and its warp releases the stage on its "empty" barrier.
+// Cycles a consumer spends on a stage after reading it (spin > 0: a stand-in for arithmetic).
+__device__ __forceinline__ void spin_cycles(long long spin) {
+  if (spin <= 0) return;
+  const long long t0 = clock64();
+  while (clock64() - t0 < spin) {
+  }
+}
+
 template <int kStageW>
-__device__ __forceinline__ void consume_stage(const unsigned char* stage, uint64_t* empty, uint32_t& acc) {
+__device__ __forceinline__ void consume_stage(const unsigned char* stage, uint64_t* empty, uint32_t& acc,
+                                              long long spin = 0) {
   constexpr int kPer = kStageW / 16 / 128;
   const int tid = threadIdx.x;
   const uint4* st = reinterpret_cast<const uint4*>(stage);
@@ -139,6 +148,7 @@ __device__ __forceinline__ void consume_stage(const unsigned char* stage, uint64
     const uint4 v = st[tid + j * 128];
     acc ^= v.x ^ v.y ^ v.z ^ v.w;
   }
+  spin_cycles(spin);
   __syncwarp();
   if ((tid & 31) == 0)
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(su32(empty)) : "memory");
@@ -242,10 +252,13 @@ __device__ void ring_produce(const unsigned char* smem, uint64_t* full, uint64_t
 }
 
 // The consumers: each queued unit's stages_per_unit stages, read and released in ring order
-// (kStageW bytes read at the start of each kSlotB-byte slot).
+// (kStageW bytes read at the start of each kSlotB-byte slot); with spin > 0 each stage also
+// holds its slot for that many cycles after the read, and with unit_spin > 0 the consumers spend
+// that many cycles after a unit's last stage (stand-ins for arithmetic and an epilogue).
 template <int kStageW, int NS, int kSlotB = kStageW>
 __device__ void consume_queue(const unsigned char* smem, uint64_t* full, uint64_t* empty,
-                              const int* unit_q, int stages_per_unit, uint32_t* sink) {
+                              const int* unit_q, int stages_per_unit, uint32_t* sink, long long spin = 0,
+                              long long unit_spin = 0) {
   int slot = 0;
   uint32_t parity = 0, acc = 0;
   for (int i = 0;; ++i) {
@@ -253,9 +266,10 @@ __device__ void consume_queue(const unsigned char* smem, uint64_t* full, uint64_
     if (unit_q[i % 64] < 0) break;
     for (int ks = 0; ks < stages_per_unit; ++ks) {
       if (ks > 0) mwait(&full[slot], parity);
-      consume_stage<kStageW>(smem + slot * kSlotB, &empty[slot], acc);
+      consume_stage<kStageW>(smem + slot * kSlotB, &empty[slot], acc, spin);
       if (++slot == NS) slot = 0, parity ^= 1;
     }
+    spin_cycles(unit_spin);
   }
   if (acc == 0x12345678u) sink[0] = acc;
 }

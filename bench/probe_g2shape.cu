@@ -11,7 +11,12 @@
 // library; build and run by hand:
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90a -o probe_g2shape bench/probe_g2shape.cu && ./probe_g2shape
+//
+// `./probe_g2shape work` instead gives the consumers stand-in work: each holds a stage's slot for
+// a number of cycles after reading it (and, in the last rows, spends more after each unit).
 #include "probe_common.cuh"
+
+#include <string>
 
 constexpr long long kBytes = 46006272LL;  // 52 experts x (2048 x 768 / 2 + 2048 x 24 x 2)
 constexpr long long kSetStride = 64LL << 20;
@@ -22,7 +27,8 @@ constexpr int kSets = 8, kCounters = 64;
 // the scale region, both into one slot of kSB + kSC bytes; kNS slots; units of spu stages.
 template <int kSB, int kSC, int kNS>
 __global__ void __launch_bounds__(160) ring(const uint8_t* w, const uint8_t* sc, int n_units, int spu,
-                                            uint32_t* sink, int* counter, int* zero_later) {
+                                            uint32_t* sink, int* counter, int* zero_later, int spin,
+                                            int unit_spin) {
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem = align_1k(smem_raw);
   __shared__ uint64_t full[kNS], empty[kNS];
@@ -49,10 +55,10 @@ __global__ void __launch_bounds__(160) ring(const uint8_t* w, const uint8_t* sc,
     ring_end(full, empty, unit_q, slot, parity, i);
     return;
   }
-  consume_queue<kSB, kNS, kSlot>(smem, full, empty, unit_q, spu, sink);
+  consume_queue<kSB, kNS, kSlot>(smem, full, empty, unit_q, spu, sink, spin, unit_spin);
 }
 
-int main() {
+int main(int argc, char** argv) {
   const ProbeSetup ps = probe_setup(kScaleBase + kSets * kSetStride, kSets, 8);
   cudaStream_t s;
   CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
@@ -62,7 +68,9 @@ int main() {
   long long run = 0;
   // One configuration: bps blocks per SM, units of spu stages; the weights of a run are kBytes
   // rounded to whole units (the scale copies come on top, as gemm2's do: 1/8 of the weights).
-  auto measure = [&](const char* name, auto kernel, int sb, int sc, int ns, int bps, int spu) {
+  // spin / unit_spin: consumer cycles per stage (its slot held) / after each unit.
+  auto measure = [&](const char* name, auto kernel, int sb, int sc, int ns, int bps, int spu, int spin = 0,
+                     int unit_spin = 0) {
     const int grid = bps * ps.sms;
     const int smem = (sb + sc) * ns + 1024;
     CK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -73,7 +81,8 @@ int main() {
       const int c = static_cast<int>(r % kCounters);
       const long long set = r % kSets;
       kernel<<<grid, 160, smem, s>>>(ps.w + set * kSetStride, ps.w + kScaleBase + set * (kSetStride / 8), n_units,
-                                     spu, ps.sink, counters + c, counters + (c + kCounters / 2) % kCounters);
+                                     spu, ps.sink, counters + c, counters + (c + kCounters / 2) % kCounters, spin,
+                                     unit_spin);
       CK(cudaGetLastError());
     };
     for (int j = 0; j < kCounters; ++j) on(run++);  // warm-up, and the counters' cycle in step
@@ -85,15 +94,36 @@ int main() {
     const double us = queued_us([&](int) { CK(cudaGraphLaunch(gs[rep++ % kCounters], s)); }, 200, s);
     run = base + rep;
     for (auto g : gs) CK(cudaGraphExecDestroy(g));
-    std::printf("%-34s slot %5d B x %d, %d blocks/SM (%4d), %d stages/unit, %5d units: %6.1f us, %5.0f GB/s = %5.1f%% of copy\n",
-                name, sb + sc, ns, bps, grid, spu, n_units, us, bytes / us / 1e3, 100.0 * bytes / us / 1e3 / ps.copy_gbs);
+    std::printf("%-34s slot %5d B x %d, %d blocks/SM (%4d), %d stages/unit, %5d units, spin %4d / %4d: %6.1f us, %5.0f GB/s = %5.1f%% of copy\n",
+                name, sb + sc, ns, bps, grid, spu, n_units, spin, unit_spin, us, bytes / us / 1e3,
+                100.0 * bytes / us / 1e3 / ps.copy_gbs);
   };
   {
     cudaGraphExec_t m = capture(s, [&] { CK(cudaMemsetAsync(ps.sink, 0, 4, s)); });
     const double mq = queued_us([&](int) { CK(cudaGraphLaunch(m, s)); }, 100, s);
     std::printf("one 4-byte memset graph: %.1f us (the bench's graph floor)\n", mq);
   }
-  for (int pass = 0; pass < 2; ++pass) {
+  const bool work = argc > 1 && std::string(argv[1]) == "work";
+  for (int pass = 0; pass < 2 && work; ++pass) {
+    // Consumers that hold each stage's slot for `spin` cycles (and spend `unit_spin` after each
+    // unit): at what consumer time per stage do two slots stop hiding the latency, and do three
+    // or four slots then recover the rate?
+    std::printf("-- work pass %d\n", pass + 1);
+    for (int spin : {0, 500, 1000, 2000, 4000}) {
+      measure("gemm2 shape, 2 slots", ring<8192, 1024, 2>, 8192, 1024, 2, 4, 3, spin, 0);
+      measure("gemm2 shape, 3 slots", ring<8192, 1024, 3>, 8192, 1024, 3, 4, 3, spin, 0);
+      measure("8K+1K, 4 slots, 3 blocks/SM", ring<8192, 1024, 4>, 8192, 1024, 4, 3, 3, spin, 0);
+    }
+    for (int spin : {1000, 2000}) {  // more consumer warps per SM: five and six blocks
+      measure("8K+1K, 2 slots, 5 blocks/SM", ring<8192, 1024, 2>, 8192, 1024, 2, 5, 3, spin, 0);
+      measure("8K+1K, 2 slots, 6 blocks/SM", ring<8192, 1024, 2>, 8192, 1024, 2, 6, 3, spin, 0);
+    }
+    for (int unit_spin : {1000, 3000}) {
+      measure("gemm2 shape, 2 slots", ring<8192, 1024, 2>, 8192, 1024, 2, 4, 3, 1000, unit_spin);
+      measure("gemm2 shape, 3 slots", ring<8192, 1024, 3>, 8192, 1024, 3, 4, 3, 1000, unit_spin);
+    }
+  }
+  for (int pass = 0; pass < 2 && !work; ++pass) {
     std::printf("-- pass %d\n", pass + 1);
     measure("gemm2 shape (8K+1K, 2 slots)", ring<8192, 1024, 2>, 8192, 1024, 2, 4, 3);
     measure("gemm2 shape, no scale copy", ring<8192, 0, 2>, 8192, 0, 2, 4, 3);
