@@ -123,12 +123,6 @@ double queued_us(F&& launch, int reps, cudaStream_t s) {
   return t[t.size() / 2];
 }
 
-// The probes' consumer warps (threads 0-127): for each of the block's units and each of its
-// stages, wait for the stage, read it from shared memory (no arithmetic) and release it on its
-// "empty" barrier (one arrive per warp). dump (if not null): block 0 copies stage 1 of its first
-// unit there, for a layout check.
-// A consumer thread (of threads 0-127) reads its share of one stage (no arithmetic, folded into
-// acc) and its warp releases the stage on its "empty" barrier.
 // Cycles a consumer spends on a stage after reading it (spin > 0: a stand-in for arithmetic).
 __device__ __forceinline__ void spin_cycles(long long spin) {
   if (spin <= 0) return;
@@ -137,6 +131,12 @@ __device__ __forceinline__ void spin_cycles(long long spin) {
   }
 }
 
+// The probes' consumer warps (threads 0-127): for each of the block's units and each of its
+// stages, wait for the stage, read it from shared memory (no arithmetic) and release it on its
+// "empty" barrier (one arrive per warp). dump (if not null): block 0 copies stage 1 of its first
+// unit there, for a layout check.
+// A consumer thread (of threads 0-127) reads its share of one stage (no arithmetic, folded into
+// acc), spends `spin` cycles, and its warp releases the stage on its "empty" barrier.
 template <int kStageW>
 __device__ __forceinline__ void consume_stage(const unsigned char* stage, uint64_t* empty, uint32_t& acc,
                                               long long spin = 0) {

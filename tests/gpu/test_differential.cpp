@@ -31,7 +31,8 @@
 // compute-sanitizer memcheck and racecheck.
 //
 // Environment: MOEJIT_DIFF_SWEEP_SEED=N draws another sample of the random sweep (default
-// 20250607): other pairings of E, k, H, I and token counts, routing details, weights and inputs; MOEJIT_DIFF_SWEEP_GROUPS=N changes its number of shape groups (default 16);
+// 20250607): other pairings of E, k, H, I and token counts, routing details, weights and
+// inputs; MOEJIT_DIFF_SWEEP_GROUPS=N changes its number of shape groups (default 16);
 // MOEJIT_DIFF_LIST=1 makes DifferentialSweepPlan.* (no GPU needed) print every sweep case.
 #include <gtest/gtest.h>
 
@@ -720,6 +721,15 @@ uint64_t env_u64(const char* name, uint64_t fallback) {
 
 constexpr uint64_t kDefaultSweepSeed = 20250607;
 uint64_t sweep_seed() { return env_u64("MOEJIT_DIFF_SWEEP_SEED", kDefaultSweepSeed); }
+
+// The weights' and inputs' seed of group g of a sweep: base + g under the sweep's default master
+// seed (the samples of the logs before other seeds drew their own data), else that plus a
+// multiple of 1000 drawn from the master seed (draw `index` of the offsets' hash stream).
+uint64_t sweep_data_seed(uint64_t master, uint64_t default_master, uint64_t base, int g, uint64_t index) {
+  const uint64_t own =
+      master != default_master ? 1000 * (1 + moejit::ref::hash64(master, 0x5eedull, index) % 1000000) : 0;
+  return base + static_cast<uint64_t>(g) + own;
+}
 int sweep_groups() { return static_cast<int>(std::min<uint64_t>(env_u64("MOEJIT_DIFF_SWEEP_GROUPS", 16), 256)); }
 
 // One shape group (H, I, E, k, order, SwiGLU flags: what the GEMM kernels are specialised on)
@@ -817,9 +827,7 @@ std::vector<Case> sweep_group(uint64_t master, int g) {
   base.gate_up_order = g % 2 ? GateUpOrder::UpGate : GateUpOrder::GateUp;
   swiglu_of_group(base, g);
   const int t_off = offset(4, n_t);
-  const uint64_t seed =
-      1000 + static_cast<uint64_t>(g) +
-      (fresh ? 1000 * (1 + moejit::ref::hash64(master, 0x5eedull, 5) % 1000000) : 0);
+  const uint64_t seed = sweep_data_seed(master, kDefaultSweepSeed, 1000, g, 5);
   // Expert-parallel splits on two groups (each rank is its own compile).
   const int ep_ranks = g % 8 == 3 && E >= 8 ? 3 + g / 8 % 2 : 0;
 
@@ -1657,13 +1665,9 @@ constexpr uint64_t kDefaultTiledSeed = 20261130;
 uint64_t tiled_seed() { return env_u64("MOEJIT_DIFF_TILED_SEED", kDefaultTiledSeed); }
 int tiled_groups() { return static_cast<int>(std::min<uint64_t>(env_u64("MOEJIT_DIFF_TILED_GROUPS", 8), 256)); }
 
-// A group's weights and inputs: 2000 + g for the default seed (and for the regression cases
-// drawn before other seeds drew their own, e.g. Differential.OlderFamilyWeightsNotRounded),
-// another seed's own otherwise.
-uint64_t tiled_data_seed(uint64_t master, int g) {
-  return 2000 + static_cast<uint64_t>(g) +
-         (master != kDefaultTiledSeed ? 1000 * (1 + moejit::ref::hash64(master, 0x5eedull, 0) % 1000000) : 0);
-}
+// A group's weights and inputs: 2000 + g for the default seed (the regression cases drawn before
+// other seeds drew their own pass theirs, e.g. Differential.OlderFamilyWeightsNotRounded).
+uint64_t tiled_data_seed(uint64_t master, int g) { return sweep_data_seed(master, kDefaultTiledSeed, 2000, g, 0); }
 
 std::vector<Case> tiled_group(uint64_t master, int g, uint64_t data_seed) {
   uint64_t draw = 0;
