@@ -23,6 +23,7 @@
 
 #include "compiler/plan.h"
 #include "moejit/moejit.h"
+#include "tests/scoped_plan_override.h"
 
 namespace moejit {
 namespace {
@@ -134,10 +135,9 @@ INSTANTIATE_TEST_SUITE_P(All, NvrtcPreset,
 // Every kernel of preset `name` compiled for sm_90a with MOEJIT_PLAN_OVERRIDE = override_text
 // (expect_clean_compile); returns the plan made under it.
 compiler::Plan clean_compile_with(const std::string& name, const std::string& override_text) {
-  ::setenv("MOEJIT_PLAN_OVERRIDE", override_text.c_str(), 1);
+  const moejit_test::ScopedPlanOverride scoped(override_text);
   const compiler::Plan plan = compiler::make_plan(preset(name), 0, "sm_90a");
   expect_clean_compile(preset(name), "sm_90a");
-  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
   return plan;
 }
 
@@ -163,13 +163,12 @@ class NvrtcResident : public ::testing::TestWithParam<std::tuple<std::string, st
 
 TEST_P(NvrtcResident, CompilesWithoutSpills) {
   const auto& [name, override_text] = GetParam();
-  ::setenv("MOEJIT_PLAN_OVERRIDE", override_text.c_str(), 1);
+  const moejit_test::ScopedPlanOverride scoped(override_text);
   const compiler::Plan plan = compiler::make_plan(preset(name), 1, "sm_90a");
   ASSERT_TRUE(plan.buckets[0].resident()) << override_text;
   EXPECT_TRUE(std::any_of(plan.kernels.begin(), plan.kernels.end(),
                           [](const compiler::KernelPlan& k) { return k.name == "resident_b0"; }));
   expect_clean_compile(preset(name), "sm_90a", 1);
-  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -308,7 +307,7 @@ TEST_P(NvrtcBigTileShapes, EveryBucketCompilesWithoutSpills) {
   narrow.intermediate = 192;
   narrow.num_experts = 8;
   narrow.top_k = 2;
-  ::setenv("MOEJIT_PLAN_OVERRIDE", GetParam().c_str(), 1);
+  const moejit_test::ScopedPlanOverride scoped(GetParam());
   for (const MoeSpec& s : {ep, tiled, narrow}) {
     SCOPED_TRACE(spec_to_ir_text(s));
     const compiler::Plan plan = compiler::make_plan(s, 0, "sm_90a");
@@ -316,7 +315,6 @@ TEST_P(NvrtcBigTileShapes, EveryBucketCompilesWithoutSpills) {
     EXPECT_EQ(plan.buckets.back().tile_rows, GetParam() == "bt=128" ? 128 : 64);
     expect_clean_compile(s, "sm_90a");
   }
-  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
 }
 
 INSTANTIATE_TEST_SUITE_P(All, NvrtcBigTileShapes, ::testing::Values("bt=64", "bt=128"),
@@ -334,13 +332,12 @@ TEST_P(NvrtcPartialStages, CompileWithoutSpills) {
   MoeSpec s = preset("qwen3-30b-a3b");
   s.weight_format = WeightFormat::MxInt4G32Tiled;
   if (GetParam().rfind("s1=", 0) == 0) s.hidden = 2304;  // 4.5 stages of 512
-  ::setenv("MOEJIT_PLAN_OVERRIDE", GetParam().c_str(), 1);
+  const moejit_test::ScopedPlanOverride scoped(GetParam());
   const compiler::Plan plan = compiler::make_plan(s, 16, "sm_90a");
   const compiler::StreamConfig& c = GetParam().rfind("s1=", 0) == 0 ? plan.buckets[0].s1 : plan.buckets[0].s2;
   EXPECT_EQ(c.k_stage, 512);
   EXPECT_EQ(c.group_cols, 0);
   expect_clean_compile(s, "sm_90a", 16);
-  ::unsetenv("MOEJIT_PLAN_OVERRIDE");
 }
 
 INSTANTIATE_TEST_SUITE_P(All, NvrtcPartialStages, ::testing::Values("s1=4x512x3", "s2=4x512x2"),

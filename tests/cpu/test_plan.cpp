@@ -17,6 +17,7 @@
 #include "compiler/codegen.h"
 #include "compiler/plan.h"
 #include "moejit/moejit.h"
+#include "tests/scoped_plan_override.h"
 
 namespace moejit::compiler {
 namespace {
@@ -24,13 +25,7 @@ namespace {
 using ::testing::HasSubstr;
 
 // Sets MOEJIT_PLAN_OVERRIDE for one scope (make_plan reads it).
-class ScopedOverride {
- public:
-  explicit ScopedOverride(const char* value) { ::setenv("MOEJIT_PLAN_OVERRIDE", value, 1); }
-  ~ScopedOverride() { ::unsetenv("MOEJIT_PLAN_OVERRIDE"); }
-  ScopedOverride(const ScopedOverride&) = delete;
-  ScopedOverride& operator=(const ScopedOverride&) = delete;
-};
+using ScopedOverride = ::moejit_test::ScopedPlanOverride;
 
 std::vector<int> tile_rows_of(const Plan& plan) {
   std::vector<int> out;

@@ -8,6 +8,7 @@
 
 #include "moejit/moejit.h"
 #include "reference/device_buffer.h"
+#include "tests/scoped_plan_override.h"
 
 #define MOEJIT_REQUIRE_GPU()                                                       \
   do {                                                                             \
@@ -16,7 +17,4 @@
   } while (0)
 
 // Plan overrides (MOEJIT_PLAN_OVERRIDE) for the layers compiled in a scope.
-struct ScopedPlanOverride {
-  explicit ScopedPlanOverride(const char* value) { setenv("MOEJIT_PLAN_OVERRIDE", value, 1); }
-  ~ScopedPlanOverride() { unsetenv("MOEJIT_PLAN_OVERRIDE"); }
-};
+using moejit_test::ScopedPlanOverride;
