@@ -1,12 +1,15 @@
 #include "compiler/nvrtc.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nvrtc.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <regex>
+#include <vector>
 
 #include "compiler/codegen.h"
 #include "moejit/moejit.h"
@@ -43,13 +46,39 @@ const std::string& cuda_include_dir() {
   return dir;
 }
 
+// The targets this NVRTC compiles (compute capability x 10, e.g. 80, 90, 100).
+const std::vector<int>& nvrtc_archs() {
+  static const std::vector<int> archs = [] {
+    int n = 0;
+    MOEJIT_NVRTC_CHECK(nvrtcGetNumSupportedArchs(&n), "arch list");
+    std::vector<int> v(static_cast<size_t>(n));
+    if (n > 0) MOEJIT_NVRTC_CHECK(nvrtcGetSupportedArchs(v.data()), "arch list");
+    return v;
+  }();
+  return archs;
+}
+
 void check_arch(const std::string& arch) {
-  static const std::regex re("sm_(8[0-9]|9[0-9]|1[0-2][0-9])[af]?");
-  if (!std::regex_match(arch, re))
-    throw Error(ErrorKind::InvalidArgument,
-                fmt::format("arch = '{}' is not a supported target (sm_80 or newer, e.g. sm_80, "
-                            "sm_86, sm_89, sm_90a)",
-                            arch));
+  // sm_NN or sm_NNN, from sm_80, that NVRTC knows; an "a" suffix (arch-specific features) from
+  // sm_90, an "f" (family) from sm_100.
+  static const std::regex re("sm_([0-9]{2,3})([af]?)");
+  std::smatch m;
+  bool ok = std::regex_match(arch, m, re);
+  if (ok) {
+    const int cc = std::stoi(m[1].str());
+    const std::string suffix = m[2].str();
+    const std::vector<int>& known = nvrtc_archs();
+    ok = cc >= 80 && std::find(known.begin(), known.end(), cc) != known.end() &&
+         (suffix.empty() || (suffix == "a" && cc >= 90) || (suffix == "f" && cc >= 100));
+  }
+  if (ok) return;
+  std::vector<std::string> names;
+  for (int cc : nvrtc_archs())
+    if (cc >= 80) names.push_back(fmt::format("sm_{}", cc));
+  throw Error(ErrorKind::InvalidArgument,
+              fmt::format("arch = '{}' is not a supported target: NVRTC {} compiles {} (an 'a' "
+                          "suffix from sm_90, e.g. sm_90a; an 'f' suffix from sm_100)",
+                          arch, nvrtc_version(), fmt::join(names, ", ")));
 }
 
 std::string nvrtc_version() {

@@ -55,6 +55,8 @@ int finalize_threads_for(const Plan& plan, int tokens) {
 }
 
 int Plan::bucket_for(int tokens) const {
+  if (tokens < 0)
+    throw Error(ErrorKind::InvalidArgument, fmt::format("num_tokens = {} is negative", tokens));
   for (size_t i = 0; i < buckets.size(); ++i)
     if (buckets[i].contains(tokens)) return static_cast<int>(i);
   throw Error(ErrorKind::InvalidArgument,
@@ -492,6 +494,10 @@ std::optional<std::string> plan_override_value(const char* key) {
 
 Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
   spec.validate();
+  if (max_tokens < 0)
+    throw Error(ErrorKind::InvalidArgument,
+                fmt::format("max_tokens = {} is negative (0 compiles every token bucket)",
+                            max_tokens));
   Plan plan;
   plan.spec = spec;
   plan.max_tokens = max_tokens;

@@ -2,6 +2,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -99,8 +100,22 @@ bool grouped_deepseek(const MoeSpec& s) {
          s.num_experts % s.n_group == 0;
 }
 
+// An enumeration field must hold one of its named values: a value cast from an integer (a
+// language binding's, say) would otherwise compile as some other value or as none.
+template <class E, size_t N>
+std::string enum_rule(const char* field, const std::pair<E, const char*> (&table)[N], E value) {
+  for (const auto& entry : table)
+    if (entry.first == value) return {};
+  return fmt::format("{} = {} is not one of its enumeration's values", field,
+                     static_cast<int>(value));
+}
+
 const std::vector<Rule>& rules() {
   static const std::vector<Rule> table = {
+      [](const MoeSpec& s) { return enum_rule("routing", kRoutings, s.routing); },
+      [](const MoeSpec& s) { return enum_rule("logits_dtype", kDTypes, s.logits_dtype); },
+      [](const MoeSpec& s) { return enum_rule("bias_dtype", kDTypes, s.bias_dtype); },
+      [](const MoeSpec& s) { return enum_rule("gate_up_order", kOrders, s.gate_up_order); },
       [](const MoeSpec& s) { return dim_rule("hidden", s.hidden); },
       [](const MoeSpec& s) { return dim_rule("intermediate", s.intermediate); },
       [](const MoeSpec& s) -> std::string {
@@ -151,12 +166,24 @@ const std::vector<Rule>& rules() {
             s.top_k, reachable, s.topk_group, s.num_experts / s.n_group);
       },
       [](const MoeSpec& s) -> std::string {
-        if (std::isfinite(s.routed_scaling_factor) && s.routed_scaling_factor > 0) return {};
-        return fmt::format("routed_scaling_factor = {} must be finite and > 0",
-                           s.routed_scaling_factor);
+        if (!(std::isfinite(s.routed_scaling_factor) && s.routed_scaling_factor > 0))
+          return fmt::format("routed_scaling_factor = {} must be finite and > 0",
+                             s.routed_scaling_factor);
+        // The kernels multiply by it as a float: it must neither underflow (every weight 0)
+        // nor overflow there.
+        const float f = static_cast<float>(s.routed_scaling_factor);
+        if (f >= FLT_MIN && f <= FLT_MAX) return {};
+        return fmt::format("routed_scaling_factor = {} is outside the normal float range [{}, {}] "
+                           "(the kernels apply it in fp32)",
+                           s.routed_scaling_factor, FLT_MIN, FLT_MAX);
       },
       [](const MoeSpec& s) {
         return deepseek_only(s, s.has_routing_bias, "has_routing_bias = true");
+      },
+      [](const MoeSpec& s) {
+        return deepseek_only(s, s.routed_scaling_factor != 1.0,
+                             fmt::format("routed_scaling_factor = {} (!= 1)",
+                                         s.routed_scaling_factor));
       },
       [](const MoeSpec& s) -> std::string {
         if (s.routing != RoutingMethod::Llama4 || s.top_k == 1) return {};

@@ -51,6 +51,7 @@ const Loaded& loaded() {
     sym(d.cuModuleGetFunction, "cuModuleGetFunction");
     sym(d.cuLaunchKernel, "cuLaunchKernel");
     sym(d.cuFuncSetAttribute, "cuFuncSetAttribute");
+    sym(d.cuMemsetD32Async, "cuMemsetD32Async");
     sym(d.cuOccupancyMaxActiveBlocksPerMultiprocessor, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
     sym(d.cuGetErrorName, "cuGetErrorName");
     sym(d.cuGetErrorString, "cuGetErrorString");

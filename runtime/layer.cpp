@@ -314,11 +314,16 @@ class LayerImpl {
   void check_tokens(int T) const {
     if (T < 0) throw Error(ErrorKind::InvalidArgument, fmt::format("num_tokens = {} is negative", T));
     const long long slots = static_cast<long long>(T) * plan_.spec.top_k;
-    if (slots * std::max(plan_.spec.hidden, plan_.spec.intermediate) > (1ll << 40) ||
-        slots > (1ll << 28))
+    if (slots > (1ll << 28))
       throw Error(ErrorKind::InvalidArgument,
                   fmt::format("num_tokens = {} is too large for one launch (num_tokens * top_k "
-                              "must stay below 2^28)", T));
+                              "= {} must stay below 2^28)", T, slots));
+    const long long width = std::max(plan_.spec.hidden, plan_.spec.intermediate);
+    if (slots * width > (1ll << 40))
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("num_tokens = {} is too large for one launch (num_tokens * top_k * "
+                              "max(hidden, intermediate) = {} must stay below 2^40)",
+                              T, slots * width));
     if (T > 0) plan_.bucket_for(T);
   }
 
@@ -342,7 +347,14 @@ class LayerImpl {
     if (!ws.ptr || reinterpret_cast<uintptr_t>(ws.ptr) % kAlign != 0)
       throw Error(ErrorKind::InvalidArgument,
                   "workspace.ptr must be a non-null device pointer aligned to 256 bytes");
-    if (T == 0) return;
+    if (T == 0) {
+      // No rows: an unfinalized layer's expert_offsets are all 0 (no kernel runs).
+      if (outs.offsets)
+        MOEJIT_CU_CHECK(runtime::driver().cuMemsetD32Async(
+            reinterpret_cast<CUdeviceptr>(outs.offsets), 0, s.local_experts() + 1,
+            reinterpret_cast<CUstream>(stream)));
+      return;
+    }
     char* base = static_cast<char*>(ws.ptr);
     auto at = [&](size_t off) { return base + off; };
     int32_t* topk_ids = outs.ids ? outs.ids : reinterpret_cast<int32_t*>(at(l.topk_ids));
@@ -905,6 +917,11 @@ void finalize(const UnfinalizedLayer& layer, const UnfinalizedOutput& in, int nu
   if (num_tokens > 0 && (!in.gemm2_out || !in.expert_weights || !in.expanded_to_permuted || !out.output))
     throw Error(ErrorKind::InvalidArgument,
                 "finalize needs gemm2_out, expert_weights, expanded_to_permuted and output");
+  // The kernel reads gemm2_out's rows and writes output's by 16-byte accesses.
+  if (reinterpret_cast<uintptr_t>(in.gemm2_out) % 16 != 0)
+    throw Error(ErrorKind::InvalidArgument, "gemm2_out is not 16-byte aligned");
+  if (reinterpret_cast<uintptr_t>(out.output) % 16 != 0)
+    throw Error(ErrorKind::InvalidArgument, "output.output is not 16-byte aligned");
   layer.impl_->run_finalize(in.gemm2_out, in.expert_weights, in.expanded_to_permuted, out.output,
                             num_tokens, stream, /*after_gemm2=*/false);
 }

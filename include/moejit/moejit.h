@@ -100,7 +100,7 @@ struct MoeSpec {
   DType logits_dtype = DType::FP32;
   int n_group = 1;                      // DeepSeekV3 only
   int topk_group = 1;                   // DeepSeekV3 only
-  double routed_scaling_factor = 1.0;   // DeepSeekV3 only
+  double routed_scaling_factor = 1.0;   // DeepSeekV3 only (1 otherwise); a normal float
   bool has_routing_bias = false;        // DeepSeekV3 only
   DType bias_dtype = DType::FP32;
 
@@ -172,7 +172,8 @@ struct UnfinalizedOutput {
   void* gemm2_out = nullptr;                // [unfinalized_rows(T), H] fp32
   float* expert_weights = nullptr;          // [T, k] routing weights
   int32_t* expanded_to_permuted = nullptr;  // [T * k], index t*k + j; -1 for non-local experts
-  int32_t* expert_offsets = nullptr;        // optional [local experts + 1] first row of each expert
+  int32_t* expert_offsets = nullptr;        // optional [local experts + 1] first row of each
+                                            // expert (all 0 after a launch of 0 tokens)
   int32_t* topk_ids = nullptr;              // optional [T, k]: the routing's global expert ids
 };
 
@@ -183,7 +184,7 @@ struct Workspace {
 
 struct CompileOptions {
   std::string arch;     // "sm_90a", "sm_80", ...; empty = the current device's exact arch
-  int max_tokens = 0;   // compile token buckets up to this count; 0 = every bucket
+  int max_tokens = 0;   // compile token buckets up to this count; 0 = every bucket (>= 0)
   int jobs = 0;         // parallel NVRTC compiles; 0 = one per hardware thread
   // Called after each distinct kernel is ready (compiled or found in a cache), from any thread:
   // `total` counts the plan's kernels of their own code (KernelReport::same_as), `kernel` is
@@ -248,6 +249,7 @@ FinalizedLayer compile_finalized(const MoeSpec& spec, const CompileOptions& opti
 UnfinalizedLayer compile_unfinalized(const MoeSpec& spec, const CompileOptions& options = {});
 
 // Completes an unfinalized result: out[t] = sum_j expert_weights[t, j] * gemm2_out[perm[t*k+j]].
+// gemm2_out and output must be 16-byte aligned.
 void finalize(const UnfinalizedLayer& layer, const UnfinalizedOutput& in, int num_tokens,
               const FinalizedOutput& out, Stream stream);
 

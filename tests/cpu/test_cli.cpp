@@ -111,6 +111,32 @@ TEST(Cli, DumpCudaForOneTokenCountWorksWithoutAGpu) {
   EXPECT_THAT(r.out, Not(HasSubstr("moejit_gemm1_b1")));
 }
 
+// Targets NVRTC does not have, or suffixes the arch does not take, are argument errors naming
+// the targets there are (not NVRTC's compile errors).
+TEST(Cli, UnknownArchListsTheTargets) {
+  for (const char* arch : {"sm_85", "sm_99", "sm_80a", "sm_90f", "sm_75", "sm_9000", "compute_90"}) {
+    const CliResult r = run_cli({"dump", "--preset", "qwen3-30b-a3b", "--emit", "ptx", "--tokens",
+                                 "1", "--arch", arch});
+    EXPECT_NE(r.exit_code, 0) << describe(r);
+    EXPECT_THAT(r.err, HasSubstr(std::string("arch = '") + arch + "' is not a supported target"))
+        << describe(r);
+    EXPECT_THAT(r.err, HasSubstr("sm_90")) << describe(r);
+    EXPECT_THAT(r.err, Not(HasSubstr("Compile"))) << describe(r);
+  }
+  for (const char* arch : {"sm_80", "sm_86", "sm_89", "sm_90a", "sm_100a", "sm_100f"}) {
+    const CliResult r = run_cli({"dump", "--preset", "qwen3-30b-a3b", "--emit", "ptx", "--tokens",
+                                 "1", "--arch", arch});
+    EXPECT_EQ(r.exit_code, 0) << arch << ": " << describe(r);
+    EXPECT_THAT(r.out, HasSubstr(".target")) << arch;
+  }
+}
+
+TEST(Cli, NegativeMaxTokensIsRefused) {
+  const CliResult r = run_cli({"compile", "--preset", "qwen3-30b-a3b", "--max-tokens", "-5"});
+  EXPECT_NE(r.exit_code, 0) << describe(r);
+  EXPECT_THAT(r.err, HasSubstr("max_tokens = -5 is negative")) << describe(r);
+}
+
 TEST(Cli, UnknownPresetListsThePresets) {
   const CliResult r = run_cli({"dump", "--preset", "no-such-model", "--emit", "ir"});
   EXPECT_NE(r.exit_code, 0) << describe(r);

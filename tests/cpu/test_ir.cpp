@@ -330,6 +330,9 @@ const VerifyCase kVerifyErrors[] = {
      "activation_dtype = FP32 is not supported"},
     {"SpecRuleBiasNeedsDeepSeek", "method=DeepSeekV3", "method=Renormalize",
      "has_routing_bias = true is only supported with routing = DeepSeekV3"},
+    {"SpecRuleScaleNeedsDeepSeek", "method=DeepSeekV3 experts=384 top_k=8 n_group=1 topk_group=1 scale=2.827 logits=fp32 bias=fp32",
+     "method=Renormalize experts=384 top_k=8 n_group=1 topk_group=1 scale=2.827 logits=fp32 bias=none",
+     "routed_scaling_factor = 2.827 (!= 1) is only supported with routing = DeepSeekV3"},
 };
 
 INSTANTIATE_TEST_SUITE_P(Cases, IrVerifyError, ::testing::ValuesIn(kVerifyErrors),

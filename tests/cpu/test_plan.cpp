@@ -670,7 +670,21 @@ TEST(PlanBucketFor, NonPositiveTokensAreRejected) {
     } catch (const Error& e) {
       EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
       EXPECT_THAT(e.what(), HasSubstr("num_tokens = " + std::to_string(tokens)));
+      // A negative count is named as such, not as a count beyond the compiled buckets.
+      if (tokens < 0) {
+        EXPECT_THAT(e.what(), HasSubstr("is negative"));
+      }
     }
+  }
+}
+
+TEST(PlanMaxTokens, NegativeIsRejected) {
+  try {
+    make_plan(preset("kimi-k2"), -5);
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+    EXPECT_THAT(e.what(), HasSubstr("max_tokens = -5 is negative"));
   }
 }
 
@@ -1011,6 +1025,7 @@ TEST(PlanStream, ChosenForDecodeOnHopper) {
   wide.n_group = 1;
   wide.topk_group = 1;
   wide.has_routing_bias = false;
+  wide.routed_scaling_factor = 1.0;
   const Plan w = make_plan(wide, 0, "sm_90a");
   EXPECT_EQ(w.buckets.back().tile_rows, 8);
   EXPECT_FALSE(w.buckets.back().stream);
@@ -1564,6 +1579,7 @@ TEST(PlanOverride, BlockRouting) {
     MoeSpec pre = preset("kimi-k2-tp8");
     pre.routing = RoutingMethod::Precomputed;
     pre.has_routing_bias = false;
+    pre.routed_scaling_factor = 1.0;
     EXPECT_FALSE(make_plan(pre).block_route);
     EXPECT_FALSE(make_plan(pre).buckets[0].res.block_route);
   }

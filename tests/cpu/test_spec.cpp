@@ -136,6 +136,40 @@ const RuleCase kRuleCases[] = {
     {"ScaleNotInfinite",
      [](MoeSpec& s) { s.routed_scaling_factor = std::numeric_limits<double>::infinity(); },
      {"routed_scaling_factor = inf must be finite"}},
+    {"ScaleUnderflowsFloat",
+     [](MoeSpec& s) {
+       s = deepseek(8, 1, 1, 2);
+       s.routed_scaling_factor = 1e-50;
+     },
+     {"routed_scaling_factor = 1e-50 is outside the normal float range", "fp32"}},
+    {"ScaleSubnormalFloat",
+     [](MoeSpec& s) {
+       s = deepseek(8, 1, 1, 2);
+       s.routed_scaling_factor = 1e-40;
+     },
+     {"routed_scaling_factor = 1e-40 is outside the normal float range"}},
+    {"ScaleOverflowsFloat",
+     [](MoeSpec& s) {
+       s = deepseek(8, 1, 1, 2);
+       s.routed_scaling_factor = 1e39;
+     },
+     {"routed_scaling_factor = 1e+39 is outside the normal float range"}},
+    {"ScaleOnlyDeepSeek",
+     [](MoeSpec& s) { s.routed_scaling_factor = 2.5; },
+     {"routed_scaling_factor = 2.5 (!= 1) is only supported with routing = DeepSeekV3",
+      "routing = Renormalize"}},
+    {"RoutingInEnum",
+     [](MoeSpec& s) { s.routing = static_cast<RoutingMethod>(42); },
+     {"routing = 42 is not one of its enumeration's values"}},
+    {"LogitsDtypeInEnum",
+     [](MoeSpec& s) { s.logits_dtype = static_cast<DType>(5); },
+     {"logits_dtype = 5 is not one of its enumeration's values"}},
+    {"BiasDtypeInEnum",
+     [](MoeSpec& s) { s.bias_dtype = static_cast<DType>(-1); },
+     {"bias_dtype = -1 is not one of its enumeration's values"}},
+    {"GateUpOrderInEnum",
+     [](MoeSpec& s) { s.gate_up_order = static_cast<GateUpOrder>(5); },
+     {"gate_up_order = 5 is not one of its enumeration's values"}},
     {"BiasOnlyDeepSeek",
      [](MoeSpec& s) { s.has_routing_bias = true; },
      {"has_routing_bias = true is only supported with routing = DeepSeekV3",
@@ -196,7 +230,18 @@ TEST(SpecValidate, AcceptsBoundaryValues) {
         s.local_expert_offset = 6;
         s.local_num_experts = 2;
       },
-      [](MoeSpec& s) { s.routed_scaling_factor = 1e-30; },
+      [](MoeSpec& s) {
+        s = deepseek(8, 1, 1, 2);
+        s.routed_scaling_factor = std::numeric_limits<float>::min();
+      },
+      [](MoeSpec& s) {
+        s = deepseek(8, 1, 1, 2);
+        s.routed_scaling_factor = std::numeric_limits<float>::max();
+      },
+      [](MoeSpec& s) {
+        s = deepseek(8, 1, 1, 2);
+        s.routed_scaling_factor = 1e-30;
+      },
   };
   for (size_t i = 0; i < edits.size(); ++i) {
     MoeSpec s = base_spec();

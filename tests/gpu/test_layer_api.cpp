@@ -161,6 +161,50 @@ TEST(GpuLayerApi, LaunchRejectsBadArguments) {
   CUDA_OK(cudaDeviceSynchronize());
 }
 
+// The unfinalized layer and moejit::finalize: 16-byte alignment of the rows finalize reads and
+// of its output (a misaligned pointer is an argument error, not a kernel fault that leaves the
+// context unusable), a negative token count named as such, and a launch of 0 tokens, which runs
+// no kernel but leaves expert_offsets all 0.
+TEST(GpuLayerApi, UnfinalizedArgumentsAndZeroTokens) {
+  MOEJIT_REQUIRE_GPU();
+  Fixture f(5);
+  f.spec.finalize = false;
+  const auto layer = moejit::compile_unfinalized(f.spec);
+  const size_t H = f.spec.hidden, slots = static_cast<size_t>(f.T) * f.spec.top_k;
+  const int L = f.spec.local_experts();
+  DeviceBuffer ws(layer.workspace_bytes(f.T));
+  DeviceBuffer y(layer.unfinalized_rows(f.T) * H * 4 + 16), w(slots * 4), e2p(slots * 4),
+      offsets((L + 1) * 4), out(f.T * H * 2 + 16);
+  moejit::UnfinalizedOutput u;
+  u.gemm2_out = y.get();
+  u.expert_weights = w.get<float>();
+  u.expanded_to_permuted = e2p.get<int32_t>();
+  u.expert_offsets = offsets.get<int32_t>();
+  const auto in = f.dev.inputs(f.spec);
+  layer.launch(in, f.T, u, {ws.get(), ws.bytes()}, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto written = offsets.download<int32_t>();
+  EXPECT_EQ(written[0], 0);
+  EXPECT_GE(written[L], static_cast<int32_t>(slots));  // every slot local, rows padded to tiles
+
+  moejit::UnfinalizedOutput shifted = u;
+  shifted.gemm2_out = y.get<char>() + 4;
+  expect_error([&] { moejit::finalize(layer, shifted, f.T, {out.get()}, nullptr); },
+               "gemm2_out is not 16-byte aligned");
+  expect_error([&] { moejit::finalize(layer, u, f.T, {out.get<char>() + 2}, nullptr); },
+               "output.output is not 16-byte aligned");
+  expect_error([&] { moejit::finalize(layer, u, -1, {out.get()}, nullptr); }, "num_tokens = -1");
+  expect_error([&] { layer.launches_per_call(-1); }, "num_tokens = -1 is negative");
+  moejit::finalize(layer, u, f.T, {out.get()}, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());  // the context is still usable
+
+  CUDA_OK(cudaMemset(offsets.get(), 0xff, offsets.bytes()));
+  layer.launch(in, 0, u, {ws.get(), ws.bytes()}, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  const auto cleared = offsets.download<int32_t>();
+  EXPECT_EQ(std::count(cleared.begin(), cleared.end(), 0), L + 1);
+}
+
 // Layer::prepare_weights against the layout moejit.h describes, computed here byte by byte
 // (blocks of 32 rows for w13 and its scales, 64 for w2 and its scales; [chunk][row][chunk bytes
 // of a row], the weights' 16-byte units at u ^ (row % 8); w13's words with k = 2m of the word at
