@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <fmt/format.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -15,6 +16,8 @@
 #include <cstring>
 #include <ctime>
 #include <filesystem>
+#include <mutex>
+#include <set>
 #include <thread>
 
 #include "moejit/moejit.h"
@@ -137,6 +140,53 @@ std::string key_of_entry_name(const std::string& name) {
   return is_sha256_hex(key) ? key : "";
 }
 
+// The descriptors of the flocks this process holds. A flock belongs to the open file, which a
+// child made by fork() shares: without this, a child forked while another thread compiles (a
+// worker process, say) would keep that key locked for as long as it lives, and every other
+// process would wait for it up to the lock timeout. In the child, each held descriptor is
+// replaced by /dev/null (dup3), which drops the child's share of the lock and keeps the number
+// taken, so a FileLock that the child later releases closes nothing of someone else's.
+class HeldLocks {
+ public:
+  static HeldLocks& get() {
+    static HeldLocks* h = [] {
+      auto* p = new HeldLocks;  // never destroyed: the fork handlers may run at any time
+      ::pthread_atfork([] { get().mu_.lock(); }, [] { get().mu_.unlock(); },
+                       [] { get().in_child(); });
+      return p;
+    }();
+    return *h;
+  }
+  // flock(fd, op | LOCK_NB), the descriptor recorded if it locked: 0 or the errno. Under the
+  // mutex, so that no fork falls between the lock and its record.
+  int try_lock(int fd, int op) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (::flock(fd, op | LOCK_NB) != 0) return errno;
+    fds_.insert(fd);
+    return 0;
+  }
+  // Closes a descriptor try_lock recorded (the same: no fork between the two).
+  void close(Fd& fd) {
+    std::lock_guard<std::mutex> lock(mu_);
+    fds_.erase(fd.get());
+    fd.reset();
+  }
+
+ private:
+  void in_child() {
+    // Only the forking thread runs here, and the prepare handler holds mu_ for it.
+    const int null_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (null_fd >= 0) {
+      for (int fd : fds_) ::dup3(null_fd, fd, O_CLOEXEC);
+      ::close(null_fd);
+    }
+    fds_.clear();
+    mu_.unlock();
+  }
+  std::mutex mu_;
+  std::set<int> fds_;
+};
+
 // A flock on a lock file. The kernel drops it when the process dies, so a killed holder never
 // blocks anyone. Waits poll with LOCK_NB so that they can end at a deadline.
 class FileLock {
@@ -162,10 +212,10 @@ class FileLock {
         return Result::Unavailable;
       }
       auto sleep = std::chrono::microseconds(500);
-      while (::flock(fd.get(), (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
-        if (errno == EINTR) continue;
-        if (errno != EWOULDBLOCK) {
-          if (why) *why = fmt::format("cannot lock {}: {}", path, errno_text(errno));
+      for (int err; (err = HeldLocks::get().try_lock(fd.get(), exclusive ? LOCK_EX : LOCK_SH)) != 0;) {
+        if (err == EINTR) continue;
+        if (err != EWOULDBLOCK) {
+          if (why) *why = fmt::format("cannot lock {}: {}", path, errno_text(err));
           return Result::Unavailable;
         }
         const auto now = Clock::now();
@@ -181,6 +231,7 @@ class FileLock {
         fd_ = std::move(fd);
         return Result::Acquired;
       }
+      HeldLocks::get().close(fd);
       if (!create) {
         if (why) *why = "lock file removed";
         return Result::Unavailable;
@@ -189,7 +240,9 @@ class FileLock {
   }
 
   bool held() const { return static_cast<bool>(fd_); }
-  void release() { fd_.reset(); }
+  void release() {
+    if (fd_) HeldLocks::get().close(fd_);
+  }
   // Removes the lock file while holding it (waiters notice and retry on a new file).
   void unlink_and_release(const std::string& path) {
     if (fd_) ::unlink(path.c_str());
@@ -545,9 +598,17 @@ DiskCache::DiskCache(const std::string& dir, uint64_t max_bytes, double lock_tim
   }
   if (read_only.empty()) {
     // The permission bits do not say whether we can write (read-only mounts, ACLs, root): try.
-    const std::string probe =
-        fmt::format("{}/entries/.probe.{}.{}", dir_, ::getpid(), g_sequence++);
-    Fd fd(::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+    // The name holds the time and a per-process sequence: a probe left by a process killed
+    // between open and unlink (prune removes those) is never taken for a read-only directory
+    // by a later process of the same pid (containers often run as pid 1).
+    Fd fd;
+    std::string probe;
+    for (int attempt = 0; attempt < 8 && !fd; ++attempt) {
+      probe = fmt::format("{}/entries/.probe.{}.{}.{}", dir_, ::getpid(), g_sequence++,
+                          std::chrono::system_clock::now().time_since_epoch().count());
+      fd = Fd(::open(probe.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600));
+      if (!fd && errno != EEXIST) break;
+    }
     if (fd) {
       ::unlink(probe.c_str());
     } else {
@@ -919,7 +980,7 @@ KernelBinary DiskCache::get(const Request& req, const std::function<KernelBinary
   exclusive.release();
   if (max_bytes_ > 0 && mode_.load() == Mode::ReadWrite) {
     try {
-      remove_until(max_bytes_, false);
+      remove_until(max_bytes_, false, false);
     } catch (const Error&) {
       // Eviction is best effort; the kernel is compiled and stored.
     }
@@ -993,12 +1054,32 @@ std::vector<cache::Problem> DiskCache::verify(bool fix) {
   return problems;
 }
 
-cache::PruneResult DiskCache::remove_until(uint64_t max_bytes, bool everything) {
+cache::PruneResult DiskCache::remove_until(uint64_t max_bytes, bool everything, bool wait) {
   if (mode_.load() != Mode::ReadWrite)
     throw Error(ErrorKind::Cache, fmt::format("cannot remove anything from the kernel cache at "
                                               "{}: it is {}",
                                               dir_, mode_text()));
   cache::PruneResult res;
+  // One prune at a time per directory, each listing what is there once it holds the lock:
+  // prunes that listed together would each remove the whole excess (and more, counting entries
+  // the other removed or holds as still there). After a compile (wait = false) a prune already
+  // running is left to do the work.
+  FileLock pruning;
+  std::string why;
+  const auto got = pruning.acquire(
+      dir_ + "/locks/prune.lock", true,
+      wait ? Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                std::chrono::duration<double>(lock_timeout_s_))
+           : Clock::now(),
+      true, &why);
+  if (got == FileLock::Result::TimedOut && !wait) return res;
+  if (got == FileLock::Result::TimedOut)
+    throw Error(ErrorKind::Cache,
+                fmt::format("another process has been pruning the kernel cache at {} for more "
+                            "than {} s (MOEJIT_CACHE_LOCK_TIMEOUT_S)",
+                            dir_, lock_timeout_s_));
+  if (got == FileLock::Result::Unavailable)
+    throw Error(ErrorKind::Cache, fmt::format("cannot prune the kernel cache at {}: {}", dir_, why));
   const int64_t now = static_cast<int64_t>(std::time(nullptr));
   struct File {
     std::string path;
@@ -1007,13 +1088,15 @@ cache::PruneResult DiskCache::remove_until(uint64_t max_bytes, bool everything) 
     int64_t mtime;  // ns: entries published within one second still have an order
   };
   std::vector<File> entries, quarantined;
+  // True where the file is gone: removed here, or already by another process (a loader that
+  // quarantined it): either way its bytes no longer count.
   const auto remove_file = [&](const File& f) {
     if (::unlink(f.path.c_str()) == 0) {
       res.removed++;
       res.removed_bytes += f.bytes;
       return true;
     }
-    return false;
+    return errno == ENOENT;
   };
   uint64_t total = 0;
   for (const std::string& name : list_dir(dir_ + "/entries")) {
@@ -1021,8 +1104,9 @@ cache::PruneResult DiskCache::remove_until(uint64_t max_bytes, bool everything) 
     struct stat st {};
     if (::lstat(path.c_str(), &st) != 0) continue;
     File f{path, key_of_entry_name(name), static_cast<uint64_t>(st.st_size), mtime_ns(st)};
-    if (name.rfind(".tmp.", 0) == 0) {
-      // A temporary of a live process is minutes old at most; older ones were killed mid-publish.
+    if (name.rfind(".tmp.", 0) == 0 || name.rfind(".probe.", 0) == 0) {
+      // A temporary (or a write probe) of a live process is minutes old at most; older ones
+      // were killed mid-publish.
       if (everything || now - f.mtime / 1000000000 > kStaleTempSeconds) remove_file(f);
     } else if (!f.key.empty()) {
       entries.push_back(f);
@@ -1084,9 +1168,11 @@ cache::PruneResult DiskCache::remove_until(uint64_t max_bytes, bool everything) 
   return res;
 }
 
-cache::PruneResult DiskCache::prune(uint64_t max_bytes) { return remove_until(max_bytes, false); }
+cache::PruneResult DiskCache::prune(uint64_t max_bytes) {
+  return remove_until(max_bytes, false, true);
+}
 
-cache::PruneResult DiskCache::clear() { return remove_until(0, true); }
+cache::PruneResult DiskCache::clear() { return remove_until(0, true, true); }
 
 uint64_t DiskCache::quarantined_files(uint64_t* bytes) {
   uint64_t n = 0;

@@ -132,7 +132,9 @@ class DiskCache {
   void degrade(const std::string& why);
   void warn_once(const std::string& message);
   void note_event(const cache::Counters& delta, bool flush_now);
-  cache::PruneResult remove_until(uint64_t max_bytes, bool everything);
+  // Under the directory's prune lock: waits for it up to the lock timeout (wait), or returns
+  // nothing removed when another process holds it (!wait: the prune after a compile).
+  cache::PruneResult remove_until(uint64_t max_bytes, bool everything, bool wait);
   KernelBinary compile_and_publish(const Request& req, const std::function<KernelBinary()>& compile,
                                    CacheCounters& counters);
 

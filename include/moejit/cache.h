@@ -102,7 +102,8 @@ Stats stats();
 // Verifies every entry; quarantine = true also moves the bad ones to quarantine/.
 std::vector<Problem> verify(bool quarantine = false);
 // Removes quarantined files, then least recently used entries, until the directory holds at
-// most max_bytes; never an entry another process is loading or writing.
+// most max_bytes; never an entry another process is loading or writing. One prune runs at a
+// time per directory (a second waits up to the lock timeout, then throws Error(Cache)).
 PruneResult prune(uint64_t max_bytes);
 // Removes every entry (except busy ones), the quarantine and stale temporaries.
 PruneResult clear();

@@ -1292,6 +1292,166 @@ TEST(CacheProcesses, PruneWhileLoadingNeverBreaksALoader) {
       static_cast<unsigned long long>(busy), ok);
 }
 
+// Entries of `bytes` bytes each, named like real ones, least recently used first (prune reads
+// names, sizes and times only). Returns their total.
+uint64_t fill_fake_entries(const std::string& dir, int n, size_t bytes) {
+  { DiskCache make(dir, 0, 10); }  // the directory layout
+  const std::time_t now = std::time(nullptr);
+  for (int i = 0; i < n; ++i) {
+    const std::string path =
+        dir + "/entries/" + sha256_hex("fake entry " + std::to_string(i)) + ".entry";
+    write_text(path, std::string(bytes, 'e'));
+    const timespec ts[2] = {{now - 100000 + i, 0}, {now - 100000 + i, 0}};
+    ::utimensat(AT_FDCWD, path.c_str(), ts, 0);
+  }
+  return static_cast<uint64_t>(n) * bytes;
+}
+
+uint64_t entries_total(const std::string& dir) {
+  uint64_t total = 0;
+  for (const auto& n : entry_files(dir)) total += fs::file_size(dir + "/entries/" + n);
+  return total;
+}
+
+// Prunes started together remove the excess once: each used to list the directory, then remove
+// its own count of the excess, taking the entries another had removed (or held) as still there,
+// so that K prunes emptied the cache (helper review, run by hand: 2000 entries to 28).
+TEST(CacheProcesses, ConcurrentPrunesStopAtTheBound) {
+  TempDir tmp;
+  const std::string dir = tmp / "cache";
+  constexpr int kEntries = 600;
+  constexpr size_t kBytes = 10000;
+  const uint64_t bound = fill_fake_entries(dir, kEntries, kBytes) / 2 + kBytes / 2;  // 300 fit
+  std::vector<pid_t> pruners;
+  for (int p = 0; p < 6; ++p)
+    pruners.push_back(spawn([&] {
+      DiskCache(dir, 0, 30).prune(bound);
+      return 0;
+    }));
+  for (pid_t pid : pruners) EXPECT_EQ(wait_status(pid), 0);
+  const auto left = entry_files(dir);
+  EXPECT_LE(entries_total(dir), bound);
+  EXPECT_EQ(left.size(), static_cast<size_t>(kEntries / 2)) << "the newest that fit stay";
+  // The newest entry is among them.
+  EXPECT_TRUE(fs::exists(dir + "/entries/" + sha256_hex("fake entry " + std::to_string(kEntries - 1)) +
+                         ".entry"));
+}
+
+// The prune after a compile (MOEJIT_CACHE_MAX_BYTES) in processes that compile at once: the
+// cache ends at the bound, not empty.
+TEST(CacheProcesses, MaxBytesInConcurrentCompilesKeepsTheBound) {
+  TempDir tmp;
+  const std::string dir = tmp / "cache";
+  constexpr size_t kBytes = 10000;
+  const uint64_t bound = fill_fake_entries(dir, 200, kBytes) / 2;
+  std::vector<pid_t> compilers;
+  for (int p = 0; p < 6; ++p)
+    compilers.push_back(spawn([&, p] {
+      DiskCache d(dir, bound, 30);
+      CacheCounters c;
+      DiskCache::Request r;
+      r.preimage = "concurrent compile " + std::to_string(p) + "\n";
+      r.key = sha256_hex(r.preimage);
+      r.kernel = r.describe = "k" + std::to_string(p);
+      d.get(r, [] { KernelBinary b; b.cubin.assign(1000, 'x'); return b; }, c);
+      return 0;
+    }));
+  for (pid_t pid : compilers) EXPECT_EQ(wait_status(pid), 0);
+  const uint64_t total = entries_total(dir);
+  // The last prune left the cache within one old entry under the bound; compiles published
+  // while it ran (their own prune skipped: one was running) may sit on top (each entry here is
+  // a 1000-byte binary and its manifest, well under 4 KiB).
+  EXPECT_LE(total, bound + 6 * 4096) << entry_files(dir).size() << " entries left";
+  EXPECT_GT(total, bound - kBytes) << entry_files(dir).size() << " entries left";
+}
+
+// A child forked (without exec) while another thread compiles does not keep that key locked
+// after the parent publishes: flocks belong to the open file, which the child shares, and the
+// child's share is dropped at the fork.
+TEST(CacheProcesses, ForkedChildDoesNotHoldACompilersLock) {
+  TempDir tmp;
+  const std::string dir = tmp / "cache";
+  DiskCache::Request r;
+  r.preimage = "forked child preimage\n";
+  r.key = sha256_hex(r.preimage);
+  r.kernel = r.describe = "k";
+  auto binary = [] {
+    KernelBinary b;
+    b.cubin.assign(1000, 'x');
+    return b;
+  };
+  int pipe_fds[2];
+  ASSERT_EQ(::pipe(pipe_fds), 0);
+  pid_t worker = -1;
+  {
+    DiskCache d(dir, 0, 30);
+    CacheCounters c;
+    std::atomic<bool> compiling{false};
+    std::thread t([&] {
+      d.get(r, [&] {
+        compiling = true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(600));
+        return binary();
+      }, c);
+    });
+    while (!compiling) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    worker = ::fork();  // a worker that lives on and never touches the cache
+    if (worker == 0) {
+      ::close(pipe_fds[1]);
+      char ch;
+      while (::read(pipe_fds[0], &ch, 1) < 0 && errno == EINTR) {
+      }
+      ::_exit(0);
+    }
+    t.join();
+  }
+  ::close(pipe_fds[0]);
+  // Another process loads the published entry with a 5 s lock timeout.
+  const int rc = run_child([&] {
+    DiskCache d(dir, 0, 5);
+    CacheCounters c;
+    const auto t0 = Clock::now();
+    int compiles = 0;
+    d.get(r, [&] { ++compiles; return binary(); }, c);
+    const double s = std::chrono::duration<double>(Clock::now() - t0).count();
+    if (compiles != 0 || c.lock_timeouts.load() != 0) return 1;
+    return s < 2.0 ? 0 : 2;
+  });
+  ::close(pipe_fds[1]);  // the worker exits
+  wait_status(worker);
+  EXPECT_EQ(rc, 0) << "1: compiled again or timed out on the lock, 2: the load waited";
+}
+
+// A write probe left by a process killed between its open and unlink (the names once were
+// .probe.<pid>.<n>) does not make a later process of that pid read-only, and prune removes
+// stale probes as it removes stale temporaries.
+TEST(CacheDisk, LeftoverProbeFileIsHarmlessAndPruned) {
+  TempDir tmp;
+  const std::string dir = tmp / "cache";
+  { DiskCache make(dir, 0, 10); }
+  const int rc = run_child([&] {
+    // Every sequence number this process could have reached in the old naming.
+    for (int n = 0; n < 5000; ++n)
+      write_text(dir + "/entries/.probe." + std::to_string(::getpid()) + "." + std::to_string(n), "");
+    DiskCache d(dir, 0, 10);
+    return d.mode() == DiskCache::Mode::ReadWrite ? 0 : 1;
+  });
+  EXPECT_EQ(rc, 0) << "a leftover probe made the cache read-only";
+  const std::string stale = dir + "/entries/.probe.1.0";
+  write_text(stale, "");
+  const std::time_t old = std::time(nullptr) - 2 * 3600;
+  const timespec ts[2] = {{old, 0}, {old, 0}};
+  ASSERT_EQ(::utimensat(AT_FDCWD, stale.c_str(), ts, 0), 0);
+  DiskCache(dir, 0, 10).prune(1u << 30);
+  EXPECT_FALSE(fs::exists(stale));
+  DiskCache(dir, 0, 10).clear();
+  const auto names = files_in(dir + "/entries");
+  EXPECT_EQ(std::count_if(names.begin(), names.end(),
+                          [](const std::string& n) { return n.rfind(".probe.", 0) == 0; }),
+            0)
+      << "clear leaves write probes";
+}
+
 // ---- the CLI ----------------------------------------------------------------------------------
 
 #ifdef MOEJIT_CLI_PATH
