@@ -145,7 +145,8 @@ GpuCheck gpu_reference_check(const moejit::MoeSpec& spec, const moejit::ref::Hos
   g.out = fetch(r.out, static_cast<size_t>(T) * H);
   std::vector<double> got(o.out.size());
   for (size_t i = 0; i < got.size(); ++i) got[i] = moejit::ref::bf16_to_float(o.out[i]);
-  g.output = moejit::ref::compare_output(std::vector<double>(g.out.begin(), g.out.end()), got);
+  g.output = moejit::ref::compare_output(std::vector<double>(g.out.begin(), g.out.end()), got,
+                                         moejit::ref::by_rows(H));
   g.rows.pass = true;
   if (!spec.finalize && o.expanded_to_permuted.size() == slots) {
     const std::vector<float> y = fetch(r.y, slots * H);
@@ -157,7 +158,7 @@ GpuCheck gpu_reference_check(const moejit::MoeSpec& spec, const moejit::ref::Hos
       for (size_t h = 0; h < H; ++h)
         have.push_back(o.gemm2_out[static_cast<size_t>(row) * H + h]);
     }
-    g.rows = moejit::ref::compare_output(want, have);
+    g.rows = moejit::ref::compare_output(want, have, moejit::ref::by_rows(H));
   }
   g.ran = true;
 #else

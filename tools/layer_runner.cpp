@@ -143,7 +143,8 @@ CaseResult run_case(const moejit::MoeSpec& spec, moejit::ref::HostLayer& layer,
         for (int t : subset) rows.insert(rows.end(), got_out.begin() + static_cast<long>(t) * H,
                                          got_out.begin() + static_cast<long>(t + 1) * H);
         return rows;
-      }());
+      }(),
+      moejit::ref::by_rows(static_cast<size_t>(H)));
   r.unfinalized.pass = true;
   if (!spec.finalize) {
     // Layout: the kernel's dispatch must equal the reference dispatch of the kernel's own ids.
@@ -167,7 +168,8 @@ CaseResult run_case(const moejit::MoeSpec& spec, moejit::ref::HostLayer& layer,
         got_rows.insert(got_rows.end(), got_y.begin() + static_cast<long>(row) * H,
                         got_y.begin() + static_cast<long>(row + 1) * H);
       }
-    r.unfinalized = moejit::ref::compare_output(ref_rows, got_rows);
+    r.unfinalized = moejit::ref::compare_output(ref_rows, got_rows,
+                                                moejit::ref::by_rows(static_cast<size_t>(H)));
     // Padding rows are zero.
     for (int l = 0; l < L && r.layout_ok; ++l) {
       const int first_pad = got_offsets[l] + disp.counts[l];

@@ -1474,9 +1474,9 @@ bool cli_has_cache_commands() {
 }
 
 TEST(CacheCli, SixteenWarmupsCompileOnceAndCacheCommandsWork) {
-  if (!cli_has_cache_commands())
-    GTEST_SKIP() << "the moejit CLI has no `cache` command (tools/moejit.cpp must call "
-                    "moejit_cli_add_cache_commands)";
+  ASSERT_TRUE(cli_has_cache_commands())
+      << "the moejit CLI has no `cache` command, or `moejit cache --help` failed "
+         "(tools/moejit.cpp must call moejit_cli_add_cache_commands)";
   TempDir tmp;
   const std::string dir = tmp / "cache";
   std::vector<FILE*> pipes;

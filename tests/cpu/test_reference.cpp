@@ -583,6 +583,38 @@ TEST(RefCompare, CraftedInputs) {
   EXPECT_FALSE(compare_output(std::vector<double>(8, 0.0), std::vector<double>(8, 1e-3)).pass);
 }
 
+// One wrong row of a large output passes the whole-tensor figures; the per-row bound catches it,
+// and keeps passing rounding noise and rows of small norm.
+TEST(RefCompare, RowBoundCatchesOneWrongRow) {
+  constexpr size_t kRows = 4096, kWidth = 800;
+  const std::vector<double> ref = smooth(kRows * kWidth);
+  std::vector<double> got = ref;
+  for (size_t i = 0; i < kWidth; ++i) got[1000 * kWidth + i] *= 1.5;  // row 1000 50% off
+  const CompareResult whole = compare_output(ref, got);
+  EXPECT_TRUE(whole.pass) << "the case this bound is for: " << whole.summary;
+  const CompareResult rows = compare_output(ref, got, by_rows(kWidth));
+  EXPECT_FALSE(rows.pass) << rows.summary;
+  EXPECT_EQ(rows.worst_row, 1000u);
+  EXPECT_NEAR(rows.worst_row_rel, 0.5, 1e-9);
+  std::vector<double> zero_row = ref;
+  std::fill(zero_row.begin() + 7 * kWidth, zero_row.begin() + 8 * kWidth, 0.0);
+  EXPECT_FALSE(compare_output(ref, zero_row, by_rows(kWidth)).pass);
+  // bf16 rounding everywhere passes.
+  std::vector<uint16_t> b(ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) b[i] = float_to_bf16(static_cast<float>(ref[i]));
+  const CompareResult rounded = compare_output_bf16(ref, b, by_rows(kWidth));
+  EXPECT_TRUE(rounded.pass) << rounded.summary;
+  // A row of tiny norm with an error small against the tensor's scale passes (the floor).
+  std::vector<double> r2 = ref, g2 = ref;
+  for (size_t i = 0; i < kWidth; ++i) {
+    r2[5 * kWidth + i] = 1e-6 * ref[i];
+    g2[5 * kWidth + i] = r2[5 * kWidth + i] + 1e-4 * (i % 2 ? 1 : -1);
+  }
+  const CompareResult tiny = compare_output(r2, g2, by_rows(kWidth));
+  EXPECT_TRUE(tiny.pass) << tiny.summary;
+  EXPECT_EQ(tiny.worst_row, 5u);
+}
+
 TEST(RefCompare, RoutingAcceptsNearTiesOnly) {
   const MoeSpec s = small_spec(RoutingMethod::TopK, 3, 1);
   const HostLayer L = routing_layer(s, {{1.0f, 1.0f + 0x1.0p-23f, 0.f}, {1.0f, 1.1f, 0.f}});

@@ -2,7 +2,8 @@
 // fp64 CPU reference, with the acceptance rule of reference/compare.h.
 //
 // Per case (a spec, a token count, a seed, input options, finalize on/off/both):
-//   * outputs and routing buffers are poisoned (NaN / 0x7f7f7f7f) before every launch, the
+//   * outputs and routing buffers are filled with 0x7f bytes (a finite ~3.4e38 in float and bf16
+//     elements, 0x7f7f7f7f in ids) before every launch, the
 //     workspace is NaN-filled too (launch() may not rely on zeroed scratch), and the device
 //     outputs are allocated at their exact size (compute-sanitizer sees any overrun);
 //   * routing: the kernel's topk_ids/topk_weights against the CPU reference (compare_routing);
@@ -163,9 +164,12 @@ class SummaryEnvironment : public ::testing::Environment {
 
 // ---- device runs ------------------------------------------------------------------------------
 
-// NaN for float/bf16 buffers (DeviceBuffer::poison); 0x7f7f7f7f for int32 buffers, so that an
-// unwritten id or permutation entry can never pass for a legitimate -1.
-void poison_ints(const DeviceBuffer& b) {
+// 0x7f bytes: in int32 buffers 0x7f7f7f7f, which an unwritten id or permutation entry can never
+// pass for (not -1, not an id); in float and bf16 outputs ~3.4e38, a finite value, so that an
+// element the kernel never wrote fails both where the reference is finite (its error) and where
+// it is NaN or Inf (its kind). (A NaN poison passed unwritten elements wherever the reference
+// was NaN too, e.g. the rows of tokens with non-finite hidden states.)
+void poison_7f(const DeviceBuffer& b) {
   if (b.bytes()) CUDA_OK(cudaMemset(b.get(), 0x7f, b.bytes()));
 }
 
@@ -196,9 +200,9 @@ JitRun launch_jit(const MoeSpec& spec, const MoeInputs& in, int T, int max_token
   const size_t slots = sz(T) * sz(spec.top_k), out_elems = sz(T) * sz(H);
   // Exact sizes, except the 256 bytes a zero-token run gets so that "untouched" is observable.
   DeviceBuffer out(T ? out_elems * 2 : 256), ids(slots * 4), weights(slots * 4);
-  out.poison();
-  weights.poison();
-  poison_ints(ids);
+  poison_7f(out);
+  poison_7f(weights);
+  poison_7f(ids);
   JitRun r;
   r.finalize = spec.finalize;
   if (spec.finalize) {
@@ -216,9 +220,9 @@ JitRun launch_jit(const MoeSpec& spec, const MoeInputs& in, int T, int max_token
     r.tile = layer.tile_rows(T);
     const size_t rows = layer.unfinalized_rows(T);
     DeviceBuffer y(rows * sz(H) * 4), e2p(slots * 4), offsets(sz(L + 1) * 4);
-    y.poison();
-    poison_ints(e2p);
-    poison_ints(offsets);
+    poison_7f(y);
+    poison_7f(e2p);
+    poison_7f(offsets);
     const moejit::UnfinalizedOutput uo{y.get(), weights.get<float>(), e2p.get<int32_t>(),
                                        offsets.get<int32_t>(), ids.get<int32_t>()};
     layer.launch(in, T, uo, {ws.get(), ws.bytes()}, nullptr);
@@ -236,7 +240,7 @@ JitRun launch_jit(const MoeSpec& spec, const MoeInputs& in, int T, int max_token
   CUDA_OK(cudaGetLastError());
   r.out = out.download<uint16_t>();
   if (T == 0) {
-    r.untouched = std::all_of(r.out.begin(), r.out.end(), [](uint16_t v) { return v == 0xffff; });
+    r.untouched = std::all_of(r.out.begin(), r.out.end(), [](uint16_t v) { return v == 0x7f7f; });
     r.out.clear();
   }
   r.ids = ids.download<int32_t>();
@@ -368,7 +372,9 @@ struct Verdict {
     if (!ok) failures.push_back(what);
   }
   void output(const std::string& what, const CompareResult& r) {
-    metrics.push_back(fmt::format("{}={:.2e}", what, r.rel_l2));
+    // rel_l2, and with the per-row bound the worst row's figure ("/r").
+    metrics.push_back(fmt::format("{}={:.2e}{}", what, r.rel_l2,
+                                  r.worst_row_rel > 0 ? fmt::format("/r{:.1e}", r.worst_row_rel) : ""));
     require(r.pass, what + ": " + r.summary);
   }
 };
@@ -453,7 +459,7 @@ moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec&
   {
     std::vector<double> ref = cpu.out, got = moejit::ref::gather_rows_bf16(run.out, H, subset);
     mask_undecided_kinds(ref, got, subset, H, K, run.weights, cpu_y);
-    v.output(tag + "jit~cpu", moejit::ref::compare_output(ref, got));
+    v.output(tag + "jit~cpu", moejit::ref::compare_output(ref, got, moejit::ref::by_rows(sz(H))));
   }
 
   std::vector<double> jit_all(run.out.size());
@@ -462,7 +468,7 @@ moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec&
   std::vector<double> jit_cmp = jit_all;  // (jit_all unmasked: the host finalize below)
   const size_t undecided = mask_undecided_kinds(gpu_all, jit_cmp, all_tokens, H, K, run.weights, slot_rows(g.y, all_tokens, K, H));
   if (undecided) v.metrics.push_back(fmt::format("{}undecided_kinds={}", tag, undecided));
-  CompareResult jit_gpu = moejit::ref::compare_output(gpu_all, jit_cmp);
+  CompareResult jit_gpu = moejit::ref::compare_output(gpu_all, jit_cmp, moejit::ref::by_rows(sz(H)));
   if (jit_gpu.nonfinite_mismatch && !run.finalize && !run.e2p.empty()) {
     // Name what the first such element sums: each slot's weight and its row's element, the
     // kernel's and the GPU reference's.
@@ -478,7 +484,7 @@ moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec&
   {
     std::vector<double> ref = cpu.out, got = moejit::ref::gather_rows(g.out, H, subset);
     mask_undecided_kinds(ref, got, subset, H, K, run.weights, cpu_y, slot_rows(g.y, subset, K, H));
-    v.output(tag + "gpu~cpu", moejit::ref::compare_output(ref, got));
+    v.output(tag + "gpu~cpu", moejit::ref::compare_output(ref, got, moejit::ref::by_rows(sz(H))));
   }
 
   if (!run.finalize) {
@@ -515,13 +521,13 @@ moejit::ref::ReferenceOutput check_launch(const std::string& tag, const MoeSpec&
         for (int h = 0; h < H; ++h)
           cgot.push_back(run.gemm2[sz(row) * sz(H) + sz(h)]);
       }
-    v.output(tag + "rows~gpu", moejit::ref::compare_output(gref, got));
-    v.output(tag + "rows~cpu", moejit::ref::compare_output(cref, cgot));
+    v.output(tag + "rows~gpu", moejit::ref::compare_output(gref, got, moejit::ref::by_rows(sz(H))));
+    v.output(tag + "rows~cpu", moejit::ref::compare_output(cref, cgot, moejit::ref::by_rows(sz(H))));
     // moejit::finalize against a host finalize of the downloaded rows and weights.
     std::vector<double> rows(run.gemm2.size()), w(run.weights.begin(), run.weights.end());
     for (size_t i = 0; i < rows.size(); ++i) rows[i] = run.gemm2[i];
     const auto host = moejit::ref::reference_finalize(T, K, H, rows.data(), w.data(), run.e2p.data());
-    v.output(tag + "finalize~host", moejit::ref::compare_output(host, jit_all, kFinalizeTolerance));
+    v.output(tag + "finalize~host", moejit::ref::compare_output(host, jit_all, moejit::ref::by_rows(sz(H), kFinalizeTolerance)));
   }
   return cpu;
 }
@@ -640,8 +646,8 @@ Verdict run_case(const Case& c) {
       std::vector<double> cpu_out = cpu.out;
       mask_undecided_kinds(cpu_out, sum_subset, subset, H, c.spec.top_k, runs[0].weights,
                            slot_rows(cpu.y, first_rows(subset.size()), c.spec.top_k, H));
-      v.output("ranks_sum~jit", moejit::ref::compare_output(unsplit, sum));
-      v.output("ranks_sum~cpu", moejit::ref::compare_output(cpu_out, sum_subset));
+      v.output("ranks_sum~jit", moejit::ref::compare_output(unsplit, sum, moejit::ref::by_rows(sz(H))));
+      v.output("ranks_sum~cpu", moejit::ref::compare_output(cpu_out, sum_subset, moejit::ref::by_rows(sz(H))));
     }
   }
   v.metrics.push_back(fmt::format("{:.1f}s", std::chrono::duration<double>(

@@ -70,7 +70,9 @@ TEST(GpuLayerApi, GraphReplayMatchesDirectLaunchBitwise) {
   CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
   for (int i = 0; i < 3; ++i) CUDA_OK(cudaGraphLaunch(exec, stream));
   CUDA_OK(cudaStreamSynchronize(stream));
-  EXPECT_EQ(direct.download<uint16_t>(), graphed.download<uint16_t>());
+  const auto d = direct.download<uint16_t>();
+  EXPECT_EQ(d, graphed.download<uint16_t>());
+  EXPECT_EQ(std::count(d.begin(), d.end(), uint16_t{0xffff}), 0) << "elements left as poison";
   CUDA_OK(cudaGraphExecDestroy(exec));
   CUDA_OK(cudaGraphDestroy(graph));
   CUDA_OK(cudaStreamDestroy(stream));
@@ -88,7 +90,9 @@ TEST(GpuLayerApi, RepeatedLaunchesAreDeterministic) {
   layer.launch(in, f.T, {a.get()}, {ws.get(), ws.bytes()}, nullptr);
   layer.launch(in, f.T, {b.get()}, {ws.get(), ws.bytes()}, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
-  EXPECT_EQ(a.download<uint16_t>(), b.download<uint16_t>());
+  const auto got = a.download<uint16_t>();
+  EXPECT_EQ(got, b.download<uint16_t>());
+  EXPECT_EQ(std::count(got.begin(), got.end(), uint16_t{0xffff}), 0) << "elements left as poison";
 }
 
 // A workspace that held another launch's tables and rows gives the bits of a fresh one: the

@@ -63,7 +63,32 @@ CompareResult compare_output(const double* ref, const double* got, size_t n, con
                : ref2 == 0 ? std::numeric_limits<double>::infinity()
                            : std::sqrt(err2 / ref2);
   }
-  r.pass = r.nonfinite_mismatch == 0 && r.rel_l2 <= tol.rel_l2 && r.frac_within >= tol.min_within;
+  bool rows_ok = true;
+  if (tol.row_width > 0) {
+    for (size_t row = 0; row * tol.row_width < n; ++row) {
+      double e2 = 0, n2 = 0;
+      size_t m = 0;
+      for (size_t i = row * tol.row_width; i < std::min(n, (row + 1) * tol.row_width); ++i) {
+        if (kind(ref[i]) != 0) continue;
+        ++m;
+        n2 += ref[i] * ref[i];
+        const double d = kind(got[i]) == 0 ? got[i] - ref[i] : std::numeric_limits<double>::infinity();
+        e2 += d * d;
+      }
+      if (m == 0) continue;
+      const double norm =
+          std::max(std::sqrt(n2), tol.row_floor * rms * std::sqrt(static_cast<double>(m)));
+      const double rel = e2 == 0 ? 0.0 : norm == 0 ? std::numeric_limits<double>::infinity()
+                                                    : std::sqrt(e2) / norm;
+      if (rel > r.worst_row_rel) {
+        r.worst_row_rel = rel;
+        r.worst_row = row;
+      }
+    }
+    rows_ok = r.worst_row_rel <= tol.row_rel_l2;
+  }
+  r.pass = r.nonfinite_mismatch == 0 && r.rel_l2 <= tol.rel_l2 && r.frac_within >= tol.min_within &&
+           rows_ok;
   const size_t w = r.worst_index;
   r.summary = fmt::format(
       "{} rel_l2={:.3e} (<= {:.0e}) within={:.4f}% (>= {:.1f}%) max_abs_err={:.3e} at [{}] "
@@ -73,6 +98,9 @@ CompareResult compare_output(const double* ref, const double* got, size_t n, con
   if (r.nonfinite_mismatch)
     r.summary += fmt::format(" (first at [{}]: ref {:.6g}, got {:.6g})", r.first_mismatch, ref[r.first_mismatch],
                              got[r.first_mismatch]);
+  if (tol.row_width > 0)
+    r.summary += fmt::format(" worst_row={:.3e} (<= {:.0e}) at row {}", r.worst_row_rel,
+                             tol.row_rel_l2, r.worst_row);
   return r;
 }
 

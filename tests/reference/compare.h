@@ -4,7 +4,11 @@
 // -Inf), and a non-finite result where the reference is finite is a mismatch (this catches
 // elements a kernel never wrote into a NaN-filled buffer). Over the finite elements:
 //   rel_l2 = ||got - ref||_2 / ||ref||_2 <= 1e-2, and
-//   >= 99.9% of elements satisfy |got - ref| <= 2e-2 |ref| + 1e-2 rms(ref).
+//   >= 99.9% of elements satisfy |got - ref| <= 2e-2 |ref| + 1e-2 rms(ref), and, where the
+//   caller gives the row width (Tolerance::row_width: a token's output, a slot's gemm2 row),
+//   every row's ||got - ref||_2 <= 5e-2 max(||ref row||_2, 0.25 rms(ref) sqrt(row's finite
+//   elements)): the whole-tensor figures alone let one wrong row through at large T (one token
+//   row 50% off in [4096, 800] passed), the floor keeps rows of small norm to the tensor's scale.
 // Routing: ids identical except at a reference near-tie, where any selection ids_acceptable()
 // allows is taken; weights within 1e-5 relative + 1e-12 absolute of the fp64 weights of the
 // ids taken, non-finite weights matched by kind.
@@ -26,7 +30,16 @@ struct Tolerance {
   double elem_rel = 2e-2;      // x |ref|
   double elem_rms = 1e-2;      // x rms(ref)
   double min_within = 0.999;   // fraction of finite elements within the element bound
+  size_t row_width = 0;        // > 0: also the per-row bound, rows of this many elements
+  double row_rel_l2 = 5e-2;    // x max(||ref row||, row_floor rms(ref) sqrt(row elements))
+  double row_floor = 0.25;
 };
+
+// The rule with its per-row bound over rows of `width` elements.
+inline Tolerance by_rows(size_t width, Tolerance t = {}) {
+  t.row_width = width;
+  return t;
+}
 
 struct CompareResult {
   size_t count = 0;               // elements compared
@@ -37,6 +50,8 @@ struct CompareResult {
   size_t worst_index = 0;         // index of max_abs_err
   size_t nonfinite_mismatch = 0;  // elements whose kind (finite/NaN/+Inf/-Inf) differs
   size_t first_mismatch = 0;      // index of the first of them (named in the summary)
+  double worst_row_rel = 0;       // with row_width: the largest row error over its bound's norm
+  size_t worst_row = 0;
   bool pass = false;
   std::string summary;            // one line
 };
