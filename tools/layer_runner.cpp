@@ -96,9 +96,9 @@ CaseResult run_case(const moejit::MoeSpec& spec, moejit::ref::HostLayer& layer,
     moejit::FinalizedOutput fo{out.get(), ids.get<int32_t>(), weights.get<float>()};
     launch = [=, &ws] { fl.launch(in, T, fo, {ws.get(), ws.bytes()}, nullptr); };
     r.launches = fl.launches_per_call(T);
-    out.poison();
-    ids.poison();
-    weights.poison();
+    out.poison_finite();
+    ids.poison_finite();
+    weights.poison_finite();
     launch();
     CUDA_OK(cudaDeviceSynchronize());
   } else {
@@ -116,7 +116,7 @@ CaseResult run_case(const moejit::MoeSpec& spec, moejit::ref::HostLayer& layer,
       moejit::finalize(ul, uo, T, fo, nullptr);
     };
     r.launches = ul.launches_per_call(T) + 1;
-    for (auto* b : {&out, &ids, &weights, &y, &e2p, &offsets}) b->poison();
+    for (auto* b : {&out, &ids, &weights, &y, &e2p, &offsets}) b->poison_finite();
     launch();
     CUDA_OK(cudaDeviceSynchronize());
     got_y = y.download<float>();

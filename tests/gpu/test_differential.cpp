@@ -164,15 +164,6 @@ class SummaryEnvironment : public ::testing::Environment {
 
 // ---- device runs ------------------------------------------------------------------------------
 
-// 0x7f bytes: in int32 buffers 0x7f7f7f7f, which an unwritten id or permutation entry can never
-// pass for (not -1, not an id); in float and bf16 outputs ~3.4e38, a finite value, so that an
-// element the kernel never wrote fails both where the reference is finite (its error) and where
-// it is NaN or Inf (its kind). (A NaN poison passed unwritten elements wherever the reference
-// was NaN too, e.g. the rows of tokens with non-finite hidden states.)
-void poison_7f(const DeviceBuffer& b) {
-  if (b.bytes()) CUDA_OK(cudaMemset(b.get(), 0x7f, b.bytes()));
-}
-
 // One JIT launch's results, downloaded.
 struct JitRun {
   bool finalize = true;
@@ -200,9 +191,9 @@ JitRun launch_jit(const MoeSpec& spec, const MoeInputs& in, int T, int max_token
   const size_t slots = sz(T) * sz(spec.top_k), out_elems = sz(T) * sz(H);
   // Exact sizes, except the 256 bytes a zero-token run gets so that "untouched" is observable.
   DeviceBuffer out(T ? out_elems * 2 : 256), ids(slots * 4), weights(slots * 4);
-  poison_7f(out);
-  poison_7f(weights);
-  poison_7f(ids);
+  out.poison_finite();
+  weights.poison_finite();
+  ids.poison_finite();
   JitRun r;
   r.finalize = spec.finalize;
   if (spec.finalize) {
@@ -220,9 +211,9 @@ JitRun launch_jit(const MoeSpec& spec, const MoeInputs& in, int T, int max_token
     r.tile = layer.tile_rows(T);
     const size_t rows = layer.unfinalized_rows(T);
     DeviceBuffer y(rows * sz(H) * 4), e2p(slots * 4), offsets(sz(L + 1) * 4);
-    poison_7f(y);
-    poison_7f(e2p);
-    poison_7f(offsets);
+    y.poison_finite();
+    e2p.poison_finite();
+    offsets.poison_finite();
     const moejit::UnfinalizedOutput uo{y.get(), weights.get<float>(), e2p.get<int32_t>(),
                                        offsets.get<int32_t>(), ids.get<int32_t>()};
     layer.launch(in, T, uo, {ws.get(), ws.bytes()}, nullptr);

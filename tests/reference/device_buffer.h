@@ -52,9 +52,16 @@ class DeviceBuffer {
     if (bytes_) CUDA_OK(cudaMemcpy(out.data(), ptr_, bytes_, cudaMemcpyDeviceToHost));
     return out;
   }
-  // NaN-filled (0xFF bytes) so that an unwritten element shows.
+  // NaN-filled (0xFF bytes) so that an unwritten element shows (scratch, and outputs compared
+  // bitwise against each other).
   void poison() const {
     if (bytes_) CUDA_OK(cudaMemset(ptr_, 0xff, bytes_));
+  }
+  // 0x7F bytes, for outputs checked against a reference: ~3.4e38 in float and bf16 elements (a
+  // finite value, so that an unwritten element fails where the reference is NaN too, not only
+  // where it is finite) and 0x7f7f7f7f in int32 ones (never -1 or an id).
+  void poison_finite() const {
+    if (bytes_) CUDA_OK(cudaMemset(ptr_, 0x7f, bytes_));
   }
 
  private:
