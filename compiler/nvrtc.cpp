@@ -68,8 +68,12 @@ void check_arch(const std::string& arch) {
     const int cc = std::stoi(m[1].str());
     const std::string suffix = m[2].str();
     const std::vector<int>& known = nvrtc_archs();
+    int major = 0, minor = 0;
+    nvrtcVersion(&major, &minor);
+    const bool family_targets = major > 12 || (major == 12 && minor >= 9);  // "f": CUDA 12.9
     ok = cc >= 80 && std::find(known.begin(), known.end(), cc) != known.end() &&
-         (suffix.empty() || (suffix == "a" && cc >= 90) || (suffix == "f" && cc >= 100));
+         (suffix.empty() || (suffix == "a" && cc >= 90) ||
+          (suffix == "f" && cc >= 100 && family_targets));
   }
   if (ok) return;
   std::vector<std::string> names;

@@ -176,16 +176,21 @@ class HeldLocks {
   void in_child() {
     // Only the forking thread runs here, and the prepare handler holds mu_ for it.
     const int null_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-    if (null_fd >= 0) {
-      for (int fd : fds_) ::dup3(null_fd, fd, O_CLOEXEC);
-      ::close(null_fd);
+    for (int fd : fds_) {
+      // Without /dev/null (no /dev, no free descriptor) close it: the number may then be
+      // reused, and a FileLock of this thread released later would close that.
+      if (null_fd < 0 || ::dup3(null_fd, fd, O_CLOEXEC) < 0) ::close(fd);
     }
+    if (null_fd >= 0) ::close(null_fd);
     fds_.clear();
     mu_.unlock();
   }
   std::mutex mu_;
   std::set<int> fds_;
 };
+// Created (and the fork handlers registered) when the library loads, before any thread could
+// fork during its construction.
+[[maybe_unused]] HeldLocks& g_held_locks_at_load = HeldLocks::get();
 
 // A flock on a lock file. The kernel drops it when the process dies, so a killed holder never
 // blocks anyone. Waits poll with LOCK_NB so that they can end at a deadline.
@@ -1062,8 +1067,9 @@ cache::PruneResult DiskCache::remove_until(uint64_t max_bytes, bool everything, 
   cache::PruneResult res;
   // One prune at a time per directory, each listing what is there once it holds the lock:
   // prunes that listed together would each remove the whole excess (and more, counting entries
-  // the other removed or holds as still there). After a compile (wait = false) a prune already
-  // running is left to do the work.
+  // the other removed or holds as still there). After a compile (wait = false) this prune is
+  // skipped while another runs; entries published after that one listed stay until a later
+  // prune (this process's next compile, or `moejit cache prune`).
   FileLock pruning;
   std::string why;
   const auto got = pruning.acquire(
@@ -1089,7 +1095,8 @@ cache::PruneResult DiskCache::remove_until(uint64_t max_bytes, bool everything, 
   };
   std::vector<File> entries, quarantined;
   // True where the file is gone: removed here, or already by another process (a loader that
-  // quarantined it): either way its bytes no longer count.
+  // moved it to quarantine/, whose files this prune has listed already: the next prune counts
+  // them).
   const auto remove_file = [&](const File& f) {
     if (::unlink(f.path.c_str()) == 0) {
       res.removed++;

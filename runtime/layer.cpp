@@ -317,12 +317,12 @@ class LayerImpl {
     if (slots > (1ll << 28))
       throw Error(ErrorKind::InvalidArgument,
                   fmt::format("num_tokens = {} is too large for one launch (num_tokens * top_k "
-                              "= {} must stay below 2^28)", T, slots));
+                              "= {} must be at most 2^28)", T, slots));
     const long long width = std::max(plan_.spec.hidden, plan_.spec.intermediate);
     if (slots * width > (1ll << 40))
       throw Error(ErrorKind::InvalidArgument,
                   fmt::format("num_tokens = {} is too large for one launch (num_tokens * top_k * "
-                              "max(hidden, intermediate) = {} must stay below 2^40)",
+                              "max(hidden, intermediate) = {} must be at most 2^40)",
                               T, slots * width));
     if (T > 0) plan_.bucket_for(T);
   }
