@@ -26,6 +26,15 @@ using compiler::Plan;
 
 namespace {
 
+// Throws InvalidArgument "<scope><name>[ = <p>] is not 16-byte aligned" for a pointer the
+// kernels access by 16-byte loads or stores (the message is built only then: launch checks).
+void require_aligned16(const void* p, const char* scope, const char* name, bool with_value = false) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 == 0) return;
+  throw Error(ErrorKind::InvalidArgument,
+              fmt::format("{}{}{} is not 16-byte aligned", scope, name,
+                          with_value ? fmt::format(" = {}", p) : std::string()));
+}
+
 constexpr size_t kAlign = 256;
 size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
@@ -799,9 +808,7 @@ class LayerImpl {
                     fmt::format("inputs.{} is set but {}", name, why));
     };
     auto aligned = [](const void* p, const char* name) {
-      if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
-        throw Error(ErrorKind::InvalidArgument,
-                    fmt::format("inputs.{} = {} is not 16-byte aligned", name, p));
+      require_aligned16(p, "inputs.", name, true);
     };
     const bool pre = s.routing == RoutingMethod::Precomputed;
     need(in.hidden_states, true, "hidden_states", "it is always required");
@@ -894,8 +901,7 @@ void FinalizedLayer::launch(const MoeInputs& in, int num_tokens, const Finalized
                             Workspace ws, Stream stream) const {
   if (!out.output && num_tokens > 0)
     throw Error(ErrorKind::InvalidArgument, "output.output is null");
-  if (reinterpret_cast<uintptr_t>(out.output) % 16 != 0)
-    throw Error(ErrorKind::InvalidArgument, "output.output is not 16-byte aligned");
+  require_aligned16(out.output, "output.", "output");
   impl_->run(in, num_tokens, ws, stream,
              {out.topk_ids, nullptr, out.topk_weights, nullptr, nullptr, out.output});
 }
@@ -917,11 +923,8 @@ void finalize(const UnfinalizedLayer& layer, const UnfinalizedOutput& in, int nu
   if (num_tokens > 0 && (!in.gemm2_out || !in.expert_weights || !in.expanded_to_permuted || !out.output))
     throw Error(ErrorKind::InvalidArgument,
                 "finalize needs gemm2_out, expert_weights, expanded_to_permuted and output");
-  // The kernel reads gemm2_out's rows and writes output's by 16-byte accesses.
-  if (reinterpret_cast<uintptr_t>(in.gemm2_out) % 16 != 0)
-    throw Error(ErrorKind::InvalidArgument, "gemm2_out is not 16-byte aligned");
-  if (reinterpret_cast<uintptr_t>(out.output) % 16 != 0)
-    throw Error(ErrorKind::InvalidArgument, "output.output is not 16-byte aligned");
+  require_aligned16(in.gemm2_out, "", "gemm2_out");
+  require_aligned16(out.output, "output.", "output");
   layer.impl_->run_finalize(in.gemm2_out, in.expert_weights, in.expanded_to_permuted, out.output,
                             num_tokens, stream, /*after_gemm2=*/false);
 }

@@ -230,6 +230,28 @@ std::vector<std::string> entry_files(const std::string& dir) {
   return out;
 }
 
+// Bytes of a cache directory's entries.
+uint64_t entries_total(const std::string& dir) {
+  uint64_t total = 0;
+  for (const auto& n : entry_files(dir)) total += fs::file_size(dir + "/entries/" + n);
+  return total;
+}
+
+// A DiskCache request of its own key, and a stand-in binary, for tests of the disk level alone.
+DiskCache::Request fake_request(const std::string& name) {
+  DiskCache::Request r;
+  r.preimage = name + " preimage\n";
+  r.key = sha256_hex(r.preimage);
+  r.kernel = r.describe = name;
+  return r;
+}
+
+KernelBinary fake_binary() {
+  KernelBinary b;
+  b.cubin.assign(1000, 'x');
+  return b;
+}
+
 std::vector<cache::Problem> verify_dir(const std::string& dir) {
   DiskCache d(dir, 0, 10);
   return d.verify(false);
@@ -901,9 +923,7 @@ TEST(CacheDisk, MaxBytesEvictsAfterPublishing) {
   KernelCache c(s);
   CountingCompile cc;
   ASSERT_EQ(get_all(c, reqs, cc.fn(), 1), 0);
-  uint64_t total = 0;
-  for (const auto& n : entry_files(tmp.path())) total += fs::file_size(tmp / "entries/" + n);
-  EXPECT_LE(total, s.max_bytes);
+  EXPECT_LE(entries_total(tmp.path()), s.max_bytes);
   EXPECT_EQ(entry_files(tmp.path()).size(), 2u);
   EXPECT_TRUE(fs::exists(tmp / ("entries/" + c.key(reqs[4]) + ".entry"))) << "newest stays";
 }
@@ -1307,12 +1327,6 @@ uint64_t fill_fake_entries(const std::string& dir, int n, size_t bytes) {
   return static_cast<uint64_t>(n) * bytes;
 }
 
-uint64_t entries_total(const std::string& dir) {
-  uint64_t total = 0;
-  for (const auto& n : entry_files(dir)) total += fs::file_size(dir + "/entries/" + n);
-  return total;
-}
-
 // Prunes started together remove the excess once: each used to list the directory, then remove
 // its own count of the excess, taking the entries another had removed (or held) as still there,
 // so that K prunes emptied the cache (helper review, run by hand: 2000 entries to 28).
@@ -1349,11 +1363,7 @@ TEST(CacheProcesses, MaxBytesInConcurrentCompilesKeepsTheBound) {
     compilers.push_back(spawn([&, p] {
       DiskCache d(dir, bound, 30);
       CacheCounters c;
-      DiskCache::Request r;
-      r.preimage = "concurrent compile " + std::to_string(p) + "\n";
-      r.key = sha256_hex(r.preimage);
-      r.kernel = r.describe = "k" + std::to_string(p);
-      d.get(r, [] { KernelBinary b; b.cubin.assign(1000, 'x'); return b; }, c);
+      d.get(fake_request("compile " + std::to_string(p)), fake_binary, c);
       return 0;
     }));
   for (pid_t pid : compilers) EXPECT_EQ(wait_status(pid), 0);
@@ -1371,15 +1381,7 @@ TEST(CacheProcesses, MaxBytesInConcurrentCompilesKeepsTheBound) {
 TEST(CacheProcesses, ForkedChildDoesNotHoldACompilersLock) {
   TempDir tmp;
   const std::string dir = tmp / "cache";
-  DiskCache::Request r;
-  r.preimage = "forked child preimage\n";
-  r.key = sha256_hex(r.preimage);
-  r.kernel = r.describe = "k";
-  auto binary = [] {
-    KernelBinary b;
-    b.cubin.assign(1000, 'x');
-    return b;
-  };
+  const DiskCache::Request r = fake_request("forked child");
   int pipe_fds[2];
   ASSERT_EQ(::pipe(pipe_fds), 0);
   pid_t worker = -1;
@@ -1391,7 +1393,7 @@ TEST(CacheProcesses, ForkedChildDoesNotHoldACompilersLock) {
       d.get(r, [&] {
         compiling = true;
         std::this_thread::sleep_for(std::chrono::milliseconds(600));
-        return binary();
+        return fake_binary();
       }, c);
     });
     while (!compiling) std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -1412,7 +1414,7 @@ TEST(CacheProcesses, ForkedChildDoesNotHoldACompilersLock) {
     CacheCounters c;
     const auto t0 = Clock::now();
     int compiles = 0;
-    d.get(r, [&] { ++compiles; return binary(); }, c);
+    d.get(r, [&] { ++compiles; return fake_binary(); }, c);
     const double s = std::chrono::duration<double>(Clock::now() - t0).count();
     if (compiles != 0 || c.lock_timeouts.load() != 0) return 1;
     return s < 2.0 ? 0 : 2;
