@@ -5,13 +5,18 @@
 #include <array>
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <future>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <set>
 #include <thread>
 #include <tuple>
+
+#include <pthread.h>
 
 #include "compiler/compiler.h"
 #include "moejit/moejit.h"
@@ -333,7 +338,21 @@ class LayerImpl {
                   fmt::format("num_tokens = {} is too large for one launch (num_tokens * top_k * "
                               "max(hidden, intermediate) = {} must be at most 2^40)",
                               T, slots * width));
-    if (T > 0) plan_.bucket_for(T);
+    if (T <= 0) return;
+    const compiler::Bucket& b = plan_.buckets[plan_.bucket_for(T)];
+    // The older family's fused finalize counts its blocks per token and feature block in int32
+    // words (GemmParams::token_counters).
+    if (plan_.spec.finalize && b.fused_finalize &&
+        static_cast<long long>(T) * feature_blocks(b) > std::numeric_limits<int32_t>::max())
+      throw Error(ErrorKind::InvalidArgument,
+                  fmt::format("num_tokens = {} is too large for one launch of this layer (its "
+                              "fused finalize counts num_tokens * {} = {} blocks, at most 2^31 - 1)",
+                              T, feature_blocks(b), static_cast<long long>(T) * feature_blocks(b)));
+  }
+
+  // The older family's gemm2 blocks along H (the grid's y).
+  int feature_blocks(const compiler::Bucket& b) const {
+    return plan_.spec.hidden / (16 * b.gemm2.warps_n);
   }
 
   struct Outs {
@@ -401,7 +420,7 @@ class LayerImpl {
     const bool fused = b.fused_finalize && outs.final_out;
     int32_t* counters = reinterpret_cast<int32_t*>(at(l.counters));
     int32_t* routed = reinterpret_cast<int32_t*>(at(l.routed));
-    const int feature_blocks = s.hidden / (16 * b.gemm2.warps_n);
+    const int feature_blocks = this->feature_blocks(b);
     const bool tile_ready = b.s1.tile_ready;  // (the planner sets it on stream buckets only)
     int32_t* ready = tile_ready ? counters + 64 : nullptr;
     // Both GEMMs as one chain kernel (64-row units, its own stage depths), or the two kernels;
@@ -918,8 +937,7 @@ void UnfinalizedLayer::launch(const MoeInputs& in, int num_tokens, const Unfinal
 
 void finalize(const UnfinalizedLayer& layer, const UnfinalizedOutput& in, int num_tokens,
               const FinalizedOutput& out, Stream stream) {
-  if (num_tokens < 0)
-    throw Error(ErrorKind::InvalidArgument, fmt::format("num_tokens = {} is negative", num_tokens));
+  layer.impl_->check_tokens(num_tokens);  // (the bounds of the launch that wrote `in`)
   if (num_tokens > 0 && (!in.gemm2_out || !in.expert_weights || !in.expanded_to_permuted || !out.output))
     throw Error(ErrorKind::InvalidArgument,
                 "finalize needs gemm2_out, expert_weights, expanded_to_permuted and output");

@@ -198,6 +198,9 @@ TEST(GpuLayerApi, UnfinalizedArgumentsAndZeroTokens) {
   expect_error([&] { moejit::finalize(layer, u, f.T, {out.get<char>() + 2}, nullptr); },
                "output.output is not 16-byte aligned");
   expect_error([&] { moejit::finalize(layer, u, -1, {out.get()}, nullptr); }, "num_tokens = -1");
+  // finalize takes the bounds of a launch (its kernel indexes slots in int32).
+  expect_error([&] { moejit::finalize(layer, u, (1 << 26) + 1, {out.get()}, nullptr); },
+               "num_tokens = 67108865 is too large for one launch (num_tokens * top_k = 268435460");
   expect_error([&] { layer.launches_per_call(-1); }, "num_tokens = -1 is negative");
   moejit::finalize(layer, u, f.T, {out.get()}, nullptr);
   CUDA_OK(cudaDeviceSynchronize());  // the context is still usable
@@ -207,6 +210,22 @@ TEST(GpuLayerApi, UnfinalizedArgumentsAndZeroTokens) {
   CUDA_OK(cudaDeviceSynchronize());
   const auto cleared = offsets.download<int32_t>();
   EXPECT_EQ(std::count(cleared.begin(), cleared.end(), 0), L + 1);
+}
+
+// A layer whose largest bucket fuses the finalize into the older family's gemm2 (8-row tiles:
+// many experts, top-2) counts that kernel's blocks per token and feature block in int32 words;
+// token counts whose words would not fit are refused before anything is sized or launched.
+TEST(GpuLayerApi, FusedFinalizeCountersBoundTheTokens) {
+  MOEJIT_REQUIRE_GPU();
+  moejit::MoeSpec s;
+  s.hidden = 4096;
+  s.intermediate = 1024;
+  s.num_experts = 1024;
+  s.top_k = 2;
+  s.routing = moejit::RoutingMethod::Renormalize;
+  const auto layer = moejit::compile_finalized(s);
+  EXPECT_GT(layer.workspace_bytes(1 << 20), size_t{1} << 20);
+  expect_error([&] { layer.workspace_bytes(1 << 25); }, "its fused finalize counts num_tokens * ");
 }
 
 // Layer::prepare_weights against the layout moejit.h describes, computed here byte by byte
