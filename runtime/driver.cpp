@@ -59,6 +59,7 @@ const Loaded& loaded() {
     d.cuLaunchKernelEx = reinterpret_cast<decltype(d.cuLaunchKernelEx)>(dlsym(lib, "cuLaunchKernelEx"));
     d.cuTensorMapEncodeTiled =
         reinterpret_cast<decltype(d.cuTensorMapEncodeTiled)>(dlsym(lib, "cuTensorMapEncodeTiled"));
+    d.cuCtxGetId = reinterpret_cast<decltype(d.cuCtxGetId)>(dlsym(lib, "cuCtxGetId"));
     if (CUresult e = d.cuInit(0); e != CUDA_SUCCESS) {
       const char* s = nullptr;
       d.cuGetErrorString(e, &s);
@@ -118,6 +119,14 @@ CUcontext ensure_context(CUdevice* device) {
   }
   if (device) MOEJIT_CU_CHECK(d.cuCtxGetDevice(device));
   return ctx;
+}
+
+unsigned long long context_id(CUcontext ctx) {
+  const Driver& d = driver();
+  if (!d.cuCtxGetId) return reinterpret_cast<uintptr_t>(ctx);
+  unsigned long long id = 0;
+  MOEJIT_CU_CHECK(d.cuCtxGetId(ctx, &id));
+  return id;
 }
 
 std::string arch_of(CUdevice device) {

@@ -30,6 +30,8 @@ struct Driver {
                                      const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
                                      const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
                                      CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+  // Optional (nullptr on drivers before 12.0): a context's id, unique in the process.
+  CUresult (*cuCtxGetId)(CUcontext, unsigned long long*);
   CUresult (*cuFuncSetAttribute)(CUfunction, CUfunction_attribute, int);
   CUresult (*cuMemsetD32Async)(CUdeviceptr, unsigned, size_t, CUstream);
   CUresult (*cuOccupancyMaxActiveBlocksPerMultiprocessor)(int*, CUfunction, int, size_t);
@@ -49,6 +51,11 @@ void check_cu(CUresult r, const char* call, const char* file, int line);
 // Makes sure a context is current (the runtime's primary context of device 0 if none is) and
 // returns it with its device.
 CUcontext ensure_context(CUdevice* device = nullptr);
+
+// An id of `ctx` that no later context of the process takes (cuCtxGetId), so that what was
+// loaded in a destroyed or reset context is never taken for a live one's; on drivers without
+// cuCtxGetId, the handle's value.
+unsigned long long context_id(CUcontext ctx);
 
 // "sm_90a" for compute capability 9.0, "sm_80" for 8.0, "sm_100a" for 10.0, ...
 std::string arch_of(CUdevice device);

@@ -5,9 +5,12 @@
 #include <fmt/format.h>
 #include <link.h>
 #include <nvrtc.h>
+#include <pthread.h>
 #include <pwd.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <future>
 
@@ -211,10 +214,41 @@ struct KernelCache::Slot {
   std::shared_future<std::shared_ptr<const KernelBinary>> ready;
 };
 
+namespace {
+// global() once built, for the fork handlers (which build nothing: the key context calls NVRTC).
+std::atomic<KernelCache*> g_global{nullptr};
+// The cache before_fork locked (the handlers run in the forking thread, in that order).
+thread_local KernelCache* t_locked_for_fork = nullptr;
+}  // namespace
+
 KernelCache& KernelCache::global() {
-  static KernelCache cache;
+  static KernelCache cache;  // (destroyed at exit: the disk level flushes its counters then)
+  static const bool published = (g_global.store(&cache), true);
+  (void)published;
   return cache;
 }
+
+void KernelCache::before_fork() {
+  t_locked_for_fork = g_global.load();
+  if (t_locked_for_fork) t_locked_for_fork->mu_.lock();
+}
+void KernelCache::in_parent() {
+  if (t_locked_for_fork) t_locked_for_fork->mu_.unlock();
+}
+void KernelCache::in_child() {
+  KernelCache* c = t_locked_for_fork;
+  if (!c) return;
+  for (auto it = c->memory_.begin(); it != c->memory_.end();)
+    it = it->second->ready.wait_for(std::chrono::seconds(0)) == std::future_status::ready
+             ? std::next(it)
+             : c->memory_.erase(it);
+  c->mu_.unlock();
+}
+
+namespace {
+[[maybe_unused]] const int kKernelCacheForkHandlers = ::pthread_atfork(
+    &KernelCache::before_fork, &KernelCache::in_parent, &KernelCache::in_child);
+}  // namespace
 
 KernelCache::KernelCache()
     : context_(KeyContext::current()),
@@ -227,7 +261,10 @@ KernelCache::KernelCache(cache::Settings settings, KeyContext context)
       settings_(std::move(settings)),
       counters_(std::make_unique<CacheCounters>()) {}
 
-KernelCache::~KernelCache() = default;
+KernelCache::~KernelCache() {
+  KernelCache* self = this;
+  g_global.compare_exchange_strong(self, nullptr);  // (global(): no fork handler uses it now)
+}
 
 cache::Settings KernelCache::settings() {
   std::lock_guard<std::mutex> lock(mu_);

@@ -103,6 +103,13 @@ class KernelCache {
   // Drops the memory level (benchmarks measure the disk level with it).
   void clear_memory();
 
+  // pthread_atfork handlers of global(), registered when the library loads: a child forked while
+  // another thread compiles drops that kernel's pending entry (no thread of the child would
+  // complete it; a request in the child compiles or loads it itself) and gets the lock free.
+  static void before_fork();
+  static void in_parent();
+  static void in_child();
+
  private:
   KernelCache();  // global(): settings read lazily
   struct Slot;

@@ -43,8 +43,10 @@ void require_aligned16(const void* p, const char* scope, const char* name, bool 
 constexpr size_t kAlign = 256;
 size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
-// Everything that selects a compiled layer: the spec, the arch, the buckets and the context.
-std::string layer_key(const MoeSpec& s, const std::string& arch, int max_tokens, const void* ctx) {
+// Everything that selects a compiled layer: the spec, the arch, the buckets and the context (by
+// runtime::context_id, which a context created after a reset or destroy does not share).
+std::string layer_key(const MoeSpec& s, const std::string& arch, int max_tokens,
+                      unsigned long long ctx) {
   return fmt::format("{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{:a}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
                      s.hidden, s.intermediate, s.num_experts, s.top_k,
                      static_cast<int>(s.weight_format), static_cast<int>(s.activation_dtype),
@@ -75,6 +77,9 @@ runtime::KernelBinary compile_request(const runtime::KernelRequest& req) {
   return {std::move(out.binary), std::move(out.log), out.ms};
 }
 
+// Set while this thread runs a CompileOptions::progress callback (see get_layer).
+thread_local bool in_progress_callback = false;
+
 // Index in `sources` of the kernel whose code source i shares (i itself where it has its own).
 size_t code_of(const std::vector<compiler::KernelSource>& sources, size_t i) {
   const int j = sources[i].same_as;
@@ -96,10 +101,11 @@ std::vector<std::shared_ptr<const runtime::KernelBinary>> build_all(
   std::vector<std::shared_ptr<const runtime::KernelBinary>> bins(sources.size());
   std::vector<std::exception_ptr> errors(sources.size());
   std::atomic<size_t> next{0};
+  std::atomic<bool> stop{false};  // a progress callback threw: no further kernel is taken
   int done = 0;  // (under progress_mu)
   std::mutex progress_mu;
   auto work = [&] {
-    for (size_t n; (n = next++) < own.size();) {
+    for (size_t n; !stop && (n = next++) < own.size();) {
       const size_t i = own[n];
       try {
         bins[i] = runtime::KernelCache::global().get(request_for(sources[i], arch), compile_request);
@@ -108,7 +114,15 @@ std::vector<std::shared_ptr<const runtime::KernelBinary>> build_all(
       }
       if (opt.progress) {  // (counted under the lock, so that the calls come in order)
         std::lock_guard<std::mutex> lock(progress_mu);
-        opt.progress(++done, static_cast<int>(own.size()), sources[i].name);
+        const bool outer = in_progress_callback;  // (a callback may compile another layer)
+        in_progress_callback = true;
+        try {  // (the caller's exception fails the compile, like a kernel's)
+          opt.progress(++done, static_cast<int>(own.size()), sources[i].name);
+        } catch (...) {
+          if (!errors[i]) errors[i] = std::current_exception();
+          stop = true;
+        }
+        in_progress_callback = outer;
       }
     }
   };
@@ -161,6 +175,7 @@ class LayerImpl {
     // (A constructor that throws runs no destructor: the modules loaded so far go here.)
     try {
       load_kernels(sources, bins, sms);
+      assign_roles(sms, dev);
     } catch (...) {
       unload_modules();
       throw;
@@ -169,6 +184,10 @@ class LayerImpl {
     const char* pdl_env = std::getenv("MOEJIT_PDL");
     pdl_ = d.cuLaunchKernelEx && std::stoi(arch_.substr(3)) >= 90 &&
            !(pdl_env && std::string(pdl_env) == "0");
+  }
+
+  // Each plan kernel's slot by role (the resident layer's only where it can run here).
+  void assign_roles(int sms, CUdevice dev) {
     for (size_t i = 0; i < plan_.kernels.size(); ++i) {
       const auto& k = plan_.kernels[i];
       switch (k.role) {
@@ -949,22 +968,91 @@ void finalize(const UnfinalizedLayer& layer, const UnfinalizedOutput& in, int nu
 
 namespace {
 
+// The process's compiled layers by layer_key. Each is built once, by the first thread that asks
+// for it and outside the map's lock, so that requests for other layers (and hits) go on
+// meanwhile; a thread that asks for a layer being built waits for it and gets the layer or the
+// build's exception, and a failed build leaves no entry (a later request builds again). Never
+// destroyed (the fork handlers may run at any time; the modules go with the process).
+class LayerCache {
+ public:
+  static LayerCache& get() {
+    static LayerCache* c = new LayerCache;
+    return *c;
+  }
+
+  std::shared_ptr<const LayerImpl> find_or_build(
+      const std::string& key, const std::function<std::shared_ptr<const LayerImpl>()>& build) {
+    std::promise<std::shared_ptr<const LayerImpl>> promise;
+    std::shared_ptr<Slot> slot;
+    bool mine = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = layers_.find(key);
+      if (it != layers_.end()) {
+        slot = it->second;
+      } else {
+        slot = std::make_shared<Slot>(Slot{promise.get_future().share()});
+        layers_.emplace(key, slot);
+        mine = true;
+      }
+    }
+    if (!mine) {
+      // A progress callback that waited here for a layer still being built could wait for its
+      // own compile (whose thread waits for the callback to return).
+      if (in_progress_callback && !slot->done())
+        throw Error(ErrorKind::InvalidArgument,
+                    "a CompileOptions::progress callback asked for a layer that is still being "
+                    "compiled; request it after compile_* returns");
+      return slot->ready.get();
+    }
+    try {
+      auto impl = build();
+      promise.set_value(impl);
+      return impl;
+    } catch (...) {
+      promise.set_exception(std::current_exception());
+      std::lock_guard<std::mutex> lock(mu_);
+      auto it = layers_.find(key);
+      if (it != layers_.end() && it->second == slot) layers_.erase(it);
+      throw;
+    }
+  }
+
+  // pthread_atfork handlers: the child drops the layers still being built (their threads are
+  // not in the child, so nothing would ever complete them) and gets the map's lock free.
+  static void before_fork() { get().mu_.lock(); }
+  static void in_parent() { get().mu_.unlock(); }
+  static void in_child() {
+    LayerCache& c = get();
+    for (auto it = c.layers_.begin(); it != c.layers_.end();)
+      it = it->second->done() ? std::next(it) : c.layers_.erase(it);
+    c.mu_.unlock();
+  }
+
+ private:
+  struct Slot {
+    std::shared_future<std::shared_ptr<const LayerImpl>> ready;
+    bool done() const { return ready.wait_for(std::chrono::seconds(0)) == std::future_status::ready; }
+  };
+  std::mutex mu_;
+  std::map<std::string, std::shared_ptr<Slot>> layers_;
+};
+
+// Registered when the library loads (not at the first compile, which a fork could interrupt).
+[[maybe_unused]] const int kLayerForkHandlers =
+    ::pthread_atfork(&LayerCache::before_fork, &LayerCache::in_parent, &LayerCache::in_child);
+
 std::shared_ptr<const LayerImpl> get_layer(const MoeSpec& spec, const CompileOptions& opt) {
   spec.validate();
   CUdevice dev;
   const CUcontext ctx = runtime::ensure_context(&dev);
   const std::string arch = opt.arch.empty() ? runtime::arch_of(dev) : opt.arch;
-  static std::mutex mu;
-  static std::map<std::string, std::shared_ptr<const LayerImpl>> layers;
-  const std::string key = layer_key(spec, arch, opt.max_tokens, ctx);
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = layers.find(key);
-  if (it != layers.end()) return it->second;
-  CompileOptions o = opt;
-  o.arch = arch;
-  auto impl = std::make_shared<const LayerImpl>(spec, o);
-  layers.emplace(key, impl);
-  return impl;
+  const std::string key = layer_key(spec, arch, opt.max_tokens, runtime::context_id(ctx));
+  return LayerCache::get().find_or_build(key, [&] {
+    CompileOptions o = opt;
+    o.arch = arch;
+    return std::make_shared<const LayerImpl>(spec, o);
+  });
 }
 
 }  // namespace

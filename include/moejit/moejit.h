@@ -5,6 +5,16 @@
 // with its own workspace. launch() never allocates and never synchronises the host, so it can be
 // captured in a CUDA graph.
 //
+// Threads and contexts. Every function may be called from any thread. compile_* builds a layer
+// once per process for each spec, options and CUDA context: the context current on the calling
+// thread or, where none is, device 0's primary context, which it then makes current. A thread
+// that asks for a layer another thread is building waits for it (and gets its error, if the
+// build fails); requests for other layers go on meanwhile. A layer's kernels are loaded in that
+// context: launch it on streams of that context. A layer holds no per-launch state and may be
+// launched from several threads at once, but a workspace holds one launch's tables and counters
+// until that launch completes in stream order: launches that can run at the same time (on two
+// streams) need a workspace each.
+//
 // Tensor formats (row-major, device memory; see DESIGN.md):
 //   hidden_states  [T, H]        bf16
 //   routing_logits [T, E]        fp32 or bf16 (spec.logits_dtype)
@@ -188,7 +198,9 @@ struct CompileOptions {
   int jobs = 0;         // parallel NVRTC compiles; 0 = one per hardware thread
   // Called after each distinct kernel is ready (compiled or found in a cache), from any thread:
   // `total` counts the plan's kernels of their own code (KernelReport::same_as), `kernel` is
-  // the name of the kernel whose code it is.
+  // the name of the kernel whose code it is. A request answered by a layer already built calls
+  // it for no kernel. An exception it throws fails the compile (compile_* rethrows it). It may
+  // compile other layers; asking it for a layer still being built throws InvalidArgument.
   std::function<void(int done, int total, const std::string& kernel)> progress;
 };
 

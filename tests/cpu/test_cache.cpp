@@ -1424,6 +1424,62 @@ TEST(CacheProcesses, ForkedChildDoesNotHoldACompilersLock) {
   EXPECT_EQ(rc, 0) << "1: compiled again or timed out on the lock, 2: the load waited";
 }
 
+// A child forked while another thread compiles a kernel (a worker process, say) does not wait
+// for that compile in the memory level: the thread is not in the child, so nothing there would
+// complete its entry. The child's request loads the kernel once the parent has published it.
+TEST(CacheProcesses, ForkedChildDoesNotWaitForAParentThreadsCompile) {
+  TempDir tmp;
+  cache::set_directory(tmp / "cache");
+  const KernelRequest r = tiny_request(7);
+  std::atomic<bool> compiling{false}, release{false};
+  std::thread t([&] {
+    KernelCache::global().get(r, [&](const KernelRequest& req) {
+      compiling = true;
+      while (!release) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      return real_compile(req);
+    });
+  });
+  while (!compiling) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  const pid_t child = spawn([&] {
+    ::alarm(30);  // (a child that waits for the slot forever ends on SIGALRM)
+    int compiles = 0;
+    const auto bin = KernelCache::global().get(r, [&](const KernelRequest& req) {
+      ++compiles;
+      return real_compile(req);
+    });
+    return bin && !bin->cubin.empty() ? compiles : 3;
+  });
+  release = true;
+  t.join();
+  const int status = wait_status(child);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child ended on signal " << WTERMSIG(status)
+                                 << " (SIGALRM: it waited for the parent thread's compile)";
+  EXPECT_EQ(WEXITSTATUS(status), 0) << "1: the child compiled again, 3: no binary";
+}
+
+// A progress callback that throws fails the compile with its exception (it used to leave a
+// worker thread or the caller's joinable threads and end the process in std::terminate).
+TEST(CachePublicApi, ThrowingProgressCallbackFailsTheCompile) {
+  TempDir tmp;
+  cache::set_directory(tmp / "cache");
+  MoeSpec spec = preset("seed-test");
+  for (int jobs : {1, 3}) {
+    CompileOptions opt;
+    opt.arch = "sm_90a";
+    opt.jobs = jobs;
+    int calls = 0;
+    opt.progress = [&](int, int, const std::string& kernel) {
+      if (++calls == 2) throw std::runtime_error("stop at " + kernel);
+    };
+    try {
+      compile_report(spec, opt);
+      ADD_FAILURE() << "no exception with jobs = " << jobs;
+    } catch (const std::runtime_error& e) {
+      EXPECT_NE(std::string(e.what()).find("stop at "), std::string::npos) << e.what();
+    }
+  }
+}
+
 // A write probe left by a process killed between its open and unlink (the names once were
 // .probe.<pid>.<n>) does not make a later process of that pid read-only, and prune removes
 // stale probes as it removes stale temporaries.

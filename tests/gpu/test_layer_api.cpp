@@ -1,7 +1,12 @@
 // GPU tests of the launch API: graph capture, determinism, argument errors, cached layers.
 #include <gmock/gmock.h>
 
+#include <cuda.h>
+
 #include <algorithm>
+#include <cstdio>
+#include <thread>
+#include <vector>
 
 #include "gpu_env.h"
 #include "reference/device_layer.h"
@@ -139,6 +144,82 @@ TEST(GpuLayerApi, SecondRequestReturnsTheCachedLayer) {
   const auto a = moejit::compile_finalized(small_spec());
   const auto b = moejit::compile_finalized(small_spec());
   EXPECT_EQ(&a.spec(), &b.spec());  // one shared compiled layer
+}
+
+// Threads of an engine asking for layers: several threads asking for one layer at once get the
+// same compiled layer; a progress callback may compile another layer (no lock is held while a
+// layer builds), but asking for the layer whose compile calls it is an InvalidArgument error
+// (waiting for it would wait for the callback's own compile).
+TEST(GpuLayerApi, ConcurrentRequestsAndRequestsFromAProgressCallback) {
+  MOEJIT_REQUIRE_GPU();
+  moejit::MoeSpec a = small_spec();
+  a.hidden = 384;  // (specs no other test compiles)
+  std::vector<const moejit::MoeSpec*> got(4, nullptr);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < got.size(); ++i)
+    threads.emplace_back([&, i] { got[i] = &moejit::compile_finalized(a).spec(); });
+  for (auto& t : threads) t.join();
+  for (const auto* g : got) EXPECT_EQ(g, got[0]) << "two layers built for one request";
+
+  moejit::MoeSpec b = small_spec(), c = small_spec();
+  b.hidden = 640;
+  c.intermediate = 224;
+  moejit::CompileOptions opt;
+  const moejit::MoeSpec* inner = nullptr;
+  std::string self_error;
+  opt.progress = [&](int done, int, const std::string&) {
+    if (done != 1) return;
+    inner = &moejit::compile_finalized(c).spec();
+    try {
+      moejit::compile_finalized(b);
+    } catch (const moejit::Error& e) {
+      EXPECT_EQ(e.kind(), moejit::ErrorKind::InvalidArgument);
+      self_error = e.what();
+    }
+  };
+  const auto layer = moejit::compile_finalized(b, opt);
+  EXPECT_EQ(layer.spec().hidden, 640);
+  EXPECT_EQ(inner, &moejit::compile_finalized(c).spec());
+  EXPECT_THAT(self_error, HasSubstr("still being compiled"));
+}
+
+// A layer is loaded in the context current at its compile. A context created after another was
+// destroyed may get the same handle value; it gets its own layer, not the dead context's modules
+// (those launches failed with CUDA_ERROR_INVALID_HANDLE), and its output is the first one's.
+TEST(GpuLayerApi, ContextCreatedAfterADestroyedOneGetsItsOwnLayer) {
+  MOEJIT_REQUIRE_GPU();
+  using Create = CUresult (*)(CUcontext*, CUctxCreateParams*, unsigned, CUdevice);
+  using Destroy = CUresult (*)(CUcontext);
+  void* create_fn = nullptr;
+  void* destroy_fn = nullptr;
+  cudaDriverEntryPointQueryResult q1, q2;
+  CUDA_OK(cudaGetDriverEntryPointByVersion("cuCtxCreate", &create_fn, 13000, cudaEnableDefault, &q1));
+  CUDA_OK(cudaGetDriverEntryPointByVersion("cuCtxDestroy", &destroy_fn, 12000, cudaEnableDefault, &q2));
+  ASSERT_TRUE(q1 == cudaDriverEntryPointSuccess && q2 == cudaDriverEntryPointSuccess);
+  int device = 0;
+  CUDA_OK(cudaGetDevice(&device));
+  std::vector<uint16_t> first_out;
+  CUcontext first = nullptr;
+  for (int round = 0; round < 2; ++round) {
+    CUcontext ctx = nullptr;
+    ASSERT_EQ(reinterpret_cast<Create>(create_fn)(&ctx, nullptr, 0, device), CUDA_SUCCESS);
+    if (round == 0) first = ctx;
+    else std::printf("the second context's handle %s the destroyed one's\n", ctx == first ? "is" : "is not");
+    {
+      Fixture f(3);
+      const auto layer = moejit::compile_finalized(f.spec);
+      DeviceBuffer ws(layer.workspace_bytes(f.T));
+      DeviceBuffer out(static_cast<size_t>(f.T) * f.spec.hidden * 2);
+      out.poison();
+      layer.launch(f.dev.inputs(f.spec), f.T, {out.get()}, {ws.get(), ws.bytes()}, nullptr);
+      CUDA_OK(cudaDeviceSynchronize());
+      const auto o = out.download<uint16_t>();
+      EXPECT_EQ(std::count(o.begin(), o.end(), uint16_t{0xffff}), 0) << "elements left as poison";
+      if (round == 0) first_out = o;
+      else EXPECT_EQ(o, first_out);
+    }
+    ASSERT_EQ(reinterpret_cast<Destroy>(destroy_fn)(ctx), CUDA_SUCCESS);
+  }
 }
 
 TEST(GpuLayerApi, LaunchRejectsBadArguments) {
