@@ -118,6 +118,11 @@ class DiskCache {
   // at a chosen point or widen a race window. Not for production use.
   static void set_fault_hook_for_testing(void (*hook)(const char* step));
 
+  // For the kernel cache's fork handlers: this object's mutex held across fork(), so that a
+  // child never finds it held by a thread it does not have (its sections nest no other lock).
+  void lock_for_fork() { mu_.lock(); }
+  void unlock_after_fork() { mu_.unlock(); }
+
  private:
   enum class Read { Ok, Missing, Bad, Refused };
   struct Pending;

@@ -163,15 +163,17 @@ std::string describe(const KernelRequest& req) {
 
 // ---- key --------------------------------------------------------------------------------------
 
+KeyContext KeyContext::build() {
+  KeyContext c;
+  c.moejit_version = version();
+  nvrtcVersion(&c.nvrtc_major, &c.nvrtc_minor);
+  c.nvrtc_build = nvrtc_build_identity();
+  c.templates_sha256 = templates_digest();
+  return c;
+}
+
 const KeyContext& KeyContext::current() {
-  static const KeyContext ctx = [] {
-    KeyContext c;
-    c.moejit_version = version();
-    nvrtcVersion(&c.nvrtc_major, &c.nvrtc_minor);
-    c.nvrtc_build = nvrtc_build_identity();
-    c.templates_sha256 = templates_digest();
-    return c;
-  }();
+  static const KeyContext ctx = build();
   return ctx;
 }
 
@@ -222,18 +224,26 @@ thread_local KernelCache* t_locked_for_fork = nullptr;
 }  // namespace
 
 KernelCache& KernelCache::global() {
-  static KernelCache cache;  // (destroyed at exit: the disk level flushes its counters then)
+  // (Its constructor computes nothing: a fork in the middle of it cannot leave the child
+  // waiting for this initialisation. Destroyed at exit: the disk level flushes its counters.)
+  static KernelCache cache;
   static const bool published = (g_global.store(&cache), true);
   (void)published;
   return cache;
 }
 
+// The disk level's mutex is taken after the cache's: no code holds it and then takes another.
 void KernelCache::before_fork() {
   t_locked_for_fork = g_global.load();
-  if (t_locked_for_fork) t_locked_for_fork->mu_.lock();
+  if (!t_locked_for_fork) return;
+  t_locked_for_fork->mu_.lock();
+  if (t_locked_for_fork->disk_) t_locked_for_fork->disk_->lock_for_fork();
 }
 void KernelCache::in_parent() {
-  if (t_locked_for_fork) t_locked_for_fork->mu_.unlock();
+  KernelCache* c = t_locked_for_fork;
+  if (!c) return;
+  if (c->disk_) c->disk_->unlock_after_fork();
+  c->mu_.unlock();
 }
 void KernelCache::in_child() {
   KernelCache* c = t_locked_for_fork;
@@ -242,17 +252,19 @@ void KernelCache::in_child() {
     it = it->second->ready.wait_for(std::chrono::seconds(0)) == std::future_status::ready
              ? std::next(it)
              : c->memory_.erase(it);
+  if (c->disk_) c->disk_->unlock_after_fork();
   c->mu_.unlock();
 }
 
 namespace {
+// The global cache is built, and the handlers registered, when the library loads.
+[[maybe_unused]] KernelCache& g_global_at_load = KernelCache::global();
 [[maybe_unused]] const int kKernelCacheForkHandlers = ::pthread_atfork(
     &KernelCache::before_fork, &KernelCache::in_parent, &KernelCache::in_child);
 }  // namespace
 
 KernelCache::KernelCache()
-    : context_(KeyContext::current()),
-      settings_from_env_(true),
+    : settings_from_env_(true),
       counters_(std::make_unique<CacheCounters>()) {}
 
 KernelCache::KernelCache(cache::Settings settings, KeyContext context)
@@ -277,9 +289,16 @@ cache::Settings KernelCache::settings() {
 
 void KernelCache::set_directory(const std::string& dir) {
   settings();  // read the environment first, so that dir overrides it
+  std::shared_ptr<DiskCache> old;  // (closed after the lock: it flushes its counters under a flock)
   std::lock_guard<std::mutex> lock(mu_);
   settings_.directory = dir;
-  disk_.reset();
+  old = std::move(disk_);
+}
+
+const KeyContext& KernelCache::context() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (!context_) context_ = KeyContext::build();
+  return *context_;
 }
 
 std::shared_ptr<DiskCache> KernelCache::disk() {
@@ -343,7 +362,7 @@ std::shared_ptr<const KernelBinary> KernelCache::get(const KernelRequest& req,
 std::shared_ptr<const KernelBinary> KernelCache::fill(const KernelRequest& req,
                                                       const CompileFn& compile) {
   DiskCache::Request dr;
-  dr.preimage = key_preimage(req, context_);
+  dr.preimage = key_preimage(req, context());
   dr.key = sha256_hex(dr.preimage);
   dr.kernel = req.name;
   dr.describe = describe(req);

@@ -13,6 +13,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -47,6 +48,8 @@ struct KeyContext {
 
   // This process's context, computed once (the first call costs about 0.1 ms).
   static const KeyContext& current();
+  // The same, computed afresh.
+  static KeyContext build();
 };
 
 // The key preimage: one "field value" line per input, e.g.
@@ -89,7 +92,11 @@ class KernelCache {
   // later call tries again. With MOEJIT_JIT=off a miss throws Error(Cache) naming the kernel.
   std::shared_ptr<const KernelBinary> get(const KernelRequest& req, const CompileFn& compile);
 
-  std::string key(const KernelRequest& req) const { return cache_key(req, context_); }
+  std::string key(const KernelRequest& req) const { return cache_key(req, context()); }
+  // The key context: the given one, or (global()) KeyContext::build() on first use, under the
+  // cache's lock, which the fork handlers hold across fork(), so a child never waits for a
+  // computation of a thread it does not have.
+  const KeyContext& context() const;
 
   // Settings in force (the environment is read here on first use; throws Error(InvalidArgument)
   // for a malformed variable).
@@ -103,20 +110,21 @@ class KernelCache {
   // Drops the memory level (benchmarks measure the disk level with it).
   void clear_memory();
 
-  // pthread_atfork handlers of global(), registered when the library loads: a child forked while
-  // another thread compiles drops that kernel's pending entry (no thread of the child would
-  // complete it; a request in the child compiles or loads it itself) and gets the lock free.
+  // pthread_atfork handlers of global(), which is built and registered when the library loads:
+  // a child forked while another thread compiles drops that kernel's pending entry (no thread
+  // of the child would complete it; a request in the child compiles or loads it itself) and
+  // gets the locks (this cache's and its disk level's) free.
   static void before_fork();
   static void in_parent();
   static void in_child();
 
  private:
-  KernelCache();  // global(): settings read lazily
+  KernelCache();  // global(): settings and key context computed on first use
   struct Slot;
 
   std::shared_ptr<const KernelBinary> fill(const KernelRequest& req, const CompileFn& compile);
 
-  const KeyContext context_;
+  mutable std::optional<KeyContext> context_;  // (under mu_)
   mutable std::mutex mu_;
   bool settings_from_env_ = false;
   bool have_settings_ = false;

