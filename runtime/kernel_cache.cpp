@@ -212,23 +212,17 @@ std::string cache_key(const KernelRequest& req, const KeyContext& ctx) {
 
 // ---- KernelCache ------------------------------------------------------------------------------
 
-struct KernelCache::Slot {
-  std::shared_future<std::shared_ptr<const KernelBinary>> ready;
-};
-
 namespace {
-// global() once built, for the fork handlers (which build nothing: the key context calls NVRTC).
+// global(), set when the library loads and cleared when it is destroyed, for the fork handlers.
 std::atomic<KernelCache*> g_global{nullptr};
 // The cache before_fork locked (the handlers run in the forking thread, in that order).
 thread_local KernelCache* t_locked_for_fork = nullptr;
 }  // namespace
 
 KernelCache& KernelCache::global() {
-  // (Its constructor computes nothing: a fork in the middle of it cannot leave the child
-  // waiting for this initialisation. Destroyed at exit: the disk level flushes its counters.)
+  // (Built when the library loads, below; its constructor computes nothing. Destroyed at exit:
+  // the disk level flushes its counters then.)
   static KernelCache cache;
-  static const bool published = (g_global.store(&cache), true);
-  (void)published;
   return cache;
 }
 
@@ -238,27 +232,26 @@ void KernelCache::before_fork() {
   if (!t_locked_for_fork) return;
   t_locked_for_fork->mu_.lock();
   if (t_locked_for_fork->disk_) t_locked_for_fork->disk_->lock_for_fork();
+  t_locked_for_fork->memory_.lock_for_fork();
 }
 void KernelCache::in_parent() {
   KernelCache* c = t_locked_for_fork;
   if (!c) return;
+  c->memory_.unlock_in_parent();
   if (c->disk_) c->disk_->unlock_after_fork();
   c->mu_.unlock();
 }
 void KernelCache::in_child() {
   KernelCache* c = t_locked_for_fork;
   if (!c) return;
-  for (auto it = c->memory_.begin(); it != c->memory_.end();)
-    it = it->second->ready.wait_for(std::chrono::seconds(0)) == std::future_status::ready
-             ? std::next(it)
-             : c->memory_.erase(it);
+  c->memory_.unlock_in_child();
   if (c->disk_) c->disk_->unlock_after_fork();
   c->mu_.unlock();
 }
 
 namespace {
 // The global cache is built, and the handlers registered, when the library loads.
-[[maybe_unused]] KernelCache& g_global_at_load = KernelCache::global();
+[[maybe_unused]] const bool kGlobalAtLoad = (g_global.store(&KernelCache::global()), true);
 [[maybe_unused]] const int kKernelCacheForkHandlers = ::pthread_atfork(
     &KernelCache::before_fork, &KernelCache::in_parent, &KernelCache::in_child);
 }  // namespace
@@ -310,53 +303,26 @@ std::shared_ptr<DiskCache> KernelCache::disk() {
 
 cache::Counters KernelCache::counters() const { return counters_->snapshot(); }
 
-void KernelCache::clear_memory() {
-  std::lock_guard<std::mutex> lock(mu_);
-  memory_.clear();
-}
+void KernelCache::clear_memory() { memory_.clear(); }
 
 std::shared_ptr<const KernelBinary> KernelCache::get(const KernelRequest& req,
                                                      const CompileFn& compile) {
-  std::string mkey = memory_key(req);
-  std::shared_ptr<Slot> slot;
-  std::promise<std::shared_ptr<const KernelBinary>> promise;
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = memory_.find(mkey);
-    if (it != memory_.end()) {
-      slot = it->second;
-    } else {
-      auto mine = std::make_shared<Slot>();
-      mine->ready = promise.get_future().share();
-      memory_.emplace(mkey, mine);
-      slot = std::move(mine);
-      mkey.clear();  // marks this thread as the one that fills the slot
-    }
-  }
-  if (!mkey.empty()) {
-    // A hit, or a wait for the thread filling it (its exception reaches us too).
-    auto bin = slot->ready.get();
-    counters_->memory_hits++;
-    return bin;
-  }
-  try {
-    auto bin = fill(req, compile);
-    // Only this caller compiled: every later hit reports compile_ms = 0 (served from a cache).
-    auto cached = bin;
-    if (bin->compile_ms != 0) {
-      auto copy = std::make_shared<KernelBinary>(*bin);
-      copy->compile_ms = 0;
-      cached = std::move(copy);
-    }
-    promise.set_value(cached);
-    return bin;
-  } catch (...) {
-    promise.set_exception(std::current_exception());
-    std::lock_guard<std::mutex> lock(mu_);
-    auto it = memory_.find(memory_key(req));
-    if (it != memory_.end() && it->second == slot) memory_.erase(it);  // a later call retries
-    throw;
-  }
+  // Only the caller that compiled sees its compile_ms: the entry has 0 (later calls are served
+  // from a cache).
+  std::shared_ptr<const KernelBinary> made;
+  auto bin = memory_.get(
+      memory_key(req),
+      [&] {
+        made = fill(req, compile);
+        if (made->compile_ms == 0) return made;
+        auto copy = std::make_shared<KernelBinary>(*made);
+        copy->compile_ms = 0;
+        return std::shared_ptr<const KernelBinary>(std::move(copy));
+      },
+      [] {});
+  if (made) return made;
+  counters_->memory_hits++;  // (a hit, or a wait for the thread compiling it)
+  return bin;
 }
 
 std::shared_ptr<const KernelBinary> KernelCache::fill(const KernelRequest& req,

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "moejit/cache.h"
+#include "runtime/once_map.h"
 
 namespace moejit::runtime {
 
@@ -120,7 +121,6 @@ class KernelCache {
 
  private:
   KernelCache();  // global(): settings and key context computed on first use
-  struct Slot;
 
   std::shared_ptr<const KernelBinary> fill(const KernelRequest& req, const CompileFn& compile);
 
@@ -130,7 +130,7 @@ class KernelCache {
   bool have_settings_ = false;
   cache::Settings settings_;
   std::shared_ptr<DiskCache> disk_;
-  std::unordered_map<std::string, std::shared_ptr<Slot>> memory_;
+  OnceMap<KernelBinary> memory_;  // by memory_key (its own lock)
   std::unique_ptr<CacheCounters> counters_;
 };
 

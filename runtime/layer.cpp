@@ -8,11 +8,9 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <future>
 #include <limits>
 #include <map>
 #include <mutex>
-#include <optional>
 #include <set>
 #include <system_error>
 #include <thread>
@@ -25,6 +23,7 @@
 #include "moejit_params.h"
 #include "runtime/driver.h"
 #include "runtime/kernel_cache.h"
+#include "runtime/once_map.h"
 
 namespace moejit {
 
@@ -977,78 +976,17 @@ void finalize(const UnfinalizedLayer& layer, const UnfinalizedOutput& in, int nu
 
 namespace {
 
-// The process's compiled layers by layer_key. Each is built once, by the first thread that asks
-// for it and outside the map's lock, so that requests for other layers (and hits) go on
-// meanwhile; a thread that asks for a layer being built waits for it and gets the layer or the
-// build's exception, and a failed build leaves no entry (a later request builds again). Never
-// destroyed (the fork handlers may run at any time; the modules go with the process).
-class LayerCache {
- public:
-  static LayerCache& get() {
-    static LayerCache* c = new LayerCache;
-    return *c;
-  }
-
-  std::shared_ptr<const LayerImpl> find_or_build(
-      const std::string& key, const std::function<std::shared_ptr<const LayerImpl>()>& build) {
-    std::optional<std::promise<std::shared_ptr<const LayerImpl>>> promise;  // (this call builds)
-    std::shared_ptr<Slot> slot;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = layers_.find(key);
-      if (it != layers_.end()) {
-        slot = it->second;
-      } else {
-        promise.emplace();
-        slot = std::make_shared<Slot>(Slot{promise->get_future().share()});
-        layers_.emplace(key, slot);
-      }
-    }
-    if (!promise) {
-      // A progress callback that waited here for a layer still being built could wait for its
-      // own compile (whose thread waits for the callback to return).
-      if (in_progress_callback && !slot->done())
-        throw Error(ErrorKind::InvalidArgument,
-                    "a CompileOptions::progress callback asked for a layer that is still being "
-                    "compiled; request it after compile_* returns");
-      return slot->ready.get();
-    }
-    try {
-      auto impl = build();
-      promise->set_value(impl);
-      return impl;
-    } catch (...) {
-      promise->set_exception(std::current_exception());
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = layers_.find(key);
-      if (it != layers_.end() && it->second == slot) layers_.erase(it);
-      throw;
-    }
-  }
-
-  // pthread_atfork handlers: the child drops the layers still being built (their threads are
-  // not in the child, so nothing would ever complete them) and gets the map's lock free.
-  static void before_fork() { get().mu_.lock(); }
-  static void in_parent() { get().mu_.unlock(); }
-  static void in_child() {
-    LayerCache& c = get();
-    for (auto it = c.layers_.begin(); it != c.layers_.end();)
-      it = it->second->done() ? std::next(it) : c.layers_.erase(it);
-    c.mu_.unlock();
-  }
-
- private:
-  struct Slot {
-    std::shared_future<std::shared_ptr<const LayerImpl>> ready;
-    bool done() const { return ready.wait_for(std::chrono::seconds(0)) == std::future_status::ready; }
-  };
-  std::mutex mu_;
-  std::map<std::string, std::shared_ptr<Slot>> layers_;
-};
+// The process's compiled layers by layer_key (runtime::OnceMap: built once, outside the lock).
+// Never destroyed: the fork handlers may run at any time; the modules go with the process.
+runtime::OnceMap<LayerImpl>& layers() {
+  static auto* m = new runtime::OnceMap<LayerImpl>;
+  return *m;
+}
 
 // Registered when the library loads (not at the first compile, which a fork could interrupt).
-[[maybe_unused]] const int kLayerForkHandlers =
-    ::pthread_atfork(&LayerCache::before_fork, &LayerCache::in_parent, &LayerCache::in_child);
+[[maybe_unused]] const int kLayerForkHandlers = ::pthread_atfork(
+    [] { layers().lock_for_fork(); }, [] { layers().unlock_in_parent(); },
+    [] { layers().unlock_in_child(); });
 
 std::shared_ptr<const LayerImpl> get_layer(const MoeSpec& spec, const CompileOptions& opt) {
   spec.validate();
@@ -1056,11 +994,21 @@ std::shared_ptr<const LayerImpl> get_layer(const MoeSpec& spec, const CompileOpt
   const CUcontext ctx = runtime::ensure_context(&dev);
   const std::string arch = opt.arch.empty() ? runtime::arch_of(dev) : opt.arch;
   const std::string key = layer_key(spec, arch, opt.max_tokens, runtime::context_id(ctx));
-  return LayerCache::get().find_or_build(key, [&] {
-    CompileOptions o = opt;
-    o.arch = arch;
-    return std::make_shared<const LayerImpl>(spec, o);
-  });
+  return layers().get(
+      key,
+      [&] {
+        CompileOptions o = opt;
+        o.arch = arch;
+        return std::make_shared<const LayerImpl>(spec, o);
+      },
+      [] {
+        // A progress callback that waited for a layer still being built could wait for its
+        // own compile (whose thread waits for the callback to return).
+        if (in_progress_callback)
+          throw Error(ErrorKind::InvalidArgument,
+                      "a CompileOptions::progress callback asked for a layer that is still "
+                      "being compiled; request it after compile_* returns");
+      });
 }
 
 }  // namespace

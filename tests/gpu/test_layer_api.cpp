@@ -299,12 +299,11 @@ TEST(GpuLayerApi, UnfinalizedArgumentsAndZeroTokens) {
 // token counts whose words would not fit are refused before anything is sized or launched.
 TEST(GpuLayerApi, FusedFinalizeCountersBoundTheTokens) {
   MOEJIT_REQUIRE_GPU();
-  moejit::MoeSpec s;
+  moejit::MoeSpec s = small_spec();
   s.hidden = 4096;
   s.intermediate = 1024;
   s.num_experts = 1024;
   s.top_k = 2;
-  s.routing = moejit::RoutingMethod::Renormalize;
   const auto layer = moejit::compile_finalized(s);
   EXPECT_GT(layer.workspace_bytes(1 << 20), size_t{1} << 20);
   expect_error([&] { layer.workspace_bytes(1 << 25); }, "its fused finalize counts num_tokens * ");
