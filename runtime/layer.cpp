@@ -44,18 +44,21 @@ void require_aligned16(const void* p, const char* scope, const char* name, bool 
 constexpr size_t kAlign = 256;
 size_t align_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
-// Everything that selects a compiled layer: the spec, the arch, the buckets and the context (by
-// runtime::context_id, which a context created after a reset or destroy does not share).
+// A layer key's first field: the context (by runtime::context_id, which a context created after
+// a reset or destroy does not share), so that release_layers() finds a context's layers.
+std::string context_key_prefix(unsigned long long ctx) { return fmt::format("ctx={}|", ctx); }
+
+// Everything that selects a compiled layer: the context, the spec, the arch and the buckets.
 std::string layer_key(const MoeSpec& s, const std::string& arch, int max_tokens,
                       unsigned long long ctx) {
-  return fmt::format("{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{:a}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
-                     s.hidden, s.intermediate, s.num_experts, s.top_k,
+  return fmt::format("{}{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{:a}|{}|{}|{}|{}|{}|{}|{}|{}|{}|{}",
+                     context_key_prefix(ctx), s.hidden, s.intermediate, s.num_experts, s.top_k,
                      static_cast<int>(s.weight_format), static_cast<int>(s.activation_dtype),
                      static_cast<int>(s.gate_up_order), static_cast<int>(s.routing),
                      static_cast<int>(s.logits_dtype), s.n_group, s.topk_group,
                      s.has_routing_bias, s.routed_scaling_factor, static_cast<int>(s.bias_dtype),
                      s.swiglu_alpha, s.swiglu_beta, s.swiglu_limit, s.local_expert_offset,
-                     s.local_experts(), s.finalize, arch, max_tokens, ctx,
+                     s.local_experts(), s.finalize, arch, max_tokens,
                      compiler::plan_override() + "|pdl=" +
                          (std::getenv("MOEJIT_PDL") ? std::getenv("MOEJIT_PDL") : ""));
 }
@@ -1012,6 +1015,20 @@ std::shared_ptr<const LayerImpl> get_layer(const MoeSpec& spec, const CompileOpt
 }
 
 }  // namespace
+
+size_t release_layers() {
+  const runtime::Driver* d = runtime::driver_or_null(nullptr);
+  if (!d) return 0;  // (no driver: nothing was built)
+  CUcontext ctx = nullptr;
+  MOEJIT_CU_CHECK(d->cuCtxGetCurrent(&ctx));
+  if (!ctx) return 0;
+  const std::string prefix = context_key_prefix(runtime::context_id(ctx));
+  // The references go when `taken` does, here, with the context current: each layer no Layer
+  // object still holds unloads its modules then.
+  const auto taken = layers().take_made_if(
+      [&](const std::string& key) { return key.compare(0, prefix.size(), prefix) == 0; });
+  return taken.size();
+}
 
 FinalizedLayer compile_finalized(const MoeSpec& spec, const CompileOptions& options) {
   if (!spec.finalize)

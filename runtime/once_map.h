@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 namespace moejit::runtime {
 
@@ -56,6 +57,27 @@ class OnceMap {
   void clear() {
     std::lock_guard<std::mutex> lock(mu_);
     slots_.clear();
+  }
+
+  // Removes the made entries whose key pred accepts and returns their values, so that the caller
+  // drops its references outside the lock. Entries still being made stay (their makers and
+  // waiters would otherwise get a value the map no longer holds).
+  template <class Pred>
+  std::vector<Value> take_made_if(Pred&& pred) {
+    std::vector<Value> taken;
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = slots_.begin(); it != slots_.end();) {
+      if (it->second->done() && pred(it->first)) {
+        try {
+          taken.push_back(it->second->ready.get());
+        } catch (...) {  // (a failed make erases its own entry; none is left done with an error)
+        }
+        it = slots_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    return taken;
   }
 
   // For pthread_atfork handlers: the lock held across fork(); in the child, the entries still

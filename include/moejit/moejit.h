@@ -14,7 +14,8 @@
 // context is current). A layer holds no per-launch state and may be launched from several
 // threads at once, but a workspace holds one launch's tables and counters until that launch
 // completes in stream order: launches that can run at the same time (on two streams) need a
-// workspace each.
+// workspace each. Layers stay built until the process exits; release_layers() drops a
+// context's before that context is destroyed or reset.
 //
 // Tensor formats (row-major, device memory; see DESIGN.md):
 //   hidden_states  [T, H]        bf16
@@ -262,6 +263,15 @@ class UnfinalizedLayer : public Layer {
 // compile_finalized needs spec.finalize == true, compile_unfinalized spec.finalize == false.
 FinalizedLayer compile_finalized(const MoeSpec& spec, const CompileOptions& options = {});
 UnfinalizedLayer compile_unfinalized(const MoeSpec& spec, const CompileOptions& options = {});
+
+// Drops the layers compile_* has built for the context current on the calling thread and returns
+// how many it dropped (0 where no context is current or no driver is loaded; layers still being
+// built stay). compile_* keeps each layer until the process exits otherwise, also after its
+// context is destroyed: call this before destroying or resetting a context when the process goes
+// on. A Layer object still held keeps its kernels loaded until it is destroyed; launch it only
+// while its context lives. The next compile_* in the context builds the layer again (from the
+// kernel caches).
+size_t release_layers();
 
 // Completes an unfinalized result: out[t] = sum_j expert_weights[t, j] * gemm2_out[perm[t*k+j]].
 // gemm2_out and output must be 16-byte aligned; num_tokens has launch()'s bounds.

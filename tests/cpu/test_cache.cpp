@@ -1480,6 +1480,15 @@ TEST(CachePublicApi, ThrowingProgressCallbackFailsTheCompile) {
   }
 }
 
+// release_layers() where no context is current (this machine may have no driver at all)
+// releases nothing and creates no context: a thread that never compiled owns no layers.
+TEST(CachePublicApi, ReleaseLayersWithoutAContextReleasesNothing) {
+  size_t released = 1;
+  std::thread t([&] { released = release_layers(); });
+  t.join();
+  EXPECT_EQ(released, 0u);
+}
+
 // A write probe left by a process killed between its open and unlink (the names once were
 // .probe.<pid>.<n>) does not make a later process of that pid read-only, and prune removes
 // stale probes as it removes stale temporaries.

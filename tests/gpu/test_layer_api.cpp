@@ -219,8 +219,39 @@ TEST(GpuLayerApi, ContextCreatedAfterADestroyedOneGetsItsOwnLayer) {
       if (round == 0) first_out = o;
       else EXPECT_EQ(o, first_out);
     }
+    // The one layer built in this context goes before the context does (round 1 keeps it: the
+    // key by context id must hold without the release too).
+    if (round == 0) {
+      EXPECT_EQ(moejit::release_layers(), 1u);
+    }
     ASSERT_EQ(reinterpret_cast<Destroy>(destroy_fn)(ctx), CUDA_SUCCESS);
   }
+}
+
+// release_layers() drops the current context's layers: the next request builds the layer again
+// (another compiled layer, then cached as before), a second release finds nothing, and a Layer
+// object held across the release still launches, with the same bits as the new build.
+TEST(GpuLayerApi, ReleasedLayersAreBuiltAgainAndHeldOnesStillRun) {
+  MOEJIT_REQUIRE_GPU();
+  Fixture f(3);
+  const auto held = moejit::compile_finalized(f.spec);
+  EXPECT_GE(moejit::release_layers(), 1u);
+  EXPECT_EQ(moejit::release_layers(), 0u) << "the first release left a layer behind";
+  const auto rebuilt = moejit::compile_finalized(f.spec);
+  EXPECT_NE(&held.spec(), &rebuilt.spec()) << "the released layer was served again";
+  EXPECT_EQ(&rebuilt.spec(), &moejit::compile_finalized(f.spec).spec());
+  std::vector<std::vector<uint16_t>> outs;
+  for (const auto* layer : {&held, &rebuilt}) {
+    DeviceBuffer ws(layer->workspace_bytes(f.T));
+    DeviceBuffer out(static_cast<size_t>(f.T) * f.spec.hidden * 2);
+    out.poison();
+    layer->launch(f.dev.inputs(f.spec), f.T, {out.get()}, {ws.get(), ws.bytes()}, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    outs.push_back(out.download<uint16_t>());
+    EXPECT_EQ(std::count(outs.back().begin(), outs.back().end(), uint16_t{0xffff}), 0)
+        << "elements left as poison";
+  }
+  EXPECT_EQ(outs[0], outs[1]);
 }
 
 TEST(GpuLayerApi, LaunchRejectsBadArguments) {
