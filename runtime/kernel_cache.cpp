@@ -10,9 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
-#include <chrono>
 #include <cstddef>
-#include <future>
 
 #include "moejit/moejit.h"
 #include "compiler/compiler.h"
@@ -172,10 +170,7 @@ KeyContext KeyContext::build() {
   return c;
 }
 
-const KeyContext& KeyContext::current() {
-  static const KeyContext ctx = build();
-  return ctx;
-}
+const KeyContext& KeyContext::current() { return KernelCache::global().context(); }
 
 std::string key_preimage(const KernelRequest& req, const KeyContext& ctx) {
   if (!is_exact_arch(req.arch))
@@ -234,17 +229,11 @@ void KernelCache::before_fork() {
   if (t_locked_for_fork->disk_) t_locked_for_fork->disk_->lock_for_fork();
   t_locked_for_fork->memory_.lock_for_fork();
 }
-void KernelCache::in_parent() {
+void KernelCache::after_fork(bool child) {
   KernelCache* c = t_locked_for_fork;
   if (!c) return;
-  c->memory_.unlock_in_parent();
-  if (c->disk_) c->disk_->unlock_after_fork();
-  c->mu_.unlock();
-}
-void KernelCache::in_child() {
-  KernelCache* c = t_locked_for_fork;
-  if (!c) return;
-  c->memory_.unlock_in_child();
+  if (child) c->memory_.unlock_in_child();
+  else c->memory_.unlock_in_parent();
   if (c->disk_) c->disk_->unlock_after_fork();
   c->mu_.unlock();
 }
@@ -253,7 +242,8 @@ namespace {
 // The global cache is built, and the handlers registered, when the library loads.
 [[maybe_unused]] const bool kGlobalAtLoad = (g_global.store(&KernelCache::global()), true);
 [[maybe_unused]] const int kKernelCacheForkHandlers = ::pthread_atfork(
-    &KernelCache::before_fork, &KernelCache::in_parent, &KernelCache::in_child);
+    &KernelCache::before_fork, [] { KernelCache::after_fork(false); },
+    [] { KernelCache::after_fork(true); });
 }  // namespace
 
 KernelCache::KernelCache()

@@ -15,7 +15,6 @@
 #include <mutex>
 #include <optional>
 #include <string>
-#include <unordered_map>
 #include <vector>
 
 #include "moejit/cache.h"
@@ -47,7 +46,8 @@ struct KeyContext {
   std::string nvrtc_build;       // GNU build id of the loaded libnvrtc ("gnu-build-id:65be0d...")
   std::string templates_sha256;  // over the name and text of every embedded template
 
-  // This process's context, computed once (the first call costs about 0.1 ms).
+  // This process's context: the global kernel cache's, computed once (the first call costs
+  // about 0.1 ms).
   static const KeyContext& current();
   // The same, computed afresh.
   static KeyContext build();
@@ -116,8 +116,7 @@ class KernelCache {
   // of the child would complete it; a request in the child compiles or loads it itself) and
   // gets the locks (this cache's and its disk level's) free.
   static void before_fork();
-  static void in_parent();
-  static void in_child();
+  static void after_fork(bool child);
 
  private:
   KernelCache();  // global(): settings and key context computed on first use

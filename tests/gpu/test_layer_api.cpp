@@ -50,6 +50,18 @@ struct Fixture {
     dev.upload_weights(host);
     dev.upload_inputs(host);
   }
+  // One launch of `layer` (on the null stream) into a poisoned output, which it returns after
+  // checking that no element was left as poison.
+  std::vector<uint16_t> run(const moejit::FinalizedLayer& layer) const {
+    DeviceBuffer ws(layer.workspace_bytes(T));
+    DeviceBuffer out(static_cast<size_t>(T) * spec.hidden * 2);
+    out.poison();
+    layer.launch(dev.inputs(spec), T, {out.get()}, {ws.get(), ws.bytes()}, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    auto o = out.download<uint16_t>();
+    EXPECT_EQ(std::count(o.begin(), o.end(), uint16_t{0xffff}), 0) << "elements left as poison";
+    return o;
+  }
 };
 
 TEST(GpuLayerApi, GraphReplayMatchesDirectLaunchBitwise) {
@@ -208,14 +220,7 @@ TEST(GpuLayerApi, ContextCreatedAfterADestroyedOneGetsItsOwnLayer) {
     else std::printf("the second context's handle %s the destroyed one's\n", ctx == first ? "is" : "is not");
     {
       Fixture f(3);
-      const auto layer = moejit::compile_finalized(f.spec);
-      DeviceBuffer ws(layer.workspace_bytes(f.T));
-      DeviceBuffer out(static_cast<size_t>(f.T) * f.spec.hidden * 2);
-      out.poison();
-      layer.launch(f.dev.inputs(f.spec), f.T, {out.get()}, {ws.get(), ws.bytes()}, nullptr);
-      CUDA_OK(cudaDeviceSynchronize());
-      const auto o = out.download<uint16_t>();
-      EXPECT_EQ(std::count(o.begin(), o.end(), uint16_t{0xffff}), 0) << "elements left as poison";
+      const auto o = f.run(moejit::compile_finalized(f.spec));
       if (round == 0) first_out = o;
       else EXPECT_EQ(o, first_out);
     }
@@ -240,18 +245,7 @@ TEST(GpuLayerApi, ReleasedLayersAreBuiltAgainAndHeldOnesStillRun) {
   const auto rebuilt = moejit::compile_finalized(f.spec);
   EXPECT_NE(&held.spec(), &rebuilt.spec()) << "the released layer was served again";
   EXPECT_EQ(&rebuilt.spec(), &moejit::compile_finalized(f.spec).spec());
-  std::vector<std::vector<uint16_t>> outs;
-  for (const auto* layer : {&held, &rebuilt}) {
-    DeviceBuffer ws(layer->workspace_bytes(f.T));
-    DeviceBuffer out(static_cast<size_t>(f.T) * f.spec.hidden * 2);
-    out.poison();
-    layer->launch(f.dev.inputs(f.spec), f.T, {out.get()}, {ws.get(), ws.bytes()}, nullptr);
-    CUDA_OK(cudaDeviceSynchronize());
-    outs.push_back(out.download<uint16_t>());
-    EXPECT_EQ(std::count(outs.back().begin(), outs.back().end(), uint16_t{0xffff}), 0)
-        << "elements left as poison";
-  }
-  EXPECT_EQ(outs[0], outs[1]);
+  EXPECT_EQ(f.run(held), f.run(rebuilt));
 }
 
 TEST(GpuLayerApi, LaunchRejectsBadArguments) {
