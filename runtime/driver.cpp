@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 #include <fmt/format.h>
+#include <nvrtc.h>
 
 #include <mutex>
 
@@ -26,6 +27,20 @@ const Loaded& loaded() {
       const char* err = dlerror();
       r.why_not = "no CUDA driver: libcuda.so.1 could not be opened (" +
                   std::string(err ? err : "not found") + ")";
+      return r;
+    }
+    // The version first: a driver too old for these kernels also lacks symbols the list below
+    // asks for, and its version says more than a missing symbol would.
+    int version = 0;
+    auto get_version = reinterpret_cast<CUresult (*)(int*)>(dlsym(lib, "cuDriverGetVersion"));
+    if (!get_version || get_version(&version) != CUDA_SUCCESS) {
+      r.why_not = "libcuda has no working cuDriverGetVersion";
+      return r;
+    }
+    int nvrtc_major = 0, nvrtc_minor = 0;
+    nvrtcVersion(&nvrtc_major, &nvrtc_minor);
+    if (std::string why = driver_version_problem(version, nvrtc_major); !why.empty()) {
+      r.why_not = why;
       return r;
     }
     bool missing = false;
@@ -55,11 +70,12 @@ const Loaded& loaded() {
     sym(d.cuOccupancyMaxActiveBlocksPerMultiprocessor, "cuOccupancyMaxActiveBlocksPerMultiprocessor");
     sym(d.cuGetErrorName, "cuGetErrorName");
     sym(d.cuGetErrorString, "cuGetErrorString");
+    sym(d.cuCtxGetId, "cuCtxGetId");
+    d.cuDriverGetVersion = get_version;
     if (missing) return r;
     d.cuLaunchKernelEx = reinterpret_cast<decltype(d.cuLaunchKernelEx)>(dlsym(lib, "cuLaunchKernelEx"));
     d.cuTensorMapEncodeTiled =
         reinterpret_cast<decltype(d.cuTensorMapEncodeTiled)>(dlsym(lib, "cuTensorMapEncodeTiled"));
-    d.cuCtxGetId = reinterpret_cast<decltype(d.cuCtxGetId)>(dlsym(lib, "cuCtxGetId"));
     if (CUresult e = d.cuInit(0); e != CUDA_SUCCESS) {
       const char* s = nullptr;
       d.cuGetErrorString(e, &s);
@@ -78,6 +94,16 @@ const Loaded& loaded() {
 }
 
 }  // namespace
+
+std::string driver_version_problem(int driver_version, int nvrtc_major) {
+  if (driver_version >= 1000 * nvrtc_major) return "";
+  return fmt::format(
+      "the CUDA driver supports CUDA {}.{} (cuDriverGetVersion {}), and the kernels that NVRTC "
+      "{}.x compiles need a driver for CUDA {}.0 or newer{}; upgrade the driver or install the "
+      "cuda-compat package of CUDA {}",
+      driver_version / 1000, driver_version % 1000 / 10, driver_version, nvrtc_major, nvrtc_major,
+      nvrtc_major == 13 ? " (r580 or later)" : "", nvrtc_major);
+}
 
 const Driver* driver_or_null(std::string* why_not) {
   const Loaded& l = loaded();
@@ -123,7 +149,6 @@ CUcontext ensure_context(CUdevice* device) {
 
 unsigned long long context_id(CUcontext ctx) {
   const Driver& d = driver();
-  if (!d.cuCtxGetId) return reinterpret_cast<uintptr_t>(ctx);
   unsigned long long id = 0;
   MOEJIT_CU_CHECK(d.cuCtxGetId(ctx, &id));
   return id;

@@ -30,14 +30,22 @@ struct Driver {
                                      const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
                                      const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
                                      CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-  // Optional (nullptr on drivers before 12.0): a context's id, unique in the process.
+  // A context's id, unique in the process (from CUDA 12.0; every driver that passes
+  // driver_version_problem() has it).
   CUresult (*cuCtxGetId)(CUcontext, unsigned long long*);
+  CUresult (*cuDriverGetVersion)(int*);
   CUresult (*cuFuncSetAttribute)(CUfunction, CUfunction_attribute, int);
   CUresult (*cuMemsetD32Async)(CUdeviceptr, unsigned, size_t, CUstream);
   CUresult (*cuOccupancyMaxActiveBlocksPerMultiprocessor)(int*, CUfunction, int, size_t);
   CUresult (*cuGetErrorName)(CUresult, const char**);
   CUresult (*cuGetErrorString)(CUresult, const char**);
 };
+
+// Why a driver that reports `driver_version` (cuDriverGetVersion: 1000 * major + 10 * minor)
+// cannot run the kernels that NVRTC `nvrtc_major`.x compiles, or "" when it can. A CUDA major
+// release's CUBINs need a driver of that major release or newer (minor version compatibility
+// covers the minors of one major release, e.g. NVRTC 13.2's CUBINs on a 13.0 driver, r580+).
+std::string driver_version_problem(int driver_version, int nvrtc_major);
 
 // The loaded driver, or nullptr with *why_not set (no libcuda, no device, init failure).
 const Driver* driver_or_null(std::string* why_not);
@@ -53,8 +61,7 @@ void check_cu(CUresult r, const char* call, const char* file, int line);
 CUcontext ensure_context(CUdevice* device = nullptr);
 
 // An id of `ctx` that no later context of the process takes (cuCtxGetId), so that what was
-// loaded in a destroyed or reset context is never taken for a live one's; on drivers without
-// cuCtxGetId, the handle's value.
+// loaded in a destroyed or reset context is never taken for a live one's.
 unsigned long long context_id(CUcontext ctx);
 
 // "sm_90a" for compute capability 9.0, "sm_80" for 8.0, "sm_100a" for 10.0, ...

@@ -301,7 +301,9 @@ struct KernelReport {
 };
 std::vector<KernelReport> compile_report(const MoeSpec& spec, const CompileOptions& options);
 
-// Device queries through the lazily opened driver (no GPU: has_gpu() is false, with a reason).
+// Device queries through the lazily opened driver (no GPU: has_gpu() is false, with a reason; a
+// driver older than NVRTC's major release, e.g. below CUDA 13.0 for NVRTC 13.x, counts as none,
+// and the reason names both versions).
 bool has_gpu(std::string* why_not = nullptr);
 std::string device_arch();  // exact arch of the current device, e.g. "sm_90a"
 std::string device_name();

@@ -40,6 +40,7 @@
 #include "moejit/cache.h"
 #include "moejit/moejit.h"
 #include "runtime/disk_cache.h"
+#include "runtime/driver.h"
 #include "runtime/env.h"
 #include "runtime/kernel_cache.h"
 #include "runtime/sha256.h"
@@ -1487,6 +1488,22 @@ TEST(CachePublicApi, ReleaseLayersWithoutAContextReleasesNothing) {
   std::thread t([&] { released = release_layers(); });
   t.join();
   EXPECT_EQ(released, 0u);
+}
+
+// The driver check made when libcuda is opened: a driver of NVRTC's major release or newer runs
+// its CUBINs (minor version compatibility), an older one is refused with a message that names
+// both versions and the way out.
+TEST(CachePublicApi, DriverOlderThanNvrtcsMajorReleaseIsRefusedByName) {
+  EXPECT_EQ(runtime::driver_version_problem(13000, 13), "");
+  EXPECT_EQ(runtime::driver_version_problem(13020, 13), "");
+  EXPECT_EQ(runtime::driver_version_problem(14000, 13), "");
+  const std::string why = runtime::driver_version_problem(12080, 13);
+  EXPECT_THAT(why, ::testing::HasSubstr("supports CUDA 12.8 (cuDriverGetVersion 12080)"));
+  EXPECT_THAT(why, ::testing::HasSubstr("NVRTC 13.x"));
+  EXPECT_THAT(why, ::testing::HasSubstr("CUDA 13.0 or newer (r580 or later)"));
+  EXPECT_THAT(runtime::driver_version_problem(12090, 13), ::testing::HasSubstr("CUDA 12.9"));
+  EXPECT_THAT(runtime::driver_version_problem(11080, 12),
+              ::testing::HasSubstr("need a driver for CUDA 12.0 or newer; upgrade"));
 }
 
 // A write probe left by a process killed between its open and unlink (the names once were
