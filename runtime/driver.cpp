@@ -71,7 +71,6 @@ const Loaded& loaded() {
     sym(d.cuGetErrorName, "cuGetErrorName");
     sym(d.cuGetErrorString, "cuGetErrorString");
     sym(d.cuCtxGetId, "cuCtxGetId");
-    d.cuDriverGetVersion = get_version;
     if (missing) return r;
     d.cuLaunchKernelEx = reinterpret_cast<decltype(d.cuLaunchKernelEx)>(dlsym(lib, "cuLaunchKernelEx"));
     d.cuTensorMapEncodeTiled =

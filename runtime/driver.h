@@ -33,7 +33,6 @@ struct Driver {
   // A context's id, unique in the process (from CUDA 12.0; every driver that passes
   // driver_version_problem() has it).
   CUresult (*cuCtxGetId)(CUcontext, unsigned long long*);
-  CUresult (*cuDriverGetVersion)(int*);
   CUresult (*cuFuncSetAttribute)(CUfunction, CUfunction_attribute, int);
   CUresult (*cuMemsetD32Async)(CUdeviceptr, unsigned, size_t, CUstream);
   CUresult (*cuOccupancyMaxActiveBlocksPerMultiprocessor)(int*, CUfunction, int, size_t);
