@@ -44,6 +44,7 @@
 #include "runtime/env.h"
 #include "runtime/kernel_cache.h"
 #include "runtime/sha256.h"
+#include "tests/process_helpers.h"
 
 namespace moejit::runtime {
 namespace {
@@ -56,27 +57,7 @@ constexpr uid_t kOtherUid = 65534;  // nobody
 
 // ---- helpers ----------------------------------------------------------------------------------
 
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "moejit-cache-test-XXXXXX").string();
-    if (::mkdtemp(pattern.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
-    path_ = pattern;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    for (auto it = fs::recursive_directory_iterator(path_, ec);
-         !ec && it != fs::recursive_directory_iterator(); it.increment(ec))
-      ::chmod(it->path().c_str(), 0700);
-    ::chmod(path_.c_str(), 0700);
-    fs::remove_all(path_, ec);
-  }
-  const std::string& path() const { return path_; }
-  std::string operator/(const std::string& sub) const { return path_ + "/" + sub; }
-
- private:
-  std::string path_;
-};
+using moejit_test::TempDir;
 
 cache::Settings settings_for(const std::string& dir, double lock_timeout_s = 120) {
   cache::Settings s;
@@ -1541,15 +1522,7 @@ TEST(CacheDisk, LeftoverProbeFileIsHarmlessAndPruned) {
 #ifdef MOEJIT_CLI_PATH
 // Runs the CLI; returns its exit code and stdout+stderr.
 int run_cli(const std::string& args, std::string* out) {
-  const std::string cmd = std::string(MOEJIT_CLI_PATH) + " " + args + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) return -1;
-  out->clear();
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out->append(buf, n);
-  const int status = ::pclose(p);
-  return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return moejit_test::run_shell(std::string(MOEJIT_CLI_PATH) + " " + args, out);
 }
 
 bool cli_has_cache_commands() {
@@ -1572,11 +1545,7 @@ TEST(CacheCli, SixteenWarmupsCompileOnceAndCacheCommandsWork) {
   int ok = 0, compiled = 0, kernels = 0;
   for (FILE* p : pipes) {
     std::string out;
-    char buf[4096];
-    size_t n;
-    while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-    const int status = ::pclose(p);
-    ok += WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    ok += moejit_test::read_and_close(p, &out) == 0;
     int k = 0, c = 0;
     const size_t at = out.find("warmed ");
     if (at != std::string::npos &&
@@ -1617,15 +1586,11 @@ TEST(CacheCli, SixteenWarmupsCompileOnceAndCacheCommandsWork) {
   EXPECT_TRUE(entry_files(dir).empty());
 
   // MOEJIT_JIT=off on an empty cache: the error names the kernel.
-  const std::string cmd = "MOEJIT_JIT=off " + std::string(MOEJIT_CLI_PATH) +
-                          " warmup --preset seed-test --max-tokens 16 --cache-dir " +
-                          tmp / "empty2" + " 2>&1";
-  FILE* p = ::popen(cmd.c_str(), "r");
-  out.clear();
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  EXPECT_NE(::pclose(p), 0);
+  EXPECT_NE(moejit_test::run_shell("MOEJIT_JIT=off " + std::string(MOEJIT_CLI_PATH) +
+                                       " warmup --preset seed-test --max-tokens 16 --cache-dir " +
+                                       tmp / "empty2",
+                                   &out),
+            0);
   EXPECT_THAT(out, HasSubstr("MOEJIT_JIT=off"));
   EXPECT_THAT(out, HasSubstr("kernel '"));
 }
