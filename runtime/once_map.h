@@ -70,7 +70,7 @@ class OnceMap {
       if (it->second->done() && pred(it->first)) {
         try {
           taken.push_back(it->second->ready.get());
-        } catch (...) {  // (a failed make erases its own entry; none is left done with an error)
+        } catch (...) {  // (a failed make, between its set_exception and its own erase)
         }
         it = slots_.erase(it);
       } else {
@@ -86,14 +86,17 @@ class OnceMap {
   void lock_for_fork() { mu_.lock(); }
   void unlock_in_parent() { mu_.unlock(); }
   void unlock_in_child() {
-    for (auto it = slots_.begin(); it != slots_.end();) it = it->second->done() ? std::next(it) : slots_.erase(it);
+    for (auto it = slots_.begin(); it != slots_.end();)
+      it = it->second->done() ? std::next(it) : slots_.erase(it);
     mu_.unlock();
   }
 
  private:
   struct Slot {
     std::shared_future<Value> ready;
-    bool done() const { return ready.wait_for(std::chrono::seconds(0)) == std::future_status::ready; }
+    bool done() const {
+      return ready.wait_for(std::chrono::seconds(0)) == std::future_status::ready;
+    }
   };
   std::mutex mu_;
   std::unordered_map<std::string, std::shared_ptr<Slot>> slots_;

@@ -55,10 +55,16 @@ inline int read_and_close(FILE* p, std::string* out) {
   return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
 }
 
+// Starts a shell command line with its stderr joined to its stdout, to be read with
+// read_and_close() (several may run at once); null where popen() fails.
+inline FILE* start_shell(const std::string& command) {
+  return ::popen((command + " 2>&1").c_str(), "r");
+}
+
 // Runs a shell command line with its stderr joined to its stdout; returns its exit status and
 // output.
 inline int run_shell(const std::string& command, std::string* out) {
-  return read_and_close(::popen((command + " 2>&1").c_str(), "r"), out);
+  return read_and_close(start_shell(command), out);
 }
 
 }  // namespace moejit_test

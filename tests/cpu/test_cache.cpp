@@ -1538,9 +1538,8 @@ TEST(CacheCli, SixteenWarmupsCompileOnceAndCacheCommandsWork) {
   const std::string dir = tmp / "cache";
   std::vector<FILE*> pipes;
   for (int p = 0; p < 16; ++p) {
-    const std::string cmd = fmt::format("{} warmup --preset seed-test --jobs 2 --cache-dir {} 2>&1",
-                                        MOEJIT_CLI_PATH, dir);
-    pipes.push_back(::popen(cmd.c_str(), "r"));
+    pipes.push_back(moejit_test::start_shell(
+        fmt::format("{} warmup --preset seed-test --jobs 2 --cache-dir {}", MOEJIT_CLI_PATH, dir)));
   }
   int ok = 0, compiled = 0, kernels = 0;
   for (FILE* p : pipes) {

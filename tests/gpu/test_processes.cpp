@@ -38,6 +38,8 @@ long stat_after(const std::string& stats, const std::string& label) {
   return v;
 }
 
+// The compiles of the counters' "misses" line, or -1 where it is unreadable or counts a failed
+// compile.
 long compiled_count(const std::string& stats) {
   const size_t at = stats.find("misses");
   long misses = -1, compiled = -1, failed = -1;
@@ -65,10 +67,10 @@ Wave run_wave(const std::string& cache_dir, bool jit, int processes, int seed0) 
   for (int p = 0; p < processes; ++p) {
     commands.push_back(fmt::format(
         "MOEJIT_CACHE_DIR={} MOEJIT_JIT={} {} run --preset {} --weights {} --tokens 1,8,64 "
-        "--finalize both --runs 1 --seed {} 2>&1",
+        "--finalize both --runs 1 --seed {}",
         cache_dir, jit ? "on" : "off", cli_path(), presets[p % 2], layouts[(p / 2) % 2],
         seed0 + p));
-    pipes.push_back(::popen(commands.back().c_str(), "r"));
+    pipes.push_back(moejit_test::start_shell(commands.back()));
   }
   Wave w;
   for (int p = 0; p < processes; ++p) {
