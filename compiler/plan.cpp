@@ -492,14 +492,23 @@ std::optional<std::string> plan_override_value(const char* key) {
   return it->second;
 }
 
-Plan make_plan(const MoeSpec& spec, int max_tokens, const std::string& arch) {
-  spec.validate();
+MoeSpec kernel_spec(const MoeSpec& spec) {
+  MoeSpec k = spec;
+  if (spec.weight_format == WeightFormat::MxInt4G32Tiled)
+    k.intermediate = tiled_weight_bytes(spec).intermediate;
+  return k;
+}
+
+Plan make_plan(const MoeSpec& given, int max_tokens, const std::string& arch) {
+  given.validate();
   if (max_tokens < 0)
     throw Error(ErrorKind::InvalidArgument,
                 fmt::format("max_tokens = {} is negative (0 compiles every token bucket)",
                             max_tokens));
   Plan plan;
-  plan.spec = spec;
+  plan.layer_spec = given;
+  plan.spec = kernel_spec(given);
+  const MoeSpec& spec = plan.spec;
   plan.max_tokens = max_tokens;
   const int local = spec.local_experts();
   // The fused route+dispatch block (buckets of at most 16 tokens): 16 warps, one token each, or
@@ -1032,6 +1041,9 @@ std::string describe(const Plan& plan) {
                        k.role == KernelRole::RouteDispatch ? fmt::format(" routed_id_slots={}", plan.routed_id_slots)
                                                            : std::string());
   }
+  if (plan.spec.intermediate != plan.layer_spec.intermediate)
+    out += fmt::format("kernels for intermediate={} (the tiled weights' padding of {})\n",
+                       plan.spec.intermediate, plan.layer_spec.intermediate);
   return out;
 }
 

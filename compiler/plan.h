@@ -287,7 +287,10 @@ struct KernelPlan {
 };
 
 struct Plan {
+  // The spec the kernels are planned and generated for: the layer's (layer_spec), except that a
+  // tiled layer's intermediate size is padded to a multiple of 256 (kernel_spec).
   MoeSpec spec;
+  MoeSpec layer_spec;  // as given to make_plan
   std::vector<Bucket> buckets;
   std::vector<KernelPlan> kernels;
   int max_tokens = 0;  // as requested from make_plan; 0 = no limit
@@ -360,6 +363,11 @@ const std::vector<std::pair<int, int>>& bucket_ranges();
 // k_stage x stages [x producer warps], at most 8 warps; stream=0 selects the older family, stream=1 the stream
 // family wherever it is eligible; ff=0 turns off the older family's fused finalize.
 Plan make_plan(const MoeSpec& spec, int max_tokens = 0, const std::string& arch = "sm_90a");
+
+// The spec a layer's kernels are generated for: `spec`, with a tiled layer's intermediate size
+// rounded up to a multiple of 256 (moejit.h, tiled_weight_bytes: the tiled weights hold the
+// padding as zeros, so the padded layer's output is the layer's).
+MoeSpec kernel_spec(const MoeSpec& spec);
 
 // The override in force ("" when none); part of a compiled layer's identity.
 std::string plan_override();

@@ -215,11 +215,11 @@ const std::vector<Rule>& rules() {
       [](const MoeSpec& s) -> std::string {
         if (s.weight_format == WeightFormat::MxInt4G32) return {};
         if (s.weight_format == WeightFormat::MxInt4G32Tiled) {
-          if (s.hidden % 256 == 0 && s.intermediate % 256 == 0) return {};
-          return fmt::format("weight_format = MxInt4G32Tiled needs hidden and intermediate "
-                             "multiples of 256 (whole 128-byte chunks of K); got hidden = {}, "
-                             "intermediate = {}",
-                             s.hidden, s.intermediate);
+          // (An intermediate size that is not a multiple of 256 is padded: tiled_weight_bytes.)
+          if (s.hidden % 256 == 0) return {};
+          return fmt::format("weight_format = MxInt4G32Tiled needs hidden a multiple of 256 "
+                             "(whole 128-byte chunks of gemm1's K); got hidden = {}",
+                             s.hidden);
         }
         return fmt::format("weight_format = {} ({}) is not supported: must be MxInt4G32 or "
                            "MxInt4G32Tiled",
@@ -292,6 +292,19 @@ const std::vector<std::pair<std::string, MoeSpec>>& presets() {
 }
 
 }  // namespace
+
+TiledWeightBytes tiled_weight_bytes(const MoeSpec& spec) {
+  spec.validate();
+  TiledWeightBytes b;
+  b.intermediate = (spec.intermediate + 255) / 256 * 256;
+  const size_t E = static_cast<size_t>(spec.num_experts), H = static_cast<size_t>(spec.hidden),
+               I = static_cast<size_t>(b.intermediate);
+  b.w13 = E * 2 * I * (H / 2);
+  b.w13_scale = E * 2 * I * (H / 32) * 2;
+  b.w2 = E * H * (I / 2);
+  b.w2_scale = E * H * (I / 32) * 2;
+  return b;
+}
 
 std::vector<std::string> preset_names() {
   std::vector<std::string> names;

@@ -727,6 +727,8 @@ class LayerImpl {
   }
 
   // Layer::prepare_weights: the local experts' w13, w13_scale, w2, w2_scale, one kernel each.
+  // A padded intermediate size (plan_.spec's I' against the layer's I, moejit.h) makes each
+  // expert's w13 2 I' rows (I of gate, zeros, I of up, zeros) and w2's rows I' / 2 bytes.
   void prepare_weights(const MoeInputs& in, const TiledWeights& out, Stream stream) const {
     const MoeSpec& s = plan_.spec;
     if (!tiled())
@@ -735,22 +737,28 @@ class LayerImpl {
                               "prepare_weights writes MxInt4G32Tiled",
                               to_string(s.weight_format)));
     const long long first = s.local_expert_offset, local = s.local_experts();
-    const long long H = s.hidden, I = s.intermediate;
+    const long long H = s.hidden, I = plan_.layer_spec.intermediate, IP = s.intermediate;
     struct Tensor {
       const char* name;
       const void* src;
       void* dst;
-      long long rows;  // per expert
-      long long row_bytes;
+      long long rows, src_rows;  // per expert: output, source
+      long long row_bytes, src_row_bytes;
       int block, chunk_units;
       bool pair_order;  // nibbles of each word in pair order (moejit.h)
+      int seg_rows, src_seg_rows;
+      long long src_bytes() const { return src_rows * src_row_bytes; }  // per expert
+      long long dst_bytes() const { return rows * row_bytes; }
     };
+    const int i_rows = static_cast<int>(IP), i_src = static_cast<int>(I);
     const Tensor tensors[4] = {
-        {"w13", in.w13, out.w13, 2 * I, H / 2, moejit_dev::kTiledRowsW13, 8, true},
-        {"w13_scale", in.w13_scale, out.w13_scale, 2 * I, H / 16, moejit_dev::kTiledRowsW13, 1,
-         false},
-        {"w2", in.w2, out.w2, H, I / 2, moejit_dev::kTiledRowsW2, 8, false},
-        {"w2_scale", in.w2_scale, out.w2_scale, H, I / 16, moejit_dev::kTiledRowsW2, 1, false}};
+        {"w13", in.w13, out.w13, 2 * IP, 2 * I, H / 2, H / 2, moejit_dev::kTiledRowsW13, 8, true,
+         i_rows, i_src},
+        {"w13_scale", in.w13_scale, out.w13_scale, 2 * IP, 2 * I, H / 16, H / 16,
+         moejit_dev::kTiledRowsW13, 1, false, i_rows, i_src},
+        {"w2", in.w2, out.w2, H, H, IP / 2, I / 2, moejit_dev::kTiledRowsW2, 8, false, 1, 1},
+        {"w2_scale", in.w2_scale, out.w2_scale, H, H, IP / 16, I / 16, moejit_dev::kTiledRowsW2, 1,
+         false, 1, 1}};
     for (const Tensor& t : tensors) {
       if (!t.src || !t.dst)
         throw Error(ErrorKind::InvalidArgument,
@@ -759,27 +767,34 @@ class LayerImpl {
         throw Error(ErrorKind::InvalidArgument,
                     fmt::format("prepare_weights: {} or its output is not 16-byte aligned", t.name));
     }
+    // The local experts' bytes of a tensor's input or output.
+    auto src_range = [&](const Tensor& t) {
+      const uint8_t* p = static_cast<const uint8_t*>(t.src) + first * t.src_bytes();
+      return std::pair{p, p + local * t.src_bytes()};
+    };
+    auto dst_range = [&](const Tensor& t) {
+      const uint8_t* p = static_cast<const uint8_t*>(t.dst) + first * t.dst_bytes();
+      return std::pair{p, p + local * t.dst_bytes()};
+    };
     for (const Tensor& t : tensors) {
-      const long long expert_bytes = t.rows * t.row_bytes;
-      const uint8_t* src = static_cast<const uint8_t*>(t.src) + first * expert_bytes;
-      uint8_t* dst = static_cast<uint8_t*>(t.dst) + first * expert_bytes;
-      const long long bytes = local * expert_bytes;
+      const auto [dst, dst_end] = dst_range(t);
       for (const Tensor& o : tensors) {  // no output may overlap any input or another output
-        const long long obytes = local * o.rows * o.row_bytes;
-        const uint8_t* osrc = static_cast<const uint8_t*>(o.src) + first * o.rows * o.row_bytes;
-        const uint8_t* odst = static_cast<const uint8_t*>(o.dst) + first * o.rows * o.row_bytes;
-        if (osrc < dst + bytes && dst < osrc + obytes)
+        const auto [osrc, osrc_end] = src_range(o);
+        const auto [odst, odst_end] = dst_range(o);
+        if (osrc < dst_end && dst < osrc_end)
           throw Error(ErrorKind::InvalidArgument,
                       fmt::format("prepare_weights: the output for {} overlaps the input {} (the "
                                   "rewrite is not in place)",
                                   t.name, o.name));
-        if (&o != &t && odst < dst + bytes && dst < odst + obytes)
+        if (&o != &t && odst < dst_end && dst < odst_end)
           throw Error(ErrorKind::InvalidArgument,
                       fmt::format("prepare_weights: the outputs for {} and {} overlap", t.name, o.name));
       }
-      moejit_dev::PrepareParams pp{src, dst, local * t.rows, static_cast<int32_t>(t.row_bytes),
-                                   t.block, t.chunk_units, t.pair_order ? 1 : 0};
-      const long long blocks = std::min<long long>((bytes / 16 + 255) / 256, 1 << 20);
+      moejit_dev::PrepareParams pp{src_range(t).first, const_cast<uint8_t*>(dst), local * t.rows,
+                                   static_cast<int32_t>(t.row_bytes), t.block, t.chunk_units,
+                                   t.pair_order ? 1 : 0, t.seg_rows, t.src_seg_rows,
+                                   static_cast<int32_t>(t.src_row_bytes)};
+      const long long blocks = std::min<long long>((local * t.dst_bytes() / 16 + 255) / 256, 1 << 20);
       launch(prepare_, static_cast<unsigned>(blocks), 1, &pp, stream, /*allow_pdl=*/false);
     }
   }
@@ -932,7 +947,7 @@ class LayerImpl {
 
 // ---- Layer -----------------------------------------------------------------------------------
 
-const MoeSpec& Layer::spec() const { return impl_->plan().spec; }
+const MoeSpec& Layer::spec() const { return impl_->plan().layer_spec; }
 const std::string& Layer::arch() const { return impl_->arch(); }
 size_t Layer::workspace_bytes(int num_tokens) const { return impl_->layout(num_tokens).total; }
 int Layer::launches_per_call(int num_tokens) const { return impl_->launches(num_tokens); }

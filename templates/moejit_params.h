@@ -238,8 +238,12 @@ struct FinalizeParams {
   int32_t num_tokens;
 };
 
-// Layer::prepare_weights (moejit_prepare.cuh): rows of row_bytes bytes in blocks of `block` rows
-// (rows a multiple of it), chunks of chunk_units 16-byte units per row (8: weights, 1: scales).
+// Layer::prepare_weights (moejit_prepare.cuh): output rows of row_bytes bytes in blocks of
+// `block` rows (rows a multiple of it), chunks of chunk_units 16-byte units per row (8: weights,
+// 1: scales). The padding of a tiled intermediate size (moejit.h): the output rows form segments
+// of seg_rows rows, of which the first src_seg_rows are source rows (output row
+// seg_rows * s + j is source row src_seg_rows * s + j) and the rest zero; a source row has
+// src_row_bytes bytes (at most row_bytes, even), and the rest of the output row is zero.
 struct PrepareParams {
   const uint8_t* src;  // row-major
   uint8_t* dst;        // tiled
@@ -248,6 +252,9 @@ struct PrepareParams {
   int32_t block;
   int32_t chunk_units;
   int32_t pair_order;  // w13's weights: each 32-bit word's nibbles in pair order (moejit.h)
+  int32_t seg_rows;
+  int32_t src_seg_rows;
+  int32_t src_row_bytes;
 };
 
 }  // namespace moejit_dev

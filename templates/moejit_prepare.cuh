@@ -4,7 +4,9 @@
 // row's chunk stored at u ^ (row % 8); scales: 16 bytes, 8 bf16). That is the shared-memory image
 // of the decode kernels' boxes, so a box of a whole block is one contiguous run
 // (moejit_stream.cuh, weight_box). One thread per 16-byte unit of the output, in output order:
-// stores are contiguous, loads gather whole 128-byte lines (weights) or 16-byte pieces (scales).
+// stores are contiguous, loads gather whole 128-byte lines (weights) or 16-byte pieces (scales;
+// 2-byte ones where a scale row is not whole 16 bytes). The padding of a tiled intermediate size
+// (rows and k past I: PrepareParams) is written as zeros.
 // With PrepareParams::pair_order (w13's weights) each 32-bit word's eight nibbles, k = 8t ..
 // 8t + 7, are also reordered: k = 8t + 2m to nibble m, k = 8t + 2m + 1 to nibble m + 4 (m = 0..3),
 // so that the decode kernels' one-lop3 nibble pairs (m, m + 4) are consecutive k, which they
@@ -32,7 +34,6 @@ __device__ void prepare_weights(const PrepareParams& p) {
   const int cu = p.chunk_units;                  // per row and chunk: 8 (weights) or 1 (scales)
   const long long block_units = row_units * p.block;
   const long long units = p.rows * row_units;
-  const uint4* src = reinterpret_cast<const uint4*>(p.src);
   uint4* dst = reinterpret_cast<uint4*>(p.dst);
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < units;
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
@@ -42,7 +43,22 @@ __device__ void prepare_weights(const PrepareParams& p) {
     const int r = static_cast<int>((in_block / cu) % p.block);
     const int slot = static_cast<int>(in_block % cu);
     const long long row = blk * p.block + r;
-    uint4 v = src[row * row_units + chunk * cu + (cu == 8 ? slot ^ (r & 7) : slot)];
+    // The unit's bytes of the output row are these of the row-major row (before the padding).
+    const long long off = (chunk * cu + (cu == 8 ? slot ^ (r & 7) : slot)) * 16;
+    const long long seg = row / p.seg_rows;
+    const long long j = row - seg * p.seg_rows;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (j < p.src_seg_rows && off < p.src_row_bytes) {
+      const uint8_t* s = p.src + (seg * p.src_seg_rows + j) * p.src_row_bytes + off;
+      if (p.src_row_bytes % 16 == 0) {
+        v = *reinterpret_cast<const uint4*>(s);  // (then off + 16 <= src_row_bytes)
+      } else {  // scale rows of I / 32 bf16 (2-byte aligned): by bf16, zeros past the row
+        uint32_t w[4] = {0u, 0u, 0u, 0u};
+        for (int b = 0; b < 16 && off + b < p.src_row_bytes; b += 2)
+          w[b >> 2] |= static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(s + b)) << (8 * (b & 3));
+        v = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
     if (p.pair_order) {
       v.x = pair_order_word(v.x);
       v.y = pair_order_word(v.y);

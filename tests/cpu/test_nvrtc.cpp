@@ -443,6 +443,14 @@ const std::vector<VariantGroup>& variant_groups() {
            s.weight_format = WeightFormat::MxInt4G32Tiled;
            s.swiglu_alpha = s.swiglu_beta = s.swiglu_limit = true;
          }},
+        // (An intermediate size padded from 1408 to 1536: the kernels of I 1536, by the plan.)
+        {"qwen3-30b-a3b tiled H=4096 I=1408 (padded)",
+         [](MoeSpec& s) {
+           s = preset("qwen3-30b-a3b");
+           s.hidden = 4096;
+           s.intermediate = 1408;
+           s.weight_format = WeightFormat::MxInt4G32Tiled;
+         }},
         {"kimi-k2-tp8 tiled experts [96, 144)",
          [](MoeSpec& s) {
            s = preset("kimi-k2-tp8");

@@ -1001,6 +1001,42 @@ TEST(PlanStream, UnitRowsRule) {
   }
 }
 
+// Tiled weights of an intermediate size that is not a multiple of 256 (a TP8 shard of
+// qwen3-235b-a22b: I 192; GLM-4.5-Air: 1408) are planned as the layer of the padded size
+// (kernel_spec): the stream family, the resident one-token layer where it fits, the padded size
+// in the plan's text; Plan::layer_spec keeps the layer's. Row-major weights of the same shape keep
+// the older family; the kernels of a padded tiled layer are those of the padded size, by text.
+TEST(PlanStream, TiledIntermediatePaddedTo256) {
+  MoeSpec s = preset("qwen3-30b-a3b");
+  s.hidden = 4096;
+  s.intermediate = 192;
+  s.weight_format = WeightFormat::MxInt4G32Tiled;
+  const Plan p = make_plan(s, 0, "sm_90a");
+  EXPECT_EQ(p.spec.intermediate, 256);
+  EXPECT_EQ(p.layer_spec, s);
+  EXPECT_EQ(kernel_spec(s), p.spec);
+  EXPECT_TRUE(p.buckets[0].stream);
+  EXPECT_TRUE(p.buckets[0].resident());
+  EXPECT_NE(describe(p).find("kernels for intermediate=256 (the tiled weights' padding of 192)"),
+            std::string::npos);
+  MoeSpec same = s;
+  same.intermediate = 256;
+  EXPECT_EQ(describe(make_plan(same, 0, "sm_90a")) + "kernels for intermediate=256 (the tiled weights' padding of 192)\n",
+            describe(p));
+  const auto a = generate_all(p), b = generate_all(make_plan(same, 0, "sm_90a"));
+  ASSERT_EQ(a.size(), b.size());
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i].source, b[i].source) << a[i].name;
+  MoeSpec row_major = s;
+  row_major.weight_format = WeightFormat::MxInt4G32;
+  EXPECT_EQ(kernel_spec(row_major), row_major);
+  EXPECT_FALSE(make_plan(row_major, 0, "sm_90a").buckets[0].stream);
+  s.intermediate = 1408;
+  EXPECT_EQ(make_plan(s, 0, "sm_90a").spec.intermediate, 1536);
+  EXPECT_TRUE(make_plan(s, 0, "sm_90a").buckets[0].stream);
+  s.intermediate = 1536;
+  EXPECT_EQ(make_plan(s, 0, "sm_90a").spec.intermediate, 1536);
+}
+
 // Buckets of at most 64 tokens with 8-row tiles on sm_90, H and I multiples of 256.
 TEST(PlanStream, ChosenForDecodeOnHopper) {
   auto decode_stream = [](const MoeSpec& s, const std::string& arch) {

@@ -198,12 +198,13 @@ const RuleCase kRuleCases[] = {
     {"WeightFormatMxInt4",
      [](MoeSpec& s) { s.weight_format = static_cast<WeightFormat>(3); },
      {"weight_format = unknown (3)", "must be MxInt4G32 or MxInt4G32Tiled"}},
-    {"WeightFormatTiledNeedsWholeChunks",
+    {"WeightFormatTiledNeedsWholeChunksOfHidden",
      [](MoeSpec& s) {
        s.weight_format = WeightFormat::MxInt4G32Tiled;
-       s.intermediate = 160;
+       s.hidden = 2880;
+       s.intermediate = 160;  // (padded: no error of its own)
      },
-     {"weight_format = MxInt4G32Tiled", "multiples of 256", "hidden = 256, intermediate = 160"}},
+     {"weight_format = MxInt4G32Tiled", "hidden a multiple of 256", "got hidden = 2880"}},
 };
 
 INSTANTIATE_TEST_SUITE_P(Rules, SpecRule, ::testing::ValuesIn(kRuleCases),
@@ -248,6 +249,33 @@ TEST(SpecValidate, AcceptsBoundaryValues) {
     edits[i](s);
     EXPECT_NO_THROW(s.validate()) << "edit " << i;
   }
+}
+
+// Tiled weights: any intermediate size (a multiple of 32) is valid, padded to a multiple of 256
+// in tiled_weight_bytes' sizes; the row-major sizes where it is one already.
+TEST(TiledWeightBytes, PadsTheIntermediateSizeToAMultipleOf256) {
+  MoeSpec s = base_spec();  // H 256, 8 experts
+  s.weight_format = WeightFormat::MxInt4G32Tiled;
+  EXPECT_NO_THROW(s.validate());
+  const size_t E = 8, H = 256;
+  struct Want {
+    int i, padded;
+  };
+  for (const Want w : {Want{32, 256}, Want{160, 256}, Want{256, 256}, Want{288, 512}, Want{1408, 1536}}) {
+    s.intermediate = w.i;
+    for (const WeightFormat f : {WeightFormat::MxInt4G32Tiled, WeightFormat::MxInt4G32}) {
+      s.weight_format = f;
+      const TiledWeightBytes b = tiled_weight_bytes(s);
+      const size_t IP = static_cast<size_t>(w.padded);
+      EXPECT_EQ(b.intermediate, w.padded) << w.i;
+      EXPECT_EQ(b.w13, E * 2 * IP * H / 2) << w.i;
+      EXPECT_EQ(b.w13_scale, E * 2 * IP * (H / 32) * 2) << w.i;
+      EXPECT_EQ(b.w2, E * H * IP / 2) << w.i;
+      EXPECT_EQ(b.w2_scale, E * H * (IP / 32) * 2) << w.i;
+    }
+  }
+  s.intermediate = 100;
+  EXPECT_THROW(tiled_weight_bytes(s), Error);
 }
 
 TEST(SpecValidate, EveryRoutingMethodWithItsDefaults) {

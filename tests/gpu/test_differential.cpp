@@ -1540,6 +1540,44 @@ TEST(Differential, TiledWeightsPresets) {
   run_cases(presets);
 }
 
+// Tiled weights of intermediate sizes that are not multiples of 256 (moejit.h: prepare_weights
+// pads them with zeros to I', and the layer runs the kernels of I'), the shapes of
+// tensor-parallel shards and of layers such as GLM-4.5-Air's (I 1408): 192 at 128 experts, top-8
+// (the resident layer at one token, the stream GEMMs at 8 and 64, 200 tokens the stream family's
+// 129-256 bucket, 1100 the big-tile GEMMs; with "stream=0" the older family at 8), 1408 (a
+// 1536-deep gemm2 with 128 zero k per row), 1920 at H 4096 (the chain at 1 and 3 tokens), 96 with
+// up/gate order and precomputed ids (a gemm2 K of three groups, 160 of its 256 k zero), and 160
+// on a grouped DeepSeekV3 rank with the SwiGLU parameters (the padded features must stay zero
+// under them). Each against the references of the unpadded layer (row-major weights), both layer
+// kinds, which must agree bitwise.
+TEST(Differential, TiledPaddedIntermediate) {
+  MOEJIT_REQUIRE_GPU();
+  std::vector<Case> cases;
+  const MoeSpec tp8 = tiled_shape(2048, 192, 128, 8);
+  for (const int t : {1, 8, 64, 200, 1100}) {
+    Case c = small_case("tiled-i192", tp8, t);
+    c.max_tokens = 0;
+    c.cpu_tokens = 16;
+    cases.push_back(c);
+  }
+  for (const int t : {1, 5, 33}) cases.push_back(small_case("tiled-i1408", tiled_shape(2048, 1408, 64, 8), t));
+  for (const int t : {1, 3}) {
+    Case c = small_case("tiled-i1920-chain", tiled_shape(4096, 1920, 64, 8), t);
+    c.cpu_tokens = 3;
+    cases.push_back(c);
+  }
+  MoeSpec pre = tiled_shape(1024, 96, 16, 4);
+  pre.routing = RoutingMethod::Precomputed;
+  pre.gate_up_order = GateUpOrder::UpGate;
+  Case p = small_case("tiled-i96-precomputed-up-gate", pre, 9);
+  p.inputs.invalid_ids = true;
+  cases.push_back(p);
+  cases.push_back(small_case("tiled-i160-ep", grouped_rank(tiled_shape(512, 160, 16), 5, 6, true), 3));
+  run_cases(cases);
+  const ScopedPlanOverride older("stream=0");
+  run_cases({small_case("tiled-i192-older-family", tp8, 8)});
+}
+
 // The shapes of the upstream MXINT4 regression test (FlashInfer's): m in {1, 33}, H 512,
 // I 7168, 384 experts, top-8, DeepSeekV3 (n_group 1, scale 2.827), bias present.
 TEST(Differential, UpstreamRegressionShapes) {
@@ -1640,12 +1678,13 @@ TEST(DifferentialSweepPlan, SpecsAreValidAndCoverEveryDimension) {
 }
 
 // ---- the random sweep of tiled decode shapes --------------------------------------------------
-// Tiled weights (WeightFormat::MxInt4G32Tiled: H and I multiples of 256) at the token counts of
+// Tiled weights (WeightFormat::MxInt4G32Tiled: H a multiple of 256; I too, or padded to one) at the token counts of
 // the decode buckets, where the planner builds the stream GEMMs and what it adds to them per
 // shape: the resident one-token layer, the chain kernel (fp16 operands or bf16), the pipeline
 // behind the fused route+dispatch block (routed ids packed beside its word), four gemm2 blocks per
-// SM, group columns and the 17-64 bucket. (Its shapes' H and I are multiples of 256 and its token
-// counts at most 65, so since bench/RESULTS.md section 53 no case runs the older family.) The random
+// SM, group columns and the 17-64 bucket. (Its shapes' H and kernels' I are multiples of 256 and
+// its token counts at most 65, so since bench/RESULTS.md section 53 no case runs the older
+// family.) The random
 // sweep above draws H and I that are not multiples of 128 and so reaches none of these; the
 // Small* tests and the presets reach them on fixed shapes. Each group is one weight shape (E, H,
 // I, k, order, SwiGLU flags) with two routing variants of two token counts each; the first
@@ -1655,6 +1694,9 @@ TEST(DifferentialSweepPlan, SpecsAreValidAndCoverEveryDimension) {
 // makes DifferentialTiledSweepPlan.* (no GPU needed) print every case with the kernel family its
 // token count takes.
 constexpr int kTiledDims[] = {256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 7168};
+// Every fourth group (g % 4 == 3) draws I from these, which the tiled weights pad to a multiple
+// of 256 (moejit.h, tiled_weight_bytes): tensor-parallel shards and GLM-4.5-Air's 1408.
+constexpr int kPaddedDims[] = {32, 96, 160, 192, 352, 384, 640, 704, 1408, 2720};
 constexpr int kTiledExperts[] = {4, 16, 40, 64, 96, 128, 160, 256, 384};
 constexpr int kTiledTopK[] = {1, 2, 4, 6, 8, 10};
 constexpr int kTiledTokens[] = {2, 3, 4, 5, 8, 9, 16, 17, 24, 33, 64, 65};
@@ -1681,7 +1723,7 @@ std::vector<Case> tiled_group(uint64_t master, int g, uint64_t data_seed) {
   MoeSpec base;
   do {
     base.hidden = chain_like ? pick_of(kChainDims) : pick_of(kTiledDims);
-    base.intermediate = chain_like ? pick_of(kChainDims) : pick_of(kTiledDims);
+    base.intermediate = chain_like ? pick_of(kChainDims) : g % 4 == 3 ? pick_of(kPaddedDims) : pick_of(kTiledDims);
     base.num_experts = pick_of(kTiledExperts);
   } while (static_cast<long long>(base.hidden) * base.intermediate > (1ll << 23) ||
            static_cast<long long>(base.hidden) * base.intermediate * base.num_experts > (1ll << 31) ||
@@ -1788,6 +1830,7 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
         for (std::string w; words >> w;) reached.insert(w);
       }
       if (c.ep_ranks >= 2) reached.insert("ep");
+      if (c.spec.intermediate % 256 != 0) reached.insert("padded");
       if (std::getenv("MOEJIT_DIFF_LIST"))
         std::printf("[diff] plan: %s -> %s\n", case_line(c).c_str(), families.c_str());
     }
@@ -1795,7 +1838,7 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
               static_cast<unsigned long long>(tiled_seed()), tiled_groups(), cases,
               fmt::format("{}", fmt::join(reached, " ")).c_str());
   if (tiled_seed() != kDefaultTiledSeed || tiled_groups() != 8) GTEST_SKIP() << "coverage is checked for the default sample";
-  for (const char* f : {"resident", "chain-f16", "stream", "gemm2x4", "ids64", "b17", "ep"})
+  for (const char* f : {"resident", "chain-f16", "stream", "gemm2x4", "ids64", "b17", "ep", "padded"})
     EXPECT_TRUE(reached.count(f)) << "the tiled sweep never reaches " << f;
 }
 

@@ -338,11 +338,14 @@ TEST(GpuLayerApi, FusedFinalizeCountersBoundTheTokens) {
 // (blocks of 32 rows for w13 and its scales, 64 for w2 and its scales; [chunk][row][chunk bytes
 // of a row], the weights' 16-byte units at u ^ (row % 8); w13's words with k = 2m of the word at
 // nibble m and k = 2m + 1 at nibble m + 4), with expert parallelism (only the local experts'
-// bytes written), and its argument errors.
-TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
-  MOEJIT_REQUIRE_GPU();
+// bytes written). For an intermediate size of 160 also the padding to 256 (tiled_weight_bytes):
+// each expert's gate and up rows 160-255 zero, w2's rows 128 bytes of which the last 48 zero,
+// its scale rows 16 bytes of which the last 6 zero (source rows of 10 bytes: not 16-byte
+// aligned). Then its argument errors.
+void check_prepared_layout(int intermediate) {
+  SCOPED_TRACE("intermediate " + std::to_string(intermediate));
   moejit::MoeSpec spec = small_spec();
-  spec.intermediate = 256;
+  spec.intermediate = intermediate;
   spec.weight_format = moejit::WeightFormat::MxInt4G32Tiled;
   spec.local_expert_offset = 3;
   spec.local_num_experts = 5;
@@ -351,21 +354,26 @@ TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
   dev.upload_weights(host);  // (a tiled spec: also prepares, which this test repeats by hand)
   const auto layer = moejit::compile_finalized(spec);
   moejit::MoeInputs in = dev.row_major(dev.inputs(spec));
-  DeviceBuffer o13(dev.w13.bytes()), s13(dev.w13_scale.bytes()), o2(dev.w2.bytes()), s2(dev.w2_scale.bytes());
+  const moejit::TiledWeightBytes sizes = moejit::tiled_weight_bytes(spec);
+  const long long E = spec.num_experts, H = spec.hidden, I = spec.intermediate;
+  const long long IP = (I + 255) / 256 * 256;
+  ASSERT_EQ(sizes.intermediate, IP);
+  DeviceBuffer o13(sizes.w13), s13(sizes.w13_scale), o2(sizes.w2), s2(sizes.w2_scale);
   for (DeviceBuffer* b : {&o13, &s13, &o2, &s2}) b->poison();
   const moejit::TiledWeights out{o13.get<uint8_t>(), s13.get(), o2.get<uint8_t>(), s2.get()};
   layer.prepare_weights(in, out, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
-  const long long E = spec.num_experts, H = spec.hidden, I = spec.intermediate;
   struct Tensor {
     const char* name;
-    std::vector<uint8_t> want, got;
-    long long rows, row_bytes, block, chunk_bytes;
+    std::vector<uint8_t> want, got;  // row-major source, tiled output
+    long long rows, row_bytes;       // per expert, of the output
+    long long src_rows, src_row_bytes, seg_rows, src_seg_rows;
+    long long block, chunk_bytes;
     bool pair_order;
   };
-  // Byte `b` of a row-major tensor as the tiled layout holds it: w13's weights in pair order.
+  // Byte `b` of source row `row` as the tiled layout holds it: w13's weights in pair order.
   auto want_byte = [](const Tensor& t, long long row, long long b) -> uint8_t {
-    const uint8_t* word = t.want.data() + row * t.row_bytes + (b & ~3LL);
+    const uint8_t* word = t.want.data() + row * t.src_row_bytes + (b & ~3LL);
     if (!t.pair_order) return word[b & 3];
     uint32_t w = 0, r = 0;
     for (int i = 0; i < 4; ++i) w |= static_cast<uint32_t>(word[i]) << (8 * i);
@@ -378,31 +386,38 @@ TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
     return std::vector<uint8_t>(p, p + v.size() * sizeof(v[0]));
   };
   Tensor tensors[4] = {
-      {"w13", bytes_of(host.w13), o13.download<uint8_t>(), 2 * I, H / 2, 32, 128, true},
-      {"w13_scale", bytes_of(host.w13_scale), s13.download<uint8_t>(), 2 * I, H / 16, 32, 16, false},
-      {"w2", bytes_of(host.w2), o2.download<uint8_t>(), H, I / 2, 64, 128, false},
-      {"w2_scale", bytes_of(host.w2_scale), s2.download<uint8_t>(), H, I / 16, 64, 16, false}};
+      {"w13", bytes_of(host.w13), o13.download<uint8_t>(), 2 * IP, H / 2, 2 * I, H / 2, IP, I, 32, 128, true},
+      {"w13_scale", bytes_of(host.w13_scale), s13.download<uint8_t>(), 2 * IP, H / 16, 2 * I, H / 16, IP, I,
+       32, 16, false},
+      {"w2", bytes_of(host.w2), o2.download<uint8_t>(), H, IP / 2, H, I / 2, 1, 1, 64, 128, false},
+      {"w2_scale", bytes_of(host.w2_scale), s2.download<uint8_t>(), H, IP / 16, H, I / 16, 1, 1, 64, 16,
+       false}};
   for (const Tensor& t : tensors) {
     SCOPED_TRACE(t.name);
-    ASSERT_EQ(t.want.size(), static_cast<size_t>(E * t.rows * t.row_bytes));
-    ASSERT_EQ(t.got.size(), t.want.size());
-    size_t wrong = 0, untouched_wrong = 0;
+    ASSERT_EQ(t.want.size(), static_cast<size_t>(E * t.src_rows * t.src_row_bytes));
+    ASSERT_EQ(t.got.size(), static_cast<size_t>(E * t.rows * t.row_bytes));
+    size_t wrong = 0, untouched_wrong = 0, padding = 0;
     for (long long e = 0; e < E; ++e) {
       const bool local = e >= spec.local_expert_offset && e < spec.local_expert_offset + spec.local_num_experts;
-      for (long long row = e * t.rows; row < (e + 1) * t.rows; ++row)
+      for (long long row = e * t.rows; row < (e + 1) * t.rows; ++row) {
+        const long long seg = row / t.seg_rows, j = row % t.seg_rows;
         for (long long b = 0; b < t.row_bytes; ++b) {
           const long long blk = row / t.block, r = row % t.block;
           const long long chunk = b / t.chunk_bytes, in_chunk = b % t.chunk_bytes;
           const long long unit = in_chunk / 16, swz = t.chunk_bytes == 128 ? (unit ^ (r % 8)) : unit;
           const long long at = blk * t.block * t.row_bytes + chunk * t.block * t.chunk_bytes +
                                r * t.chunk_bytes + swz * 16 + in_chunk % 16;
-          const uint8_t want = want_byte(t, row, b);
+          const bool pad = j >= t.src_seg_rows || b >= t.src_row_bytes;
+          const uint8_t want = pad ? 0 : want_byte(t, seg * t.src_seg_rows + j, b);
+          padding += local && pad;
           if (local) wrong += t.got[static_cast<size_t>(at)] != want;
           else untouched_wrong += t.got[static_cast<size_t>(at)] != 0xff;  // poison: 0xff bytes
         }
+      }
     }
     EXPECT_EQ(wrong, 0u);
     EXPECT_EQ(untouched_wrong, 0u);
+    EXPECT_EQ(padding > 0, IP != I);
   }
   moejit::TiledWeights bad = out;
   bad.w2_scale = nullptr;
@@ -414,13 +429,19 @@ TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
   bad.w2 = const_cast<uint8_t*>(in.w2);
   expect_error([&] { layer.prepare_weights(in, bad, nullptr); }, "overlaps the input w2");
   bad = out;
-  bad.w2 = o13.get<uint8_t>();  // local w2 bytes [98304, 262144) of it, w13's [196608, 524288)
+  bad.w2 = o13.get<uint8_t>();  // (w2's local bytes lie inside w13's output)
   expect_error([&] { layer.prepare_weights(in, bad, nullptr); }, "outputs for w13 and w2 overlap");
   moejit::MoeSpec row_major = spec;
   row_major.weight_format = moejit::WeightFormat::MxInt4G32;
   expect_error([&] { moejit::compile_finalized(row_major).prepare_weights(in, out, nullptr); },
                "weight_format = MxInt4G32 reads the weights as they are");
   CUDA_OK(cudaDeviceSynchronize());
+}
+
+TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
+  MOEJIT_REQUIRE_GPU();
+  check_prepared_layout(256);
+  check_prepared_layout(160);
 }
 
 TEST(GpuLayerApi, WrongLayerKindIsAnError) {

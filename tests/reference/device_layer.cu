@@ -29,10 +29,11 @@ void DeviceLayer::prepare_tiled(const MoeSpec& spec) {
   MoeSpec all = spec;  // every expert
   all.local_expert_offset = 0;
   all.local_num_experts = 0;
-  w13_tiled = DeviceBuffer(w13.bytes());
-  w13_scale_tiled = DeviceBuffer(w13_scale.bytes());
-  w2_tiled = DeviceBuffer(w2.bytes());
-  w2_scale_tiled = DeviceBuffer(w2_scale.bytes());
+  const TiledWeightBytes sizes = tiled_weight_bytes(all);  // (padded where I % 256 != 0)
+  w13_tiled = DeviceBuffer(sizes.w13);
+  w13_scale_tiled = DeviceBuffer(sizes.w13_scale);
+  w2_tiled = DeviceBuffer(sizes.w2);
+  w2_scale_tiled = DeviceBuffer(sizes.w2_scale);
   MoeInputs in;
   in.w13 = w13.get<uint8_t>();
   in.w13_scale = w13_scale.get();
