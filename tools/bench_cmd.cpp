@@ -14,6 +14,7 @@
 #include <iterator>
 #include <map>
 #include <regex>
+#include <stdexcept>
 
 #include "cli_common.h"
 #include "commands.h"
@@ -110,6 +111,7 @@ std::vector<float> timed_ms(int runs, cudaStream_t s, F&& fn, B&& before = [](in
 }
 
 double median_of(std::vector<float> ms) {
+  if (ms.empty()) throw std::logic_error("median_of: no runs");
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
 }
@@ -487,9 +489,10 @@ void add_bench_cmd(CLI::App& app) {
             timed_ms(runs, stream, [&](int i) { graphs[i % ncopies].launch(stream); }, warm);
         const double ms = median_of(all);
         // The same runs grouped by weight copy (run i used copy i % copies): whether the copies,
-        // allocated one after another, stream at different speeds.
+        // allocated one after another, stream at different speeds. (Small layers take more
+        // copies than runs: those past the runs were not timed.)
         std::vector<double> copy_us;
-        for (int c = 0; c < ncopies; ++c) {
+        for (int c = 0; c < std::min(ncopies, runs); ++c) {
           std::vector<float> mine;
           for (int i = c; i < runs; i += ncopies) mine.push_back(all[i]);
           copy_us.push_back(1e3 * median_of(mine));

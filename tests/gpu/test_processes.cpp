@@ -120,4 +120,46 @@ TEST(GpuProcesses, ColdProcessesShareOneCacheCompileEachKernelOnceAndEveryLayerC
               kProcesses, warm.seconds);
 }
 
+// `moejit bench` on a layer whose weights (one token: 8 experts of H 2048, I 96) are so few that
+// it rotates more weight copies than it times runs (it crashed there until session 35), tiled and
+// so padded to I 256 (the bench says by how much). Checks only that it verified and printed its
+// row, in text and JSON; the times it prints are not asserted.
+TEST(GpuProcesses, BenchOfASmallPaddedLayerWithMoreWeightCopiesThanRuns) {
+  MOEJIT_REQUIRE_GPU();
+  const std::string cli = cli_path();
+  ASSERT_TRUE(std::filesystem::exists(cli)) << "no moejit CLI at " << cli;
+  moejit_test::TempDir tmp;
+  const std::string spec = tmp / "small.moe", json = tmp / "rows.json";
+  FILE* f = std::fopen(spec.c_str(), "w");
+  ASSERT_NE(f, nullptr);
+  std::fputs(
+      "moejit.module version=1 activation=bf16 {\n"
+      "  %route = route method=RenormalizeNaive experts=128 top_k=8 n_group=1 topk_group=1 scale=1 logits=fp32 bias=none\n"
+      "  %dispatch = dispatch %route local_offset=0 local_experts=128\n"
+      "  %gemm1 = gemm1 %dispatch k=2048 n=96 weight=mxint4_g32_tiled order=gate_up act=swiglu alpha=0 beta=0 limit=0\n"
+      "  %gemm2 = gemm2 %gemm1 k=96 n=2048 weight=mxint4_g32_tiled\n"
+      "  %out = finalize %gemm2 %route top_k=8\n"
+      "}\n",
+      f);
+  std::fclose(f);
+  std::string out;
+  ASSERT_EQ(moejit_test::run_shell(fmt::format("MOEJIT_CACHE_DIR={} {} bench --spec {} --tokens 1 --runs 50 "
+                                               "--no-cublas-layer --json {}",
+                                               tmp / "cache", cli, spec, json),
+                                   &out),
+            0)
+      << out;
+  EXPECT_THAT(out, HasSubstr("tiled weights padded from intermediate 96 to 256")) << out;
+  EXPECT_THAT(out, HasSubstr("small.moe      1 ")) << out;
+  EXPECT_THAT(out, ::testing::Not(HasSubstr("VERIFY FAILED"))) << out;
+  std::string rows;
+  ASSERT_EQ(moejit_test::run_shell("cat " + json, &rows), 0);
+  EXPECT_THAT(rows, HasSubstr("\"tokens\": 1,")) << rows;  // (a row is written once verified)
+  const size_t at = rows.find("\"weight_copies\": ");
+  int copies = 0;
+  ASSERT_NE(at, std::string::npos) << rows;
+  ASSERT_EQ(std::sscanf(rows.c_str() + at, "\"weight_copies\": %d", &copies), 1) << rows;
+  EXPECT_GT(copies, 50) << rows;  // the case this test is for
+}
+
 }  // namespace
