@@ -304,8 +304,9 @@ KernelSource finalize_unit(const Plan& plan, const KernelPlan& k) {
   const std::string cfg = fmt::format(
       "  static constexpr int kHidden = {};\n"
       "  static constexpr int kTopK = {};\n"
-      "  static constexpr int kThreads = {};\n",
-      s.hidden, s.top_k, kFinalizeThreads);
+      "  static constexpr int kThreads = {};\n"
+      "  static constexpr int kLayerHidden = {};  // the layer's H (kHidden: the kernels', padded)\n",
+      s.hidden, s.top_k, kFinalizeThreads, plan.layer_spec.hidden);
   return {k.name, "moejit_" + k.name,
           unit(k, s, "moejit_finalize.cuh", cfg,
                "FinalizeParams", "finalize_kernel",
@@ -317,6 +318,13 @@ KernelSource prepare_unit(const Plan& plan, const KernelPlan& k) {
   return {k.name, "moejit_" + k.name,
           unit(k, plan.spec, "moejit_prepare.cuh", "  static constexpr int kThreads = 256;\n",
                "PrepareParams", "prepare_weights", 256),
+          256};
+}
+
+KernelSource rows_unit(const Plan& plan, const KernelPlan& k) {
+  return {k.name, "moejit_" + k.name,
+          unit(k, plan.spec, "moejit_prepare.cuh", "  static constexpr int kThreads = 256;\n",
+               "RowsParams", "copy_rows", 256),
           256};
 }
 
@@ -366,6 +374,7 @@ KernelSource generate(const Plan& plan, const KernelPlan& kernel) {
     case KernelRole::Resident: return resident_unit(plan, kernel);
     case KernelRole::Chain: return chain_unit(plan, kernel);
     case KernelRole::Prepare: return prepare_unit(plan, kernel);
+    case KernelRole::Rows: return rows_unit(plan, kernel);
   }
   throw Error(ErrorKind::Internal, "generate: unknown kernel role");
 }

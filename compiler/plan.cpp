@@ -26,6 +26,7 @@ const char* to_string(KernelRole role) {
     case KernelRole::Resident: return "resident";
     case KernelRole::Chain: return "chain";
     case KernelRole::Prepare: return "prepare";
+    case KernelRole::Rows: return "rows";
   }
   return "?";
 }
@@ -494,8 +495,11 @@ std::optional<std::string> plan_override_value(const char* key) {
 
 MoeSpec kernel_spec(const MoeSpec& spec) {
   MoeSpec k = spec;
-  if (spec.weight_format == WeightFormat::MxInt4G32Tiled)
-    k.intermediate = tiled_weight_bytes(spec).intermediate;
+  if (spec.weight_format == WeightFormat::MxInt4G32Tiled) {
+    const TiledWeightBytes t = tiled_weight_bytes(spec);
+    k.hidden = t.hidden;
+    k.intermediate = t.intermediate;
+  }
   return k;
 }
 
@@ -972,6 +976,7 @@ Plan make_plan(const MoeSpec& given, int max_tokens, const std::string& arch) {
   plan.kernels.push_back({"finalize", KernelRole::Finalize, {"finalize"}, -1});
   if (spec.weight_format == WeightFormat::MxInt4G32Tiled)
     plan.kernels.push_back({"prepare", KernelRole::Prepare, {}, -1});
+  if (spec.hidden != given.hidden) plan.kernels.push_back({"rows", KernelRole::Rows, {}, -1});
   return plan;
 }
 
@@ -1041,9 +1046,10 @@ std::string describe(const Plan& plan) {
                        k.role == KernelRole::RouteDispatch ? fmt::format(" routed_id_slots={}", plan.routed_id_slots)
                                                            : std::string());
   }
-  if (plan.spec.intermediate != plan.layer_spec.intermediate)
-    out += fmt::format("kernels for intermediate={} (the tiled weights' padding of {})\n",
-                       plan.spec.intermediate, plan.layer_spec.intermediate);
+  const MoeSpec &k = plan.spec, &l = plan.layer_spec;
+  if (k.hidden != l.hidden || k.intermediate != l.intermediate)
+    out += fmt::format("kernels for hidden={} intermediate={} (the tiled weights' padding of {} and {})\n",
+                       k.hidden, k.intermediate, l.hidden, l.intermediate);
   return out;
 }
 

@@ -274,7 +274,9 @@ struct Bucket {
 };
 
 // Prepare: Layer::prepare_weights's kernel (tiled weight formats only), not part of a launch.
-enum class KernelRole { Route, Dispatch, RouteDispatch, Gemm1, Gemm2, Finalize, Resident, Chain, Prepare };
+// Rows: where the tiled weights pad H (kernel_spec), the copy of x to padded rows before the
+// layer's kernels and of their padded output rows to the caller's after them.
+enum class KernelRole { Route, Dispatch, RouteDispatch, Gemm1, Gemm2, Finalize, Resident, Chain, Prepare, Rows };
 const char* to_string(KernelRole role);
 
 // One kernel of the plan: the stages it implements and, for GEMMs, its bucket.
@@ -288,7 +290,7 @@ struct KernelPlan {
 
 struct Plan {
   // The spec the kernels are planned and generated for: the layer's (layer_spec), except that a
-  // tiled layer's intermediate size is padded to a multiple of 256 (kernel_spec).
+  // tiled layer's hidden and intermediate sizes are padded to multiples of 256 (kernel_spec).
   MoeSpec spec;
   MoeSpec layer_spec;  // as given to make_plan
   std::vector<Bucket> buckets;
@@ -364,9 +366,10 @@ const std::vector<std::pair<int, int>>& bucket_ranges();
 // family wherever it is eligible; ff=0 turns off the older family's fused finalize.
 Plan make_plan(const MoeSpec& spec, int max_tokens = 0, const std::string& arch = "sm_90a");
 
-// The spec a layer's kernels are generated for: `spec`, with a tiled layer's intermediate size
-// rounded up to a multiple of 256 (moejit.h, tiled_weight_bytes: the tiled weights hold the
-// padding as zeros, so the padded layer's output is the layer's).
+// The spec a layer's kernels are generated for: `spec`, with a tiled layer's hidden and
+// intermediate sizes rounded up to multiples of 256 (moejit.h, tiled_weight_bytes: the tiled
+// weights hold the padding as zeros, so the padded layer's output is the layer's, in its first H
+// features; a padded H also pads x and the output rows: KernelRole::Rows).
 MoeSpec kernel_spec(const MoeSpec& spec);
 
 // The override in force ("" when none); part of a compiled layer's identity.

@@ -214,13 +214,8 @@ const std::vector<Rule>& rules() {
       },
       [](const MoeSpec& s) -> std::string {
         if (s.weight_format == WeightFormat::MxInt4G32) return {};
-        if (s.weight_format == WeightFormat::MxInt4G32Tiled) {
-          // (An intermediate size that is not a multiple of 256 is padded: tiled_weight_bytes.)
-          if (s.hidden % 256 == 0) return {};
-          return fmt::format("weight_format = MxInt4G32Tiled needs hidden a multiple of 256 "
-                             "(whole 128-byte chunks of gemm1's K); got hidden = {}",
-                             s.hidden);
-        }
+        // (MxInt4G32Tiled pads H and I to multiples of 256: tiled_weight_bytes.)
+        if (s.weight_format == WeightFormat::MxInt4G32Tiled) return {};
         return fmt::format("weight_format = {} ({}) is not supported: must be MxInt4G32 or "
                            "MxInt4G32Tiled",
                            to_string(s.weight_format), static_cast<int>(s.weight_format));
@@ -296,8 +291,9 @@ const std::vector<std::pair<std::string, MoeSpec>>& presets() {
 TiledWeightBytes tiled_weight_bytes(const MoeSpec& spec) {
   spec.validate();
   TiledWeightBytes b;
+  b.hidden = (spec.hidden + 255) / 256 * 256;
   b.intermediate = (spec.intermediate + 255) / 256 * 256;
-  const size_t E = static_cast<size_t>(spec.num_experts), H = static_cast<size_t>(spec.hidden),
+  const size_t E = static_cast<size_t>(spec.num_experts), H = static_cast<size_t>(b.hidden),
                I = static_cast<size_t>(b.intermediate);
   b.w13 = E * 2 * I * (H / 2);
   b.w13_scale = E * 2 * I * (H / 32) * 2;

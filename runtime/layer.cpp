@@ -209,6 +209,7 @@ class LayerImpl {
         case KernelRole::Gemm1: gemm1_.resize(plan_.buckets.size()); gemm1_[k.bucket] = i; break;
         case KernelRole::Gemm2: gemm2_.resize(plan_.buckets.size()); gemm2_[k.bucket] = i; break;
         case KernelRole::Prepare: prepare_ = i; break;
+        case KernelRole::Rows: rows_ = i; break;
         case KernelRole::Chain:
           chain_.resize(plan_.buckets.size(), kNone);
           chain_[k.bucket] = i;
@@ -305,7 +306,8 @@ class LayerImpl {
     long long max_tiles = 0;
     long long rows = 0;  // max_tiles * tile
     size_t topk_ids = 0, topk_weights = 0, counts = 0, offsets = 0, tile_expert = 0, tile_rows = 0, e2p = 0,
-           p2s = 0, act = 0, y = 0, counters = 0, routed = 0, x16 = 0, act_magic = 0, total = 0;
+           p2s = 0, act = 0, y = 0, counters = 0, routed = 0, x16 = 0, act_magic = 0, xp = 0, out = 0,
+           total = 0;
     bool f16 = false;  // a chain with fp16 operands runs (StreamConfig::f16): x16 (and act_magic)
   };
 
@@ -351,6 +353,12 @@ class LayerImpl {
       if (b.c1.f16) l.x16 = take(static_cast<size_t>(T) * s.hidden * 2);
       if (b.c2.f16) l.act_magic = take(static_cast<size_t>(l.max_tiles) * (s.intermediate / 8) * 4);
     }
+    // A padded H (padded_hidden): x [T, H'] and a finalized layer's output [T, H'] (an unfinalized
+    // one's rows go to y).
+    if (padded_hidden()) {
+      l.xp = take(static_cast<size_t>(T) * s.hidden * 2);
+      l.out = take(static_cast<size_t>(T) * s.hidden * 2);
+    }
     l.total = at;
     return l;
   }
@@ -394,9 +402,23 @@ class LayerImpl {
     void* final_out;    // [T, H] or null
   };
 
-  void run(const MoeInputs& in, int T, const Workspace& ws, Stream stream, Outs outs) const {
+  // Tiled weights that pad H (kernel_spec): the kernels run on rows of H' features.
+  bool padded_hidden() const { return plan_.spec.hidden != plan_.layer_spec.hidden; }
+
+  // RowsParams (moejit_params.h): `rows` rows of src_cols elements of `elem` bytes to rows of
+  // dst_cols, launched with PDL (the kernel waits for its predecessor before it reads).
+  void copy_rows(const void* src, void* dst, long long rows, int src_cols, int dst_cols, int elem,
+                 Stream stream) const {
+    moejit_dev::RowsParams rp{static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), rows,
+                              src_cols * elem, dst_cols * elem};
+    const long long units = rows * (dst_cols * elem / 16);
+    launch(rows_, static_cast<unsigned>(std::min<long long>((units + 255) / 256, 1 << 20)), 1, &rp,
+           stream);
+  }
+
+  void run(const MoeInputs& in_given, int T, const Workspace& ws, Stream stream, Outs outs) const {
     const MoeSpec& s = plan_.spec;
-    check_inputs(in);
+    check_inputs(in_given);
     const Layout l = layout(T);
     if (ws.bytes < l.total)
       throw Error(ErrorKind::InvalidArgument,
@@ -415,6 +437,21 @@ class LayerImpl {
     }
     char* base = static_cast<char*>(ws.ptr);
     auto at = [&](size_t off) { return base + off; };
+    // A padded H: the kernels read x from rows of H' (copied first, the padding zero) and write
+    // their output rows of H' to the workspace, copied to the caller's rows of H after them. The
+    // layer's first kernel then starts after the copy has completed (no PDL): kernels read what
+    // the kernels two back wrote before their own waits.
+    MoeInputs in = in_given;
+    void* const caller_out = outs.final_out;
+    void* const caller_y = outs.y;
+    const int H = plan_.layer_spec.hidden;
+    if (padded_hidden()) {
+      copy_rows(in_given.hidden_states, at(l.xp), T, H, s.hidden, 2, stream);
+      in.hidden_states = at(l.xp);
+      if (outs.final_out) outs.final_out = at(l.out);
+      outs.y = nullptr;  // (the workspace's y)
+    }
+    const bool first_pdl = !padded_hidden();
     int32_t* topk_ids = outs.ids ? outs.ids : reinterpret_cast<int32_t*>(at(l.topk_ids));
     float* weights = outs.weights ? outs.weights : reinterpret_cast<float*>(at(l.topk_weights));
     int32_t* counts = reinterpret_cast<int32_t*>(at(l.counts));
@@ -443,7 +480,8 @@ class LayerImpl {
         r.tma_s1 = scale_map(in.w13_scale, true, 8);
         r.tma_s2 = scale_map(in.w2_scale, false, 8 * b.res.units2);
       }
-      launch(rk, kernels_[rk].grid, 1, &r, stream);
+      launch(rk, kernels_[rk].grid, 1, &r, stream, first_pdl);
+      if (padded_hidden()) copy_rows(outs.final_out, caller_out, T, s.hidden, H, 2, stream);
       return;
     }
     // Decode buckets of finalized layers fuse the finalize into gemm2.
@@ -532,10 +570,10 @@ class LayerImpl {
         rdp.x = in.hidden_states;
         rdp.x16 = at(l.x16);
       }
-      launch(route_dispatch_, l.f16 ? 2 : 1, 1, &rdp, stream);
+      launch(route_dispatch_, l.f16 ? 2 : 1, 1, &rdp, stream, first_pdl);
     } else {
       launch(route_, (T + compiler::kRouteWarpsPerBlock - 1) / compiler::kRouteWarpsPerBlock, 1,
-             &rp, stream);
+             &rp, stream, first_pdl);
       launch(dispatch_, 1, 1, &dp, stream);
     }
     if (chain != kNone) {
@@ -548,6 +586,10 @@ class LayerImpl {
     }
     if (outs.final_out && !fused && !chain_final)
       run_finalize(y, weights, e2p, outs.final_out, T, stream, /*after_gemm2=*/true);
+    if (padded_hidden()) {
+      if (caller_out) copy_rows(outs.final_out, caller_out, T, s.hidden, H, 2, stream);
+      else copy_rows(y, caller_y, l.rows, s.hidden, H, 4, stream);
+    }
   }
 
   // The TMA descriptors of a stream GEMM launch (GemmParams::tma_w / tma_s / tma_x) for its unit
@@ -719,16 +761,21 @@ class LayerImpl {
   void run_finalize(const void* y, const float* weights, const int32_t* e2p, void* out, int T,
                     Stream stream, bool after_gemm2) const {
     if (T == 0) return;
-    moejit_dev::FinalizeParams fp{y, weights, e2p, out, T};
+    // moejit::finalize reads and writes rows of the layer's H, the layer's own finalize its
+    // kernels' (padded) rows.
+    const bool layer_rows = !after_gemm2 && padded_hidden();
+    moejit_dev::FinalizeParams fp{y, weights, e2p, out, T, layer_rows ? 1 : 0};
     const int threads = compiler::finalize_threads_for(plan_, T);
     const int per_block = threads * 8;
-    launch(finalize_, static_cast<unsigned>(T), (plan_.spec.hidden + per_block - 1) / per_block,
-           &fp, stream, after_gemm2, threads);
+    const int H = layer_rows ? plan_.layer_spec.hidden : plan_.spec.hidden;
+    launch(finalize_, static_cast<unsigned>(T), (H + per_block - 1) / per_block, &fp, stream,
+           after_gemm2, threads);
   }
 
   // Layer::prepare_weights: the local experts' w13, w13_scale, w2, w2_scale, one kernel each.
-  // A padded intermediate size (plan_.spec's I' against the layer's I, moejit.h) makes each
-  // expert's w13 2 I' rows (I of gate, zeros, I of up, zeros) and w2's rows I' / 2 bytes.
+  // Padded sizes (plan_.spec's H' and I' against the layer's H and I, moejit.h) make each
+  // expert's w13 2 I' rows (I of gate, zeros, I of up, zeros) of H' / 2 bytes and w2 H' rows (H,
+  // zeros) of I' / 2 bytes, each row's bytes past the source's zero.
   void prepare_weights(const MoeInputs& in, const TiledWeights& out, Stream stream) const {
     const MoeSpec& s = plan_.spec;
     if (!tiled())
@@ -737,7 +784,8 @@ class LayerImpl {
                               "prepare_weights writes MxInt4G32Tiled",
                               to_string(s.weight_format)));
     const long long first = s.local_expert_offset, local = s.local_experts();
-    const long long H = s.hidden, I = plan_.layer_spec.intermediate, IP = s.intermediate;
+    const long long H = plan_.layer_spec.hidden, HP = s.hidden, I = plan_.layer_spec.intermediate,
+                    IP = s.intermediate;
     struct Tensor {
       const char* name;
       const void* src;
@@ -751,14 +799,15 @@ class LayerImpl {
       long long dst_bytes() const { return rows * row_bytes; }
     };
     const int i_rows = static_cast<int>(IP), i_src = static_cast<int>(I);
+    const int h_rows = static_cast<int>(HP), h_src = static_cast<int>(H);
     const Tensor tensors[4] = {
-        {"w13", in.w13, out.w13, 2 * IP, 2 * I, H / 2, H / 2, moejit_dev::kTiledRowsW13, 8, true,
+        {"w13", in.w13, out.w13, 2 * IP, 2 * I, HP / 2, H / 2, moejit_dev::kTiledRowsW13, 8, true,
          i_rows, i_src},
-        {"w13_scale", in.w13_scale, out.w13_scale, 2 * IP, 2 * I, H / 16, H / 16,
+        {"w13_scale", in.w13_scale, out.w13_scale, 2 * IP, 2 * I, HP / 16, H / 16,
          moejit_dev::kTiledRowsW13, 1, false, i_rows, i_src},
-        {"w2", in.w2, out.w2, H, H, IP / 2, I / 2, moejit_dev::kTiledRowsW2, 8, false, 1, 1},
-        {"w2_scale", in.w2_scale, out.w2_scale, H, H, IP / 16, I / 16, moejit_dev::kTiledRowsW2, 1,
-         false, 1, 1}};
+        {"w2", in.w2, out.w2, HP, H, IP / 2, I / 2, moejit_dev::kTiledRowsW2, 8, false, h_rows, h_src},
+        {"w2_scale", in.w2_scale, out.w2_scale, HP, H, IP / 16, I / 16, moejit_dev::kTiledRowsW2, 1,
+         false, h_rows, h_src}};
     for (const Tensor& t : tensors) {
       if (!t.src || !t.dst)
         throw Error(ErrorKind::InvalidArgument,
@@ -801,10 +850,11 @@ class LayerImpl {
 
   int launches(int T) const {
     if (T == 0) return 0;
-    if (resident_for(T, plan_.spec.finalize) != kNone) return 1;
+    const int rows = padded_hidden() ? 2 : 0;  // x's copy and the output's
+    if (resident_for(T, plan_.spec.finalize) != kNone) return 1 + rows;
     const compiler::Bucket& b = plan_.buckets[plan_.bucket_for(T)];
     const bool chain = chain_for(T) != kNone;
-    return (b.fused_route ? 1 : 2) + (chain ? 1 : 2) +
+    return rows + (b.fused_route ? 1 : 2) + (chain ? 1 : 2) +
            (plan_.spec.finalize && !b.fused_finalize && !(chain && b.c2.chain_finalize) ? 1 : 0);
   }
 
@@ -908,7 +958,7 @@ class LayerImpl {
   bool pdl_ = false;
   static constexpr size_t kNone = static_cast<size_t>(-1);
   size_t route_ = kNone, dispatch_ = kNone, route_dispatch_ = kNone, finalize_ = kNone,
-         prepare_ = kNone;
+         prepare_ = kNone, rows_ = kNone;
   std::vector<size_t> gemm1_, gemm2_, chain_;
   std::vector<size_t> resident_;  // per bucket, kNone where it has none or this device cannot run it
   // Encoded TMA descriptors of stream GEMM launches (encode_stream_tma), by weight and scale

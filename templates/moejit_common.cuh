@@ -278,9 +278,11 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
 // The finalize of 8 features h .. h + 7 of one token: bf16(sum_j ws[j] * y[rows[j], h ..]) over
 // ascending j in fp32, slots with rows[j] < 0 skipped. Shared by the finalize kernel and a chain
 // kernel's finalize (moejit_stream.cuh), which must give the same bits. y: fp32 rows of H
-// features; kL2: loads not served from L1 (rows other blocks wrote during the launch).
-template <int H, int K, bool kL2>
-__device__ __forceinline__ uint4 weighted_rows8(const float* y, const int (&rows)[K], const float (&ws)[K], int h) {
+// features (stride: floats per row); kL2: loads not served from L1 (rows other blocks wrote
+// during the launch).
+template <int K, bool kL2>
+__device__ __forceinline__ uint4 weighted_rows8(const float* y, long long stride, const int (&rows)[K],
+                                                const float (&ws)[K], int h) {
   float acc[8];
 #pragma unroll
   for (int i = 0; i < 8; ++i) acc[i] = 0.0f;
@@ -289,7 +291,7 @@ __device__ __forceinline__ uint4 weighted_rows8(const float* y, const int (&rows
     const int row = rows[j];
     if (row < 0) continue;
     const float w = ws[j];
-    const float4* r = reinterpret_cast<const float4*>(y + static_cast<long long>(row) * H + h);
+    const float4* r = reinterpret_cast<const float4*>(y + static_cast<long long>(row) * stride + h);
     const float4 a = kL2 ? __ldcg(r) : r[0], b = kL2 ? __ldcg(r + 1) : r[1];
     const float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll

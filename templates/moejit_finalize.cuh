@@ -3,8 +3,11 @@
 // Grid: x = token, y = blocks of blockDim.x * 8 features (blockDim.x at most kThreads); each
 // thread owns 8 features (16 bytes).
 //
-// Cfg provides: kHidden, kTopK, kThreads (the launch bound). y rows are fp32 (a finalized layer's workspace, or an
-// unfinalized layer's gemm2_out for moejit::finalize).
+// Cfg provides: kHidden, kTopK, kThreads (the launch bound), kLayerHidden. y rows are fp32 (a
+// finalized layer's workspace, or an unfinalized layer's gemm2_out for moejit::finalize). Rows
+// have kHidden features, the kernels' H; with FinalizeParams::layer_rows kLayerHidden, the
+// layer's H where the tiled weights pad it (moejit.h): moejit::finalize on an unfinalized layer's
+// gemm2_out, whose rows the layer wrote at the layer's H.
 #pragma once
 
 #include "moejit_common.cuh"
@@ -13,7 +16,7 @@ namespace moejit_dev {
 
 template <class Cfg>
 __device__ void finalize_kernel(const FinalizeParams& p) {
-  constexpr int H = Cfg::kHidden;
+  const int H = Cfg::kLayerHidden != Cfg::kHidden && p.layer_rows ? Cfg::kLayerHidden : Cfg::kHidden;
   constexpr int K = Cfg::kTopK;
   const int t = blockIdx.x;
   const int h = (blockIdx.y * blockDim.x + threadIdx.x) * 8;
@@ -37,7 +40,7 @@ __device__ void finalize_kernel(const FinalizeParams& p) {
   if (threadIdx.x == 0) tl_stamp(tls, kTlFinWaited);
   if (t >= p.num_tokens || h >= H) return;
 
-  const uint4 o = weighted_rows8<H, K, false>(static_cast<const float*>(p.y), rows, ws, h);
+  const uint4 o = weighted_rows8<K, false>(static_cast<const float*>(p.y), H, rows, ws, h);
   *reinterpret_cast<uint4*>(static_cast<__nv_bfloat16*>(p.out) + static_cast<long long>(t) * H + h) = o;
   if (threadIdx.x == 0) tl_stamp(tls, kTlFinEnd);
 }

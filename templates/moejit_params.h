@@ -236,6 +236,19 @@ struct FinalizeParams {
   const int32_t* expanded_to_permuted;    // [T*k], -1 = contributes nothing
   void* out;                              // [T, H] bf16
   int32_t num_tokens;
+  int32_t layer_rows;  // nonzero: H is the layer's, not the kernels' padded one (moejit_finalize.cuh)
+};
+
+// Rows of one width copied to rows of another (moejit_prepare.cuh, copy_rows): each output row
+// the input row's first dst_row_bytes bytes, zeros past its src_row_bytes. A layer whose tiled
+// weights pad H (moejit.h) copies x [T, H] to [T, H'] before its kernels and their [rows, H']
+// outputs to the caller's [rows, H] after them. Both widths multiples of 16 bytes.
+struct RowsParams {
+  const uint8_t* src;
+  uint8_t* dst;
+  long long rows;
+  int32_t src_row_bytes;
+  int32_t dst_row_bytes;
 };
 
 // Layer::prepare_weights (moejit_prepare.cuh): output rows of row_bytes bytes in blocks of

@@ -69,4 +69,20 @@ __device__ void prepare_weights(const PrepareParams& p) {
   }
 }
 
+// RowsParams (moejit_params.h): one thread per 16-byte unit of the output, in output order. It
+// may start while its predecessor runs (PDL): it reads nothing before that one has completed.
+template <class Cfg>
+__device__ void copy_rows(const RowsParams& p) {
+  pdl_wait();
+  const long long units = p.dst_row_bytes / 16;
+  const long long total = p.rows * units;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long row = i / units, off = (i - row * units) * 16;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (off < p.src_row_bytes) v = *reinterpret_cast<const uint4*>(p.src + row * p.src_row_bytes + off);
+    reinterpret_cast<uint4*>(p.dst)[i] = v;
+  }
+}
+
 }  // namespace moejit_dev

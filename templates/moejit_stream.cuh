@@ -665,7 +665,7 @@ __device__ void chain_finalize(const GemmParams& p, const unsigned short* count,
       rows[j] = i < kFinSlots ? f.rows[i] : __ldcg(p.expanded_to_permuted + i);
       ws[j] = i < kFinSlots ? f.ws[i] : __ldcg(p.weights + i);
     }
-    const uint4 o = weighted_rows8<N, K, true>(y, rows, ws, h);
+    const uint4 o = weighted_rows8<K, true>(y, N, rows, ws, h);
     *reinterpret_cast<uint4*>(out + static_cast<long long>(t) * N + h) = o;
   }
   // Timeline: a finalizing block's rows written (the first barrier), its list known (the second:

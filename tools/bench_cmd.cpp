@@ -330,11 +330,13 @@ void add_bench_cmd(CLI::App& app) {
     const std::string card = moejit::device_name();
     fmt::print("card: {} ({}), L2 {:.0f} MB; weights {}\n", card, moejit::device_arch(),
                l2_bytes() / 1e6, moejit::to_string(spec.weight_format));
-    const int padded_i = moejit::tiled_weight_bytes(spec).intermediate;
-    if (spec.weight_format == moejit::WeightFormat::MxInt4G32Tiled && padded_i != spec.intermediate)
-      fmt::print("tiled weights padded from intermediate {} to {}: the layer reads {:.1f}% more bytes "
-                 "than weight_MB, which counts the unpadded ones\n",
-                 spec.intermediate, padded_i, 100.0 * (padded_i - spec.intermediate) / spec.intermediate);
+    const moejit::TiledWeightBytes padded = moejit::tiled_weight_bytes(spec);
+    if (spec.weight_format == moejit::WeightFormat::MxInt4G32Tiled &&
+        (padded.hidden != spec.hidden || padded.intermediate != spec.intermediate))
+      fmt::print("tiled weights padded from hidden {} and intermediate {} to {} and {}: the layer reads "
+                 "{:.1f}% more weight bytes than weight_MB, which counts the unpadded ones\n",
+                 spec.hidden, spec.intermediate, padded.hidden, padded.intermediate,
+                 100.0 * (double(padded.hidden) * padded.intermediate / (double(spec.hidden) * spec.intermediate) - 1));
 
     // Baseline 1: device-to-device copy bandwidth, bytes read + written.
     double copy_gbs = 0;

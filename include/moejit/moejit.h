@@ -37,12 +37,14 @@
 // [K / 256 chunks][rows][8 scales]. In w13 (not w2) each 32-bit word, k = 8t .. 8t + 7 (nibble i
 // at bits 4i in the row-major layout), holds its nibbles in pair order: k = 8t + 2m at bits 4m and
 // k = 8t + 2m + 1 at bits 16 + 4m, m = 0..3 (since commit f05dd81: tiled weights written by an
-// earlier version must be prepared again). The tiled format needs H a multiple of 256. An I that
-// is not one is padded to I' = I rounded up to a multiple of 256 (tiled_weight_bytes): each
-// expert's w13 has I' gate and I' up rows, of which rows I.. I' - 1 of each are zero, and each w2
-// row I' / 2 bytes, of which those past I / 2 are zero; scales likewise (zero). The layer then runs
-// as one of intermediate I' (the padded features are exactly zero), on the decode kernels that
-// need I' a multiple of 256, at the cost of reading the padding.
+// earlier version must be prepared again). The tiled format pads H and I to H' and I', each
+// rounded up to a multiple of 256 (tiled_weight_bytes): each expert's w13 has I' gate and I' up
+// rows of H' / 2 bytes, w2 H' rows of I' / 2 bytes; the rows and bytes past the layer's (gate and
+// up rows I .. I' - 1, w2's rows H .. H' - 1, each row's bytes past H / 2 or I / 2) and their
+// scales are zero. The layer then runs the kernels of H' and I' (the padded features are exactly
+// zero), the decode kernels that need multiples of 256, at the cost of reading the padding; a
+// padded H also copies x to rows of H' before them and their output rows back after them (two
+// more launches).
 #pragma once
 
 #include <cstddef>
@@ -79,8 +81,8 @@ class Error : public std::runtime_error {
 // ---------------------------------------------------------------------------------------------
 // The layer description.
 // Signed int4, one bf16 scale per 32 consecutive k. MxInt4G32: w13 / w2 row-major as in the
-// table above; MxInt4G32Tiled: the same values in tiles (see the top; H a multiple of 256, I
-// padded to one).
+// table above; MxInt4G32Tiled: the same values in tiles (see the top; H and I padded to multiples
+// of 256).
 enum class WeightFormat { MxInt4G32, MxInt4G32Tiled };
 enum class DType { BF16, FP32 };
 enum class GateUpOrder { GateUp, UpGate };  // GateUp: rows [0, I) of w13 are gate (HF/vLLM)
@@ -148,10 +150,11 @@ MoeSpec preset(std::string_view name);  // throws InvalidArgument for an unknown
 
 // The sizes of the four tensors of WeightFormat::MxInt4G32Tiled for every expert of `spec`
 // (E = spec.num_experts; the buffers are indexed by global expert id, as the row-major ones):
-// [E, 2I', H/2], [E, 2I', H/32] bf16, [E, H, I'/2], [E, H, I'/32] bf16 with I' = intermediate,
-// spec.intermediate rounded up to a multiple of 256 (the top of this header). Any weight format:
-// the sizes prepare_weights would write if the spec were tiled.
+// [E, 2I', H'/2], [E, 2I', H'/32] bf16, [E, H', I'/2], [E, H', I'/32] bf16 with H' = hidden and
+// I' = intermediate, spec.hidden and spec.intermediate rounded up to multiples of 256 (the top of
+// this header). Any weight format: the sizes prepare_weights would write if the spec were tiled.
 struct TiledWeightBytes {
+  int hidden = 0;        // H'
   int intermediate = 0;  // I'
   size_t w13 = 0, w13_scale = 0, w2 = 0, w2_scale = 0;
 };
@@ -179,12 +182,12 @@ struct MoeInputs {
 };
 
 // Layer::prepare_weights's outputs: the four weight tensors in WeightFormat::MxInt4G32Tiled,
-// of tiled_weight_bytes(spec)'s sizes (I' = I where I is a multiple of 256).
+// of tiled_weight_bytes(spec)'s sizes (H' = H and I' = I where they are multiples of 256).
 struct TiledWeights {
-  uint8_t* w13 = nullptr;    // [E, 2I', H/2] bytes
-  void* w13_scale = nullptr;  // [E, 2I', H/32] bf16
-  uint8_t* w2 = nullptr;     // [E, H, I'/2] bytes
-  void* w2_scale = nullptr;   // [E, H, I'/32] bf16
+  uint8_t* w13 = nullptr;    // [E, 2I', H'/2] bytes
+  void* w13_scale = nullptr;  // [E, 2I', H'/32] bf16
+  uint8_t* w2 = nullptr;     // [E, H', I'/2] bytes
+  void* w2_scale = nullptr;   // [E, H', I'/32] bf16
 };
 
 // out[t] = sum_j w[t, j] * y[t, j]; this rank's partial sum under expert parallelism.
@@ -245,8 +248,8 @@ class Layer {
   // throws InvalidArgument for MxInt4G32, whose weights are read as they are). One kernel per
   // tensor on `stream`, asynchronous. Pointers are indexed by global expert id as in MoeInputs;
   // only the local experts' bytes are read and written. The outputs have tiled_weight_bytes'
-  // sizes (the inputs' where I is a multiple of 256; else padded, the padding written as zeros)
-  // and must not overlap them. Launch the layer with `out`'s four pointers in MoeInputs.
+  // sizes (the inputs' where H and I are multiples of 256; else padded, the padding written as
+  // zeros) and must not overlap them. Launch the layer with `out`'s four pointers in MoeInputs.
   void prepare_weights(const MoeInputs& in, const TiledWeights& out, Stream stream) const;
 
  protected:

@@ -451,6 +451,15 @@ const std::vector<VariantGroup>& variant_groups() {
            s.intermediate = 1408;
            s.weight_format = WeightFormat::MxInt4G32Tiled;
          }},
+        // (gpt-oss-120b's H and I, 2880, padded to 3072, with the kernel that copies rows.)
+        {"qwen3-30b-a3b tiled H=2880 I=2880 (padded)",
+         [](MoeSpec& s) {
+           s = preset("qwen3-30b-a3b");
+           s.hidden = 2880;
+           s.intermediate = 2880;
+           s.top_k = 4;
+           s.weight_format = WeightFormat::MxInt4G32Tiled;
+         }},
         {"kimi-k2-tp8 tiled experts [96, 144)",
          [](MoeSpec& s) {
            s = preset("kimi-k2-tp8");

@@ -1006,7 +1006,8 @@ TEST(PlanStream, UnitRowsRule) {
 // (kernel_spec): the stream family, the resident one-token layer where it fits, the padded size
 // in the plan's text; Plan::layer_spec keeps the layer's. Row-major weights of the same shape keep
 // the older family; the kernels of a padded tiled layer are those of the padded size, by text.
-TEST(PlanStream, TiledIntermediatePaddedTo256) {
+// Likewise a padded H, with the kernel that copies rows.
+TEST(PlanStream, TiledSizesPaddedTo256) {
   MoeSpec s = preset("qwen3-30b-a3b");
   s.hidden = 4096;
   s.intermediate = 192;
@@ -1017,12 +1018,11 @@ TEST(PlanStream, TiledIntermediatePaddedTo256) {
   EXPECT_EQ(kernel_spec(s), p.spec);
   EXPECT_TRUE(p.buckets[0].stream);
   EXPECT_TRUE(p.buckets[0].resident());
-  EXPECT_NE(describe(p).find("kernels for intermediate=256 (the tiled weights' padding of 192)"),
-            std::string::npos);
+  const std::string padding = "kernels for hidden=4096 intermediate=256 (the tiled weights' padding of 4096 and 192)\n";
+  EXPECT_NE(describe(p).find(padding), std::string::npos);
   MoeSpec same = s;
   same.intermediate = 256;
-  EXPECT_EQ(describe(make_plan(same, 0, "sm_90a")) + "kernels for intermediate=256 (the tiled weights' padding of 192)\n",
-            describe(p));
+  EXPECT_EQ(describe(make_plan(same, 0, "sm_90a")) + padding, describe(p));
   const auto a = generate_all(p), b = generate_all(make_plan(same, 0, "sm_90a"));
   ASSERT_EQ(a.size(), b.size());
   for (size_t i = 0; i < a.size(); ++i) EXPECT_EQ(a[i].source, b[i].source) << a[i].name;
@@ -1035,6 +1035,25 @@ TEST(PlanStream, TiledIntermediatePaddedTo256) {
   EXPECT_TRUE(make_plan(s, 0, "sm_90a").buckets[0].stream);
   s.intermediate = 1536;
   EXPECT_EQ(make_plan(s, 0, "sm_90a").spec.intermediate, 1536);
+  // No copy of rows where H is not padded; one kernel for both where it is (gpt-oss-120b's H
+  // 2880), and a finalize kernel that knows the layer's H for moejit::finalize.
+  auto has_rows = [](const Plan& plan) {
+    return std::any_of(plan.kernels.begin(), plan.kernels.end(),
+                       [](const KernelPlan& k) { return k.role == KernelRole::Rows; });
+  };
+  EXPECT_FALSE(has_rows(p));
+  s.hidden = 2880;
+  s.intermediate = 2880;
+  const Plan g = make_plan(s, 0, "sm_90a");
+  EXPECT_EQ(g.spec.hidden, 3072);
+  EXPECT_EQ(g.spec.intermediate, 3072);
+  EXPECT_TRUE(g.buckets[0].stream);
+  EXPECT_TRUE(has_rows(g));
+  for (const KernelSource& src : generate_all(g)) {
+    if (src.name == "finalize") {
+      EXPECT_THAT(src.source, HasSubstr("kLayerHidden = 2880;"));
+    }
+  }
 }
 
 // Buckets of at most 64 tokens with 8-row tiles on sm_90, H and I multiples of 256.

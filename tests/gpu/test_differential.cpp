@@ -1550,32 +1550,62 @@ TEST(Differential, TiledWeightsPresets) {
 // on a grouped DeepSeekV3 rank with the SwiGLU parameters (the padded features must stay zero
 // under them). Each against the references of the unpadded layer (row-major weights), both layer
 // kinds, which must agree bitwise.
-TEST(Differential, TiledPaddedIntermediate) {
-  MOEJIT_REQUIRE_GPU();
+// The padded-shape tests' cases: `spec` at 1, 8, 64, 200 and 1100 tokens (a layer compiled for
+// every bucket), `cpu_tokens` of each against the CPU reference; `chain` at 1 and 3 tokens; and
+// `pre` with precomputed ids (some invalid) and up/gate order at 9 tokens.
+std::vector<Case> padded_cases(const std::string& name, const MoeSpec& spec, int cpu_tokens,
+                               const MoeSpec& chain, MoeSpec pre) {
   std::vector<Case> cases;
-  const MoeSpec tp8 = tiled_shape(2048, 192, 128, 8);
   for (const int t : {1, 8, 64, 200, 1100}) {
-    Case c = small_case("tiled-i192", tp8, t);
+    Case c = small_case(name, spec, t);
     c.max_tokens = 0;
-    c.cpu_tokens = 16;
+    c.cpu_tokens = cpu_tokens;
     cases.push_back(c);
   }
-  for (const int t : {1, 5, 33}) cases.push_back(small_case("tiled-i1408", tiled_shape(2048, 1408, 64, 8), t));
   for (const int t : {1, 3}) {
-    Case c = small_case("tiled-i1920-chain", tiled_shape(4096, 1920, 64, 8), t);
+    Case c = small_case(name + "-chain", chain, t);
     c.cpu_tokens = 3;
     cases.push_back(c);
   }
-  MoeSpec pre = tiled_shape(1024, 96, 16, 4);
   pre.routing = RoutingMethod::Precomputed;
   pre.gate_up_order = GateUpOrder::UpGate;
-  Case p = small_case("tiled-i96-precomputed-up-gate", pre, 9);
+  Case p = small_case(name + "-precomputed-up-gate", pre, 9);
   p.inputs.invalid_ids = true;
   cases.push_back(p);
+  return cases;
+}
+
+TEST(Differential, TiledPaddedIntermediate) {
+  MOEJIT_REQUIRE_GPU();
+  const MoeSpec tp8 = tiled_shape(2048, 192, 128, 8);
+  std::vector<Case> cases = padded_cases("tiled-pad-i", tp8, 16, tiled_shape(4096, 1920, 64, 8),
+                                         tiled_shape(1024, 96, 16, 4));
+  for (const int t : {1, 5, 33}) cases.push_back(small_case("tiled-i1408", tiled_shape(2048, 1408, 64, 8), t));
   cases.push_back(small_case("tiled-i160-ep", grouped_rank(tiled_shape(512, 160, 16), 5, 6, true), 3));
   run_cases(cases);
   const ScopedPlanOverride older("stream=0");
   run_cases({small_case("tiled-i192-older-family", tp8, 8)});
+}
+
+// Tiled weights of hidden sizes that are not multiples of 256 (moejit.h: prepare_weights pads H
+// too, and the layer copies x to rows of H' before its kernels and their output rows back after
+// them): gpt-oss-120b's H = I = 2880 at 32 experts, top-4 (the stream GEMMs at 1, 8 and 64
+// tokens, the stream family's 129-256 bucket at 200, the big-tile GEMMs at 1100, the older family
+// with "stream=0"), H 2880 with I 256 at top-8 (the resident layer at one token), H 3968 with I
+// 1920 (the chain with fp16 operands at 1 and 3 tokens), and H 96 with I 160 on a grouped
+// DeepSeekV3 rank and with up/gate order and precomputed ids. Both layer kinds: the unfinalized
+// one's gemm2_out rows of H (copied from the kernels' rows of H') plus moejit::finalize, which
+// reads them at H, must equal the finalized layer's output bitwise.
+TEST(Differential, TiledPaddedHidden) {
+  MOEJIT_REQUIRE_GPU();
+  const MoeSpec oss = tiled_shape(2880, 2880, 32, 4);
+  std::vector<Case> cases = padded_cases("tiled-pad-h", oss, 8, tiled_shape(3968, 1920, 64, 8),
+                                         tiled_shape(96, 160, 16, 4));
+  cases.push_back(small_case("tiled-h2880-i256-resident", tiled_shape(2880, 256, 64, 8), 1));
+  cases.push_back(small_case("tiled-h96-ep", grouped_rank(tiled_shape(96, 160, 16), 5, 6, true), 3));
+  run_cases(cases);
+  const ScopedPlanOverride older("stream=0");
+  run_cases({small_case("tiled-h2880-older-family", oss, 8)});
 }
 
 // The shapes of the upstream MXINT4 regression test (FlashInfer's): m in {1, 33}, H 512,
@@ -1694,9 +1724,10 @@ TEST(DifferentialSweepPlan, SpecsAreValidAndCoverEveryDimension) {
 // makes DifferentialTiledSweepPlan.* (no GPU needed) print every case with the kernel family its
 // token count takes.
 constexpr int kTiledDims[] = {256, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 7168};
-// Every fourth group (g % 4 == 3) draws I from these, which the tiled weights pad to a multiple
-// of 256 (moejit.h, tiled_weight_bytes): tensor-parallel shards and GLM-4.5-Air's 1408.
-constexpr int kPaddedDims[] = {32, 96, 160, 192, 352, 384, 640, 704, 1408, 2720};
+// Groups g % 4 == 3 draw I from these, g % 4 == 1 H, which the tiled weights pad to a multiple of
+// 256 (moejit.h, tiled_weight_bytes): tensor-parallel shards, GLM-4.5-Air's I 1408, gpt-oss's
+// 2880.
+constexpr int kPaddedDims[] = {32, 96, 160, 192, 352, 384, 640, 704, 1408, 2720, 2880};
 constexpr int kTiledExperts[] = {4, 16, 40, 64, 96, 128, 160, 256, 384};
 constexpr int kTiledTopK[] = {1, 2, 4, 6, 8, 10};
 constexpr int kTiledTokens[] = {2, 3, 4, 5, 8, 9, 16, 17, 24, 33, 64, 65};
@@ -1722,7 +1753,7 @@ std::vector<Case> tiled_group(uint64_t master, int g, uint64_t data_seed) {
   constexpr int kChainTopK[] = {8, 10};
   MoeSpec base;
   do {
-    base.hidden = chain_like ? pick_of(kChainDims) : pick_of(kTiledDims);
+    base.hidden = chain_like ? pick_of(kChainDims) : g % 4 == 1 ? pick_of(kPaddedDims) : pick_of(kTiledDims);
     base.intermediate = chain_like ? pick_of(kChainDims) : g % 4 == 3 ? pick_of(kPaddedDims) : pick_of(kTiledDims);
     base.num_experts = pick_of(kTiledExperts);
   } while (static_cast<long long>(base.hidden) * base.intermediate > (1ll << 23) ||
@@ -1831,6 +1862,7 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
       }
       if (c.ep_ranks >= 2) reached.insert("ep");
       if (c.spec.intermediate % 256 != 0) reached.insert("padded");
+      if (c.spec.hidden % 256 != 0) reached.insert("padded-h");
       if (std::getenv("MOEJIT_DIFF_LIST"))
         std::printf("[diff] plan: %s -> %s\n", case_line(c).c_str(), families.c_str());
     }
@@ -1838,7 +1870,7 @@ TEST(DifferentialTiledSweepPlan, SpecsAreValidAndReachEveryDecodeKernel) {
               static_cast<unsigned long long>(tiled_seed()), tiled_groups(), cases,
               fmt::format("{}", fmt::join(reached, " ")).c_str());
   if (tiled_seed() != kDefaultTiledSeed || tiled_groups() != 8) GTEST_SKIP() << "coverage is checked for the default sample";
-  for (const char* f : {"resident", "chain-f16", "stream", "gemm2x4", "ids64", "b17", "ep", "padded"})
+  for (const char* f : {"resident", "chain-f16", "stream", "gemm2x4", "ids64", "b17", "ep", "padded", "padded-h"})
     EXPECT_TRUE(reached.count(f)) << "the tiled sweep never reaches " << f;
 }
 

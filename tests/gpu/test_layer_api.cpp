@@ -341,10 +341,12 @@ TEST(GpuLayerApi, FusedFinalizeCountersBoundTheTokens) {
 // bytes written). For an intermediate size of 160 also the padding to 256 (tiled_weight_bytes):
 // each expert's gate and up rows 160-255 zero, w2's rows 128 bytes of which the last 48 zero,
 // its scale rows 16 bytes of which the last 6 zero (source rows of 10 bytes: not 16-byte
-// aligned). Then its argument errors.
-void check_prepared_layout(int intermediate) {
-  SCOPED_TRACE("intermediate " + std::to_string(intermediate));
+// aligned); for a hidden size of 96 too, w13's rows and w2's rows 96-255 likewise. Then its
+// argument errors.
+void check_prepared_layout(int hidden, int intermediate) {
+  SCOPED_TRACE("hidden " + std::to_string(hidden) + ", intermediate " + std::to_string(intermediate));
   moejit::MoeSpec spec = small_spec();
+  spec.hidden = hidden;
   spec.intermediate = intermediate;
   spec.weight_format = moejit::WeightFormat::MxInt4G32Tiled;
   spec.local_expert_offset = 3;
@@ -356,8 +358,9 @@ void check_prepared_layout(int intermediate) {
   moejit::MoeInputs in = dev.row_major(dev.inputs(spec));
   const moejit::TiledWeightBytes sizes = moejit::tiled_weight_bytes(spec);
   const long long E = spec.num_experts, H = spec.hidden, I = spec.intermediate;
-  const long long IP = (I + 255) / 256 * 256;
+  const long long IP = (I + 255) / 256 * 256, HP = (H + 255) / 256 * 256;
   ASSERT_EQ(sizes.intermediate, IP);
+  ASSERT_EQ(sizes.hidden, HP);
   DeviceBuffer o13(sizes.w13), s13(sizes.w13_scale), o2(sizes.w2), s2(sizes.w2_scale);
   for (DeviceBuffer* b : {&o13, &s13, &o2, &s2}) b->poison();
   const moejit::TiledWeights out{o13.get<uint8_t>(), s13.get(), o2.get<uint8_t>(), s2.get()};
@@ -386,11 +389,11 @@ void check_prepared_layout(int intermediate) {
     return std::vector<uint8_t>(p, p + v.size() * sizeof(v[0]));
   };
   Tensor tensors[4] = {
-      {"w13", bytes_of(host.w13), o13.download<uint8_t>(), 2 * IP, H / 2, 2 * I, H / 2, IP, I, 32, 128, true},
-      {"w13_scale", bytes_of(host.w13_scale), s13.download<uint8_t>(), 2 * IP, H / 16, 2 * I, H / 16, IP, I,
+      {"w13", bytes_of(host.w13), o13.download<uint8_t>(), 2 * IP, HP / 2, 2 * I, H / 2, IP, I, 32, 128, true},
+      {"w13_scale", bytes_of(host.w13_scale), s13.download<uint8_t>(), 2 * IP, HP / 16, 2 * I, H / 16, IP, I,
        32, 16, false},
-      {"w2", bytes_of(host.w2), o2.download<uint8_t>(), H, IP / 2, H, I / 2, 1, 1, 64, 128, false},
-      {"w2_scale", bytes_of(host.w2_scale), s2.download<uint8_t>(), H, IP / 16, H, I / 16, 1, 1, 64, 16,
+      {"w2", bytes_of(host.w2), o2.download<uint8_t>(), HP, IP / 2, H, I / 2, HP, H, 64, 128, false},
+      {"w2_scale", bytes_of(host.w2_scale), s2.download<uint8_t>(), HP, IP / 16, H, I / 16, HP, H, 64, 16,
        false}};
   for (const Tensor& t : tensors) {
     SCOPED_TRACE(t.name);
@@ -417,7 +420,7 @@ void check_prepared_layout(int intermediate) {
     }
     EXPECT_EQ(wrong, 0u);
     EXPECT_EQ(untouched_wrong, 0u);
-    EXPECT_EQ(padding > 0, IP != I);
+    EXPECT_EQ(padding > 0, IP != I || HP != H);
   }
   moejit::TiledWeights bad = out;
   bad.w2_scale = nullptr;
@@ -440,8 +443,9 @@ void check_prepared_layout(int intermediate) {
 
 TEST(GpuLayerApi, PrepareWeightsWritesTheTiledLayoutAndRejectsBadArguments) {
   MOEJIT_REQUIRE_GPU();
-  check_prepared_layout(256);
-  check_prepared_layout(160);
+  check_prepared_layout(256, 256);
+  check_prepared_layout(256, 160);
+  check_prepared_layout(96, 160);
 }
 
 TEST(GpuLayerApi, WrongLayerKindIsAnError) {

@@ -149,7 +149,7 @@ TEST(GpuProcesses, BenchOfASmallPaddedLayerWithMoreWeightCopiesThanRuns) {
                                    &out),
             0)
       << out;
-  EXPECT_THAT(out, HasSubstr("tiled weights padded from intermediate 96 to 256")) << out;
+  EXPECT_THAT(out, HasSubstr("tiled weights padded from hidden 2048 and intermediate 96 to 2048 and 256")) << out;
   EXPECT_THAT(out, HasSubstr("small.moe      1 ")) << out;
   EXPECT_THAT(out, ::testing::Not(HasSubstr("VERIFY FAILED"))) << out;
   std::string rows;
