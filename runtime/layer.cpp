@@ -406,14 +406,14 @@ class LayerImpl {
   bool padded_hidden() const { return plan_.spec.hidden != plan_.layer_spec.hidden; }
 
   // RowsParams (moejit_params.h): `rows` rows of src_cols elements of `elem` bytes to rows of
-  // dst_cols, launched with PDL (the kernel waits for its predecessor before it reads).
+  // dst_cols; with PDL where allowed (the kernel waits for its predecessor before it reads).
   void copy_rows(const void* src, void* dst, long long rows, int src_cols, int dst_cols, int elem,
-                 Stream stream) const {
+                 Stream stream, bool allow_pdl) const {
     moejit_dev::RowsParams rp{static_cast<const uint8_t*>(src), static_cast<uint8_t*>(dst), rows,
                               src_cols * elem, dst_cols * elem};
     const long long units = rows * (dst_cols * elem / 16);
     launch(rows_, static_cast<unsigned>(std::min<long long>((units + 255) / 256, 1 << 20)), 1, &rp,
-           stream);
+           stream, allow_pdl);
   }
 
   void run(const MoeInputs& in_given, int T, const Workspace& ws, Stream stream, Outs outs) const {
@@ -437,21 +437,24 @@ class LayerImpl {
     }
     char* base = static_cast<char*>(ws.ptr);
     auto at = [&](size_t off) { return base + off; };
-    // A padded H: the kernels read x from rows of H' (copied first, the padding zero) and write
-    // their output rows of H' to the workspace, copied to the caller's rows of H after them. The
-    // layer's first kernel then starts after the copy has completed (no PDL): kernels read what
-    // the kernels two back wrote before their own waits.
+    // A padded H: the kernels read x from rows of H' (copy_x, the padding zero) and write their
+    // output rows of H' to the workspace, copied to the caller's rows of H after them. Like the
+    // layer's first kernel, the copy of x runs without PDL (after all before it has completed),
+    // and the first kernel (never PDL, launch()) after it, as kernels read what the kernels two
+    // back wrote before their own waits. It is launched just before that kernel, once every
+    // parameter block is complete.
     MoeInputs in = in_given;
     void* const caller_out = outs.final_out;
     void* const caller_y = outs.y;
     const int H = plan_.layer_spec.hidden;
     if (padded_hidden()) {
-      copy_rows(in_given.hidden_states, at(l.xp), T, H, s.hidden, 2, stream);
       in.hidden_states = at(l.xp);
       if (outs.final_out) outs.final_out = at(l.out);
       outs.y = nullptr;  // (the workspace's y)
     }
-    const bool first_pdl = !padded_hidden();
+    auto copy_x = [&] {
+      if (padded_hidden()) copy_rows(in_given.hidden_states, at(l.xp), T, H, s.hidden, 2, stream, false);
+    };
     int32_t* topk_ids = outs.ids ? outs.ids : reinterpret_cast<int32_t*>(at(l.topk_ids));
     float* weights = outs.weights ? outs.weights : reinterpret_cast<float*>(at(l.topk_weights));
     int32_t* counts = reinterpret_cast<int32_t*>(at(l.counts));
@@ -480,8 +483,9 @@ class LayerImpl {
         r.tma_s1 = scale_map(in.w13_scale, true, 8);
         r.tma_s2 = scale_map(in.w2_scale, false, 8 * b.res.units2);
       }
-      launch(rk, kernels_[rk].grid, 1, &r, stream, first_pdl);
-      if (padded_hidden()) copy_rows(outs.final_out, caller_out, T, s.hidden, H, 2, stream);
+      copy_x();
+      launch(rk, kernels_[rk].grid, 1, &r, stream);
+      if (padded_hidden()) copy_rows(outs.final_out, caller_out, T, s.hidden, H, 2, stream, true);
       return;
     }
     // Decode buckets of finalized layers fuse the finalize into gemm2.
@@ -570,10 +574,12 @@ class LayerImpl {
         rdp.x = in.hidden_states;
         rdp.x16 = at(l.x16);
       }
-      launch(route_dispatch_, l.f16 ? 2 : 1, 1, &rdp, stream, first_pdl);
+      copy_x();
+      launch(route_dispatch_, l.f16 ? 2 : 1, 1, &rdp, stream);
     } else {
+      copy_x();
       launch(route_, (T + compiler::kRouteWarpsPerBlock - 1) / compiler::kRouteWarpsPerBlock, 1,
-             &rp, stream, first_pdl);
+             &rp, stream);
       launch(dispatch_, 1, 1, &dp, stream);
     }
     if (chain != kNone) {
@@ -587,8 +593,9 @@ class LayerImpl {
     if (outs.final_out && !fused && !chain_final)
       run_finalize(y, weights, e2p, outs.final_out, T, stream, /*after_gemm2=*/true);
     if (padded_hidden()) {
-      if (caller_out) copy_rows(outs.final_out, caller_out, T, s.hidden, H, 2, stream);
-      else copy_rows(y, caller_y, l.rows, s.hidden, H, 4, stream);
+      // (An unfinalized layer's rows: all the capacity's, as their number is known on the GPU.)
+      if (caller_out) copy_rows(outs.final_out, caller_out, T, s.hidden, H, 2, stream, true);
+      else copy_rows(y, caller_y, l.rows, s.hidden, H, 4, stream, true);
     }
   }
 
@@ -1025,6 +1032,7 @@ void UnfinalizedLayer::launch(const MoeInputs& in, int num_tokens, const Unfinal
   if (num_tokens > 0 && (!out.gemm2_out || !out.expert_weights || !out.expanded_to_permuted))
     throw Error(ErrorKind::InvalidArgument,
                 "UnfinalizedOutput needs gemm2_out, expert_weights and expanded_to_permuted");
+  require_aligned16(out.gemm2_out, "", "gemm2_out");  // (rows written by 16-byte stores)
   impl_->run(in, num_tokens, ws, stream,
              {out.topk_ids, out.gemm2_out, out.expert_weights, out.expanded_to_permuted,
               out.expert_offsets, nullptr});

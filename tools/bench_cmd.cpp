@@ -410,7 +410,10 @@ void add_bench_cmd(CLI::App& app) {
       }
       const double touched = per_expert.size() * expert_bytes;
       const int want = std::max(2, static_cast<int>(std::ceil(3.0 * l2_bytes() / std::max(touched, 1.0))));
-      const double total_w = spec.num_experts * expert_bytes;
+      // (What one copy of every expert's weights occupies: tiled ones padded, tiled_weight_bytes.)
+      const double total_w =
+          tiled ? double(padded.w13 + padded.w13_scale + padded.w2 + padded.w2_scale)
+                : spec.num_experts * expert_bytes;
       const int ncopies = std::max(1, std::min(want, static_cast<int>(40e9 / total_w)));
       while (static_cast<int>(copies.size()) < ncopies) {
         copies.emplace_back();

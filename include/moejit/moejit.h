@@ -202,7 +202,7 @@ struct FinalizedOutput {
 // expert_offsets[local experts] are not written. gemm2_out is fp32 (the kernels' accumulators,
 // unrounded), so unfinalized + finalize() equals the finalized layer bit for bit.
 struct UnfinalizedOutput {
-  void* gemm2_out = nullptr;                // [unfinalized_rows(T), H] fp32
+  void* gemm2_out = nullptr;                // [unfinalized_rows(T), H] fp32, 16-byte aligned
   float* expert_weights = nullptr;          // [T, k] routing weights
   int32_t* expanded_to_permuted = nullptr;  // [T * k], index t*k + j; -1 for non-local experts
   int32_t* expert_offsets = nullptr;        // optional [local experts + 1] first row of each

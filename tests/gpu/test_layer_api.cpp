@@ -112,6 +112,78 @@ TEST(GpuLayerApi, RepeatedLaunchesAreDeterministic) {
   EXPECT_EQ(std::count(got.begin(), got.end(), uint16_t{0xffff}), 0) << "elements left as poison";
 }
 
+// Tiled weights that pad H and I (H = I = 160 to 256: a copy of x before the layer's kernels and
+// of their output rows after them, moejit.h): launches back to back on one stream without a sync
+// between them and replays of a captured graph give the bits of a lone launch, and no byte past
+// the caller's rows is written (64 guard bytes); the graph holds launches_per_call kernels; the
+// unfinalized layer's rows plus moejit::finalize, queued right behind it, give the same bits.
+TEST(GpuLayerApi, PaddedTiledLayerBackToBackAndInAGraph) {
+  MOEJIT_REQUIRE_GPU();
+  moejit::MoeSpec spec = small_spec();
+  spec.hidden = 160;
+  spec.intermediate = 160;
+  spec.weight_format = moejit::WeightFormat::MxInt4G32Tiled;
+  for (const int T : {1, 5, 40}) {
+    SCOPED_TRACE("tokens " + std::to_string(T));
+    moejit::ref::HostLayer host = moejit::ref::make_weights(spec, 7);
+    moejit::ref::make_inputs(host, T, 11);
+    moejit::ref::DeviceLayer dev;
+    dev.upload_weights(host);
+    dev.upload_inputs(host);
+    const auto in = dev.inputs(spec);
+    const auto layer = moejit::compile_finalized(spec);
+    const size_t bytes = static_cast<size_t>(T) * spec.hidden * 2, guard = 64;
+    DeviceBuffer ws(layer.workspace_bytes(T));
+    std::vector<DeviceBuffer> outs;
+    for (int i = 0; i < 5; ++i) outs.emplace_back(bytes + guard);
+    for (DeviceBuffer& o : outs) o.poison();
+    layer.launch(in, T, {outs[0].get()}, {ws.get(), ws.bytes()}, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    for (int i = 1; i <= 2; ++i) layer.launch(in, T, {outs[i].get()}, {ws.get(), ws.bytes()}, stream);
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+    layer.launch(in, T, {outs[3].get()}, {ws.get(), ws.bytes()}, stream);
+    CUDA_OK(cudaStreamEndCapture(stream, &graph));
+    size_t nodes = 0;
+    CUDA_OK(cudaGraphGetNodes(graph, nullptr, &nodes));
+    EXPECT_EQ(nodes, static_cast<size_t>(layer.launches_per_call(T)));
+    CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int i = 0; i < 2; ++i) CUDA_OK(cudaGraphLaunch(exec, stream));
+    // The unfinalized layer, and its finalize right behind it.
+    moejit::MoeSpec uspec = spec;
+    uspec.finalize = false;
+    const auto ulayer = moejit::compile_unfinalized(uspec);
+    const size_t slots = static_cast<size_t>(T) * spec.top_k;
+    DeviceBuffer uws(ulayer.workspace_bytes(T)), y(ulayer.unfinalized_rows(T) * spec.hidden * 4 + guard),
+        w(slots * 4), e2p(slots * 4);
+    y.poison();
+    moejit::UnfinalizedOutput u;
+    u.gemm2_out = y.get();
+    u.expert_weights = w.get<float>();
+    u.expanded_to_permuted = e2p.get<int32_t>();
+    ulayer.launch(dev.inputs(uspec), T, u, {uws.get(), uws.bytes()}, stream);
+    moejit::finalize(ulayer, u, T, {outs[4].get()}, stream);
+    CUDA_OK(cudaStreamSynchronize(stream));
+    const auto want = outs[0].download<uint8_t>();
+    for (size_t i = 0; i < outs.size(); ++i) {
+      SCOPED_TRACE("output " + std::to_string(i));
+      const auto got = outs[i].download<uint8_t>();
+      EXPECT_TRUE(std::equal(want.begin(), want.begin() + bytes, got.begin()));
+      EXPECT_EQ(std::count(got.begin() + bytes, got.end(), uint8_t{0xff}), static_cast<long>(guard));
+      const auto* e = reinterpret_cast<const uint16_t*>(got.data());
+      EXPECT_EQ(std::count(e, e + bytes / 2, uint16_t{0xffff}), 0) << "elements left as poison";
+    }
+    const auto yb = y.download<uint8_t>();
+    EXPECT_EQ(std::count(yb.end() - guard, yb.end(), uint8_t{0xff}), static_cast<long>(guard));
+    CUDA_OK(cudaGraphExecDestroy(exec));
+    CUDA_OK(cudaGraphDestroy(graph));
+    CUDA_OK(cudaStreamDestroy(stream));
+  }
+}
+
 // A workspace that held another launch's tables and rows gives the bits of a fresh one: the
 // chain kernel, with the finalize kernel after it (the default) or with its blocks finalizing the
 // slices they complete (chx=1, StreamConfig::chain_finalize), reads no row or count of the launch
@@ -272,8 +344,8 @@ TEST(GpuLayerApi, LaunchRejectsBadArguments) {
   CUDA_OK(cudaDeviceSynchronize());
 }
 
-// The unfinalized layer and moejit::finalize: 16-byte alignment of the rows finalize reads and
-// of its output (a misaligned pointer is an argument error, not a kernel fault that leaves the
+// The unfinalized layer and moejit::finalize: 16-byte alignment of the rows the layer writes and
+// finalize reads and of its output (a misaligned pointer is an argument error, not a kernel fault that leaves the
 // context unusable), a negative token count named as such, and a launch of 0 tokens, which runs
 // no kernel but leaves expert_offsets all 0.
 TEST(GpuLayerApi, UnfinalizedArgumentsAndZeroTokens) {
@@ -301,6 +373,8 @@ TEST(GpuLayerApi, UnfinalizedArgumentsAndZeroTokens) {
   moejit::UnfinalizedOutput shifted = u;
   shifted.gemm2_out = y.get<char>() + 4;
   expect_error([&] { moejit::finalize(layer, shifted, f.T, {out.get()}, nullptr); },
+               "gemm2_out is not 16-byte aligned");
+  expect_error([&] { layer.launch(in, f.T, shifted, {ws.get(), ws.bytes()}, nullptr); },
                "gemm2_out is not 16-byte aligned");
   expect_error([&] { moejit::finalize(layer, u, f.T, {out.get<char>() + 2}, nullptr); },
                "output.output is not 16-byte aligned");
