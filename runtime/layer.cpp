@@ -455,6 +455,12 @@ class LayerImpl {
     auto copy_x = [&] {
       if (padded_hidden()) copy_rows(in_given.hidden_states, at(l.xp), T, H, s.hidden, 2, stream, false);
     };
+    // (An unfinalized layer's rows y: all the capacity's, as their number is known on the GPU.)
+    auto copy_out = [&](const void* y) {
+      if (!padded_hidden()) return;
+      if (caller_out) copy_rows(outs.final_out, caller_out, T, s.hidden, H, 2, stream, true);
+      else copy_rows(y, caller_y, l.rows, s.hidden, H, 4, stream, true);
+    };
     int32_t* topk_ids = outs.ids ? outs.ids : reinterpret_cast<int32_t*>(at(l.topk_ids));
     float* weights = outs.weights ? outs.weights : reinterpret_cast<float*>(at(l.topk_weights));
     int32_t* counts = reinterpret_cast<int32_t*>(at(l.counts));
@@ -485,7 +491,7 @@ class LayerImpl {
       }
       copy_x();
       launch(rk, kernels_[rk].grid, 1, &r, stream);
-      if (padded_hidden()) copy_rows(outs.final_out, caller_out, T, s.hidden, H, 2, stream, true);
+      copy_out(nullptr);  // (finalized)
       return;
     }
     // Decode buckets of finalized layers fuse the finalize into gemm2.
@@ -592,11 +598,7 @@ class LayerImpl {
     }
     if (outs.final_out && !fused && !chain_final)
       run_finalize(y, weights, e2p, outs.final_out, T, stream, /*after_gemm2=*/true);
-    if (padded_hidden()) {
-      // (An unfinalized layer's rows: all the capacity's, as their number is known on the GPU.)
-      if (caller_out) copy_rows(outs.final_out, caller_out, T, s.hidden, H, 2, stream, true);
-      else copy_rows(y, caller_y, l.rows, s.hidden, H, 4, stream, true);
-    }
+    copy_out(y);
   }
 
   // The TMA descriptors of a stream GEMM launch (GemmParams::tma_w / tma_s / tma_x) for its unit
@@ -797,23 +799,23 @@ class LayerImpl {
       const char* name;
       const void* src;
       void* dst;
-      long long rows, src_rows;  // per expert: output, source
+      long long rows;  // per expert, of the output
       long long row_bytes, src_row_bytes;
       int block, chunk_units;
       bool pair_order;  // nibbles of each word in pair order (moejit.h)
-      int seg_rows, src_seg_rows;
-      long long src_bytes() const { return src_rows * src_row_bytes; }  // per expert
+      int seg_rows, src_seg_rows;  // (PrepareParams; rows is a multiple of seg_rows)
+      long long src_bytes() const { return rows / seg_rows * src_seg_rows * src_row_bytes; }  // per expert
       long long dst_bytes() const { return rows * row_bytes; }
     };
     const int i_rows = static_cast<int>(IP), i_src = static_cast<int>(I);
     const int h_rows = static_cast<int>(HP), h_src = static_cast<int>(H);
     const Tensor tensors[4] = {
-        {"w13", in.w13, out.w13, 2 * IP, 2 * I, HP / 2, H / 2, moejit_dev::kTiledRowsW13, 8, true,
-         i_rows, i_src},
-        {"w13_scale", in.w13_scale, out.w13_scale, 2 * IP, 2 * I, HP / 16, H / 16,
-         moejit_dev::kTiledRowsW13, 1, false, i_rows, i_src},
-        {"w2", in.w2, out.w2, HP, H, IP / 2, I / 2, moejit_dev::kTiledRowsW2, 8, false, h_rows, h_src},
-        {"w2_scale", in.w2_scale, out.w2_scale, HP, H, IP / 16, I / 16, moejit_dev::kTiledRowsW2, 1,
+        {"w13", in.w13, out.w13, 2 * IP, HP / 2, H / 2, moejit_dev::kTiledRowsW13, 8, true, i_rows,
+         i_src},
+        {"w13_scale", in.w13_scale, out.w13_scale, 2 * IP, HP / 16, H / 16, moejit_dev::kTiledRowsW13,
+         1, false, i_rows, i_src},
+        {"w2", in.w2, out.w2, HP, IP / 2, I / 2, moejit_dev::kTiledRowsW2, 8, false, h_rows, h_src},
+        {"w2_scale", in.w2_scale, out.w2_scale, HP, IP / 16, I / 16, moejit_dev::kTiledRowsW2, 1,
          false, h_rows, h_src}};
     for (const Tensor& t : tensors) {
       if (!t.src || !t.dst)
@@ -829,7 +831,7 @@ class LayerImpl {
       return std::pair{p, p + local * t.src_bytes()};
     };
     auto dst_range = [&](const Tensor& t) {
-      const uint8_t* p = static_cast<const uint8_t*>(t.dst) + first * t.dst_bytes();
+      uint8_t* p = static_cast<uint8_t*>(t.dst) + first * t.dst_bytes();
       return std::pair{p, p + local * t.dst_bytes()};
     };
     for (const Tensor& t : tensors) {
@@ -846,7 +848,7 @@ class LayerImpl {
           throw Error(ErrorKind::InvalidArgument,
                       fmt::format("prepare_weights: the outputs for {} and {} overlap", t.name, o.name));
       }
-      moejit_dev::PrepareParams pp{src_range(t).first, const_cast<uint8_t*>(dst), local * t.rows,
+      moejit_dev::PrepareParams pp{src_range(t).first, dst, local * t.rows,
                                    static_cast<int32_t>(t.row_bytes), t.block, t.chunk_units,
                                    t.pair_order ? 1 : 0, t.seg_rows, t.src_seg_rows,
                                    static_cast<int32_t>(t.src_row_bytes)};

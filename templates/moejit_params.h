@@ -253,7 +253,7 @@ struct RowsParams {
 
 // Layer::prepare_weights (moejit_prepare.cuh): output rows of row_bytes bytes in blocks of
 // `block` rows (rows a multiple of it), chunks of chunk_units 16-byte units per row (8: weights,
-// 1: scales). The padding of a tiled intermediate size (moejit.h): the output rows form segments
+// 1: scales). The padding of tiled H and I (moejit.h): the output rows form segments
 // of seg_rows rows, of which the first src_seg_rows are source rows (output row
 // seg_rows * s + j is source row src_seg_rows * s + j) and the rest zero; a source row has
 // src_row_bytes bytes (at most row_bytes, even), and the rest of the output row is zero.

@@ -5,8 +5,8 @@
 // of the decode kernels' boxes, so a box of a whole block is one contiguous run
 // (moejit_stream.cuh, weight_box). One thread per 16-byte unit of the output, in output order:
 // stores are contiguous, loads gather whole 128-byte lines (weights) or 16-byte pieces (scales;
-// 2-byte ones where a scale row is not whole 16 bytes). The padding of a tiled intermediate size
-// (rows and k past I: PrepareParams) is written as zeros.
+// 2-byte ones where a scale row is not whole 16 bytes). The padding of tiled H and I
+// (rows and bytes past the layer's: PrepareParams) is written as zeros.
 // With PrepareParams::pair_order (w13's weights) each 32-bit word's eight nibbles, k = 8t ..
 // 8t + 7, are also reordered: k = 8t + 2m to nibble m, k = 8t + 2m + 1 to nibble m + 4 (m = 0..3),
 // so that the decode kernels' one-lop3 nibble pairs (m, m + 4) are consecutive k, which they
@@ -52,7 +52,7 @@ __device__ void prepare_weights(const PrepareParams& p) {
       const uint8_t* s = p.src + (seg * p.src_seg_rows + j) * p.src_row_bytes + off;
       if (p.src_row_bytes % 16 == 0) {
         v = *reinterpret_cast<const uint4*>(s);  // (then off + 16 <= src_row_bytes)
-      } else {  // scale rows of I / 32 bf16 (2-byte aligned): by bf16, zeros past the row
+      } else {  // scale rows of K / 32 bf16 (2-byte aligned): by bf16, zeros past the row
         uint32_t w[4] = {0u, 0u, 0u, 0u};
         for (int b = 0; b < 16 && off + b < p.src_row_bytes; b += 2)
           w[b >> 2] |= static_cast<uint32_t>(*reinterpret_cast<const unsigned short*>(s + b)) << (8 * (b & 3));

@@ -400,6 +400,15 @@ std::function<void(MoeSpec&)> shape(int hidden, int intermediate, int experts, i
   };
 }
 
+// qwen3-30b-a3b's preset with tiled weights and H, I and top-k of its own.
+std::function<void(MoeSpec&)> tiled_qwen3_shape(int hidden, int intermediate, int top_k) {
+  return [=](MoeSpec& s) {
+    s = preset("qwen3-30b-a3b");
+    shape(hidden, intermediate, s.num_experts, top_k)(s);
+    s.weight_format = WeightFormat::MxInt4G32Tiled;
+  };
+}
+
 const std::vector<VariantGroup>& variant_groups() {
   static const std::vector<VariantGroup> groups = {
       // Only the route kernel differs between these.
@@ -443,23 +452,10 @@ const std::vector<VariantGroup>& variant_groups() {
            s.weight_format = WeightFormat::MxInt4G32Tiled;
            s.swiglu_alpha = s.swiglu_beta = s.swiglu_limit = true;
          }},
-        // (An intermediate size padded from 1408 to 1536: the kernels of I 1536, by the plan.)
-        {"qwen3-30b-a3b tiled H=4096 I=1408 (padded)",
-         [](MoeSpec& s) {
-           s = preset("qwen3-30b-a3b");
-           s.hidden = 4096;
-           s.intermediate = 1408;
-           s.weight_format = WeightFormat::MxInt4G32Tiled;
-         }},
-        // (gpt-oss-120b's H and I, 2880, padded to 3072, with the kernel that copies rows.)
-        {"qwen3-30b-a3b tiled H=2880 I=2880 (padded)",
-         [](MoeSpec& s) {
-           s = preset("qwen3-30b-a3b");
-           s.hidden = 2880;
-           s.intermediate = 2880;
-           s.top_k = 4;
-           s.weight_format = WeightFormat::MxInt4G32Tiled;
-         }},
+        // (An intermediate size padded from 1408 to 1536: the kernels of I 1536, by the plan; then
+        // gpt-oss-120b's H and I, 2880, padded to 3072, with the kernel that copies rows.)
+        {"qwen3-30b-a3b tiled H=4096 I=1408 (padded)", tiled_qwen3_shape(4096, 1408, 8)},
+        {"qwen3-30b-a3b tiled H=2880 I=2880 (padded)", tiled_qwen3_shape(2880, 2880, 4)},
         {"kimi-k2-tp8 tiled experts [96, 144)",
          [](MoeSpec& s) {
            s = preset("kimi-k2-tp8");
